@@ -1,0 +1,125 @@
+//! Deterministic inputs for the criterion benches: the same seed always
+//! yields the same bytes, so runs on different days compare.
+
+/// A tiny xorshift generator: fast, seedable, and good enough for test data.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator for `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+
+    /// A number in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    /// A skewed pick in `0..n`: small indices are much more likely (roughly Zipf).
+    pub fn skewed(&mut self, n: u64) -> u64 {
+        let a = self.below(n) + 1;
+        self.below(a)
+    }
+}
+
+const WORDS: &[&str] = &[
+    "fn", "let", "mut", "return", "if", "else", "for", "in", "match", "self", "pub", "struct", "impl", "use", "crate",
+    "Result", "Option", "Some", "None", "Ok", "Err", "String", "Vec", "u64", "usize", "path", "data", "len", "buf",
+    "error", "value", "index", "config", "manager", "snapshot", "vessel", "layer", "read", "write", "open", "close",
+    "new", "into", "from", "iter", "map", "collect", "unwrap", "await", "async", "const", "static", "where", "type",
+];
+const PUNCT: &[&str] = &["(", ")", "{", "}", ";", ",", ".", "::", " = ", " => ", "&", "?", "<", ">", "\"", "// "];
+
+/// Source-code-like text: keywords and identifiers in a skewed mix, with
+/// punctuation, indentation and line structure.
+pub fn text(rng: &mut Rng, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 128);
+    while out.len() < len {
+        let indent = rng.below(5) as usize * 4;
+        out.extend(std::iter::repeat_n(b' ', indent));
+        for _ in 0..3 + rng.below(9) {
+            match rng.below(10) {
+                0..=5 => out.extend_from_slice(WORDS[rng.skewed(WORDS.len() as u64) as usize].as_bytes()),
+                6..=7 => out.extend_from_slice(PUNCT[rng.below(PUNCT.len() as u64) as usize].as_bytes()),
+                8 => out.extend_from_slice(rng.below(100_000).to_string().as_bytes()),
+                _ => out.push(b' '),
+            }
+            out.push(b' ');
+        }
+        out.push(b'\n');
+    }
+    out.truncate(len);
+    out
+}
+
+/// Binary-like data: fixed-layout records of counters, small integers,
+/// offsets and padding, with some noise, as in object files and databases.
+pub fn binary(rng: &mut Rng, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 64);
+    let mut counter = rng.next_u64() as u32;
+    while out.len() < len {
+        counter = counter.wrapping_add(1 + rng.below(3) as u32);
+        out.extend_from_slice(&counter.to_le_bytes());
+        out.extend_from_slice(&(rng.skewed(256) as u16).to_le_bytes());
+        out.extend_from_slice(&[0, 0]);
+        out.extend_from_slice(&(0x40_0000 + rng.below(1 << 16) * 16).to_le_bytes());
+        if rng.below(4) == 0 {
+            out.extend_from_slice(&rng.next_u64().to_le_bytes());
+        } else {
+            out.extend_from_slice(&[0; 8]);
+        }
+    }
+    out.truncate(len);
+    out
+}
+
+/// Incompressible bytes, standing in for archives, images and media.
+pub fn compressed(rng: &mut Rng, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        out.extend_from_slice(&rng.next_u64().to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A mixed corpus of about `len` bytes: "files" of 4 KiB to 1 MiB, about half
+/// text, 30% binary and 20% already compressed, interleaved as in a tree.
+pub fn mixed_corpus(seed: u64, len: usize) -> Vec<u8> {
+    let mut rng = Rng::new(seed);
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        let size = (4096 + rng.skewed(1 << 20) as usize).min(len - out.len());
+        let file = match rng.below(10) {
+            0..=4 => text(&mut rng, size),
+            5..=7 => binary(&mut rng, size),
+            _ => compressed(&mut rng, size),
+        };
+        out.extend_from_slice(&file);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn corpus_is_deterministic_and_sized() {
+        let a = mixed_corpus(7, 3 << 20);
+        assert_eq!(a.len(), 3 << 20);
+        assert!(a == mixed_corpus(7, 3 << 20));
+        assert!(a != mixed_corpus(8, 3 << 20));
+    }
+}

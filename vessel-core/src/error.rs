@@ -1,0 +1,52 @@
+use std::fmt;
+
+/// Errors raised while validating domain values.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CoreError {
+    /// An id was not 16 lowercase hex digits.
+    #[error("invalid {what} id {value:?}: expected 16 lowercase hex digits")]
+    InvalidId {
+        /// Which kind of id (`vessel`, `snapshot`).
+        what: &'static str,
+        /// The rejected input, for the caller's message.
+        value: String,
+    },
+    /// An image reference did not follow the OCI distribution grammar.
+    #[error("invalid image reference {value:?}: {reason}")]
+    InvalidImageRef {
+        /// The rejected input.
+        value: String,
+        /// Which rule it broke.
+        reason: &'static str,
+    },
+}
+
+/// Coarse classification of [`CoreError`], for matching without caring about context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CoreErrorKind {
+    /// A vessel or snapshot id was malformed.
+    InvalidId,
+    /// An image reference was malformed.
+    InvalidImageRef,
+}
+
+impl CoreError {
+    /// The error's kind.
+    pub fn kind(&self) -> CoreErrorKind {
+        match self {
+            Self::InvalidId { .. } => CoreErrorKind::InvalidId,
+            Self::InvalidImageRef { .. } => CoreErrorKind::InvalidImageRef,
+        }
+    }
+}
+
+impl fmt::Display for CoreErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::InvalidId => "invalid id",
+            Self::InvalidImageRef => "invalid image reference",
+        })
+    }
+}

@@ -1,0 +1,66 @@
+//! The request and result of running a command in a vessel.
+
+use std::fmt;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// How to run one command inside a vessel.
+///
+/// Streams are borrowed for `'a`, so a caller can capture output into a local
+/// buffer (`Some(Box::new(&mut out))`) without `'static` gymnastics.
+#[derive(Default)]
+pub struct ExecOptions<'a> {
+    /// Program and arguments; `command[0]` is looked up in the image's `PATH`.
+    pub command: Vec<String>,
+    /// Working directory inside the vessel; the vessel's `work_dir` when `None`.
+    pub work_dir: Option<String>,
+    /// Extra `KEY=VALUE` pairs, applied over the image's environment.
+    pub env: Vec<String>,
+    /// Standard input; the process sees end-of-file when `None`.
+    pub stdin: Option<Box<dyn AsyncRead + Send + Unpin + 'a>>,
+    /// Standard output (also the terminal's output with `tty`); discarded when `None`.
+    pub stdout: Option<Box<dyn AsyncWrite + Send + Unpin + 'a>>,
+    /// Standard error; discarded when `None`. Unused with `tty`.
+    pub stderr: Option<Box<dyn AsyncWrite + Send + Unpin + 'a>>,
+    /// Run on a pseudo-terminal instead of pipes.
+    pub tty: bool,
+    /// Keep the command's filesystem changes (`true`), or run it on a
+    /// throwaway layer that is discarded when it ends (`false`, the default,
+    /// as in the Go original).
+    pub persist_result: bool,
+}
+
+impl fmt::Debug for ExecOptions<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ExecOptions")
+            .field("command", &self.command)
+            .field("work_dir", &self.work_dir)
+            .field("env", &self.env)
+            .field("stdin", &self.stdin.is_some())
+            .field("stdout", &self.stdout.is_some())
+            .field("stderr", &self.stderr.is_some())
+            .field("tty", &self.tty)
+            .field("persist_result", &self.persist_result)
+            .finish()
+    }
+}
+
+/// How a command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ExecResult {
+    /// The exit status; `128 + N` when the process was killed by signal `N`.
+    pub exit_code: i32,
+}
+
+impl ExecResult {
+    /// A result with the given exit code.
+    pub fn new(exit_code: i32) -> Self {
+        Self { exit_code }
+    }
+
+    /// Whether the command exited with status 0.
+    pub fn success(&self) -> bool {
+        self.exit_code == 0
+    }
+}

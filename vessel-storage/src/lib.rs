@@ -1,0 +1,169 @@
+//! Where vessel keeps its data: vessel manifests, snapshot layer diffs and
+//! image archives.
+//!
+//! [`Storage`] is the one trait every backend implements. It is async and
+//! object safe (the facade keeps an `Arc<dyn Storage>`), and it streams:
+//! snapshots and images pass through as [`BlobReader`]s and are never held
+//! in memory whole. Backends:
+//!
+//! - [`LocalStorage`]: a directory, in the Go original's layout, with atomic,
+//!   durable writes;
+//! - [`CompressedStorage`]: a decorator that zstd-compresses blobs on the way
+//!   in and, on the way out, decodes whatever it finds (zstd, the Go
+//!   original's gzip, or plain) by its magic bytes.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), vessel_storage::StorageError> {
+//! use vessel_storage::{CompressedStorage, LocalStorage, Storage};
+//! let storage = CompressedStorage::new(LocalStorage::new("/var/lib/vessel/data")?);
+//! for id in storage.list_vessels().await? {
+//!     let manifest = storage.load_vessel_manifest(&id).await?;
+//!     println!("{id}: {} snapshots", manifest.snapshots.len());
+//! }
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+
+mod compressed;
+mod error;
+mod local;
+mod pipe;
+
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tokio::io::AsyncRead;
+
+pub use compressed::CompressedStorage;
+pub use error::{StorageError, StorageErrorKind};
+pub use local::LocalStorage;
+pub use vessel_core::{ImageRef, SnapshotId, VesselId, VesselManifest};
+
+/// A stream of blob bytes handed to or returned by a [`Storage`].
+///
+/// A reader returned by a storage yields an error, never a clean end of
+/// file, if the blob could not be read whole.
+pub type BlobReader = Box<dyn AsyncRead + Send + Unpin>;
+
+/// How a stored blob is encoded, which decides its file name extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum BlobEncoding {
+    /// Stored as given (`.tar`).
+    Plain,
+    /// gzip, the Go original's format (`.tar.gz`).
+    Gzip,
+    /// zstd (`.tar.zst`).
+    Zstd,
+}
+
+impl BlobEncoding {
+    /// Every encoding, in the order a reader should look for them when it has no preference.
+    pub const ALL: [BlobEncoding; 3] = [BlobEncoding::Zstd, BlobEncoding::Gzip, BlobEncoding::Plain];
+
+    /// The file name suffix the Go original's layout uses for a tar blob in this encoding.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Self::Plain => ".tar",
+            Self::Gzip => ".tar.gz",
+            Self::Zstd => ".tar.zst",
+        }
+    }
+}
+
+/// Persistence for vessel manifests, snapshot diffs and images.
+///
+/// Semantics every implementation keeps (the conformance suite checks them):
+/// - a save is atomic: until it returns `Ok`, readers see the previous
+///   content (or nothing); a failed, cancelled or crashed save leaves no
+///   partial blob behind under the key;
+/// - a load of something absent is a `NotFound` error naming it;
+/// - deletes are idempotent: deleting what is absent succeeds, so an
+///   interrupted delete can simply be retried;
+/// - blobs stream in both directions with bounded memory.
+#[async_trait]
+pub trait Storage: Send + Sync + fmt::Debug {
+    /// Writes (or replaces) the manifest of `manifest.id`.
+    async fn save_vessel_manifest(&self, manifest: &VesselManifest) -> Result<(), StorageError>;
+
+    /// Reads the manifest of vessel `id`; `Corrupt` if it does not parse or names another vessel.
+    async fn load_vessel_manifest(&self, id: &VesselId) -> Result<VesselManifest, StorageError>;
+
+    /// The ids of all vessels that have a manifest, sorted.
+    async fn list_vessels(&self) -> Result<Vec<VesselId>, StorageError>;
+
+    /// Removes a vessel's manifest and all its snapshots.
+    async fn delete_vessel(&self, id: &VesselId) -> Result<(), StorageError>;
+
+    /// Streams a snapshot's layer diff into storage, replacing any previous one.
+    async fn save_snapshot(
+        &self,
+        vessel: &VesselId,
+        snapshot: &SnapshotId,
+        data: BlobReader,
+    ) -> Result<(), StorageError>;
+
+    /// Streams a snapshot's layer diff out of storage.
+    async fn load_snapshot(&self, vessel: &VesselId, snapshot: &SnapshotId) -> Result<BlobReader, StorageError>;
+
+    /// Removes one snapshot's layer diff.
+    async fn delete_snapshot(&self, vessel: &VesselId, snapshot: &SnapshotId) -> Result<(), StorageError>;
+
+    /// Streams an image archive (docker-save or OCI layout tar) into storage.
+    async fn save_image(&self, image: &ImageRef, data: BlobReader) -> Result<(), StorageError>;
+
+    /// Streams an image archive out of storage.
+    async fn load_image(&self, image: &ImageRef) -> Result<BlobReader, StorageError>;
+
+    /// The references of all stored images, sorted.
+    async fn list_images(&self) -> Result<Vec<ImageRef>, StorageError>;
+
+    /// Tells a backend how the blobs handed to it are encoded, so it can name
+    /// them truthfully (`.tar.zst`); decorators such as [`CompressedStorage`]
+    /// call it on the storage they wrap. The default ignores it.
+    fn set_blob_encoding(&mut self, encoding: BlobEncoding) {
+        let _ = encoding;
+    }
+}
+
+macro_rules! forward_storage {
+    ($ty:ty) => {
+        #[async_trait]
+        impl<S: Storage + ?Sized> Storage for $ty {
+            async fn save_vessel_manifest(&self, m: &VesselManifest) -> Result<(), StorageError> {
+                (**self).save_vessel_manifest(m).await
+            }
+            async fn load_vessel_manifest(&self, id: &VesselId) -> Result<VesselManifest, StorageError> {
+                (**self).load_vessel_manifest(id).await
+            }
+            async fn list_vessels(&self) -> Result<Vec<VesselId>, StorageError> {
+                (**self).list_vessels().await
+            }
+            async fn delete_vessel(&self, id: &VesselId) -> Result<(), StorageError> {
+                (**self).delete_vessel(id).await
+            }
+            async fn save_snapshot(&self, v: &VesselId, s: &SnapshotId, data: BlobReader) -> Result<(), StorageError> {
+                (**self).save_snapshot(v, s, data).await
+            }
+            async fn load_snapshot(&self, v: &VesselId, s: &SnapshotId) -> Result<BlobReader, StorageError> {
+                (**self).load_snapshot(v, s).await
+            }
+            async fn delete_snapshot(&self, v: &VesselId, s: &SnapshotId) -> Result<(), StorageError> {
+                (**self).delete_snapshot(v, s).await
+            }
+            async fn save_image(&self, image: &ImageRef, data: BlobReader) -> Result<(), StorageError> {
+                (**self).save_image(image, data).await
+            }
+            async fn load_image(&self, image: &ImageRef) -> Result<BlobReader, StorageError> {
+                (**self).load_image(image).await
+            }
+            async fn list_images(&self) -> Result<Vec<ImageRef>, StorageError> {
+                (**self).list_images().await
+            }
+        }
+    };
+}
+
+forward_storage!(Arc<S>);
+forward_storage!(Box<S>);

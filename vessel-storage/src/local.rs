@@ -1,0 +1,414 @@
+//! A directory in the Go original's layout:
+//!
+//! ```text
+//! <root>/vessels/<vessel-id>/vessel.dat                      manifest (JSON)
+//! <root>/vessels/<vessel-id>/snapshots/<snapshot-id>.tar[.gz|.zst]
+//! <root>/images/<image-ref>.tar[.gz|.zst]                    `/` in refs nests
+//! <root>/.tmp/                                               in-flight writes
+//! ```
+//!
+//! Every write goes to a temp file under `.tmp/` (same filesystem), is
+//! fsynced, renamed over its final name, and the directory is fsynced: a
+//! crash or error at any point leaves either the old or the new content under
+//! the final name, never a mix. A writer holds an exclusive `flock` on its
+//! temp file, so a new `LocalStorage` can tell leftovers of a crashed process
+//! (unlocked) from another process's write in progress (locked) and remove
+//! only the former.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tracing::{debug, warn};
+use vessel_core::{ImageRef, SnapshotId, VesselId, VesselManifest};
+
+use crate::{BlobEncoding, BlobReader, Storage, StorageError};
+
+const MANIFEST: &str = "vessel.dat";
+const TMP: &str = ".tmp";
+/// A temp file younger than this is never swept, even if unlocked: its writer
+/// may be between creating and locking it.
+const SWEEP_MIN_AGE: Duration = Duration::from_secs(30);
+const WRITE_BUF: usize = 1024 * 1024;
+
+/// Storage in a local directory (see the module docs for the layout).
+#[derive(Debug, Clone)]
+pub struct LocalStorage {
+    root: PathBuf,
+    encoding: BlobEncoding,
+}
+
+impl LocalStorage {
+    /// Opens (creating if needed) a storage directory and removes what
+    /// crashed writers left in it.
+    ///
+    /// Blocks briefly on the filesystem; call it before or outside hot async paths.
+    pub fn new(root: impl Into<PathBuf>) -> Result<Self, StorageError> {
+        let root = root.into();
+        for dir in [root.join("vessels"), root.join("images"), root.join(TMP)] {
+            fs::create_dir_all(&dir).map_err(StorageError::io("create directory", &dir))?;
+        }
+        let storage = Self { root, encoding: BlobEncoding::Plain };
+        storage.sweep_tmp();
+        Ok(storage)
+    }
+
+    /// The storage's root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn tmp_dir(&self) -> PathBuf {
+        self.root.join(TMP)
+    }
+
+    fn vessel_dir(&self, id: &VesselId) -> PathBuf {
+        self.root.join("vessels").join(id.as_str())
+    }
+
+    fn manifest_path(&self, id: &VesselId) -> PathBuf {
+        self.vessel_dir(id).join(MANIFEST)
+    }
+
+    fn snapshot_path(&self, vessel: &VesselId, snapshot: &SnapshotId, enc: BlobEncoding) -> PathBuf {
+        self.vessel_dir(vessel).join("snapshots").join(format!("{snapshot}{}", enc.extension()))
+    }
+
+    fn image_path(&self, image: &ImageRef, enc: BlobEncoding) -> PathBuf {
+        // ImageRef's grammar admits no empty, `.` or `..` component, so the
+        // joined path stays under images/.
+        self.root.join("images").join(format!("{image}{}", enc.extension()))
+    }
+
+    /// The encodings to look for on load: ours first, so after a crash
+    /// between a commit and the removal of an older sibling the new blob wins.
+    fn load_order(&self) -> impl Iterator<Item = BlobEncoding> + use<> {
+        let own = self.encoding;
+        std::iter::once(own).chain(BlobEncoding::ALL.into_iter().filter(move |e| *e != own))
+    }
+
+    /// Removes temp files and half-deleted vessels left by crashed processes.
+    fn sweep_tmp(&self) {
+        let dir = self.tmp_dir();
+        let Ok(entries) = fs::read_dir(&dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let res = match entry.file_type() {
+                Ok(t) if t.is_dir() => remove_dir_all_if_present(&path),
+                Ok(_) => sweep_tmp_file(&path),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = res {
+                warn!(path = %path.display(), error = %e, "could not sweep leftover temp entry");
+            }
+        }
+    }
+
+    /// Streams `data` into `dest` atomically; removes `siblings` after the commit.
+    async fn write_atomic(
+        &self,
+        dest: PathBuf,
+        siblings: Vec<PathBuf>,
+        mut data: BlobReader,
+    ) -> Result<(), StorageError> {
+        let tmp_dir = self.tmp_dir();
+        let (std_file, guard) = blocking(move || create_temp(&tmp_dir, dest)).await?;
+        let tmp_path = guard.path.clone();
+        let mut file = tokio::fs::File::from_std(std_file);
+        let mut buf = vec![0u8; WRITE_BUF];
+        loop {
+            let n = data.read(&mut buf).await.map_err(StorageError::Source)?;
+            if n == 0 {
+                break;
+            }
+            file.write_all(&buf[..n]).await.map_err(StorageError::io("write", &tmp_path))?;
+        }
+        file.flush().await.map_err(StorageError::io("write", &tmp_path))?;
+        let std_file = file.into_std().await;
+        blocking(move || guard.commit(std_file, &siblings)).await
+    }
+}
+
+/// Runs blocking filesystem work off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
+) -> Result<T, StorageError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StorageError::io("run blocking task", PathBuf::new())(io::Error::other(e)))?
+}
+
+/// Removes its temp file on drop unless committed, so an error or a dropped
+/// future never leaves a temp file behind.
+#[derive(Debug)]
+struct TempGuard {
+    path: PathBuf,
+    dest: PathBuf,
+    committed: bool,
+}
+
+impl TempGuard {
+    fn commit(mut self, file: fs::File, siblings: &[PathBuf]) -> Result<(), StorageError> {
+        file.sync_all().map_err(StorageError::io("fsync", &self.path))?;
+        drop(file);
+        fs::rename(&self.path, &self.dest).map_err(StorageError::io("rename into", &self.dest))?;
+        self.committed = true;
+        for s in siblings {
+            remove_file_if_present(s).map_err(StorageError::io("remove", s))?;
+        }
+        if let Some(parent) = self.dest.parent() {
+            fsync_dir(parent)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TempGuard {
+    fn drop(&mut self) {
+        if !self.committed
+            && let Err(e) = remove_file_if_present(&self.path)
+        {
+            warn!(path = %self.path.display(), error = %e, "could not remove temp file");
+        }
+    }
+}
+
+/// Creates `dest`'s directory (durably) and a locked temp file for it.
+fn create_temp(tmp_dir: &Path, dest: PathBuf) -> Result<(fs::File, TempGuard), StorageError> {
+    if let Some(parent) = dest.parent() {
+        create_dir_all_durable(parent)?;
+    }
+    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let path = tmp_dir.join(format!("{:016x}.{}.{name}", rand::random::<u64>(), std::process::id()));
+    let file =
+        fs::OpenOptions::new().write(true).create_new(true).open(&path).map_err(StorageError::io("create", &path))?;
+    let guard = TempGuard { path, dest, committed: false };
+    file.lock().map_err(StorageError::io("lock", &guard.path))?;
+    Ok((file, guard))
+}
+
+fn sweep_tmp_file(path: &Path) -> io::Result<()> {
+    let file = match fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let age =
+        file.metadata()?.modified().ok().and_then(|m| SystemTime::now().duration_since(m).ok()).unwrap_or_default();
+    if age < SWEEP_MIN_AGE {
+        return Ok(());
+    }
+    match file.try_lock() {
+        Ok(()) => {
+            debug!(path = %path.display(), "removing temp file of a crashed writer");
+            remove_file_if_present(path)
+        }
+        Err(fs::TryLockError::WouldBlock) => Ok(()),
+        Err(fs::TryLockError::Error(e)) => Err(e),
+    }
+}
+
+fn remove_file_if_present(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+fn remove_dir_all_if_present(path: &Path) -> io::Result<()> {
+    match fs::remove_dir_all(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+fn fsync_dir(dir: &Path) -> Result<(), StorageError> {
+    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(StorageError::io("fsync directory", dir))
+}
+
+/// `create_dir_all` that also fsyncs the parent of every directory it creates,
+/// so a committed blob's directory entry chain survives a crash.
+fn create_dir_all_durable(dir: &Path) -> Result<(), StorageError> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent() {
+        create_dir_all_durable(parent)?;
+    }
+    match fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => return Ok(()),
+        Err(e) => return Err(StorageError::io("create directory", dir)(e)),
+    }
+    match dir.parent() {
+        Some(parent) => fsync_dir(parent),
+        None => Ok(()),
+    }
+}
+
+async fn open_first(paths: impl IntoIterator<Item = PathBuf>) -> Result<Option<tokio::fs::File>, StorageError> {
+    for p in paths {
+        match tokio::fs::File::open(&p).await {
+            Ok(f) => return Ok(Some(f)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            // A path component that is a file (e.g. image `a` vs `a/b`) means "absent" too.
+            Err(e) if e.raw_os_error() == Some(20) => continue,
+            Err(e) => return Err(StorageError::io("open", &p)(e)),
+        }
+    }
+    Ok(None)
+}
+
+#[async_trait]
+impl Storage for LocalStorage {
+    async fn save_vessel_manifest(&self, manifest: &VesselManifest) -> Result<(), StorageError> {
+        let json = serde_json::to_vec(manifest).map_err(|e| StorageError::Corrupt {
+            what: format!("manifest of vessel {}", manifest.id),
+            reason: e.to_string(),
+        })?;
+        let dest = self.manifest_path(&manifest.id);
+        self.write_atomic(dest, Vec::new(), Box::new(io::Cursor::new(json))).await
+    }
+
+    async fn load_vessel_manifest(&self, id: &VesselId) -> Result<VesselManifest, StorageError> {
+        let path = self.manifest_path(id);
+        let bytes = match tokio::fs::read(&path).await {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(StorageError::VesselNotFound(id.clone()));
+            }
+            Err(e) => return Err(StorageError::io("read", &path)(e)),
+        };
+        let corrupt = |reason: String| StorageError::Corrupt { what: format!("manifest of vessel {id}"), reason };
+        let manifest: VesselManifest = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+        if &manifest.id != id {
+            return Err(corrupt(format!("it names vessel {}", manifest.id)));
+        }
+        Ok(manifest)
+    }
+
+    async fn list_vessels(&self) -> Result<Vec<VesselId>, StorageError> {
+        let dir = self.root.join("vessels");
+        blocking(move || {
+            let mut ids = Vec::new();
+            for entry in fs::read_dir(&dir).map_err(StorageError::io("read directory", &dir))? {
+                let entry = entry.map_err(StorageError::io("read directory", &dir))?;
+                let name = entry.file_name();
+                let Some(id) = name.to_str().and_then(|n| VesselId::new(n).ok()) else {
+                    warn!(name = ?name, "ignoring a vessels/ entry that is not a vessel id");
+                    continue;
+                };
+                if entry.path().join(MANIFEST).is_file() {
+                    ids.push(id);
+                }
+            }
+            ids.sort();
+            Ok(ids)
+        })
+        .await
+    }
+
+    async fn delete_vessel(&self, id: &VesselId) -> Result<(), StorageError> {
+        let dir = self.vessel_dir(id);
+        let graveyard = self.tmp_dir().join(format!("{:016x}.deleted-{id}", rand::random::<u64>()));
+        let parent = self.root.join("vessels");
+        blocking(move || {
+            // One rename makes the whole vessel disappear at once; the slow
+            // recursive removal happens out of sight and is finished by the
+            // next sweep if we crash during it.
+            match fs::rename(&dir, &graveyard) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(StorageError::io("rename", &dir)(e)),
+            }
+            fsync_dir(&parent)?;
+            remove_dir_all_if_present(&graveyard).map_err(StorageError::io("remove", &graveyard))
+        })
+        .await
+    }
+
+    async fn save_snapshot(
+        &self,
+        vessel: &VesselId,
+        snapshot: &SnapshotId,
+        data: BlobReader,
+    ) -> Result<(), StorageError> {
+        let dest = self.snapshot_path(vessel, snapshot, self.encoding);
+        let siblings = self.load_order().skip(1).map(|e| self.snapshot_path(vessel, snapshot, e)).collect();
+        self.write_atomic(dest, siblings, data).await
+    }
+
+    async fn load_snapshot(&self, vessel: &VesselId, snapshot: &SnapshotId) -> Result<BlobReader, StorageError> {
+        let candidates = self.load_order().map(|e| self.snapshot_path(vessel, snapshot, e));
+        match open_first(candidates).await? {
+            Some(f) => Ok(Box::new(f)),
+            None => Err(StorageError::SnapshotNotFound { vessel: vessel.clone(), snapshot: snapshot.clone() }),
+        }
+    }
+
+    async fn delete_snapshot(&self, vessel: &VesselId, snapshot: &SnapshotId) -> Result<(), StorageError> {
+        let paths: Vec<_> = BlobEncoding::ALL.into_iter().map(|e| self.snapshot_path(vessel, snapshot, e)).collect();
+        blocking(move || {
+            for p in &paths {
+                remove_file_if_present(p).map_err(StorageError::io("remove", p))?;
+            }
+            match paths[0].parent() {
+                Some(dir) if dir.is_dir() => fsync_dir(dir),
+                _ => Ok(()),
+            }
+        })
+        .await
+    }
+
+    async fn save_image(&self, image: &ImageRef, data: BlobReader) -> Result<(), StorageError> {
+        let dest = self.image_path(image, self.encoding);
+        let siblings = self.load_order().skip(1).map(|e| self.image_path(image, e)).collect();
+        self.write_atomic(dest, siblings, data).await
+    }
+
+    async fn load_image(&self, image: &ImageRef) -> Result<BlobReader, StorageError> {
+        let candidates = self.load_order().map(|e| self.image_path(image, e));
+        match open_first(candidates).await? {
+            Some(f) => Ok(Box::new(f)),
+            None => Err(StorageError::ImageNotFound(image.clone())),
+        }
+    }
+
+    async fn list_images(&self) -> Result<Vec<ImageRef>, StorageError> {
+        let images = self.root.join("images");
+        blocking(move || {
+            let mut out = Vec::new();
+            let mut stack = vec![images.clone()];
+            while let Some(dir) = stack.pop() {
+                for entry in fs::read_dir(&dir).map_err(StorageError::io("read directory", &dir))? {
+                    let entry = entry.map_err(StorageError::io("read directory", &dir))?;
+                    let path = entry.path();
+                    if entry.file_type().map_err(StorageError::io("stat", &path))?.is_dir() {
+                        stack.push(path);
+                        continue;
+                    }
+                    let Ok(rel) = path.strip_prefix(&images) else { continue };
+                    let Some(rel) = rel.to_str() else { continue };
+                    let stem = BlobEncoding::ALL.iter().find_map(|e| rel.strip_suffix(e.extension()));
+                    match stem.map(ImageRef::new) {
+                        Some(Ok(r)) => out.push(r),
+                        _ => warn!(path = %path.display(), "ignoring an images/ entry that is not an image archive"),
+                    }
+                }
+            }
+            out.sort();
+            out.dedup();
+            Ok(out)
+        })
+        .await
+    }
+
+    fn set_blob_encoding(&mut self, encoding: BlobEncoding) {
+        self.encoding = encoding;
+    }
+}

@@ -1,0 +1,14 @@
+//! vessel: containerized, snapshotting workspaces for AI agents.
+//!
+//! This is the facade crate. The `Manager`/`Vessel` API of the design lands
+//! here as the layers below it are built; today it re-exports the domain
+//! types and the storage layer.
+#![forbid(unsafe_code)]
+
+pub use vessel_core::{
+    CoreError, CoreErrorKind, ExecOptions, ExecResult, IdGenerator, ImageRef, SnapshotId, SnapshotManifest,
+    UniqueIdGenerator, VesselId, VesselManifest,
+};
+pub use vessel_storage::{
+    BlobEncoding, BlobReader, CompressedStorage, LocalStorage, Storage, StorageError, StorageErrorKind,
+};

@@ -1,0 +1,124 @@
+//! The project's Makefile: `cargo xtask <command>`.
+//!
+//! It depends on no vessel crate and on nothing that needs a system library,
+//! because `setup` is what installs those; everything else runs through
+//! `cargo` subprocesses after setup.
+
+mod image;
+mod util;
+
+use anyhow::{Context, Result, bail};
+
+use util::{cargo, project_root, run};
+
+const USAGE: &str = "usage: cargo xtask <command>
+
+commands:
+  setup   install the system packages the tests need (apt-get, as root)
+  image   build the test image local/busybox:latest (docker-save and OCI archives + a storage dir)
+  test    setup, image, fmt --check, clippy -D warnings, doc, and every test
+  bench   run the criterion benches (extra args go to cargo bench)
+  demo    run the main job: a short agent-like session on a real workspace";
+
+/// Debian packages the tests need: the runtimes, the test image's busybox,
+/// the C library libcontainer links and protoc for containerd-client.
+const PACKAGES: &[&str] = &[
+    "containerd",
+    "runc",
+    "busybox-static",
+    "libseccomp-dev",
+    "protobuf-compiler",
+    "pkg-config",
+    "fuse-overlayfs",
+    "zstd",
+];
+
+/// Feature sets that clippy and the tests run with. Extend it as backends
+/// gain cargo features (`youki`, `containerd`, both, neither).
+const FEATURE_SETS: &[&[&str]] = &[&["--all-features"]];
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(cmd) = args.first() else {
+        println!("{USAGE}");
+        return Ok(());
+    };
+    let rest = &args[1..];
+    match cmd.as_str() {
+        "setup" => setup(),
+        "image" => image::build().map(|_| ()),
+        "test" => test(),
+        "bench" => bench(rest),
+        "demo" => demo(),
+        "-h" | "--help" | "help" => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        other => bail!("unknown command {other:?}\n\n{USAGE}"),
+    }
+}
+
+fn setup() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !util::deb_installed(p)).collect();
+    if missing.is_empty() {
+        println!("setup: all {} packages present", PACKAGES.len());
+        return Ok(());
+    }
+    if !util::is_root() {
+        bail!("setup: missing packages {missing:?}; run `cargo xtask setup` as root, or install them with apt-get");
+    }
+    println!("setup: installing {missing:?}");
+    let apt = |args: &[&str]| {
+        let mut c = std::process::Command::new("apt-get");
+        c.env("DEBIAN_FRONTEND", "noninteractive").args(args);
+        c
+    };
+    run(&mut apt(&["update", "-q"]))?;
+    let mut install = apt(&["install", "-y", "-q", "--no-install-recommends"]);
+    install.args(&missing);
+    run(&mut install)?;
+    // Debian starts containerd as a service on install; the tests run their
+    // own private instance and need no system daemon.
+    let still: Vec<&str> = missing.into_iter().filter(|p| !util::deb_installed(p)).collect();
+    if !still.is_empty() {
+        bail!("setup: apt-get did not install {still:?}");
+    }
+    Ok(())
+}
+
+fn test() -> Result<()> {
+    setup()?;
+    let image = image::build()?;
+    let root = project_root();
+    run(cargo(&root).args(["fmt", "--all", "--", "--check"]))?;
+    for features in FEATURE_SETS {
+        run(cargo(&root)
+            .args(["clippy", "--workspace", "--all-targets", "--locked"])
+            .args(*features)
+            .args(["--", "-D", "warnings"]))?;
+    }
+    run(cargo(&root).args(["doc", "--workspace", "--no-deps", "--locked"]).env("RUSTDOCFLAGS", "-D warnings"))?;
+    for features in FEATURE_SETS {
+        run(cargo(&root)
+            .args(["test", "--workspace", "--locked"])
+            .args(*features)
+            .env("VESSEL_TEST_IMAGE_DIR", &image.dir))?;
+    }
+    println!("xtask test: all checks passed");
+    Ok(())
+}
+
+fn bench(rest: &[String]) -> Result<()> {
+    let root = project_root();
+    run(cargo(&root).args(["bench", "-p", "vessel-benches"]).args(rest))
+}
+
+fn demo() -> Result<()> {
+    let image = image::build()?;
+    let root = project_root();
+    run(cargo(&root)
+        .args(["run", "--release", "--quiet", "-p", "vessel", "--example", "demo", "--"])
+        .arg(&image.storage)
+        .arg(image::IMAGE_REF))
+    .context("the demo failed")
+}
