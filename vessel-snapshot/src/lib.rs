@@ -1,9 +1,23 @@
-//! The snapshot engine: turns an overlayfs upper dir into an OCI layer tar
-//! diff (whiteouts, opaque dirs, xattrs, hardlinks) with its checksum, applies
-//! layer tars safely, caches unpacked layers, and reads OCI image archives.
+//! The snapshot engine.
 //!
-//! Not built yet: this crate is reserved so the workspace's dependency graph
-//! is fixed from the start (core <- snapshot <- facade).
+//! - [`write_diff`]: an overlayfs upper dir -> an OCI layer tar (whiteouts,
+//!   opaque dirs, xattrs, hardlinks), with its sha256 and size, streamed.
+//!   Cost is proportional to what changed: only the upper dir is read.
+//! - [`apply_layer`]: a layer tar -> a directory, either as an overlay lower
+//!   (`ApplyMode::Overlay`) or merged into a tree (`ApplyMode::Merged`),
+//!   verifying its digest and refusing entries that would leave the target.
+//! - [`LayerCache`]: unpacked layers shared by every vessel on a host.
+//! - [`image`]: docker-save and OCI image-layout archives into the cache.
+//!
+//! Everything here is synchronous, blocking filesystem work: async callers
+//! run it on a blocking thread.
 #![forbid(unsafe_code)]
 
+mod apply;
+mod diff;
+mod error;
+
+pub use apply::{ApplyMode, ApplyOptions, apply_layer};
+pub use diff::{DiffStats, write_diff};
+pub use error::{SnapshotError, SnapshotErrorKind};
 pub use vessel_core as core;

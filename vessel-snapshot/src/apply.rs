@@ -1,0 +1,757 @@
+//! Layer tar -> directory, safely.
+//!
+//! Every apply first unpacks the layer into a fresh directory next to the
+//! target, in overlay form (whiteouts as 0/0 character devices, opaque
+//! directories as `trusted.overlay.opaque=y`), checking the digest as it
+//! reads. Only a layer that unpacked completely and hashed right goes further:
+//! - [`ApplyMode::Overlay`]: the directory is renamed to the target, ready to
+//!   be an overlay lower;
+//! - [`ApplyMode::Merged`]: the directory is merged into the existing target
+//!   (whiteouts delete, opaque dirs replace, everything else is renamed
+//!   into place), then removed.
+//!
+//! So a corrupt, truncated or hostile layer changes nothing at the target.
+//!
+//! Confinement: every path is resolved relative to a directory fd with
+//! `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)`,
+//! and every final component is created or replaced with `*at` calls that do
+//! not follow symlinks. An entry with `..`, an absolute path, a path through a
+//! symlink (one planted earlier in the archive included), a hardlink to
+//! outside the layer, an overlay-internal xattr or (unless allowed) a device
+//! node is refused with [`SnapshotError::UnsafeEntry`].
+
+use std::ffi::{OsStr, OsString};
+use std::fs::{self, File};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag, OpenHow, ResolveFlag, openat, openat2, renameat};
+use nix::sys::stat::{FchmodatFlags, Mode, SFlag, UtimensatFlags, fchmodat, futimens, mkdirat, mknodat, utimensat};
+use nix::sys::time::TimeSpec;
+use nix::unistd::{Gid, Uid, UnlinkatFlags, fchownat, linkat, symlinkat, unlinkat};
+use sha2::{Digest, Sha256};
+use tar::EntryType;
+use xattr::FileExt;
+
+use crate::SnapshotError;
+use crate::diff::{DiffStats, OPAQUE_MARKER, WHITEOUT_PREFIX, makedev};
+
+const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+const OVERLAY_XATTR_PREFIXES: [&str; 2] = ["trusted.overlay.", "user.overlay."];
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+
+/// What to make of a layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ApplyMode {
+    /// Unpack into a new directory (the target must not exist) usable as an
+    /// overlay lower: whiteouts stay as 0/0 character devices and opaque
+    /// directories carry `trusted.overlay.opaque=y`.
+    Overlay,
+    /// Apply onto an existing tree, as if the layer were mounted over it:
+    /// whited-out paths are removed and opaque directories replaced.
+    Merged,
+}
+
+/// How to apply a layer.
+#[derive(Debug, Clone)]
+pub struct ApplyOptions {
+    /// Overlay form or merged into the target.
+    pub mode: ApplyMode,
+    /// `sha256:<hex>` the uncompressed tar must hash to (its OCI diff id).
+    pub expected_digest: Option<String>,
+    /// Whether character and block device entries may be created.
+    pub allow_devices: bool,
+}
+
+impl ApplyOptions {
+    /// Options for `mode`, no digest check, no devices.
+    pub fn new(mode: ApplyMode) -> Self {
+        Self { mode, expected_digest: None, allow_devices: false }
+    }
+
+    /// Requires the uncompressed tar to hash to `digest`.
+    pub fn expect_digest(mut self, digest: impl Into<String>) -> Self {
+        self.expected_digest = Some(digest.into());
+        self
+    }
+
+    /// Allows device nodes (image layers may carry `/dev` entries).
+    pub fn allow_devices(mut self, allow: bool) -> Self {
+        self.allow_devices = allow;
+        self
+    }
+}
+
+/// Applies the layer read from `layer` (plain, gzip or zstd, told apart by
+/// magic bytes) to `target`; returns the digest and size of the uncompressed
+/// tar. On any error the target is left as it was.
+pub fn apply_layer(layer: impl Read, target: &Path, opts: &ApplyOptions) -> Result<DiffStats, SnapshotError> {
+    let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name =
+        target.file_name().ok_or_else(|| SnapshotError::Malformed(format!("bad target {}", target.display())))?;
+    match opts.mode {
+        ApplyMode::Overlay if target.symlink_metadata().is_ok() => {
+            return Err(SnapshotError::io("create", target)(io::Error::from(io::ErrorKind::AlreadyExists)));
+        }
+        ApplyMode::Merged if !target.is_dir() => {
+            return Err(SnapshotError::io("open", target)(io::Error::from(io::ErrorKind::NotFound)));
+        }
+        _ => {}
+    }
+    let scratch = ScratchDir::new(parent, name)?;
+    let stats = unpack(layer, &scratch.path, opts)?;
+    match opts.mode {
+        ApplyMode::Overlay => {
+            fs::rename(&scratch.path, target).map_err(SnapshotError::io("rename into", target))?;
+            scratch.disarm();
+        }
+        ApplyMode::Merged => {
+            let src = open_dir(&scratch.path)?;
+            let dst = open_dir(target)?;
+            merge_dir(&src, &dst, target)?;
+        }
+    }
+    Ok(stats)
+}
+
+/// A directory beside the target, removed on drop unless disarmed.
+struct ScratchDir {
+    path: PathBuf,
+    armed: bool,
+}
+
+impl ScratchDir {
+    fn new(parent: &Path, name: &OsStr) -> Result<Self, SnapshotError> {
+        let mut n = OsString::from(".");
+        n.push(name);
+        n.push(format!(".apply-{:016x}", rand::random::<u64>()));
+        let path = parent.join(n);
+        fs::create_dir(&path).map_err(SnapshotError::io("create directory", &path))?;
+        Ok(Self { path, armed: true })
+    }
+
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        if self.armed
+            && let Err(e) = fs::remove_dir_all(&self.path)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %self.path.display(), error = %e, "could not remove scratch directory");
+        }
+    }
+}
+
+fn open_dir(path: &Path) -> Result<OwnedFd, SnapshotError> {
+    nix::fcntl::open(path, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(|e| SnapshotError::io("open directory", path)(e.into()))
+}
+
+/// Hashes and counts what is read through it.
+struct DigestReader<R> {
+    inner: R,
+    hasher: Sha256,
+    size: u64,
+}
+
+impl<R: Read> Read for DigestReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+}
+
+/// The layer's uncompressed bytes, whatever its compression.
+fn decompressed<'a>(layer: impl Read + 'a) -> Result<Box<dyn Read + 'a>, SnapshotError> {
+    let mut r = BufReader::with_capacity(256 * 1024, layer);
+    let head = r.fill_buf().map_err(|e| SnapshotError::Stream("layer", e))?;
+    Ok(if head.starts_with(&ZSTD_MAGIC) {
+        Box::new(zstd::stream::read::Decoder::with_buffer(r).map_err(|e| SnapshotError::Stream("layer", e))?)
+    } else if head.starts_with(&GZIP_MAGIC) {
+        Box::new(flate2::bufread::MultiGzDecoder::new(r))
+    } else {
+        Box::new(r)
+    })
+}
+
+fn unsafe_entry(entry: &[u8], reason: &'static str) -> SnapshotError {
+    SnapshotError::UnsafeEntry { entry: String::from_utf8_lossy(entry).into_owned(), reason }
+}
+
+/// Splits an archive path into its components, refusing what could leave the root.
+fn components(raw: &[u8]) -> Result<Vec<&OsStr>, SnapshotError> {
+    if raw.starts_with(b"/") {
+        return Err(unsafe_entry(raw, "absolute path"));
+    }
+    let mut out = Vec::new();
+    for c in raw.split(|b| *b == b'/') {
+        match c {
+            b"" | b"." => continue,
+            b".." => return Err(unsafe_entry(raw, "path contains '..'")),
+            c => out.push(OsStr::from_bytes(c)),
+        }
+    }
+    Ok(out)
+}
+
+fn beneath(flags: OFlag) -> OpenHow {
+    OpenHow::new().flags(flags | OFlag::O_CLOEXEC).resolve(
+        ResolveFlag::RESOLVE_BENEATH
+            | ResolveFlag::RESOLVE_NO_SYMLINKS
+            | ResolveFlag::RESOLVE_NO_MAGICLINKS
+            | ResolveFlag::RESOLVE_NO_XDEV,
+    )
+}
+
+/// `/proc/self/fd/N/name`: for the few calls that have no `*at` form
+/// (`lsetxattr`, recursive removal). The fd pins the directory; the final
+/// component is never followed by those calls.
+fn proc_path(dir: &impl AsRawFd, name: &OsStr) -> PathBuf {
+    let mut p = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+    p.push(name);
+    p
+}
+
+/// Removes `name` in `dir`, recursively if it is a directory; absent is fine.
+fn remove_at(dir: &OwnedFd, name: &OsStr) -> io::Result<()> {
+    match unlinkat(dir, name, UnlinkatFlags::NoRemoveDir) {
+        Ok(()) | Err(Errno::ENOENT) => Ok(()),
+        Err(Errno::EISDIR) => fs::remove_dir_all(proc_path(dir, name)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn is_dir_at(dir: &OwnedFd, name: &OsStr) -> io::Result<Option<bool>> {
+    match nix::sys::stat::fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(st) => Ok(Some(SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR)),
+        Err(Errno::ENOENT) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+struct Unpacker<'a> {
+    root: OwnedFd,
+    root_path: &'a Path,
+    opts: &'a ApplyOptions,
+    /// Directories whose mtime is set once everything inside them is written.
+    dir_times: Vec<(Vec<OsString>, TimeSpec)>,
+    buf: Vec<u8>,
+}
+
+fn unpack(layer: impl Read, root_path: &Path, opts: &ApplyOptions) -> Result<DiffStats, SnapshotError> {
+    let reader = DigestReader { inner: decompressed(layer)?, hasher: Sha256::new(), size: 0 };
+    let mut archive = tar::Archive::new(reader);
+    let mut u =
+        Unpacker { root: open_dir(root_path)?, root_path, opts, dir_times: Vec::new(), buf: vec![0; 256 * 1024] };
+    let mut entries = 0u64;
+    // Raw mode: the tar crate's PAX reader splits records on '\n', which
+    // breaks binary xattr values; records are parsed here by their length.
+    let mut raw_entries = archive.entries().map_err(|e| SnapshotError::Malformed(e.to_string()))?;
+    raw_entries = raw_entries.raw(true);
+    let mut pending = Pending::default();
+    for entry in raw_entries {
+        let mut entry = entry.map_err(|e| SnapshotError::Malformed(e.to_string()))?;
+        match entry.header().entry_type() {
+            EntryType::XHeader => pending.pax = Some(parse_pax(&read_meta(&mut entry)?)?),
+            EntryType::XGlobalHeader => {
+                read_meta(&mut entry)?;
+            }
+            EntryType::GNULongName => pending.long_name = Some(trim_nul(read_meta(&mut entry)?)),
+            EntryType::GNULongLink => pending.long_link = Some(trim_nul(read_meta(&mut entry)?)),
+            _ => {
+                let meta = std::mem::take(&mut pending);
+                u.entry(&mut entry, meta)?;
+                entries += 1;
+            }
+        }
+    }
+    // Hash the end-of-archive blocks and padding too: the digest covers every byte.
+    let mut reader = archive.into_inner();
+    io::copy(&mut reader, &mut io::sink()).map_err(|e| SnapshotError::Stream("layer", e))?;
+    let digest = format!("sha256:{:x}", reader.hasher.finalize());
+    if let Some(expected) = &opts.expected_digest
+        && *expected != digest
+    {
+        return Err(SnapshotError::DigestMismatch { expected: expected.clone(), actual: digest });
+    }
+    u.finish_dirs()?;
+    Ok(DiffStats { digest, size: reader.size, entries })
+}
+
+/// PAX records as (key, value), in archive order.
+type PaxRecords = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// What extension headers said about the entry that follows them.
+#[derive(Default)]
+struct Pending {
+    pax: Option<PaxRecords>,
+    long_name: Option<Vec<u8>>,
+    long_link: Option<Vec<u8>>,
+}
+
+/// Extension headers are small; a huge one is an attack on memory.
+const MAX_META: u64 = 16 << 20;
+
+fn read_meta<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Vec<u8>, SnapshotError> {
+    let size = entry.header().size().map_err(|e| SnapshotError::Malformed(e.to_string()))?;
+    if size > MAX_META {
+        return Err(SnapshotError::Malformed(format!("extension header of {size} bytes")));
+    }
+    let mut v = Vec::with_capacity(size as usize);
+    entry.read_to_end(&mut v).map_err(|e| SnapshotError::Stream("layer", e))?;
+    Ok(v)
+}
+
+fn trim_nul(mut v: Vec<u8>) -> Vec<u8> {
+    if let Some(i) = v.iter().position(|b| *b == 0) {
+        v.truncate(i);
+    }
+    v
+}
+
+/// PAX records, `"<len> <key>=<value>\n"`, split by their declared length so
+/// values may hold any byte.
+fn parse_pax(mut data: &[u8]) -> Result<PaxRecords, SnapshotError> {
+    let bad = || SnapshotError::Malformed("malformed PAX record".into());
+    let mut out = Vec::new();
+    while !data.is_empty() {
+        if data.iter().all(|b| *b == 0) {
+            break;
+        }
+        let sp = data.iter().position(|b| *b == b' ').ok_or_else(bad)?;
+        let len: usize = std::str::from_utf8(&data[..sp]).ok().and_then(|l| l.parse().ok()).ok_or_else(bad)?;
+        if len <= sp + 1 || len > data.len() || data[len - 1] != b'\n' {
+            return Err(bad());
+        }
+        let record = &data[sp + 1..len - 1];
+        let eq = record.iter().position(|b| *b == b'=').ok_or_else(bad)?;
+        out.push((record[..eq].to_vec(), record[eq + 1..].to_vec()));
+        data = &data[len..];
+    }
+    Ok(out)
+}
+
+/// The PAX records of an entry that matter here.
+#[derive(Default)]
+struct Pax {
+    mtime: Option<TimeSpec>,
+    xattrs: Vec<(String, Vec<u8>)>,
+}
+
+fn parse_pax_time(v: &[u8]) -> Option<TimeSpec> {
+    let s = std::str::from_utf8(v).ok()?;
+    let (neg, s) = s.strip_prefix('-').map_or((false, s), |r| (true, r));
+    let (secs, frac) = s.split_once('.').unwrap_or((s, ""));
+    let secs: i64 = secs.parse().ok()?;
+    let mut nanos: i64 = 0;
+    for (i, d) in frac.bytes().take(9).enumerate() {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        nanos += i64::from(d - b'0') * 10i64.pow(8 - i as u32);
+    }
+    Some(if neg && nanos > 0 {
+        TimeSpec::new(-secs - 1, 1_000_000_000 - nanos)
+    } else if neg {
+        TimeSpec::new(-secs, 0)
+    } else {
+        TimeSpec::new(secs, nanos)
+    })
+}
+
+impl Unpacker<'_> {
+    fn malformed(e: io::Error) -> SnapshotError {
+        SnapshotError::Malformed(e.to_string())
+    }
+
+    fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>, meta: Pending) -> Result<(), SnapshotError> {
+        let header = entry.header().clone();
+        let records = meta.pax.unwrap_or_default();
+        let record = |key: &[u8]| records.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+        let raw = record(b"path").or(meta.long_name).unwrap_or_else(|| header.path_bytes().into_owned());
+        let link = record(b"linkpath").or(meta.long_link).or_else(|| header.link_name_bytes().map(|l| l.into_owned()));
+        let comps = components(&raw)?;
+        let Some((&name, parents)) = comps.split_last() else {
+            return Ok(()); // "./": the root itself; its metadata stays the target's
+        };
+        let mut pax = Pax::default();
+        for (key, value) in &records {
+            if key == b"mtime" {
+                pax.mtime = parse_pax_time(value);
+            } else if let Some(x) = key.strip_prefix(b"SCHILY.xattr.") {
+                let x = std::str::from_utf8(x).map_err(|_| unsafe_entry(&raw, "non-UTF-8 xattr name"))?;
+                if OVERLAY_XATTR_PREFIXES.iter().any(|p| x.starts_with(p)) {
+                    return Err(unsafe_entry(&raw, "sets an overlay-internal xattr"));
+                }
+                pax.xattrs.push((x.to_owned(), value.clone()));
+            }
+        }
+        let mtime = pax.mtime.unwrap_or_else(|| TimeSpec::new(header.mtime().unwrap_or(0) as i64, 0));
+        let name_bytes = name.as_bytes();
+
+        if let Some(hidden) = name_bytes.strip_prefix(WHITEOUT_PREFIX.as_bytes()) {
+            let dir = self.parent(&raw, parents)?;
+            if name_bytes == OPAQUE_MARKER.as_bytes() {
+                let fd = openat2(&dir, ".", beneath(OFlag::O_RDONLY | OFlag::O_DIRECTORY))
+                    .map_err(|e| self.err("open", parents, e))?;
+                File::from(fd).set_xattr(OPAQUE_XATTR, b"y").map_err(|e| self.io("set opaque xattr on", parents, e))?;
+                return Ok(());
+            }
+            let hidden = OsStr::from_bytes(hidden);
+            if hidden.is_empty() || hidden == "." || hidden == ".." || hidden.as_bytes().contains(&b'/') {
+                return Err(unsafe_entry(&raw, "bad whiteout name"));
+            }
+            // A whiteout hides lower layers only: an entry of this same layer wins.
+            if is_dir_at(&dir, hidden).map_err(|e| self.io("stat", parents, e))?.is_none() {
+                mknodat(&dir, hidden, SFlag::S_IFCHR, Mode::empty(), 0)
+                    .map_err(|e| self.err("create whiteout", &comps, e))?;
+            }
+            return Ok(());
+        }
+
+        let dir = self.parent(&raw, parents)?;
+        let kind = header.entry_type();
+        let mode = Mode::from_bits_truncate(header.mode().map_err(Self::malformed)? & 0o7777);
+        let uid = header.uid().map_err(Self::malformed)? as u32;
+        let gid = header.gid().map_err(Self::malformed)? as u32;
+
+        match kind {
+            EntryType::Directory => {
+                match is_dir_at(&dir, name).map_err(|e| self.io("stat", &comps, e))? {
+                    Some(true) => {}
+                    Some(false) => {
+                        remove_at(&dir, name).map_err(|e| self.io("replace", &comps, e))?;
+                        mkdirat(&dir, name, Mode::from_bits_truncate(0o700))
+                            .map_err(|e| self.err("create directory", &comps, e))?;
+                    }
+                    None => mkdirat(&dir, name, Mode::from_bits_truncate(0o700))
+                        .map_err(|e| self.err("create directory", &comps, e))?,
+                }
+                let fd = openat2(&dir, name, beneath(OFlag::O_RDONLY | OFlag::O_DIRECTORY))
+                    .map_err(|e| self.err("open", &comps, e))?;
+                let f = File::from(fd);
+                self.own(&f, uid, gid, mode, &pax.xattrs, &comps)?;
+                self.dir_times.push((comps.iter().map(|c| c.to_os_string()).collect(), mtime));
+            }
+            EntryType::Regular | EntryType::Continuous => {
+                remove_at(&dir, name).map_err(|e| self.io("replace", &comps, e))?;
+                let fd = openat(
+                    &dir,
+                    name,
+                    OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                    Mode::from_bits_truncate(0o600),
+                )
+                .map_err(|e| self.err("create", &comps, e))?;
+                let mut f = File::from(fd);
+                loop {
+                    let n = entry.read(&mut self.buf).map_err(|e| SnapshotError::Stream("layer", e))?;
+                    if n == 0 {
+                        break;
+                    }
+                    f.write_all(&self.buf[..n]).map_err(|e| self.io("write", &comps, e))?;
+                }
+                self.own(&f, uid, gid, mode, &pax.xattrs, &comps)?;
+                futimens(&f, &mtime, &mtime).map_err(|e| self.err("set times of", &comps, e))?;
+            }
+            EntryType::Symlink => {
+                let target = link.ok_or_else(|| unsafe_entry(&raw, "symlink without target"))?;
+                remove_at(&dir, name).map_err(|e| self.io("replace", &comps, e))?;
+                symlinkat(OsStr::from_bytes(&target), &dir, name).map_err(|e| self.err("create symlink", &comps, e))?;
+                self.own_at(&dir, name, uid, gid, None, &pax.xattrs, &comps)?;
+                utimensat(&dir, name, &mtime, &mtime, UtimensatFlags::NoFollowSymlink)
+                    .map_err(|e| self.err("set times of", &comps, e))?;
+            }
+            EntryType::Link => {
+                let target = link.ok_or_else(|| unsafe_entry(&raw, "hardlink without target"))?;
+                let tcomps = components(&target).map_err(|_| unsafe_entry(&raw, "hardlink target leaves the layer"))?;
+                let Some((tname, tparents)) = tcomps.split_last() else {
+                    return Err(unsafe_entry(&raw, "hardlink to the root"));
+                };
+                let tdir = self.existing_parent(&raw, tparents)?;
+                match is_dir_at(&tdir, tname).map_err(|e| self.io("stat", &tcomps, e))? {
+                    Some(false) => {}
+                    Some(true) => return Err(unsafe_entry(&raw, "hardlink to a directory")),
+                    None => return Err(unsafe_entry(&raw, "hardlink target is not in this layer")),
+                }
+                remove_at(&dir, name).map_err(|e| self.io("replace", &comps, e))?;
+                linkat(&tdir, *tname, &dir, name, AtFlags::empty()).map_err(|e| self.err("link", &comps, e))?;
+            }
+            EntryType::Fifo | EntryType::Char | EntryType::Block => {
+                let kind = match kind {
+                    EntryType::Fifo => SFlag::S_IFIFO,
+                    EntryType::Char => SFlag::S_IFCHR,
+                    _ => SFlag::S_IFBLK,
+                };
+                let mut dev = 0;
+                if kind != SFlag::S_IFIFO {
+                    if !self.opts.allow_devices {
+                        return Err(unsafe_entry(&raw, "device nodes are not allowed"));
+                    }
+                    let major = header.device_major().map_err(Self::malformed)?.unwrap_or(0);
+                    let minor = header.device_minor().map_err(Self::malformed)?.unwrap_or(0);
+                    if major == 0 && minor == 0 {
+                        return Err(unsafe_entry(&raw, "a 0/0 device is a whiteout; use .wh. names"));
+                    }
+                    dev = makedev(u64::from(major), u64::from(minor));
+                }
+                remove_at(&dir, name).map_err(|e| self.io("replace", &comps, e))?;
+                mknodat(&dir, name, kind, Mode::from_bits_truncate(0o600), dev)
+                    .map_err(|e| self.err("create node", &comps, e))?;
+                self.own_at(&dir, name, uid, gid, Some(mode), &pax.xattrs, &comps)?;
+                utimensat(&dir, name, &mtime, &mtime, UtimensatFlags::NoFollowSymlink)
+                    .map_err(|e| self.err("set times of", &comps, e))?;
+            }
+            EntryType::XGlobalHeader => {}
+            _ => return Err(unsafe_entry(&raw, "unsupported entry type")),
+        }
+        Ok(())
+    }
+
+    fn shown(&self, comps: &[impl AsRef<OsStr>]) -> PathBuf {
+        let mut p = self.root_path.to_path_buf();
+        p.extend(comps.iter().map(|c| c.as_ref()));
+        p
+    }
+
+    fn io(&self, op: &'static str, comps: &[impl AsRef<OsStr>], e: io::Error) -> SnapshotError {
+        SnapshotError::io(op, self.shown(comps))(e)
+    }
+
+    fn err(&self, op: &'static str, comps: &[impl AsRef<OsStr>], e: Errno) -> SnapshotError {
+        self.io(op, comps, e.into())
+    }
+
+    /// Opens (creating missing directories) the parent of an entry, beneath the root.
+    fn parent(&self, raw: &[u8], parents: &[&OsStr]) -> Result<OwnedFd, SnapshotError> {
+        let path: PathBuf = if parents.is_empty() { ".".into() } else { parents.iter().collect() };
+        match openat2(&self.root, &path, beneath(OFlag::O_PATH | OFlag::O_DIRECTORY)) {
+            Ok(fd) => return Ok(fd),
+            Err(Errno::ENOENT) => {}
+            Err(e) => return Err(self.path_error(raw, parents, e)),
+        }
+        let mut cur = openat2(&self.root, ".", beneath(OFlag::O_PATH | OFlag::O_DIRECTORY))
+            .map_err(|e| self.err("open", parents, e))?;
+        for (i, c) in parents.iter().enumerate() {
+            match mkdirat(&cur, *c, Mode::from_bits_truncate(0o755)) {
+                Ok(()) | Err(Errno::EEXIST) => {}
+                Err(e) => return Err(self.err("create directory", &parents[..=i], e)),
+            }
+            cur = openat2(&cur, *c, beneath(OFlag::O_PATH | OFlag::O_DIRECTORY))
+                .map_err(|e| self.path_error(raw, &parents[..=i], e))?;
+        }
+        Ok(cur)
+    }
+
+    /// Opens the parent of a hardlink target, which must already exist.
+    fn existing_parent(&self, raw: &[u8], parents: &[&OsStr]) -> Result<OwnedFd, SnapshotError> {
+        let path: PathBuf = if parents.is_empty() { ".".into() } else { parents.iter().collect() };
+        openat2(&self.root, &path, beneath(OFlag::O_PATH | OFlag::O_DIRECTORY)).map_err(|e| match e {
+            Errno::ENOENT => unsafe_entry(raw, "hardlink target is not in this layer"),
+            e => self.path_error(raw, parents, e),
+        })
+    }
+
+    fn path_error(&self, raw: &[u8], parents: &[&OsStr], e: Errno) -> SnapshotError {
+        match e {
+            Errno::ELOOP => unsafe_entry(raw, "path goes through a symlink"),
+            Errno::EXDEV => unsafe_entry(raw, "path leaves the target"),
+            Errno::ENOTDIR => unsafe_entry(raw, "a parent is not a directory"),
+            e => self.err("open", parents, e),
+        }
+    }
+
+    /// Owner, mode and xattrs through an open file or directory.
+    fn own(
+        &self,
+        f: &File,
+        uid: u32,
+        gid: u32,
+        mode: Mode,
+        xattrs: &[(String, Vec<u8>)],
+        comps: &[&OsStr],
+    ) -> Result<(), SnapshotError> {
+        nix::unistd::fchown(f, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))
+            .map_err(|e| self.err("chown", comps, e))?;
+        // After chown, which clears set-id bits.
+        nix::sys::stat::fchmod(f, mode).map_err(|e| self.err("chmod", comps, e))?;
+        for (k, v) in xattrs {
+            f.set_xattr(k, v).map_err(|e| self.io("set xattr on", comps, e))?;
+        }
+        Ok(())
+    }
+
+    /// Owner, mode and xattrs of a node that cannot be opened (symlink, device, fifo).
+    #[allow(clippy::too_many_arguments)]
+    fn own_at(
+        &self,
+        dir: &OwnedFd,
+        name: &OsStr,
+        uid: u32,
+        gid: u32,
+        mode: Option<Mode>,
+        xattrs: &[(String, Vec<u8>)],
+        comps: &[&OsStr],
+    ) -> Result<(), SnapshotError> {
+        fchownat(dir, name, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)), AtFlags::AT_SYMLINK_NOFOLLOW)
+            .map_err(|e| self.err("chown", comps, e))?;
+        if let Some(mode) = mode {
+            fchmodat(dir, name, mode, FchmodatFlags::FollowSymlink).map_err(|e| self.err("chmod", comps, e))?;
+        }
+        for (k, v) in xattrs {
+            // lsetxattr: never follows the final symlink.
+            xattr::set(proc_path(dir, name), k, v).map_err(|e| self.io("set xattr on", comps, e))?;
+        }
+        Ok(())
+    }
+
+    /// Sets directory mtimes, deepest first, now that nothing more is written inside.
+    fn finish_dirs(&mut self) -> Result<(), SnapshotError> {
+        let mut dirs = std::mem::take(&mut self.dir_times);
+        dirs.sort_by_key(|d| std::cmp::Reverse(d.0.len()));
+        for (comps, t) in dirs {
+            let path: PathBuf = comps.iter().collect();
+            // Resolve again: a later entry may have replaced the directory.
+            let Ok(fd) = openat2(&self.root, &path, beneath(OFlag::O_RDONLY | OFlag::O_DIRECTORY)) else { continue };
+            futimens(&fd, &t, &t).map_err(|e| self.err("set times of", &comps, e))?;
+        }
+        Ok(())
+    }
+}
+
+/// Moves an overlay-form layer `src` into the tree `dst`, as overlay would show it.
+fn merge_dir(src: &OwnedFd, dst: &OwnedFd, shown: &Path) -> Result<(), SnapshotError> {
+    let src_file = File::from(src.try_clone().map_err(|e| SnapshotError::io("dup", shown)(e))?);
+    let mut names: Vec<OsString> = Vec::new();
+    for e in fs::read_dir(proc_path(&src_file, OsStr::new(""))).map_err(SnapshotError::io("read directory", shown))? {
+        names.push(e.map_err(SnapshotError::io("read directory", shown))?.file_name());
+    }
+    names.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    for name in names {
+        let here = shown.join(&name);
+        let meta = fs::symlink_metadata(proc_path(src, &name)).map_err(SnapshotError::io("stat", &here))?;
+        let ft = meta.file_type();
+        if ft.is_char_device() && meta.rdev() == 0 {
+            remove_at(dst, &name).map_err(SnapshotError::io("remove", &here))?;
+            continue;
+        }
+        if !ft.is_dir() {
+            remove_at(dst, &name).map_err(SnapshotError::io("replace", &here))?;
+            renameat(src, &*name, dst, &*name).map_err(|e| SnapshotError::io("move into", &here)(e.into()))?;
+            continue;
+        }
+        let src_child = openat2(src, &*name, beneath(OFlag::O_RDONLY | OFlag::O_DIRECTORY))
+            .map_err(|e| SnapshotError::io("open", &here)(e.into()))?;
+        let opaque = File::from(src_child.try_clone().map_err(SnapshotError::io("dup", &here))?)
+            .get_xattr(OPAQUE_XATTR)
+            .map_err(SnapshotError::io("read xattr of", &here))?
+            .is_some_and(|v| v == b"y");
+        match is_dir_at(dst, &name).map_err(SnapshotError::io("stat", &here))? {
+            Some(true) if opaque => {
+                let old = openat2(dst, &*name, beneath(OFlag::O_RDONLY | OFlag::O_DIRECTORY))
+                    .map_err(|e| SnapshotError::io("open", &here)(e.into()))?;
+                clear_dir(&old, &here)?;
+            }
+            Some(true) => {}
+            Some(false) => {
+                remove_at(dst, &name).map_err(SnapshotError::io("replace", &here))?;
+                mkdirat(dst, &*name, Mode::from_bits_truncate(0o700))
+                    .map_err(|e| SnapshotError::io("create directory", &here)(e.into()))?;
+            }
+            None => mkdirat(dst, &*name, Mode::from_bits_truncate(0o700))
+                .map_err(|e| SnapshotError::io("create directory", &here)(e.into()))?,
+        }
+        let dst_child = openat2(dst, &*name, beneath(OFlag::O_RDONLY | OFlag::O_DIRECTORY))
+            .map_err(|e| SnapshotError::io("open", &here)(e.into()))?;
+        merge_dir(&src_child, &dst_child, &here)?;
+        copy_dir_metadata(&meta, &File::from(src_child), &File::from(dst_child), &here)?;
+    }
+    Ok(())
+}
+
+fn clear_dir(dir: &OwnedFd, shown: &Path) -> Result<(), SnapshotError> {
+    for e in fs::read_dir(proc_path(dir, OsStr::new(""))).map_err(SnapshotError::io("read directory", shown))? {
+        let name = e.map_err(SnapshotError::io("read directory", shown))?.file_name();
+        remove_at(dir, &name).map_err(SnapshotError::io("remove", shown.join(&name)))?;
+    }
+    Ok(())
+}
+
+/// The layer's directory entry replaces the tree's: owner, mode, xattrs, mtime.
+fn copy_dir_metadata(meta: &fs::Metadata, src: &File, dst: &File, shown: &Path) -> Result<(), SnapshotError> {
+    nix::unistd::fchown(dst, Some(Uid::from_raw(meta.uid())), Some(Gid::from_raw(meta.gid())))
+        .map_err(|e| SnapshotError::io("chown", shown)(e.into()))?;
+    nix::sys::stat::fchmod(dst, Mode::from_bits_truncate(meta.mode() & 0o7777))
+        .map_err(|e| SnapshotError::io("chmod", shown)(e.into()))?;
+    let wanted: Vec<OsString> =
+        src.list_xattr().map_err(SnapshotError::io("list xattrs of", shown))?.filter(|n| n != OPAQUE_XATTR).collect();
+    for old in dst.list_xattr().map_err(SnapshotError::io("list xattrs of", shown))? {
+        if !wanted.contains(&old) {
+            dst.remove_xattr(&old).map_err(SnapshotError::io("remove xattr of", shown))?;
+        }
+    }
+    for n in &wanted {
+        if let Some(v) = src.get_xattr(n).map_err(SnapshotError::io("read xattr of", shown))? {
+            dst.set_xattr(n, &v).map_err(SnapshotError::io("set xattr on", shown))?;
+        }
+    }
+    let t = TimeSpec::new(meta.mtime(), meta.mtime_nsec());
+    futimens(dst, &t, &t).map_err(|e| SnapshotError::io("set times of", shown)(e.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn components_refuse_escapes() {
+        assert!(components(b"/etc/passwd").is_err());
+        assert!(components(b"a/../../x").is_err());
+        assert!(components(b"..").is_err());
+        let c = components(b"./a//b/./c/").unwrap();
+        assert_eq!(c, [OsStr::new("a"), OsStr::new("b"), OsStr::new("c")]);
+        assert!(components(b"./").unwrap().is_empty());
+    }
+
+    #[test]
+    fn pax_records_are_split_by_length() {
+        let mut data = Vec::new();
+        for (k, v) in
+            [(&b"path"[..], &b"a/b"[..]), (b"SCHILY.xattr.user.x", b"line1\nline2\0= \xff"), (b"mtime", b"1.5")]
+        {
+            let body = [k, b"=", v, b"\n"].concat();
+            let mut len = body.len() + 2;
+            while format!("{len} ").len() + body.len() != len {
+                len += 1;
+            }
+            data.extend_from_slice(format!("{len} ").as_bytes());
+            data.extend_from_slice(&body);
+        }
+        let recs = parse_pax(&data).unwrap();
+        assert_eq!(recs[1], (b"SCHILY.xattr.user.x".to_vec(), b"line1\nline2\0= \xff".to_vec()));
+        assert_eq!(recs.len(), 3);
+        assert!(parse_pax(b"99 path=x\n").is_err(), "length past the end");
+        assert!(parse_pax(b"10 pathx\n").is_err(), "no '='");
+        assert!(parse_pax(b"x path=y\n").is_err(), "no length");
+    }
+
+    #[test]
+    fn pax_times_parse() {
+        assert_eq!(parse_pax_time(b"1700000000.123456789"), Some(TimeSpec::new(1_700_000_000, 123_456_789)));
+        assert_eq!(parse_pax_time(b"5.5"), Some(TimeSpec::new(5, 500_000_000)));
+        assert_eq!(parse_pax_time(b"7"), Some(TimeSpec::new(7, 0)));
+        assert_eq!(parse_pax_time(b"-1.25"), Some(TimeSpec::new(-2, 750_000_000)));
+        assert_eq!(parse_pax_time(b"x"), None);
+    }
+}

@@ -1,0 +1,364 @@
+//! Overlay upper dir -> OCI image layer tar (image-spec `layer.md`).
+//!
+//! Only the upper dir is read, so a snapshot costs what changed, not the size
+//! of the workspace (containerd's walking differ compares the whole merged
+//! tree with the lower). The walk is sorted and every header field is fixed,
+//! so the same tree always yields the same bytes, hence the same digest.
+//!
+//! Overlay's on-disk vocabulary is translated to OCI's:
+//! - a 0/0 character device, or a zero-size file carrying
+//!   `trusted.overlay.whiteout`/`user.overlay.whiteout`, is a deletion:
+//!   `.wh.NAME`;
+//! - a directory with `trusted.overlay.opaque`/`user.overlay.opaque` = `y`
+//!   replaces the lower one: the directory, then `DIR/.wh..wh..opq`;
+//! - `trusted.overlay.*`/`user.overlay.*` are overlay's bookkeeping and are
+//!   not archived; every other xattr is, as PAX `SCHILY.xattr.*`;
+//! - `redirect_dir` and `metacopy` make the upper dir mean something a layer
+//!   cannot express (a renamed dir, a file whose data is in the lower), so
+//!   they are refused; vessel mounts with both off.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::fs::{self, File, Metadata};
+use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+use tar::{EntryType, Header};
+
+use crate::SnapshotError;
+
+/// What a diff produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiffStats {
+    /// `sha256:<hex>` of the uncompressed tar stream.
+    pub digest: String,
+    /// Byte length of the uncompressed tar stream.
+    pub size: u64,
+    /// Number of tar entries written (whiteouts and opaque markers included).
+    pub entries: u64,
+}
+
+pub(crate) const WHITEOUT_PREFIX: &str = ".wh.";
+pub(crate) const OPAQUE_MARKER: &str = ".wh..wh..opq";
+const OVERLAY_XATTR_PREFIXES: [&[u8]; 2] = [b"trusted.overlay.", b"user.overlay."];
+const USTAR_NAME_LEN: usize = 100;
+
+/// Hashes and counts what passes through to the inner writer.
+#[derive(Debug)]
+pub(crate) struct DigestWriter<W> {
+    inner: W,
+    hasher: Sha256,
+    size: u64,
+}
+
+impl<W: Write> DigestWriter<W> {
+    pub(crate) fn new(inner: W) -> Self {
+        Self { inner, hasher: Sha256::new(), size: 0 }
+    }
+
+    pub(crate) fn finish(self) -> (W, String, u64) {
+        (self.inner, format!("sha256:{:x}", self.hasher.finalize()), self.size)
+    }
+}
+
+impl<W: Write> Write for DigestWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Writes the OCI layer diff of the overlay upper dir `upper` into `out`.
+///
+/// Memory stays bounded (files are streamed); `out` sees the uncompressed tar,
+/// so wrap it in a compressor to store it compressed. The digest and size in
+/// the result are those of the uncompressed stream, as OCI's `diff_id`.
+pub fn write_diff<W: Write>(upper: &Path, out: W) -> Result<(W, DiffStats), SnapshotError> {
+    let mut builder = tar::Builder::new(DigestWriter::new(out));
+    builder.follow_symlinks(false);
+    let mut walker = Walker { builder, links: HashMap::new(), entries: 0 };
+    walker.walk_dir(upper, &[])?;
+    let Walker { builder, entries, .. } = walker;
+    let (out, digest, size) = builder.into_inner().map_err(|e| SnapshotError::Stream("diff output", e))?.finish();
+    Ok((out, DiffStats { digest, size, entries }))
+}
+
+struct Walker<W: Write> {
+    builder: tar::Builder<DigestWriter<W>>,
+    /// (dev, ino) of multiply-linked files already archived -> their tar path.
+    links: HashMap<(u64, u64), Vec<u8>>,
+    entries: u64,
+}
+
+fn sorted_entries(dir: &Path) -> Result<Vec<OsString>, SnapshotError> {
+    let mut names = Vec::new();
+    for e in fs::read_dir(dir).map_err(SnapshotError::io("read directory", dir))? {
+        names.push(e.map_err(SnapshotError::io("read directory", dir))?.file_name());
+    }
+    names.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    Ok(names)
+}
+
+/// xattrs as (name, value), sorted by name.
+type Xattrs = Vec<(OsString, Vec<u8>)>;
+
+/// The entry's xattrs, sorted by name, without overlay's own.
+fn xattrs(path: &Path) -> Result<(Xattrs, OverlayMarks), SnapshotError> {
+    let mut marks = OverlayMarks::default();
+    let mut out = Vec::new();
+    let names = match xattr::list(path) {
+        Ok(n) => n,
+        Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EOPNOTSUPP as i32) => return Ok((out, marks)),
+        Err(e) => return Err(SnapshotError::io("list xattrs of", path)(e)),
+    };
+    for name in names {
+        let value = xattr::get(path, &name).map_err(SnapshotError::io("read xattr of", path))?;
+        let value = value.unwrap_or_default();
+        let raw = name.as_bytes();
+        if let Some(prefix) = OVERLAY_XATTR_PREFIXES.iter().find(|p| raw.starts_with(p)) {
+            match &raw[prefix.len()..] {
+                b"opaque" => marks.opaque = value == b"y",
+                b"whiteout" => marks.whiteout = true,
+                b"redirect" => marks.redirect = true,
+                b"metacopy" => marks.metacopy = true,
+                _ => {}
+            }
+            continue;
+        }
+        out.push((name, value));
+    }
+    out.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    Ok((out, marks))
+}
+
+#[derive(Debug, Default)]
+struct OverlayMarks {
+    opaque: bool,
+    whiteout: bool,
+    redirect: bool,
+    metacopy: bool,
+}
+
+fn join(parent: &[u8], name: &[u8]) -> Vec<u8> {
+    let mut p = Vec::with_capacity(parent.len() + name.len() + 1);
+    if !parent.is_empty() {
+        p.extend_from_slice(parent);
+        p.push(b'/');
+    }
+    p.extend_from_slice(name);
+    p
+}
+
+impl<W: Write> Walker<W> {
+    fn walk_dir(&mut self, dir: &Path, rel: &[u8]) -> Result<(), SnapshotError> {
+        for name in sorted_entries(dir)? {
+            let path = dir.join(&name);
+            let child = join(rel, name.as_bytes());
+            let meta = fs::symlink_metadata(&path).map_err(SnapshotError::io("stat", &path))?;
+            let ft = meta.file_type();
+            if ft.is_socket() {
+                continue;
+            }
+            if ft.is_char_device() && meta.rdev() == 0 {
+                self.whiteout(rel, name.as_bytes())?;
+                continue;
+            }
+            let (xattrs, marks) = xattrs(&path)?;
+            if marks.redirect {
+                return Err(SnapshotError::UnsupportedOverlayFeature { feature: "redirect_dir", path });
+            }
+            if marks.metacopy {
+                return Err(SnapshotError::UnsupportedOverlayFeature { feature: "metacopy", path });
+            }
+            if marks.whiteout && ft.is_file() && meta.len() == 0 {
+                self.whiteout(rel, name.as_bytes())?;
+                continue;
+            }
+            self.entry(&path, &child, &meta, &xattrs)?;
+            if ft.is_dir() {
+                if marks.opaque {
+                    self.marker(&join(&child, OPAQUE_MARKER.as_bytes()))?;
+                }
+                self.walk_dir(&path, &child)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn whiteout(&mut self, parent: &[u8], name: &[u8]) -> Result<(), SnapshotError> {
+        let mut wh = WHITEOUT_PREFIX.as_bytes().to_vec();
+        wh.extend_from_slice(name);
+        self.marker(&join(parent, &wh))
+    }
+
+    /// A zero-size regular file with fixed metadata: whiteouts and opaque
+    /// markers carry no information but their name, so their bytes never vary.
+    fn marker(&mut self, path: &[u8]) -> Result<(), SnapshotError> {
+        let mut h = Header::new_ustar();
+        h.set_entry_type(EntryType::Regular);
+        h.set_mode(0o644);
+        h.set_size(0);
+        h.set_mtime(0);
+        self.append(h, path, None, &[], None, io::empty(), None)
+    }
+
+    fn entry(
+        &mut self,
+        path: &Path,
+        rel: &[u8],
+        meta: &Metadata,
+        xattrs: &[(OsString, Vec<u8>)],
+    ) -> Result<(), SnapshotError> {
+        let mut h = Header::new_ustar();
+        h.set_mode(meta.mode() & 0o7777);
+        h.set_uid(u64::from(meta.uid()));
+        h.set_gid(u64::from(meta.gid()));
+        let (secs, nanos) = (meta.mtime(), meta.mtime_nsec());
+        h.set_mtime(secs.max(0) as u64);
+        let mtime = (nanos != 0 || secs < 0).then(|| pax_time(secs, nanos));
+        h.set_size(0);
+        let ft = meta.file_type();
+        if ft.is_dir() {
+            h.set_entry_type(EntryType::Directory);
+            let mut p = rel.to_vec();
+            p.push(b'/');
+            return self.append(h, &p, None, xattrs, mtime, io::empty(), None);
+        }
+        if ft.is_symlink() {
+            h.set_entry_type(EntryType::Symlink);
+            let target = fs::read_link(path).map_err(SnapshotError::io("read link", path))?;
+            return self.append(h, rel, Some(target.as_os_str().as_bytes()), xattrs, mtime, io::empty(), None);
+        }
+        if meta.nlink() > 1 && !ft.is_dir() {
+            let key = (meta.dev(), meta.ino());
+            if let Some(first) = self.links.get(&key).cloned() {
+                h.set_entry_type(EntryType::Link);
+                return self.append(h, rel, Some(&first), xattrs, mtime, io::empty(), None);
+            }
+            self.links.insert(key, rel.to_vec());
+        }
+        if ft.is_file() {
+            h.set_entry_type(EntryType::Regular);
+            h.set_size(meta.len());
+            let file = File::open(path).map_err(SnapshotError::io("open", path))?;
+            return self.append(h, rel, None, xattrs, mtime, file, Some(path));
+        }
+        if ft.is_fifo() {
+            h.set_entry_type(EntryType::Fifo);
+        } else if ft.is_char_device() || ft.is_block_device() {
+            h.set_entry_type(if ft.is_char_device() { EntryType::Char } else { EntryType::Block });
+            let rdev = meta.rdev();
+            h.set_device_major(major(rdev)).map_err(|e| SnapshotError::Stream("diff output", e))?;
+            h.set_device_minor(minor(rdev)).map_err(|e| SnapshotError::Stream("diff output", e))?;
+        }
+        self.append(h, rel, None, xattrs, mtime, io::empty(), None)
+    }
+
+    /// Writes PAX records (when needed), the header and the data.
+    #[allow(clippy::too_many_arguments)]
+    fn append(
+        &mut self,
+        mut h: Header,
+        path: &[u8],
+        link: Option<&[u8]>,
+        xattrs: &[(OsString, Vec<u8>)],
+        mtime: Option<String>,
+        data: impl Read,
+        file: Option<&Path>,
+    ) -> Result<(), SnapshotError> {
+        let out_err = |e| SnapshotError::Stream("diff output", e);
+        let mut pax: Vec<(String, &[u8])> = Vec::new();
+        if path.len() > USTAR_NAME_LEN || !path.is_ascii() {
+            pax.push(("path".into(), path));
+        }
+        if let Some(l) = link
+            && (l.len() > USTAR_NAME_LEN || !l.is_ascii())
+        {
+            pax.push(("linkpath".into(), l));
+        }
+        if let Some(m) = &mtime {
+            pax.push(("mtime".into(), m.as_bytes()));
+        }
+        let names: Vec<String> =
+            xattrs.iter().map(|(k, _)| format!("SCHILY.xattr.{}", String::from_utf8_lossy(k.as_bytes()))).collect();
+        for (name, (_, v)) in names.iter().zip(xattrs) {
+            pax.push((name.clone(), v));
+        }
+        if !pax.is_empty() {
+            self.builder.append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), *v))).map_err(out_err)?;
+            self.entries += 1;
+        }
+        set_raw(&mut h.as_old_mut().name, path);
+        if let Some(l) = link {
+            set_raw(&mut h.as_old_mut().linkname, l);
+        }
+        h.set_cksum();
+        let size = h.size().map_err(out_err)?;
+        let mut counted = Exact { inner: data.take(size), left: size };
+        self.builder.append(&h, &mut counted).map_err(|e| match file {
+            Some(p) if e.kind() == io::ErrorKind::UnexpectedEof => SnapshotError::Changed { path: p.to_path_buf() },
+            Some(p) if e.kind() != io::ErrorKind::Other => SnapshotError::io("read", p)(e),
+            _ => out_err(e),
+        })?;
+        self.entries += 1;
+        Ok(())
+    }
+}
+
+/// Yields exactly `left` bytes or fails with `UnexpectedEof` (a file that
+/// shrank while being archived would otherwise corrupt the stream).
+struct Exact<R> {
+    inner: R,
+    left: u64,
+}
+
+impl<R: Read> Read for Exact<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.left == 0 {
+            return Ok(0);
+        }
+        let n = self.inner.read(buf)?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "file shrank"));
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+fn set_raw(field: &mut [u8], value: &[u8]) {
+    let n = value.len().min(field.len());
+    field.fill(0);
+    field[..n].copy_from_slice(&value[..n]);
+}
+
+fn pax_time(secs: i64, nanos: i64) -> String {
+    if secs < 0 && nanos > 0 {
+        // PAX times are decimal: -1.25 is 1.25 s before the epoch.
+        let (s, n) = (secs + 1, 1_000_000_000 - nanos);
+        return format!("-{}.{n:09}", s.unsigned_abs());
+    }
+    format!("{secs}.{nanos:09}")
+}
+
+fn major(dev: u64) -> u32 {
+    (((dev >> 32) & 0xffff_f000) | ((dev >> 8) & 0x0000_0fff)) as u32
+}
+
+fn minor(dev: u64) -> u32 {
+    (((dev >> 12) & 0xffff_ff00) | (dev & 0x0000_00ff)) as u32
+}
+
+/// Used by the apply side to turn device numbers back.
+pub(crate) fn makedev(major: u64, minor: u64) -> u64 {
+    ((major & 0xffff_f000) << 32) | ((major & 0x0000_0fff) << 8) | ((minor & 0xffff_ff00) << 12) | (minor & 0x0000_00ff)
+}

@@ -1,0 +1,86 @@
+use std::io;
+use std::path::PathBuf;
+
+/// Errors of the snapshot engine.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SnapshotError {
+    /// A filesystem operation failed.
+    #[error("{op} {}", path.display())]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The path it was done to.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Writing the diff stream or reading a layer stream failed.
+    #[error("{0} stream failed")]
+    Stream(&'static str, #[source] io::Error),
+    /// The upper dir uses an overlay feature whose on-disk form a layer diff
+    /// cannot express (`redirect_dir`, `metacopy`).
+    #[error("{} uses overlay {feature}, which a layer diff cannot express; mount with {feature}=off", path.display())]
+    UnsupportedOverlayFeature {
+        /// `redirect_dir` or `metacopy`.
+        feature: &'static str,
+        /// The entry that carries it.
+        path: PathBuf,
+    },
+    /// A file changed size while it was being archived.
+    #[error("{} changed while it was being archived", path.display())]
+    Changed {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A layer's bytes do not hash to the expected digest.
+    #[error("layer digest mismatch: expected {expected}, got {actual}")]
+    DigestMismatch {
+        /// The digest the caller expected.
+        expected: String,
+        /// The digest of what was read.
+        actual: String,
+    },
+    /// A tar entry would escape the target or is otherwise not allowed.
+    #[error("refused tar entry {entry:?}: {reason}")]
+    UnsafeEntry {
+        /// The entry's path as written in the archive.
+        entry: String,
+        /// Why it is refused.
+        reason: &'static str,
+    },
+    /// The archive is malformed.
+    #[error("malformed layer archive: {0}")]
+    Malformed(String),
+}
+
+/// Coarse classification of [`SnapshotError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SnapshotErrorKind {
+    /// The operating system failed.
+    Io,
+    /// The tree cannot be diffed as it is.
+    Unsupported,
+    /// Input failed verification: digest mismatch, hostile or malformed archive.
+    InvalidData,
+}
+
+impl SnapshotError {
+    /// The error's kind.
+    pub fn kind(&self) -> SnapshotErrorKind {
+        match self {
+            Self::Io { .. } | Self::Stream(..) => SnapshotErrorKind::Io,
+            Self::UnsupportedOverlayFeature { .. } | Self::Changed { .. } => SnapshotErrorKind::Unsupported,
+            Self::DigestMismatch { .. } | Self::UnsafeEntry { .. } | Self::Malformed(_) => {
+                SnapshotErrorKind::InvalidData
+            }
+        }
+    }
+
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> Self {
+        let path = path.into();
+        move |source| Self::Io { op, path, source }
+    }
+}

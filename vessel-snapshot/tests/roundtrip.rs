@@ -1,0 +1,147 @@
+//! Round trips through real overlay mounts: mutate through the merged view,
+//! diff the upper, apply, and require the result to equal the merged view
+//! exactly (content, type, mode, owner, mtime, xattrs, hardlink identity).
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+
+use common::*;
+use vessel_snapshot::{ApplyMode, ApplyOptions, DiffStats, apply_layer, write_diff};
+
+fn diff(upper: &Path) -> (Vec<u8>, DiffStats) {
+    write_diff(upper, Vec::new()).expect("diff")
+}
+
+fn opts(mode: ApplyMode, stats: &DiffStats) -> ApplyOptions {
+    ApplyOptions::new(mode).expect_digest(stats.digest.clone()).allow_devices(true)
+}
+
+/// One generation: base tree, random mutations, both apply modes checked.
+fn round_trip(seed: u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng::new(seed);
+    let lower = dir.path().join("lower");
+    fs::create_dir(&lower).unwrap();
+    populate(&lower, &mut rng, 80);
+    let (layer, stats, expected) = {
+        let ov = Overlay::new(&dir.path().join("ov"), &[&lower]);
+        for _ in 0..25 {
+            mutate(&ov.merged, &mut rng);
+        }
+        let (layer, stats) = diff(&ov.upper);
+        (layer, stats, scan(&ov.merged))
+    };
+    assert_eq!(stats.size, layer.len() as u64);
+
+    // Merged: onto a copy of the lower.
+    let merged = dir.path().join("applied");
+    copy_tree(&lower, &merged);
+    let got = apply_layer(&layer[..], &merged, &opts(ApplyMode::Merged, &stats)).unwrap();
+    assert_eq!(got.digest, stats.digest);
+    assert_same(&expected, &scan(&merged), &format!("seed {seed}: merged apply"));
+
+    // Overlay form, mounted as a lower over the original lower.
+    let native = dir.path().join("layer");
+    apply_layer(&layer[..], &native, &opts(ApplyMode::Overlay, &stats)).unwrap();
+    let ro = Overlay::read_only(dir.path(), &[&native, &lower]);
+    assert_same(&expected, &scan(&ro.merged), &format!("seed {seed}: overlay-form layer"));
+    drop(ro);
+
+    // Deterministic: a copy of the upper (new inodes, same content) diffs to the same bytes.
+    let copy = dir.path().join("upper-copy");
+    copy_tree(&dir.path().join("ov/upper"), &copy);
+    assert!(diff(&copy).0 == layer, "seed {seed}: a copy of the upper diffs to different bytes");
+    assert!(mounts_under(dir.path()).is_empty(), "leaked mounts");
+}
+
+#[test]
+fn random_mutations_round_trip() {
+    if !have_root("random_mutations_round_trip") {
+        return;
+    }
+    for seed in 1..=24 {
+        round_trip(seed);
+    }
+}
+
+#[test]
+fn chains_of_twenty_generations() {
+    if !have_root("chains_of_twenty_generations") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng::new(4242);
+    let base = dir.path().join("base");
+    fs::create_dir(&base).unwrap();
+    populate(&base, &mut rng, 60);
+    // The same history applied merged, generation after generation.
+    let flat = dir.path().join("flat");
+    copy_tree(&base, &flat);
+    let mut layers: Vec<std::path::PathBuf> = Vec::new();
+    for generation in 0..20 {
+        let mut lowers: Vec<&Path> = layers.iter().rev().map(|p| p.as_path()).collect();
+        lowers.push(&base);
+        let gen_dir = dir.path().join(format!("gen{generation}"));
+        let (layer, stats, expected) = {
+            let ov = Overlay::new(&gen_dir, &lowers);
+            for _ in 0..10 {
+                mutate(&ov.merged, &mut rng);
+            }
+            let (layer, stats) = diff(&ov.upper);
+            (layer, stats, scan(&ov.merged))
+        };
+        let cached = dir.path().join(format!("layer{generation}"));
+        apply_layer(&layer[..], &cached, &opts(ApplyMode::Overlay, &stats)).unwrap();
+        apply_layer(&layer[..], &flat, &opts(ApplyMode::Merged, &stats)).unwrap();
+        assert_same(&expected, &scan(&flat), &format!("generation {generation}: merged chain"));
+        layers.push(cached);
+        let mut lowers: Vec<&Path> = layers.iter().rev().map(|p| p.as_path()).collect();
+        lowers.push(&base);
+        let ro = Overlay::read_only(&gen_dir, &lowers);
+        assert_same(&expected, &scan(&ro.merged), &format!("generation {generation}: stacked layers"));
+    }
+    assert!(mounts_under(dir.path()).is_empty(), "leaked mounts");
+}
+
+#[test]
+fn whiteouts_and_opaque_dirs_are_oci_entries() {
+    if !have_root("whiteouts_and_opaque_dirs_are_oci_entries") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lower = dir.path().join("lower");
+    fs::create_dir_all(lower.join("d/sub")).unwrap();
+    fs::write(lower.join("gone"), b"x").unwrap();
+    fs::write(lower.join("d/old"), b"x").unwrap();
+    let ov = Overlay::new(&dir.path().join("ov"), &[&lower]);
+    fs::remove_file(ov.merged.join("gone")).unwrap();
+    fs::remove_dir_all(ov.merged.join("d")).unwrap();
+    fs::create_dir(ov.merged.join("d")).unwrap();
+    fs::write(ov.merged.join("d/new"), b"y").unwrap();
+    let (layer, _) = diff(&ov.upper);
+    drop(ov);
+    let names: Vec<String> = tar::Archive::new(&layer[..])
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["d/", "d/.wh..wh..opq", "d/new", ".wh.gone"]);
+}
+
+#[test]
+fn redirect_dir_and_metacopy_are_refused() {
+    if !have_root("redirect_dir_and_metacopy_are_refused") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for (xattr, feature) in [("trusted.overlay.redirect", "redirect_dir"), ("trusted.overlay.metacopy", "metacopy")] {
+        let upper = dir.path().join(feature);
+        fs::create_dir_all(upper.join("d")).unwrap();
+        xattr::set(upper.join("d"), xattr, b"/x").unwrap();
+        let e = write_diff(&upper, Vec::new()).unwrap_err();
+        assert_eq!(e.kind(), vessel_snapshot::SnapshotErrorKind::Unsupported, "{e}");
+        assert!(e.to_string().contains(feature), "{e}");
+    }
+}
