@@ -14,10 +14,12 @@
 #![forbid(unsafe_code)]
 
 mod apply;
+mod cache;
 mod diff;
 mod error;
 
 pub use apply::{ApplyMode, ApplyOptions, apply_layer};
+pub use cache::{LayerCache, LayerKey};
 pub use diff::{DiffStats, write_diff};
 pub use error::{SnapshotError, SnapshotErrorKind};
 pub use vessel_core as core;

@@ -1,0 +1,273 @@
+//! The local layer cache: each layer unpacked once, in overlay form, and
+//! shared read-only by every vessel on the host.
+//!
+//! ```text
+//! <root>/layers/<key>/          an unpacked layer (never modified once there)
+//! <root>/refs/<key>/<holder>    one empty file per holder (e.g. a vessel id)
+//! <root>/locks/<key>            flock: population, references and GC of <key>
+//! ```
+//!
+//! A layer appears at `layers/<key>` by a single rename of a complete,
+//! verified directory, so readers never see a partial layer. Every change to
+//! a key (populating it, adding or dropping a reference, collecting it) holds
+//! that key's exclusive `flock`, which works across processes; a reference
+//! taken under the lock is what keeps [`LayerCache::gc`] away from a layer.
+
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use vessel_core::SnapshotId;
+
+use crate::{ApplyMode, ApplyOptions, SnapshotError, apply_layer};
+
+/// What a cached layer is keyed by.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum LayerKey {
+    /// An image layer, by its diff id (`sha256:<hex>` of the uncompressed tar).
+    DiffId(String),
+    /// A snapshot layer, by the snapshot's id.
+    Snapshot(SnapshotId),
+}
+
+impl LayerKey {
+    /// An image layer key; the digest must be `sha256:` and 64 lowercase hex digits.
+    pub fn diff_id(digest: &str) -> Result<Self, SnapshotError> {
+        let ok = digest
+            .strip_prefix("sha256:")
+            .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')));
+        if !ok {
+            return Err(SnapshotError::Malformed(format!("invalid layer digest {digest:?}")));
+        }
+        Ok(Self::DiffId(digest.to_owned()))
+    }
+
+    /// The directory name: validated input only, so never a path hazard.
+    fn dir_name(&self) -> String {
+        match self {
+            Self::DiffId(d) => format!("sha256-{}", &d["sha256:".len()..]),
+            Self::Snapshot(id) => format!("snapshot-{id}"),
+        }
+    }
+}
+
+/// A layer cache rooted at a directory (see the module docs).
+#[derive(Debug, Clone)]
+pub struct LayerCache {
+    root: PathBuf,
+}
+
+/// The held exclusive lock of one key.
+#[derive(Debug)]
+struct KeyLock {
+    _file: File,
+}
+
+fn valid_holder(holder: &str) -> bool {
+    !holder.is_empty()
+        && holder.len() <= 128
+        && holder.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && !holder.starts_with('.')
+}
+
+impl LayerCache {
+    /// Opens (creating) a cache and removes scratch directories that crashed
+    /// populations left behind.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self, SnapshotError> {
+        let root = root.into();
+        for d in ["layers", "refs", "locks"] {
+            let p = root.join(d);
+            fs::create_dir_all(&p).map_err(SnapshotError::io("create directory", &p))?;
+        }
+        let cache = Self { root };
+        cache.sweep()?;
+        Ok(cache)
+    }
+
+    /// The cache's root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where `key`'s layer lives (whether or not it is cached yet).
+    pub fn path(&self, key: &LayerKey) -> PathBuf {
+        self.root.join("layers").join(key.dir_name())
+    }
+
+    /// Whether `key` is cached.
+    pub fn contains(&self, key: &LayerKey) -> bool {
+        self.path(key).is_dir()
+    }
+
+    fn lock(&self, key: &LayerKey) -> Result<KeyLock, SnapshotError> {
+        let path = self.root.join("locks").join(key.dir_name());
+        loop {
+            let file = File::options()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(SnapshotError::io("open lock", &path))?;
+            file.lock().map_err(SnapshotError::io("lock", &path))?;
+            // GC unlinks lock files it holds; a lock on an unlinked file locks nothing.
+            let same = fs::metadata(&path).is_ok_and(|m| m.ino() == file.metadata().map(|f| f.ino()).unwrap_or(0));
+            if same {
+                return Ok(KeyLock { _file: file });
+            }
+        }
+    }
+
+    fn try_lock(&self, key_dir: &str) -> Result<Option<KeyLock>, SnapshotError> {
+        let path = self.root.join("locks").join(key_dir);
+        let file = match File::options().create(true).truncate(false).write(true).open(&path) {
+            Ok(f) => f,
+            Err(e) => return Err(SnapshotError::io("open lock", &path)(e)),
+        };
+        match file.try_lock() {
+            Ok(()) => {
+                let same = fs::metadata(&path).is_ok_and(|m| m.ino() == file.metadata().map(|f| f.ino()).unwrap_or(0));
+                Ok(same.then_some(KeyLock { _file: file }))
+            }
+            Err(fs::TryLockError::WouldBlock) => Ok(None),
+            Err(fs::TryLockError::Error(e)) => Err(SnapshotError::io("lock", &path)(e)),
+        }
+    }
+
+    fn add_ref(&self, key: &LayerKey, holder: &str) -> Result<(), SnapshotError> {
+        if !valid_holder(holder) {
+            return Err(SnapshotError::Malformed(format!("invalid layer holder {holder:?}")));
+        }
+        let dir = self.root.join("refs").join(key.dir_name());
+        fs::create_dir_all(&dir).map_err(SnapshotError::io("create directory", &dir))?;
+        let p = dir.join(holder);
+        File::create(&p).map(drop).map_err(SnapshotError::io("create", &p))
+    }
+
+    /// Returns `key`'s layer, referenced by `holder`, unpacking it from the
+    /// layer tar that `open` returns if it is not cached yet. `expected_digest`
+    /// (the diff id) is verified while unpacking. Safe to call concurrently from
+    /// many threads and processes: exactly one of them unpacks.
+    pub fn get_or_unpack<R: Read>(
+        &self,
+        key: &LayerKey,
+        holder: &str,
+        expected_digest: Option<&str>,
+        open: impl FnOnce() -> Result<R, SnapshotError>,
+    ) -> Result<PathBuf, SnapshotError> {
+        let _lock = self.lock(key)?;
+        let path = self.path(key);
+        if !path.is_dir() {
+            let mut opts = ApplyOptions::new(ApplyMode::Overlay).allow_devices(matches!(key, LayerKey::DiffId(_)));
+            if let Some(d) = expected_digest {
+                opts = opts.expect_digest(d);
+            }
+            apply_layer(open()?, &path, &opts)?;
+        }
+        self.add_ref(key, holder)?;
+        Ok(path)
+    }
+
+    /// Moves an existing overlay-form directory (e.g. a sealed upper dir) into
+    /// the cache as `key`, referenced by `holder`. The directory must be on
+    /// the cache's filesystem. If `key` is already cached, `dir` is removed
+    /// and the cached copy kept.
+    pub fn adopt(&self, key: &LayerKey, holder: &str, dir: &Path) -> Result<PathBuf, SnapshotError> {
+        let _lock = self.lock(key)?;
+        let path = self.path(key);
+        if path.is_dir() {
+            fs::remove_dir_all(dir).map_err(SnapshotError::io("remove", dir))?;
+        } else {
+            fs::rename(dir, &path).map_err(SnapshotError::io("move into cache", &path))?;
+        }
+        self.add_ref(key, holder)?;
+        Ok(path)
+    }
+
+    /// Adds `holder`'s reference to a cached layer; `false` if it is not cached.
+    pub fn retain(&self, key: &LayerKey, holder: &str) -> Result<bool, SnapshotError> {
+        let _lock = self.lock(key)?;
+        if !self.path(key).is_dir() {
+            return Ok(false);
+        }
+        self.add_ref(key, holder)?;
+        Ok(true)
+    }
+
+    /// Drops `holder`'s reference (absent is fine).
+    pub fn release(&self, key: &LayerKey, holder: &str) -> Result<(), SnapshotError> {
+        let _lock = self.lock(key)?;
+        let p = self.root.join("refs").join(key.dir_name()).join(holder);
+        match fs::remove_file(&p) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(SnapshotError::io("remove", &p)(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// The holders of `key`'s layer.
+    pub fn holders(&self, key: &LayerKey) -> Result<Vec<String>, SnapshotError> {
+        let dir = self.root.join("refs").join(key.dir_name());
+        let mut out = Vec::new();
+        match fs::read_dir(&dir) {
+            Ok(entries) => {
+                for e in entries {
+                    out.push(
+                        e.map_err(SnapshotError::io("read directory", &dir))?
+                            .file_name()
+                            .to_string_lossy()
+                            .into_owned(),
+                    );
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(SnapshotError::io("read directory", &dir)(e)),
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Removes every cached layer that no holder references; layers being
+    /// populated or referenced right now are skipped. Returns how many went.
+    pub fn gc(&self) -> Result<usize, SnapshotError> {
+        let layers = self.root.join("layers");
+        let mut removed = 0;
+        for e in fs::read_dir(&layers).map_err(SnapshotError::io("read directory", &layers))? {
+            let name = e.map_err(SnapshotError::io("read directory", &layers))?.file_name();
+            let Some(name) = name.to_str().filter(|n| !n.starts_with('.')).map(str::to_owned) else { continue };
+            let Some(_lock) = self.try_lock(&name)? else { continue };
+            let refs = self.root.join("refs").join(&name);
+            let referenced = fs::read_dir(&refs).map(|mut r| r.next().is_some()).unwrap_or(false);
+            if referenced {
+                continue;
+            }
+            // Rename first: the layer vanishes at once, then goes away for good.
+            let doomed = layers.join(format!(".{name}.gc-{:016x}", rand::random::<u64>()));
+            let live = layers.join(&name);
+            fs::rename(&live, &doomed).map_err(SnapshotError::io("rename", &live))?;
+            fs::remove_dir_all(&doomed).map_err(SnapshotError::io("remove", &doomed))?;
+            let _ = fs::remove_dir(&refs);
+            let lock_path = self.root.join("locks").join(&name);
+            fs::remove_file(&lock_path).map_err(SnapshotError::io("remove", &lock_path))?;
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
+    /// Removes scratch directories (`.NAME.apply-*`, `.NAME.gc-*`) whose key is
+    /// not locked, i.e. whose population or collection died with its process.
+    fn sweep(&self) -> Result<(), SnapshotError> {
+        let layers = self.root.join("layers");
+        for e in fs::read_dir(&layers).map_err(SnapshotError::io("read directory", &layers))? {
+            let name = e.map_err(SnapshotError::io("read directory", &layers))?.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let Some(rest) = name.strip_prefix('.') else { continue };
+            let Some((key, _)) = rest.rsplit_once(".apply-").or_else(|| rest.rsplit_once(".gc-")) else { continue };
+            if let Some(_lock) = self.try_lock(key)? {
+                let p = layers.join(name);
+                tracing::debug!(path = %p.display(), "removing scratch directory of a dead process");
+                fs::remove_dir_all(&p).map_err(SnapshotError::io("remove", &p))?;
+            }
+        }
+        Ok(())
+    }
+}
