@@ -22,7 +22,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File};
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -38,12 +38,11 @@ use tar::EntryType;
 use xattr::FileExt;
 
 use crate::SnapshotError;
+use crate::codec::decompressed;
 use crate::diff::{DiffStats, OPAQUE_MARKER, WHITEOUT_PREFIX, makedev};
 
 const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 const OVERLAY_XATTR_PREFIXES: [&str; 2] = ["trusted.overlay.", "user.overlay."];
-const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
-const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 
 /// What to make of a layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,25 +172,12 @@ impl<R: Read> Read for DigestReader<R> {
     }
 }
 
-/// The layer's uncompressed bytes, whatever its compression.
-fn decompressed<'a>(layer: impl Read + 'a) -> Result<Box<dyn Read + 'a>, SnapshotError> {
-    let mut r = BufReader::with_capacity(256 * 1024, layer);
-    let head = r.fill_buf().map_err(|e| SnapshotError::Stream("layer", e))?;
-    Ok(if head.starts_with(&ZSTD_MAGIC) {
-        Box::new(zstd::stream::read::Decoder::with_buffer(r).map_err(|e| SnapshotError::Stream("layer", e))?)
-    } else if head.starts_with(&GZIP_MAGIC) {
-        Box::new(flate2::bufread::MultiGzDecoder::new(r))
-    } else {
-        Box::new(r)
-    })
-}
-
-fn unsafe_entry(entry: &[u8], reason: &'static str) -> SnapshotError {
+pub(crate) fn unsafe_entry(entry: &[u8], reason: &'static str) -> SnapshotError {
     SnapshotError::UnsafeEntry { entry: String::from_utf8_lossy(entry).into_owned(), reason }
 }
 
 /// Splits an archive path into its components, refusing what could leave the root.
-fn components(raw: &[u8]) -> Result<Vec<&OsStr>, SnapshotError> {
+pub(crate) fn components(raw: &[u8]) -> Result<Vec<&OsStr>, SnapshotError> {
     if raw.starts_with(b"/") {
         return Err(unsafe_entry(raw, "absolute path"));
     }

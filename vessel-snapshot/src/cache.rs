@@ -64,6 +64,23 @@ struct KeyLock {
     _file: File,
 }
 
+/// See [`LayerCache::scratch`].
+#[derive(Debug)]
+pub(crate) struct Scratch {
+    pub(crate) dir: PathBuf,
+    lock_path: PathBuf,
+    _lock: KeyLock,
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if let Err(e) = fs::remove_dir_all(&self.dir) {
+            tracing::warn!(path = %self.dir.display(), error = %e, "could not remove scratch directory");
+        }
+        let _ = fs::remove_file(&self.lock_path);
+    }
+}
+
 fn valid_holder(holder: &str) -> bool {
     !holder.is_empty()
         && holder.len() <= 128
@@ -101,7 +118,21 @@ impl LayerCache {
     }
 
     fn lock(&self, key: &LayerKey) -> Result<KeyLock, SnapshotError> {
-        let path = self.root.join("locks").join(key.dir_name());
+        self.lock_name(&key.dir_name())
+    }
+
+    /// A scratch directory under `layers/`, locked so a concurrent
+    /// [`LayerCache::open`] does not sweep it; removed (with its lock) on drop.
+    pub(crate) fn scratch(&self, tag: &str) -> Result<Scratch, SnapshotError> {
+        let name = format!("{tag}-{:016x}", rand::random::<u64>());
+        let lock = self.lock_name(&name)?;
+        let dir = self.root.join("layers").join(format!(".{name}.apply-0"));
+        fs::create_dir(&dir).map_err(SnapshotError::io("create directory", &dir))?;
+        Ok(Scratch { dir, lock_path: self.root.join("locks").join(name), _lock: lock })
+    }
+
+    fn lock_name(&self, name: &str) -> Result<KeyLock, SnapshotError> {
+        let path = self.root.join("locks").join(name);
         loop {
             let file = File::options()
                 .create(true)

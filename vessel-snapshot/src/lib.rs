@@ -7,7 +7,8 @@
 //!   (`ApplyMode::Overlay`) or merged into a tree (`ApplyMode::Merged`),
 //!   verifying its digest and refusing entries that would leave the target.
 //! - [`LayerCache`]: unpacked layers shared by every vessel on a host.
-//! - [`image`]: docker-save and OCI image-layout archives into the cache.
+//! - [`image`]: docker-save and OCI image-layout archives into the cache
+//!   ([`image::import_archive`]).
 //!
 //! Everything here is synchronous, blocking filesystem work: async callers
 //! run it on a blocking thread.
@@ -15,8 +16,10 @@
 
 mod apply;
 mod cache;
+mod codec;
 mod diff;
 mod error;
+pub mod image;
 
 pub use apply::{ApplyMode, ApplyOptions, apply_layer};
 pub use cache::{LayerCache, LayerKey};

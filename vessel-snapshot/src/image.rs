@@ -1,0 +1,274 @@
+//! Image archives: docker-save and OCI image-layout tars (plain, gzip or
+//! zstd), read from any stream into the layer cache.
+//!
+//! An archive's members come in any order (index.json may follow the blobs),
+//! so it is spooled to a scratch directory first: memory stays bounded
+//! whatever the image's size. Every blob is checked against its digest (OCI
+//! descriptors; docker-save's config file name) and every layer against its
+//! diff id while it unpacks, so a tampered archive is refused.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+use oci_spec::image::{Descriptor, ImageConfiguration, ImageIndex, ImageManifest, MediaType};
+use sha2::{Digest, Sha256};
+
+use crate::apply::components;
+use crate::codec::decompressed;
+use crate::{LayerCache, LayerKey, SnapshotError};
+
+/// The parts of an image's configuration a workspace needs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImageConfig {
+    /// `KEY=VALUE` environment.
+    pub env: Vec<String>,
+    /// Default working directory.
+    pub working_dir: Option<String>,
+    /// Entrypoint argv.
+    pub entrypoint: Vec<String>,
+    /// Default command argv.
+    pub cmd: Vec<String>,
+    /// Default user (`uid[:gid]` or a name).
+    pub user: Option<String>,
+}
+
+/// One layer of an imported image, unpacked in the cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageLayer {
+    /// `sha256:` digest of the uncompressed layer tar.
+    pub diff_id: String,
+    /// The unpacked layer (overlay form).
+    pub path: PathBuf,
+}
+
+/// An imported image.
+#[derive(Debug, Clone)]
+pub struct Image {
+    /// Digest of the config blob: identifies the image's content, so a
+    /// workspace can pin it even if a tag moves.
+    pub config_digest: String,
+    /// Digest of the OCI manifest, when the archive is an OCI layout.
+    pub manifest_digest: Option<String>,
+    /// Runtime defaults from the config.
+    pub config: ImageConfig,
+    /// Layers, bottom first.
+    pub layers: Vec<ImageLayer>,
+}
+
+/// Reads an image archive from `archive`, unpacks its layers into `cache`
+/// (skipping cached ones) referenced by `holder`, and returns the image.
+/// With several images in the archive, `reference` picks one (by
+/// `io.containerd.image.name`, `org.opencontainers.image.ref.name` or docker
+/// `RepoTags`); otherwise the first for this platform.
+pub fn import_archive(
+    archive: impl Read,
+    cache: &LayerCache,
+    holder: &str,
+    reference: Option<&str>,
+) -> Result<Image, SnapshotError> {
+    let scratch = cache.scratch("import")?;
+    let files = spool(archive, &scratch.dir)?;
+    if files.contains_key("index.json") {
+        import_oci(&files, cache, holder, reference)
+    } else if files.contains_key("manifest.json") {
+        import_docker(&files, cache, holder, reference)
+    } else {
+        Err(SnapshotError::Malformed("neither an OCI image layout nor a docker-save archive".into()))
+    }
+}
+
+/// Copies the archive's regular members into `dir`; returns member path -> file.
+fn spool(archive: impl Read, dir: &Path) -> Result<HashMap<String, PathBuf>, SnapshotError> {
+    let mut files = HashMap::new();
+    let mut tar = tar::Archive::new(decompressed(archive)?);
+    for entry in tar.entries().map_err(|e| SnapshotError::Malformed(e.to_string()))? {
+        let mut entry = entry.map_err(|e| SnapshotError::Malformed(e.to_string()))?;
+        if !entry.header().entry_type().is_file() {
+            continue;
+        }
+        let raw = entry.path_bytes().into_owned();
+        let name = components(&raw)?
+            .iter()
+            .map(|c| c.to_str().ok_or_else(|| SnapshotError::Malformed("non-UTF-8 member name".into())))
+            .collect::<Result<Vec<_>, _>>()?
+            .join("/");
+        let spooled = dir.join(format!("{}", files.len()));
+        let mut out = File::create(&spooled).map_err(SnapshotError::io("create", &spooled))?;
+        io::copy(&mut entry, &mut out).map_err(|e| SnapshotError::Stream("image archive", e))?;
+        files.insert(name, spooled);
+    }
+    Ok(files)
+}
+
+fn sha256_file(path: &Path) -> Result<(String, u64), SnapshotError> {
+    let mut f = File::open(path).map_err(SnapshotError::io("open", path))?;
+    let mut h = Sha256::new();
+    let n = io::copy(&mut f, &mut h).map_err(SnapshotError::io("read", path))?;
+    Ok((format!("sha256:{:x}", h.finalize()), n))
+}
+
+fn member<'a>(files: &'a HashMap<String, PathBuf>, name: &str) -> Result<&'a Path, SnapshotError> {
+    files.get(name).map(PathBuf::as_path).ok_or_else(|| SnapshotError::Malformed(format!("archive lacks {name}")))
+}
+
+/// The blob a descriptor names, after checking its digest and size.
+fn blob<'a>(files: &'a HashMap<String, PathBuf>, d: &Descriptor) -> Result<&'a Path, SnapshotError> {
+    let digest = d.digest().to_string();
+    let hex = digest
+        .strip_prefix("sha256:")
+        .ok_or_else(|| SnapshotError::Malformed(format!("unsupported digest {digest}")))?;
+    let path = member(files, &format!("blobs/sha256/{hex}"))?;
+    let (actual, size) = sha256_file(path)?;
+    if actual != digest {
+        return Err(SnapshotError::DigestMismatch { expected: digest, actual });
+    }
+    if size != d.size() {
+        return Err(SnapshotError::Malformed(format!(
+            "blob {digest} has {size} bytes, its descriptor says {}",
+            d.size()
+        )));
+    }
+    Ok(path)
+}
+
+fn json_err(what: &str) -> impl FnOnce(oci_spec::OciSpecError) -> SnapshotError + '_ {
+    move |e| SnapshotError::Malformed(format!("{what}: {e}"))
+}
+
+fn this_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
+
+/// Picks the descriptor for `reference`, else the first for this platform
+/// (descriptors without a platform, as some tools write, count as matching).
+fn pick<'a>(descs: &'a [Descriptor], reference: Option<&str>) -> Result<&'a Descriptor, SnapshotError> {
+    if let Some(r) = reference {
+        let tag = r.rsplit_once(':').map(|(_, t)| t).filter(|t| !t.contains('/'));
+        let named = descs.iter().find(|d| {
+            d.annotations().as_ref().is_some_and(|a| {
+                a.get("io.containerd.image.name").map(String::as_str) == Some(r)
+                    || (tag.is_some() && a.get("org.opencontainers.image.ref.name").map(String::as_str) == tag)
+            })
+        });
+        if let Some(d) = named {
+            return Ok(d);
+        }
+    }
+    descs
+        .iter()
+        .find(|d| {
+            d.platform()
+                .as_ref()
+                .is_none_or(|p| p.os().to_string() == "linux" && p.architecture().to_string() == this_arch())
+        })
+        .ok_or_else(|| SnapshotError::Malformed(format!("no image for linux/{} in the archive", this_arch())))
+}
+
+fn import_oci(
+    files: &HashMap<String, PathBuf>,
+    cache: &LayerCache,
+    holder: &str,
+    reference: Option<&str>,
+) -> Result<Image, SnapshotError> {
+    let index = ImageIndex::from_file(member(files, "index.json")?).map_err(json_err("index.json"))?;
+    let mut desc = pick(index.manifests(), reference)?.clone();
+    // Nested indexes (multi-platform images) lead to the manifest.
+    for _ in 0..4 {
+        if *desc.media_type() != MediaType::ImageIndex {
+            break;
+        }
+        let nested = ImageIndex::from_file(blob(files, &desc)?).map_err(json_err("nested index"))?;
+        desc = pick(nested.manifests(), None)?.clone();
+    }
+    let manifest = ImageManifest::from_file(blob(files, &desc)?).map_err(json_err("manifest"))?;
+    let config_path = blob(files, manifest.config())?;
+    let config = ImageConfiguration::from_file(config_path).map_err(json_err("config"))?;
+    let diff_ids = config.rootfs().diff_ids();
+    if diff_ids.len() != manifest.layers().len() {
+        return Err(SnapshotError::Malformed(format!(
+            "manifest has {} layers, config {} diff ids",
+            manifest.layers().len(),
+            diff_ids.len()
+        )));
+    }
+    let mut layers = Vec::new();
+    for (d, diff_id) in manifest.layers().iter().zip(diff_ids) {
+        let path = blob(files, d)?;
+        layers.push(unpack(cache, holder, diff_id, path)?);
+    }
+    Ok(Image {
+        config_digest: manifest.config().digest().to_string(),
+        manifest_digest: Some(desc.digest().to_string()),
+        config: runtime_config(&config),
+        layers,
+    })
+}
+
+fn import_docker(
+    files: &HashMap<String, PathBuf>,
+    cache: &LayerCache,
+    holder: &str,
+    reference: Option<&str>,
+) -> Result<Image, SnapshotError> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "PascalCase")]
+    struct Entry {
+        config: String,
+        #[serde(default)]
+        repo_tags: Option<Vec<String>>,
+        layers: Vec<String>,
+    }
+    let path = member(files, "manifest.json")?;
+    let text = fs::read(path).map_err(SnapshotError::io("read", path))?;
+    let entries: Vec<Entry> =
+        serde_json::from_slice(&text).map_err(|e| SnapshotError::Malformed(format!("manifest.json: {e}")))?;
+    let entry = reference
+        .and_then(|r| entries.iter().find(|e| e.repo_tags.as_ref().is_some_and(|t| t.iter().any(|t| t == r))))
+        .or(entries.first())
+        .ok_or_else(|| SnapshotError::Malformed("manifest.json lists no image".into()))?;
+    let config_path = member(files, &entry.config)?;
+    let (config_digest, _) = sha256_file(config_path)?;
+    // Classic docker-save names the config after its digest: hold it to that.
+    let stem = entry.config.trim_start_matches("blobs/sha256/").trim_end_matches(".json");
+    if stem.len() == 64 && format!("sha256:{stem}") != config_digest {
+        return Err(SnapshotError::DigestMismatch { expected: format!("sha256:{stem}"), actual: config_digest });
+    }
+    let config = ImageConfiguration::from_file(config_path).map_err(json_err("config"))?;
+    let diff_ids = config.rootfs().diff_ids();
+    if diff_ids.len() != entry.layers.len() {
+        return Err(SnapshotError::Malformed(format!(
+            "manifest.json has {} layers, config {} diff ids",
+            entry.layers.len(),
+            diff_ids.len()
+        )));
+    }
+    let mut layers = Vec::new();
+    for (name, diff_id) in entry.layers.iter().zip(diff_ids) {
+        layers.push(unpack(cache, holder, diff_id, member(files, name)?)?);
+    }
+    Ok(Image { config_digest, manifest_digest: None, config: runtime_config(&config), layers })
+}
+
+fn unpack(cache: &LayerCache, holder: &str, diff_id: &str, blob: &Path) -> Result<ImageLayer, SnapshotError> {
+    let key = LayerKey::diff_id(diff_id)?;
+    let path = cache
+        .get_or_unpack(&key, holder, Some(diff_id), || File::open(blob).map_err(SnapshotError::io("open", blob)))?;
+    Ok(ImageLayer { diff_id: diff_id.to_owned(), path })
+}
+
+fn runtime_config(c: &ImageConfiguration) -> ImageConfig {
+    let Some(cfg) = c.config() else { return ImageConfig::default() };
+    ImageConfig {
+        env: cfg.env().clone().unwrap_or_default(),
+        working_dir: cfg.working_dir().clone().filter(|w| !w.is_empty()),
+        entrypoint: cfg.entrypoint().clone().unwrap_or_default(),
+        cmd: cfg.cmd().clone().unwrap_or_default(),
+        user: cfg.user().clone().filter(|u| !u.is_empty()),
+    }
+}
