@@ -111,6 +111,36 @@ pub fn mixed_corpus(seed: u64, len: usize) -> Vec<u8> {
     out
 }
 
+/// Writes a deterministic tree of about `total_bytes` in `files` files under
+/// `root` (which must exist): nested directories, mostly small source-like
+/// files, some larger binary and incompressible ones, as in a workspace.
+/// Returns the number of bytes written.
+pub fn generate_tree(root: &std::path::Path, seed: u64, total_bytes: usize, files: usize) -> std::io::Result<u64> {
+    let mut rng = Rng::new(seed);
+    let mut dirs = vec![root.to_path_buf()];
+    for i in 0..files / 30 {
+        let parent = dirs[rng.below(dirs.len() as u64) as usize].clone();
+        let d = parent.join(format!("dir{i}"));
+        std::fs::create_dir(&d)?;
+        dirs.push(d);
+    }
+    let mean = total_bytes / files;
+    let mut written = 0u64;
+    for i in 0..files {
+        let dir = &dirs[rng.below(dirs.len() as u64) as usize];
+        // Skewed sizes around the mean: many small files, a few big ones.
+        let size = (rng.skewed(4 * mean as u64) as usize).max(16);
+        let data = match rng.below(10) {
+            0..=5 => text(&mut rng, size),
+            6..=8 => binary(&mut rng, size),
+            _ => compressed(&mut rng, size),
+        };
+        std::fs::write(dir.join(format!("file{i}.dat")), &data)?;
+        written += data.len() as u64;
+    }
+    Ok(written)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs::{self, File, Metadata};
-use std::io::{self, Read, Write};
+use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
@@ -83,20 +83,47 @@ impl<W: Write> Write for DigestWriter<W> {
 /// so wrap it in a compressor to store it compressed. The digest and size in
 /// the result are those of the uncompressed stream, as OCI's `diff_id`.
 pub fn write_diff<W: Write>(upper: &Path, out: W) -> Result<(W, DiffStats), SnapshotError> {
-    let mut builder = tar::Builder::new(DigestWriter::new(out));
-    builder.follow_symlinks(false);
-    let mut walker = Walker { builder, links: HashMap::new(), entries: 0 };
+    // Headers are 512-byte writes: batch them before they reach a compressor.
+    let out = DigestWriter::new(BufWriter::with_capacity(1 << 20, out));
+    let mut walker = Walker { out, links: HashMap::new(), entries: 0, buf: vec![0; 256 * 1024] };
     walker.walk_dir(upper, &[])?;
-    let Walker { builder, entries, .. } = walker;
-    let (out, digest, size) = builder.into_inner().map_err(|e| SnapshotError::Stream("diff output", e))?.finish();
+    // End of archive: two zero blocks.
+    walker.out.write_all(&[0; 1024]).map_err(out_err)?;
+    let Walker { out, entries, .. } = walker;
+    let (out, digest, size) = out.finish();
+    let out = out.into_inner().map_err(|e| out_err(e.into_error()))?;
     Ok((out, DiffStats { digest, size, entries }))
 }
 
+fn out_err(e: io::Error) -> SnapshotError {
+    SnapshotError::Stream("diff output", e)
+}
+
+/// Encodes PAX records: `"<len> <key>=<value>\n"`, `len` counting itself.
+fn pax_records(records: &[(String, &[u8])]) -> Vec<u8> {
+    let mut data = Vec::new();
+    for (key, value) in records {
+        let rest = key.len() + value.len() + 3; // ' ', '=', '\n'
+        let mut len = rest + 1;
+        while len != rest + len.to_string().len() {
+            len = rest + len.to_string().len();
+        }
+        data.extend_from_slice(len.to_string().as_bytes());
+        data.push(b' ');
+        data.extend_from_slice(key.as_bytes());
+        data.push(b'=');
+        data.extend_from_slice(value);
+        data.push(b'\n');
+    }
+    data
+}
+
 struct Walker<W: Write> {
-    builder: tar::Builder<DigestWriter<W>>,
+    out: DigestWriter<BufWriter<W>>,
     /// (dev, ino) of multiply-linked files already archived -> their tar path.
     links: HashMap<(u64, u64), Vec<u8>>,
     entries: u64,
+    buf: Vec<u8>,
 }
 
 fn sorted_entries(dir: &Path) -> Result<Vec<OsString>, SnapshotError> {
@@ -257,8 +284,8 @@ impl<W: Write> Walker<W> {
         } else if ft.is_char_device() || ft.is_block_device() {
             h.set_entry_type(if ft.is_char_device() { EntryType::Char } else { EntryType::Block });
             let rdev = meta.rdev();
-            h.set_device_major(major(rdev)).map_err(|e| SnapshotError::Stream("diff output", e))?;
-            h.set_device_minor(minor(rdev)).map_err(|e| SnapshotError::Stream("diff output", e))?;
+            h.set_device_major(major(rdev)).map_err(out_err)?;
+            h.set_device_minor(minor(rdev)).map_err(out_err)?;
         }
         self.append(h, rel, None, xattrs, mtime, io::empty(), None)
     }
@@ -275,7 +302,6 @@ impl<W: Write> Walker<W> {
         data: impl Read,
         file: Option<&Path>,
     ) -> Result<(), SnapshotError> {
-        let out_err = |e| SnapshotError::Stream("diff output", e);
         let mut pax: Vec<(String, &[u8])> = Vec::new();
         if path.len() > USTAR_NAME_LEN || !path.is_ascii() {
             pax.push(("path".into(), path));
@@ -294,7 +320,16 @@ impl<W: Write> Walker<W> {
             pax.push((name.clone(), v));
         }
         if !pax.is_empty() {
-            self.builder.append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), *v))).map_err(out_err)?;
+            let data = pax_records(&pax);
+            let mut x = Header::new_ustar();
+            x.set_entry_type(EntryType::XHeader);
+            x.set_size(data.len() as u64);
+            x.set_mtime(0);
+            x.set_mode(0o644);
+            x.set_cksum();
+            self.out.write_all(x.as_bytes()).map_err(out_err)?;
+            self.out.write_all(&data).map_err(out_err)?;
+            self.pad(data.len() as u64)?;
             self.entries += 1;
         }
         set_raw(&mut h.as_old_mut().name, path);
@@ -303,35 +338,32 @@ impl<W: Write> Walker<W> {
         }
         h.set_cksum();
         let size = h.size().map_err(out_err)?;
-        let mut counted = Exact { inner: data.take(size), left: size };
-        self.builder.append(&h, &mut counted).map_err(|e| match file {
-            Some(p) if e.kind() == io::ErrorKind::UnexpectedEof => SnapshotError::Changed { path: p.to_path_buf() },
-            Some(p) if e.kind() != io::ErrorKind::Other => SnapshotError::io("read", p)(e),
-            _ => out_err(e),
-        })?;
+        self.out.write_all(h.as_bytes()).map_err(out_err)?;
+        let mut left = size;
+        let mut data = data;
+        while left > 0 {
+            let want = self.buf.len().min(left as usize);
+            let n = match data.read(&mut self.buf[..want]) {
+                Ok(0) => return Err(SnapshotError::Changed { path: file.unwrap_or(Path::new("?")).to_path_buf() }),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(SnapshotError::io("read", file.unwrap_or(Path::new("?")))(e)),
+            };
+            self.out.write_all(&self.buf[..n]).map_err(out_err)?;
+            left -= n as u64;
+        }
+        self.pad(size)?;
         self.entries += 1;
         Ok(())
     }
-}
 
-/// Yields exactly `left` bytes or fails with `UnexpectedEof` (a file that
-/// shrank while being archived would otherwise corrupt the stream).
-struct Exact<R> {
-    inner: R,
-    left: u64,
-}
-
-impl<R: Read> Read for Exact<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.left == 0 {
-            return Ok(0);
+    /// Zero padding up to the next 512-byte block.
+    fn pad(&mut self, size: u64) -> Result<(), SnapshotError> {
+        let rem = (size % 512) as usize;
+        if rem != 0 {
+            self.out.write_all(&[0; 512][..512 - rem]).map_err(out_err)?;
         }
-        let n = self.inner.read(buf)?;
-        if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "file shrank"));
-        }
-        self.left -= n as u64;
-        Ok(n)
+        Ok(())
     }
 }
 

@@ -4,6 +4,7 @@
 //! because `setup` is what installs those; everything else runs through
 //! `cargo` subprocesses after setup.
 
+mod containerd;
 mod image;
 mod util;
 
@@ -17,6 +18,7 @@ commands:
   setup   install the system packages the tests need (apt-get, as root)
   image   build the test image local/busybox:latest (docker-save and OCI archives + a storage dir)
   test    setup, image, fmt --check, clippy -D warnings, doc, and every test
+          (against a private containerd it starts and stops)
   bench   run the criterion benches (extra args go to cargo bench)
   demo    run the main job: a short agent-like session on a real workspace";
 
@@ -98,12 +100,19 @@ fn test() -> Result<()> {
             .args(["--", "-D", "warnings"]))?;
     }
     run(cargo(&root).args(["doc", "--workspace", "--no-deps", "--locked"]).env("RUSTDOCFLAGS", "-D warnings"))?;
+    // Build the tests before starting the daemon, so it is up only while they run.
+    for features in FEATURE_SETS {
+        run(cargo(&root).args(["test", "--workspace", "--locked", "--no-run"]).args(*features))?;
+    }
+    let containerd = containerd::Containerd::start()?;
     for features in FEATURE_SETS {
         run(cargo(&root)
             .args(["test", "--workspace", "--locked"])
             .args(*features)
-            .env("VESSEL_TEST_IMAGE_DIR", &image.dir))?;
+            .env("VESSEL_TEST_IMAGE_DIR", &image.dir)
+            .env("VESSEL_CONTAINERD_ADDRESS", &containerd.address))?;
     }
+    drop(containerd);
     println!("xtask test: all checks passed");
     Ok(())
 }
