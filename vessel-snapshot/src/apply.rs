@@ -90,7 +90,7 @@ impl ApplyOptions {
 /// Applies the layer read from `layer` (plain, gzip or zstd, told apart by
 /// magic bytes) to `target`; returns the digest and size of the uncompressed
 /// tar. On any error the target is left as it was.
-pub fn apply_layer(layer: impl Read, target: &Path, opts: &ApplyOptions) -> Result<DiffStats, SnapshotError> {
+pub fn apply_layer(layer: impl Read + Send, target: &Path, opts: &ApplyOptions) -> Result<DiffStats, SnapshotError> {
     let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name =
         target.file_name().ok_or_else(|| SnapshotError::Malformed(format!("bad target {}", target.display())))?;
@@ -236,8 +236,77 @@ struct Unpacker<'a> {
     buf: Vec<u8>,
 }
 
-fn unpack(layer: impl Read, root_path: &Path, opts: &ApplyOptions) -> Result<DiffStats, SnapshotError> {
-    let reader = DigestReader { inner: decompressed(layer)?, hasher: Sha256::new(), size: 0 };
+/// Chunks in flight between the decoding thread and the unpacker.
+const PIPE_DEPTH: usize = 8;
+const PIPE_CHUNK: usize = 256 * 1024;
+
+/// Reads what the decoding thread sends; an error it sends is returned as is.
+struct ChannelReader {
+    rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    cur: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.cur.len() {
+            match self.rx.recv() {
+                Ok(chunk) => {
+                    self.cur = chunk?;
+                    self.pos = 0;
+                }
+                Err(_) => return Ok(0), // the producer finished
+            }
+        }
+        let n = buf.len().min(self.cur.len() - self.pos);
+        buf[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// Decompresses and hashes `layer` on one thread while the calling thread
+/// unpacks, as `zstd -d | tar -x` uses two cores.
+fn unpack(layer: impl Read + Send, root_path: &Path, opts: &ApplyOptions) -> Result<DiffStats, SnapshotError> {
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(PIPE_DEPTH);
+        let producer = scope.spawn(move || -> Result<(String, u64), SnapshotError> {
+            let mut input = DigestReader { inner: decompressed(layer)?, hasher: Sha256::new(), size: 0 };
+            loop {
+                let mut chunk = vec![0u8; PIPE_CHUNK];
+                match input.read(&mut chunk) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        chunk.truncate(n);
+                        if tx.send(Ok(chunk)).is_err() {
+                            break; // the unpacker gave up; its error is the one reported
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string())));
+                        return Err(SnapshotError::Stream("layer", e));
+                    }
+                }
+            }
+            Ok((format!("sha256:{:x}", input.hasher.finalize()), input.size))
+        });
+        let reader = ChannelReader { rx, cur: Vec::new(), pos: 0 };
+        let unpacked = unpack_stream(reader, root_path, opts);
+        let produced = producer.join().map_err(|_| SnapshotError::Malformed("layer decoder panicked".into()))?;
+        let entries = unpacked?;
+        let (digest, size) = produced?;
+        if let Some(expected) = &opts.expected_digest
+            && *expected != digest
+        {
+            return Err(SnapshotError::DigestMismatch { expected: expected.clone(), actual: digest });
+        }
+        Ok(DiffStats { digest, size, entries })
+    })
+}
+
+/// Unpacks the uncompressed tar read from `reader`; returns the entry count.
+fn unpack_stream(reader: ChannelReader, root_path: &Path, opts: &ApplyOptions) -> Result<u64, SnapshotError> {
     let mut archive = tar::Archive::new(reader);
     let mut u =
         Unpacker { root: open_dir(root_path)?, root_path, opts, dir_times: Vec::new(), buf: vec![0; 256 * 1024] };
@@ -263,17 +332,11 @@ fn unpack(layer: impl Read, root_path: &Path, opts: &ApplyOptions) -> Result<Dif
             }
         }
     }
-    // Hash the end-of-archive blocks and padding too: the digest covers every byte.
+    // Read to the end so the digest covers the end-of-archive blocks and padding.
     let mut reader = archive.into_inner();
     io::copy(&mut reader, &mut io::sink()).map_err(|e| SnapshotError::Stream("layer", e))?;
-    let digest = format!("sha256:{:x}", reader.hasher.finalize());
-    if let Some(expected) = &opts.expected_digest
-        && *expected != digest
-    {
-        return Err(SnapshotError::DigestMismatch { expected: expected.clone(), actual: digest });
-    }
     u.finish_dirs()?;
-    Ok(DiffStats { digest, size: reader.size, entries })
+    Ok(entries)
 }
 
 /// PAX records as (key, value), in archive order.

@@ -179,7 +179,7 @@ impl LayerCache {
     /// layer tar that `open` returns if it is not cached yet. `expected_digest`
     /// (the diff id) is verified while unpacking. Safe to call concurrently from
     /// many threads and processes: exactly one of them unpacks.
-    pub fn get_or_unpack<R: Read>(
+    pub fn get_or_unpack<R: Read + Send>(
         &self,
         key: &LayerKey,
         holder: &str,

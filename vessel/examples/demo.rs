@@ -1,76 +1,110 @@
 //! `cargo xtask demo`: the main job, as far as the layers built so far go.
 //!
-//! Today that is the storage layer: import the test image into a zstd
-//! store, record a vessel with a branching snapshot history, stream the
-//! snapshots back with their sha256 checksums verified, and reopen
-//! everything through a fresh storage handle, as another host would.
-//! Containers (exec) and overlay snapshots join as vessel-runtime and
-//! vessel-snapshot land.
+//! A workspace on real overlay mounts, driven the way an agent session would:
+//! import the image into the layer cache, mount the workspace, write a
+//! script and its output, snapshot (the upper dir's OCI diff streams into
+//! zstd storage; the sealed upper becomes a cached layer), break the
+//! workspace, restore (a remount: nothing is copied), fork a second branch
+//! from the first snapshot, print the snapshot tree, then reopen the current
+//! snapshot on a "new host" (empty cache, same storage) and check it.
+//! Running commands inside the workspace joins when vessel-runtime lands; so
+//! far the agent's steps act on the files directly. Needs root (mounts).
 
+use std::collections::BTreeMap;
+use std::io::Cursor;
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result, ensure};
-use sha2::{Digest, Sha256};
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use tokio::io::AsyncReadExt;
+use vessel::snapshot::image::import_archive;
+use vessel::snapshot::{LayerCache, LayerKey, write_diff};
 use vessel::{
-    BlobReader, CompressedStorage, IdGenerator, ImageRef, LocalStorage, SnapshotManifest, Storage, UniqueIdGenerator,
+    CompressedStorage, IdGenerator, ImageRef, LocalStorage, SnapshotId, SnapshotManifest, Storage, UniqueIdGenerator,
     VesselManifest,
 };
 
-/// A snapshot to take: message, index of its parent snapshot, files it adds.
-type Step<'a> = (&'a str, Option<usize>, Vec<(&'a str, &'a str)>);
-
 fn step(name: &str, started: Instant) {
-    println!("  {:<48} {:>9.2} ms", name, started.elapsed().as_secs_f64() * 1e3);
+    println!("  {:<58} {:>9.2} ms", name, started.elapsed().as_secs_f64() * 1e3);
 }
 
-async fn read_hashed(mut r: BlobReader) -> Result<(String, u64)> {
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut n = 0u64;
-    loop {
-        let k = r.read(&mut buf).await?;
-        if k == 0 {
-            break;
+/// One host's view: a layer cache and a mount root.
+struct Host {
+    cache: LayerCache,
+    mounts: PathBuf,
+}
+
+/// A mounted workspace: image layers + snapshot chain as lowers, a live upper.
+struct Workspace {
+    dir: PathBuf,
+    image_layers: Vec<PathBuf>,
+    chain: Vec<PathBuf>,
+}
+
+impl Workspace {
+    fn merged(&self) -> PathBuf {
+        self.dir.join("merged")
+    }
+    fn upper(&self) -> PathBuf {
+        self.dir.join("upper")
+    }
+
+    fn mount(&self) -> Result<()> {
+        for d in ["merged", "upper", "work"] {
+            std::fs::create_dir_all(self.dir.join(d))?;
         }
-        h.update(&buf[..k]);
-        n += k as u64;
+        let lowers: Vec<String> =
+            self.chain.iter().rev().chain(self.image_layers.iter().rev()).map(|p| p.display().to_string()).collect();
+        let opts = format!(
+            "lowerdir={},upperdir={},workdir={},redirect_dir=off,metacopy=off,index=off",
+            lowers.join(":"),
+            self.upper().display(),
+            self.dir.join("work").display()
+        );
+        mount(Some("overlay"), &self.merged(), Some("overlay"), MsFlags::empty(), Some(opts.as_str()))
+            .context("mount the workspace overlay")
     }
-    Ok((format!("sha256:{:x}", h.finalize()), n))
+
+    fn unmount(&self) -> Result<()> {
+        umount2(&self.merged(), MntFlags::MNT_DETACH).context("unmount")?;
+        std::fs::remove_dir_all(self.dir.join("work"))?;
+        Ok(())
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.merged().join(p.trim_start_matches('/'))
+    }
 }
 
-/// A small tar standing in for a layer diff, so the demo stores real tar bytes.
-fn layer_tar(files: &[(&str, &str)]) -> Result<Vec<u8>> {
-    let mut b = tar::Builder::new(Vec::new());
-    for (path, body) in files {
-        let mut h = tar::Header::new_ustar();
-        h.set_mode(0o644);
-        h.set_size(body.len() as u64);
-        b.append_data(&mut h, path, body.as_bytes())?;
-    }
-    Ok(b.into_inner()?)
+async fn read_all(mut r: vessel::BlobReader) -> Result<Vec<u8>> {
+    let mut v = Vec::new();
+    r.read_to_end(&mut v).await?;
+    Ok(v)
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    ensure!(nix::unistd::geteuid().is_root(), "the demo mounts overlays: run it as root");
     let mut args = std::env::args().skip(1);
-    let image_store = args.next().context("usage: demo <image-storage-dir> <image-ref>")?;
-    let image = ImageRef::new(&args.next().context("usage: demo <image-storage-dir> <image-ref>")?)?;
-    let data = tempfile::tempdir()?;
-    println!("vessel demo: storage layer (data dir {})", data.path().display());
-
-    let t = Instant::now();
-    let source = LocalStorage::new(&image_store)?;
-    let storage = CompressedStorage::new(LocalStorage::new(data.path())?).with_level(3);
-    let archive = source.load_image(&image).await?;
-    storage.save_image(&image, archive).await?;
-    let stored = std::fs::metadata(data.path().join("images").join(format!("{image}.tar.zst")))?.len();
-    let original =
-        std::fs::metadata(std::path::Path::new(&image_store).join("images").join(format!("{image}.tar")))?.len();
-    step(&format!("import {image} ({original} -> {stored} bytes zstd)"), t);
-
+    let usage = "usage: demo <image-storage-dir> <image-ref>";
+    let image_store = args.next().context(usage)?;
+    let image = ImageRef::new(&args.next().context(usage)?)?;
+    let base = tempfile::tempdir()?;
+    println!("vessel demo (data in {})", base.path().display());
+    let storage = CompressedStorage::new(LocalStorage::new(base.path().join("storage"))?);
+    let host =
+        Host { cache: LayerCache::open(base.path().join("host-a/cache"))?, mounts: base.path().join("host-a/mounts") };
     let ids = UniqueIdGenerator::new();
     let id = ids.vessel_id();
+
+    let t = Instant::now();
+    let archive = read_all(LocalStorage::new(&image_store)?.load_image(&image).await?).await?;
+    storage.save_image(&image, Box::new(Cursor::new(archive.clone()))).await?;
+    let img = import_archive(&archive[..], &host.cache, id.as_str(), Some(image.as_str()))?;
+    step(&format!("import {image} into storage and the layer cache"), t);
+
+    let t = Instant::now();
     let now = chrono::Utc::now();
     let mut manifest = VesselManifest {
         id: id.clone(),
@@ -79,65 +113,125 @@ async fn main() -> Result<()> {
         work_dir: "/work".into(),
         create_time: now,
         update_time: now,
-        labels: Default::default(),
+        labels: BTreeMap::from([("vessel.image.config".into(), img.config_digest.clone())]),
         snapshots: Vec::new(),
     };
-    let t = Instant::now();
     storage.save_vessel_manifest(&manifest).await?;
-    step(&format!("create vessel {id}"), t);
+    let ws = Workspace {
+        dir: host.mounts.join(id.as_str()),
+        image_layers: img.layers.iter().map(|l| l.path.clone()).collect(),
+        chain: Vec::new(),
+    };
+    ws.mount()?;
+    std::fs::create_dir_all(ws.path("/work"))?;
+    step(&format!("create vessel {id} (overlay on the image)"), t);
+    let mut ws = ws;
 
-    // main: write a script, run it; then a fork from the first snapshot.
-    let plan: [Step<'_>; 3] = [
-        ("write hello.sh", None, vec![("work/hello.sh", "echo hello\n")]),
-        ("run hello.sh -> out.txt", Some(0), vec![("work/out.txt", "hello\n")]),
-        ("fork: different output", Some(0), vec![("work/out.txt", "bonjour\n")]),
-    ];
-    for (message, parent, files) in plan {
-        let t = Instant::now();
-        let tar = layer_tar(&files)?;
-        let sid = ids.snapshot_id();
-        let checksum = format!("sha256:{:x}", Sha256::digest(&tar));
-        let size = tar.len() as i64;
-        storage.save_snapshot(&id, &sid, Box::new(std::io::Cursor::new(tar))).await?;
-        let parent_id = parent.map(|i| manifest.snapshots[i].id.clone());
-        manifest.snapshots.push(SnapshotManifest {
-            id: sid.clone(),
-            vessel_id: id.clone(),
-            parent_id,
-            message: message.into(),
-            checksum,
-            size,
-            create_time: chrono::Utc::now(),
-            labels: Default::default(),
-        });
-        manifest.current_snapshot_id = Some(sid);
-        manifest.update_time = chrono::Utc::now();
-        storage.save_vessel_manifest(&manifest).await?;
-        step(&format!("snapshot {message:?}"), t);
-    }
+    // Agent step 1: write a script.
+    std::fs::write(ws.path("/work/hello.sh"), "#!/bin/sh\necho hello from vessel\n")?;
+    let s1 = snapshot(&storage, &host, &mut ws, &mut manifest, &ids, "write hello.sh").await?;
+    // Agent step 2: its output.
+    std::fs::write(ws.path("/work/out.txt"), "hello from vessel\n")?;
+    let _s2 = snapshot(&storage, &host, &mut ws, &mut manifest, &ids, "run hello.sh > out.txt").await?;
 
-    // Another host: a fresh handle on the same data, every blob verified.
     let t = Instant::now();
-    let other = CompressedStorage::new(LocalStorage::new(data.path())?);
-    let reopened = other.load_vessel_manifest(&id).await?;
-    ensure!(reopened == manifest, "the manifest did not survive reopening");
-    for s in &reopened.snapshots {
-        let (sum, n) = read_hashed(other.load_snapshot(&id, &s.id).await?).await?;
-        ensure!(sum == s.checksum && n as i64 == s.size, "snapshot {} failed verification", s.id);
-    }
-    step("reopen on a fresh handle, verify all checksums", t);
+    std::fs::remove_dir_all(ws.path("/work"))?;
+    std::fs::remove_dir_all(ws.path("/etc"))?;
+    step("break the workspace: rm -rf /work /etc", t);
+    ensure!(!ws.path("/etc/passwd").exists());
+
+    let t = Instant::now();
+    restore(&host, &mut ws, &mut manifest, &s1)?;
+    storage.save_vessel_manifest(&manifest).await?;
+    step(&format!("restore {} (remount, nothing copied)", s1.id), t);
+    ensure!(ws.path("/etc/passwd").exists() && ws.path("/work/hello.sh").exists());
+    ensure!(!ws.path("/work/out.txt").exists(), "out.txt came after the restored snapshot");
+
+    std::fs::write(ws.path("/work/out.txt"), "bonjour de vessel\n")?;
+    snapshot(&storage, &host, &mut ws, &mut manifest, &ids, "fork: a different output").await?;
+    let expected = std::fs::read(ws.path("/work/out.txt"))?;
+    ws.unmount()?;
 
     println!("\nsnapshot tree of {id}:");
-    print_tree(&reopened, None, 0);
-    println!("\nvessels in storage: {:?}", other.list_vessels().await?);
-    println!("images in storage:  {:?}", other.list_images().await?);
+    print_tree(&manifest, None, 0);
+
+    // Another host: empty cache, same storage.
+    let t = Instant::now();
+    let other =
+        Host { cache: LayerCache::open(base.path().join("host-b/cache"))?, mounts: base.path().join("host-b/mounts") };
+    let reopened = storage.load_vessel_manifest(&id).await?;
+    let archive = read_all(storage.load_image(&reopened.base_image_ref).await?).await?;
+    let img = import_archive(&archive[..], &other.cache, id.as_str(), Some(reopened.base_image_ref.as_str()))?;
+    let current = reopened.current_snapshot_id.clone().context("a current snapshot")?;
+    let mut chain = Vec::new();
+    for s in reopened.chain(&current).into_iter().rev() {
+        let blob = read_all(storage.load_snapshot(&id, &s.id).await?).await?;
+        let key = LayerKey::Snapshot(s.id.clone());
+        chain.push(other.cache.get_or_unpack(&key, id.as_str(), Some(&s.checksum), || Ok(&blob[..]))?);
+    }
+    let ws_b = Workspace {
+        dir: other.mounts.join(id.as_str()),
+        image_layers: img.layers.iter().map(|l| l.path.clone()).collect(),
+        chain,
+    };
+    ws_b.mount()?;
+    let got = std::fs::read(ws_b.path("/work/out.txt"))?;
+    ws_b.unmount()?;
+    ensure!(got == expected, "the reopened workspace differs");
+    step("open on a new host from storage (checksums verified)", t);
+    println!("\n/work/out.txt on the new host: {}", String::from_utf8_lossy(&got).trim());
     Ok(())
 }
 
-fn print_tree(m: &VesselManifest, parent: Option<&vessel::SnapshotId>, depth: usize) {
+/// Seals the upper: its diff goes to storage, the sealed dir into the cache.
+async fn snapshot(
+    storage: &dyn Storage,
+    host: &Host,
+    ws: &mut Workspace,
+    manifest: &mut VesselManifest,
+    ids: &UniqueIdGenerator,
+    message: &str,
+) -> Result<SnapshotManifest> {
+    let t = Instant::now();
+    ws.unmount()?;
+    let (tar, stats) = write_diff(&ws.upper(), Vec::new())?;
+    let sid = ids.snapshot_id();
+    storage.save_snapshot(&manifest.id, &sid, Box::new(Cursor::new(tar))).await?;
+    let layer = host.cache.adopt(&LayerKey::Snapshot(sid.clone()), manifest.id.as_str(), &ws.upper())?;
+    ws.chain.push(layer);
+    ws.mount()?;
+    let snap = SnapshotManifest {
+        id: sid.clone(),
+        vessel_id: manifest.id.clone(),
+        parent_id: manifest.current_snapshot_id.clone(),
+        message: message.into(),
+        checksum: stats.digest,
+        size: stats.size as i64,
+        create_time: chrono::Utc::now(),
+        labels: Default::default(),
+    };
+    manifest.snapshots.push(snap.clone());
+    manifest.current_snapshot_id = Some(sid);
+    manifest.update_time = chrono::Utc::now();
+    storage.save_vessel_manifest(manifest).await?;
+    step(&format!("snapshot {:?} ({} B diff)", message, stats.size), t);
+    Ok(snap)
+}
+
+/// Points the workspace at `snap`'s chain with a fresh upper.
+fn restore(host: &Host, ws: &mut Workspace, manifest: &mut VesselManifest, snap: &SnapshotManifest) -> Result<()> {
+    ws.unmount()?;
+    std::fs::remove_dir_all(ws.upper())?;
+    ws.chain =
+        manifest.chain(&snap.id).iter().rev().map(|s| host.cache.path(&LayerKey::Snapshot(s.id.clone()))).collect();
+    manifest.current_snapshot_id = Some(snap.id.clone());
+    ws.mount()
+}
+
+fn print_tree(m: &VesselManifest, parent: Option<&SnapshotId>, depth: usize) {
     for s in m.snapshots.iter().filter(|s| s.parent_id.as_ref() == parent) {
         let current = if m.current_snapshot_id.as_ref() == Some(&s.id) { "  <- current" } else { "" };
-        println!("  {}{} {} ({} bytes){current}", "  ".repeat(depth), s.id, s.message, s.size);
+        println!("  {}{} {} ({} B){current}", "  ".repeat(depth), s.id, s.message, s.size);
         print_tree(m, Some(&s.id), depth + 1);
     }
 }
