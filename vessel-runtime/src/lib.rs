@@ -1,10 +1,137 @@
-//! The runtime layer: a `Runtime` trait that runs one process in a new
-//! container on a prepared rootfs, overlay mounting, OCI runtime spec
-//! generation, and the youki (in-process `libcontainer`) and containerd
-//! backends behind cargo features.
+//! The runtime layer: run one process in a new container on a prepared
+//! rootfs, and mount the overlay rootfs it runs on.
 //!
-//! Not built yet: this crate is reserved so the workspace's dependency graph
-//! is fixed from the start (core <- runtime <- facade).
-#![forbid(unsafe_code)]
+//! - [`Runtime`]: the one trait every backend implements (async, object safe).
+//! - [`overlay`]: mounting a vessel's overlay (ordered lowers, no
+//!   `redirect_dir`/`metacopy`/`index`, lower lists beyond the 4 KiB option limit).
+//! - [`spec`]: the OCI runtime spec every backend runs (namespaces, docker's
+//!   default capabilities, masked paths, limits), built with `oci-spec`.
+//! - `youki` (feature `youki`, default): youki's `libcontainer`, in-process.
+//!
+//! # The libcontainer / tokio boundary
+//!
+//! libcontainer creates containers with raw `clone3` (no glibc fork
+//! handlers), `waitpid`s, and changes process-global state; in a
+//! multi-threaded process the child can inherit a held malloc lock and hang
+//! (reproduced on this kind of machine; youki#3011, boxlite-ai/boxlite#349).
+//! So it never runs in the caller's process: each run re-executes the
+//! current binary as a *runner*, a fresh single-threaded process that
+//! creates, starts, waits for and deletes one container, and exits.
+//! **An embedding program must call [`init`] first thing in `main`**, before
+//! any thread starts; in a runner it never returns. The container's stdio
+//! are the runner's own pipes, so output never passes through the runner.
+//! A lifeline pipe ties the runner to its caller: when the caller's future is
+//! dropped (cancelled) or the caller dies, the runner kills the container's
+//! whole process tree and removes its state and cgroups.
+#![deny(unsafe_op_in_unsafe_fn)]
 
-pub use vessel_core as core;
+mod error;
+pub mod overlay;
+pub mod spec;
+// libcontainer is driven through raw fds and a pre-exec hook: the one
+// place with unsafe code, each block justified.
+#[cfg(feature = "youki")]
+#[allow(unsafe_code)]
+mod youki;
+
+use std::fmt;
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+pub use error::{RuntimeError, RuntimeErrorKind};
+pub use oci_spec;
+#[cfg(feature = "youki")]
+pub use youki::YoukiRuntime;
+
+/// Must be the first call in `main` of any program that uses the youki
+/// backend (see the crate docs): in a runner process it runs the container
+/// and exits; otherwise it returns at once.
+pub fn init() {
+    #[cfg(feature = "youki")]
+    youki::runner::maybe_run();
+}
+
+/// Whether the container gets a network.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Network {
+    /// A private network namespace with only loopback.
+    #[default]
+    None,
+    /// The host's network namespace.
+    Host,
+}
+
+/// Resource limits; `None` means unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// Memory in bytes; exceeding it gets the process OOM-killed (exit 137).
+    pub memory_bytes: Option<i64>,
+    /// CPU time per 100 ms period, in microseconds (100_000 = one core).
+    pub cpu_quota_us: Option<i64>,
+    /// Maximum number of processes and threads.
+    pub pids: Option<i64>,
+}
+
+/// One process to run in a new container.
+#[derive(Default)]
+pub struct RunRequest<'a> {
+    /// The prepared root filesystem (absolute path).
+    pub rootfs: PathBuf,
+    /// argv; `args[0]` is looked up in `PATH` from `env`.
+    pub args: Vec<String>,
+    /// `KEY=VALUE` environment.
+    pub env: Vec<String>,
+    /// Working directory inside the container (default `/`).
+    pub cwd: Option<String>,
+    /// User and group ids (default root).
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+    /// Hostname (default `vessel`).
+    pub hostname: Option<String>,
+    /// Resource limits.
+    pub limits: Limits,
+    /// Network mode.
+    pub network: Network,
+    /// Host paths bind-mounted read-only: (host path, container path).
+    pub ro_binds: Vec<(PathBuf, String)>,
+    /// Standard input; end-of-file when `None`.
+    pub stdin: Option<Box<dyn AsyncRead + Send + Unpin + 'a>>,
+    /// Standard output; discarded when `None`.
+    pub stdout: Option<Box<dyn AsyncWrite + Send + Unpin + 'a>>,
+    /// Standard error; discarded when `None`.
+    pub stderr: Option<Box<dyn AsyncWrite + Send + Unpin + 'a>>,
+}
+
+impl fmt::Debug for RunRequest<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RunRequest")
+            .field("rootfs", &self.rootfs)
+            .field("args", &self.args)
+            .field("env", &self.env)
+            .field("cwd", &self.cwd)
+            .field("uid", &self.uid)
+            .field("gid", &self.gid)
+            .field("limits", &self.limits)
+            .field("network", &self.network)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Runs processes in containers.
+#[async_trait]
+pub trait Runtime: Send + Sync + fmt::Debug {
+    /// The backend's name (`youki`, `containerd`).
+    fn name(&self) -> &'static str;
+
+    /// Whether this backend can run here; the error says why not.
+    fn is_available(&self) -> Result<(), RuntimeError>;
+
+    /// Runs `req` to completion and returns its exit code (`128 + N` when
+    /// killed by signal `N`). Dropping the future kills the container's
+    /// whole process tree and cleans up.
+    async fn run(&self, req: RunRequest<'_>) -> Result<i32, RuntimeError>;
+}

@@ -1,0 +1,158 @@
+//! The OCI runtime spec every backend runs: `oci-spec`'s runc-like defaults
+//! (pid, ipc, uts, mount and network namespaces, `/proc`, `/dev`, `/sys`
+//! mounts, masked and read-only paths) made stricter and vessel-specific:
+//! a cgroup namespace, docker's default capability set, `no_new_privileges`,
+//! the caller's argv/env/cwd/user/hostname, resource limits and network mode.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+
+use oci_spec::runtime::{
+    Capability, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxMemoryBuilder, LinuxNamespace, LinuxNamespaceBuilder,
+    LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder, MountBuilder, ProcessBuilder, RootBuilder, Spec,
+    UserBuilder,
+};
+
+use crate::{Network, RunRequest, RuntimeError};
+
+/// Docker's default capability set (moby `oci/caps/defaults.go`).
+pub const DEFAULT_CAPABILITIES: [Capability; 14] = [
+    Capability::Chown,
+    Capability::DacOverride,
+    Capability::Fsetid,
+    Capability::Fowner,
+    Capability::Mknod,
+    Capability::NetRaw,
+    Capability::Setgid,
+    Capability::Setuid,
+    Capability::Setfcap,
+    Capability::Setpcap,
+    Capability::NetBindService,
+    Capability::SysChroot,
+    Capability::Kill,
+    Capability::AuditWrite,
+];
+
+fn invalid(e: impl std::fmt::Display) -> RuntimeError {
+    RuntimeError::InvalidRequest(e.to_string())
+}
+
+/// The spec for `req`, with its cgroup at `cgroups_path` (e.g. `/vessel/<id>`).
+pub fn build(req: &RunRequest<'_>, cgroups_path: &str) -> Result<Spec, RuntimeError> {
+    if req.args.is_empty() {
+        return Err(RuntimeError::InvalidRequest("empty command".into()));
+    }
+    if !req.rootfs.is_absolute() {
+        return Err(RuntimeError::InvalidRequest(format!("rootfs {} is not absolute", req.rootfs.display())));
+    }
+    let caps: HashSet<Capability> = DEFAULT_CAPABILITIES.into_iter().collect();
+    let capabilities = LinuxCapabilitiesBuilder::default()
+        .bounding(caps.clone())
+        .effective(caps.clone())
+        .permitted(caps)
+        .inheritable(HashSet::new())
+        .ambient(HashSet::new())
+        .build()
+        .map_err(invalid)?;
+    let mut env = req.env.clone();
+    if !env.iter().any(|e| e.starts_with("PATH=")) {
+        env.push("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    }
+    let process = ProcessBuilder::default()
+        .terminal(false)
+        .args(req.args.clone())
+        .env(env)
+        .cwd(req.cwd.clone().unwrap_or_else(|| "/".into()))
+        .user(UserBuilder::default().uid(req.uid).gid(req.gid).build().map_err(invalid)?)
+        .capabilities(capabilities)
+        .no_new_privileges(true)
+        .build()
+        .map_err(invalid)?;
+
+    let mut spec = Spec::default();
+    spec.set_process(Some(process));
+    spec.set_hostname(Some(req.hostname.clone().unwrap_or_else(|| "vessel".into())));
+    spec.set_root(Some(RootBuilder::default().path(req.rootfs.clone()).readonly(false).build().map_err(invalid)?));
+
+    let mut mounts = spec.mounts().clone().unwrap_or_default();
+    for (host, dest) in &req.ro_binds {
+        mounts.push(
+            MountBuilder::default()
+                .destination(PathBuf::from(dest))
+                .typ("bind")
+                .source(host.clone())
+                .options(vec!["rbind".into(), "ro".into(), "nosuid".into(), "nodev".into()])
+                .build()
+                .map_err(invalid)?,
+        );
+    }
+    spec.set_mounts(Some(mounts));
+
+    let mut linux = spec.linux().clone().unwrap_or_default();
+    let mut namespaces: Vec<LinuxNamespace> = linux.namespaces().clone().unwrap_or_default();
+    if req.network == Network::Host {
+        namespaces.retain(|n| n.typ() != LinuxNamespaceType::Network);
+    }
+    if !namespaces.iter().any(|n| n.typ() == LinuxNamespaceType::Cgroup) {
+        namespaces.push(LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::Cgroup).build().map_err(invalid)?);
+    }
+    linux.set_namespaces(Some(namespaces));
+    linux.set_cgroups_path(Some(PathBuf::from(cgroups_path)));
+    let mut resources = LinuxResourcesBuilder::default();
+    if let Some(m) = req.limits.memory_bytes {
+        // No swap on top: the limit is the limit.
+        resources = resources.memory(LinuxMemoryBuilder::default().limit(m).swap(m).build().map_err(invalid)?);
+    }
+    if let Some(q) = req.limits.cpu_quota_us {
+        resources = resources.cpu(LinuxCpuBuilder::default().quota(q).period(100_000u64).build().map_err(invalid)?);
+    }
+    if let Some(p) = req.limits.pids {
+        resources = resources.pids(LinuxPidsBuilder::default().limit(p).build().map_err(invalid)?);
+    }
+    let mut built = resources.build().map_err(invalid)?;
+    if let Some(defaults) = linux.resources() {
+        built.set_devices(defaults.devices().clone());
+    }
+    linux.set_resources(Some(built));
+    spec.set_linux(Some(linux));
+    Ok(spec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builds_a_strict_spec() {
+        let req = RunRequest {
+            rootfs: "/r".into(),
+            args: vec!["true".into()],
+            limits: crate::Limits { memory_bytes: Some(1 << 20), pids: Some(10), cpu_quota_us: None },
+            ..Default::default()
+        };
+        let spec = build(&req, "/vessel/x").unwrap();
+        let p = spec.process().as_ref().unwrap();
+        assert_eq!(p.no_new_privileges(), Some(true));
+        assert!(p.env().as_ref().unwrap().iter().any(|e| e.starts_with("PATH=")));
+        let caps = p.capabilities().as_ref().unwrap().bounding().as_ref().unwrap();
+        assert!(caps.contains(&Capability::Chown) && !caps.contains(&Capability::SysAdmin));
+        let linux = spec.linux().as_ref().unwrap();
+        let ns: Vec<_> = linux.namespaces().as_ref().unwrap().iter().map(|n| n.typ()).collect();
+        for t in [
+            LinuxNamespaceType::Pid,
+            LinuxNamespaceType::Network,
+            LinuxNamespaceType::Mount,
+            LinuxNamespaceType::Cgroup,
+        ] {
+            assert!(ns.contains(&t), "{t:?}");
+        }
+        assert!(!linux.masked_paths().as_ref().unwrap().is_empty());
+        let r = linux.resources().as_ref().unwrap();
+        assert_eq!(r.pids().as_ref().unwrap().limit(), 10);
+        assert_eq!(r.memory().as_ref().unwrap().limit(), Some(1 << 20));
+        let host = build(&RunRequest { network: Network::Host, ..req }, "/vessel/x").unwrap();
+        let ns = host.linux().as_ref().unwrap().namespaces().as_ref().unwrap();
+        assert!(!ns.iter().any(|n| n.typ() == LinuxNamespaceType::Network));
+        assert!(build(&RunRequest::default(), "/x").is_err());
+    }
+}

@@ -1,0 +1,290 @@
+//! The runtime conformance suite: the same cases for every backend
+//! (instantiated by tests/youki.rs, and by the containerd backend's tests).
+#![allow(dead_code, unreachable_pub)]
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncWrite;
+use vessel_runtime::{Limits, Network, RunRequest, Runtime, RuntimeErrorKind};
+
+pub type CaseResult = Result<(), String>;
+
+/// A backend under test and the rootfs it runs on.
+pub struct Suite<R: Runtime> {
+    pub runtime: R,
+    pub rootfs: PathBuf,
+}
+
+/// Counts bytes, keeps none: for huge outputs.
+#[derive(Default)]
+pub struct Count(pub u64);
+
+impl AsyncWrite for Count {
+    fn poll_write(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.0 += buf.len() as u64;
+        Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+fn sh(script: &str) -> Vec<String> {
+    vec!["sh".into(), "-c".into(), script.into()]
+}
+
+macro_rules! check {
+    ($cond:expr, $($msg:tt)*) => {
+        if !$cond {
+            return Err(format!($($msg)*));
+        }
+    };
+}
+
+impl<R: Runtime> Suite<R> {
+    fn req(&self, args: Vec<String>) -> RunRequest<'static> {
+        RunRequest { rootfs: self.rootfs.clone(), args, ..Default::default() }
+    }
+
+    /// Runs `args`, returning (exit code, stdout, stderr).
+    async fn output(&self, req: RunRequest<'_>) -> Result<(i32, String, String), String> {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let RunRequest { rootfs, args, env, cwd, uid, gid, hostname, limits, network, ro_binds, stdin, .. } = req;
+        let req = RunRequest {
+            rootfs,
+            args,
+            env,
+            cwd,
+            uid,
+            gid,
+            hostname,
+            limits,
+            network,
+            ro_binds,
+            stdin,
+            stdout: Some(Box::new(&mut out)),
+            stderr: Some(Box::new(&mut err)),
+        };
+        let code = self.runtime.run(req).await.map_err(|e| format!("run failed: {e}"))?;
+        Ok((code, String::from_utf8_lossy(&out).into_owned(), String::from_utf8_lossy(&err).into_owned()))
+    }
+
+    pub async fn exit_codes(&self) -> CaseResult {
+        for (script, want) in [("true", 0), ("false", 1), ("exit 3", 3), ("exit 255", 255)] {
+            let (code, ..) = self.output(self.req(sh(script))).await?;
+            check!(code == want, "{script}: exit {code}, want {want}");
+        }
+        Ok(())
+    }
+
+    pub async fn signals_give_128_plus_n(&self) -> CaseResult {
+        // The container's init killed from outside (PID 1 ignores signals it
+        // has no handler for, except SIGKILL/SIGSTOP from an ancestor namespace).
+        let run = self.output(self.req(vec!["sleep".into(), "1001".into()]));
+        let killer = async {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if let Some(pid) = pids_of(b"sleep\x001001\x00").first() {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(*pid as i32),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                    return;
+                }
+                if Instant::now() > deadline {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        let ((code, ..), ()) = tokio::join!(async { run.await.unwrap_or((-1, String::new(), String::new())) }, killer);
+        check!(code == 137, "init killed by SIGKILL: exit {code}, want 137");
+        // A process the init waits for, killed by a signal, as a shell reports it.
+        let (code, ..) = self.output(self.req(sh("sleep 5 & p=$!; kill -TERM $p; wait $p"))).await?;
+        check!(code == 143, "child killed by SIGTERM: exit {code}, want 143");
+        Ok(())
+    }
+
+    pub async fn stdout_and_stderr_are_kept_apart(&self) -> CaseResult {
+        let (code, out, err) = self.output(self.req(sh("echo to-out; echo to-err >&2; echo more-out"))).await?;
+        check!(code == 0 && out == "to-out\nmore-out\n" && err == "to-err\n", "{code} {out:?} {err:?}");
+        Ok(())
+    }
+
+    pub async fn stdin_is_piped(&self) -> CaseResult {
+        let input = "line one\n".repeat(100_000);
+        let mut req = self.req(sh("wc -c; echo done"));
+        req.stdin = Some(Box::new(io::Cursor::new(input.clone().into_bytes())));
+        let (code, out, _) = self.output(req).await?;
+        check!(code == 0 && out.trim_start() == format!("{}\ndone\n", input.len()), "{code} {out:?}");
+        // No stdin: end of file at once, no hang.
+        let (code, out, _) = self.output(self.req(vec!["cat".into()])).await?;
+        check!(code == 0 && out.is_empty(), "cat without stdin: {code} {out:?}");
+        Ok(())
+    }
+
+    pub async fn discarded_streams_are_writable(&self) -> CaseResult {
+        let code = self
+            .runtime
+            .run(self.req(sh("echo out; echo err >&2; head -c 1000000 /dev/zero")))
+            .await
+            .map_err(|e| e.to_string())?;
+        check!(code == 0, "writing to discarded stdout/stderr: exit {code}");
+        Ok(())
+    }
+
+    pub async fn env_and_cwd(&self) -> CaseResult {
+        let mut req = self.req(sh("echo \"$FOO|$BAR\"; pwd"));
+        req.env = vec!["FOO=bar baz".into(), "BAR=1".into()];
+        req.cwd = Some("/tmp".into());
+        let (code, out, _) = self.output(req).await?;
+        check!(code == 0 && out == "bar baz|1\n/tmp\n", "{code} {out:?}");
+        Ok(())
+    }
+
+    pub async fn large_output_streams(&self) -> CaseResult {
+        let mut count = Count::default();
+        let mut err = Vec::new();
+        let mut req = self.req(sh("head -c 200000000 /dev/zero; echo x >&2"));
+        req.stdout = Some(Box::new(&mut count));
+        req.stderr = Some(Box::new(&mut err));
+        let code = self.runtime.run(req).await.map_err(|e| e.to_string())?;
+        let err = String::from_utf8_lossy(&err);
+        check!(code == 0 && count.0 == 200_000_000 && err == "x\n", "exit {code}, {} bytes, stderr {err:?}", count.0);
+        Ok(())
+    }
+
+    pub async fn cancel_kills_everything(&self) -> CaseResult {
+        let started = Instant::now();
+        let run = self.runtime.run(self.req(sh("sleep 1000 & sleep 1000")));
+        check!(tokio::time::timeout(Duration::from_millis(500), run).await.is_err(), "sleep 1000 finished?");
+        // The runner tears the container down as soon as its caller is gone.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !sleepers().is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        check!(sleepers().is_empty(), "processes left after cancel: {:?}", sleepers());
+        check!(started.elapsed() < Duration::from_secs(5), "cancel took {:?}", started.elapsed());
+        Ok(())
+    }
+
+    pub async fn network_none_has_only_loopback(&self) -> CaseResult {
+        let (code, out, _) = self.output(self.req(sh("ls /sys/class/net"))).await?;
+        check!(code == 0 && out.split_whitespace().collect::<Vec<_>>() == ["lo"], "{code} {out:?}");
+        let mut req = self.req(sh("ls /sys/class/net | wc -l"));
+        req.network = Network::Host;
+        let (_, out, _) = self.output(req).await?;
+        check!(out.trim().parse::<u32>().unwrap_or(0) >= 1, "host network: {out:?}");
+        Ok(())
+    }
+
+    pub async fn host_processes_are_invisible(&self) -> CaseResult {
+        let (code, out, _) = self.output(self.req(sh("ls /proc | grep -c '^[0-9]'"))).await?;
+        let n: u32 = out.trim().parse().unwrap_or(999);
+        check!(code == 0 && n <= 3, "the container sees {n} processes");
+        Ok(())
+    }
+
+    pub async fn missing_binary_is_a_clear_error(&self) -> CaseResult {
+        let run = self.runtime.run(self.req(vec!["/no/such/binary".into()]));
+        match tokio::time::timeout(Duration::from_secs(20), run).await {
+            Err(_) => Err("hangs".into()),
+            Ok(Ok(code)) => {
+                check!(code == 127 || code == 126, "exit {code}");
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                check!(e.kind() == RuntimeErrorKind::Start, "{e}");
+                Ok(())
+            }
+        }
+    }
+
+    pub async fn memory_limit_oom_kills(&self) -> CaseResult {
+        let mut req = self.req(sh("dd if=/dev/zero of=/dev/null bs=256M count=1"));
+        req.limits = Limits { memory_bytes: Some(32 << 20), ..Default::default() };
+        let (code, ..) = self.output(req).await?;
+        check!(code == 137, "exit {code}, want 137 (OOM kill)");
+        Ok(())
+    }
+
+    pub async fn pids_limit_stops_a_fork_bomb(&self) -> CaseResult {
+        let mut req = self.req(sh("i=0; while [ $i -lt 50 ]; do sleep 2 & i=$((i+1)); done; wait"));
+        req.limits = Limits { pids: Some(10), ..Default::default() };
+        let (code, _, err) = self.output(req).await?;
+        check!(err.contains("fork") || code != 0, "50 processes under pids.max=10: exit {code}, {err:?}");
+        Ok(())
+    }
+
+    pub async fn concurrent_runs(&self) -> CaseResult {
+        let runs = (0..20).map(|i| async move {
+            let (code, out, _) = self.output(self.req(sh(&format!("echo run{i}")))).await?;
+            check!(code == 0 && out == format!("run{i}\n"), "run {i}: {code} {out:?}");
+            Ok(())
+        });
+        for r in join_all(runs).await {
+            r?;
+        }
+        Ok(())
+    }
+}
+
+/// `sleep 1000` processes on the host (a cancelled container's leftovers).
+pub fn sleepers() -> Vec<u32> {
+    pids_of(b"sleep\x001000\x00")
+}
+
+/// Host pids whose command line is exactly `cmdline`.
+pub fn pids_of(cmdline: &[u8]) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        if std::fs::read(e.path().join("cmdline")).unwrap_or_default() == cmdline {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Polls all futures concurrently on the current task.
+pub async fn join_all<F: Future>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+    let mut set: Vec<_> = futs.into_iter().map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = set.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (i, f) in set.iter_mut().enumerate() {
+            if out[i].is_none() {
+                match f.as_mut().poll(cx) {
+                    Poll::Ready(v) => out[i] = Some(v),
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending { Poll::Pending } else { Poll::Ready(()) }
+    })
+    .await;
+    out.into_iter().map(Option::unwrap).collect()
+}
+
+/// What a backend may leave behind: cgroups named after vessel containers.
+pub fn leftover_cgroups() -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut roots: Vec<PathBuf> =
+        std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten().map(|e| e.path().join("vessel")).collect();
+    roots.push(Path::new("/sys/fs/cgroup/vessel").to_path_buf());
+    for r in roots {
+        for e in std::fs::read_dir(&r).into_iter().flatten().flatten() {
+            if e.file_name().to_string_lossy().starts_with("vessel-") {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}
