@@ -2,7 +2,8 @@
 //! (pid, ipc, uts, mount and network namespaces, `/proc`, `/dev`, `/sys`
 //! mounts, masked and read-only paths) made stricter and vessel-specific:
 //! a cgroup namespace, docker's default capability set, `no_new_privileges`,
-//! the caller's argv/env/cwd/user/hostname, resource limits and network mode.
+//! the caller's argv/env/cwd/user/hostname and resource limits. The network
+//! namespace is the backend's business (see `Network`).
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -13,7 +14,7 @@ use oci_spec::runtime::{
     UserBuilder,
 };
 
-use crate::{Network, RunRequest, RuntimeError};
+use crate::{RunRequest, RuntimeError};
 
 /// Docker's default capability set (moby `oci/caps/defaults.go`).
 pub const DEFAULT_CAPABILITIES: [Capability; 14] = [
@@ -90,9 +91,10 @@ pub fn build(req: &RunRequest<'_>, cgroups_path: &str) -> Result<Spec, RuntimeEr
 
     let mut linux = spec.linux().clone().unwrap_or_default();
     let mut namespaces: Vec<LinuxNamespace> = linux.namespaces().clone().unwrap_or_default();
-    if req.network == Network::Host {
-        namespaces.retain(|n| n.typ() != LinuxNamespaceType::Network);
-    }
+    // The container joins its runner's network namespace: the host's, or
+    // (Network::None) a private one the runner made with loopback up, since
+    // a namespace the runtime creates has `lo` down.
+    namespaces.retain(|n| n.typ() != LinuxNamespaceType::Network);
     if !namespaces.iter().any(|n| n.typ() == LinuxNamespaceType::Cgroup) {
         namespaces.push(LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::Cgroup).build().map_err(invalid)?);
     }
@@ -140,19 +142,18 @@ mod tests {
         let ns: Vec<_> = linux.namespaces().as_ref().unwrap().iter().map(|n| n.typ()).collect();
         for t in [
             LinuxNamespaceType::Pid,
-            LinuxNamespaceType::Network,
+            LinuxNamespaceType::Ipc,
+            LinuxNamespaceType::Uts,
             LinuxNamespaceType::Mount,
             LinuxNamespaceType::Cgroup,
         ] {
             assert!(ns.contains(&t), "{t:?}");
         }
+        assert!(!ns.contains(&LinuxNamespaceType::Network), "the backend provides the network namespace");
         assert!(!linux.masked_paths().as_ref().unwrap().is_empty());
         let r = linux.resources().as_ref().unwrap();
         assert_eq!(r.pids().as_ref().unwrap().limit(), 10);
         assert_eq!(r.memory().as_ref().unwrap().limit(), Some(1 << 20));
-        let host = build(&RunRequest { network: Network::Host, ..req }, "/vessel/x").unwrap();
-        let ns = host.linux().as_ref().unwrap().namespaces().as_ref().unwrap();
-        assert!(!ns.iter().any(|n| n.typ() == LinuxNamespaceType::Network));
         assert!(build(&RunRequest::default(), "/x").is_err());
     }
 }

@@ -19,6 +19,8 @@ pub(crate) const RUNNER_ENV: &str = "VESSEL_YOUKI_RUNNER";
 pub(crate) const BUNDLE_ENV: &str = "VESSEL_YOUKI_BUNDLE";
 pub(crate) const STATE_ENV: &str = "VESSEL_YOUKI_STATE";
 pub(crate) const ID_ENV: &str = "VESSEL_YOUKI_ID";
+/// `none` or `host`.
+pub(crate) const NETWORK_ENV: &str = "VESSEL_YOUKI_NETWORK";
 /// In the runner: read end of the lifeline (EOF = caller gone).
 pub(crate) const LIFELINE_FD: i32 = 3;
 /// In the runner: where it writes its one-line JSON result.
@@ -96,6 +98,7 @@ impl Runtime for YoukiRuntime {
             .env(BUNDLE_ENV, &bundle)
             .env(STATE_ENV, &state)
             .env(ID_ENV, &id)
+            .env(NETWORK_ENV, if req.network == crate::Network::Host { "host" } else { "none" })
             // Always pipes: an inherited host /dev/null is not writable in
             // the container; unwanted output is drained into a sink here, and
             // an absent stdin is a pipe closed at once (end of file).

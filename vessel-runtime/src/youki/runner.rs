@@ -15,7 +15,7 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use serde_json::json;
 
-use super::{BUNDLE_ENV, ID_ENV, LIFELINE_FD, RUNNER_ENV, STATE_ENV, STATUS_FD};
+use super::{BUNDLE_ENV, ID_ENV, LIFELINE_FD, NETWORK_ENV, RUNNER_ENV, STATE_ENV, STATUS_FD};
 use crate::RuntimeError;
 
 /// Runs the container and exits if this process is a runner.
@@ -32,6 +32,36 @@ pub(crate) fn maybe_run() {
     let mut status = File::from(unsafe { OwnedFd::from_raw_fd(STATUS_FD) });
     let _ = writeln!(status, "{report}");
     std::process::exit(0);
+}
+
+/// Brings `lo` up in the current network namespace (SIOCSIFFLAGS).
+fn loopback_up() -> std::io::Result<()> {
+    use nix::libc;
+    // SAFETY: a plain datagram socket, closed by OwnedFd.
+    let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if sock < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: sock is a fresh fd that nothing else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(sock) };
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write `req`, a valid ifreq
+    // naming `lo`, through a socket fd that lives across both calls.
+    unsafe {
+        use std::os::fd::AsRawFd;
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// Turns the runner's report into the run's result.
@@ -67,6 +97,12 @@ fn run() -> Result<i32, Failure> {
     // SAFETY: as above, LIFELINE_FD is this process's and is owned once, here.
     let lifeline = unsafe { OwnedFd::from_raw_fd(LIFELINE_FD) };
     let (bundle, state, id) = (PathBuf::from(env(BUNDLE_ENV)?), PathBuf::from(env(STATE_ENV)?), env(ID_ENV)?);
+    if env(NETWORK_ENV)? != "host" {
+        // This runner serves one container, which shares its network
+        // namespace: make it private, with loopback up.
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).map_err(fail)?;
+        loopback_up().map_err(fail)?;
+    }
 
     let dup = |fd: i32| -> Result<OwnedFd, Failure> {
         // SAFETY: 0, 1 and 2 are open for the whole life of this process.

@@ -178,10 +178,18 @@ impl<R: Runtime> Suite<R> {
     pub async fn network_none_has_only_loopback(&self) -> CaseResult {
         let (code, out, _) = self.output(self.req(sh("ls /sys/class/net"))).await?;
         check!(code == 0 && out.split_whitespace().collect::<Vec<_>>() == ["lo"], "{code} {out:?}");
-        let mut req = self.req(sh("ls /sys/class/net | wc -l"));
+        // Loopback is up: a server on 127.0.0.1 answers.
+        let script = "echo hello | nc -l -p 8080 & sleep 0.3; nc 127.0.0.1 8080 </dev/null";
+        let (code, out, err) = self.output(self.req(sh(script))).await?;
+        check!(code == 0 && out.contains("hello"), "loopback: {code} {out:?} {err:?}");
+        let mut req = self.req(sh("ls /sys/class/net"));
         req.network = Network::Host;
         let (_, out, _) = self.output(req).await?;
-        check!(out.trim().parse::<u32>().unwrap_or(0) >= 1, "host network: {out:?}");
+        let host: Vec<String> = std::fs::read_dir("/sys/class/net")
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        check!(out.split_whitespace().count() == host.len(), "host network shows {out:?}, host has {host:?}");
         Ok(())
     }
 
