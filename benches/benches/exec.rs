@@ -1,0 +1,78 @@
+//! Latency of running `true` on a prepared busybox rootfs: vessel's youki
+//! backend (including the runner re-exec round trip) vs `runc run` of the
+//! same bundle, measured in the same run. Needs root and the test image
+//! (`cargo xtask image`; `VESSEL_TEST_IMAGE_DIR` or target/vessel-test).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use criterion::Criterion;
+use oci_spec::runtime::{LinuxNamespaceBuilder, LinuxNamespaceType};
+use vessel_runtime::{RunRequest, Runtime, YoukiRuntime, oci_spec};
+
+fn image_dir() -> PathBuf {
+    std::env::var_os("VESSEL_TEST_IMAGE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/vessel-test"))
+}
+
+fn main() {
+    // This binary is also the youki runner: init() first.
+    vessel_runtime::init();
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED exec bench: needs root");
+        return;
+    }
+    let layer = image_dir().join("layer.tar");
+    if !layer.is_file() {
+        eprintln!("SKIPPED exec bench: no test image at {} (run `cargo xtask image`)", layer.display());
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let rootfs = dir.path().join("rootfs");
+    std::fs::create_dir(&rootfs).unwrap();
+    assert!(Command::new("tar").arg("-xpf").arg(&layer).arg("-C").arg(&rootfs).status().unwrap().success());
+    let mut c = Criterion::default().configure_from_args().sample_size(50).measurement_time(Duration::from_secs(10));
+    let mut g = c.benchmark_group("exec");
+
+    let runtime = YoukiRuntime::new(dir.path().join("youki"));
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let req = || RunRequest { rootfs: rootfs.clone(), args: vec!["true".into()], ..Default::default() };
+    g.bench_function("vessel-youki/true", |b| {
+        b.iter(|| assert_eq!(rt.block_on(runtime.run(req())).unwrap(), 0));
+    });
+
+    // The same spec for runc, with the network namespace runc must create
+    // itself (vessel's runner provides one; runc has no runner).
+    let runc_root = dir.path().join("runc");
+    let bundle = dir.path().join("bundle");
+    std::fs::create_dir_all(&bundle).unwrap();
+    let mut spec = vessel_runtime::spec::build(&req(), "/vessel/runc-bench").unwrap();
+    let mut linux = spec.linux().clone().unwrap();
+    let mut ns = linux.namespaces().clone().unwrap();
+    ns.push(LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::Network).build().unwrap());
+    linux.set_namespaces(Some(ns));
+    spec.set_linux(Some(linux));
+    spec.save(bundle.join("config.json")).unwrap();
+    let mut n = 0u64;
+    g.bench_function("runc-run/true", |b| {
+        b.iter(|| {
+            n += 1;
+            let st = Command::new("runc")
+                .arg("--root")
+                .arg(&runc_root)
+                .args(["run", "--bundle"])
+                .arg(&bundle)
+                .arg(format!("bench-{n}"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .unwrap();
+            assert!(st.success());
+        });
+    });
+    g.finish();
+    c.final_summary();
+}
