@@ -17,7 +17,12 @@ use vessel_snapshot::{ApplyMode, ApplyOptions, apply_layer, write_diff};
 struct Ctr {
     address: PathBuf,
     namespace: String,
+    /// Held for the whole test: one test's deletions trigger containerd's
+    /// GC, which would collect the other's unreferenced snapshots.
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
+
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Ctr {
     fn from_env(test: &str) -> Option<Self> {
@@ -32,7 +37,8 @@ impl Ctr {
                 return None;
             }
         };
-        Some(Self { address, namespace: format!("vessel-interop-{}-{test}", std::process::id()) })
+        let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        Some(Self { address, namespace: format!("vessel-interop-{}-{test}", std::process::id()), _serial: serial })
     }
 
     fn run(&self, args: &[&str]) -> Output {
@@ -46,6 +52,31 @@ impl Ctr {
             .unwrap();
         assert!(out.status.success(), "ctr {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         out
+    }
+
+    fn try_run(&self, args: &[&str]) -> Output {
+        Command::new("ctr")
+            .arg("--address")
+            .arg(&self.address)
+            .arg("--namespace")
+            .arg(&self.namespace)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Creates a snapshot (`prepare` or `view`) and marks it a GC root. `ctr`
+    /// cannot do both at once, and a GC in between (triggered by the import's
+    /// own lease going away) collects the unreferenced snapshot: then retry.
+    fn snapshot(&self, how: &str, key: &str, parent: &str) {
+        for _ in 0..10 {
+            self.run(&["snapshots", how, key, parent]);
+            if self.try_run(&["snapshots", "label", key, "containerd.io/gc.root=vessel-test"]).status.success() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("containerd kept collecting snapshot {key}");
     }
 
     /// Mounts the active or view snapshot `key` at `target`, as `ctr` says to.
@@ -129,7 +160,7 @@ fn a_containerd_diff_applies_with_ours() {
     let image = image_dir().join("busybox-oci.tar");
     ctr.run(&["images", "import", image.to_str().unwrap()]);
     let layer_digest = format!("sha256:{:x}", Sha256::digest(fs::read(image_dir().join("layer.tar")).unwrap()));
-    ctr.run(&["snapshots", "prepare", "work", &layer_digest]);
+    ctr.snapshot("prepare", "work", &layer_digest);
     let mnt = dir.path().join("mnt");
     ctr.mount("work", &mnt);
     let mut rng = Rng::new(77);
@@ -207,7 +238,7 @@ fn our_layer_unpacks_in_containerd() {
     ctr.run(&["images", "import", archive.to_str().unwrap()]);
 
     let chain = format!("sha256:{:x}", Sha256::digest(format!("{base_id} {}", stats.digest)));
-    ctr.run(&["snapshots", "view", "check", &chain]);
+    ctr.snapshot("view", "check", &chain);
     let mnt = dir.path().join("mnt");
     ctr.mount("check", &mnt);
     let got = scan(&mnt);
