@@ -64,6 +64,15 @@ pub enum Network {
     Host,
 }
 
+/// A terminal's size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TtySize {
+    /// Rows.
+    pub rows: u16,
+    /// Columns.
+    pub cols: u16,
+}
+
 /// Resource limits; `None` means unlimited.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Limits {
@@ -98,6 +107,9 @@ pub struct RunRequest<'a> {
     pub network: Network,
     /// Host paths bind-mounted read-only: (host path, container path).
     pub ro_binds: Vec<(PathBuf, String)>,
+    /// Run on a pseudo-terminal of this size: its output arrives on
+    /// `stdout` (`stderr` stays empty), `stdin` feeds its input.
+    pub tty: Option<TtySize>,
     /// Standard input; end-of-file when `None`.
     pub stdin: Option<Box<dyn AsyncRead + Send + Unpin + 'a>>,
     /// Standard output; discarded when `None`.
@@ -117,6 +129,7 @@ impl fmt::Debug for RunRequest<'_> {
             .field("gid", &self.gid)
             .field("limits", &self.limits)
             .field("network", &self.network)
+            .field("tty", &self.tty)
             .finish_non_exhaustive()
     }
 }

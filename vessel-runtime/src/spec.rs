@@ -59,8 +59,18 @@ pub fn build(req: &RunRequest<'_>, cgroups_path: &str) -> Result<Spec, RuntimeEr
     if !env.iter().any(|e| e.starts_with("PATH=")) {
         env.push("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
     }
-    let process = ProcessBuilder::default()
-        .terminal(false)
+    let mut process = ProcessBuilder::default();
+    if let Some(size) = req.tty {
+        process = process.console_size(
+            oci_spec::runtime::BoxBuilder::default()
+                .height(u64::from(size.rows))
+                .width(u64::from(size.cols))
+                .build()
+                .map_err(invalid)?,
+        );
+    }
+    let process = process
+        .terminal(req.tty.is_some())
         .args(req.args.clone())
         .env(env)
         .cwd(req.cwd.clone().unwrap_or_else(|| "/".into()))

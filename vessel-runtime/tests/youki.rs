@@ -34,6 +34,7 @@ fn main() {
         stdin_is_piped,
         discarded_streams_are_writable,
         env_and_cwd,
+        tty_mode,
         large_output_streams,
         cancel_kills_everything,
         network_none_has_only_loopback,

@@ -21,6 +21,8 @@ pub(crate) const STATE_ENV: &str = "VESSEL_YOUKI_STATE";
 pub(crate) const ID_ENV: &str = "VESSEL_YOUKI_ID";
 /// `none` or `host`.
 pub(crate) const NETWORK_ENV: &str = "VESSEL_YOUKI_NETWORK";
+/// Set (to `rows,cols`) when the process runs on a terminal.
+pub(crate) const TTY_ENV: &str = "VESSEL_YOUKI_TTY";
 /// In the runner: read end of the lifeline (EOF = caller gone).
 pub(crate) const LIFELINE_FD: i32 = 3;
 /// In the runner: where it writes its one-line JSON result.
@@ -121,6 +123,9 @@ impl Runtime for YoukiRuntime {
                 nix::libc::close(b);
                 Ok(())
             });
+        }
+        if let Some(size) = req.tty {
+            cmd.env(TTY_ENV, format!("{},{}", size.rows, size.cols));
         }
         let mut child = cmd.spawn().map_err(RuntimeError::io("start runner", &self.runner))?;
         drop((life_r, status_w));

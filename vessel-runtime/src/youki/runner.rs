@@ -15,7 +15,7 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use serde_json::json;
 
-use super::{BUNDLE_ENV, ID_ENV, LIFELINE_FD, NETWORK_ENV, RUNNER_ENV, STATE_ENV, STATUS_FD};
+use super::{BUNDLE_ENV, ID_ENV, LIFELINE_FD, NETWORK_ENV, RUNNER_ENV, STATE_ENV, STATUS_FD, TTY_ENV};
 use crate::RuntimeError;
 
 /// Runs the container and exits if this process is a runner.
@@ -108,7 +108,14 @@ fn run() -> Result<i32, Failure> {
         // SAFETY: 0, 1 and 2 are open for the whole life of this process.
         unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned().map_err(fail)
     };
+    let tty = std::env::var(TTY_ENV).ok();
+    let console = bundle.join("console.sock");
+    let listener = match tty {
+        Some(_) => Some(std::os::unix::net::UnixListener::bind(&console).map_err(fail)?),
+        None => None,
+    };
     let builder = ContainerBuilder::new(id.clone(), SyscallType::default())
+        .with_console_socket(listener.as_ref().map(|_| console.clone()))
         .with_root_path(&state)
         .map_err(fail)?
         .with_stdin(dup(0)?)
@@ -124,6 +131,18 @@ fn run() -> Result<i32, Failure> {
             return Err((kind, message));
         }
     };
+    // With a terminal, the container's init sent the pty master over the console socket.
+    let master = match (&listener, &tty) {
+        (Some(l), Some(size)) => match receive_master(l, size) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                let _ = container.delete(true);
+                cleanup_cgroups(&id);
+                return Err(fail(e));
+            }
+        },
+        _ => None,
+    };
     if let Err(e) = container.start() {
         let _ = container.delete(true);
         cleanup_cgroups(&id);
@@ -131,7 +150,7 @@ fn run() -> Result<i32, Failure> {
     }
     // libcontainer links its own nix version: cross over by raw pid.
     let pid = Pid::from_raw(container.pid().ok_or_else(|| fail("the container has no init pid"))?.as_raw());
-    let code = wait(pid, &lifeline, &mut container);
+    let code = wait(pid, &lifeline, &mut container, master.as_ref());
     let deleted = container.delete(true);
     cleanup_cgroups(&id);
     deleted.map_err(fail)?;
@@ -149,18 +168,39 @@ fn pidfd(pid: Pid) -> Option<OwnedFd> {
 
 /// Waits for the init process; if the lifeline breaks first, kills
 /// everything in the container and waits for that.
-fn wait(pid: Pid, lifeline: &OwnedFd, container: &mut libcontainer::container::Container) -> i32 {
+fn wait(
+    pid: Pid,
+    lifeline: &OwnedFd,
+    container: &mut libcontainer::container::Container,
+    master: Option<&OwnedFd>,
+) -> i32 {
     let pidfd = pidfd(pid);
+    let mut tty = master.map(TtyProxy::new);
     loop {
         if let Some(code) = reap(pid) {
+            if let Some(t) = &mut tty {
+                t.drain();
+            }
             return code;
         }
         let lifeline_broken = match &pidfd {
             Some(p) => {
                 let mut fds =
-                    [PollFd::new(p.as_fd(), PollFlags::POLLIN), PollFd::new(lifeline.as_fd(), PollFlags::POLLIN)];
+                    vec![PollFd::new(p.as_fd(), PollFlags::POLLIN), PollFd::new(lifeline.as_fd(), PollFlags::POLLIN)];
+                if let Some(t) = &tty {
+                    fds.extend(t.poll_fds());
+                }
                 match poll(&mut fds, PollTimeout::NONE) {
-                    Ok(_) => fds[1].revents().is_some_and(|r| !r.is_empty()),
+                    Ok(_) => {
+                        let broken = fds[1].revents().is_some_and(|r| !r.is_empty());
+                        let ready: Vec<bool> =
+                            fds[2..].iter().map(|f| f.revents().is_some_and(|r| !r.is_empty())).collect();
+                        drop(fds);
+                        if let Some(t) = &mut tty {
+                            t.pump(&ready);
+                        }
+                        broken
+                    }
                     Err(nix::errno::Errno::EINTR) => false,
                     Err(_) => return 255,
                 }
@@ -168,7 +208,11 @@ fn wait(pid: Pid, lifeline: &OwnedFd, container: &mut libcontainer::container::C
             None => {
                 // No pidfd (kernel < 5.3): poll the lifeline with a short timeout.
                 let mut fds = [PollFd::new(lifeline.as_fd(), PollFlags::POLLIN)];
-                matches!(poll(&mut fds, PollTimeout::from(10u8)), Ok(n) if n > 0)
+                let broken = matches!(poll(&mut fds, PollTimeout::from(10u8)), Ok(n) if n > 0);
+                if let Some(t) = &mut tty {
+                    t.drain();
+                }
+                broken
             }
         };
         if lifeline_broken {
@@ -183,6 +227,116 @@ fn wait(pid: Pid, lifeline: &OwnedFd, container: &mut libcontainer::container::C
                     Err(_) => return 137,
                 }
             }
+        }
+    }
+}
+
+/// Receives the pty master from the console socket and sizes the terminal.
+fn receive_master(listener: &std::os::unix::net::UnixListener, size: &str) -> std::io::Result<OwnedFd> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    use std::os::fd::AsRawFd;
+    let (stream, _) = listener.accept()?;
+    let mut buf = [0u8; 256];
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let msg = recvmsg::<()>(stream.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)?;
+    let fd = msg
+        .cmsgs()?
+        .find_map(|c| match c {
+            ControlMessageOwned::ScmRights(fds) => fds.first().copied(),
+            _ => None,
+        })
+        .ok_or_else(|| std::io::Error::other("no pty master on the console socket"))?;
+    // SAFETY: SCM_RIGHTS handed this process a fresh fd that nothing else owns.
+    let master = unsafe { OwnedFd::from_raw_fd(fd) };
+    let (rows, cols) = size.split_once(',').unwrap_or(("24", "80"));
+    // SAFETY: winsize is plain old data; all-zero is valid.
+    let mut ws: nix::libc::winsize = unsafe { std::mem::zeroed() };
+    ws.ws_row = rows.parse().unwrap_or(24);
+    ws.ws_col = cols.parse().unwrap_or(80);
+    // SAFETY: TIOCSWINSZ reads a valid winsize through a pty master fd we own.
+    if unsafe { nix::libc::ioctl(master.as_raw_fd(), nix::libc::TIOCSWINSZ, &ws) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(master)
+}
+
+/// Copies between the pty master and the runner's stdio (the caller's pipes).
+struct TtyProxy<'a> {
+    master: &'a OwnedFd,
+    /// False once the terminal hung up (no process holds it any more).
+    master_open: bool,
+    stdin_open: bool,
+}
+
+impl<'a> TtyProxy<'a> {
+    fn new(master: &'a OwnedFd) -> Self {
+        Self { master, master_open: true, stdin_open: true }
+    }
+
+    fn stdin(&self) -> BorrowedFd<'static> {
+        // SAFETY: fd 0 is open for the whole life of this process.
+        unsafe { BorrowedFd::borrow_raw(0) }
+    }
+
+    /// The master (while open), then stdin (while open), in this order.
+    fn poll_fds(&self) -> Vec<PollFd<'_>> {
+        let mut v = Vec::new();
+        if self.master_open {
+            v.push(PollFd::new(self.master.as_fd(), PollFlags::POLLIN));
+        }
+        if self.stdin_open {
+            v.push(PollFd::new(self.stdin(), PollFlags::POLLIN));
+        }
+        v
+    }
+
+    /// Moves whatever is ready: `ready` follows `poll_fds`' order.
+    fn pump(&mut self, ready: &[bool]) {
+        let mut buf = [0u8; 64 * 1024];
+        let mut ready = ready.iter();
+        if self.master_open && ready.next() == Some(&true) {
+            match nix::unistd::read(self.master, &mut buf) {
+                Ok(n) if n > 0 => write_all(1, &buf[..n]),
+                // EIO: every slave fd is closed.
+                _ => self.master_open = false,
+            }
+        }
+        if self.stdin_open && ready.next() == Some(&true) {
+            match nix::unistd::read(self.stdin(), &mut buf) {
+                Ok(0) | Err(_) => self.stdin_open = false,
+                Ok(n) => write_all_fd(self.master.as_fd(), &buf[..n]),
+            }
+        }
+    }
+
+    /// After the init exited: what is still buffered in the terminal.
+    fn drain(&mut self) {
+        let mut buf = [0u8; 64 * 1024];
+        while self.master_open {
+            let mut fds = [PollFd::new(self.master.as_fd(), PollFlags::POLLIN)];
+            if !matches!(poll(&mut fds, PollTimeout::from(50u8)), Ok(n) if n > 0) {
+                return;
+            }
+            match nix::unistd::read(self.master, &mut buf) {
+                Ok(n) if n > 0 => write_all(1, &buf[..n]),
+                _ => self.master_open = false,
+            }
+        }
+    }
+}
+
+fn write_all(fd: i32, data: &[u8]) {
+    // SAFETY: fds 0-2 are open for the whole life of this process.
+    write_all_fd(unsafe { BorrowedFd::borrow_raw(fd) }, data);
+}
+
+fn write_all_fd(fd: BorrowedFd<'_>, mut data: &[u8]) {
+    while !data.is_empty() {
+        match nix::unistd::write(fd, data) {
+            Ok(n) => data = &data[n..],
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => return,
         }
     }
 }

@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWrite;
-use vessel_runtime::{Limits, Network, RunRequest, Runtime, RuntimeErrorKind};
+use vessel_runtime::{Limits, Network, RunRequest, Runtime, RuntimeErrorKind, TtySize};
 
 pub type CaseResult = Result<(), String>;
 
@@ -56,7 +56,7 @@ impl<R: Runtime> Suite<R> {
     /// Runs `args`, returning (exit code, stdout, stderr).
     async fn output(&self, req: RunRequest<'_>) -> Result<(i32, String, String), String> {
         let (mut out, mut err) = (Vec::new(), Vec::new());
-        let RunRequest { rootfs, args, env, cwd, uid, gid, hostname, limits, network, ro_binds, stdin, .. } = req;
+        let RunRequest { rootfs, args, env, cwd, uid, gid, hostname, limits, network, ro_binds, tty, stdin, .. } = req;
         let req = RunRequest {
             rootfs,
             args,
@@ -68,6 +68,7 @@ impl<R: Runtime> Suite<R> {
             limits,
             network,
             ro_binds,
+            tty,
             stdin,
             stdout: Some(Box::new(&mut out)),
             stderr: Some(Box::new(&mut err)),
@@ -137,6 +138,24 @@ impl<R: Runtime> Suite<R> {
             .await
             .map_err(|e| e.to_string())?;
         check!(code == 0, "writing to discarded stdout/stderr: exit {code}");
+        Ok(())
+    }
+
+    pub async fn tty_mode(&self) -> CaseResult {
+        let size = Some(TtySize { rows: 33, cols: 101 });
+        let mut req = self.req(sh("test -t 0 && test -t 1 && echo is-a-tty; stty size"));
+        req.tty = size;
+        let (code, out, err) = self.output(req).await?;
+        check!(
+            code == 0 && out.contains("is-a-tty") && out.contains("33 101") && err.is_empty(),
+            "{code} {out:?} {err:?}"
+        );
+        // Input reaches the process through the terminal; exit codes survive.
+        let mut req = self.req(sh("read line; echo got:$line; exit 7"));
+        req.tty = size;
+        req.stdin = Some(Box::new(io::Cursor::new(b"hello\n".to_vec())));
+        let (code, out, _) = self.output(req).await?;
+        check!(code == 7 && out.contains("got:hello"), "{code} {out:?}");
         Ok(())
     }
 
