@@ -48,7 +48,7 @@ fn main() {
     let runc_root = dir.path().join("runc");
     let bundle = dir.path().join("bundle");
     std::fs::create_dir_all(&bundle).unwrap();
-    let mut spec = vessel_runtime::spec::build(&req(), "/vessel/runc-bench").unwrap();
+    let mut spec = vessel_runtime::spec::build(&req(), "/vessel/runc-bench", None).unwrap();
     let mut linux = spec.linux().clone().unwrap();
     let mut ns = linux.namespaces().clone().unwrap();
     ns.push(LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::Network).build().unwrap());

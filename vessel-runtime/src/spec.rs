@@ -10,11 +10,60 @@ use std::path::PathBuf;
 
 use oci_spec::runtime::{
     Capability, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxMemoryBuilder, LinuxNamespace, LinuxNamespaceBuilder,
-    LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder, MountBuilder, ProcessBuilder, RootBuilder, Spec,
-    UserBuilder,
+    LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder, LinuxSeccomp, LinuxSeccompAction, LinuxSeccompBuilder,
+    LinuxSyscallBuilder, MountBuilder, ProcessBuilder, RootBuilder, Spec, UserBuilder,
 };
 
 use crate::{RunRequest, RuntimeError};
+
+/// Syscalls a workspace process never needs and that widen the kernel's
+/// attack surface: kernel modules and keyrings, mounts and namespaces,
+/// clocks, swap, reboot, BPF, perf, userfaultfd, handle-based opens (the
+/// set docker's and podman's default profiles deny). They fail with EPERM.
+/// Syscalls of other ABIs (32-bit on x86_64) are refused by the filter's
+/// architecture check.
+pub const DENIED_SYSCALLS: &[&str] = &[
+    "acct",
+    "add_key",
+    "adjtimex",
+    "bpf",
+    "clock_adjtime",
+    "clock_settime",
+    "delete_module",
+    "fanotify_init",
+    "finit_module",
+    "fsconfig",
+    "fsmount",
+    "fsopen",
+    "fspick",
+    "init_module",
+    "kcmp",
+    "kexec_file_load",
+    "kexec_load",
+    "keyctl",
+    "lookup_dcookie",
+    "mount",
+    "mount_setattr",
+    "move_mount",
+    "name_to_handle_at",
+    "open_by_handle_at",
+    "open_tree",
+    "perf_event_open",
+    "pivot_root",
+    "process_vm_readv",
+    "process_vm_writev",
+    "quotactl",
+    "reboot",
+    "request_key",
+    "setns",
+    "settimeofday",
+    "swapoff",
+    "swapon",
+    "syslog",
+    "umount2",
+    "unshare",
+    "userfaultfd",
+];
 
 /// Docker's default capability set (moby `oci/caps/defaults.go`).
 pub const DEFAULT_CAPABILITIES: [Capability; 14] = [
@@ -38,8 +87,48 @@ fn invalid(e: impl std::fmt::Display) -> RuntimeError {
     RuntimeError::InvalidRequest(e.to_string())
 }
 
-/// The spec for `req`, with its cgroup at `cgroups_path` (e.g. `/vessel/<id>`).
-pub fn build(req: &RunRequest<'_>, cgroups_path: &str) -> Result<Spec, RuntimeError> {
+/// Writes the container's `/etc/hosts`, `/etc/hostname` and
+/// `/etc/resolv.conf` into `dir`, to be bind-mounted by [`build`] (as docker
+/// does: the image's own files stay untouched).
+pub fn write_etc_files(dir: &std::path::Path, req: &RunRequest<'_>) -> Result<(), RuntimeError> {
+    let hostname = req.hostname.clone().unwrap_or_else(|| "vessel".into());
+    let resolv = match req.network {
+        crate::Network::Host => std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+        crate::Network::None => "# no network: vessel Network::None\n".into(),
+    };
+    for (name, body) in [
+        ("hosts", format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n")),
+        ("hostname", format!("{hostname}\n")),
+        ("resolv.conf", resolv),
+    ] {
+        let p = dir.join(name);
+        std::fs::write(&p, body).map_err(RuntimeError::io("write", &p))?;
+    }
+    Ok(())
+}
+
+/// The default seccomp filter: allow, except [`DENIED_SYSCALLS`].
+fn seccomp() -> Result<LinuxSeccomp, RuntimeError> {
+    let deny = LinuxSyscallBuilder::default()
+        .names(DENIED_SYSCALLS.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        .action(LinuxSeccompAction::ScmpActErrno)
+        .errno_ret(nix::libc::EPERM as u32)
+        .build()
+        .map_err(invalid)?;
+    LinuxSeccompBuilder::default()
+        .default_action(LinuxSeccompAction::ScmpActAllow)
+        .syscalls(vec![deny])
+        .build()
+        .map_err(invalid)
+}
+
+/// The spec for `req`, with its cgroup at `cgroups_path` (e.g. `/vessel/<id>`)
+/// and, when given, the files of [`write_etc_files`] in `etc_dir`.
+pub fn build(
+    req: &RunRequest<'_>,
+    cgroups_path: &str,
+    etc_dir: Option<&std::path::Path>,
+) -> Result<Spec, RuntimeError> {
     if req.args.is_empty() {
         return Err(RuntimeError::InvalidRequest("empty command".into()));
     }
@@ -86,6 +175,18 @@ pub fn build(req: &RunRequest<'_>, cgroups_path: &str) -> Result<Spec, RuntimeEr
     spec.set_root(Some(RootBuilder::default().path(req.rootfs.clone()).readonly(false).build().map_err(invalid)?));
 
     let mut mounts = spec.mounts().clone().unwrap_or_default();
+    for name in ["hosts", "hostname", "resolv.conf"].into_iter().filter(|_| etc_dir.is_some()) {
+        let source = etc_dir.expect("filtered").join(name);
+        mounts.push(
+            MountBuilder::default()
+                .destination(PathBuf::from("/etc").join(name))
+                .typ("bind")
+                .source(source)
+                .options(vec!["rbind".into(), "rw".into(), "nosuid".into(), "nodev".into()])
+                .build()
+                .map_err(invalid)?,
+        );
+    }
     for (host, dest) in &req.ro_binds {
         mounts.push(
             MountBuilder::default()
@@ -110,6 +211,7 @@ pub fn build(req: &RunRequest<'_>, cgroups_path: &str) -> Result<Spec, RuntimeEr
     }
     linux.set_namespaces(Some(namespaces));
     linux.set_cgroups_path(Some(PathBuf::from(cgroups_path)));
+    linux.set_seccomp(Some(seccomp()?));
     let mut resources = LinuxResourcesBuilder::default();
     if let Some(m) = req.limits.memory_bytes {
         // No swap on top: the limit is the limit.
@@ -142,7 +244,7 @@ mod tests {
             limits: crate::Limits { memory_bytes: Some(1 << 20), pids: Some(10), cpu_quota_us: None },
             ..Default::default()
         };
-        let spec = build(&req, "/vessel/x").unwrap();
+        let spec = build(&req, "/vessel/x", None).unwrap();
         let p = spec.process().as_ref().unwrap();
         assert_eq!(p.no_new_privileges(), Some(true));
         assert!(p.env().as_ref().unwrap().iter().any(|e| e.starts_with("PATH=")));
@@ -164,6 +266,7 @@ mod tests {
         let r = linux.resources().as_ref().unwrap();
         assert_eq!(r.pids().as_ref().unwrap().limit(), 10);
         assert_eq!(r.memory().as_ref().unwrap().limit(), Some(1 << 20));
-        assert!(build(&RunRequest::default(), "/x").is_err());
+        assert!(build(&RunRequest::default(), "/x", None).is_err());
+        assert!(linux.seccomp().is_some());
     }
 }

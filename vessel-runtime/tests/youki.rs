@@ -39,6 +39,8 @@ fn main() {
         cancel_kills_everything,
         network_none_has_only_loopback,
         host_processes_are_invisible,
+        seccomp_and_capabilities_confine,
+        etc_files_and_hostname,
         missing_binary_is_a_clear_error,
         memory_limit_oom_kills,
         pids_limit_stops_a_fork_bomb,

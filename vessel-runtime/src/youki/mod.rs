@@ -88,7 +88,8 @@ impl Runtime for YoukiRuntime {
         let bundle = self.root.join("bundles").join(&id);
         fs::create_dir_all(&bundle).map_err(RuntimeError::io("create", &bundle))?;
         let _guard = BundleGuard(bundle.clone());
-        let spec = spec::build(&req, &format!("/vessel/{id}"))?;
+        spec::write_etc_files(&bundle, &req)?;
+        let spec = spec::build(&req, &format!("/vessel/{id}"), Some(&bundle))?;
         spec.save(bundle.join("config.json")).map_err(|e| RuntimeError::Container(e.to_string()))?;
         let state = self.root.join("state");
         fs::create_dir_all(&state).map_err(RuntimeError::io("create", &state))?;

@@ -212,6 +212,27 @@ impl<R: Runtime> Suite<R> {
         Ok(())
     }
 
+    pub async fn seccomp_and_capabilities_confine(&self) -> CaseResult {
+        // unshare(2) is denied by the seccomp profile; mount(2) by it and the capabilities.
+        let (code, _, err) = self.output(self.req(sh("unshare -U true"))).await?;
+        check!(code != 0 && err.contains("not permitted"), "unshare: {code} {err:?}");
+        let (code, _, err) = self.output(self.req(sh("mount -t tmpfs none /mnt"))).await?;
+        check!(code != 0, "mount succeeded: {err:?}");
+        let (code, out, _) =
+            self.output(self.req(sh("grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/self/status"))).await?;
+        check!(code == 0 && out.contains("NoNewPrivs:\t1") && out.contains("Seccomp:\t2"), "{out:?}");
+        check!(!out.contains("CapEff:\t000001ffffffffff"), "full capabilities: {out:?}");
+        Ok(())
+    }
+
+    pub async fn etc_files_and_hostname(&self) -> CaseResult {
+        let mut req = self.req(sh("hostname; cat /etc/hostname; grep -c localhost /etc/hosts; cat /etc/resolv.conf"));
+        req.hostname = Some("agent-box".into());
+        let (code, out, _) = self.output(req).await?;
+        check!(code == 0 && out.starts_with("agent-box\nagent-box\n2\n# no network"), "{out:?}");
+        Ok(())
+    }
+
     pub async fn host_processes_are_invisible(&self) -> CaseResult {
         let (code, out, _) = self.output(self.req(sh("ls /proc | grep -c '^[0-9]'"))).await?;
         let n: u32 = out.trim().parse().unwrap_or(999);
