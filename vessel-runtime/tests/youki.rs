@@ -44,6 +44,8 @@ fn main() {
         missing_binary_is_a_clear_error,
         memory_limit_oom_kills,
         pids_limit_stops_a_fork_bomb,
+        cpu_quota_is_applied,
+        read_only_binds,
         concurrent_runs,
     ];
     let conclusion = libtest_mimic::run(&args, trials);

@@ -131,6 +131,7 @@ impl Runtime for YoukiRuntime {
         let mut child = cmd.spawn().map_err(RuntimeError::io("start runner", &self.runner))?;
         drop((life_r, status_w));
 
+        let command = req.args[0].clone();
         let RunRequest { stdin, stdout, stderr, .. } = req;
         let child_in = child.stdin.take();
         let child_out = child.stdout.take();
@@ -165,7 +166,7 @@ impl Runtime for YoukiRuntime {
 
         let mut report = String::new();
         fs::File::from(status_r).read_to_string(&mut report).map_err(RuntimeError::io("read runner status", ""))?;
-        runner::parse_report(&report)
+        runner::parse_report(&report, &command)
             .unwrap_or_else(|| Err(RuntimeError::Container(format!("the runner ended without a report ({waited})"))))
     }
 }

@@ -64,15 +64,15 @@ fn loopback_up() -> std::io::Result<()> {
     Ok(())
 }
 
-/// Turns the runner's report into the run's result.
-pub(crate) fn parse_report(report: &str) -> Option<Result<i32, RuntimeError>> {
+/// Turns the runner's report into the run's result; `command` is argv[0].
+pub(crate) fn parse_report(report: &str, command: &str) -> Option<Result<i32, RuntimeError>> {
     let v: serde_json::Value = serde_json::from_str(report.trim()).ok()?;
     if let Some(code) = v["exit"].as_i64() {
         return Some(Ok(code as i32));
     }
     let message = v["error"].as_str()?.to_owned();
     Some(Err(match v["kind"].as_str() {
-        Some("exec") => RuntimeError::Exec { command: v["command"].as_str().unwrap_or("").to_owned(), reason: message },
+        Some("exec") => RuntimeError::Exec { command: command.to_owned(), reason: message },
         _ => RuntimeError::Container(message),
     }))
 }

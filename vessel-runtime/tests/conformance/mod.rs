@@ -250,6 +250,7 @@ impl<R: Runtime> Suite<R> {
             }
             Ok(Err(e)) => {
                 check!(e.kind() == RuntimeErrorKind::Start, "{e}");
+                check!(e.to_string().contains("/no/such/binary"), "the error names the binary: {e}");
                 Ok(())
             }
         }
@@ -260,6 +261,27 @@ impl<R: Runtime> Suite<R> {
         req.limits = Limits { memory_bytes: Some(32 << 20), ..Default::default() };
         let (code, ..) = self.output(req).await?;
         check!(code == 137, "exit {code}, want 137 (OOM kill)");
+        Ok(())
+    }
+
+    pub async fn cpu_quota_is_applied(&self) -> CaseResult {
+        let mut req = self.req(sh(
+            "cat /sys/fs/cgroup/cpu,cpuacct/cpu.cfs_quota_us 2>/dev/null || cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us 2>/dev/null || cut -d' ' -f1 /sys/fs/cgroup/cpu.max",
+        ));
+        req.limits = Limits { cpu_quota_us: Some(50_000), ..Default::default() };
+        let (code, out, err) = self.output(req).await?;
+        check!(code == 0 && out.trim() == "50000", "cpu quota seen inside: {code} {out:?} {err:?}");
+        Ok(())
+    }
+
+    pub async fn read_only_binds(&self) -> CaseResult {
+        let host = tempfile::tempdir().map_err(|e| e.to_string())?;
+        std::fs::write(host.path().join("data.txt"), "from the host\n").map_err(|e| e.to_string())?;
+        let mut req = self.req(sh("cat /mnt/host/data.txt; echo x > /mnt/host/new 2>/dev/null && echo WROTE"));
+        req.ro_binds = vec![(host.path().to_path_buf(), "/mnt/host".into())];
+        let (code, out, _) = self.output(req).await?;
+        check!(out == "from the host\n" && code != 0, "{code} {out:?}");
+        check!(!host.path().join("new").exists(), "the container wrote through a read-only bind");
         Ok(())
     }
 
