@@ -2,13 +2,14 @@
 //!
 //! A workspace on real overlay mounts, driven the way an agent session would:
 //! import the image into the layer cache, mount the workspace, write a
-//! script and its output, snapshot (the upper dir's OCI diff streams into
-//! zstd storage; the sealed upper becomes a cached layer), break the
-//! workspace, restore (a remount: nothing is copied), fork a second branch
-//! from the first snapshot, print the snapshot tree, then reopen the current
-//! snapshot on a "new host" (empty cache, same storage) and check it.
-//! Running commands inside the workspace joins when vessel-runtime lands; so
-//! far the agent's steps act on the files directly. Needs root (mounts).
+//! script, run it in a container (the embedded youki backend, no daemon),
+//! snapshot (the upper dir's OCI diff streams into zstd storage; the sealed
+//! upper becomes a cached layer), break the workspace with `rm -rf`, restore
+//! (a remount: nothing is copied), fork a second branch from the first
+//! snapshot, print the snapshot tree, then reopen the current snapshot on a
+//! "new host" (empty cache, same storage) and check it. The `Manager`/`Vessel`
+//! facade will wrap these steps; today the demo drives the layers directly.
+//! Needs root (mounts, containers).
 
 use std::collections::BTreeMap;
 use std::io::Cursor;
@@ -18,6 +19,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, ensure};
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use tokio::io::AsyncReadExt;
+use vessel::runtime::{RunRequest, Runtime, YoukiRuntime};
 use vessel::snapshot::image::import_archive;
 use vessel::snapshot::{LayerCache, LayerKey, write_diff};
 use vessel::{
@@ -83,8 +85,32 @@ async fn read_all(mut r: vessel::BlobReader) -> Result<Vec<u8>> {
     Ok(v)
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
+    // Containers run in re-executed copies of this program: before any thread.
+    vessel::runtime::init();
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(demo())
+}
+
+/// Runs `script` with `sh -c` in the workspace; returns its exit code and output.
+async fn exec(rt: &YoukiRuntime, ws: &Workspace, env: &[String], script: &str) -> Result<(i32, String)> {
+    let t = Instant::now();
+    let mut out = Vec::new();
+    let code = rt
+        .run(RunRequest {
+            rootfs: ws.merged(),
+            args: vec!["sh".into(), "-c".into(), script.into()],
+            env: env.to_vec(),
+            cwd: Some("/work".into()),
+            stdout: Some(Box::new(&mut out)),
+            stderr: Some(Box::new(tokio::io::sink())),
+            ..Default::default()
+        })
+        .await?;
+    step(&format!("exec {script:?} -> exit {code}"), t);
+    Ok((code, String::from_utf8_lossy(&out).into_owned()))
+}
+
+async fn demo() -> Result<()> {
     ensure!(nix::unistd::geteuid().is_root(), "the demo mounts overlays: run it as root");
     let mut args = std::env::args().skip(1);
     let usage = "usage: demo <image-storage-dir> <image-ref>";
@@ -127,27 +153,29 @@ async fn main() -> Result<()> {
     step(&format!("create vessel {id} (overlay on the image)"), t);
     let mut ws = ws;
 
-    // Agent step 1: write a script.
-    std::fs::write(ws.path("/work/hello.sh"), "#!/bin/sh\necho hello from vessel\n")?;
+    let rt = YoukiRuntime::new(base.path().join("host-a/youki"));
+    let env = img.config.env.clone();
+    // Agent step 1: write a script (through the file API's path: the mount).
+    std::fs::write(ws.path("/work/hello.sh"), "echo hello from $(uname -n) as $(id -un)\n")?;
     let s1 = snapshot(&storage, &host, &mut ws, &mut manifest, &ids, "write hello.sh").await?;
-    // Agent step 2: its output.
-    std::fs::write(ws.path("/work/out.txt"), "hello from vessel\n")?;
+    // Agent step 2: run it in a container.
+    let (code, _) = exec(&rt, &ws, &env, "sh hello.sh > out.txt").await?;
+    ensure!(code == 0, "hello.sh failed");
     let _s2 = snapshot(&storage, &host, &mut ws, &mut manifest, &ids, "run hello.sh > out.txt").await?;
 
-    let t = Instant::now();
-    std::fs::remove_dir_all(ws.path("/work"))?;
-    std::fs::remove_dir_all(ws.path("/etc"))?;
-    step("break the workspace: rm -rf /work /etc", t);
-    ensure!(!ws.path("/etc/passwd").exists());
+    let (code, _) = exec(&rt, &ws, &env, "rm -rf /work /usr; ls /work").await?;
+    ensure!(code != 0 && !ws.path("/usr/bin").exists(), "the workspace should be broken");
 
     let t = Instant::now();
     restore(&host, &mut ws, &mut manifest, &s1)?;
     storage.save_vessel_manifest(&manifest).await?;
     step(&format!("restore {} (remount, nothing copied)", s1.id), t);
-    ensure!(ws.path("/etc/passwd").exists() && ws.path("/work/hello.sh").exists());
-    ensure!(!ws.path("/work/out.txt").exists(), "out.txt came after the restored snapshot");
+    let (code, out) = exec(&rt, &ws, &env, "ls /work; test -d /usr/bin && echo usr-is-back").await?;
+    ensure!(code == 0 && out == "hello.sh\nusr-is-back\n", "restored state: {out:?}");
+    println!("    /work after restore: hello.sh (out.txt came later, in the other branch)");
 
-    std::fs::write(ws.path("/work/out.txt"), "bonjour de vessel\n")?;
+    let (code, _) = exec(&rt, &ws, &env, "echo bonjour de vessel > out.txt").await?;
+    ensure!(code == 0);
     snapshot(&storage, &host, &mut ws, &mut manifest, &ids, "fork: a different output").await?;
     let expected = std::fs::read(ws.path("/work/out.txt"))?;
     ws.unmount()?;
