@@ -8,27 +8,13 @@ use std::io::{self, Write};
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use vessel_benches::mixed_corpus;
+use vessel_benches::{Sink, mixed_corpus};
 use vessel_storage::{CompressedStorage, LocalStorage, SnapshotId, Storage, VesselId};
 
 const CORPUS_BYTES: usize = 250 << 20;
 
-/// Counts what it is given and throws it away.
-#[derive(Default)]
-struct Counter(u64);
-
-impl Write for Counter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0 += buf.len() as u64;
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
 fn zstd_size(data: &[u8], level: i32, threads: u32) -> u64 {
-    let mut enc = zstd::stream::write::Encoder::new(Counter::default(), level).unwrap();
+    let mut enc = zstd::stream::write::Encoder::new(Sink::default(), level).unwrap();
     if threads > 1 {
         enc.multithread(threads).unwrap();
     }
@@ -39,7 +25,7 @@ fn zstd_size(data: &[u8], level: i32, threads: u32) -> u64 {
 }
 
 fn gzip_size(data: &[u8], level: u32) -> u64 {
-    let mut enc = flate2::write::GzEncoder::new(Counter::default(), flate2::Compression::new(level));
+    let mut enc = flate2::write::GzEncoder::new(Sink::default(), flate2::Compression::new(level));
     for chunk in data.chunks(256 << 10) {
         enc.write_all(chunk).unwrap();
     }

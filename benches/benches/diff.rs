@@ -8,31 +8,16 @@
 //! - a 1-file change inside a 1 GB workspace: diffing the overlay upper
 //!   costs what changed, not what is there (needs root for the mount).
 
-use std::io::{self, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use vessel_benches::generate_tree;
+use vessel_benches::{Sink, generate_tree};
 use vessel_snapshot::{ApplyMode, ApplyOptions, apply_layer, write_diff};
 
 const TREE_BYTES: usize = 250 << 20;
 const TREE_FILES: usize = 15_000;
-
-/// Counts bytes and drops them.
-#[derive(Default)]
-struct Sink(u64);
-
-impl Write for Sink {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0 += buf.len() as u64;
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
 
 fn ours(tree: &Path, level: Option<i32>) -> u64 {
     match level {

@@ -1,6 +1,21 @@
 //! Deterministic inputs for the criterion benches: the same seed always
 //! yields the same bytes, so runs on different days compare.
 
+/// A writer that counts bytes and drops them: compressed output's size
+/// without its I/O.
+#[derive(Debug, Default)]
+pub struct Sink(pub u64);
+
+impl std::io::Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len() as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A tiny xorshift generator: fast, seedable, and good enough for test data.
 #[derive(Debug, Clone)]
 pub struct Rng(u64);

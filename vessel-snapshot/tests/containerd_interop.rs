@@ -42,14 +42,7 @@ impl Ctr {
     }
 
     fn run(&self, args: &[&str]) -> Output {
-        let out = Command::new("ctr")
-            .arg("--address")
-            .arg(&self.address)
-            .arg("--namespace")
-            .arg(&self.namespace)
-            .args(args)
-            .output()
-            .unwrap();
+        let out = self.try_run(args);
         assert!(out.status.success(), "ctr {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         out
     }
@@ -105,17 +98,7 @@ impl Ctr {
             .collect();
         while !names.is_empty() {
             let before = names.len();
-            names.retain(|n| {
-                Command::new("ctr")
-                    .arg("--address")
-                    .arg(&self.address)
-                    .arg("--namespace")
-                    .arg(&self.namespace)
-                    .args(["snapshots", "rm", n])
-                    .output()
-                    .map(|o| !o.status.success())
-                    .unwrap_or(true)
-            });
+            names.retain(|n| !self.try_run(&["snapshots", "rm", n]).status.success());
             assert!(names.len() < before, "could not remove snapshots {names:?}");
         }
         let content = self.run(&["content", "ls", "-q"]);

@@ -299,7 +299,7 @@ impl<R: Runtime> Suite<R> {
             check!(code == 0 && out == format!("run{i}\n"), "run {i}: {code} {out:?}");
             Ok(())
         });
-        for r in join_all(runs).await {
+        for r in futures::future::join_all(runs).await {
             r?;
         }
         Ok(())
@@ -321,26 +321,6 @@ pub fn pids_of(cmdline: &[u8]) -> Vec<u32> {
         }
     }
     out
-}
-
-/// Polls all futures concurrently on the current task.
-pub async fn join_all<F: Future>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output> {
-    let mut set: Vec<_> = futs.into_iter().map(Box::pin).collect();
-    let mut out: Vec<Option<F::Output>> = set.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (i, f) in set.iter_mut().enumerate() {
-            if out[i].is_none() {
-                match f.as_mut().poll(cx) {
-                    Poll::Ready(v) => out[i] = Some(v),
-                    Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending { Poll::Pending } else { Poll::Ready(()) }
-    })
-    .await;
-    out.into_iter().map(Option::unwrap).collect()
 }
 
 /// What a backend may leave behind: cgroups named after vessel containers.

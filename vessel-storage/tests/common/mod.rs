@@ -257,7 +257,7 @@ pub async fn concurrent_writers(s: &dyn Storage, _root: &Path) -> TestResult {
         }
         anyhow::Ok(())
     });
-    for r in futures_join_all(tasks).await {
+    for r in futures::future::join_all(tasks).await {
         r?;
     }
     assert_eq!(s.list_vessels().await?.len(), 16);
@@ -271,29 +271,6 @@ pub async fn concurrent_writers(s: &dyn Storage, _root: &Path) -> TestResult {
         }
     }
     Ok(())
-}
-
-/// Polls all futures concurrently on the current task (no extra crate needed).
-async fn futures_join_all<F: Future>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output> {
-    let mut set = Vec::new();
-    for f in futs {
-        set.push(Box::pin(f));
-    }
-    let mut out: Vec<Option<F::Output>> = set.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (i, f) in set.iter_mut().enumerate() {
-            if out[i].is_none() {
-                match f.as_mut().poll(cx) {
-                    Poll::Ready(v) => out[i] = Some(v),
-                    Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending { Poll::Pending } else { Poll::Ready(()) }
-    })
-    .await;
-    out.into_iter().map(Option::unwrap).collect()
 }
 
 pub async fn corrupt_manifest_is_a_typed_error(s: &dyn Storage, root: &Path) -> TestResult {
