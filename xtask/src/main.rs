@@ -20,7 +20,7 @@ commands:
   test    setup, image, fmt --check, clippy -D warnings, doc, and every test
           (against a private containerd it starts and stops)
   bench   run the criterion benches (extra args go to cargo bench)
-  demo    run the main job: a short agent-like session on a real workspace";
+  demo    setup, image, then the main job: a short agent-like session on a real workspace";
 
 /// Debian packages the tests need: the runtimes, the test image's busybox,
 /// the C library libcontainer links and protoc for containerd-client.
@@ -118,6 +118,9 @@ fn bench(rest: &[String]) -> Result<()> {
 }
 
 fn demo() -> Result<()> {
+    // The first command on a fresh machine: it needs busybox-static for the
+    // image and libseccomp to build the youki backend.
+    setup()?;
     let image = image::build()?;
     let root = project_root();
     run(cargo(&root)
