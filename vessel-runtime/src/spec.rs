@@ -107,6 +107,17 @@ pub fn write_etc_files(dir: &std::path::Path, req: &RunRequest<'_>) -> Result<()
     Ok(())
 }
 
+/// A bind mount of `source` at `dest`, `rw` or `ro`, without setuid or devices.
+fn bind(source: PathBuf, dest: PathBuf, access: &str) -> Result<oci_spec::runtime::Mount, RuntimeError> {
+    MountBuilder::default()
+        .destination(dest)
+        .typ("bind")
+        .source(source)
+        .options(vec!["rbind".into(), access.into(), "nosuid".into(), "nodev".into()])
+        .build()
+        .map_err(invalid)
+}
+
 /// The default seccomp filter: allow, except [`DENIED_SYSCALLS`].
 fn seccomp() -> Result<LinuxSeccomp, RuntimeError> {
     let deny = LinuxSyscallBuilder::default()
@@ -175,28 +186,13 @@ pub fn build(
     spec.set_root(Some(RootBuilder::default().path(req.rootfs.clone()).readonly(false).build().map_err(invalid)?));
 
     let mut mounts = spec.mounts().clone().unwrap_or_default();
-    for name in ["hosts", "hostname", "resolv.conf"].into_iter().filter(|_| etc_dir.is_some()) {
-        let source = etc_dir.expect("filtered").join(name);
-        mounts.push(
-            MountBuilder::default()
-                .destination(PathBuf::from("/etc").join(name))
-                .typ("bind")
-                .source(source)
-                .options(vec!["rbind".into(), "rw".into(), "nosuid".into(), "nodev".into()])
-                .build()
-                .map_err(invalid)?,
-        );
+    if let Some(dir) = etc_dir {
+        for name in ["hosts", "hostname", "resolv.conf"] {
+            mounts.push(bind(dir.join(name), PathBuf::from("/etc").join(name), "rw")?);
+        }
     }
     for (host, dest) in &req.ro_binds {
-        mounts.push(
-            MountBuilder::default()
-                .destination(PathBuf::from(dest))
-                .typ("bind")
-                .source(host.clone())
-                .options(vec!["rbind".into(), "ro".into(), "nosuid".into(), "nodev".into()])
-                .build()
-                .map_err(invalid)?,
-        );
+        mounts.push(bind(host.clone(), PathBuf::from(dest), "ro")?);
     }
     spec.set_mounts(Some(mounts));
 

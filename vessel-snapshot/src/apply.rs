@@ -39,7 +39,7 @@ use xattr::FileExt;
 
 use crate::SnapshotError;
 use crate::codec::decompressed;
-use crate::diff::{DiffStats, OPAQUE_MARKER, WHITEOUT_PREFIX, makedev};
+use crate::diff::{DiffStats, OPAQUE_MARKER, WHITEOUT_PREFIX};
 
 const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 const OVERLAY_XATTR_PREFIXES: [&str; 2] = ["trusted.overlay.", "user.overlay."];
@@ -553,7 +553,7 @@ impl Unpacker<'_> {
                     if major == 0 && minor == 0 {
                         return Err(unsafe_entry(&raw, "a 0/0 device is a whiteout; use .wh. names"));
                     }
-                    dev = makedev(u64::from(major), u64::from(minor));
+                    dev = nix::sys::stat::makedev(u64::from(major), u64::from(minor));
                 }
                 remove_at(&dir, name).map_err(|e| self.io("replace", &comps, e))?;
                 mknodat(&dir, name, kind, Mode::from_bits_truncate(0o600), dev)

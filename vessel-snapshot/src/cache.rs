@@ -81,6 +81,15 @@ impl Drop for Scratch {
     }
 }
 
+fn open_lock(path: &Path) -> Result<File, SnapshotError> {
+    File::options().create(true).truncate(false).write(true).open(path).map_err(SnapshotError::io("open lock", path))
+}
+
+/// GC unlinks lock files it holds; a lock on an unlinked file locks nothing.
+fn still_linked(path: &Path, file: &File) -> bool {
+    fs::metadata(path).is_ok_and(|m| file.metadata().is_ok_and(|f| f.ino() == m.ino() && f.dev() == m.dev()))
+}
+
 fn valid_holder(holder: &str) -> bool {
     !holder.is_empty()
         && holder.len() <= 128
@@ -134,16 +143,9 @@ impl LayerCache {
     fn lock_name(&self, name: &str) -> Result<KeyLock, SnapshotError> {
         let path = self.root.join("locks").join(name);
         loop {
-            let file = File::options()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&path)
-                .map_err(SnapshotError::io("open lock", &path))?;
+            let file = open_lock(&path)?;
             file.lock().map_err(SnapshotError::io("lock", &path))?;
-            // GC unlinks lock files it holds; a lock on an unlinked file locks nothing.
-            let same = fs::metadata(&path).is_ok_and(|m| m.ino() == file.metadata().map(|f| f.ino()).unwrap_or(0));
-            if same {
+            if still_linked(&path, &file) {
                 return Ok(KeyLock { _file: file });
             }
         }
@@ -151,15 +153,9 @@ impl LayerCache {
 
     fn try_lock(&self, key_dir: &str) -> Result<Option<KeyLock>, SnapshotError> {
         let path = self.root.join("locks").join(key_dir);
-        let file = match File::options().create(true).truncate(false).write(true).open(&path) {
-            Ok(f) => f,
-            Err(e) => return Err(SnapshotError::io("open lock", &path)(e)),
-        };
+        let file = open_lock(&path)?;
         match file.try_lock() {
-            Ok(()) => {
-                let same = fs::metadata(&path).is_ok_and(|m| m.ino() == file.metadata().map(|f| f.ino()).unwrap_or(0));
-                Ok(same.then_some(KeyLock { _file: file }))
-            }
+            Ok(()) => Ok(still_linked(&path, &file).then_some(KeyLock { _file: file })),
             Err(fs::TryLockError::WouldBlock) => Ok(None),
             Err(fs::TryLockError::Error(e)) => Err(SnapshotError::io("lock", &path)(e)),
         }

@@ -284,8 +284,8 @@ impl<W: Write> Walker<W> {
         } else if ft.is_char_device() || ft.is_block_device() {
             h.set_entry_type(if ft.is_char_device() { EntryType::Char } else { EntryType::Block });
             let rdev = meta.rdev();
-            h.set_device_major(major(rdev)).map_err(out_err)?;
-            h.set_device_minor(minor(rdev)).map_err(out_err)?;
+            h.set_device_major(nix::sys::stat::major(rdev) as u32).map_err(out_err)?;
+            h.set_device_minor(nix::sys::stat::minor(rdev) as u32).map_err(out_err)?;
         }
         self.append(h, rel, None, xattrs, mtime, io::empty(), None)
     }
@@ -380,17 +380,4 @@ fn pax_time(secs: i64, nanos: i64) -> String {
         return format!("-{}.{n:09}", s.unsigned_abs());
     }
     format!("{secs}.{nanos:09}")
-}
-
-fn major(dev: u64) -> u32 {
-    (((dev >> 32) & 0xffff_f000) | ((dev >> 8) & 0x0000_0fff)) as u32
-}
-
-fn minor(dev: u64) -> u32 {
-    (((dev >> 12) & 0xffff_ff00) | (dev & 0x0000_00ff)) as u32
-}
-
-/// Used by the apply side to turn device numbers back.
-pub(crate) fn makedev(major: u64, minor: u64) -> u64 {
-    ((major & 0xffff_f000) << 32) | ((major & 0x0000_0fff) << 8) | ((minor & 0xffff_ff00) << 12) | (minor & 0x0000_00ff)
 }

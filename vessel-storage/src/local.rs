@@ -257,7 +257,7 @@ async fn open_first(paths: impl IntoIterator<Item = PathBuf>) -> Result<Option<t
             Ok(f) => return Ok(Some(f)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             // A path component that is a file (e.g. image `a` vs `a/b`) means "absent" too.
-            Err(e) if e.raw_os_error() == Some(20) => continue,
+            Err(e) if e.kind() == io::ErrorKind::NotADirectory => continue,
             Err(e) => return Err(StorageError::io("open", &p)(e)),
         }
     }

@@ -62,6 +62,17 @@ impl Drop for BundleGuard {
     }
 }
 
+/// Copies one of the runner's output pipes to the caller's writer.
+async fn drain(
+    src: Option<impl tokio::io::AsyncRead + Unpin>,
+    mut dst: Box<dyn tokio::io::AsyncWrite + Send + Unpin + '_>,
+) -> std::io::Result<()> {
+    match src {
+        Some(mut src) => tokio::io::copy(&mut src, &mut dst).await.map(drop),
+        None => Ok(()),
+    }
+}
+
 #[async_trait]
 impl Runtime for YoukiRuntime {
     fn name(&self) -> &'static str {
@@ -144,21 +155,8 @@ impl Runtime for YoukiRuntime {
         };
         let stdout = stdout.unwrap_or_else(|| Box::new(tokio::io::sink()));
         let stderr = stderr.unwrap_or_else(|| Box::new(tokio::io::sink()));
-        let drain_out = async move {
-            if let (Some(mut src), mut dst) = (child_out, stdout) {
-                tokio::io::copy(&mut src, &mut dst).await.map(drop)
-            } else {
-                Ok(())
-            }
-        };
-        let drain_err = async move {
-            if let (Some(mut src), mut dst) = (child_err, stderr) {
-                tokio::io::copy(&mut src, &mut dst).await.map(drop)
-            } else {
-                Ok(())
-            }
-        };
-        let (waited, (), out, err) = tokio::join!(child.wait(), feed, drain_out, drain_err);
+        let (waited, (), out, err) =
+            tokio::join!(child.wait(), feed, drain(child_out, stdout), drain(child_err, stderr));
         drop(life_w);
         let waited = waited.map_err(RuntimeError::io("wait for runner", &self.runner))?;
         out.map_err(RuntimeError::io("copy stdout", ""))?;

@@ -131,30 +131,31 @@ fn run() -> Result<i32, Failure> {
             return Err((kind, message));
         }
     };
-    // With a terminal, the container's init sent the pty master over the console socket.
-    let master = match (&listener, &tty) {
-        (Some(l), Some(size)) => match receive_master(l, size) {
-            Ok(m) => Some(m),
-            Err(e) => {
-                let _ = container.delete(true);
-                cleanup_cgroups(&id);
-                return Err(fail(e));
-            }
-        },
-        _ => None,
-    };
-    if let Err(e) = container.start() {
-        let _ = container.delete(true);
-        cleanup_cgroups(&id);
-        return Err(fail(e));
-    }
-    // libcontainer links its own nix version: cross over by raw pid.
-    let pid = Pid::from_raw(container.pid().ok_or_else(|| fail("the container has no init pid"))?.as_raw());
-    let code = wait(pid, &lifeline, &mut container, master.as_ref());
+    let code = supervise(&mut container, listener.as_ref(), tty.as_deref(), &lifeline);
+    // One teardown for every outcome once the container exists.
     let deleted = container.delete(true);
     cleanup_cgroups(&id);
+    let code = code?;
     deleted.map_err(fail)?;
     Ok(code)
+}
+
+/// Starts the created container and waits for its init (with a terminal, the
+/// init first sends the pty master over the console socket).
+fn supervise(
+    container: &mut libcontainer::container::Container,
+    listener: Option<&std::os::unix::net::UnixListener>,
+    tty: Option<&str>,
+    lifeline: &OwnedFd,
+) -> Result<i32, Failure> {
+    let master = match (listener, tty) {
+        (Some(l), Some(size)) => Some(receive_master(l, size).map_err(fail)?),
+        _ => None,
+    };
+    container.start().map_err(fail)?;
+    // libcontainer links its own nix version: cross over by raw pid.
+    let pid = Pid::from_raw(container.pid().ok_or_else(|| fail("the container has no init pid"))?.as_raw());
+    Ok(wait(pid, lifeline, container, master.as_ref()))
 }
 
 /// A pidfd for `pid`: readable when it exits. (No signal mask games: a
