@@ -1,7 +1,10 @@
 //! Latency of running `true` on a prepared busybox rootfs: vessel's youki
 //! backend (including the runner re-exec round trip) vs `runc run` of the
-//! same bundle, measured in the same run. Needs root and the test image
-//! (`cargo xtask image`; `VESSEL_TEST_IMAGE_DIR` or target/vessel-test).
+//! same bundle; and, when a containerd answers at `VESSEL_CONTAINERD_ADDRESS`
+//! (`cargo xtask bench` starts a private one), vessel's containerd backend vs
+//! `ctr run --rm` of the same image, measured in the same run. Needs root
+//! and the test image (`cargo xtask image`; `VESSEL_TEST_IMAGE_DIR` or
+//! target/vessel-test).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -9,7 +12,7 @@ use std::time::Duration;
 
 use criterion::Criterion;
 use oci_spec::runtime::{LinuxNamespaceBuilder, LinuxNamespaceType};
-use vessel_runtime::{RunRequest, Runtime, YoukiRuntime, oci_spec};
+use vessel_runtime::{ContainerdConfig, ContainerdRuntime, RunRequest, Runtime, YoukiRuntime, oci_spec};
 
 fn image_dir() -> PathBuf {
     std::env::var_os("VESSEL_TEST_IMAGE_DIR")
@@ -73,6 +76,51 @@ fn main() {
             assert!(st.success());
         });
     });
+    match std::env::var_os("VESSEL_CONTAINERD_ADDRESS") {
+        Some(address) => bench_containerd(&mut g, &rt, PathBuf::from(address), &rootfs, dir.path()),
+        None => {
+            eprintln!("SKIPPED exec bench for containerd: VESSEL_CONTAINERD_ADDRESS is unset (`cargo xtask bench`)")
+        }
+    }
     g.finish();
     c.final_summary();
+}
+
+fn bench_containerd(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    rt: &tokio::runtime::Runtime,
+    address: PathBuf,
+    rootfs: &Path,
+    dir: &Path,
+) {
+    let namespace = "vessel-bench";
+    let config =
+        ContainerdConfig { address: address.clone(), namespace: namespace.into(), root: dir.join("containerd") };
+    let runtime = rt.block_on(ContainerdRuntime::connect(config)).unwrap();
+    let req = || RunRequest { rootfs: rootfs.to_path_buf(), args: vec!["true".into()], ..Default::default() };
+    g.bench_function("vessel-containerd/true", |b| {
+        b.iter(|| assert_eq!(rt.block_on(runtime.run(req())).unwrap(), 0));
+    });
+    let ctr = |args: &[&str]| {
+        let st = Command::new("ctr")
+            .arg("--address")
+            .arg(&address)
+            .args(["--namespace", namespace])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success(), "ctr {args:?}");
+    };
+    ctr(&["images", "import", image_dir().join("busybox-oci.tar").to_str().unwrap()]);
+    let mut n = 0u64;
+    g.bench_function("ctr-run-rm/true", |b| {
+        b.iter(|| {
+            n += 1;
+            ctr(&["run", "--rm", "local/busybox:latest", &format!("bench-{n}"), "true"]);
+        });
+    });
+    ctr(&["images", "rm", "--sync", "local/busybox:latest"]);
 }

@@ -30,6 +30,9 @@ pub enum RuntimeError {
     /// Creating or starting the container failed (the backend's own message).
     #[error("container failed: {0}")]
     Container(String),
+    /// The image is not in the backend's image store.
+    #[error("image {0} not found")]
+    ImageNotFound(String),
     /// The process could not be started inside the container (missing binary, …).
     #[error("cannot execute {command:?}: {reason}")]
     Exec {
@@ -52,6 +55,8 @@ pub enum RuntimeErrorKind {
     Io,
     /// The container or its process could not start.
     Start,
+    /// What was asked for does not exist.
+    NotFound,
 }
 
 impl RuntimeError {
@@ -62,6 +67,7 @@ impl RuntimeError {
             Self::InvalidRequest(_) => RuntimeErrorKind::InvalidRequest,
             Self::Io { .. } => RuntimeErrorKind::Io,
             Self::Container(_) | Self::Exec { .. } => RuntimeErrorKind::Start,
+            Self::ImageNotFound(_) => RuntimeErrorKind::NotFound,
         }
     }
 

@@ -6,7 +6,8 @@
 //!   `redirect_dir`/`metacopy`/`index`, lower lists beyond the 4 KiB option limit).
 //! - [`spec`]: the OCI runtime spec every backend runs (namespaces, docker's
 //!   default capabilities, masked paths, limits), built with `oci-spec`.
-//! - `youki` (feature `youki`, default): youki's `libcontainer`, in-process.
+//! - `YoukiRuntime` (feature `youki`, default): youki's `libcontainer`, in-process.
+//! - `ContainerdRuntime` (feature `containerd`): a containerd daemon over gRPC.
 //!
 //! # The libcontainer / tokio boundary
 //!
@@ -25,6 +26,8 @@
 //! whole process tree and removes its state and cgroups.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+#[cfg(feature = "containerd")]
+mod containerd;
 mod error;
 pub mod overlay;
 pub mod spec;
@@ -40,6 +43,8 @@ use std::path::PathBuf;
 use async_trait::async_trait;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+#[cfg(feature = "containerd")]
+pub use containerd::{ContainerdConfig, ContainerdRuntime};
 pub use error::{RuntimeError, RuntimeErrorKind};
 pub use oci_spec;
 #[cfg(feature = "youki")]

@@ -113,8 +113,19 @@ fn test() -> Result<()> {
 }
 
 fn bench(rest: &[String]) -> Result<()> {
+    setup()?;
+    let image = image::build()?;
     let root = project_root();
-    run(cargo(&root).args(["bench", "-p", "vessel-benches"]).args(rest))
+    // The exec bench compares the containerd backend with `ctr run --rm` on
+    // a private daemon, as the tests do.
+    let containerd = containerd::Containerd::start()?;
+    run(cargo(&root)
+        .args(["bench", "-p", "vessel-benches"])
+        .args(rest)
+        .env("VESSEL_TEST_IMAGE_DIR", &image.dir)
+        .env("VESSEL_CONTAINERD_ADDRESS", &containerd.address))?;
+    drop(containerd);
+    Ok(())
 }
 
 fn demo() -> Result<()> {

@@ -1,0 +1,342 @@
+//! The runtime conformance suite on the containerd backend, against the
+//! private containerd `cargo xtask test` starts (`VESSEL_CONTAINERD_ADDRESS`),
+//! plus what only this backend has: removal of a crashed process's
+//! containers, and images read from containerd's store.
+
+mod conformance;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant};
+
+use conformance::{Suite, leftover_cgroups, pids_of};
+use libtest_mimic::{Arguments, Failed, Trial};
+use sha2::{Digest, Sha256};
+use vessel_runtime::{ContainerdConfig, ContainerdRuntime, RunRequest, Runtime};
+
+/// One runtime for the whole binary: the gRPC channel lives on it.
+static TOKIO: LazyLock<tokio::runtime::Runtime> =
+    LazyLock::new(|| tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap());
+
+/// Set in the child that plays a crashed vessel process.
+const CRASH_CHILD: &str = "VESSEL_TEST_CRASH_CHILD";
+
+struct Env {
+    address: PathBuf,
+    namespace: String,
+    image_dir: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn config(&self) -> ContainerdConfig {
+        ContainerdConfig {
+            address: self.address.clone(),
+            namespace: self.namespace.clone(),
+            root: self.dir.path().join("runs"),
+        }
+    }
+
+    fn ctr(&self, args: &[&str]) -> std::process::Output {
+        let out = Command::new("ctr")
+            .arg("--address")
+            .arg(&self.address)
+            .arg("--namespace")
+            .arg(&self.namespace)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ctr {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        out
+    }
+}
+
+fn env() -> Option<Env> {
+    let ci = std::env::var_os("CI").is_some();
+    let Some(address) = std::env::var_os("VESSEL_CONTAINERD_ADDRESS").map(PathBuf::from) else {
+        assert!(!ci, "VESSEL_CONTAINERD_ADDRESS is unset under CI: run `cargo xtask test`");
+        eprintln!("SKIPPED containerd conformance: VESSEL_CONTAINERD_ADDRESS is unset; run `cargo xtask test`");
+        return None;
+    };
+    let Some(image_dir) = std::env::var_os("VESSEL_TEST_IMAGE_DIR").map(PathBuf::from) else {
+        assert!(!ci, "VESSEL_TEST_IMAGE_DIR is unset under CI");
+        eprintln!("SKIPPED containerd conformance: VESSEL_TEST_IMAGE_DIR is unset; run `cargo xtask test`");
+        return None;
+    };
+    let namespace =
+        std::env::var("VESSEL_TEST_NAMESPACE").unwrap_or_else(|_| format!("vessel-test-{}", std::process::id()));
+    Some(Env { address, namespace, image_dir, dir: tempfile::tempdir().unwrap() })
+}
+
+fn main() {
+    vessel_runtime::init();
+    if std::env::var_os(CRASH_CHILD).is_some() {
+        crash_child();
+    }
+    let args = Arguments::from_args();
+    let Some(env) = env() else {
+        println!("containerd conformance: 0 passed, 0 failed, 1 skipped");
+        return;
+    };
+    let runtime = TOKIO.block_on(ContainerdRuntime::connect(env.config())).expect("connect to the test containerd");
+    let rootfs = env.dir.path().join("rootfs");
+    std::fs::create_dir(&rootfs).unwrap();
+    let st =
+        Command::new("tar").arg("-xpf").arg(env.image_dir.join("layer.tar")).arg("-C").arg(&rootfs).status().unwrap();
+    assert!(st.success());
+    let suite = Arc::new(Suite { runtime: runtime.clone(), rootfs });
+    let env = Arc::new(env);
+    macro_rules! trials {
+        ($($case:ident),* $(,)?) => {
+            vec![$({
+                let suite = suite.clone();
+                Trial::test(stringify!($case), move || {
+                    TOKIO.block_on(async { suite.$case().await }).map_err(Failed::from)
+                })
+            }),*]
+        };
+    }
+    let mut trials = trials![
+        exit_codes,
+        signals_give_128_plus_n,
+        stdout_and_stderr_are_kept_apart,
+        stdin_is_piped,
+        discarded_streams_are_writable,
+        env_and_cwd,
+        tty_mode,
+        large_output_streams,
+        cancel_kills_everything,
+        network_none_has_only_loopback,
+        host_processes_are_invisible,
+        seccomp_and_capabilities_confine,
+        etc_files_and_hostname,
+        missing_binary_is_a_clear_error,
+        memory_limit_oom_kills,
+        pids_limit_stops_a_fork_bomb,
+        cpu_quota_is_applied,
+        read_only_binds,
+        concurrent_runs,
+    ];
+    {
+        let (env, suite) = (env.clone(), suite.clone());
+        trials.push(Trial::test("leftovers_of_a_dead_process_are_removed", move || {
+            leftovers_of_a_dead_process_are_removed(&env, &suite.rootfs).map_err(Failed::from)
+        }));
+    }
+    {
+        let (env, rt) = (env.clone(), runtime.clone());
+        trials.push(Trial::test("image_is_exported_from_the_store", move || {
+            image_is_exported_from_the_store(&env, &rt).map_err(Failed::from)
+        }));
+    }
+    {
+        let env = env.clone();
+        trials.push(Trial::test("connect_errors_are_clear", move || {
+            connect_errors_are_clear(&env).map_err(Failed::from)
+        }));
+    }
+    let conclusion = libtest_mimic::run(&args, trials);
+
+    // Leak check once every case is done (cancelled runs finish tearing down
+    // in the background: give them a moment).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let leaks = loop {
+        let containers = TOKIO.block_on(runtime.containers()).unwrap();
+        let tasks = TOKIO.block_on(runtime.tasks_in_namespace()).unwrap();
+        let cgroups = leftover_cgroups();
+        let runs: Vec<_> = std::fs::read_dir(env.dir.path().join("runs/runs"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        let clean = containers.is_empty() && tasks.is_empty() && cgroups.is_empty() && runs.is_empty();
+        if clean || Instant::now() > deadline {
+            break (!clean).then(|| {
+                format!("containers {containers:?}, tasks {tasks:?}, cgroups {cgroups:?}, run dirs {runs:?}")
+            });
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    if let Some(leaks) = leaks {
+        eprintln!("leaks after the suite: {leaks}");
+        std::process::exit(101);
+    }
+    println!("leak check: no containerd container, task, cgroup or run directory left");
+    // The namespace is empty now; removing it is tidiness, not a check.
+    let _ = Command::new("ctr").arg("--address").arg(&env.address).args(["namespaces", "rm", &env.namespace]).output();
+    conclusion.exit();
+}
+
+/// The child side of the crash test: starts a long run, says so, and waits
+/// to be killed.
+fn crash_child() -> ! {
+    let env = env().expect("the parent checked the environment");
+    let rootfs = PathBuf::from(std::env::var_os("VESSEL_TEST_ROOTFS").unwrap());
+    TOKIO.block_on(async {
+        let rt = ContainerdRuntime::connect(env.config()).await.unwrap();
+        let req = RunRequest { rootfs, args: vec!["sleep".into(), "1002".into()], ..Default::default() };
+        let _ = rt.run(req).await;
+    });
+    std::process::exit(0)
+}
+
+fn leftovers_of_a_dead_process_are_removed(env: &Env, rootfs: &Path) -> Result<(), String> {
+    let sleeper = b"sleep\x001002\x00";
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .env(CRASH_CHILD, "1")
+        .env("VESSEL_TEST_NAMESPACE", &env.namespace)
+        .env("VESSEL_TEST_ROOTFS", rootfs)
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pids_of(sleeper).is_empty() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return Err("the child's container never started".into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // kill -9: no destructor runs; the shim keeps the container alive.
+    child.kill().map_err(|e| e.to_string())?;
+    child.wait().map_err(|e| e.to_string())?;
+    std::thread::sleep(Duration::from_millis(300));
+    if pids_of(sleeper).is_empty() {
+        return Err("the container died with its creator; nothing to clean up was left".into());
+    }
+    // A container vessel did not make (no owner label) must survive.
+    env.ctr(&["images", "import", env.image_dir.join("busybox-oci.tar").to_str().unwrap()]);
+    let foreign = format!("foreign-{}", std::process::id());
+    env.ctr(&["containers", "create", "local/busybox:latest", &foreign]);
+
+    let result = TOKIO.block_on(async {
+        // A live run of this process (its owner alive) must survive too.
+        let mine = ContainerdRuntime::connect(env.config()).await.map_err(|e| e.to_string())?;
+        let req = RunRequest { rootfs: rootfs.into(), args: vec!["sleep".into(), "2".into()], ..Default::default() };
+        let live = mine.run(req);
+        let reconnect = async {
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            let fresh = ContainerdRuntime::connect(env.config()).await.map_err(|e| e.to_string())?;
+            let left = fresh.containers().await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(left)
+        };
+        let (live, left) = tokio::join!(live, reconnect);
+        let code = live.map_err(|e| format!("the live run was disturbed: {e}"))?;
+        if code != 0 {
+            return Err(format!("the live run exited {code}"));
+        }
+        let left = left?;
+        if left.len() != 1 {
+            return Err(format!("after reconnecting, vessel containers {left:?}; want only the live run's"));
+        }
+        Ok(())
+    });
+    let still = pids_of(sleeper);
+    let containers = String::from_utf8_lossy(&env.ctr(&["containers", "ls", "-q"]).stdout).into_owned();
+    env.ctr(&["containers", "rm", &foreign]);
+    env.ctr(&["images", "rm", "--sync", "local/busybox:latest"]);
+    result?;
+    if !still.is_empty() {
+        return Err(format!("the dead owner's process still runs: {still:?}"));
+    }
+    if !containers.lines().any(|l| l == foreign) {
+        return Err(format!("the foreign container was removed: {containers:?}"));
+    }
+    Ok(())
+}
+
+fn image_is_exported_from_the_store(env: &Env, rt: &ContainerdRuntime) -> Result<(), String> {
+    let reference = "local/export-test:latest";
+    env.ctr(&[
+        "images",
+        "import",
+        "--index-name",
+        reference,
+        env.image_dir.join("busybox-docker.tar").to_str().unwrap(),
+    ]);
+    let result = TOKIO.block_on(async {
+        if rt.has_image("local/absent:latest").await.map_err(|e| e.to_string())? {
+            return Err("an absent image is present".into());
+        }
+        let mut sink = Vec::new();
+        match rt.export_image("local/absent:latest", &mut sink).await {
+            Err(e) if e.kind() == vessel_runtime::RuntimeErrorKind::NotFound => {}
+            other => return Err(format!("exporting an absent image: {other:?}")),
+        }
+        if !rt.has_image(reference).await.map_err(|e| e.to_string())? {
+            return Err("the imported image is absent".into());
+        }
+        let mut archive = Vec::new();
+        let n = rt.export_image(reference, &mut archive).await.map_err(|e| e.to_string())?;
+        Ok((n, archive))
+    });
+    env.ctr(&["images", "rm", "--sync", reference]);
+    let (n, archive) = result?;
+    if n != archive.len() as u64 {
+        return Err(format!("reported {n} bytes, wrote {}", archive.len()));
+    }
+    // An OCI layout: index.json names the reference; every blob matches its digest.
+    let mut names = Vec::new();
+    let mut index = String::new();
+    for entry in tar::Archive::new(&archive[..]).entries().map_err(|e| e.to_string())? {
+        let mut entry = entry.map_err(|e| e.to_string())?;
+        let name = entry.path().map_err(|e| e.to_string())?.to_string_lossy().into_owned();
+        let mut body = Vec::new();
+        std::io::Read::read_to_end(&mut entry, &mut body).map_err(|e| e.to_string())?;
+        if let Some(hex) = name.strip_prefix("blobs/sha256/") {
+            let actual = format!("{:x}", Sha256::digest(&body));
+            if actual != hex {
+                return Err(format!("blob {name} hashes to {actual}"));
+            }
+        }
+        if name == "index.json" {
+            index = String::from_utf8(body).map_err(|e| e.to_string())?;
+        }
+        names.push(name);
+    }
+    if !index.contains(reference) || !names.contains(&"oci-layout".to_string()) {
+        return Err(format!("index {index:?}, members {names:?}"));
+    }
+    // Manifest, config and the one layer.
+    let blobs = names.iter().filter(|n| n.starts_with("blobs/")).count();
+    if blobs != 3 {
+        return Err(format!("{blobs} blobs: {names:?}"));
+    }
+    Ok(())
+}
+
+fn connect_errors_are_clear(env: &Env) -> Result<(), String> {
+    TOKIO.block_on(async {
+        let mut missing = env.config();
+        missing.address = env.dir.path().join("no.sock");
+        match ContainerdRuntime::connect(missing).await {
+            Err(e)
+                if e.kind() == vessel_runtime::RuntimeErrorKind::Unavailable && e.to_string().contains("no.sock") => {}
+            other => return Err(format!("missing socket: {other:?}")),
+        }
+        // A socket that is not containerd.
+        let path = env.dir.path().join("not-containerd.sock");
+        let listener = tokio::net::UnixListener::bind(&path).map_err(|e| e.to_string())?;
+        let server = tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                use tokio::io::AsyncWriteExt;
+                let _ = s.write_all(b"HTTP/1.0 400 nope\r\n\r\n").await;
+            }
+        });
+        let mut other = env.config();
+        other.address = path;
+        let result = ContainerdRuntime::connect(other).await;
+        server.abort();
+        match result {
+            Err(e) if e.kind() == vessel_runtime::RuntimeErrorKind::Unavailable => {}
+            other => return Err(format!("a socket that is not containerd: {other:?}")),
+        }
+        let mut bad = env.config();
+        bad.namespace = "../etc".into();
+        match ContainerdRuntime::connect(bad).await {
+            Err(e) if e.kind() == vessel_runtime::RuntimeErrorKind::InvalidRequest => Ok(()),
+            other => Err(format!("invalid namespace: {other:?}")),
+        }
+    })
+}
