@@ -1,13 +1,46 @@
 //! vessel: containerized, snapshotting workspaces for AI agents.
 //!
-//! This is the facade crate. The `Manager`/`Vessel` API of the design lands
-//! here as the layers below it are built; today it re-exports the domain
-//! types, the storage layer, the snapshot engine and the runtime.
+//! This is the facade crate: [`Manager`] creates, opens and deletes
+//! workspaces ([`Vessel`]s) built from OCI images; a vessel has a confined
+//! file API, runs commands in containers ([`Vessel::exec`]), and snapshots,
+//! restores and forks its filesystem, kept in any [`Storage`].
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use vessel::{CompressedStorage, ExecOptions, LocalStorage, Manager, ManagerConfig};
+//!
+//! let storage = CompressedStorage::new(LocalStorage::new("/var/lib/vessel/data")?);
+//! let mgr = Manager::new(ManagerConfig::default().storage(storage).mount_root("/var/lib/vessel/mounts")).await?;
+//! let v = mgr.create_vessel("local/busybox:latest", "/work").await?;
+//! v.write_file("hello.txt", b"hi\n", 0o644)?;
+//! let res = v
+//!     .exec(ExecOptions { command: vec!["cat".into(), "hello.txt".into()], persist_result: true, ..Default::default() })
+//!     .await?;
+//! assert_eq!(res.exit_code, 0);
+//! let snap = v.create_snapshot("hello").await?;
+//! v.delete_file("hello.txt")?;
+//! v.restore_snapshot(&snap.id).await?;
+//! v.close().await?;
+//! mgr.close().await?;
+//! # Ok(()) }
+//! ```
 //!
 //! With the `youki` backend (default feature), call [`runtime::init`] first
 //! thing in `main`, before any thread starts: each container runs in a
 //! re-executed, single-threaded copy of the program (see [`runtime`]).
 #![forbid(unsafe_code)]
+
+mod config;
+mod error;
+mod fs;
+mod manager;
+mod vessel;
+
+pub use config::{Backend, ManagerConfig};
+pub use error::{Result, VesselError, VesselErrorKind};
+pub use fs::{File, FileInfo, FileType, OpenFlags};
+pub use manager::Manager;
+pub use vessel::Vessel;
 
 pub use vessel_core::{
     CoreError, CoreErrorKind, ExecOptions, ExecResult, IdGenerator, ImageRef, SnapshotId, SnapshotManifest,

@@ -1,0 +1,160 @@
+use std::io;
+use std::path::PathBuf;
+
+use vessel_core::{CoreError, SnapshotId, VesselId};
+use vessel_runtime::RuntimeError;
+use vessel_snapshot::SnapshotError;
+use vessel_storage::StorageError;
+
+/// Errors of the vessel facade.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum VesselError {
+    /// An id, image reference or other value is malformed.
+    #[error(transparent)]
+    Core(#[from] CoreError),
+    /// The storage failed (missing vessel, snapshot or image; corrupt blob; I/O).
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// A layer could not be written, read or verified.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// The container runtime failed.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    /// A filesystem operation on the host failed.
+    #[error("{op} {}", path.display())]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// A file operation inside the vessel failed (the path is the vessel's).
+    #[error("{op} {path}")]
+    File {
+        /// What was being done.
+        op: &'static str,
+        /// The path inside the vessel.
+        path: String,
+        /// The OS error (`NotFound`, `AlreadyExists`, …).
+        #[source]
+        source: io::Error,
+    },
+    /// A path leads outside the vessel's root (`..` above `/`) or is unusable.
+    #[error("invalid path {path:?}: {reason}")]
+    InvalidPath {
+        /// The path as given.
+        path: String,
+        /// Why.
+        reason: &'static str,
+    },
+    /// The vessel does not exist in storage.
+    #[error("vessel {0} not found")]
+    VesselNotFound(VesselId),
+    /// The snapshot is not one of this vessel's.
+    #[error("snapshot {snapshot} not found in vessel {vessel}")]
+    SnapshotNotFound {
+        /// The vessel.
+        vessel: VesselId,
+        /// The snapshot asked for.
+        snapshot: SnapshotId,
+    },
+    /// The snapshot cannot be deleted.
+    #[error("snapshot {snapshot} cannot be deleted: {reason}")]
+    SnapshotInUse {
+        /// The snapshot.
+        snapshot: SnapshotId,
+        /// It is current, or the parent of another.
+        reason: &'static str,
+    },
+    /// The image is in neither the storage nor the backend's image store.
+    #[error("image {0} not found")]
+    ImageNotFound(String),
+    /// The image behind the vessel's reference is not the one it was created from.
+    #[error("image {reference} changed: the vessel was created from {pinned}, the image is now {found}")]
+    ImageChanged {
+        /// The reference.
+        reference: String,
+        /// The config digest pinned at creation.
+        pinned: String,
+        /// The config digest found now.
+        found: String,
+    },
+    /// Another process (or another handle in this one) has the vessel open.
+    #[error("vessel {0} is open elsewhere")]
+    Locked(VesselId),
+    /// The vessel (or its manager) was closed, or the vessel deleted.
+    #[error("vessel {0} is closed")]
+    Closed(VesselId),
+    /// A `File` opened before a snapshot or restore remounted the vessel.
+    #[error("file handle in vessel {0} is stale (a snapshot or restore remounted the vessel)")]
+    StaleFile(VesselId),
+    /// The configured backend is not compiled in.
+    #[error("backend {0} is not enabled (cargo feature `{0}`)")]
+    BackendNotEnabled(&'static str),
+    /// A command was empty or options contradict each other.
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+}
+
+/// Coarse classification of [`VesselError`], for matching.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum VesselErrorKind {
+    /// Bad input: ids, paths, references, options.
+    InvalidInput,
+    /// What was asked for does not exist.
+    NotFound,
+    /// The operation conflicts with the vessel's state (locked, closed, in use, stale).
+    Conflict,
+    /// Stored data failed verification or is malformed.
+    Corrupt,
+    /// The OS, runtime or storage failed.
+    Io,
+    /// The backend is unavailable or not compiled in.
+    Unavailable,
+}
+
+impl VesselError {
+    /// The error's kind.
+    pub fn kind(&self) -> VesselErrorKind {
+        use VesselErrorKind as K;
+        match self {
+            Self::Core(_) | Self::InvalidPath { .. } | Self::InvalidInput(_) => K::InvalidInput,
+            Self::Storage(e) => match e.kind() {
+                vessel_storage::StorageErrorKind::NotFound => K::NotFound,
+                vessel_storage::StorageErrorKind::Corrupt => K::Corrupt,
+                vessel_storage::StorageErrorKind::InvalidInput => K::InvalidInput,
+                _ => K::Io,
+            },
+            Self::Snapshot(e) => match e.kind() {
+                vessel_snapshot::SnapshotErrorKind::InvalidData => K::Corrupt,
+                _ => K::Io,
+            },
+            Self::Runtime(e) => match e.kind() {
+                vessel_runtime::RuntimeErrorKind::Unavailable => K::Unavailable,
+                vessel_runtime::RuntimeErrorKind::InvalidRequest => K::InvalidInput,
+                vessel_runtime::RuntimeErrorKind::NotFound => K::NotFound,
+                _ => K::Io,
+            },
+            Self::File { source, .. } if source.kind() == io::ErrorKind::NotFound => K::NotFound,
+            Self::Io { .. } | Self::File { .. } => K::Io,
+            Self::VesselNotFound(_) | Self::SnapshotNotFound { .. } | Self::ImageNotFound(_) => K::NotFound,
+            Self::SnapshotInUse { .. } | Self::Locked(_) | Self::Closed(_) | Self::StaleFile(_) => K::Conflict,
+            Self::ImageChanged { .. } => K::Corrupt,
+            Self::BackendNotEnabled(_) => K::Unavailable,
+        }
+    }
+
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> Self {
+        let path = path.into();
+        move |source| Self::Io { op, path, source }
+    }
+}
+
+/// The facade's result type.
+pub type Result<T, E = VesselError> = std::result::Result<T, E>;

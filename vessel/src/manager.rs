@@ -1,0 +1,457 @@
+//! [`Manager`]: creates, opens and deletes vessels on this host.
+//!
+//! Host layout under the mount root: `layers/` (the layer cache, shared by
+//! all vessels), `vessels/<id>/` (an open vessel's rootfs mount, upper and
+//! work dirs, throwaway exec mounts), `runtime/` (the backend's run files).
+//! A vessel is open in one handle of one process at a time: a flock on
+//! `/run/vessel/locks/<id>.lock`, machine-wide. Only the current snapshot's state is durable; a vessel dir whose
+//! lock nobody holds is a crashed process's and is removed on startup.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
+
+use nix::fcntl::{Flock, FlockArg};
+use tokio::io::AsyncReadExt;
+use vessel_core::{IdGenerator, ImageRef, SnapshotId, VesselId, VesselManifest};
+use vessel_runtime::Runtime;
+use vessel_snapshot::image::{Image, import_archive};
+use vessel_snapshot::{LayerCache, LayerKey};
+use vessel_storage::{BlobReader, CompressedStorage, LocalStorage, Storage, StorageErrorKind};
+
+use crate::config::{Backend, ManagerConfig};
+use crate::error::{Result, VesselError};
+use crate::vessel::{Inner, Vessel};
+
+/// Labels pinning a vessel's base image (a moved tag cannot change it).
+pub(crate) const IMAGE_CONFIG_LABEL: &str = "vessel.image.config-digest";
+pub(crate) const IMAGE_MANIFEST_LABEL: &str = "vessel.image.manifest-digest";
+
+/// What every vessel of a manager shares.
+pub(crate) struct Shared {
+    pub(crate) storage: Arc<dyn Storage>,
+    pub(crate) cache: LayerCache,
+    pub(crate) runtime: Arc<dyn Runtime>,
+    #[cfg(feature = "containerd")]
+    pub(crate) containerd: Option<vessel_runtime::ContainerdRuntime>,
+    pub(crate) ids: Arc<dyn IdGenerator>,
+    pub(crate) root: PathBuf,
+    /// Machine-wide vessel locks (not per mount root: two managers on one
+    /// machine with different mount roots still exclude each other).
+    pub(crate) locks: PathBuf,
+    pub(crate) open: Mutex<HashMap<VesselId, Weak<Inner>>>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").field("root", &self.root).field("runtime", &self.runtime).finish_non_exhaustive()
+    }
+}
+
+/// Creates, opens and deletes vessels; one per host and storage is typical.
+#[derive(Debug)]
+pub struct Manager {
+    shared: Arc<Shared>,
+}
+
+fn mkdirs(dirs: &[&Path]) -> Result<()> {
+    for d in dirs {
+        fs::create_dir_all(d).map_err(VesselError::io("create directory", *d))?;
+    }
+    Ok(())
+}
+
+/// Mount points under `dir`, deepest first.
+pub(crate) fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let prefix = format!("{}/", dir.display());
+    let mut out: Vec<PathBuf> = fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| m.starts_with(&prefix) || *m == prefix.trim_end_matches('/'))
+        .map(|m| PathBuf::from(m.replace("\\040", " ")))
+        .collect();
+    out.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+    out
+}
+
+/// Unmounts everything under `dir` and removes it.
+pub(crate) fn scrub(dir: &Path) -> Result<()> {
+    for m in mounts_under(dir) {
+        nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH)
+            .map_err(|e| VesselError::io("unmount", &m)(e.into()))?;
+    }
+    match fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(VesselError::io("remove", dir)(e)),
+        _ => Ok(()),
+    }
+}
+
+impl Shared {
+    pub(crate) fn vessel_dir(&self, id: &VesselId) -> PathBuf {
+        self.root.join("vessels").join(id.as_str())
+    }
+
+    /// Takes the vessel's lock, or says who has it.
+    pub(crate) fn lock(&self, id: &VesselId) -> Result<Flock<fs::File>> {
+        let p = self.locks.join(format!("{id}.lock"));
+        let f = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)
+            .map_err(VesselError::io("open lock", &p))?;
+        Flock::lock(f, FlockArg::LockExclusiveNonblock).map_err(|_| VesselError::Locked(id.clone()))
+    }
+
+    /// Imports `reference` into the layer cache for `holder`: from storage,
+    /// or (containerd backend) from containerd's image store.
+    pub(crate) async fn import_image(&self, reference: &ImageRef, holder: &VesselId) -> Result<Image> {
+        #[cfg_attr(not(feature = "containerd"), allow(unused_mut))]
+        let mut export: Option<tokio::task::JoinHandle<Result<u64, vessel_runtime::RuntimeError>>> = None;
+        let reader: BlobReader = match self.storage.load_image(reference).await {
+            Ok(r) => r,
+            Err(e) if e.kind() == StorageErrorKind::NotFound => {
+                #[cfg(feature = "containerd")]
+                if let Some(ctd) = &self.containerd
+                    && ctd.has_image(reference.as_str()).await?
+                {
+                    let (mut w, r) = tokio::io::duplex(1 << 20);
+                    let (ctd, name) = (ctd.clone(), reference.as_str().to_owned());
+                    export = Some(tokio::spawn(async move { ctd.export_image(&name, &mut w).await }));
+                    Box::new(r) as BlobReader
+                } else {
+                    return Err(VesselError::ImageNotFound(reference.to_string()));
+                }
+                #[cfg(not(feature = "containerd"))]
+                return Err(VesselError::ImageNotFound(reference.to_string()));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let (cache, holder, name) = (self.cache.clone(), holder.to_string(), reference.as_str().to_owned());
+        let imported = tokio::task::spawn_blocking(move || {
+            let reader = tokio_util::io::SyncIoBridge::new(reader);
+            import_archive(reader, &cache, &holder, Some(&name))
+        })
+        .await
+        .map_err(|e| VesselError::InvalidInput(format!("image import panicked: {e}")))?;
+        if let Some(export) = export {
+            // The exporter's own error explains a truncated archive best.
+            export.await.map_err(|e| VesselError::InvalidInput(format!("image export panicked: {e}")))??;
+        }
+        Ok(imported?)
+    }
+
+    /// The layer of snapshot `id`, fetched from storage and verified against
+    /// `checksum` if this host's cache lacks it.
+    pub(crate) async fn snapshot_layer(&self, vessel: &VesselId, id: &SnapshotId, checksum: &str) -> Result<PathBuf> {
+        let key = LayerKey::Snapshot(id.clone());
+        if self.cache.retain(&key, vessel.as_str())? {
+            return Ok(self.cache.path(&key));
+        }
+        let blob = self.storage.load_snapshot(vessel, id).await?;
+        let (cache, holder, checksum) = (self.cache.clone(), vessel.to_string(), checksum.to_owned());
+        tokio::task::spawn_blocking(move || {
+            let reader = tokio_util::io::SyncIoBridge::new(blob);
+            cache.get_or_unpack(&key, &holder, Some(&checksum), || Ok(reader))
+        })
+        .await
+        .map_err(|e| VesselError::InvalidInput(format!("snapshot fetch panicked: {e}")))?
+        .map_err(VesselError::from)
+    }
+}
+
+async fn runtime_for(config: &ManagerConfig, root: &Path) -> Result<(Arc<dyn Runtime>, Option<ContainerdHandle>)> {
+    match config.backend {
+        Backend::Youki => {
+            #[cfg(feature = "youki")]
+            {
+                let rt = vessel_runtime::YoukiRuntime::new(root.join("runtime/youki"));
+                rt.is_available()?;
+                Ok((Arc::new(rt), None))
+            }
+            #[cfg(not(feature = "youki"))]
+            {
+                let _ = root;
+                Err(VesselError::BackendNotEnabled("youki"))
+            }
+        }
+        Backend::Containerd => {
+            #[cfg(feature = "containerd")]
+            {
+                let rt = vessel_runtime::ContainerdRuntime::connect(vessel_runtime::ContainerdConfig {
+                    address: config.containerd_address.clone(),
+                    namespace: config.namespace.clone(),
+                    root: root.join("runtime/containerd"),
+                })
+                .await?;
+                Ok((Arc::new(rt.clone()), Some(rt)))
+            }
+            #[cfg(not(feature = "containerd"))]
+            {
+                let _ = root;
+                Err(VesselError::BackendNotEnabled("containerd"))
+            }
+        }
+    }
+}
+
+#[cfg(feature = "containerd")]
+type ContainerdHandle = vessel_runtime::ContainerdRuntime;
+#[cfg(not(feature = "containerd"))]
+type ContainerdHandle = std::convert::Infallible;
+
+/// `/run/vessel/locks` for root, `$XDG_RUNTIME_DIR/vessel/locks` otherwise:
+/// a tmpfs, so a reboot (which ends every holder) clears it.
+fn lock_dir() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !nix::unistd::geteuid().is_root() => PathBuf::from(d).join("vessel/locks"),
+        _ => PathBuf::from("/run/vessel/locks"),
+    }
+}
+
+fn work_dir_of(work_dir: &str) -> Result<String> {
+    if !work_dir.starts_with('/') {
+        return Err(VesselError::InvalidPath { path: work_dir.into(), reason: "work_dir must be absolute" });
+    }
+    crate::fs::normalize("/", work_dir)
+}
+
+impl Manager {
+    /// A manager with `config`; removes what crashed processes left under
+    /// the mount root (mounts and dirs of vessels nobody has open; with the
+    /// containerd backend, containers of dead vessel processes).
+    pub async fn new(config: ManagerConfig) -> Result<Self> {
+        let root = config.mount_root.clone();
+        let locks = lock_dir();
+        mkdirs(&[&root.join("vessels"), &locks, &root.join("runtime")])?;
+        let storage: Arc<dyn Storage> = match &config.storage {
+            Some(s) => s.clone(),
+            None => Arc::new(CompressedStorage::new(LocalStorage::new(crate::config::data_home().join("data"))?)),
+        };
+        let cache = LayerCache::open(root.join("layers"))?;
+        #[cfg_attr(not(feature = "containerd"), allow(unused_variables))]
+        let (runtime, containerd) = runtime_for(&config, &root).await?;
+        let shared = Shared {
+            storage,
+            cache,
+            runtime,
+            #[cfg(feature = "containerd")]
+            containerd,
+            ids: config.id_generator.clone(),
+            root,
+            locks,
+            open: Mutex::new(HashMap::new()),
+        };
+        let mgr = Self { shared: Arc::new(shared) };
+        mgr.remove_stale()?;
+        Ok(mgr)
+    }
+
+    /// Removes vessel dirs (and their mounts) whose lock nobody holds.
+    fn remove_stale(&self) -> Result<usize> {
+        let mut removed = 0;
+        let dir = self.shared.root.join("vessels");
+        for e in fs::read_dir(&dir).map_err(VesselError::io("read", &dir))?.flatten() {
+            let Ok(id) = VesselId::new(&e.file_name().to_string_lossy()) else { continue };
+            if let Ok(_lock) = self.shared.lock(&id) {
+                tracing::info!(%id, "removing a vessel mount left by a dead process");
+                scrub(&e.path())?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// The backend's name (`youki`, `containerd`).
+    pub fn backend(&self) -> &'static str {
+        self.shared.runtime.name()
+    }
+
+    /// The storage this manager uses.
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.shared.storage
+    }
+
+    /// Creates a vessel from `image_ref` (from storage, or containerd's
+    /// image store with that backend), with `work_dir` as the default
+    /// directory for relative paths and commands. The image is pinned by
+    /// digest in the manifest's labels.
+    pub async fn create_vessel(&self, image_ref: &str, work_dir: &str) -> Result<Vessel> {
+        let reference = ImageRef::new(image_ref)?;
+        let work_dir = work_dir_of(work_dir)?;
+        let id = self.shared.ids.vessel_id();
+        let lock = self.shared.lock(&id)?;
+        let image = match self.shared.import_image(&reference, &id).await {
+            Ok(i) => i,
+            Err(e) => {
+                self.release_layers(&id, &[], &[]);
+                return Err(e);
+            }
+        };
+        let now = chrono::Utc::now();
+        let mut labels = BTreeMap::from([(IMAGE_CONFIG_LABEL.to_owned(), image.config_digest.clone())]);
+        if let Some(m) = &image.manifest_digest {
+            labels.insert(IMAGE_MANIFEST_LABEL.into(), m.clone());
+        }
+        let manifest = VesselManifest {
+            id: id.clone(),
+            base_image_ref: reference,
+            current_snapshot_id: None,
+            work_dir,
+            create_time: now,
+            update_time: now,
+            labels,
+            snapshots: Vec::new(),
+        };
+        let vessel = Inner::start(self.shared.clone(), manifest.clone(), &image, Vec::new(), lock).await;
+        let vessel = match vessel {
+            Ok(v) => v,
+            Err(e) => {
+                self.release_layers(&id, &image.layers.iter().map(|l| l.diff_id.clone()).collect::<Vec<_>>(), &[]);
+                return Err(e);
+            }
+        };
+        self.shared.storage.save_vessel_manifest(&manifest).await?;
+        Ok(self.register(vessel))
+    }
+
+    fn register(&self, inner: Arc<Inner>) -> Vessel {
+        let mut open = self.shared.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.retain(|_, w| w.strong_count() > 0);
+        open.insert(inner.id.clone(), Arc::downgrade(&inner));
+        Vessel::from_inner(inner)
+    }
+
+    fn release_layers(&self, id: &VesselId, diff_ids: &[String], snapshots: &[SnapshotId]) {
+        let keys = diff_ids
+            .iter()
+            .filter_map(|d| LayerKey::diff_id(d).ok())
+            .chain(snapshots.iter().map(|s| LayerKey::Snapshot(s.clone())));
+        for k in keys {
+            let _ = self.shared.cache.release(&k, id.as_str());
+        }
+        let _ = self.shared.cache.gc();
+    }
+
+    /// Opens a vessel at its current snapshot's state (uncommitted changes
+    /// of an earlier session are not durable), fetching and verifying the
+    /// layers this host lacks.
+    pub async fn open_vessel(&self, id: &str) -> Result<Vessel> {
+        let id = VesselId::new(id)?;
+        let lock = self.shared.lock(&id)?;
+        let manifest = match self.shared.storage.load_vessel_manifest(&id).await {
+            Err(e) if e.kind() == StorageErrorKind::NotFound => return Err(VesselError::VesselNotFound(id)),
+            r => r?,
+        };
+        // Remains of an earlier session of this vessel on this host.
+        scrub(&self.shared.vessel_dir(&id))?;
+        let image = self.shared.import_image(&manifest.base_image_ref, &id).await?;
+        if let Some(pinned) = manifest.labels.get(IMAGE_CONFIG_LABEL)
+            && *pinned != image.config_digest
+        {
+            return Err(VesselError::ImageChanged {
+                reference: manifest.base_image_ref.to_string(),
+                pinned: pinned.clone(),
+                found: image.config_digest,
+            });
+        }
+        let mut chain = Vec::new();
+        if let Some(current) = &manifest.current_snapshot_id {
+            for s in manifest.chain(current).into_iter().rev() {
+                chain.push(self.shared.snapshot_layer(&id, &s.id, &s.checksum).await?);
+            }
+        }
+        let inner = Inner::start(self.shared.clone(), manifest, &image, chain, lock).await?;
+        Ok(self.register(inner))
+    }
+
+    /// Deletes a vessel: its snapshots and manifest from storage, its layers
+    /// from this host's cache. A handle to it in this manager is closed
+    /// first; one in another process makes this fail ([`VesselError::Locked`]).
+    pub async fn delete_vessel(&self, id: &str) -> Result<()> {
+        let id = VesselId::new(id)?;
+        let open = self.shared.open.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        if let Some(inner) = open.and_then(|w| w.upgrade()) {
+            inner.close().await?;
+        }
+        let _lock = self.shared.lock(&id)?;
+        let manifest = match self.shared.storage.load_vessel_manifest(&id).await {
+            Err(e) if e.kind() == StorageErrorKind::NotFound => return Err(VesselError::VesselNotFound(id)),
+            r => r?,
+        };
+        scrub(&self.shared.vessel_dir(&id))?;
+        self.shared.storage.delete_vessel(&id).await?;
+        let snapshots: Vec<SnapshotId> = manifest.snapshots.iter().map(|s| s.id.clone()).collect();
+        // The image layers' keys: every layer this vessel holds is released.
+        let held: Vec<String> = self.held_diff_ids(&id);
+        self.release_layers(&id, &held, &snapshots);
+        Ok(())
+    }
+
+    /// Diff ids of the image layers `id` holds in this host's cache.
+    fn held_diff_ids(&self, id: &VesselId) -> Vec<String> {
+        let refs = self.shared.cache.root().join("refs");
+        let mut out = Vec::new();
+        for e in fs::read_dir(&refs).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(hex) = name.strip_prefix("sha256-")
+                && e.path().join(id.as_str()).exists()
+            {
+                out.push(format!("sha256:{hex}"));
+            }
+        }
+        out
+    }
+
+    /// The vessels in storage.
+    pub async fn list_vessels(&self) -> Result<Vec<VesselManifest>> {
+        let mut out = Vec::new();
+        for id in self.shared.storage.list_vessels().await? {
+            match self.shared.storage.load_vessel_manifest(&id).await {
+                Ok(m) => out.push(m),
+                // Deleted meanwhile.
+                Err(e) if e.kind() == StorageErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Imports an image archive (docker-save or OCI layout, optionally
+    /// compressed) into storage as `image_ref`, after checking that it reads.
+    pub async fn import_image(&self, image_ref: &str, mut archive: BlobReader) -> Result<()> {
+        let reference = ImageRef::new(image_ref)?;
+        let mut data = Vec::new();
+        archive.read_to_end(&mut data).await.map_err(VesselError::io("read image archive", image_ref))?;
+        let (cache, name, check) = (self.shared.cache.clone(), reference.as_str().to_owned(), data.clone());
+        let holder = "import-check";
+        tokio::task::spawn_blocking(move || {
+            let img = import_archive(&check[..], &cache, holder, Some(&name));
+            if let Ok(img) = &img {
+                for l in &img.layers {
+                    if let Ok(k) = LayerKey::diff_id(&l.diff_id) {
+                        let _ = cache.release(&k, holder);
+                    }
+                }
+            }
+            img
+        })
+        .await
+        .map_err(|e| VesselError::InvalidInput(format!("image check panicked: {e}")))??;
+        self.shared.storage.save_image(&reference, Box::new(std::io::Cursor::new(data))).await?;
+        Ok(())
+    }
+
+    /// Closes every vessel this manager has open.
+    pub async fn close(&self) -> Result<()> {
+        let open: Vec<_> = self.shared.open.lock().unwrap_or_else(|e| e.into_inner()).drain().collect();
+        for (_, w) in open {
+            if let Some(inner) = w.upgrade() {
+                inner.close().await?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,509 @@
+//! [`Vessel`]: one open workspace: its overlay mount, file API, execs and
+//! snapshots.
+//!
+//! Locking: execs hold the state lock shared, snapshot and restore hold it
+//! exclusively (so a snapshot waits for running execs, and execs wait for a
+//! snapshot); file operations pass the [`Gate`], which a remount closes.
+
+use std::fs;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use nix::fcntl::{Flock, OFlag};
+use tokio::sync::RwLock;
+use vessel_core::{ExecOptions, ExecResult, SnapshotId, SnapshotManifest, VesselId, VesselManifest};
+use vessel_runtime::overlay::OverlayMount;
+use vessel_runtime::{RunRequest, TtySize};
+use vessel_snapshot::image::Image;
+use vessel_snapshot::{LayerKey, write_diff};
+
+use crate::error::{Result, VesselError};
+use crate::fs::{self as vfs, File, FileInfo, Gate, OpenFlags};
+use crate::manager::Shared;
+
+/// Files the runtimes bind-mount over; created once so that they never
+/// appear in a diff as an exec's side effect.
+const ETC_FILES: [&str; 3] = ["/etc/hosts", "/etc/hostname", "/etc/resolv.conf"];
+
+#[derive(Debug)]
+struct State {
+    /// Snapshot layers of the current chain, root first.
+    chain: Vec<PathBuf>,
+    mount: Option<OverlayMount>,
+    closed: bool,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) id: VesselId,
+    shared: Arc<Shared>,
+    dir: PathBuf,
+    gate: Arc<Gate>,
+    state: RwLock<State>,
+    manifest: Mutex<VesselManifest>,
+    image_layers: Vec<PathBuf>,
+    image_env: Vec<String>,
+    user: (u32, u32),
+    lock: Mutex<Option<Flock<fs::File>>>,
+}
+
+/// An open vessel. Methods take `&self`: share it (e.g. in an `Arc`) to run
+/// execs concurrently.
+#[derive(Debug)]
+pub struct Vessel {
+    inner: Arc<Inner>,
+}
+
+fn user_of(user: Option<&str>) -> (u32, u32) {
+    // Numeric `uid[:gid]` or root; names would need the vessel's /etc/passwd.
+    let Some(u) = user else { return (0, 0) };
+    let mut parts = u.splitn(2, ':');
+    let uid = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let gid = parts.next().and_then(|s| s.parse().ok()).unwrap_or(uid);
+    (uid, gid)
+}
+
+fn fresh_dir(p: &Path) -> Result<()> {
+    match fs::remove_dir_all(p) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(VesselError::io("remove", p)(e)),
+        _ => {}
+    }
+    fs::create_dir_all(p).map_err(VesselError::io("create", p))
+}
+
+fn open_root(rootfs: &Path) -> Result<OwnedFd> {
+    let fd =
+        nix::fcntl::open(rootfs, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, nix::sys::stat::Mode::empty())
+            .map_err(|e| VesselError::io("open", rootfs)(e.into()))?;
+    Ok(fd)
+}
+
+/// Merges `KEY=VALUE` lists; later entries win.
+fn merge_env(base: &[String], over: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for kv in base.iter().chain(over) {
+        let key = kv.split('=').next().unwrap_or_default();
+        out.retain(|e| e.split('=').next() != Some(key));
+        out.push(kv.clone());
+    }
+    out
+}
+
+/// A throwaway overlay over the live rootfs for a non-persistent exec.
+struct Throwaway {
+    dir: PathBuf,
+    mount: Option<OverlayMount>,
+}
+
+impl Drop for Throwaway {
+    fn drop(&mut self) {
+        if let Some(m) = self.mount.take() {
+            let _ = m.unmount();
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Inner {
+    /// Mounts a vessel at `chain` over `image` with a fresh upper and returns it.
+    pub(crate) async fn start(
+        shared: Arc<Shared>,
+        manifest: VesselManifest,
+        image: &Image,
+        chain: Vec<PathBuf>,
+        lock: Flock<fs::File>,
+    ) -> Result<Arc<Self>> {
+        let id = manifest.id.clone();
+        let dir = shared.vessel_dir(&id);
+        fs::create_dir_all(dir.join("rootfs")).map_err(VesselError::io("create", &dir))?;
+        let image_layers: Vec<PathBuf> = image.layers.iter().map(|l| l.path.clone()).collect();
+        let mount = mount_at(&dir, &chain, &image_layers)?;
+        let root = open_root(&dir.join("rootfs"))?;
+        let work_dir = manifest.work_dir.clone();
+        vfs::make_dir_all(&root, &work_dir, 0o755)?;
+        for f in ETC_FILES {
+            if vfs::stat(&root, f).is_err() {
+                vfs::make_dir_all(&root, "/etc", 0o755)?;
+                vfs::write_file(&root, f, b"", 0o644)?;
+            }
+        }
+        let inner = Self {
+            id: id.clone(),
+            gate: Arc::new(Gate::new(id, root)),
+            shared,
+            dir,
+            state: RwLock::new(State { chain, mount: Some(mount), closed: false }),
+            manifest: Mutex::new(manifest),
+            image_env: image.config.env.clone(),
+            user: user_of(image.config.user.as_deref()),
+            image_layers,
+            lock: Mutex::new(Some(lock)),
+        };
+        Ok(Arc::new(inner))
+    }
+
+    fn manifest(&self) -> VesselManifest {
+        self.manifest.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    async fn freeze(&self) {
+        let gate = self.gate.clone();
+        let _ = tokio::task::spawn_blocking(move || gate.freeze()).await;
+    }
+
+    /// Unmounts, releases the lock; later calls fail with `Closed`.
+    pub(crate) async fn close(&self) -> Result<()> {
+        let mut state = self.state.write().await;
+        if state.closed {
+            return Ok(());
+        }
+        self.freeze().await;
+        state.closed = true;
+        let unmounted = state.mount.take().map(OverlayMount::unmount).transpose();
+        self.gate.thaw(None, true);
+        let scrubbed = crate::manager::scrub(&self.dir);
+        self.lock.lock().unwrap_or_else(|e| e.into_inner()).take();
+        unmounted?;
+        scrubbed
+    }
+}
+
+/// Mounts the vessel's rootfs: `chain` (root first) over the image, with
+/// a fresh upper.
+fn mount_at(dir: &Path, chain: &[PathBuf], image_layers: &[PathBuf]) -> Result<OverlayMount> {
+    fresh_dir(&dir.join("upper"))?;
+    fresh_dir(&dir.join("work"))?;
+    let lowers: Vec<&Path> = chain.iter().rev().chain(image_layers.iter().rev()).map(PathBuf::as_path).collect();
+    Ok(OverlayMount::mount(&dir.join("rootfs"), &lowers, Some((&dir.join("upper"), &dir.join("work"))))?)
+}
+
+/// A `Write` that sends 1 MiB chunks to an async reader (the storage).
+struct ChanWriter {
+    tx: tokio::sync::mpsc::Sender<io::Result<Bytes>>,
+    buf: Vec<u8>,
+}
+
+impl ChanWriter {
+    fn send(&mut self) -> io::Result<()> {
+        let chunk = Bytes::from(std::mem::take(&mut self.buf));
+        self.tx
+            .blocking_send(Ok(chunk))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "storage stopped reading"))
+    }
+}
+
+impl io::Write for ChanWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= 1 << 20 {
+            self.send()?;
+        }
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Vessel {
+    pub(crate) fn from_inner(inner: Arc<Inner>) -> Self {
+        Self { inner }
+    }
+
+    /// The vessel's id.
+    pub fn id(&self) -> &VesselId {
+        &self.inner.id
+    }
+
+    /// The vessel's manifest as of now.
+    pub fn manifest(&self) -> VesselManifest {
+        self.inner.manifest()
+    }
+
+    /// Where the vessel's rootfs is mounted on this host (for inspection;
+    /// use the file API to change it).
+    pub fn rootfs(&self) -> PathBuf {
+        self.inner.dir.join("rootfs")
+    }
+
+    fn path(&self, path: &str) -> Result<String> {
+        let work_dir = self.inner.manifest.lock().unwrap_or_else(|e| e.into_inner()).work_dir.clone();
+        vfs::normalize(&work_dir, path)
+    }
+
+    fn with_root<T>(&self, path: &str, f: impl FnOnce(&OwnedFd, &str) -> Result<T>) -> Result<T> {
+        let path = self.path(path)?;
+        let pass = self.inner.gate.enter(None)?;
+        f(&pass.root, &path)
+    }
+
+    /// Reads a whole file.
+    pub fn read_file(&self, path: &str) -> Result<Vec<u8>> {
+        self.with_root(path, vfs::read_file)
+    }
+
+    /// Creates or replaces a file with `data` (`perm` applies when it is created).
+    pub fn write_file(&self, path: &str, data: &[u8], perm: u32) -> Result<()> {
+        self.with_root(path, |r, p| vfs::write_file(r, p, data, perm))
+    }
+
+    /// Deletes a file, symlink or empty directory.
+    pub fn delete_file(&self, path: &str) -> Result<()> {
+        self.with_root(path, vfs::delete)
+    }
+
+    /// Renames (moves) within the vessel.
+    pub fn rename_file(&self, from: &str, to: &str) -> Result<()> {
+        let to = self.path(to)?;
+        self.with_root(from, |r, p| vfs::rename(r, p, &to))
+    }
+
+    /// Metadata, following symlinks (inside the vessel).
+    pub fn stat(&self, path: &str) -> Result<FileInfo> {
+        self.with_root(path, vfs::stat)
+    }
+
+    /// Creates a directory.
+    pub fn make_dir(&self, path: &str, perm: u32) -> Result<()> {
+        self.with_root(path, |r, p| vfs::make_dir(r, p, perm))
+    }
+
+    /// Creates a directory and its missing parents.
+    pub fn make_dir_all(&self, path: &str, perm: u32) -> Result<()> {
+        self.with_root(path, |r, p| vfs::make_dir_all(r, p, perm))
+    }
+
+    /// A directory's entries (not following symlinks), sorted by name.
+    pub fn read_dir(&self, path: &str) -> Result<Vec<FileInfo>> {
+        self.with_root(path, vfs::read_dir)
+    }
+
+    /// Opens a file with `open(2)` flags; `perm` applies when it is created.
+    pub fn open_file(&self, path: &str, flags: OpenFlags, perm: u32) -> Result<File> {
+        let path = self.path(path)?;
+        File::open(self.inner.gate.clone(), &path, flags, perm)
+    }
+
+    /// Runs a command in a new container on the vessel's filesystem: the
+    /// image's environment plus `opts.env`, in `opts.work_dir` or the
+    /// vessel's. With `persist_result` its changes stay; without, it runs on
+    /// a throwaway overlay and they are discarded. Dropping the future kills
+    /// the command.
+    pub async fn exec(&self, opts: ExecOptions<'_>) -> Result<ExecResult> {
+        if opts.command.is_empty() {
+            return Err(VesselError::InvalidInput("empty command".into()));
+        }
+        let inner = &self.inner;
+        let state = inner.state.read().await;
+        if state.closed {
+            return Err(VesselError::Closed(inner.id.clone()));
+        }
+        let cwd = match &opts.work_dir {
+            Some(w) => self.path(w)?,
+            None => self.path(".")?,
+        };
+        let live = inner.dir.join("rootfs");
+        let mut throwaway = None;
+        let rootfs = if opts.persist_result {
+            live
+        } else {
+            let dir = inner.dir.join("exec").join(format!("{:016x}", rand::random::<u64>()));
+            let t = throwaway.insert(Throwaway { dir: dir.clone(), mount: None });
+            for d in ["upper", "work", "rootfs"] {
+                fs::create_dir_all(dir.join(d)).map_err(VesselError::io("create", &dir))?;
+            }
+            t.mount = Some(OverlayMount::mount(
+                &dir.join("rootfs"),
+                &[live.as_path()],
+                Some((&dir.join("upper"), &dir.join("work"))),
+            )?);
+            dir.join("rootfs")
+        };
+        let req = RunRequest {
+            rootfs,
+            args: opts.command,
+            env: merge_env(&inner.image_env, &opts.env),
+            cwd: Some(cwd),
+            uid: inner.user.0,
+            gid: inner.user.1,
+            tty: opts.tty.then_some(TtySize { rows: 24, cols: 80 }),
+            stdin: opts.stdin,
+            stdout: opts.stdout,
+            stderr: opts.stderr,
+            ..Default::default()
+        };
+        let code = inner.shared.runtime.run(req).await?;
+        drop(throwaway);
+        drop(state);
+        Ok(ExecResult::new(code))
+    }
+
+    /// Seals the changes since the current snapshot as a new snapshot (its
+    /// parent: the current one) and makes it current. Waits for running
+    /// execs; costs what changed, not the workspace's size.
+    pub async fn create_snapshot(&self, message: &str) -> Result<SnapshotManifest> {
+        let inner = &self.inner;
+        let mut state = inner.state.write().await;
+        if state.closed {
+            return Err(VesselError::Closed(inner.id.clone()));
+        }
+        inner.freeze().await;
+        let result = self.snapshot_locked(&mut state, message).await;
+        if state.mount.is_none() {
+            // Failed before the new mount: back to the previous state.
+            match mount_at_keep(&inner.dir, &state.chain, &inner.image_layers) {
+                Ok(m) => state.mount = Some(m),
+                Err(e) => tracing::error!(id = %inner.id, error = %e, "could not remount after a failed snapshot"),
+            }
+        }
+        let root = open_root(&inner.dir.join("rootfs")).ok();
+        inner.gate.thaw(root, true);
+        result
+    }
+
+    async fn snapshot_locked(&self, state: &mut State, message: &str) -> Result<SnapshotManifest> {
+        let inner = &self.inner;
+        let shared = &inner.shared;
+        if let Some(m) = state.mount.take() {
+            m.unmount()?;
+        }
+        let sid = shared.ids.snapshot_id();
+        let upper = inner.dir.join("upper");
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(4);
+        let err_tx = tx.clone();
+        let diff_upper = upper.clone();
+        let diff = tokio::task::spawn_blocking(move || {
+            let result = write_diff(&diff_upper, ChanWriter { tx, buf: Vec::new() }).and_then(|(mut w, stats)| {
+                w.send().map(|()| stats).map_err(|e| vessel_snapshot::SnapshotError::Stream("snapshot", e))
+            });
+            if let Err(e) = &result {
+                // The storage must see an error, never a clean end of a truncated stream.
+                let _ = err_tx.blocking_send(Err(io::Error::other(e.to_string())));
+            }
+            result
+        });
+        let stream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed();
+        let reader = tokio_util::io::StreamReader::new(stream);
+        let (saved, stats) = tokio::join!(shared.storage.save_snapshot(&inner.id, &sid, Box::new(reader)), diff);
+        let stats = stats.map_err(|e| VesselError::InvalidInput(format!("diff panicked: {e}")))??;
+        saved?;
+        let key = LayerKey::Snapshot(sid.clone());
+        let layer = shared.cache.adopt(&key, inner.id.as_str(), &upper)?;
+
+        let mut manifest = inner.manifest();
+        let snap = SnapshotManifest {
+            id: sid.clone(),
+            vessel_id: inner.id.clone(),
+            parent_id: manifest.current_snapshot_id.clone(),
+            message: message.into(),
+            checksum: stats.digest,
+            size: i64::try_from(stats.size).unwrap_or(i64::MAX),
+            create_time: chrono::Utc::now(),
+            labels: Default::default(),
+        };
+        manifest.snapshots.push(snap.clone());
+        manifest.current_snapshot_id = Some(sid.clone());
+        manifest.update_time = snap.create_time;
+        if let Err(e) = shared.storage.save_vessel_manifest(&manifest).await {
+            // Not committed: the sealed upper goes back to being the upper.
+            let _ = fs::rename(&layer, &upper);
+            let _ = shared.cache.release(&key, inner.id.as_str());
+            let _ = shared.storage.delete_snapshot(&inner.id, &sid).await;
+            return Err(e.into());
+        }
+        *inner.manifest.lock().unwrap_or_else(|e| e.into_inner()) = manifest;
+        state.chain.push(layer);
+        state.mount = Some(mount_at(&inner.dir, &state.chain, &inner.image_layers)?);
+        Ok(snap)
+    }
+
+    /// Makes snapshot `id`'s state the vessel's, dropping uncommitted
+    /// changes; later snapshots take it as parent (history is a tree). A
+    /// cached chain is remounted, not copied.
+    pub async fn restore_snapshot(&self, id: &SnapshotId) -> Result<()> {
+        let inner = &self.inner;
+        let manifest = inner.manifest();
+        if manifest.snapshot(id).is_none() {
+            return Err(VesselError::SnapshotNotFound { vessel: inner.id.clone(), snapshot: id.clone() });
+        }
+        let mut state = inner.state.write().await;
+        if state.closed {
+            return Err(VesselError::Closed(inner.id.clone()));
+        }
+        // Fetch what this host lacks before touching the mount.
+        let mut chain = Vec::new();
+        for s in manifest.chain(id).into_iter().rev() {
+            chain.push(inner.shared.snapshot_layer(&inner.id, &s.id, &s.checksum).await?);
+        }
+        let mut updated = manifest.clone();
+        updated.current_snapshot_id = Some(id.clone());
+        updated.update_time = chrono::Utc::now();
+        inner.shared.storage.save_vessel_manifest(&updated).await?;
+        inner.freeze().await;
+        let remounted = (|| {
+            if let Some(m) = state.mount.take() {
+                m.unmount()?;
+            }
+            state.mount = Some(mount_at(&inner.dir, &chain, &inner.image_layers)?);
+            Ok::<_, VesselError>(())
+        })();
+        if remounted.is_ok() {
+            state.chain = chain;
+        } else if state.mount.is_none()
+            && let Ok(m) = mount_at_keep(&inner.dir, &state.chain, &inner.image_layers)
+        {
+            state.mount = Some(m);
+        }
+        *inner.manifest.lock().unwrap_or_else(|e| e.into_inner()) = updated;
+        inner.gate.thaw(open_root(&inner.dir.join("rootfs")).ok(), true);
+        remounted
+    }
+
+    /// Deletes a snapshot that is neither current nor a parent.
+    pub async fn delete_snapshot(&self, id: &SnapshotId) -> Result<()> {
+        let inner = &self.inner;
+        let _state = inner.state.write().await;
+        let mut manifest = inner.manifest();
+        if manifest.snapshot(id).is_none() {
+            return Err(VesselError::SnapshotNotFound { vessel: inner.id.clone(), snapshot: id.clone() });
+        }
+        if manifest.current_snapshot_id.as_ref() == Some(id) {
+            return Err(VesselError::SnapshotInUse { snapshot: id.clone(), reason: "it is the current snapshot" });
+        }
+        if manifest.snapshots.iter().any(|s| s.parent_id.as_ref() == Some(id)) {
+            return Err(VesselError::SnapshotInUse { snapshot: id.clone(), reason: "it is the parent of another" });
+        }
+        manifest.snapshots.retain(|s| &s.id != id);
+        manifest.update_time = chrono::Utc::now();
+        inner.shared.storage.save_vessel_manifest(&manifest).await?;
+        *inner.manifest.lock().unwrap_or_else(|e| e.into_inner()) = manifest;
+        inner.shared.storage.delete_snapshot(&inner.id, id).await?;
+        let key = LayerKey::Snapshot(id.clone());
+        inner.shared.cache.release(&key, inner.id.as_str())?;
+        inner.shared.cache.gc()?;
+        Ok(())
+    }
+
+    /// The vessel's snapshots, oldest first.
+    pub fn list_snapshots(&self) -> Vec<SnapshotManifest> {
+        self.inner.manifest().snapshots
+    }
+
+    /// Unmounts the vessel and releases its lock. Uncommitted changes are
+    /// not durable: the next open starts from the current snapshot.
+    pub async fn close(&self) -> Result<()> {
+        self.inner.close().await
+    }
+}
+
+/// Remounts `chain` keeping the existing upper (recovery after a failure).
+fn mount_at_keep(dir: &Path, chain: &[PathBuf], image_layers: &[PathBuf]) -> Result<OverlayMount> {
+    fs::create_dir_all(dir.join("upper")).map_err(VesselError::io("create", dir))?;
+    fresh_dir(&dir.join("work"))?;
+    let lowers: Vec<&Path> = chain.iter().rev().chain(image_layers.iter().rev()).map(PathBuf::as_path).collect();
+    Ok(OverlayMount::mount(&dir.join("rootfs"), &lowers, Some((&dir.join("upper"), &dir.join("work"))))?)
+}
