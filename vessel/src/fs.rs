@@ -228,8 +228,15 @@ pub(crate) fn file_err<'p>(op: &'static str, path: &'p str) -> impl FnOnce(Errno
 
 fn open_in(root: &OwnedFd, path: &str, flags: OFlag, mode: u32) -> Result<OwnedFd> {
     let how = OpenHow::new().flags(flags | OFlag::O_CLOEXEC).mode(Mode::from_bits_truncate(mode)).resolve(resolve());
-    // `path` is absolute; IN_ROOT makes it relative to `root`.
-    openat2(root, path, how).map_err(file_err("open", path))
+    // `path` is absolute; IN_ROOT makes it relative to `root`. EAGAIN: a
+    // rename or mount somewhere raced the resolution; it is safe to retry.
+    let mut tries = 0;
+    loop {
+        match openat2(root, path, how) {
+            Err(Errno::EAGAIN) if tries < 100 => tries += 1,
+            r => return r.map_err(file_err("open", path)),
+        }
+    }
 }
 
 fn parent_of<'p>(root: &OwnedFd, path: &'p str, op: &'static str) -> Result<(OwnedFd, &'p str)> {

@@ -142,6 +142,7 @@ fn main() {
         bad_input,
         corrupt_snapshot_is_refused,
         crash_in_the_middle_of_a_snapshot,
+        image_from_the_containerd_store,
     ];
     let mut trials = Vec::new();
     for w in &worlds {
@@ -460,7 +461,7 @@ async fn exec_semantics(w: Arc<World>) -> Result<()> {
         })
         .await?;
     let out = String::from_utf8_lossy(&out);
-    ensure!(res.exit_code == 0 && out.contains("got input") && out.contains("tty"), "{out:?}");
+    ensure!(res.exit_code == 0 && out.contains("got input") && out.contains("tty"), "{} {out:?}", res.exit_code);
     match v.exec(ExecOptions::default()).await {
         Err(e) if e.kind() == VesselErrorKind::InvalidInput => {}
         other => return Err(anyhow!("empty command: {other:?}")),
@@ -740,4 +741,41 @@ async fn crash_in_the_middle_of_a_snapshot(w: Arc<World>) -> Result<()> {
     v.create_snapshot("after the crash").await?;
     mgr.close().await?;
     Ok(())
+}
+
+/// With the containerd backend, an image only in containerd's store (as
+/// `ctr`/`nerdctl` pulled it) serves `create_vessel`; youki has no store.
+async fn image_from_the_containerd_store(w: Arc<World>) -> Result<()> {
+    let reference = "local/from-containerd:latest";
+    let mgr = w.manager("ctd-image").await?;
+    let Some(address) = &w.address else {
+        match mgr.create_vessel(reference, "/work").await {
+            Err(e) if e.kind() == VesselErrorKind::NotFound => return Ok(()),
+            other => return Err(anyhow!("youki and an image in no storage: {other:?}")),
+        }
+    };
+    let image_dir = PathBuf::from(std::env::var_os("VESSEL_TEST_IMAGE_DIR").context("image dir")?);
+    let ctr = |args: &[&str]| {
+        std::process::Command::new("ctr")
+            .arg("--address")
+            .arg(address)
+            .args(["--namespace", &format!("vessel-facade-{}", std::process::id())])
+            .args(args)
+            .output()
+    };
+    let archive = image_dir.join("busybox-docker.tar");
+    let out = ctr(&["images", "import", "--index-name", reference, archive.to_str().unwrap()])?;
+    ensure!(out.status.success(), "ctr import: {}", String::from_utf8_lossy(&out.stderr));
+    let result = async {
+        ensure!(mgr.storage().list_images().await?.iter().all(|i| i.as_str() != reference));
+        let v = mgr.create_vessel(reference, "/work").await?;
+        let (code, out, _e) = run(&v, "echo from the containerd store", false).await?;
+        ensure!(code == 0 && out == "from the containerd store\n", "{code} {out:?} {_e:?}");
+        ensure!(v.manifest().labels.contains_key("vessel.image.config-digest"));
+        Ok(())
+    }
+    .await;
+    let _ = ctr(&["images", "rm", "--sync", reference]);
+    mgr.close().await?;
+    result
 }

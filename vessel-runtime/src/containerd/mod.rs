@@ -302,15 +302,20 @@ impl ContainerdRuntime {
 
         let RunRequest { stdin, stdout, stderr, .. } = req;
         let feed = async {
-            if let (Some(mut src), Some(path)) = (stdin, &stdin_path) {
-                // The shim opened the read end when it created the task.
-                if let Ok(mut tx) = pipe::OpenOptions::new().open_sender(path) {
-                    // The process may exit without reading it all: EPIPE is no error.
-                    let _ = tokio::io::copy(&mut src, &mut tx).await;
-                }
-                let close = CloseIoRequest { container_id: id.into(), exec_id: String::new(), stdin: true };
-                let _ = self.tasks().close_io(self.request(close)).await;
+            let (Some(mut src), Some(path)) = (stdin, &stdin_path) else { return None };
+            // The shim opened the read end when it created the task.
+            let mut tx = pipe::OpenOptions::new().open_sender(path).ok()?;
+            // The process may exit without reading it all: EPIPE is no error.
+            let _ = tokio::io::copy(&mut src, &mut tx).await;
+            if tty.is_some() {
+                // End of input on a terminal makes the shim shut the console
+                // down (output lost): keep it open until the process exits.
+                return Some(tx);
             }
+            drop(tx);
+            let close = CloseIoRequest { container_id: id.into(), exec_id: String::new(), stdin: true };
+            let _ = self.tasks().close_io(self.request(close)).await;
+            None
         };
         let waited = async {
             let r = wait.await;
@@ -321,7 +326,9 @@ impl ContainerdRuntime {
         };
         let stdout = stdout.unwrap_or_else(|| Box::new(tokio::io::sink()));
         let stderr = stderr.unwrap_or_else(|| Box::new(tokio::io::sink()));
-        let (waited, (), out, err) = tokio::join!(waited, feed, drain(Some(out_rx), stdout), drain(err_rx, stderr));
+        let (waited, held_stdin, out, err) =
+            tokio::join!(waited, feed, drain(Some(out_rx), stdout), drain(err_rx, stderr));
+        drop(held_stdin);
         let status = waited
             .map_err(|e| RuntimeError::Container(format!("wait task: {e}")))?
             .map_err(grpc("wait task"))?
