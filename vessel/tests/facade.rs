@@ -96,7 +96,8 @@ fn main() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    #[allow(unused_mut)]
+    // Which backends exist depends on the features: pushed one by one.
+    #[allow(unused_mut, clippy::vec_init_then_push)]
     let mut worlds: Vec<World> = Vec::new();
     #[cfg(feature = "youki")]
     worlds.push(World { backend: Backend::Youki, base: tmp.path().join("youki"), address: None });
