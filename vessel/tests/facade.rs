@@ -5,6 +5,8 @@
 //! path security, snapshots (chains, branches, refusals), exec, reopen on a
 //! "new host", concurrency, bad input, a crash in the middle of a snapshot;
 //! after all cases, nothing is left mounted, no cgroup, no container.
+// The backends a build has depend on its features: pushed one by one.
+#![allow(clippy::vec_init_then_push)]
 
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -97,7 +99,7 @@ fn main() {
     }
     let tmp = tempfile::tempdir().unwrap();
     // Which backends exist depends on the features: pushed one by one.
-    #[allow(unused_mut, clippy::vec_init_then_push)]
+    #[allow(unused_mut)]
     let mut worlds: Vec<World> = Vec::new();
     #[cfg(feature = "youki")]
     worlds.push(World { backend: Backend::Youki, base: tmp.path().join("youki"), address: None });
