@@ -50,6 +50,19 @@ pub use oci_spec;
 #[cfg(feature = "youki")]
 pub use youki::YoukiRuntime;
 
+/// Copies a container's output stream (if any) to the caller's writer: the
+/// same for every backend.
+#[cfg(any(feature = "youki", feature = "containerd"))]
+async fn drain(
+    src: Option<impl AsyncRead + Unpin>,
+    mut dst: Box<dyn AsyncWrite + Send + Unpin + '_>,
+) -> std::io::Result<()> {
+    match src {
+        Some(mut src) => tokio::io::copy(&mut src, &mut dst).await.map(drop),
+        None => Ok(()),
+    }
+}
+
 /// Must be the first call in `main` of any program that uses the youki
 /// backend (see the crate docs): in a runner process it runs the container
 /// and exits; otherwise it returns at once.

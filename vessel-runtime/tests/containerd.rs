@@ -87,37 +87,7 @@ fn main() {
     assert!(st.success());
     let suite = Arc::new(Suite { runtime: runtime.clone(), rootfs });
     let env = Arc::new(env);
-    macro_rules! trials {
-        ($($case:ident),* $(,)?) => {
-            vec![$({
-                let suite = suite.clone();
-                Trial::test(stringify!($case), move || {
-                    TOKIO.block_on(async { suite.$case().await }).map_err(Failed::from)
-                })
-            }),*]
-        };
-    }
-    let mut trials = trials![
-        exit_codes,
-        signals_give_128_plus_n,
-        stdout_and_stderr_are_kept_apart,
-        stdin_is_piped,
-        discarded_streams_are_writable,
-        env_and_cwd,
-        tty_mode,
-        large_output_streams,
-        cancel_kills_everything,
-        network_none_has_only_loopback,
-        host_processes_are_invisible,
-        seccomp_and_capabilities_confine,
-        etc_files_and_hostname,
-        missing_binary_is_a_clear_error,
-        memory_limit_oom_kills,
-        pids_limit_stops_a_fork_bomb,
-        cpu_quota_is_applied,
-        read_only_binds,
-        concurrent_runs,
-    ];
+    let mut trials = conformance::trials!(suite.clone(), on_tokio);
     {
         let (env, suite) = (env.clone(), suite.clone());
         trials.push(Trial::test("leftovers_of_a_dead_process_are_removed", move || {
@@ -167,6 +137,11 @@ fn main() {
     // The namespace is empty now; removing it is tidiness, not a check.
     let _ = Command::new("ctr").arg("--address").arg(&env.address).args(["namespaces", "rm", &env.namespace]).output();
     conclusion.exit();
+}
+
+/// Runs a conformance case on the binary's runtime (where the channel lives).
+fn on_tokio(case: impl Future<Output = conformance::CaseResult>) -> Result<(), Failed> {
+    TOKIO.block_on(case).map_err(Failed::from)
 }
 
 /// The child side of the crash test: starts a long run, says so, and waits

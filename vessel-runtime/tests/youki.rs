@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use conformance::{CaseResult, Suite, leftover_cgroups};
-use libtest_mimic::{Arguments, Failed, Trial};
+use libtest_mimic::{Arguments, Failed};
 use vessel_runtime::{Runtime, YoukiRuntime};
 
 fn main() {
@@ -19,35 +19,7 @@ fn main() {
         return;
     };
     let suite = Arc::new(suite);
-    macro_rules! trials {
-        ($($case:ident),* $(,)?) => {
-            vec![$({
-                let suite = suite.clone();
-                Trial::test(stringify!($case), move || block_on(async { suite.$case().await }))
-            }),*]
-        };
-    }
-    let trials = trials![
-        exit_codes,
-        signals_give_128_plus_n,
-        stdout_and_stderr_are_kept_apart,
-        stdin_is_piped,
-        discarded_streams_are_writable,
-        env_and_cwd,
-        tty_mode,
-        large_output_streams,
-        cancel_kills_everything,
-        network_none_has_only_loopback,
-        host_processes_are_invisible,
-        seccomp_and_capabilities_confine,
-        etc_files_and_hostname,
-        missing_binary_is_a_clear_error,
-        memory_limit_oom_kills,
-        pids_limit_stops_a_fork_bomb,
-        cpu_quota_is_applied,
-        read_only_binds,
-        concurrent_runs,
-    ];
+    let trials = conformance::trials!(suite.clone(), block_on);
     let conclusion = libtest_mimic::run(&args, trials);
     // Leak check once every case is done: no cgroups, no container state.
     let cgroups = leftover_cgroups();

@@ -31,10 +31,9 @@ use containerd_client::tonic::{Code, Request, Status};
 use containerd_client::types::Mount;
 use nix::sys::stat::Mode;
 use oci_spec::runtime::{LinuxNamespaceBuilder, LinuxNamespaceType};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::unix::pipe;
 
-use crate::{Network, RunRequest, Runtime, RuntimeError, spec};
+use crate::{Network, RunRequest, Runtime, RuntimeError, drain, spec};
 
 /// containerd's type URL for an OCI runtime spec in an `Any`.
 const SPEC_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec";
@@ -356,16 +355,6 @@ fn start_error(command: &str, s: Status) -> RuntimeError {
         RuntimeError::Exec { command: command.into(), reason: msg.into() }
     } else {
         RuntimeError::Container(format!("containerd create task: {msg}"))
-    }
-}
-
-async fn drain(
-    src: Option<impl AsyncRead + Unpin>,
-    mut dst: Box<dyn AsyncWrite + Send + Unpin + '_>,
-) -> std::io::Result<()> {
-    match src {
-        Some(mut src) => tokio::io::copy(&mut src, &mut dst).await.map(drop),
-        None => Ok(()),
     }
 }
 

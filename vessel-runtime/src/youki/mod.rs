@@ -12,7 +12,7 @@ use std::process::Stdio;
 use async_trait::async_trait;
 use nix::fcntl::OFlag;
 
-use crate::{RunRequest, Runtime, RuntimeError, spec};
+use crate::{RunRequest, Runtime, RuntimeError, drain, spec};
 
 /// Marks a process as a runner; the other variables say what to run.
 pub(crate) const RUNNER_ENV: &str = "VESSEL_YOUKI_RUNNER";
@@ -59,17 +59,6 @@ struct BundleGuard(PathBuf);
 impl Drop for BundleGuard {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Copies one of the runner's output pipes to the caller's writer.
-async fn drain(
-    src: Option<impl tokio::io::AsyncRead + Unpin>,
-    mut dst: Box<dyn tokio::io::AsyncWrite + Send + Unpin + '_>,
-) -> std::io::Result<()> {
-    match src {
-        Some(mut src) => tokio::io::copy(&mut src, &mut dst).await.map(drop),
-        None => Ok(()),
     }
 }
 

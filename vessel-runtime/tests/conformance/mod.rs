@@ -13,6 +13,43 @@ use vessel_runtime::{Limits, Network, RunRequest, Runtime, RuntimeErrorKind, Tty
 
 pub type CaseResult = Result<(), String>;
 
+/// Every conformance case of `$suite` (an `Arc<Suite<_>>`) as a trial, each
+/// run to completion by `$block_on` (a backend's way of driving a future).
+/// The one list of cases, so both backends always run all of them.
+macro_rules! trials {
+    ($suite:expr, $block_on:expr) => {{
+        let suite = $suite;
+        macro_rules! case {
+            ($case:ident) => {{
+                let suite = suite.clone();
+                libtest_mimic::Trial::test(stringify!($case), move || $block_on(async move { suite.$case().await }))
+            }};
+        }
+        vec![
+            case!(exit_codes),
+            case!(signals_give_128_plus_n),
+            case!(stdout_and_stderr_are_kept_apart),
+            case!(stdin_is_piped),
+            case!(discarded_streams_are_writable),
+            case!(env_and_cwd),
+            case!(tty_mode),
+            case!(large_output_streams),
+            case!(cancel_kills_everything),
+            case!(network_none_has_only_loopback),
+            case!(host_processes_are_invisible),
+            case!(seccomp_and_capabilities_confine),
+            case!(etc_files_and_hostname),
+            case!(missing_binary_is_a_clear_error),
+            case!(memory_limit_oom_kills),
+            case!(pids_limit_stops_a_fork_bomb),
+            case!(cpu_quota_is_applied),
+            case!(read_only_binds),
+            case!(concurrent_runs),
+        ]
+    }};
+}
+pub(crate) use trials;
+
 /// A backend under test and the rootfs it runs on.
 pub struct Suite<R: Runtime> {
     pub runtime: R,
