@@ -231,6 +231,28 @@ impl LayerCache {
         }
     }
 
+    /// Drops every reference `holder` has, whatever the layers (e.g. when a
+    /// vessel is deleted, or its creation failed half-way); returns how many.
+    pub fn release_all(&self, holder: &str) -> Result<usize, SnapshotError> {
+        if !valid_holder(holder) {
+            return Err(SnapshotError::Malformed(format!("invalid layer holder {holder:?}")));
+        }
+        let refs = self.root.join("refs");
+        let mut released = 0;
+        for e in fs::read_dir(&refs).map_err(SnapshotError::io("read directory", &refs))? {
+            let name = e.map_err(SnapshotError::io("read directory", &refs))?.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let _lock = self.lock_name(name)?;
+            let p = refs.join(name).join(holder);
+            match fs::remove_file(&p) {
+                Ok(()) => released += 1,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(SnapshotError::io("remove", &p)(e)),
+            }
+        }
+        Ok(released)
+    }
+
     /// The holders of `key`'s layer.
     pub fn holders(&self, key: &LayerKey) -> Result<Vec<String>, SnapshotError> {
         let dir = self.root.join("refs").join(key.dir_name());

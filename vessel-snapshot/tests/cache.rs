@@ -120,6 +120,15 @@ fn gc_removes_only_unreferenced_layers() {
     assert!(cache.retain(&ka, "v3").unwrap());
     assert!(scratch_dirs(&cache).is_empty());
     assert!(cache.get_or_unpack(&ka, "../x", None, || Ok(&a[..])).is_err(), "holder names are validated");
+    // release_all drops one holder's references across layers, and only its.
+    cache.get_or_unpack(&kb, "v3", Some(&db), || Ok(&b[..])).unwrap();
+    cache.retain(&ka, "v4").unwrap();
+    assert_eq!(cache.release_all("v3").unwrap(), 2);
+    assert_eq!(cache.release_all("v3").unwrap(), 0);
+    assert!(cache.holders(&kb).unwrap().is_empty() && cache.holders(&ka).unwrap() == ["v1", "v4"]);
+    assert_eq!(cache.gc().unwrap(), 1);
+    assert!(cache.contains(&ka) && !cache.contains(&kb));
+    assert!(cache.release_all("../x").is_err(), "holder names are validated");
 }
 
 #[test]

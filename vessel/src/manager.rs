@@ -286,7 +286,7 @@ impl Manager {
         let image = match self.shared.import_image(&reference, &id).await {
             Ok(i) => i,
             Err(e) => {
-                self.release_layers(&id, &[], &[]);
+                self.release_layers(&id);
                 return Err(e);
             }
         };
@@ -309,7 +309,7 @@ impl Manager {
         let vessel = match vessel {
             Ok(v) => v,
             Err(e) => {
-                self.release_layers(&id, &image.layers.iter().map(|l| l.diff_id.clone()).collect::<Vec<_>>(), &[]);
+                self.release_layers(&id);
                 return Err(e);
             }
         };
@@ -324,15 +324,20 @@ impl Manager {
         Vessel::from_inner(inner)
     }
 
-    fn release_layers(&self, id: &VesselId, diff_ids: &[String], snapshots: &[SnapshotId]) {
-        let keys = diff_ids
-            .iter()
-            .filter_map(|d| LayerKey::diff_id(d).ok())
-            .chain(snapshots.iter().map(|s| LayerKey::Snapshot(s.clone())));
-        for k in keys {
-            let _ = self.shared.cache.release(&k, id.as_str());
+    /// Drops every reference `id` has in this host's layer cache (image and
+    /// snapshot layers) and removes the layers nobody holds any more.
+    fn release_layers(&self, id: &VesselId) {
+        if let Err(e) = self.shared.cache.release_all(id.as_str()).and_then(|_| self.shared.cache.gc()) {
+            tracing::warn!(%id, error = %e, "could not release cached layers");
         }
-        let _ = self.shared.cache.gc();
+    }
+
+    /// `id`'s manifest, or `VesselNotFound`.
+    async fn load_manifest(&self, id: &VesselId) -> Result<VesselManifest> {
+        match self.shared.storage.load_vessel_manifest(id).await {
+            Err(e) if e.kind() == StorageErrorKind::NotFound => Err(VesselError::VesselNotFound(id.clone())),
+            r => Ok(r?),
+        }
     }
 
     /// Opens a vessel at its current snapshot's state (uncommitted changes
@@ -341,10 +346,17 @@ impl Manager {
     pub async fn open_vessel(&self, id: &str) -> Result<Vessel> {
         let id = VesselId::new(id)?;
         let lock = self.shared.lock(&id)?;
-        let manifest = match self.shared.storage.load_vessel_manifest(&id).await {
-            Err(e) if e.kind() == StorageErrorKind::NotFound => return Err(VesselError::VesselNotFound(id)),
-            r => r?,
-        };
+        let manifest = self.load_manifest(&id).await?;
+        let opened = self.start_vessel(manifest, lock).await;
+        if opened.is_err() {
+            // What was fetched or retained for this open only.
+            self.release_layers(&id);
+        }
+        Ok(self.register(opened?))
+    }
+
+    async fn start_vessel(&self, manifest: VesselManifest, lock: Flock<fs::File>) -> Result<Arc<Inner>> {
+        let id = manifest.id.clone();
         // Remains of an earlier session of this vessel on this host.
         scrub(&self.shared.vessel_dir(&id))?;
         let image = self.shared.import_image(&manifest.base_image_ref, &id).await?;
@@ -363,8 +375,7 @@ impl Manager {
                 chain.push(self.shared.snapshot_layer(&id, &s.id, &s.checksum).await?);
             }
         }
-        let inner = Inner::start(self.shared.clone(), manifest, &image, chain, lock).await?;
-        Ok(self.register(inner))
+        Inner::start(self.shared.clone(), manifest, &image, chain, lock).await
     }
 
     /// Deletes a vessel: its snapshots and manifest from storage, its layers
@@ -377,32 +388,11 @@ impl Manager {
             inner.close().await?;
         }
         let _lock = self.shared.lock(&id)?;
-        let manifest = match self.shared.storage.load_vessel_manifest(&id).await {
-            Err(e) if e.kind() == StorageErrorKind::NotFound => return Err(VesselError::VesselNotFound(id)),
-            r => r?,
-        };
+        self.load_manifest(&id).await?;
         scrub(&self.shared.vessel_dir(&id))?;
         self.shared.storage.delete_vessel(&id).await?;
-        let snapshots: Vec<SnapshotId> = manifest.snapshots.iter().map(|s| s.id.clone()).collect();
-        // The image layers' keys: every layer this vessel holds is released.
-        let held: Vec<String> = self.held_diff_ids(&id);
-        self.release_layers(&id, &held, &snapshots);
+        self.release_layers(&id);
         Ok(())
-    }
-
-    /// Diff ids of the image layers `id` holds in this host's cache.
-    fn held_diff_ids(&self, id: &VesselId) -> Vec<String> {
-        let refs = self.shared.cache.root().join("refs");
-        let mut out = Vec::new();
-        for e in fs::read_dir(&refs).into_iter().flatten().flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(hex) = name.strip_prefix("sha256-")
-                && e.path().join(id.as_str()).exists()
-            {
-                out.push(format!("sha256:{hex}"));
-            }
-        }
-        out
     }
 
     /// The vessels in storage.
