@@ -13,7 +13,7 @@
 use std::fs;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -239,9 +239,8 @@ fn open_in(root: &OwnedFd, path: &str, flags: OFlag, mode: u32) -> Result<OwnedF
     }
 }
 
-fn parent_of<'p>(root: &OwnedFd, path: &'p str, op: &'static str) -> Result<(OwnedFd, &'p str)> {
+fn parent_of<'p>(root: &OwnedFd, path: &'p str) -> Result<(OwnedFd, &'p str)> {
     let (parent, name) = split(path).ok_or(VesselError::InvalidPath { path: path.into(), reason: "it is the root" })?;
-    let _ = op;
     let dir = open_in(root, parent, OFlag::O_PATH | OFlag::O_DIRECTORY, 0)?;
     Ok((dir, name))
 }
@@ -270,7 +269,7 @@ pub(crate) fn stat(root: &OwnedFd, path: &str) -> Result<FileInfo> {
 }
 
 pub(crate) fn make_dir(root: &OwnedFd, path: &str, perm: u32) -> Result<()> {
-    let (dir, name) = parent_of(root, path, "mkdir")?;
+    let (dir, name) = parent_of(root, path)?;
     mkdirat(&dir, name, Mode::from_bits_truncate(perm)).map_err(file_err("mkdir", path))
 }
 
@@ -323,7 +322,7 @@ pub(crate) fn read_dir(root: &OwnedFd, path: &str) -> Result<Vec<FileInfo>> {
 }
 
 pub(crate) fn delete(root: &OwnedFd, path: &str) -> Result<()> {
-    let (dir, name) = parent_of(root, path, "delete")?;
+    let (dir, name) = parent_of(root, path)?;
     match nix::unistd::unlinkat(&dir, name, UnlinkatFlags::NoRemoveDir) {
         Err(Errno::EISDIR) => nix::unistd::unlinkat(&dir, name, UnlinkatFlags::RemoveDir),
         r => r,
@@ -332,8 +331,8 @@ pub(crate) fn delete(root: &OwnedFd, path: &str) -> Result<()> {
 }
 
 pub(crate) fn rename(root: &OwnedFd, from: &str, to: &str) -> Result<()> {
-    let (from_dir, from_name) = parent_of(root, from, "rename")?;
-    let (to_dir, to_name) = parent_of(root, to, "rename")?;
+    let (from_dir, from_name) = parent_of(root, from)?;
+    let (to_dir, to_name) = parent_of(root, to)?;
     nix::fcntl::renameat(&from_dir, from_name, &to_dir, to_name).map_err(file_err("rename", from))
 }
 
@@ -380,24 +379,8 @@ impl File {
     /// The file's metadata.
     pub fn stat(&self) -> Result<FileInfo> {
         let name = split(&self.path).map(|(_, n)| n.to_owned()).unwrap_or_default();
-        self.guarded("stat", |f| {
-            let m = f.metadata()?;
-            Ok(FileInfo {
-                name,
-                file_type: if m.is_dir() {
-                    FileType::Dir
-                } else if m.is_file() {
-                    FileType::File
-                } else {
-                    FileType::Other
-                },
-                size: m.len(),
-                mode: m.permissions().mode() & 0o7777,
-                uid: m.uid(),
-                gid: m.gid(),
-                modified: m.modified()?,
-            })
-        })
+        let st = self.guarded("stat", |f| nix::sys::stat::fstat(f).map_err(io::Error::from))?;
+        Ok(FileInfo::from_stat(name, &st))
     }
 
     /// Flushes data and metadata to the disk (`fsync`).

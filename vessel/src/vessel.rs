@@ -121,7 +121,7 @@ impl Inner {
         let dir = shared.vessel_dir(&id);
         fs::create_dir_all(dir.join("rootfs")).map_err(VesselError::io("create", &dir))?;
         let image_layers: Vec<PathBuf> = image.layers.iter().map(|l| l.path.clone()).collect();
-        let mount = mount_at(&dir, &chain, &image_layers)?;
+        let mount = mount_at(&dir, &chain, &image_layers, Upper::Fresh)?;
         let root = open_root(&dir.join("rootfs"))?;
         let work_dir = manifest.work_dir.clone();
         vfs::make_dir_all(&root, &work_dir, 0o755)?;
@@ -172,10 +172,21 @@ impl Inner {
     }
 }
 
-/// Mounts the vessel's rootfs: `chain` (root first) over the image, with
-/// a fresh upper.
-fn mount_at(dir: &Path, chain: &[PathBuf], image_layers: &[PathBuf]) -> Result<OverlayMount> {
-    fresh_dir(&dir.join("upper"))?;
+/// What becomes of the upper dir when the rootfs is (re)mounted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Upper {
+    /// Emptied: a new session, or a new snapshot or restore on top.
+    Fresh,
+    /// Kept as it is: recovery after a failed snapshot or restore.
+    Keep,
+}
+
+/// Mounts the vessel's rootfs: `chain` (root first) over the image.
+fn mount_at(dir: &Path, chain: &[PathBuf], image_layers: &[PathBuf], upper: Upper) -> Result<OverlayMount> {
+    match upper {
+        Upper::Fresh => fresh_dir(&dir.join("upper"))?,
+        Upper::Keep => fs::create_dir_all(dir.join("upper")).map_err(VesselError::io("create", dir))?,
+    }
     fresh_dir(&dir.join("work"))?;
     let lowers: Vec<&Path> = chain.iter().rev().chain(image_layers.iter().rev()).map(PathBuf::as_path).collect();
     Ok(OverlayMount::mount(&dir.join("rootfs"), &lowers, Some((&dir.join("upper"), &dir.join("work"))))?)
@@ -355,7 +366,7 @@ impl Vessel {
         let result = self.snapshot_locked(&mut state, message).await;
         if state.mount.is_none() {
             // Failed before the new mount: back to the previous state.
-            match mount_at_keep(&inner.dir, &state.chain, &inner.image_layers) {
+            match mount_at(&inner.dir, &state.chain, &inner.image_layers, Upper::Keep) {
                 Ok(m) => state.mount = Some(m),
                 Err(e) => tracing::error!(id = %inner.id, error = %e, "could not remount after a failed snapshot"),
             }
@@ -417,7 +428,7 @@ impl Vessel {
         }
         *inner.manifest.lock().unwrap_or_else(|e| e.into_inner()) = manifest;
         state.chain.push(layer);
-        state.mount = Some(mount_at(&inner.dir, &state.chain, &inner.image_layers)?);
+        state.mount = Some(mount_at(&inner.dir, &state.chain, &inner.image_layers, Upper::Fresh)?);
         Ok(snap)
     }
 
@@ -426,13 +437,14 @@ impl Vessel {
     /// cached chain is remounted, not copied.
     pub async fn restore_snapshot(&self, id: &SnapshotId) -> Result<()> {
         let inner = &self.inner;
-        let manifest = inner.manifest();
-        if manifest.snapshot(id).is_none() {
-            return Err(VesselError::SnapshotNotFound { vessel: inner.id.clone(), snapshot: id.clone() });
-        }
         let mut state = inner.state.write().await;
         if state.closed {
             return Err(VesselError::Closed(inner.id.clone()));
+        }
+        // Read under the lock: a snapshot that just finished is in it.
+        let manifest = inner.manifest();
+        if manifest.snapshot(id).is_none() {
+            return Err(VesselError::SnapshotNotFound { vessel: inner.id.clone(), snapshot: id.clone() });
         }
         // Fetch what this host lacks before touching the mount.
         let mut chain = Vec::new();
@@ -448,17 +460,23 @@ impl Vessel {
             if let Some(m) = state.mount.take() {
                 m.unmount()?;
             }
-            state.mount = Some(mount_at(&inner.dir, &chain, &inner.image_layers)?);
+            state.mount = Some(mount_at(&inner.dir, &chain, &inner.image_layers, Upper::Fresh)?);
             Ok::<_, VesselError>(())
         })();
         if remounted.is_ok() {
             state.chain = chain;
-        } else if state.mount.is_none()
-            && let Ok(m) = mount_at_keep(&inner.dir, &state.chain, &inner.image_layers)
-        {
-            state.mount = Some(m);
+            *inner.manifest.lock().unwrap_or_else(|e| e.into_inner()) = updated;
+        } else {
+            // Back to the previous snapshot, in storage and on the mount.
+            if let Err(e) = inner.shared.storage.save_vessel_manifest(&manifest).await {
+                tracing::error!(id = %inner.id, error = %e, "could not put the manifest back after a failed restore");
+            }
+            if state.mount.is_none()
+                && let Ok(m) = mount_at(&inner.dir, &state.chain, &inner.image_layers, Upper::Keep)
+            {
+                state.mount = Some(m);
+            }
         }
-        *inner.manifest.lock().unwrap_or_else(|e| e.into_inner()) = updated;
         inner.gate.thaw(open_root(&inner.dir.join("rootfs")).ok(), true);
         remounted
     }
@@ -498,12 +516,4 @@ impl Vessel {
     pub async fn close(&self) -> Result<()> {
         self.inner.close().await
     }
-}
-
-/// Remounts `chain` keeping the existing upper (recovery after a failure).
-fn mount_at_keep(dir: &Path, chain: &[PathBuf], image_layers: &[PathBuf]) -> Result<OverlayMount> {
-    fs::create_dir_all(dir.join("upper")).map_err(VesselError::io("create", dir))?;
-    fresh_dir(&dir.join("work"))?;
-    let lowers: Vec<&Path> = chain.iter().rev().chain(image_layers.iter().rev()).map(PathBuf::as_path).collect();
-    Ok(OverlayMount::mount(&dir.join("rootfs"), &lowers, Some((&dir.join("upper"), &dir.join("work"))))?)
 }
