@@ -90,6 +90,26 @@ impl VesselManifest {
         }
         out
     }
+
+    /// The snapshot history as a tree, depth first: each snapshot with its
+    /// depth (0 for roots), children in the order they were made. Snapshots
+    /// whose parent is missing count as roots, so none is left out.
+    pub fn tree(&self) -> Vec<(usize, &SnapshotManifest)> {
+        let is_root = |s: &SnapshotManifest| s.parent_id.as_ref().is_none_or(|p| self.snapshot(p).is_none());
+        let mut out = Vec::with_capacity(self.snapshots.len());
+        let mut stack: Vec<(usize, &SnapshotManifest)> =
+            self.snapshots.iter().filter(|s| is_root(s)).rev().map(|s| (0, s)).collect();
+        while let Some((depth, s)) = stack.pop() {
+            // A cyclic manifest cannot make this loop forever.
+            if out.len() >= self.snapshots.len() {
+                break;
+            }
+            out.push((depth, s));
+            let children = self.snapshots.iter().filter(|c| c.parent_id.as_ref() == Some(&s.id));
+            stack.extend(children.rev().map(|c| (depth + 1, c)));
+        }
+        out
+    }
 }
 
 fn null_is_default<'de, D, T>(d: D) -> Result<T, D::Error>
@@ -182,6 +202,28 @@ mod tests {
         assert!(serde_json::from_str::<VesselManifest>(&bad_parent).is_err());
         let bad_time = GO_MANIFEST.replace("2025-03-01T10:15:00Z", "yesterday");
         assert!(serde_json::from_str::<VesselManifest>(&bad_time).is_err());
+    }
+
+    #[test]
+    fn tree_is_depth_first_with_forks() {
+        let mut m: VesselManifest = serde_json::from_str(GO_MANIFEST).unwrap();
+        let root = m.snapshots[0].clone();
+        let mut fork = m.snapshots[1].clone();
+        fork.id = SnapshotId::new("00000000000000f0").unwrap();
+        fork.message = "fork".into();
+        let mut grandchild = m.snapshots[1].clone();
+        grandchild.id = SnapshotId::new("00000000000000f1").unwrap();
+        grandchild.parent_id = Some(m.snapshots[1].id.clone());
+        grandchild.message = "third".into();
+        let mut orphan = root.clone();
+        orphan.id = SnapshotId::new("00000000000000f2").unwrap();
+        orphan.parent_id = Some(SnapshotId::new("00000000000000ee").unwrap());
+        orphan.message = "orphan".into();
+        m.snapshots.extend([fork, grandchild, orphan]);
+        let tree: Vec<(usize, &str)> = m.tree().into_iter().map(|(d, s)| (d, s.message.as_str())).collect();
+        assert_eq!(tree, [(0, "first"), (1, "second"), (2, "third"), (1, "fork"), (0, "orphan")]);
+        m.snapshots[0].parent_id = Some(m.snapshots[1].id.clone());
+        assert!(m.tree().len() <= m.snapshots.len(), "a cycle cannot make it loop");
     }
 
     #[test]

@@ -12,8 +12,8 @@ use std::time::Instant;
 use anyhow::{Context, Result, ensure};
 use tokio::io::AsyncReadExt;
 use vessel::{
-    Backend, CompressedStorage, ExecOptions, ImageRef, LocalStorage, Manager, ManagerConfig, SnapshotId, Storage,
-    Vessel, VesselManifest,
+    Backend, CompressedStorage, ExecOptions, ImageRef, LocalStorage, Manager, ManagerConfig, Storage, Vessel,
+    VesselManifest,
 };
 
 fn step(name: &str, started: Instant) {
@@ -99,7 +99,7 @@ async fn demo() -> Result<()> {
     let expected = v.read_file("out.txt")?;
     let id = v.id().to_string();
     println!("\nsnapshot tree of {id}:");
-    print_tree(&v.manifest(), None, 0);
+    print_tree(&v.manifest());
     v.close().await?;
     mgr.close().await?;
 
@@ -116,10 +116,9 @@ async fn demo() -> Result<()> {
     Ok(())
 }
 
-fn print_tree(m: &VesselManifest, parent: Option<&SnapshotId>, depth: usize) {
-    for s in m.snapshots.iter().filter(|s| s.parent_id.as_ref() == parent) {
+fn print_tree(m: &VesselManifest) {
+    for (depth, s) in m.tree() {
         let current = if m.current_snapshot_id.as_ref() == Some(&s.id) { "  <- current" } else { "" };
         println!("  {}{} {} ({} B){current}", "  ".repeat(depth), s.id, s.message, s.size);
-        print_tree(m, Some(&s.id), depth + 1);
     }
 }
