@@ -1,0 +1,409 @@
+//! `vessel`: the command-line tool over [`vessel::Manager`].
+//!
+//! Each invocation opens what it needs and closes it again. Only snapshots
+//! are durable (see the crate docs), so the commands that change a vessel
+//! (`write`, `exec --persist`) commit a snapshot of their change; `exec`
+//! without `--persist` changes nothing.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio::io::AsyncRead;
+use vessel::{
+    Backend, CompressedStorage, ExecOptions, LocalStorage, Manager, ManagerConfig, SnapshotId, SnapshotManifest,
+    Vessel, VesselManifest,
+};
+
+#[derive(Debug, Parser)]
+#[command(name = "vessel", version, about = "Containerized, snapshotting workspaces for AI agents")]
+struct Cli {
+    /// Storage directory (manifests, snapshots, images; default ~/.local/share/vessel/data).
+    #[arg(long, global = true, env = "VESSEL_DATA")]
+    data: Option<PathBuf>,
+    /// This host's mount root (mounts, layer cache).
+    #[arg(long, global = true, env = "VESSEL_MOUNT_ROOT")]
+    mount_root: Option<PathBuf>,
+    /// Container runtime.
+    #[arg(long, global = true, value_enum, default_value_t = BackendArg::Youki, env = "VESSEL_BACKEND")]
+    backend: BackendArg,
+    /// containerd's socket (containerd backend).
+    #[arg(long, global = true, env = "VESSEL_CONTAINERD_ADDRESS")]
+    containerd_address: Option<PathBuf>,
+    /// containerd namespace.
+    #[arg(long, global = true, default_value = "vessel")]
+    namespace: String,
+    /// Machine-readable output (JSON on stdout).
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum BackendArg {
+    Youki,
+    Containerd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Images in storage.
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// Create a vessel from an image; prints its id.
+    Create {
+        /// Image reference, e.g. local/busybox:latest.
+        image: String,
+        /// Default directory for relative paths and commands.
+        #[arg(long, default_value = "/work")]
+        work_dir: String,
+    },
+    /// List vessels.
+    Ls,
+    /// Run a command in a vessel; exits with its exit code.
+    Exec {
+        /// Run on a terminal (stdin attached).
+        #[arg(short = 't', long)]
+        tty: bool,
+        /// Attach stdin.
+        #[arg(short = 'i', long)]
+        interactive: bool,
+        /// Keep the command's changes (committed as a snapshot).
+        #[arg(long)]
+        persist: bool,
+        /// Working directory inside the vessel.
+        #[arg(short = 'w', long)]
+        work_dir: Option<String>,
+        /// `KEY=VALUE` environment (repeatable).
+        #[arg(short = 'e', long = "env")]
+        env: Vec<String>,
+        /// Vessel id.
+        id: String,
+        /// The command and its arguments (after `--`).
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Print a file of a vessel to stdout.
+    Read {
+        /// Vessel id.
+        id: String,
+        /// Path inside the vessel (relative to its work dir).
+        path: String,
+    },
+    /// Write stdin to a file of a vessel (committed as a snapshot).
+    Write {
+        /// Vessel id.
+        id: String,
+        /// Path inside the vessel (relative to its work dir).
+        path: String,
+        /// Permission bits of a new file (octal).
+        #[arg(long, default_value = "644")]
+        mode: String,
+    },
+    /// Snapshot a vessel's current state.
+    Snapshot {
+        /// Vessel id.
+        id: String,
+        /// What the snapshot is.
+        #[arg(short, long, default_value = "")]
+        message: String,
+    },
+    /// A vessel's snapshots as a tree.
+    Snapshots {
+        /// Vessel id.
+        id: String,
+    },
+    /// Make a snapshot the vessel's current state.
+    Restore {
+        /// Vessel id.
+        id: String,
+        /// Snapshot id.
+        snapshot: String,
+    },
+    /// Delete a vessel, or one of its snapshots.
+    Rm {
+        /// Vessel id.
+        id: String,
+        /// Delete this snapshot instead of the vessel.
+        #[arg(long)]
+        snapshot: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCommand {
+    /// Import an image archive (docker save or OCI layout; plain, gzip or zstd).
+    Import {
+        /// The archive file.
+        archive: PathBuf,
+        /// The reference to store it as.
+        reference: String,
+    },
+    /// List the images in storage.
+    Ls,
+}
+
+fn main() -> ExitCode {
+    // Containers run in re-executed copies of this program: before any thread.
+    vessel::runtime::init();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("vessel: cannot start the async runtime: {e}");
+            return ExitCode::from(125);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("vessel: {e:#}");
+            // 125, as docker and podman say for an error of the tool itself.
+            ExitCode::from(125)
+        }
+    }
+}
+
+fn spinner(msg: String) -> ProgressBar {
+    let pb = ProgressBar::new_spinner().with_message(msg);
+    pb.set_style(ProgressStyle::with_template("{spinner} {msg} ({elapsed})").expect("a valid template"));
+    pb.enable_steady_tick(Duration::from_millis(100));
+    pb
+}
+
+fn print_json(v: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+async fn manager(cli: &Cli) -> Result<Manager> {
+    let mut config = ManagerConfig::default().namespace(cli.namespace.clone());
+    if let Some(data) = &cli.data {
+        let local = LocalStorage::new(data).with_context(|| format!("opening the storage at {}", data.display()))?;
+        config = config.storage(CompressedStorage::new(local));
+    }
+    config = config.backend(match cli.backend {
+        BackendArg::Youki => Backend::Youki,
+        BackendArg::Containerd => Backend::Containerd,
+    });
+    if let Some(root) = &cli.mount_root {
+        config = config.mount_root(root);
+    }
+    if let Some(a) = &cli.containerd_address {
+        config = config.containerd_address(a);
+    }
+    Ok(Manager::new(config).await?)
+}
+
+/// A reader of `file` that moves a progress bar.
+struct Progress<R> {
+    inner: R,
+    bar: ProgressBar,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Progress<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        self.bar.inc(n as u64);
+        r
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    let mgr = manager(&cli).await?;
+    let result = command(&cli, &mgr).await;
+    mgr.close().await?;
+    result
+}
+
+async fn open(mgr: &Manager, id: &str) -> Result<Vessel> {
+    let pb = spinner(format!("opening vessel {id}"));
+    let v = mgr.open_vessel(id).await.with_context(|| format!("cannot open vessel {id}"));
+    pb.finish_and_clear();
+    v
+}
+
+async fn commit(v: &Vessel, message: String, json: bool) -> Result<SnapshotManifest> {
+    let pb = spinner(format!("snapshot {message:?}"));
+    let snap = v.create_snapshot(&message).await?;
+    pb.finish_and_clear();
+    if !json {
+        eprintln!("snapshot {} ({} B)", snap.id, snap.size);
+    }
+    Ok(snap)
+}
+
+async fn command(cli: &Cli, mgr: &Manager) -> Result<ExitCode> {
+    match &cli.command {
+        Command::Image(ImageCommand::Import { archive, reference }) => {
+            let file =
+                tokio::fs::File::open(archive).await.with_context(|| format!("opening {}", archive.display()))?;
+            let size = file.metadata().await?.len();
+            let bar = ProgressBar::new(size).with_message(format!("importing {reference}"));
+            bar.set_style(
+                ProgressStyle::with_template("{msg} {bar:30} {bytes}/{total_bytes} ({bytes_per_sec})")
+                    .expect("a valid template"),
+            );
+            mgr.import_image(reference, Box::new(Progress { inner: file, bar: bar.clone() })).await?;
+            bar.finish_and_clear();
+            if cli.json {
+                print_json(&serde_json::json!({ "reference": reference, "bytes": size }))?;
+            } else {
+                println!("{reference}");
+            }
+        }
+        Command::Image(ImageCommand::Ls) => {
+            let images: Vec<String> = mgr.storage().list_images().await?.iter().map(|i| i.to_string()).collect();
+            if cli.json {
+                print_json(&images)?;
+            } else {
+                images.iter().for_each(|i| println!("{i}"));
+            }
+        }
+        Command::Create { image, work_dir } => {
+            let pb = spinner(format!("creating a vessel from {image}"));
+            let v = mgr.create_vessel(image, work_dir).await?;
+            // The initial state (image + work dir) is the vessel's first snapshot.
+            v.create_snapshot("create").await?;
+            pb.finish_and_clear();
+            if cli.json {
+                print_json(&v.manifest())?;
+            } else {
+                println!("{}", v.id());
+            }
+            v.close().await?;
+        }
+        Command::Ls => {
+            let vessels = mgr.list_vessels().await?;
+            if cli.json {
+                print_json(&vessels)?;
+            } else {
+                println!("{:<18} {:<30} {:<18} {:>9}  UPDATED", "ID", "IMAGE", "CURRENT", "SNAPSHOTS");
+                for m in vessels {
+                    println!(
+                        "{:<18} {:<30} {:<18} {:>9}  {}",
+                        m.id.as_str(),
+                        m.base_image_ref.as_str(),
+                        m.current_snapshot_id.as_ref().map_or("-", |s| s.as_str()),
+                        m.snapshots.len(),
+                        m.update_time.format("%Y-%m-%d %H:%M:%S")
+                    );
+                }
+            }
+        }
+        Command::Exec { tty, interactive, persist, work_dir, env, id, command } => {
+            let v = open(mgr, id).await?;
+            let stdin: Option<Box<dyn AsyncRead + Send + Unpin>> =
+                (*tty || *interactive).then(|| Box::new(tokio::io::stdin()) as _);
+            let res = v
+                .exec(ExecOptions {
+                    command: command.clone(),
+                    work_dir: work_dir.clone(),
+                    env: env.clone(),
+                    stdin,
+                    stdout: Some(Box::new(tokio::io::stdout())),
+                    stderr: Some(Box::new(tokio::io::stderr())),
+                    tty: *tty,
+                    persist_result: *persist,
+                })
+                .await?;
+            if *persist {
+                commit(&v, format!("exec {}", command.join(" ")), cli.json).await?;
+            }
+            v.close().await?;
+            if cli.json {
+                print_json(&serde_json::json!({ "exit_code": res.exit_code }))?;
+            }
+            return Ok(ExitCode::from(u8::try_from(res.exit_code).unwrap_or(255)));
+        }
+        Command::Read { id, path } => {
+            let v = open(mgr, id).await?;
+            let data = v.read_file(path);
+            v.close().await?;
+            std::io::stdout().write_all(&data?)?;
+        }
+        Command::Write { id, path, mode } => {
+            let mode = u32::from_str_radix(mode, 8).with_context(|| format!("--mode {mode:?} is not octal"))?;
+            let mut data = Vec::new();
+            if std::io::stdin().is_terminal() {
+                bail!("write reads the file's content from stdin: pipe or redirect it");
+            }
+            std::io::stdin().read_to_end(&mut data)?;
+            let v = open(mgr, id).await?;
+            v.write_file(path, &data, mode)?;
+            let snap = commit(&v, format!("write {path}"), cli.json).await?;
+            v.close().await?;
+            if cli.json {
+                print_json(&snap)?;
+            }
+        }
+        Command::Snapshot { id, message } => {
+            let v = open(mgr, id).await?;
+            let snap = commit(&v, message.clone(), true).await?;
+            v.close().await?;
+            if cli.json {
+                print_json(&snap)?;
+            } else {
+                println!("{}", snap.id);
+            }
+        }
+        Command::Snapshots { id } => {
+            let v = open(mgr, id).await?;
+            let m = v.manifest();
+            v.close().await?;
+            if cli.json {
+                print_json(&m.snapshots)?;
+            } else {
+                print_tree(&m);
+            }
+        }
+        Command::Restore { id, snapshot } => {
+            let snapshot = SnapshotId::new(snapshot)?;
+            let v = open(mgr, id).await?;
+            let pb = spinner(format!("restoring {snapshot}"));
+            let restored = v.restore_snapshot(&snapshot).await;
+            pb.finish_and_clear();
+            v.close().await?;
+            restored?;
+            if cli.json {
+                print_json(&serde_json::json!({ "id": id, "currentSnapshotId": snapshot }))?;
+            }
+        }
+        Command::Rm { id, snapshot: Some(snapshot) } => {
+            let snapshot = SnapshotId::new(snapshot)?;
+            let v = open(mgr, id).await?;
+            let deleted = v.delete_snapshot(&snapshot).await;
+            v.close().await?;
+            deleted?;
+        }
+        Command::Rm { id, snapshot: None } => {
+            mgr.delete_vessel(id).await?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_tree(m: &VesselManifest) {
+    for (depth, s) in m.tree() {
+        let current = if m.current_snapshot_id.as_ref() == Some(&s.id) { "  <- current" } else { "" };
+        println!(
+            "{}{} {} {:?} ({} B){current}",
+            "  ".repeat(depth),
+            s.id,
+            s.create_time.format("%Y-%m-%d %H:%M:%S"),
+            s.message,
+            s.size
+        );
+    }
+}

@@ -1,0 +1,165 @@
+//! The `vessel` command line, run as a user would: a whole session through
+//! the built binary (youki backend; containerd too when
+//! `VESSEL_CONTAINERD_ADDRESS` names a daemon), checking output, JSON, exit
+//! codes and errors. Each command is its own process, so this also proves
+//! that the state that matters lives in storage.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use anyhow::{Context, Result, ensure};
+use libtest_mimic::{Arguments, Failed, Trial};
+
+struct Session {
+    data: PathBuf,
+    mounts: PathBuf,
+    backend: &'static str,
+    address: Option<PathBuf>,
+}
+
+impl Session {
+    fn run(&self, args: &[&str], stdin: Option<&[u8]>) -> Result<Output> {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vessel"));
+        cmd.arg("--data").arg(&self.data).arg("--mount-root").arg(&self.mounts).args([
+            "--backend",
+            self.backend,
+            "--namespace",
+            &format!("vessel-cli-{}", std::process::id()),
+        ]);
+        if let Some(a) = &self.address {
+            cmd.arg("--containerd-address").arg(a);
+        }
+        cmd.args(args)
+            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn()?;
+        if let Some(input) = stdin {
+            child.stdin.take().context("stdin")?.write_all(input)?;
+        }
+        Ok(child.wait_with_output()?)
+    }
+
+    /// Runs a command that must succeed; returns its stdout.
+    fn ok(&self, args: &[&str], stdin: Option<&[u8]>) -> Result<String> {
+        let out = self.run(args, stdin)?;
+        ensure!(out.status.success(), "vessel {args:?}: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+        Ok(String::from_utf8(out.stdout)?)
+    }
+}
+
+fn main() {
+    vessel::runtime::init();
+    let args = Arguments::from_args();
+    let ci = std::env::var_os("CI").is_some();
+    let Some(image_dir) = std::env::var_os("VESSEL_TEST_IMAGE_DIR").map(PathBuf::from) else {
+        assert!(!ci, "VESSEL_TEST_IMAGE_DIR is unset under CI");
+        eprintln!("SKIPPED cli tests: VESSEL_TEST_IMAGE_DIR is unset; run `cargo xtask test`");
+        println!("cli: 0 passed, 0 failed, 1 skipped");
+        return;
+    };
+    if !nix::unistd::geteuid().is_root() {
+        assert!(!ci, "CI runs as root");
+        eprintln!("SKIPPED cli tests: they mount overlays and run containers; run as root");
+        println!("cli: 0 passed, 0 failed, 1 skipped");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut backends: Vec<(&'static str, Option<PathBuf>)> = vec![("youki", None)];
+    if cfg!(feature = "containerd") {
+        match std::env::var_os("VESSEL_CONTAINERD_ADDRESS") {
+            Some(a) => backends.push(("containerd", Some(PathBuf::from(a)))),
+            None => {
+                assert!(!ci, "VESSEL_CONTAINERD_ADDRESS is unset under CI");
+                eprintln!("SKIPPED cli tests on containerd: VESSEL_CONTAINERD_ADDRESS is unset");
+            }
+        }
+    }
+    let trials = backends
+        .into_iter()
+        .map(|(backend, address)| {
+            let s = Session {
+                data: tmp.path().join(backend).join("data"),
+                mounts: tmp.path().join(backend).join("mounts"),
+                backend,
+                address,
+            };
+            let image = image_dir.join("busybox-oci.tar");
+            Trial::test(format!("{backend}::a_whole_session"), move || {
+                a_whole_session(&s, &image).map_err(|e| Failed::from(format!("{e:#}")))
+            })
+        })
+        .collect();
+    let conclusion = libtest_mimic::run(&args, trials);
+    let mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
+        .filter(|m| Path::new(m).starts_with(tmp.path()))
+        .collect();
+    if !mounts.is_empty() {
+        eprintln!("leaks: mounts {mounts:?}");
+        std::process::exit(101);
+    }
+    println!("leak check: no mount left");
+    conclusion.exit();
+}
+
+fn a_whole_session(s: &Session, image: &Path) -> Result<()> {
+    let image = image.to_str().context("utf-8 path")?;
+    ensure!(s.ok(&["image", "import", image, "local/busybox:latest"], None)?.trim() == "local/busybox:latest");
+    let images: Vec<String> = serde_json::from_str(&s.ok(&["image", "ls", "--json"], None)?)?;
+    ensure!(images == ["local/busybox:latest"], "{images:?}");
+
+    let id = s.ok(&["create", "local/busybox:latest"], None)?.trim().to_owned();
+    ensure!(id.len() == 16, "create printed {id:?}");
+    let ls = s.ok(&["ls"], None)?;
+    ensure!(ls.lines().count() == 2 && ls.contains(&id), "{ls}");
+
+    // write (stdin in) and read (file out), across processes.
+    s.ok(&["exec", "--persist", &id, "--", "mkdir", "-p", "notes"], None)?;
+    s.ok(&["write", &id, "notes/hello.txt"], Some(b"hello from stdin\n"))?;
+    ensure!(s.ok(&["read", &id, "notes/hello.txt"], None)? == "hello from stdin\n");
+
+    // exec streams stdio and returns the exit code; --persist keeps changes.
+    let out = s.run(&["exec", &id, "--", "sh", "-c", "cat notes/hello.txt; echo oops >&2; exit 7"], None)?;
+    ensure!(out.status.code() == Some(7), "{}", out.status);
+    ensure!(out.stdout == b"hello from stdin\n" && out.stderr == b"oops\n", "{out:?}");
+    let out = s.run(&["exec", "-i", &id, "--", "sh", "-c", "tr a-z A-Z > up.txt; cat up.txt"], Some(b"shout\n"))?;
+    ensure!(out.status.success() && out.stdout == b"SHOUT\n", "{out:?}");
+    ensure!(s.run(&["read", &id, "up.txt"], None)?.status.code() == Some(125), "a throwaway exec left a file");
+    s.ok(&["exec", "--persist", &id, "--", "sh", "-c", "echo kept > kept.txt"], None)?;
+    ensure!(s.ok(&["read", &id, "kept.txt"], None)? == "kept\n");
+
+    // snapshot, tree, restore, fork, rm of a snapshot.
+    let snap = s.ok(&["snapshot", &id, "-m", "checkpoint"], None)?.trim().to_owned();
+    s.ok(&["exec", "--persist", &id, "--", "rm", "kept.txt"], None)?;
+    s.ok(&["restore", &id, &snap], None)?;
+    ensure!(s.ok(&["read", &id, "kept.txt"], None)? == "kept\n");
+    s.ok(&["write", &id, "branch.txt"], Some(b"b\n"))?;
+    let tree = s.ok(&["snapshots", &id], None)?;
+    ensure!(tree.contains("\"checkpoint\"") && tree.contains("<- current"), "{tree}");
+    ensure!(
+        tree.lines().any(|l| l.starts_with("  ") && l.contains("write branch.txt")),
+        "a branch is indented: {tree}"
+    );
+    let snaps: Vec<serde_json::Value> = serde_json::from_str(&s.ok(&["snapshots", &id, "--json"], None)?)?;
+    let removed = snaps.iter().find(|v| v["message"] == "exec rm kept.txt").context("the rm snapshot")?;
+    s.ok(&["rm", &id, "--snapshot", removed["id"].as_str().unwrap()], None)?;
+    let out = s.run(&["rm", &id, "--snapshot", &snap], None)?;
+    ensure!(out.status.code() == Some(125), "deleting a parent: {out:?}");
+    ensure!(String::from_utf8_lossy(&out.stderr).contains("parent"), "{out:?}");
+
+    // Useful errors.
+    let out = s.run(&["read", "00000000deadbeef", "x"], None)?;
+    ensure!(out.status.code() == Some(125) && String::from_utf8_lossy(&out.stderr).contains("not found"), "{out:?}");
+    let out = s.run(&["create", "local/none:latest"], None)?;
+    ensure!(out.status.code() == Some(125) && String::from_utf8_lossy(&out.stderr).contains("not found"), "{out:?}");
+
+    let vessels: Vec<serde_json::Value> = serde_json::from_str(&s.ok(&["ls", "--json"], None)?)?;
+    ensure!(vessels.len() == 1 && vessels[0]["id"] == id.as_str());
+    s.ok(&["rm", &id], None)?;
+    ensure!(s.ok(&["ls", "--json"], None)?.trim() == "[]");
+    Ok(())
+}
