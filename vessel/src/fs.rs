@@ -226,17 +226,39 @@ pub(crate) fn file_err<'p>(op: &'static str, path: &'p str) -> impl FnOnce(Errno
     move |e| VesselError::File { op, path: path.into(), source: io::Error::from(e) }
 }
 
+/// Opens `path` inside the vessel. Anything but `O_PATH` opens only regular
+/// files and directories: a container can `mknod` a host disk's device node
+/// or leave a FIFO in its workspace, and opening those from the host would
+/// read the host's disk or hang. So the open is non-blocking and without a
+/// controlling terminal, the type is checked, then `O_NONBLOCK` is cleared.
 fn open_in(root: &OwnedFd, path: &str, flags: OFlag, mode: u32) -> Result<OwnedFd> {
-    let how = OpenHow::new().flags(flags | OFlag::O_CLOEXEC).mode(Mode::from_bits_truncate(mode)).resolve(resolve());
+    let plain = !flags.contains(OFlag::O_PATH);
+    let extra = if plain { OFlag::O_NONBLOCK | OFlag::O_NOCTTY } else { OFlag::empty() };
+    let how =
+        OpenHow::new().flags(flags | extra | OFlag::O_CLOEXEC).mode(Mode::from_bits_truncate(mode)).resolve(resolve());
     // `path` is absolute; IN_ROOT makes it relative to `root`. EAGAIN: a
     // rename or mount somewhere raced the resolution; it is safe to retry.
     let mut tries = 0;
-    loop {
+    let fd = loop {
         match openat2(root, path, how) {
             Err(Errno::EAGAIN) if tries < 100 => tries += 1,
-            r => return r.map_err(file_err("open", path)),
+            r => break r.map_err(file_err("open", path))?,
         }
+    };
+    if plain {
+        let st = nix::sys::stat::fstat(&fd).map_err(file_err("stat", path))?;
+        let fmt = SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits());
+        if fmt != SFlag::S_IFREG && fmt != SFlag::S_IFDIR {
+            return Err(VesselError::File {
+                op: "open",
+                path: path.into(),
+                source: io::Error::new(io::ErrorKind::InvalidInput, "not a regular file or directory"),
+            });
+        }
+        nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFL(flags & !OFlag::O_ACCMODE & !OFlag::O_NONBLOCK))
+            .map_err(file_err("open", path))?;
     }
+    Ok(fd)
 }
 
 fn parent_of<'p>(root: &OwnedFd, path: &'p str) -> Result<(OwnedFd, &'p str)> {

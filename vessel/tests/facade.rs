@@ -359,6 +359,36 @@ async fn path_security(w: Arc<World>) -> Result<()> {
     ensure!(v.read_file("pr/etc/hostname").is_err(), "magic links are refused");
     v.write_file("up/etc/evil", b"x", 0o644)?;
     ensure!(!Path::new("/etc/evil").exists(), "wrote to the host's /etc");
+    // Device nodes and FIFOs a container leaves behind (CAP_MKNOD) are never
+    // opened from the host: a block device would read the host's disk, a
+    // FIFO would hang. Made here from the host side, as a container could.
+    let work = v.rootfs().join("work");
+    let dev = |name: &str, kind: nix::sys::stat::SFlag, major, minor| {
+        nix::sys::stat::mknod(
+            &work.join(name),
+            kind,
+            nix::sys::stat::Mode::from_bits_truncate(0o666),
+            nix::sys::stat::makedev(major, minor),
+        )
+    };
+    dev("blk", nix::sys::stat::SFlag::S_IFBLK, 7, 0)?;
+    dev("chr", nix::sys::stat::SFlag::S_IFCHR, 1, 3)?;
+    nix::unistd::mkfifo(&work.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o666))?;
+    let v = Arc::new(v);
+    for name in ["blk", "chr", "fifo"] {
+        let vc = v.clone();
+        let tries = tokio::task::spawn_blocking(move || {
+            [
+                vc.read_file(name).is_err(),
+                vc.write_file(name, b"x", 0o644).is_err(),
+                vc.open_file(name, OpenFlags::O_RDONLY, 0).is_err(),
+                vc.open_file(name, OpenFlags::O_WRONLY | OpenFlags::O_APPEND, 0).is_err(),
+            ]
+        });
+        let refused = tokio::time::timeout(Duration::from_secs(10), tries).await.context("hangs")??;
+        ensure!(refused == [true; 4], "{name}: opened from the host {refused:?}");
+        ensure!(v.stat(name).is_ok(), "{name}: stat (no open) still works");
+    }
     mgr.close().await?;
     Ok(())
 }
