@@ -29,6 +29,9 @@ pub enum LayerKey {
     DiffId(String),
     /// A snapshot layer, by the snapshot's id.
     Snapshot(SnapshotId),
+    /// The whole tree (image and chain) as of a snapshot, in one layer: a
+    /// local stand-in for a deep chain, made on this host, never stored.
+    Flat(SnapshotId),
 }
 
 impl LayerKey {
@@ -48,6 +51,7 @@ impl LayerKey {
         match self {
             Self::DiffId(d) => format!("sha256-{}", &d["sha256:".len()..]),
             Self::Snapshot(id) => format!("snapshot-{id}"),
+            Self::Flat(id) => format!("flat-{id}"),
         }
     }
 }
@@ -185,7 +189,11 @@ impl LayerCache {
         let _lock = self.lock(key)?;
         let path = self.path(key);
         if !path.is_dir() {
-            let mut opts = ApplyOptions::new(ApplyMode::Overlay).allow_devices(matches!(key, LayerKey::DiffId(_)));
+            // Devices are trusted in image layers, and in flat layers (made
+            // here from layers already on this host); never in snapshots
+            // fetched from storage.
+            let devices = matches!(key, LayerKey::DiffId(_) | LayerKey::Flat(_));
+            let mut opts = ApplyOptions::new(ApplyMode::Overlay).allow_devices(devices);
             if let Some(d) = expected_digest {
                 opts = opts.expect_digest(d);
             }

@@ -33,6 +33,7 @@
 mod config;
 mod error;
 mod fs;
+mod layers;
 mod manager;
 mod vessel;
 

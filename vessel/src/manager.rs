@@ -305,7 +305,7 @@ impl Manager {
             labels,
             snapshots: Vec::new(),
         };
-        let vessel = Inner::start(self.shared.clone(), manifest.clone(), &image, Vec::new(), lock).await;
+        let vessel = Inner::start(self.shared.clone(), manifest.clone(), &image, lock).await;
         let vessel = match vessel {
             Ok(v) => v,
             Err(e) => {
@@ -369,13 +369,7 @@ impl Manager {
                 found: image.config_digest,
             });
         }
-        let mut chain = Vec::new();
-        if let Some(current) = &manifest.current_snapshot_id {
-            for s in manifest.chain(current).into_iter().rev() {
-                chain.push(self.shared.snapshot_layer(&id, &s.id, &s.checksum).await?);
-            }
-        }
-        Inner::start(self.shared.clone(), manifest, &image, chain, lock).await
+        Inner::start(self.shared.clone(), manifest, &image, lock).await
     }
 
     /// Deletes a vessel: its snapshots and manifest from storage, its layers

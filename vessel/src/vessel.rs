@@ -31,8 +31,8 @@ const ETC_FILES: [&str; 3] = ["/etc/hosts", "/etc/hostname", "/etc/resolv.conf"]
 
 #[derive(Debug)]
 struct State {
-    /// Snapshot layers of the current chain, root first.
-    chain: Vec<PathBuf>,
+    /// The mounted lower layers, bottom first (see `layers`).
+    lowers: Vec<PathBuf>,
     mount: Option<OverlayMount>,
     closed: bool,
 }
@@ -109,19 +109,20 @@ impl Drop for Throwaway {
 }
 
 impl Inner {
-    /// Mounts a vessel at `chain` over `image` with a fresh upper and returns it.
+    /// Mounts a vessel at its current snapshot (fetching and flattening
+    /// what this host needs) with a fresh upper and returns it.
     pub(crate) async fn start(
         shared: Arc<Shared>,
         manifest: VesselManifest,
         image: &Image,
-        chain: Vec<PathBuf>,
         lock: Flock<fs::File>,
     ) -> Result<Arc<Self>> {
         let id = manifest.id.clone();
         let dir = shared.vessel_dir(&id);
         fs::create_dir_all(dir.join("rootfs")).map_err(VesselError::io("create", &dir))?;
         let image_layers: Vec<PathBuf> = image.layers.iter().map(|l| l.path.clone()).collect();
-        let mount = mount_at(&dir, &chain, &image_layers, Upper::Fresh)?;
+        let lowers = shared.lowers(&id, &manifest, manifest.current_snapshot_id.as_ref(), &image_layers, &dir).await?;
+        let mount = mount_at(&dir, &lowers, Upper::Fresh)?;
         let root = open_root(&dir.join("rootfs"))?;
         let work_dir = manifest.work_dir.clone();
         vfs::make_dir_all(&root, &work_dir, 0o755)?;
@@ -136,7 +137,7 @@ impl Inner {
             gate: Arc::new(Gate::new(id, root)),
             shared,
             dir,
-            state: RwLock::new(State { chain, mount: Some(mount), closed: false }),
+            state: RwLock::new(State { lowers, mount: Some(mount), closed: false }),
             manifest: Mutex::new(manifest),
             image_env: image.config.env.clone(),
             user: user_of(image.config.user.as_deref()),
@@ -181,14 +182,14 @@ enum Upper {
     Keep,
 }
 
-/// Mounts the vessel's rootfs: `chain` (root first) over the image.
-fn mount_at(dir: &Path, chain: &[PathBuf], image_layers: &[PathBuf], upper: Upper) -> Result<OverlayMount> {
+/// Mounts the vessel's rootfs on `lowers` (bottom first).
+fn mount_at(dir: &Path, lowers: &[PathBuf], upper: Upper) -> Result<OverlayMount> {
     match upper {
         Upper::Fresh => fresh_dir(&dir.join("upper"))?,
         Upper::Keep => fs::create_dir_all(dir.join("upper")).map_err(VesselError::io("create", dir))?,
     }
     fresh_dir(&dir.join("work"))?;
-    let lowers: Vec<&Path> = chain.iter().rev().chain(image_layers.iter().rev()).map(PathBuf::as_path).collect();
+    let lowers: Vec<&Path> = lowers.iter().rev().map(PathBuf::as_path).collect();
     Ok(OverlayMount::mount(&dir.join("rootfs"), &lowers, Some((&dir.join("upper"), &dir.join("work"))))?)
 }
 
@@ -366,7 +367,7 @@ impl Vessel {
         let result = self.snapshot_locked(&mut state, message).await;
         if state.mount.is_none() {
             // Failed before the new mount: back to the previous state.
-            match mount_at(&inner.dir, &state.chain, &inner.image_layers, Upper::Keep) {
+            match mount_at(&inner.dir, &state.lowers, Upper::Keep) {
                 Ok(m) => state.mount = Some(m),
                 Err(e) => tracing::error!(id = %inner.id, error = %e, "could not remount after a failed snapshot"),
             }
@@ -426,9 +427,17 @@ impl Vessel {
             let _ = shared.storage.delete_snapshot(&inner.id, &sid).await;
             return Err(e.into());
         }
+        let lowers = match shared.lowers(&inner.id, &manifest, Some(&sid), &inner.image_layers, &inner.dir).await {
+            Ok(l) => l,
+            Err(e) => {
+                // The snapshot is committed; only a flattening failed.
+                tracing::warn!(id = %inner.id, error = %e, "mounting the new snapshot on the unflattened chain");
+                state.lowers.iter().cloned().chain([layer]).collect()
+            }
+        };
         *inner.manifest.lock().unwrap_or_else(|e| e.into_inner()) = manifest;
-        state.chain.push(layer);
-        state.mount = Some(mount_at(&inner.dir, &state.chain, &inner.image_layers, Upper::Fresh)?);
+        state.mount = Some(mount_at(&inner.dir, &lowers, Upper::Fresh)?);
+        state.lowers = lowers;
         Ok(snap)
     }
 
@@ -446,11 +455,8 @@ impl Vessel {
         if manifest.snapshot(id).is_none() {
             return Err(VesselError::SnapshotNotFound { vessel: inner.id.clone(), snapshot: id.clone() });
         }
-        // Fetch what this host lacks before touching the mount.
-        let mut chain = Vec::new();
-        for s in manifest.chain(id).into_iter().rev() {
-            chain.push(inner.shared.snapshot_layer(&inner.id, &s.id, &s.checksum).await?);
-        }
+        // Fetch (and flatten) what this host lacks before touching the mount.
+        let lowers = inner.shared.lowers(&inner.id, &manifest, Some(id), &inner.image_layers, &inner.dir).await?;
         let mut updated = manifest.clone();
         updated.current_snapshot_id = Some(id.clone());
         updated.update_time = chrono::Utc::now();
@@ -460,11 +466,11 @@ impl Vessel {
             if let Some(m) = state.mount.take() {
                 m.unmount()?;
             }
-            state.mount = Some(mount_at(&inner.dir, &chain, &inner.image_layers, Upper::Fresh)?);
+            state.mount = Some(mount_at(&inner.dir, &lowers, Upper::Fresh)?);
             Ok::<_, VesselError>(())
         })();
         if remounted.is_ok() {
-            state.chain = chain;
+            state.lowers = lowers;
             *inner.manifest.lock().unwrap_or_else(|e| e.into_inner()) = updated;
         } else {
             // Back to the previous snapshot, in storage and on the mount.
@@ -472,7 +478,7 @@ impl Vessel {
                 tracing::error!(id = %inner.id, error = %e, "could not put the manifest back after a failed restore");
             }
             if state.mount.is_none()
-                && let Ok(m) = mount_at(&inner.dir, &state.chain, &inner.image_layers, Upper::Keep)
+                && let Ok(m) = mount_at(&inner.dir, &state.lowers, Upper::Keep)
             {
                 state.mount = Some(m);
             }
@@ -500,8 +506,9 @@ impl Vessel {
         inner.shared.storage.save_vessel_manifest(&manifest).await?;
         *inner.manifest.lock().unwrap_or_else(|e| e.into_inner()) = manifest;
         inner.shared.storage.delete_snapshot(&inner.id, id).await?;
-        let key = LayerKey::Snapshot(id.clone());
-        inner.shared.cache.release(&key, inner.id.as_str())?;
+        for key in [LayerKey::Snapshot(id.clone()), LayerKey::Flat(id.clone())] {
+            inner.shared.cache.release(&key, inner.id.as_str())?;
+        }
         inner.shared.cache.gc()?;
         Ok(())
     }

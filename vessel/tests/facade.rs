@@ -146,6 +146,7 @@ fn main() {
         corrupt_snapshot_is_refused,
         crash_in_the_middle_of_a_snapshot,
         image_from_the_containerd_store,
+        deep_chains_are_flattened,
     ];
     let mut trials = Vec::new();
     for w in &worlds {
@@ -811,4 +812,61 @@ async fn image_from_the_containerd_store(w: Arc<World>) -> Result<()> {
     let _ = ctr(&["images", "rm", "--sync", reference]);
     mgr.close().await?;
     result
+}
+
+/// An agent may snapshot after every step: a chain far deeper than an
+/// overlay's lower limit still mounts, restores and reopens (flat layers are
+/// made locally; storage keeps one diff per snapshot).
+async fn deep_chains_are_flattened(w: Arc<World>) -> Result<()> {
+    let host = w.manager("deep").await?;
+    let v = host.create_vessel(IMAGE, "/work").await?;
+    let mut ids = Vec::new();
+    for i in 0..300 {
+        v.write_file(&format!("gen{i}"), format!("{i}\n").as_bytes(), 0o644)?;
+        if i > 0 {
+            v.delete_file(&format!("gen{}", i - 1))?;
+        }
+        ids.push(v.create_snapshot(&format!("gen {i}")).await?.id);
+    }
+    let names: Vec<String> = v.read_dir(".")?.into_iter().map(|e| e.name).collect();
+    ensure!(names == ["gen299"], "{names:?}");
+    let lowers = lower_count(&v.rootfs())?;
+    ensure!(lowers < 2 * 32 + 1, "{lowers} lowers mounted for a 300-deep chain");
+    let flats = std::fs::read_dir(w.base.join("deep/layers/layers"))?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("flat-"))
+        .count();
+    ensure!(flats == 9, "{flats} flat layers (one per 32 snapshots)");
+    let (code, out, _) = run(&v, "cat gen299; ls /bin/sh", false).await?;
+    ensure!(code == 0 && out == "299\n/bin/sh\n", "{code} {out:?}");
+    // Restore deep inside, and branch there.
+    v.restore_snapshot(&ids[100]).await?;
+    ensure!(v.read_file("gen100")? == b"100\n" && v.stat("gen99").is_err() && v.stat("gen101").is_err());
+    v.write_file("branch", b"b", 0o644)?;
+    let b = v.create_snapshot("branch at 100").await?;
+    let id = v.id().to_string();
+    v.close().await?;
+    // A new host rebuilds the flat layers from storage.
+    let other = w.manager("deep-new-host").await?;
+    let v = other.open_vessel(&id).await?;
+    ensure!(v.manifest().current_snapshot_id == Some(b.id));
+    let names: Vec<String> = v.read_dir(".")?.into_iter().map(|e| e.name).collect();
+    ensure!(names == ["branch", "gen100"], "{names:?}");
+    v.restore_snapshot(&ids[299]).await?;
+    ensure!(v.read_file("gen299")? == b"299\n" && v.stat("branch").is_err());
+    other.close().await?;
+    host.close().await?;
+    Ok(())
+}
+
+/// How many lower layers the overlay mounted at `rootfs` has.
+fn lower_count(rootfs: &Path) -> Result<usize> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let line = info
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some(rootfs.to_str().unwrap_or_default()))
+        .context("the rootfs mount")?;
+    let opts = line.rsplit(' ').next().unwrap_or_default();
+    let lower = opts.split(',').find_map(|o| o.strip_prefix("lowerdir=")).context("lowerdir")?;
+    Ok(lower.split(':').count())
 }
