@@ -29,7 +29,12 @@
 #[cfg(feature = "containerd")]
 mod containerd;
 mod error;
+// User namespaces and idmapped mounts: raw syscalls that no crate wraps
+// (clone into a new user namespace, mount_setattr), each block justified.
+#[allow(unsafe_code)]
+pub mod idmap;
 pub mod overlay;
+mod seccomp;
 pub mod spec;
 // libcontainer is driven through raw fds and a pre-exec hook: the one
 // place with unsafe code, each block justified.
@@ -46,6 +51,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 #[cfg(feature = "containerd")]
 pub use containerd::{ContainerdConfig, ContainerdRuntime};
 pub use error::{RuntimeError, RuntimeErrorKind};
+pub use idmap::{IdMapping, UserNamespace};
 pub use oci_spec;
 #[cfg(feature = "youki")]
 pub use youki::YoukiRuntime;
@@ -113,10 +119,17 @@ pub struct RunRequest<'a> {
     pub env: Vec<String>,
     /// Working directory inside the container (default `/`).
     pub cwd: Option<String>,
-    /// User and group ids (default root).
+    /// User and group ids (default root), as the container sees them.
     pub uid: u32,
     /// Group id.
     pub gid: u32,
+    /// Supplementary group ids.
+    pub additional_gids: Vec<u32>,
+    /// Run in a user namespace mapping container ids `0..size` to this host
+    /// range (`None`: container root is host root; unsafe for untrusted code).
+    /// The rootfs must present the container's ids through the mapping
+    /// (an overlay over idmapped layers, see [`overlay::OverlayMount::mount_idmapped`]).
+    pub user_namespace: Option<IdMapping>,
     /// Hostname (default `vessel`).
     pub hostname: Option<String>,
     /// Resource limits.
@@ -145,6 +158,8 @@ impl fmt::Debug for RunRequest<'_> {
             .field("cwd", &self.cwd)
             .field("uid", &self.uid)
             .field("gid", &self.gid)
+            .field("additional_gids", &self.additional_gids)
+            .field("user_namespace", &self.user_namespace)
             .field("limits", &self.limits)
             .field("network", &self.network)
             .field("tty", &self.tty)
@@ -165,4 +180,11 @@ pub trait Runtime: Send + Sync + fmt::Debug {
     /// killed by signal `N`). Dropping the future kills the container's
     /// whole process tree and cleans up.
     async fn run(&self, req: RunRequest<'_>) -> Result<i32, RuntimeError>;
+
+    /// Removes the containers of runs whose every owner (caller and
+    /// runner) died without cleaning up, returning how many; containers of
+    /// live runs are never touched. A new vessel `Manager` calls it.
+    async fn remove_leftovers(&self) -> Result<usize, RuntimeError> {
+        Ok(0)
+    }
 }

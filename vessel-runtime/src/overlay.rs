@@ -5,6 +5,10 @@
 //! layer diff), no `index`. Lower dirs are passed as `/proc/self/fd/N` of
 //! dirs held open for the mount call, so even 100+ deep lower lists fit the
 //! kernel's 4 KiB limit on mount options, whatever the paths' lengths.
+//!
+//! [`OverlayMount::mount_idmapped`] mounts the same overlay over idmapped
+//! layers for a user namespace (see [`crate::idmap`]), through the new mount
+//! API (`fsopen`, one `lowerdir+` per layer, `fsmount`, `move_mount`).
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -55,6 +59,66 @@ impl OverlayMount {
         let flags = if upper.is_some() { MsFlags::empty() } else { MsFlags::MS_RDONLY };
         mount(Some("overlay"), target, Some("overlay"), flags, Some(opts.as_str()))
             .map_err(|e| RuntimeError::io("mount overlay at", target)(e.into()))?;
+        Ok(Self { target: target.to_path_buf(), mounted: true })
+    }
+
+    /// Mounts `lowers` (topmost first) over `ovl/upper` with `ovl/work` at
+    /// `target`, every layer and `ovl` idmapped through `userns`: files that
+    /// are uid/gid N on disk are the mapping's host id N through the mount
+    /// (the container's N). The mount is made with the mapped root's fs ids,
+    /// as overlayfs needs for its own work files on an idmapped upper.
+    pub fn mount_idmapped(
+        target: &Path,
+        lowers: &[&Path],
+        ovl: &Path,
+        userns: &crate::idmap::UserNamespace,
+    ) -> Result<Self, RuntimeError> {
+        use rustix::mount::{
+            FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags, fsconfig_create, fsconfig_set_string, fsmount,
+            fsopen, move_mount,
+        };
+        if lowers.is_empty() || lowers.len() > MAX_LOWERS {
+            return Err(RuntimeError::InvalidRequest(format!(
+                "{} lower dirs (1 to {MAX_LOWERS} allowed)",
+                lowers.len()
+            )));
+        }
+        let held: Vec<_> = lowers.iter().map(|l| userns.idmapped_clone(l)).collect::<Result<_, _>>()?;
+        let ovl_fd = userns.idmapped_clone(ovl)?;
+        let root = userns.mapping().host_id;
+        let fs = fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC)
+            .map_err(|e| RuntimeError::io("fsopen overlay for", target)(e.into()))?;
+        // The kernel explains a failed fsconfig in messages read from the fs fd.
+        let fail = |what: &'static str, e: rustix::io::Errno| {
+            let mut log = String::new();
+            let mut buf = [0u8; 512];
+            while let Ok(n) = rustix::io::read(&fs, &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                log.push_str(String::from_utf8_lossy(&buf[..n]).trim_end());
+                log.push_str("; ");
+            }
+            let err = std::io::Error::from(e);
+            let err = if log.is_empty() { err } else { std::io::Error::new(err.kind(), format!("{err} ({log})")) };
+            RuntimeError::io(what, target)(err)
+        };
+        for l in &held {
+            fsconfig_set_string(&fs, "lowerdir+", crate::idmap::fd_path(l))
+                .map_err(|e| fail("add overlay lower at", e))?;
+        }
+        let base = crate::idmap::fd_path(&ovl_fd);
+        fsconfig_set_string(&fs, "upperdir", format!("{base}/upper")).map_err(|e| fail("set overlay upper at", e))?;
+        fsconfig_set_string(&fs, "workdir", format!("{base}/work")).map_err(|e| fail("set overlay work at", e))?;
+        for (k, v) in [("redirect_dir", "off"), ("metacopy", "off"), ("index", "off")] {
+            fsconfig_set_string(&fs, k, v).map_err(|e| fail("set overlay option at", e))?;
+        }
+        // Creation is where overlayfs takes its mounter's credentials.
+        crate::idmap::as_host_ids(root, root, || fsconfig_create(&fs)).map_err(|e| fail("create overlay at", e))?;
+        let mnt = fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, MountAttrFlags::empty())
+            .map_err(|e| fail("fsmount overlay at", e))?;
+        move_mount(&mnt, "", rustix::fs::CWD, target, MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH)
+            .map_err(|e| RuntimeError::io("move overlay mount to", target)(e.into()))?;
         Ok(Self { target: target.to_path_buf(), mounted: true })
     }
 

@@ -1,7 +1,11 @@
 //! The OCI runtime spec every backend runs: `oci-spec`'s runc-like defaults
 //! (pid, ipc, uts, mount and network namespaces, `/proc`, `/dev`, `/sys`
-//! mounts, masked and read-only paths) made stricter and vessel-specific:
-//! a cgroup namespace, docker's default capability set, `no_new_privileges`,
+//! mounts) made stricter and vessel-specific, as docker's defaults:
+//! a user namespace for the request's [`IdMapping`], a cgroup namespace,
+//! docker's default capability set (for root; a non-root user gets only the
+//! bounding set), `no_new_privileges`, the default seccomp profile (see
+//! `seccomp`), a device cgroup that denies everything but runc's standard
+//! devices, docker's masked and read-only paths, a read-only cgroupfs, and
 //! the caller's argv/env/cwd/user/hostname and resource limits. The network
 //! namespace is the backend's business (see `Network`).
 
@@ -9,60 +13,52 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 
 use oci_spec::runtime::{
-    Capability, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxMemoryBuilder, LinuxNamespace, LinuxNamespaceBuilder,
-    LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder, LinuxSeccomp, LinuxSeccompAction, LinuxSeccompBuilder,
-    LinuxSyscallBuilder, MountBuilder, ProcessBuilder, RootBuilder, Spec, UserBuilder,
+    Capability, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxDeviceCgroup, LinuxDeviceCgroupBuilder,
+    LinuxDeviceType, LinuxIdMappingBuilder, LinuxMemoryBuilder, LinuxNamespace, LinuxNamespaceBuilder,
+    LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder, MountBuilder, ProcessBuilder, RootBuilder, Spec,
+    UserBuilder,
 };
 
-use crate::{RunRequest, RuntimeError};
+use crate::{IdMapping, Network, RunRequest, RuntimeError};
 
-/// Syscalls a workspace process never needs and that widen the kernel's
-/// attack surface: kernel modules and keyrings, mounts and namespaces,
-/// clocks, swap, reboot, BPF, perf, userfaultfd, handle-based opens (the
-/// set docker's and podman's default profiles deny). They fail with EPERM.
-/// Syscalls of other ABIs (32-bit on x86_64) are refused by the filter's
-/// architecture check.
-pub const DENIED_SYSCALLS: &[&str] = &[
-    "acct",
-    "add_key",
-    "adjtimex",
-    "bpf",
-    "clock_adjtime",
-    "clock_settime",
-    "delete_module",
-    "fanotify_init",
-    "finit_module",
-    "fsconfig",
-    "fsmount",
-    "fsopen",
-    "fspick",
-    "init_module",
-    "kcmp",
-    "kexec_file_load",
-    "kexec_load",
-    "keyctl",
-    "lookup_dcookie",
-    "mount",
-    "mount_setattr",
-    "move_mount",
-    "name_to_handle_at",
-    "open_by_handle_at",
-    "open_tree",
-    "perf_event_open",
-    "pivot_root",
-    "process_vm_readv",
-    "process_vm_writev",
-    "quotactl",
-    "reboot",
-    "request_key",
-    "setns",
-    "settimeofday",
-    "swapoff",
-    "swapon",
-    "syslog",
-    "umount2",
-    "unshare",
-    "userfaultfd",
+/// docker's masked paths (moby `oci/defaults.go`): host information and
+/// interfaces a container has no business reading, hidden under an empty
+/// file or a read-only tmpfs.
+pub const MASKED_PATHS: &[&str] = &[
+    "/proc/asound",
+    "/proc/acpi",
+    "/proc/interrupts",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+];
+
+/// docker's read-only paths, plus the cgroup filesystem (see [`cgroup_mounts`]).
+pub const READONLY_PATHS: &[&str] =
+    &["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger", "/sys/fs/cgroup"];
+
+/// The device nodes a container may use, as runc allows them by default:
+/// `(type, major, minor, access)`; `None` is any. Everything else is
+/// denied; `m` (mknod) on any char or block device is allowed as in runc
+/// and docker (opening such a node is what the rule denies; in a user
+/// namespace mknod itself fails).
+pub const ALLOWED_DEVICES: &[(char, Option<i64>, Option<i64>, &str)] = &[
+    ('c', None, None, "m"),
+    ('b', None, None, "m"),
+    ('c', Some(1), Some(3), "rwm"), // null
+    ('c', Some(1), Some(5), "rwm"), // zero
+    ('c', Some(1), Some(7), "rwm"), // full
+    ('c', Some(1), Some(8), "rwm"), // random
+    ('c', Some(1), Some(9), "rwm"), // urandom
+    ('c', Some(5), Some(0), "rwm"), // tty
+    ('c', Some(5), Some(2), "rwm"), // ptmx
+    ('c', Some(136), None, "rwm"),  // pts/*
 ];
 
 /// Docker's default capability set (moby `oci/caps/defaults.go`).
@@ -118,19 +114,74 @@ fn bind(source: PathBuf, dest: PathBuf, access: &str) -> Result<oci_spec::runtim
         .map_err(invalid)
 }
 
-/// The default seccomp filter: allow, except [`DENIED_SYSCALLS`].
-fn seccomp() -> Result<LinuxSeccomp, RuntimeError> {
-    let deny = LinuxSyscallBuilder::default()
-        .names(DENIED_SYSCALLS.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-        .action(LinuxSeccompAction::ScmpActErrno)
-        .errno_ret(nix::libc::EPERM as u32)
-        .build()
-        .map_err(invalid)?;
-    LinuxSeccompBuilder::default()
-        .default_action(LinuxSeccompAction::ScmpActAllow)
-        .syscalls(vec![deny])
-        .build()
-        .map_err(invalid)
+/// The device cgroup rules: deny all, then [`ALLOWED_DEVICES`].
+fn device_rules() -> Result<Vec<LinuxDeviceCgroup>, RuntimeError> {
+    let mut rules = vec![
+        LinuxDeviceCgroupBuilder::default()
+            .allow(false)
+            .typ(LinuxDeviceType::A)
+            .access("rwm")
+            .build()
+            .map_err(invalid)?,
+    ];
+    for &(typ, major, minor, access) in ALLOWED_DEVICES {
+        let mut b = LinuxDeviceCgroupBuilder::default()
+            .allow(true)
+            .typ(if typ == 'b' { LinuxDeviceType::B } else { LinuxDeviceType::C })
+            .access(access);
+        if let Some(m) = major {
+            b = b.major(m);
+        }
+        if let Some(m) = minor {
+            b = b.minor(m);
+        }
+        rules.push(b.build().map_err(invalid)?);
+    }
+    Ok(rules)
+}
+
+/// The container paths of the host's cgroup mounts under `/sys/fs/cgroup`
+/// (v1 controllers such as `/sys/fs/cgroup/pids`, the hybrid `unified`
+/// mount): each is its own mount inside the container, and a read-only
+/// remount of `/sys/fs/cgroup` does not reach submounts.
+pub fn cgroup_mounts() -> Vec<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut out: Vec<String> = info
+        .lines()
+        .filter_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            let fstype = post.split(' ').next()?;
+            let point = pre.split(' ').nth(4)?;
+            ((fstype == "cgroup" || fstype == "cgroup2") && point.starts_with("/sys/fs/cgroup/"))
+                .then(|| point.to_owned())
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Adds a new network namespace to `spec` (the runtime then creates it,
+/// owned by the container's user namespace when it has one).
+pub fn add_network_namespace(spec: &mut Spec) -> Result<(), RuntimeError> {
+    let mut linux = spec.linux().clone().unwrap_or_default();
+    let mut ns = linux.namespaces().clone().unwrap_or_default();
+    ns.push(LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::Network).build().map_err(invalid)?);
+    linux.set_namespaces(Some(ns));
+    spec.set_linux(Some(linux));
+    Ok(())
+}
+
+/// The `linux.uidMappings`/`gidMappings` entry of `map`.
+fn id_mappings(map: IdMapping) -> Result<Vec<oci_spec::runtime::LinuxIdMapping>, RuntimeError> {
+    Ok(vec![
+        LinuxIdMappingBuilder::default()
+            .container_id(0u32)
+            .host_id(map.host_id)
+            .size(map.size)
+            .build()
+            .map_err(invalid)?,
+    ])
 }
 
 /// The spec for `req`, with its cgroup at `cgroups_path` (e.g. `/vessel/<id>`)
@@ -147,10 +198,13 @@ pub fn build(
         return Err(RuntimeError::InvalidRequest(format!("rootfs {} is not absolute", req.rootfs.display())));
     }
     let caps: HashSet<Capability> = DEFAULT_CAPABILITIES.into_iter().collect();
+    // As docker: root gets the default set; another user only its bounding
+    // set (setuid binaries and file capabilities can still raise it).
+    let held = if req.uid == 0 { caps.clone() } else { HashSet::new() };
     let capabilities = LinuxCapabilitiesBuilder::default()
         .bounding(caps.clone())
-        .effective(caps.clone())
-        .permitted(caps)
+        .effective(held.clone())
+        .permitted(held)
         .inheritable(HashSet::new())
         .ambient(HashSet::new())
         .build()
@@ -174,7 +228,14 @@ pub fn build(
         .args(req.args.clone())
         .env(env)
         .cwd(req.cwd.clone().unwrap_or_else(|| "/".into()))
-        .user(UserBuilder::default().uid(req.uid).gid(req.gid).build().map_err(invalid)?)
+        .user(
+            UserBuilder::default()
+                .uid(req.uid)
+                .gid(req.gid)
+                .additional_gids(req.additional_gids.clone())
+                .build()
+                .map_err(invalid)?,
+        )
         .capabilities(capabilities)
         .no_new_privileges(true)
         .build()
@@ -186,6 +247,20 @@ pub fn build(
     spec.set_root(Some(RootBuilder::default().path(req.rootfs.clone()).readonly(false).build().map_err(invalid)?));
 
     let mut mounts = spec.mounts().clone().unwrap_or_default();
+    if req.user_namespace.is_some() && req.network == Network::Host {
+        // sysfs can only be mounted by the user namespace that owns the
+        // network namespace: with the host's network, bind the host's /sys
+        // read-only instead (as runc does for rootless containers).
+        for m in mounts.iter_mut().filter(|m| m.destination() == std::path::Path::new("/sys")) {
+            *m = MountBuilder::default()
+                .destination("/sys")
+                .typ("bind")
+                .source("/sys")
+                .options(vec!["rbind".into(), "nosuid".into(), "noexec".into(), "nodev".into(), "ro".into()])
+                .build()
+                .map_err(invalid)?;
+        }
+    }
     if let Some(dir) = etc_dir {
         for name in ["hosts", "hostname", "resolv.conf"] {
             mounts.push(bind(dir.join(name), PathBuf::from("/etc").join(name), "rw")?);
@@ -205,9 +280,18 @@ pub fn build(
     if !namespaces.iter().any(|n| n.typ() == LinuxNamespaceType::Cgroup) {
         namespaces.push(LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::Cgroup).build().map_err(invalid)?);
     }
+    if let Some(map) = req.user_namespace {
+        namespaces.push(LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::User).build().map_err(invalid)?);
+        linux.set_uid_mappings(Some(id_mappings(map)?));
+        linux.set_gid_mappings(Some(id_mappings(map)?));
+    }
     linux.set_namespaces(Some(namespaces));
     linux.set_cgroups_path(Some(PathBuf::from(cgroups_path)));
-    linux.set_seccomp(Some(seccomp()?));
+    linux.set_seccomp(Some(crate::seccomp::filter(&caps)?));
+    linux.set_masked_paths(Some(MASKED_PATHS.iter().map(|p| p.to_string()).collect()));
+    let mut readonly: Vec<String> = READONLY_PATHS.iter().map(|p| p.to_string()).collect();
+    readonly.extend(cgroup_mounts());
+    linux.set_readonly_paths(Some(readonly));
     let mut resources = LinuxResourcesBuilder::default();
     if let Some(m) = req.limits.memory_bytes {
         // No swap on top: the limit is the limit.
@@ -220,9 +304,7 @@ pub fn build(
         resources = resources.pids(LinuxPidsBuilder::default().limit(p).build().map_err(invalid)?);
     }
     let mut built = resources.build().map_err(invalid)?;
-    if let Some(defaults) = linux.resources() {
-        built.set_devices(defaults.devices().clone());
-    }
+    built.set_devices(Some(device_rules()?));
     linux.set_resources(Some(built));
     spec.set_linux(Some(linux));
     Ok(spec)
@@ -264,5 +346,41 @@ mod tests {
         assert_eq!(r.memory().as_ref().unwrap().limit(), Some(1 << 20));
         assert!(build(&RunRequest::default(), "/x", None).is_err());
         assert!(linux.seccomp().is_some());
+        let masked = linux.masked_paths().as_ref().unwrap();
+        assert!(masked.iter().any(|p| p == "/proc/interrupts") && masked.iter().any(|p| p.ends_with("powercap")));
+        assert!(linux.readonly_paths().as_ref().unwrap().iter().any(|p| p == "/sys/fs/cgroup"));
+        let devices = r.devices().as_ref().unwrap();
+        assert!(!devices[0].allow() && devices[0].typ() == Some(LinuxDeviceType::A), "deny all first");
+        assert!(devices.iter().any(|d| d.allow() && d.major() == Some(1) && d.minor() == Some(3)));
+        assert!(linux.uid_mappings().is_none(), "no user namespace unless asked");
+    }
+
+    #[test]
+    fn user_namespace_and_unprivileged_users() {
+        let map = IdMapping::new(1 << 20, 65536).unwrap();
+        let req = RunRequest {
+            rootfs: "/r".into(),
+            args: vec!["id".into()],
+            uid: 1000,
+            gid: 1000,
+            additional_gids: vec![27],
+            user_namespace: Some(map),
+            network: Network::Host,
+            ..Default::default()
+        };
+        let spec = build(&req, "/vessel/x", None).unwrap();
+        let linux = spec.linux().as_ref().unwrap();
+        assert!(linux.namespaces().as_ref().unwrap().iter().any(|n| n.typ() == LinuxNamespaceType::User));
+        let uid = &linux.uid_mappings().as_ref().unwrap()[0];
+        assert_eq!((uid.container_id(), uid.host_id(), uid.size()), (0, 1 << 20, 65536));
+        assert_eq!(linux.gid_mappings().as_ref().unwrap()[0].host_id(), 1 << 20);
+        let p = spec.process().as_ref().unwrap();
+        let caps = p.capabilities().as_ref().unwrap();
+        assert!(caps.effective().as_ref().unwrap().is_empty(), "a non-root user holds no capability");
+        assert!(caps.bounding().as_ref().unwrap().contains(&Capability::Chown));
+        assert_eq!(p.user().additional_gids().as_ref().unwrap(), &vec![27]);
+        let sys =
+            spec.mounts().as_ref().unwrap().iter().find(|m| m.destination() == std::path::Path::new("/sys")).unwrap();
+        assert_eq!(sys.typ().as_deref(), Some("bind"), "host network in a user namespace binds /sys");
     }
 }

@@ -80,14 +80,26 @@ fn main() {
         return;
     };
     let runtime = TOKIO.block_on(ContainerdRuntime::connect(env.config())).expect("connect to the test containerd");
-    let rootfs = env.dir.path().join("rootfs");
-    std::fs::create_dir(&rootfs).unwrap();
-    let st =
-        Command::new("tar").arg("-xpf").arg(env.image_dir.join("layer.tar")).arg("-C").arg(&rootfs).status().unwrap();
-    assert!(st.success());
-    let suite = Arc::new(Suite { runtime: runtime.clone(), rootfs });
+    // Every case in a user namespace over idmapped layers (vessel's
+    // default) and with host ids.
+    let ns = vessel_runtime::UserNamespace::new(conformance::test_mapping()).expect("user namespace");
+    let mut suites = Vec::new();
+    for userns in [Some(&ns), None] {
+        let sub = env.dir.path().join(if userns.is_some() { "userns" } else { "host" });
+        let (rootfs, mount) = conformance::rootfs(&sub, &env.image_dir, userns);
+        suites.push(Arc::new(Suite {
+            runtime: runtime.clone(),
+            rootfs,
+            userns: userns.map(|n| n.mapping()),
+            _mount: mount,
+        }));
+    }
+    let suite = suites[1].clone();
     let env = Arc::new(env);
-    let mut trials = conformance::trials!(suite.clone(), on_tokio);
+    let mut trials = Vec::new();
+    for s in &suites {
+        trials.extend(conformance::trials!(s.clone(), on_tokio));
+    }
     {
         let (env, suite) = (env.clone(), suite.clone());
         trials.push(Trial::test("leftovers_of_a_dead_process_are_removed", move || {

@@ -9,32 +9,43 @@ use std::sync::Arc;
 
 use conformance::{CaseResult, Suite, leftover_cgroups};
 use libtest_mimic::{Arguments, Failed};
-use vessel_runtime::{Runtime, YoukiRuntime};
+use vessel_runtime::{Runtime, UserNamespace, YoukiRuntime};
 
 fn main() {
     vessel_runtime::init();
     let args = Arguments::from_args();
-    let Some((suite, _dirs)) = setup() else {
+    let Some((image, dir)) = setup() else {
         println!("youki conformance: 0 passed, 0 failed, 1 skipped");
         return;
     };
-    let suite = Arc::new(suite);
-    let trials = conformance::trials!(suite.clone(), block_on);
+    // Every case twice: in a user namespace over idmapped layers (vessel's
+    // default) and with host ids.
+    let ns = UserNamespace::new(conformance::test_mapping()).expect("user namespace");
+    let mut suites = Vec::new();
+    for userns in [Some(&ns), None] {
+        let sub = dir.path().join(if userns.is_some() { "userns" } else { "host" });
+        let (rootfs, mount) = conformance::rootfs(&sub, &image, userns);
+        let runtime = YoukiRuntime::new(sub.join("youki"));
+        suites.push(Arc::new(Suite { runtime, rootfs, userns: userns.map(|n| n.mapping()), _mount: mount }));
+    }
+    let mut trials = Vec::new();
+    for s in &suites {
+        trials.extend(conformance::trials!(s.clone(), block_on));
+    }
     let conclusion = libtest_mimic::run(&args, trials);
     // Leak check once every case is done: no cgroups, no container state.
     let cgroups = leftover_cgroups();
-    let state: Vec<_> =
-        std::fs::read_dir(suite.state_root().join("state")).into_iter().flatten().flatten().map(|e| e.path()).collect();
-    let bundles: Vec<_> = std::fs::read_dir(suite.state_root().join("bundles"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    if !cgroups.is_empty() || !state.is_empty() || !bundles.is_empty() {
-        eprintln!("leaks after the suite: cgroups {cgroups:?}, state {state:?}, bundles {bundles:?}");
+    let mut left = Vec::new();
+    for s in &suites {
+        for sub in ["state", "bundles", "runners"] {
+            left.extend(std::fs::read_dir(s.state_root().join(sub)).into_iter().flatten().flatten().map(|e| e.path()));
+        }
+    }
+    if !cgroups.is_empty() || !left.is_empty() {
+        eprintln!("leaks after the suite: cgroups {cgroups:?}, state {left:?}");
         std::process::exit(101);
     }
+    drop(suites);
     conclusion.exit();
 }
 
@@ -53,13 +64,12 @@ impl StateRoot for Suite<YoukiRuntime> {
     }
 }
 
-/// A busybox rootfs from the test image, and the runtime; `None` (with the
-/// reason printed) when this machine cannot run it outside CI.
-fn setup() -> Option<(Suite<YoukiRuntime>, tempfile::TempDir)> {
+/// The test image dir and a scratch dir; `None` (with the reason printed)
+/// when this machine cannot run the suite outside CI.
+fn setup() -> Option<(PathBuf, tempfile::TempDir)> {
     let dir = tempfile::tempdir().unwrap();
-    let runtime = YoukiRuntime::new(dir.path().join("youki"));
     let ci = std::env::var_os("CI").is_some();
-    if let Err(e) = runtime.is_available() {
+    if let Err(e) = YoukiRuntime::new(dir.path()).is_available() {
         assert!(!ci, "youki must be available in CI: {e}");
         eprintln!("SKIPPED youki conformance: {e}");
         return None;
@@ -69,15 +79,5 @@ fn setup() -> Option<(Suite<YoukiRuntime>, tempfile::TempDir)> {
         eprintln!("SKIPPED youki conformance: VESSEL_TEST_IMAGE_DIR is unset; run `cargo xtask test`");
         return None;
     };
-    let rootfs = dir.path().join("rootfs");
-    std::fs::create_dir(&rootfs).unwrap();
-    let st = std::process::Command::new("tar")
-        .arg("-xpf")
-        .arg(image.join("layer.tar"))
-        .arg("-C")
-        .arg(&rootfs)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    Some((Suite { runtime, rootfs }, dir))
+    Some((image, dir))
 }

@@ -29,7 +29,6 @@ use containerd_client::tonic::metadata::{Ascii, MetadataValue};
 use containerd_client::tonic::transport::Channel;
 use containerd_client::tonic::{Code, Request, Status};
 use nix::sys::stat::Mode;
-use oci_spec::runtime::{LinuxNamespaceBuilder, LinuxNamespaceType};
 use tokio::net::unix::pipe;
 
 use crate::{Network, RunRequest, Runtime, RuntimeError, drain, spec};
@@ -213,16 +212,7 @@ impl ContainerdRuntime {
         let mut spec = spec::build(&req, &format!("/vessel/{id}"), Some(dir))?;
         if req.network == Network::None {
             // runc brings `lo` up in a network namespace it creates.
-            let mut linux = spec.linux().clone().unwrap_or_default();
-            let mut ns = linux.namespaces().clone().unwrap_or_default();
-            ns.push(
-                LinuxNamespaceBuilder::default()
-                    .typ(LinuxNamespaceType::Network)
-                    .build()
-                    .map_err(|e| RuntimeError::InvalidRequest(e.to_string()))?,
-            );
-            linux.set_namespaces(Some(ns));
-            spec.set_linux(Some(linux));
+            spec::add_network_namespace(&mut spec)?;
         }
         let spec_json = serde_json::to_vec(&spec).map_err(|e| RuntimeError::Container(e.to_string()))?;
 
@@ -393,6 +383,10 @@ impl Runtime for ContainerdRuntime {
     fn is_available(&self) -> Result<(), RuntimeError> {
         // Connecting checked the daemon; a daemon gone since then fails the run with its reason.
         Ok(())
+    }
+
+    async fn remove_leftovers(&self) -> Result<usize, RuntimeError> {
+        ContainerdRuntime::remove_leftovers(self).await
     }
 
     async fn run(&self, req: RunRequest<'_>) -> Result<i32, RuntimeError> {

@@ -1,16 +1,27 @@
 //! The youki backend: libcontainer in a re-executed runner process per run
 //! (see the crate docs for why).
+//!
+//! No container outlives its runner and caller. The caller holds a flock on
+//! `runners/<id>.lock` and shares it with the runner (the container's own
+//! processes never hold it: libcontainer closes inherited fds at exec), so
+//! the lock is free exactly when both are gone. The runner kills its
+//! container when the caller goes away (lifeline) or when it is told to
+//! stop (SIGTERM, SIGINT, SIGHUP); the caller cleans up when the runner
+//! dies without reporting (SIGKILL); and [`YoukiRuntime::remove_leftovers`]
+//! (run by each new vessel `Manager`) removes the containers whose lock is
+//! free, when everything was killed at once.
 
 pub(crate) mod runner;
 
 use std::fs;
 use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::Stdio;
 
 use async_trait::async_trait;
-use nix::fcntl::OFlag;
+use nix::fcntl::{Flock, FlockArg, OFlag};
 
 use crate::{RunRequest, Runtime, RuntimeError, drain, spec};
 
@@ -23,10 +34,16 @@ pub(crate) const ID_ENV: &str = "VESSEL_YOUKI_ID";
 pub(crate) const NETWORK_ENV: &str = "VESSEL_YOUKI_NETWORK";
 /// Set (to `rows,cols`) when the process runs on a terminal.
 pub(crate) const TTY_ENV: &str = "VESSEL_YOUKI_TTY";
+/// Set when the container has its own user namespace.
+pub(crate) const USERNS_ENV: &str = "VESSEL_YOUKI_USERNS";
+/// `run` (default) or `cleanup` (remove a container whose runner died).
+pub(crate) const MODE_ENV: &str = "VESSEL_YOUKI_MODE";
 /// In the runner: read end of the lifeline (EOF = caller gone).
 pub(crate) const LIFELINE_FD: i32 = 3;
 /// In the runner: where it writes its one-line JSON result.
 pub(crate) const STATUS_FD: i32 = 4;
+/// In the runner: the run's liveness lock (see the module docs).
+pub(crate) const LOCK_FD: i32 = 5;
 
 /// Containers through youki's libcontainer, no daemon.
 #[derive(Debug, Clone)]
@@ -47,19 +64,130 @@ impl YoukiRuntime {
         self.runner = exe.into();
         self
     }
+
+    /// Creates the runtime's directories: bundles are reached by containers
+    /// (bind-mount sources), so their path is traversable (0711) but not
+    /// listable; state and locks are this host's root's alone (0700).
+    fn prepare_dirs(&self) -> Result<(), RuntimeError> {
+        for (dir, mode) in [
+            (self.root.clone(), 0o711),
+            (self.root.join("bundles"), 0o711),
+            (self.root.join("state"), 0o700),
+            (self.root.join("runners"), 0o700),
+        ] {
+            fs::create_dir_all(&dir).map_err(RuntimeError::io("create", &dir))?;
+            fs::set_permissions(&dir, fs::Permissions::from_mode(mode)).map_err(RuntimeError::io("chmod", &dir))?;
+        }
+        Ok(())
+    }
+
+    fn runner_command(&self) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(&self.runner);
+        cmd.env(RUNNER_ENV, "1").env(STATE_ENV, self.root.join("state"));
+        cmd
+    }
+
+    /// Removes a container whose runner died (kill, delete, cgroups) with
+    /// a `cleanup` runner, then its bundle and lock.
+    async fn cleanup(&self, id: &str) -> Result<(), RuntimeError> {
+        let status = self
+            .runner_command()
+            .env(MODE_ENV, "cleanup")
+            .env(ID_ENV, id)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await
+            .map_err(RuntimeError::io("start cleanup runner", &self.runner))?;
+        let _ = fs::remove_dir_all(self.root.join("bundles").join(id));
+        let _ = fs::remove_file(self.root.join("runners").join(format!("{id}.lock")));
+        if !status.success() {
+            return Err(RuntimeError::Container(format!("cleaning up container {id} failed ({status})")));
+        }
+        Ok(())
+    }
+
+    /// Removes the containers whose caller and runner are both gone (their
+    /// liveness lock is free): what a process tree killed at once left.
+    /// Returns how many; live runs are never touched.
+    pub async fn remove_leftovers(&self) -> Result<usize, RuntimeError> {
+        let dir = self.root.join("runners");
+        let Ok(entries) = fs::read_dir(&dir) else { return Ok(0) };
+        let mut removed = 0;
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(id) = name.strip_suffix(".lock") else { continue };
+            let Ok(f) = fs::File::open(e.path()) else { continue };
+            if Flock::lock(f, FlockArg::LockExclusiveNonblock).is_err() {
+                continue;
+            }
+            tracing::info!(%id, "removing a container whose runner and caller died");
+            self.cleanup(id).await?;
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
+    /// Takes the liveness lock of run `id`: made under a temporary name and
+    /// renamed once locked, so a concurrent `remove_leftovers` never sees it free.
+    fn take_lock(&self, id: &str) -> Result<Flock<fs::File>, RuntimeError> {
+        let tmp = self.root.join("runners").join(format!("{id}.new"));
+        let f =
+            fs::OpenOptions::new().create_new(true).write(true).open(&tmp).map_err(RuntimeError::io("create", &tmp))?;
+        let lock = Flock::lock(f, FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| RuntimeError::io("lock", &tmp)(e.into()))?;
+        let path = self.root.join("runners").join(format!("{id}.lock"));
+        fs::rename(&tmp, &path).map_err(RuntimeError::io("rename", &tmp))?;
+        Ok(lock)
+    }
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd), RuntimeError> {
     nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| RuntimeError::io("create pipe", "")(e.into()))
 }
 
-/// Removes a bundle directory when the run ends, however it ends.
-struct BundleGuard(PathBuf);
+/// Removes a bundle directory and the liveness lock when the run ends,
+/// however it ends.
+struct BundleGuard {
+    bundle: PathBuf,
+    lock: PathBuf,
+}
 
 impl Drop for BundleGuard {
     fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
+        let _ = fs::remove_dir_all(&self.bundle);
+        let _ = fs::remove_file(&self.lock);
     }
+}
+
+/// libcontainer 0.7 reads a `SCMP_CMP_MASKED_EQ` argument as
+/// `(arg & valueTwo) == value`, the reverse of runc and of docker's
+/// profiles, `(arg & value) == valueTwo`: swap the two for it.
+fn masked_eq_for_libcontainer(spec: &mut oci_spec::runtime::Spec) {
+    use oci_spec::runtime::LinuxSeccompOperator;
+    let Some(mut linux) = spec.linux().clone() else { return };
+    let Some(mut seccomp) = linux.seccomp().clone() else { return };
+    let mut syscalls = seccomp.syscalls().clone().unwrap_or_default();
+    for sc in &mut syscalls {
+        let Some(mut args) = sc.args().clone() else { continue };
+        for a in args.iter_mut().filter(|a| a.op() == LinuxSeccompOperator::ScmpCmpMaskedEq) {
+            let (mask, value) = (a.value(), a.value_two().unwrap_or(0));
+            if let Ok(swapped) = oci_spec::runtime::LinuxSeccompArgBuilder::default()
+                .index(a.index())
+                .op(a.op())
+                .value(value)
+                .value_two(mask)
+                .build()
+            {
+                *a = swapped;
+            }
+        }
+        sc.set_args(Some(args));
+    }
+    seccomp.set_syscalls(Some(syscalls));
+    linux.set_seccomp(Some(seccomp));
+    spec.set_linux(Some(linux));
 }
 
 #[async_trait]
@@ -82,24 +210,41 @@ impl Runtime for YoukiRuntime {
         Ok(())
     }
 
+    async fn remove_leftovers(&self) -> Result<usize, RuntimeError> {
+        YoukiRuntime::remove_leftovers(self).await
+    }
+
     async fn run(&self, req: RunRequest<'_>) -> Result<i32, RuntimeError> {
         self.is_available()?;
+        self.prepare_dirs()?;
         let id = format!("vessel-{:016x}", rand::random::<u64>());
+        let lock = self.take_lock(&id)?;
         let bundle = self.root.join("bundles").join(&id);
-        fs::create_dir_all(&bundle).map_err(RuntimeError::io("create", &bundle))?;
-        let _guard = BundleGuard(bundle.clone());
+        let _guard = BundleGuard { bundle: bundle.clone(), lock: self.root.join("runners").join(format!("{id}.lock")) };
+        fs::create_dir(&bundle).map_err(RuntimeError::io("create", &bundle))?;
+        // Only the container's root (and host root) may enter the bundle,
+        // whose files are bind-mounted into the container.
+        fs::set_permissions(&bundle, fs::Permissions::from_mode(0o700)).map_err(RuntimeError::io("chmod", &bundle))?;
+        if let Some(map) = req.user_namespace {
+            let ids = Some(nix::unistd::Uid::from_raw(map.host_id));
+            nix::unistd::chown(&bundle, ids, Some(nix::unistd::Gid::from_raw(map.host_id)))
+                .map_err(|e| RuntimeError::io("chown", &bundle)(e.into()))?;
+        }
         spec::write_etc_files(&bundle, &req)?;
-        let spec = spec::build(&req, &format!("/vessel/{id}"), Some(&bundle))?;
+        let mut spec = spec::build(&req, &format!("/vessel/{id}"), Some(&bundle))?;
+        let userns = req.user_namespace.is_some();
+        if userns && req.network == crate::Network::None {
+            // Created by libcontainer inside the container's user namespace
+            // (so sysfs mounts); the runner brings its `lo` up.
+            spec::add_network_namespace(&mut spec)?;
+        }
+        masked_eq_for_libcontainer(&mut spec);
         spec.save(bundle.join("config.json")).map_err(|e| RuntimeError::Container(e.to_string()))?;
-        let state = self.root.join("state");
-        fs::create_dir_all(&state).map_err(RuntimeError::io("create", &state))?;
 
         let (life_r, life_w) = pipe()?;
         let (status_r, status_w) = pipe()?;
-        let mut cmd = tokio::process::Command::new(&self.runner);
-        cmd.env(RUNNER_ENV, "1")
-            .env(BUNDLE_ENV, &bundle)
-            .env(STATE_ENV, &state)
+        let mut cmd = self.runner_command();
+        cmd.env(BUNDLE_ENV, &bundle)
             .env(ID_ENV, &id)
             .env(NETWORK_ENV, if req.network == crate::Network::Host { "host" } else { "none" })
             // Always pipes: an inherited host /dev/null is not writable in
@@ -108,20 +253,31 @@ impl Runtime for YoukiRuntime {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let (lr, sw) = (life_r.as_raw_fd(), status_w.as_raw_fd());
+        if userns {
+            cmd.env(USERNS_ENV, "1");
+        }
+        let (lr, sw, lk) = (life_r.as_raw_fd(), status_w.as_raw_fd(), lock.as_raw_fd());
         // SAFETY: runs in the forked child before exec, where only
         // async-signal-safe calls are allowed: fcntl, dup2 and close are.
-        // They place the lifeline and status pipes at fds 3 and 4 (without
-        // FD_CLOEXEC) whatever numbers they had in this process.
+        // They place the lifeline, status and lock fds at 3, 4 and 5
+        // (without FD_CLOEXEC) whatever numbers they had in this process.
         unsafe {
             cmd.pre_exec(move || {
                 let a = nix::libc::fcntl(lr, nix::libc::F_DUPFD, 10);
                 let b = nix::libc::fcntl(sw, nix::libc::F_DUPFD, 10);
-                if a < 0 || b < 0 || nix::libc::dup2(a, LIFELINE_FD) < 0 || nix::libc::dup2(b, STATUS_FD) < 0 {
+                let c = nix::libc::fcntl(lk, nix::libc::F_DUPFD, 10);
+                if a < 0
+                    || b < 0
+                    || c < 0
+                    || nix::libc::dup2(a, LIFELINE_FD) < 0
+                    || nix::libc::dup2(b, STATUS_FD) < 0
+                    || nix::libc::dup2(c, LOCK_FD) < 0
+                {
                     return Err(std::io::Error::last_os_error());
                 }
                 nix::libc::close(a);
                 nix::libc::close(b);
+                nix::libc::close(c);
                 Ok(())
             });
         }
@@ -148,12 +304,19 @@ impl Runtime for YoukiRuntime {
             tokio::join!(child.wait(), feed, drain(child_out, stdout), drain(child_err, stderr));
         drop(life_w);
         let waited = waited.map_err(RuntimeError::io("wait for runner", &self.runner))?;
-        out.map_err(RuntimeError::io("copy stdout", ""))?;
-        err.map_err(RuntimeError::io("copy stderr", ""))?;
 
         let mut report = String::new();
         fs::File::from(status_r).read_to_string(&mut report).map_err(RuntimeError::io("read runner status", ""))?;
-        runner::parse_report(&report, &command)
-            .unwrap_or_else(|| Err(RuntimeError::Container(format!("the runner ended without a report ({waited})"))))
+        let Some(result) = runner::parse_report(&report, &command) else {
+            // The runner was killed before it could clean up: do it now.
+            let cleaned = self.cleanup(&id).await;
+            drop(lock);
+            cleaned?;
+            return Err(RuntimeError::Container(format!("the runner died ({waited}); its container was removed")));
+        };
+        drop(lock);
+        out.map_err(RuntimeError::io("copy stdout", ""))?;
+        err.map_err(RuntimeError::io("copy stderr", ""))?;
+        result
     }
 }

@@ -1,6 +1,10 @@
 //! The runner: a fresh, single-threaded process (the re-executed caller)
 //! that creates, starts, waits for and deletes one container with
-//! libcontainer, then reports the exit code on fd 4 and exits.
+//! libcontainer, then reports the exit code on fd 4 and exits. SIGTERM,
+//! SIGINT and SIGHUP (a service manager stopping the caller's process
+//! group) make it kill and delete the container before it exits, as the end
+//! of its lifeline does. In `cleanup` mode it removes the container of a
+//! runner that died.
 
 use std::fs::File;
 use std::io::Write;
@@ -15,13 +19,25 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use serde_json::json;
 
-use super::{BUNDLE_ENV, ID_ENV, LIFELINE_FD, NETWORK_ENV, RUNNER_ENV, STATE_ENV, STATUS_FD, TTY_ENV};
+use super::{
+    BUNDLE_ENV, ID_ENV, LIFELINE_FD, LOCK_FD, MODE_ENV, NETWORK_ENV, RUNNER_ENV, STATE_ENV, STATUS_FD, TTY_ENV,
+    USERNS_ENV,
+};
 use crate::RuntimeError;
 
 /// Runs the container and exits if this process is a runner.
 pub(crate) fn maybe_run() {
     if std::env::var_os(RUNNER_ENV).is_none() {
         return;
+    }
+    if std::env::var(MODE_ENV).as_deref() == Ok("cleanup") {
+        std::process::exit(match cleanup() {
+            Ok(()) => 0,
+            Err((_, message)) => {
+                eprintln!("vessel runner cleanup: {message}");
+                1
+            }
+        });
     }
     let report = match run() {
         Ok(code) => json!({ "exit": code }),
@@ -93,13 +109,21 @@ fn run() -> Result<i32, Failure> {
     unsafe {
         nix::libc::fcntl(LIFELINE_FD, nix::libc::F_SETFD, nix::libc::FD_CLOEXEC);
         nix::libc::fcntl(STATUS_FD, nix::libc::F_SETFD, nix::libc::FD_CLOEXEC);
+        nix::libc::fcntl(LOCK_FD, nix::libc::F_SETFD, nix::libc::FD_CLOEXEC);
     }
     // SAFETY: as above, LIFELINE_FD is this process's and is owned once, here.
     let lifeline = unsafe { OwnedFd::from_raw_fd(LIFELINE_FD) };
+    // SAFETY: as above; the lock is held (shared with the caller) for as
+    // long as this process lives, so it is owned here and never closed early.
+    let _lock = unsafe { OwnedFd::from_raw_fd(LOCK_FD) };
+    let stop = stop_signals().map_err(fail)?;
     let (bundle, state, id) = (PathBuf::from(env(BUNDLE_ENV)?), PathBuf::from(env(STATE_ENV)?), env(ID_ENV)?);
-    if env(NETWORK_ENV)? != "host" {
+    let private_net = env(NETWORK_ENV)? != "host";
+    let userns = std::env::var_os(USERNS_ENV).is_some();
+    if private_net && !userns {
         // This runner serves one container, which shares its network
-        // namespace: make it private, with loopback up.
+        // namespace: make it private, with loopback up. (With a user
+        // namespace, libcontainer creates it inside, see below.)
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).map_err(fail)?;
         loopback_up().map_err(fail)?;
     }
@@ -131,7 +155,10 @@ fn run() -> Result<i32, Failure> {
             return Err((kind, message));
         }
     };
-    let code = supervise(&mut container, listener.as_ref(), tty.as_deref(), &lifeline);
+    let code = match (private_net && userns).then(|| container_loopback_up(&container)) {
+        Some(Err(e)) => Err(e),
+        _ => supervise(&mut container, listener.as_ref(), tty.as_deref(), &lifeline, &stop),
+    };
     // One teardown for every outcome once the container exists.
     let deleted = container.delete(true);
     cleanup_cgroups(&id);
@@ -147,15 +174,102 @@ fn supervise(
     listener: Option<&std::os::unix::net::UnixListener>,
     tty: Option<&str>,
     lifeline: &OwnedFd,
+    stop: &OwnedFd,
 ) -> Result<i32, Failure> {
     let master = match (listener, tty) {
         (Some(l), Some(size)) => Some(receive_master(l, size).map_err(fail)?),
         _ => None,
     };
-    container.start().map_err(fail)?;
     // libcontainer links its own nix version: cross over by raw pid.
     let pid = Pid::from_raw(container.pid().ok_or_else(|| fail("the container has no init pid"))?.as_raw());
-    Ok(wait(pid, lifeline, container, master.as_ref()))
+    if signalled(stop) {
+        // Told to stop before the command started: it never runs.
+        return Ok(kill_and_wait(pid, container));
+    }
+    container.start().map_err(fail)?;
+    Ok(wait(pid, lifeline, stop, container, master.as_ref()))
+}
+
+/// The write end of the stop pipe, for the signal handler.
+static STOP_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+extern "C" fn on_stop_signal(_: nix::libc::c_int) {
+    let fd = STOP_FD.load(std::sync::atomic::Ordering::Relaxed);
+    // SAFETY: write(2) is async-signal-safe; fd is the stop pipe's write
+    // end, open for the life of the process (a full pipe just drops the byte).
+    unsafe {
+        nix::libc::write(fd, [1u8].as_ptr().cast(), 1);
+    }
+}
+
+/// Makes SIGTERM, SIGINT and SIGHUP readable on the returned pipe instead
+/// of killing this process outright (which would leave the container
+/// running). Handlers, unlike a blocked mask, do not reach the container:
+/// exec resets them to the default.
+fn stop_signals() -> nix::Result<OwnedFd> {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, sigaction};
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)?;
+    STOP_FD.store(std::os::fd::IntoRawFd::into_raw_fd(w), std::sync::atomic::Ordering::Relaxed);
+    let action = SigAction::new(SigHandler::Handler(on_stop_signal), SaFlags::SA_RESTART, SigSet::empty());
+    for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        // SAFETY: the handler only makes an async-signal-safe write.
+        unsafe { sigaction(sig, &action) }?;
+    }
+    Ok(r)
+}
+
+fn signalled(stop: &OwnedFd) -> bool {
+    let mut fds = [PollFd::new(stop.as_fd(), PollFlags::POLLIN)];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+}
+
+/// Brings `lo` up in the network namespace libcontainer made for the
+/// created (not yet started) container, then returns to the runner's own.
+fn container_loopback_up(container: &libcontainer::container::Container) -> Result<(), Failure> {
+    use nix::sched::{CloneFlags, setns};
+    let pid = container.pid().ok_or_else(|| fail("the container has no init pid"))?.as_raw();
+    let own = File::open("/proc/self/ns/net").map_err(fail)?;
+    let theirs = File::open(format!("/proc/{pid}/ns/net")).map_err(fail)?;
+    setns(&theirs, CloneFlags::CLONE_NEWNET).map_err(fail)?;
+    let up = loopback_up();
+    setns(&own, CloneFlags::CLONE_NEWNET).map_err(fail)?;
+    up.map_err(fail)
+}
+
+/// Kills everything in the container and waits for its init.
+fn kill_and_wait(pid: Pid, container: &mut libcontainer::container::Container) -> i32 {
+    if let Ok(sig) = libcontainer::signal::Signal::try_from(Signal::SIGKILL as i32) {
+        let _ = container.kill(sig, true);
+    }
+    loop {
+        match waitpid(pid, None) {
+            Ok(status) => return exit_code(status).unwrap_or(137),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return 137,
+        }
+    }
+}
+
+/// `cleanup` mode: removes the container `ID` of a runner that died.
+fn cleanup() -> Result<(), Failure> {
+    let (state, id) = (PathBuf::from(env(STATE_ENV)?), env(ID_ENV)?);
+    let dir = state.join(&id);
+    if dir.exists() {
+        let mut container = libcontainer::container::Container::load(dir.clone()).map_err(fail)?;
+        if let Ok(sig) = libcontainer::signal::Signal::try_from(Signal::SIGKILL as i32) {
+            let _ = container.kill(sig, true);
+        }
+        if let Err(e) = container.delete(true) {
+            // A container that died half-made may not load its cgroup: its
+            // state is all that is left.
+            let _ = std::fs::remove_dir_all(&dir);
+            if dir.exists() {
+                return Err(fail(e));
+            }
+        }
+    }
+    cleanup_cgroups(&id);
+    Ok(())
 }
 
 /// A pidfd for `pid`: readable when it exits. (No signal mask games: a
@@ -172,6 +286,7 @@ fn pidfd(pid: Pid) -> Option<OwnedFd> {
 fn wait(
     pid: Pid,
     lifeline: &OwnedFd,
+    stop: &OwnedFd,
     container: &mut libcontainer::container::Container,
     master: Option<&OwnedFd>,
 ) -> i32 {
@@ -186,16 +301,19 @@ fn wait(
         }
         let lifeline_broken = match &pidfd {
             Some(p) => {
-                let mut fds =
-                    vec![PollFd::new(p.as_fd(), PollFlags::POLLIN), PollFd::new(lifeline.as_fd(), PollFlags::POLLIN)];
+                let mut fds = vec![
+                    PollFd::new(p.as_fd(), PollFlags::POLLIN),
+                    PollFd::new(lifeline.as_fd(), PollFlags::POLLIN),
+                    PollFd::new(stop.as_fd(), PollFlags::POLLIN),
+                ];
                 if let Some(t) = &tty {
                     fds.extend(t.poll_fds());
                 }
                 match poll(&mut fds, PollTimeout::NONE) {
                     Ok(_) => {
-                        let broken = fds[1].revents().is_some_and(|r| !r.is_empty());
+                        let broken = fds[1..3].iter().any(|f| f.revents().is_some_and(|r| !r.is_empty()));
                         let ready: Vec<bool> =
-                            fds[2..].iter().map(|f| f.revents().is_some_and(|r| !r.is_empty())).collect();
+                            fds[3..].iter().map(|f| f.revents().is_some_and(|r| !r.is_empty())).collect();
                         drop(fds);
                         if let Some(t) = &mut tty {
                             t.pump(&ready);
@@ -208,7 +326,8 @@ fn wait(
             }
             None => {
                 // No pidfd (kernel < 5.3): poll the lifeline with a short timeout.
-                let mut fds = [PollFd::new(lifeline.as_fd(), PollFlags::POLLIN)];
+                let mut fds =
+                    [PollFd::new(lifeline.as_fd(), PollFlags::POLLIN), PollFd::new(stop.as_fd(), PollFlags::POLLIN)];
                 let broken = matches!(poll(&mut fds, PollTimeout::from(10u8)), Ok(n) if n > 0);
                 if let Some(t) = &mut tty {
                     t.drain();
@@ -217,17 +336,9 @@ fn wait(
             }
         };
         if lifeline_broken {
-            // The caller is gone (cancelled or dead): take the whole tree down.
-            if let Ok(sig) = libcontainer::signal::Signal::try_from(Signal::SIGKILL as i32) {
-                let _ = container.kill(sig, true);
-            }
-            loop {
-                match waitpid(pid, None) {
-                    Ok(status) => return exit_code(status).unwrap_or(137),
-                    Err(nix::errno::Errno::EINTR) => continue,
-                    Err(_) => return 137,
-                }
-            }
+            // The caller is gone (cancelled or dead) or we were told to
+            // stop: take the whole tree down.
+            return kill_and_wait(pid, container);
         }
     }
 }

@@ -9,7 +9,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWrite;
-use vessel_runtime::{Limits, Network, RunRequest, Runtime, RuntimeErrorKind, TtySize};
+use vessel_runtime::overlay::OverlayMount;
+use vessel_runtime::{IdMapping, Limits, Network, RunRequest, Runtime, RuntimeErrorKind, TtySize, UserNamespace};
 
 pub type CaseResult = Result<(), String>;
 
@@ -19,10 +20,13 @@ pub type CaseResult = Result<(), String>;
 macro_rules! trials {
     ($suite:expr, $block_on:expr) => {{
         let suite = $suite;
+        let prefix = if suite.userns.is_some() { "userns::" } else { "host_ids::" };
         macro_rules! case {
             ($case:ident) => {{
                 let suite = suite.clone();
-                libtest_mimic::Trial::test(stringify!($case), move || $block_on(async move { suite.$case().await }))
+                libtest_mimic::Trial::test(format!("{prefix}{}", stringify!($case)), move || {
+                    $block_on(async move { suite.$case().await })
+                })
             }};
         }
         vec![
@@ -45,15 +49,46 @@ macro_rules! trials {
             case!(cpu_quota_is_applied),
             case!(read_only_binds),
             case!(concurrent_runs),
+            case!(user_namespace_maps_ids),
         ]
     }};
 }
 pub(crate) use trials;
 
-/// A backend under test and the rootfs it runs on.
+/// A backend under test and the rootfs it runs on (with a user namespace:
+/// an overlay over the idmapped image layer).
 pub struct Suite<R: Runtime> {
     pub runtime: R,
     pub rootfs: PathBuf,
+    pub userns: Option<IdMapping>,
+    pub _mount: Option<OverlayMount>,
+}
+
+/// The test image's layer unpacked under `dir`, and a rootfs on it: the
+/// layer itself, or (with `userns`) an overlay over it idmapped to `userns`.
+pub fn rootfs(dir: &Path, image_dir: &Path, userns: Option<&UserNamespace>) -> (PathBuf, Option<OverlayMount>) {
+    let layer = dir.join("layer");
+    std::fs::create_dir_all(&layer).unwrap();
+    let st = std::process::Command::new("tar")
+        .arg("-xpf")
+        .arg(image_dir.join("layer.tar"))
+        .arg("-C")
+        .arg(&layer)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let Some(ns) = userns else { return (layer, None) };
+    let (ovl, rootfs) = (dir.join("ovl"), dir.join("rootfs"));
+    for d in [ovl.join("upper"), ovl.join("work"), rootfs.clone()] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let mount = OverlayMount::mount_idmapped(&rootfs, &[&layer], &ovl, ns).expect("idmapped overlay");
+    (rootfs, Some(mount))
+}
+
+/// A test mapping: a host range no real user has.
+pub fn test_mapping() -> IdMapping {
+    IdMapping::new(0x4000_0000 + (std::process::id() % 1000) * 65536, 65536).unwrap()
 }
 
 /// Counts bytes, keeps none: for huge outputs.
@@ -87,13 +122,29 @@ macro_rules! check {
 
 impl<R: Runtime> Suite<R> {
     fn req(&self, args: Vec<String>) -> RunRequest<'static> {
-        RunRequest { rootfs: self.rootfs.clone(), args, ..Default::default() }
+        RunRequest { rootfs: self.rootfs.clone(), args, user_namespace: self.userns, ..Default::default() }
     }
 
     /// Runs `args`, returning (exit code, stdout, stderr).
     async fn output(&self, req: RunRequest<'_>) -> Result<(i32, String, String), String> {
         let (mut out, mut err) = (Vec::new(), Vec::new());
-        let RunRequest { rootfs, args, env, cwd, uid, gid, hostname, limits, network, ro_binds, tty, stdin, .. } = req;
+        let RunRequest {
+            rootfs,
+            args,
+            env,
+            cwd,
+            uid,
+            gid,
+            additional_gids,
+            user_namespace,
+            hostname,
+            limits,
+            network,
+            ro_binds,
+            tty,
+            stdin,
+            ..
+        } = req;
         let req = RunRequest {
             rootfs,
             args,
@@ -101,6 +152,8 @@ impl<R: Runtime> Suite<R> {
             cwd,
             uid,
             gid,
+            additional_gids,
+            user_namespace,
             hostname,
             limits,
             network,
@@ -327,6 +380,53 @@ impl<R: Runtime> Suite<R> {
         req.limits = Limits { pids: Some(10), ..Default::default() };
         let (code, _, err) = self.output(req).await?;
         check!(err.contains("fork") || code != 0, "50 processes under pids.max=10: exit {code}, {err:?}");
+        Ok(())
+    }
+
+    /// Inside, ids are the image's (root is 0, files keep their owners); on
+    /// the host, the container's processes run as the mapped, unprivileged
+    /// uid (or as root without a user namespace).
+    pub async fn user_namespace_maps_ids(&self) -> CaseResult {
+        // A sleep of its own per suite (the suites run side by side).
+        let secs = if self.userns.is_some() { "1003" } else { "1004" };
+        let script = format!(
+            "cat /proc/self/uid_map; id -u; stat -c %u:%g /bin/busybox /etc/passwd; \
+             touch /tmp/made && chown 1000:1000 /tmp/made && stat -c %u:%g /tmp/made; \
+             chown 70000 /tmp/made 2>/dev/null && echo chown-outside-ok; sleep {secs} & sleep 0.5; kill %1"
+        );
+        let run = self.output(self.req(sh(&script)));
+        let cmdline = format!("sleep\0{secs}\0");
+        let host_uid = async {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Some(pid) = pids_of(cmdline.as_bytes()).first() {
+                    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+                    return status.lines().find(|l| l.starts_with("Uid:")).map(str::to_owned);
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            None
+        };
+        let (out, host_uid) = tokio::join!(run, host_uid);
+        let (code, out, err) = out?;
+        let lines: Vec<&str> = out.lines().collect();
+        check!(code == 0 || code == 143, "{code} {out:?} {err:?}");
+        check!(lines.get(1) == Some(&"0") && lines.get(2) == Some(&"0:0") && lines.get(3) == Some(&"0:0"), "{out:?}");
+        check!(lines.get(4) == Some(&"1000:1000"), "chown inside the range: {out:?} {err:?}");
+        let map: Vec<&str> = lines[0].split_whitespace().collect();
+        let host_uid = host_uid.ok_or("the container's process was not seen on the host")?;
+        let uid: u32 = host_uid.split_whitespace().nth(1).and_then(|u| u.parse().ok()).unwrap_or(u32::MAX);
+        match self.userns {
+            Some(m) => {
+                check!(map == ["0", &m.host_id.to_string(), &m.size.to_string()], "uid_map {map:?}");
+                check!(uid == m.host_id, "on the host the container's root is uid {uid}, want {}", m.host_id);
+                check!(!out.contains("chown-outside-ok"), "chown to an unmapped id succeeded");
+            }
+            None => {
+                check!(map == ["0", "0", "4294967295"], "uid_map {map:?}");
+                check!(uid == 0, "host uid {uid}");
+            }
+        }
         Ok(())
     }
 

@@ -1,0 +1,276 @@
+//! User namespaces and idmapped mounts: how a vessel's container ids live
+//! on an unprivileged host range while its layers keep the container's view.
+//!
+//! A vessel's containers run in a user namespace mapping container ids
+//! `0..size` to host ids `host_id..host_id + size` ([`IdMapping`]). Its
+//! rootfs is an overlay over *idmapped* layers: each lower layer, and the
+//! directory holding the upper and work dirs, is cloned with `open_tree`
+//! and marked `MOUNT_ATTR_IDMAP` with a user namespace of that mapping
+//! ([`UserNamespace`]), so a file that is uid 0 on disk (in the layer
+//! cache, in the upper dir, in a snapshot's tar) is uid `host_id` through
+//! the mount, which the container sees as its root. Nothing is chowned.
+//!
+//! The host side acts through the same mount as the container's root would:
+//! [`as_host_ids`] runs a closure with the thread's fsuid/fsgid set to the
+//! mapped root (with `SECBIT_NO_SETUID_FIXUP`, so the thread keeps its
+//! capabilities), because the kernel refuses to create a file through an
+//! idmapped mount for an fsuid the mapping cannot express (`EOVERFLOW`).
+//! The overlay itself is mounted that way too: overlayfs records its
+//! mounter's credentials and uses them for its own work files.
+
+use std::ffi::CString;
+use std::fs;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
+
+use nix::libc;
+use rustix::mount::{OpenTreeFlags, open_tree};
+use rustix::thread::CapabilitiesSecureBits;
+
+use crate::RuntimeError;
+
+/// The size of a vessel's id range: the 16-bit ids every image uses.
+pub const DEFAULT_RANGE_SIZE: u32 = 65536;
+
+/// Container ids `0..size` are host ids `host_id..host_id + size` (uids and
+/// gids alike).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IdMapping {
+    /// The host id of container root.
+    pub host_id: u32,
+    /// How many ids are mapped.
+    pub size: u32,
+}
+
+impl IdMapping {
+    /// A mapping of `size` ids starting at host id `host_id`.
+    pub fn new(host_id: u32, size: u32) -> Result<Self, RuntimeError> {
+        if size == 0 || host_id.checked_add(size).is_none_or(|end| end > u32::MAX - 1) {
+            return Err(RuntimeError::InvalidRequest(format!("invalid id range {host_id}+{size}")));
+        }
+        Ok(Self { host_id, size })
+    }
+
+    /// The host id of container id `id`, if mapped.
+    pub fn to_host(&self, id: u32) -> Option<u32> {
+        (id < self.size).then(|| self.host_id + id)
+    }
+
+    /// The container id of host id `host`, if mapped.
+    pub fn to_container(&self, host: u32) -> Option<u32> {
+        host.checked_sub(self.host_id).filter(|id| *id < self.size)
+    }
+
+    /// The `uid_map`/`gid_map` line.
+    fn line(&self) -> String {
+        format!("0 {} {}\n", self.host_id, self.size)
+    }
+}
+
+/// A user namespace with one mapping, held by fd: what `MOUNT_ATTR_IDMAP`
+/// takes. Creating one costs about 0.3 ms (a short-lived child process), so
+/// a vessel keeps its own for as long as it is open.
+#[derive(Debug)]
+pub struct UserNamespace {
+    fd: OwnedFd,
+    mapping: IdMapping,
+}
+
+/// Closes the hold pipe (so the child exits) and reaps the child.
+struct Child {
+    pid: libc::pid_t,
+    hold: Option<OwnedFd>,
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        drop(self.hold.take());
+        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(self.pid), None);
+    }
+}
+
+impl UserNamespace {
+    /// A new user namespace mapping container `0..size` to `mapping`'s host range.
+    pub fn new(mapping: IdMapping) -> Result<Self, RuntimeError> {
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| RuntimeError::io("create pipe", "")(e.into()))?;
+        let (r_raw, w_raw) = (r.as_raw_fd(), w.as_raw_fd());
+        // SAFETY: clone without CLONE_VM is a fork: the child gets a copy of
+        // this address space and runs on from here. This process may have
+        // other threads holding locks, so the child makes only raw,
+        // async-signal-safe syscalls (close, read, _exit) and allocates
+        // nothing; it lives only to own the new user namespace until the
+        // parent has written its maps and opened it.
+        let pid = unsafe { libc::syscall(libc::SYS_clone, libc::CLONE_NEWUSER | libc::SIGCHLD, 0, 0, 0, 0) };
+        if pid == 0 {
+            // SAFETY: see above; read blocks until the parent closes the
+            // write end (end of file), then the child exits without
+            // running any of this process's exit handlers.
+            unsafe {
+                libc::close(w_raw);
+                let mut b = 0u8;
+                libc::read(r_raw, (&raw mut b).cast(), 1);
+                libc::_exit(0);
+            }
+        }
+        if pid < 0 {
+            return Err(RuntimeError::Unavailable {
+                backend: "userns",
+                reason: format!("cannot create a user namespace: {}", std::io::Error::last_os_error()),
+            });
+        }
+        drop(r);
+        let child = Child { pid: pid as libc::pid_t, hold: Some(w) };
+        for file in ["uid_map", "gid_map"] {
+            let p = format!("/proc/{}/{file}", child.pid);
+            fs::write(&p, mapping.line()).map_err(RuntimeError::io("write", &p))?;
+        }
+        let p = format!("/proc/{}/ns/user", child.pid);
+        let fd = fs::File::open(&p).map_err(RuntimeError::io("open", &p))?;
+        drop(child);
+        Ok(Self { fd: fd.into(), mapping })
+    }
+
+    /// The mapping.
+    pub fn mapping(&self) -> IdMapping {
+        self.mapping
+    }
+
+    /// A detached clone of the mount tree at `dir`, idmapped through this
+    /// namespace (an fd for `open_tree`'s result; it vanishes when closed
+    /// unless something, like an overlay, holds it).
+    pub fn idmapped_clone(&self, dir: &Path) -> Result<OwnedFd, RuntimeError> {
+        let tree = open_tree(rustix::fs::CWD, dir, OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC)
+            .map_err(|e| RuntimeError::io("open_tree", dir)(e.into()))?;
+        #[repr(C)]
+        struct MountAttr {
+            attr_set: u64,
+            attr_clr: u64,
+            propagation: u64,
+            userns_fd: u64,
+        }
+        const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
+        let attr = MountAttr {
+            attr_set: MOUNT_ATTR_IDMAP,
+            attr_clr: 0,
+            propagation: 0,
+            userns_fd: self.fd.as_raw_fd() as u64,
+        };
+        let empty = CString::default();
+        // SAFETY: mount_setattr reads `size` bytes of `attr`, a live,
+        // properly laid out `struct mount_attr`, and the empty C string;
+        // `tree` and the namespace fd are open for the whole call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_mount_setattr,
+                tree.as_raw_fd(),
+                empty.as_ptr(),
+                libc::AT_EMPTY_PATH,
+                &raw const attr,
+                std::mem::size_of::<MountAttr>(),
+            )
+        };
+        if rc != 0 {
+            return Err(RuntimeError::io("idmap mount", dir)(std::io::Error::last_os_error()));
+        }
+        Ok(tree)
+    }
+}
+
+/// Restores the thread's fs ids and securebits, even on unwind.
+struct FsIds {
+    uid: u32,
+    gid: u32,
+    bits: Option<CapabilitiesSecureBits>,
+}
+
+impl Drop for FsIds {
+    fn drop(&mut self) {
+        nix::unistd::setfsuid(nix::unistd::Uid::from_raw(self.uid));
+        nix::unistd::setfsgid(nix::unistd::Gid::from_raw(self.gid));
+        if let Some(bits) = self.bits {
+            let _ = rustix::thread::set_capabilities_secure_bits(bits);
+        }
+    }
+}
+
+/// Runs `f` on this thread with fsuid `uid` and fsgid `gid`, keeping the
+/// thread's capabilities, then restores both. For a process that is not
+/// root, or with ids 0, it just runs `f`.
+pub fn as_host_ids<T>(uid: u32, gid: u32, f: impl FnOnce() -> T) -> T {
+    if (uid == 0 && gid == 0) || !nix::unistd::geteuid().is_root() {
+        return f();
+    }
+    // Without NO_SETUID_FIXUP, a non-zero fsuid drops the fs capabilities
+    // (CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_FOWNER, ...) from this thread.
+    let bits = rustix::thread::capabilities_secure_bits().ok();
+    if let Some(b) = bits {
+        let _ = rustix::thread::set_capabilities_secure_bits(b | CapabilitiesSecureBits::NO_SETUID_FIXUP);
+    }
+    let old_gid = nix::unistd::setfsgid(nix::unistd::Gid::from_raw(gid)).as_raw();
+    let old_uid = nix::unistd::setfsuid(nix::unistd::Uid::from_raw(uid)).as_raw();
+    let _restore = FsIds { uid: old_uid, gid: old_gid, bits };
+    f()
+}
+
+/// Whether this kernel and the filesystem at `dir` support what isolation
+/// needs: a user namespace, an idmapped clone of `dir`, and an overlay over
+/// idmapped layers that is writable with the mapped root's fsuid. Makes
+/// and removes a small test tree under `dir`.
+pub fn probe(dir: &Path) -> Result<(), RuntimeError> {
+    let unsupported = |what: &str, e: &dyn std::fmt::Display| RuntimeError::Unavailable {
+        backend: "userns",
+        reason: format!("{what}: {e} (user namespaces with idmapped overlay layers need Linux 6.8 or later)"),
+    };
+    let base = dir.join(format!(".probe-{:016x}", rand::random::<u64>()));
+    let result = (|| {
+        for d in ["lower", "ovl/upper", "ovl/work", "mnt"] {
+            fs::create_dir_all(base.join(d)).map_err(RuntimeError::io("create", base.join(d)))?;
+        }
+        let ns = UserNamespace::new(IdMapping::new(DEFAULT_RANGE_SIZE * 16, DEFAULT_RANGE_SIZE)?)
+            .map_err(|e| unsupported("creating a user namespace", &e))?;
+        let mount = crate::overlay::OverlayMount::mount_idmapped(
+            &base.join("mnt"),
+            &[&base.join("lower")],
+            &base.join("ovl"),
+            &ns,
+        )
+        .map_err(|e| unsupported("mounting an overlay over idmapped layers", &e))?;
+        let host_root = ns.mapping().host_id;
+        let wrote = as_host_ids(host_root, host_root, || fs::write(base.join("mnt/probe"), b"x"));
+        let owner = fs::metadata(base.join("ovl/upper/probe")).map(|m| std::os::unix::fs::MetadataExt::uid(&m));
+        mount.unmount()?;
+        wrote.map_err(|e| unsupported("writing through an idmapped overlay", &e))?;
+        match owner {
+            Ok(0) => Ok(()),
+            Ok(uid) => Err(unsupported("the idmapped upper stored the wrong owner", &uid)),
+            Err(e) => Err(unsupported("reading the idmapped upper", &e)),
+        }
+    })();
+    let _ = fs::remove_dir_all(&base);
+    result
+}
+
+/// Opens an fd's `/proc/self/fd` path: how overlayfs options name a
+/// detached mount.
+pub(crate) fn fd_path(fd: &OwnedFd) -> String {
+    format!("/proc/self/fd/{}", fd.as_raw_fd())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mappings_translate_both_ways() {
+        let m = IdMapping::new(100_000, 65536).unwrap();
+        assert_eq!(m.to_host(0), Some(100_000));
+        assert_eq!(m.to_host(65535), Some(165_535));
+        assert_eq!(m.to_host(65536), None);
+        assert_eq!(m.to_container(100_000), Some(0));
+        assert_eq!(m.to_container(99_999), None);
+        assert_eq!(m.to_container(165_536), None);
+        assert!(IdMapping::new(1, 0).is_err());
+        assert!(IdMapping::new(u32::MAX - 10, 65536).is_err());
+    }
+}
