@@ -76,41 +76,36 @@ pub struct UserNamespace {
     mapping: IdMapping,
 }
 
-/// Closes the hold pipe (so the child exits) and reaps the child.
+/// Kills and reaps the namespace's holder child. (Not an end-of-file on a
+/// pipe: a child forked meanwhile by another thread holds a copy of it.)
 struct Child {
     pid: libc::pid_t,
-    hold: Option<OwnedFd>,
 }
 
 impl Drop for Child {
     fn drop(&mut self) {
-        drop(self.hold.take());
-        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(self.pid), None);
+        let pid = nix::unistd::Pid::from_raw(self.pid);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::wait::waitpid(pid, None);
     }
 }
 
 impl UserNamespace {
     /// A new user namespace mapping container `0..size` to `mapping`'s host range.
     pub fn new(mapping: IdMapping) -> Result<Self, RuntimeError> {
-        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-            .map_err(|e| RuntimeError::io("create pipe", "")(e.into()))?;
-        let (r_raw, w_raw) = (r.as_raw_fd(), w.as_raw_fd());
         // SAFETY: clone without CLONE_VM is a fork: the child gets a copy of
         // this address space and runs on from here. This process may have
         // other threads holding locks, so the child makes only raw,
-        // async-signal-safe syscalls (close, read, _exit) and allocates
-        // nothing; it lives only to own the new user namespace until the
-        // parent has written its maps and opened it.
+        // async-signal-safe syscalls (pause, _exit) and allocates nothing;
+        // it lives only to own the new user namespace until the parent has
+        // written its maps and opened it, then the parent kills it.
         let pid = unsafe { libc::syscall(libc::SYS_clone, libc::CLONE_NEWUSER | libc::SIGCHLD, 0, 0, 0, 0) };
         if pid == 0 {
-            // SAFETY: see above; read blocks until the parent closes the
-            // write end (end of file), then the child exits without
-            // running any of this process's exit handlers.
+            // SAFETY: see above.
             unsafe {
-                libc::close(w_raw);
-                let mut b = 0u8;
-                libc::read(r_raw, (&raw mut b).cast(), 1);
-                libc::_exit(0);
+                loop {
+                    libc::pause();
+                }
             }
         }
         if pid < 0 {
@@ -119,8 +114,7 @@ impl UserNamespace {
                 reason: format!("cannot create a user namespace: {}", std::io::Error::last_os_error()),
             });
         }
-        drop(r);
-        let child = Child { pid: pid as libc::pid_t, hold: Some(w) };
+        let child = Child { pid: pid as libc::pid_t };
         for file in ["uid_map", "gid_map"] {
             let p = format!("/proc/{}/{file}", child.pid);
             fs::write(&p, mapping.line()).map_err(RuntimeError::io("write", &p))?;

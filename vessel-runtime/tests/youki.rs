@@ -41,11 +41,11 @@ fn main() {
             left.extend(std::fs::read_dir(s.state_root().join(sub)).into_iter().flatten().flatten().map(|e| e.path()));
         }
     }
+    drop(suites);
     if !cgroups.is_empty() || !left.is_empty() {
         eprintln!("leaks after the suite: cgroups {cgroups:?}, state {left:?}");
         std::process::exit(101);
     }
-    drop(suites);
     conclusion.exit();
 }
 

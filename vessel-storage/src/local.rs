@@ -47,9 +47,17 @@ impl LocalStorage {
     ///
     /// Blocks briefly on the filesystem; call it before or outside hot async paths.
     pub fn new(root: impl Into<PathBuf>) -> Result<Self, StorageError> {
+        use std::os::unix::fs::PermissionsExt;
         let root = root.into();
+        // What it holds (workspaces' files, as layer tars) is its owner's
+        // alone: the dirs it makes are 0700 (a root that exists is left as is).
+        if !root.exists() {
+            fs::create_dir_all(&root).map_err(StorageError::io("create directory", &root))?;
+            fs::set_permissions(&root, fs::Permissions::from_mode(0o700)).map_err(StorageError::io("chmod", &root))?;
+        }
         for dir in [root.join("vessels"), root.join("images"), root.join(TMP)] {
             fs::create_dir_all(&dir).map_err(StorageError::io("create directory", &dir))?;
+            fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).map_err(StorageError::io("chmod", &dir))?;
         }
         let storage = Self { root, encoding: BlobEncoding::Plain };
         storage.sweep_tmp();

@@ -34,6 +34,40 @@ pub struct ManagerConfig {
     pub(crate) rootless: bool,
     pub(crate) id_generator: Arc<dyn IdGenerator>,
     pub(crate) backend: Backend,
+    pub(crate) user_namespaces: bool,
+    pub(crate) id_ranges: IdRanges,
+}
+
+/// The pool of host ids that vessels' user namespaces map to: `count`
+/// slices of [`IdRanges::SIZE`] ids from host id `first`, one slice per
+/// open vessel on this host (as Kubernetes' user namespaces and podman's
+/// `--userns=auto` allocate them). The pool must hold no real user's id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdRanges {
+    /// The first host id of the pool.
+    pub first: u32,
+    /// How many slices.
+    pub count: u32,
+}
+
+impl IdRanges {
+    /// Ids per vessel: container ids `0..65536`.
+    pub const SIZE: u32 = vessel_runtime::idmap::DEFAULT_RANGE_SIZE;
+
+    /// The `slot`th slice.
+    pub(crate) fn mapping(&self, slot: u32) -> Result<vessel_runtime::IdMapping, crate::VesselError> {
+        let invalid = || crate::VesselError::InvalidInput(format!("id range pool {self:?} does not fit in 32 bits"));
+        let host = slot.checked_mul(Self::SIZE).and_then(|o| o.checked_add(self.first)).ok_or_else(invalid)?;
+        vessel_runtime::IdMapping::new(host, Self::SIZE).map_err(|_| invalid())
+    }
+}
+
+impl Default for IdRanges {
+    /// 8192 slices from host id 2^30: far above the ids distributions give
+    /// users (and `/etc/subuid`'s usual 100000-based ranges), below 2^31.
+    fn default() -> Self {
+        Self { first: 1 << 30, count: 8192 }
+    }
 }
 
 impl fmt::Debug for ManagerConfig {
@@ -45,6 +79,8 @@ impl fmt::Debug for ManagerConfig {
             .field("namespace", &self.namespace)
             .field("rootless", &self.rootless)
             .field("backend", &self.backend)
+            .field("user_namespaces", &self.user_namespaces)
+            .field("id_ranges", &self.id_ranges)
             .finish_non_exhaustive()
     }
 }
@@ -72,6 +108,8 @@ impl Default for ManagerConfig {
             rootless,
             id_generator: Arc::new(UniqueIdGenerator::new()),
             backend: Backend::default(),
+            user_namespaces: true,
+            id_ranges: IdRanges::default(),
         }
     }
 }
@@ -123,6 +161,21 @@ impl ManagerConfig {
     /// The container runtime.
     pub fn backend(mut self, backend: Backend) -> Self {
         self.backend = backend;
+        self
+    }
+
+    /// Whether vessels' containers run in user namespaces (default `true`):
+    /// container root is then an unprivileged host id of the vessel's own
+    /// range. **Turning this off makes container root host root: unsafe
+    /// for untrusted code**; it is for hosts without idmapped mounts.
+    pub fn user_namespaces(mut self, on: bool) -> Self {
+        self.user_namespaces = on;
+        self
+    }
+
+    /// The pool of host ids for vessels' user namespaces.
+    pub fn id_ranges(mut self, ranges: IdRanges) -> Self {
+        self.id_ranges = ranges;
         self
     }
 }

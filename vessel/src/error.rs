@@ -99,6 +99,24 @@ pub enum VesselError {
     /// A command was empty or options contradict each other.
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    /// This host cannot isolate vessels as configured: user namespaces over
+    /// idmapped layers are missing. `ManagerConfig::user_namespaces(false)`
+    /// runs without them (unsafe for untrusted code).
+    #[error(
+        "vessel isolation is not supported on this host; ManagerConfig::user_namespaces(false) turns it off (unsafe for untrusted code)"
+    )]
+    IsolationUnsupported(#[source] RuntimeError),
+    /// Every host id range of the configured pool is in use by an open vessel.
+    #[error("all {0} id ranges are in use by open vessels (ManagerConfig::id_ranges)")]
+    IdRangesExhausted(u32),
+    /// The image's `USER` names a user or group its `/etc/passwd` or `/etc/group` lacks.
+    #[error("image user {user:?}: {reason}")]
+    UnknownUser {
+        /// The `USER` value.
+        user: String,
+        /// What is missing.
+        reason: String,
+    },
 }
 
 /// Coarse classification of [`VesselError`], for matching.
@@ -124,7 +142,11 @@ impl VesselError {
     pub fn kind(&self) -> VesselErrorKind {
         use VesselErrorKind as K;
         match self {
-            Self::Core(_) | Self::InvalidPath { .. } | Self::InvalidInput(_) => K::InvalidInput,
+            Self::Core(_) | Self::InvalidPath { .. } | Self::InvalidInput(_) | Self::UnknownUser { .. } => {
+                K::InvalidInput
+            }
+            Self::IsolationUnsupported(_) => K::Unavailable,
+            Self::IdRangesExhausted(_) => K::Conflict,
             Self::Storage(e) => match e.kind() {
                 vessel_storage::StorageErrorKind::NotFound => K::NotFound,
                 vessel_storage::StorageErrorKind::Corrupt => K::Corrupt,

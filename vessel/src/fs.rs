@@ -22,6 +22,8 @@ use nix::fcntl::{AtFlags, OFlag, OpenHow, ResolveFlag, openat2};
 use nix::sys::stat::{FileStat, Mode, SFlag, fstatat, mkdirat};
 use nix::unistd::UnlinkatFlags;
 use vessel_core::VesselId;
+use vessel_runtime::IdMapping;
+use vessel_runtime::idmap::as_host_ids;
 
 use crate::error::{Result, VesselError};
 
@@ -76,7 +78,21 @@ pub struct FileInfo {
     pub modified: SystemTime,
 }
 
+/// The owner a file has inside a vessel when its host id is outside the
+/// vessel's range (the kernel's overflow id, as a container sees it).
+pub const OVERFLOW_ID: u32 = 65534;
+
 impl FileInfo {
+    /// The owner as the vessel sees it: host ids of the vessel's range
+    /// translated back (a file made by the container's root is uid 0).
+    pub(crate) fn in_vessel(mut self, ids: Option<IdMapping>) -> Self {
+        if let Some(m) = ids {
+            self.uid = m.to_container(self.uid).unwrap_or(OVERFLOW_ID);
+            self.gid = m.to_container(self.gid).unwrap_or(OVERFLOW_ID);
+        }
+        self
+    }
+
     /// Whether it is a directory.
     pub fn is_dir(&self) -> bool {
         self.file_type == FileType::Dir
@@ -116,6 +132,8 @@ struct GateState {
 #[derive(Debug)]
 pub(crate) struct Gate {
     id: VesselId,
+    /// The vessel's id mapping (`None`: host ids, no user namespace).
+    pub(crate) ids: Option<IdMapping>,
     state: Mutex<GateState>,
     changed: Condvar,
 }
@@ -136,9 +154,19 @@ impl Drop for Pass<'_> {
 }
 
 impl Gate {
-    pub(crate) fn new(id: VesselId, root: OwnedFd) -> Self {
+    pub(crate) fn new(id: VesselId, root: OwnedFd, ids: Option<IdMapping>) -> Self {
         let state = GateState { root: Some(Arc::new(root)), generation: 0, busy: false, in_flight: 0 };
-        Self { id, state: Mutex::new(state), changed: Condvar::new() }
+        Self { id, ids, state: Mutex::new(state), changed: Condvar::new() }
+    }
+
+    /// Runs a file operation as the vessel's root would: with the fs ids of
+    /// the container's root on the host (see [`vessel_runtime::idmap`]), so
+    /// what it creates is owned by root inside the vessel.
+    pub(crate) fn as_vessel_root<T>(&self, f: impl FnOnce() -> T) -> T {
+        match self.ids {
+            Some(m) => as_host_ids(m.host_id, m.host_id, f),
+            None => f(),
+        }
     }
 
     /// Waits out a remount, then admits one operation (`generation`: a
@@ -378,7 +406,7 @@ impl File {
         let (fd, generation) = {
             let pass = gate.enter(None)?;
             let flags = flags & HONOURED;
-            (open_in(&pass.root, path, flags, perm)?, pass.generation)
+            (gate.as_vessel_root(|| open_in(&pass.root, path, flags, perm))?, pass.generation)
         };
         Ok(Self { file: fs::File::from(fd), gate, generation, path: path.into() })
     }
@@ -402,7 +430,7 @@ impl File {
     pub fn stat(&self) -> Result<FileInfo> {
         let name = split(&self.path).map(|(_, n)| n.to_owned()).unwrap_or_default();
         let st = self.guarded("stat", |f| nix::sys::stat::fstat(f).map_err(io::Error::from))?;
-        Ok(FileInfo::from_stat(name, &st))
+        Ok(FileInfo::from_stat(name, &st).in_vessel(self.gate.ids))
     }
 
     /// Flushes data and metadata to the disk (`fsync`).

@@ -35,11 +35,12 @@ mod error;
 mod fs;
 mod layers;
 mod manager;
+mod user;
 mod vessel;
 
-pub use config::{Backend, ManagerConfig};
+pub use config::{Backend, IdRanges, ManagerConfig};
 pub use error::{Result, VesselError, VesselErrorKind};
-pub use fs::{File, FileInfo, FileType, OpenFlags};
+pub use fs::{File, FileInfo, FileType, OVERFLOW_ID, OpenFlags};
 pub use manager::Manager;
 pub use vessel::Vessel;
 

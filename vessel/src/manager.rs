@@ -15,12 +15,12 @@ use std::sync::{Arc, Mutex, Weak};
 use nix::fcntl::{Flock, FlockArg};
 use tokio::io::AsyncReadExt;
 use vessel_core::{IdGenerator, ImageRef, SnapshotId, VesselId, VesselManifest};
-use vessel_runtime::Runtime;
+use vessel_runtime::{Runtime, UserNamespace};
 use vessel_snapshot::image::{Image, import_archive};
 use vessel_snapshot::{LayerCache, LayerKey};
 use vessel_storage::{BlobReader, CompressedStorage, LocalStorage, Storage, StorageErrorKind};
 
-use crate::config::{Backend, ManagerConfig};
+use crate::config::{Backend, IdRanges, ManagerConfig};
 use crate::error::{Result, VesselError};
 use crate::vessel::{Inner, Vessel};
 
@@ -41,6 +41,8 @@ pub(crate) struct Shared {
     /// machine with different mount roots still exclude each other).
     pub(crate) locks: PathBuf,
     pub(crate) open: Mutex<HashMap<VesselId, Weak<Inner>>>,
+    /// Run containers in user namespaces from this pool (`None`: host ids).
+    pub(crate) id_ranges: Option<IdRanges>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -55,9 +57,14 @@ pub struct Manager {
     shared: Arc<Shared>,
 }
 
-fn mkdirs(dirs: &[&Path]) -> Result<()> {
-    for d in dirs {
+/// Creates each dir with its mode: 0711 where containers must traverse
+/// (to their rootfs and bind-mount sources), 0700 elsewhere; existing dirs
+/// get the mode too, so an older, more open layout is closed.
+fn mkdirs(dirs: &[(&Path, u32)]) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for (d, mode) in dirs {
         fs::create_dir_all(d).map_err(VesselError::io("create directory", *d))?;
+        fs::set_permissions(d, fs::Permissions::from_mode(*mode)).map_err(VesselError::io("chmod", *d))?;
     }
     Ok(())
 }
@@ -91,6 +98,30 @@ pub(crate) fn scrub(dir: &Path) -> Result<()> {
 impl Shared {
     pub(crate) fn vessel_dir(&self, id: &VesselId) -> PathBuf {
         self.root.join("vessels").join(id.as_str())
+    }
+
+    /// A host id range for vessel `id` and its user namespace, held (a flock
+    /// on `locks/ids-<first host id>.lock`, machine-wide) until the lock
+    /// is dropped; `None` without user namespaces. The search starts at a
+    /// slot derived from the id, so a vessel usually gets the same range.
+    pub(crate) fn take_ids(&self, id: &VesselId) -> Result<Option<(UserNamespace, Flock<fs::File>)>> {
+        let Some(ranges) = self.id_ranges else { return Ok(None) };
+        let start = u64::from_str_radix(id.as_str(), 16).unwrap_or(0) % u64::from(ranges.count.max(1));
+        for k in 0..u64::from(ranges.count) {
+            let slot = ((start + k) % u64::from(ranges.count)) as u32;
+            let mapping = ranges.mapping(slot)?;
+            let p = self.locks.join(format!("ids-{}.lock", mapping.host_id));
+            let f = fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&p)
+                .map_err(VesselError::io("open lock", &p))?;
+            if let Ok(lock) = Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+                return Ok(Some((UserNamespace::new(mapping)?, lock)));
+            }
+        }
+        Err(VesselError::IdRangesExhausted(ranges.count))
     }
 
     /// Takes the vessel's lock, or says who has it.
@@ -225,7 +256,24 @@ impl Manager {
     pub async fn new(config: ManagerConfig) -> Result<Self> {
         let root = config.mount_root.clone();
         let locks = lock_dir();
-        mkdirs(&[&root.join("vessels"), &locks, &root.join("runtime")])?;
+        mkdirs(&[
+            (&root, 0o711),
+            (&root.join("vessels"), 0o711),
+            (&root.join("runtime"), 0o711),
+            (&root.join("layers"), 0o700),
+            (&locks, 0o700),
+        ])?;
+        if config.id_ranges.count == 0 {
+            return Err(VesselError::InvalidInput("the id range pool is empty".into()));
+        }
+        config.id_ranges.mapping(config.id_ranges.count - 1)?;
+        if config.user_namespaces {
+            // A real trial on this kernel and filesystem, never a silently
+            // unisolated vessel.
+            vessel_runtime::idmap::probe(&root.join("vessels")).map_err(VesselError::IsolationUnsupported)?;
+        } else {
+            tracing::warn!("user namespaces are off: container root is host root (unsafe for untrusted code)");
+        }
         let storage: Arc<dyn Storage> = match &config.storage {
             Some(s) => s.clone(),
             None => Arc::new(CompressedStorage::new(LocalStorage::new(crate::config::data_home().join("data"))?)),
@@ -243,8 +291,13 @@ impl Manager {
             root,
             locks,
             open: Mutex::new(HashMap::new()),
+            id_ranges: config.user_namespaces.then_some(config.id_ranges),
         };
         let mgr = Self { shared: Arc::new(shared) };
+        let containers = mgr.shared.runtime.remove_leftovers().await?;
+        if containers > 0 {
+            tracing::info!(containers, "removed containers left by dead vessel processes");
+        }
         mgr.remove_stale()?;
         Ok(mgr)
     }

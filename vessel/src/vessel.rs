@@ -17,7 +17,7 @@ use nix::fcntl::{Flock, OFlag};
 use tokio::sync::RwLock;
 use vessel_core::{ExecOptions, ExecResult, SnapshotId, SnapshotManifest, VesselId, VesselManifest};
 use vessel_runtime::overlay::OverlayMount;
-use vessel_runtime::{RunRequest, TtySize};
+use vessel_runtime::{RunRequest, TtySize, UserNamespace};
 use vessel_snapshot::image::Image;
 use vessel_snapshot::{LayerKey, write_diff};
 
@@ -47,24 +47,20 @@ pub(crate) struct Inner {
     manifest: Mutex<VesselManifest>,
     image_layers: Vec<PathBuf>,
     image_env: Vec<String>,
-    user: (u32, u32),
-    lock: Mutex<Option<Flock<fs::File>>>,
+    user: crate::user::User,
+    /// The vessel's user namespace (`None`: host ids), for its mounts.
+    userns: Option<UserNamespace>,
+    lock: Mutex<Option<Held>>,
 }
+
+/// The vessel lock, then the lock on its host id range: held while open.
+type Held = (Flock<fs::File>, Option<Flock<fs::File>>);
 
 /// An open vessel. Methods take `&self`: share it (e.g. in an `Arc`) to run
 /// execs concurrently.
 #[derive(Debug)]
 pub struct Vessel {
     inner: Arc<Inner>,
-}
-
-fn user_of(user: Option<&str>) -> (u32, u32) {
-    // Numeric `uid[:gid]` or root; names would need the vessel's /etc/passwd.
-    let Some(u) = user else { return (0, 0) };
-    let mut parts = u.splitn(2, ':');
-    let uid = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
-    let gid = parts.next().and_then(|s| s.parse().ok()).unwrap_or(uid);
-    (uid, gid)
 }
 
 fn fresh_dir(p: &Path) -> Result<()> {
@@ -118,31 +114,53 @@ impl Inner {
         lock: Flock<fs::File>,
     ) -> Result<Arc<Self>> {
         let id = manifest.id.clone();
+        let (userns, ids_lock) = match shared.take_ids(&id)? {
+            Some((ns, l)) => (Some(ns), Some(l)),
+            None => (None, None),
+        };
+        let ids = userns.as_ref().map(UserNamespace::mapping);
         let dir = shared.vessel_dir(&id);
-        fs::create_dir_all(dir.join("rootfs")).map_err(VesselError::io("create", &dir))?;
+        make_vessel_dir(&dir, ids)?;
         let image_layers: Vec<PathBuf> = image.layers.iter().map(|l| l.path.clone()).collect();
         let lowers = shared.lowers(&id, &manifest, manifest.current_snapshot_id.as_ref(), &image_layers, &dir).await?;
-        let mount = mount_at(&dir, &lowers, Upper::Fresh)?;
+        let mount = mount_at(&dir, &lowers, Upper::Fresh, userns.as_ref())?;
         let root = open_root(&dir.join("rootfs"))?;
-        let work_dir = manifest.work_dir.clone();
-        vfs::make_dir_all(&root, &work_dir, 0o755)?;
-        for f in ETC_FILES {
-            if vfs::stat(&root, f).is_err() {
-                vfs::make_dir_all(&root, "/etc", 0o755)?;
-                vfs::write_file(&root, f, b"", 0o644)?;
-            }
+        let gate = Gate::new(id.clone(), root, ids);
+        let user = {
+            let pass = gate.enter(None)?;
+            gate.as_vessel_root(|| -> Result<crate::user::User> {
+                let work_dir = manifest.work_dir.clone();
+                vfs::make_dir_all(&pass.root, &work_dir, 0o755)?;
+                for f in ETC_FILES {
+                    if vfs::stat(&pass.root, f).is_err() {
+                        vfs::make_dir_all(&pass.root, "/etc", 0o755)?;
+                        vfs::write_file(&pass.root, f, b"", 0o644)?;
+                    }
+                }
+                crate::user::resolve(&pass.root, image.config.user.as_deref())
+            })?
+        };
+        if let Some(m) = ids
+            && let Some(bad) =
+                [user.uid, user.gid].into_iter().chain(user.additional_gids.iter().copied()).find(|i| *i >= m.size)
+        {
+            return Err(VesselError::UnknownUser {
+                user: image.config.user.clone().unwrap_or_default(),
+                reason: format!("id {bad} is outside the vessel's {} mapped ids", m.size),
+            });
         }
         let inner = Self {
             id: id.clone(),
-            gate: Arc::new(Gate::new(id, root)),
+            gate: Arc::new(gate),
             shared,
             dir,
             state: RwLock::new(State { lowers, mount: Some(mount), closed: false }),
             manifest: Mutex::new(manifest),
             image_env: image.config.env.clone(),
-            user: user_of(image.config.user.as_deref()),
+            user,
+            userns,
             image_layers,
-            lock: Mutex::new(Some(lock)),
+            lock: Mutex::new(Some((lock, ids_lock))),
         };
         Ok(Arc::new(inner))
     }
@@ -182,15 +200,41 @@ enum Upper {
     Keep,
 }
 
-/// Mounts the vessel's rootfs on `lowers` (bottom first).
-fn mount_at(dir: &Path, lowers: &[PathBuf], upper: Upper) -> Result<OverlayMount> {
-    match upper {
-        Upper::Fresh => fresh_dir(&dir.join("upper"))?,
-        Upper::Keep => fs::create_dir_all(dir.join("upper")).map_err(VesselError::io("create", dir))?,
+/// Creates a vessel's host directory: only its own container root (which
+/// must traverse it to reach the rootfs) and host root may enter it, so no
+/// setuid file or device node made in the vessel is usable from the host.
+fn make_vessel_dir(dir: &Path, ids: Option<vessel_runtime::IdMapping>) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for d in [dir.to_path_buf(), dir.join("rootfs"), dir.join("ovl")] {
+        fs::create_dir_all(&d).map_err(VesselError::io("create", &d))?;
     }
-    fresh_dir(&dir.join("work"))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(VesselError::io("chmod", dir))?;
+    let owner = ids.map_or(0, |m| m.host_id);
+    nix::unistd::chown(dir, Some(nix::unistd::Uid::from_raw(owner)), Some(nix::unistd::Gid::from_raw(owner)))
+        .map_err(|e| VesselError::io("chown", dir)(e.into()))
+}
+
+/// The live upper dir; it and the work dir share `ovl/`, the one directory
+/// idmapped for them.
+pub(crate) fn upper_dir(dir: &Path) -> PathBuf {
+    dir.join("ovl/upper")
+}
+
+/// Mounts the vessel's rootfs on `lowers` (bottom first), over idmapped
+/// layers with a user namespace.
+fn mount_at(dir: &Path, lowers: &[PathBuf], upper: Upper, userns: Option<&UserNamespace>) -> Result<OverlayMount> {
+    let (up, work) = (upper_dir(dir), dir.join("ovl/work"));
+    match upper {
+        Upper::Fresh => fresh_dir(&up)?,
+        Upper::Keep => fs::create_dir_all(&up).map_err(VesselError::io("create", &up))?,
+    }
+    fresh_dir(&work)?;
     let lowers: Vec<&Path> = lowers.iter().rev().map(PathBuf::as_path).collect();
-    Ok(OverlayMount::mount(&dir.join("rootfs"), &lowers, Some((&dir.join("upper"), &dir.join("work"))))?)
+    let target = dir.join("rootfs");
+    Ok(match userns {
+        Some(ns) => OverlayMount::mount_idmapped(&target, &lowers, &dir.join("ovl"), ns)?,
+        None => OverlayMount::mount(&target, &lowers, Some((&up, &work)))?,
+    })
 }
 
 /// A `Write` that sends 1 MiB chunks to an async reader (the storage).
@@ -236,6 +280,12 @@ impl Vessel {
         self.inner.manifest()
     }
 
+    /// How the vessel's container ids map to host ids on this host (`None`:
+    /// no user namespace, container root is host root).
+    pub fn id_mapping(&self) -> Option<vessel_runtime::IdMapping> {
+        self.inner.gate.ids
+    }
+
     /// Where the vessel's rootfs is mounted on this host (for inspection;
     /// use the file API to change it).
     pub fn rootfs(&self) -> PathBuf {
@@ -250,7 +300,7 @@ impl Vessel {
     fn with_root<T>(&self, path: &str, f: impl FnOnce(&OwnedFd, &str) -> Result<T>) -> Result<T> {
         let path = self.path(path)?;
         let pass = self.inner.gate.enter(None)?;
-        f(&pass.root, &path)
+        self.inner.gate.as_vessel_root(|| f(&pass.root, &path))
     }
 
     /// Reads a whole file.
@@ -276,7 +326,7 @@ impl Vessel {
 
     /// Metadata, following symlinks (inside the vessel).
     pub fn stat(&self, path: &str) -> Result<FileInfo> {
-        self.with_root(path, vfs::stat)
+        Ok(self.with_root(path, vfs::stat)?.in_vessel(self.inner.gate.ids))
     }
 
     /// Creates a directory.
@@ -291,7 +341,8 @@ impl Vessel {
 
     /// A directory's entries (not following symlinks), sorted by name.
     pub fn read_dir(&self, path: &str) -> Result<Vec<FileInfo>> {
-        self.with_root(path, vfs::read_dir)
+        let ids = self.inner.gate.ids;
+        Ok(self.with_root(path, vfs::read_dir)?.into_iter().map(|i| i.in_vessel(ids)).collect())
     }
 
     /// Opens a file with `open(2)` flags; `perm` applies when it is created.
@@ -328,6 +379,22 @@ impl Vessel {
             for d in ["upper", "work", "rootfs"] {
                 fs::create_dir_all(dir.join(d)).map_err(VesselError::io("create", &dir))?;
             }
+            // The throwaway's root is its upper dir: give it the live
+            // root's owner and mode (host view), or the container's root
+            // would find `/` owned by an unmapped id.
+            let live_root = fs::metadata(&live).map_err(VesselError::io("stat", &live))?;
+            let up = dir.join("upper");
+            {
+                use std::os::unix::fs::{MetadataExt, PermissionsExt};
+                nix::unistd::chown(
+                    &up,
+                    Some(nix::unistd::Uid::from_raw(live_root.uid())),
+                    Some(nix::unistd::Gid::from_raw(live_root.gid())),
+                )
+                .map_err(|e| VesselError::io("chown", &up)(e.into()))?;
+                fs::set_permissions(&up, fs::Permissions::from_mode(live_root.mode() & 0o7777))
+                    .map_err(VesselError::io("chmod", &up))?;
+            }
             t.mount = Some(OverlayMount::mount(
                 &dir.join("rootfs"),
                 &[live.as_path()],
@@ -340,8 +407,10 @@ impl Vessel {
             args: opts.command,
             env: merge_env(&inner.image_env, &opts.env),
             cwd: Some(cwd),
-            uid: inner.user.0,
-            gid: inner.user.1,
+            uid: inner.user.uid,
+            gid: inner.user.gid,
+            additional_gids: inner.user.additional_gids.clone(),
+            user_namespace: inner.userns.as_ref().map(UserNamespace::mapping),
             tty: opts.tty.then_some(TtySize { rows: 24, cols: 80 }),
             stdin: opts.stdin,
             stdout: opts.stdout,
@@ -367,7 +436,7 @@ impl Vessel {
         let result = self.snapshot_locked(&mut state, message).await;
         if state.mount.is_none() {
             // Failed before the new mount: back to the previous state.
-            match mount_at(&inner.dir, &state.lowers, Upper::Keep) {
+            match mount_at(&inner.dir, &state.lowers, Upper::Keep, inner.userns.as_ref()) {
                 Ok(m) => state.mount = Some(m),
                 Err(e) => tracing::error!(id = %inner.id, error = %e, "could not remount after a failed snapshot"),
             }
@@ -384,7 +453,7 @@ impl Vessel {
             m.unmount()?;
         }
         let sid = shared.ids.snapshot_id();
-        let upper = inner.dir.join("upper");
+        let upper = upper_dir(&inner.dir);
         let (tx, mut rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(4);
         let err_tx = tx.clone();
         let diff_upper = upper.clone();
@@ -436,7 +505,7 @@ impl Vessel {
             }
         };
         *inner.manifest.lock().unwrap_or_else(|e| e.into_inner()) = manifest;
-        state.mount = Some(mount_at(&inner.dir, &lowers, Upper::Fresh)?);
+        state.mount = Some(mount_at(&inner.dir, &lowers, Upper::Fresh, inner.userns.as_ref())?);
         state.lowers = lowers;
         Ok(snap)
     }
@@ -466,7 +535,7 @@ impl Vessel {
             if let Some(m) = state.mount.take() {
                 m.unmount()?;
             }
-            state.mount = Some(mount_at(&inner.dir, &lowers, Upper::Fresh)?);
+            state.mount = Some(mount_at(&inner.dir, &lowers, Upper::Fresh, inner.userns.as_ref())?);
             Ok::<_, VesselError>(())
         })();
         if remounted.is_ok() {
@@ -478,7 +547,7 @@ impl Vessel {
                 tracing::error!(id = %inner.id, error = %e, "could not put the manifest back after a failed restore");
             }
             if state.mount.is_none()
-                && let Ok(m) = mount_at(&inner.dir, &state.lowers, Upper::Keep)
+                && let Ok(m) = mount_at(&inner.dir, &state.lowers, Upper::Keep, inner.userns.as_ref())
             {
                 state.mount = Some(m);
             }

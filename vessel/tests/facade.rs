@@ -363,18 +363,24 @@ async fn path_security(w: Arc<World>) -> Result<()> {
     // Device nodes and FIFOs a container leaves behind (CAP_MKNOD) are never
     // opened from the host: a block device would read the host's disk, a
     // FIFO would hang. Made here from the host side, as a container could.
+    // (Through the idmapped mount, with the vessel root's host ids.)
     let work = v.rootfs().join("work");
+    let root_id = v.id_mapping().map_or(0, |m| m.host_id);
     let dev = |name: &str, kind: nix::sys::stat::SFlag, major, minor| {
-        nix::sys::stat::mknod(
-            &work.join(name),
-            kind,
-            nix::sys::stat::Mode::from_bits_truncate(0o666),
-            nix::sys::stat::makedev(major, minor),
-        )
+        vessel::runtime::idmap::as_host_ids(root_id, root_id, || {
+            nix::sys::stat::mknod(
+                &work.join(name),
+                kind,
+                nix::sys::stat::Mode::from_bits_truncate(0o666),
+                nix::sys::stat::makedev(major, minor),
+            )
+        })
     };
     dev("blk", nix::sys::stat::SFlag::S_IFBLK, 7, 0)?;
     dev("chr", nix::sys::stat::SFlag::S_IFCHR, 1, 3)?;
-    nix::unistd::mkfifo(&work.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o666))?;
+    vessel::runtime::idmap::as_host_ids(root_id, root_id, || {
+        nix::unistd::mkfifo(&work.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o666))
+    })?;
     let v = Arc::new(v);
     for name in ["blk", "chr", "fifo"] {
         let vc = v.clone();
@@ -867,6 +873,11 @@ fn lower_count(rootfs: &Path) -> Result<usize> {
         .find(|l| l.split(' ').nth(4) == Some(rootfs.to_str().unwrap_or_default()))
         .context("the rootfs mount")?;
     let opts = line.rsplit(' ').next().unwrap_or_default();
+    // `lowerdir=a:b:c` (mount(2)) or one `lowerdir+=` per layer (fsconfig).
+    let appended = opts.split(',').filter(|o| o.starts_with("lowerdir+=")).count();
+    if appended > 0 {
+        return Ok(appended);
+    }
     let lower = opts.split(',').find_map(|o| o.strip_prefix("lowerdir=")).context("lowerdir")?;
     Ok(lower.split(':').count())
 }
