@@ -69,12 +69,15 @@ async fn drain(
     }
 }
 
-/// Must be the first call in `main` of any program that uses the youki
-/// backend (see the crate docs): in a runner process it runs the container
-/// and exits; otherwise it returns at once.
+/// Must be the first call in `main` of any program that uses a backend (see
+/// the crate docs): in a youki runner or a containerd watchdog (both
+/// re-executions of the program) it does that job and exits; otherwise it
+/// returns at once.
 pub fn init() {
     #[cfg(feature = "youki")]
     youki::runner::maybe_run();
+    #[cfg(feature = "containerd")]
+    containerd::watchdog::maybe_run();
 }
 
 /// Whether the container gets a network.

@@ -5,6 +5,7 @@
 
 mod conformance;
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, LazyLock};
@@ -169,12 +170,15 @@ fn crash_child() -> ! {
     std::process::exit(0)
 }
 
-fn leftovers_of_a_dead_process_are_removed(env: &Env, rootfs: &Path) -> Result<(), String> {
+/// Starts the crash child (in its own process group, with its watchdog)
+/// and waits for its container's `sleep 1002`.
+fn start_crash_child(env: &Env, rootfs: &Path) -> Result<std::process::Child, String> {
     let sleeper = b"sleep\x001002\x00";
     let mut child = Command::new(std::env::current_exe().unwrap())
         .env(CRASH_CHILD, "1")
         .env("VESSEL_TEST_NAMESPACE", &env.namespace)
         .env("VESSEL_TEST_ROOTFS", rootfs)
+        .process_group(0)
         .spawn()
         .map_err(|e| e.to_string())?;
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -185,8 +189,48 @@ fn leftovers_of_a_dead_process_are_removed(env: &Env, rootfs: &Path) -> Result<(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    // kill -9: no destructor runs; the shim keeps the container alive.
-    child.kill().map_err(|e| e.to_string())?;
+    Ok(child)
+}
+
+fn leftovers_of_a_dead_process_are_removed(env: &Env, rootfs: &Path) -> Result<(), String> {
+    let sleeper = b"sleep\x001002\x00";
+    // Every way a service manager or an operator stops the caller alone:
+    // its watchdog removes the container at once.
+    for sig in [
+        nix::sys::signal::Signal::SIGKILL,
+        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGINT,
+        nix::sys::signal::Signal::SIGHUP,
+    ] {
+        let mut child = start_crash_child(env, rootfs)?;
+        let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
+        if sig == nix::sys::signal::Signal::SIGKILL {
+            nix::sys::signal::kill(pgid, sig).map_err(|e| e.to_string())?;
+        } else {
+            // To the whole group, as a service manager stops it.
+            nix::sys::signal::killpg(pgid, sig).map_err(|e| e.to_string())?;
+        }
+        child.wait().map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !pids_of(sleeper).is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if !pids_of(sleeper).is_empty() {
+            return Err(format!("{sig}: the container outlived its caller"));
+        }
+        let left = TOKIO.block_on(async {
+            let rt = ContainerdRuntime::connect(env.config()).await.map_err(|e| e.to_string())?;
+            rt.containers().await.map_err(|e| e.to_string())
+        })?;
+        if !left.is_empty() {
+            return Err(format!("{sig}: containers left after the watchdog: {left:?}"));
+        }
+    }
+    // kill -9 of the whole group, watchdog included: the shim keeps the
+    // container alive until the next connection removes it.
+    let mut child = start_crash_child(env, rootfs)?;
+    nix::sys::signal::killpg(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGKILL)
+        .map_err(|e| e.to_string())?;
     child.wait().map_err(|e| e.to_string())?;
     std::thread::sleep(Duration::from_millis(300));
     if pids_of(sleeper).is_empty() {

@@ -11,8 +11,14 @@ use conformance::{CaseResult, Suite, leftover_cgroups};
 use libtest_mimic::{Arguments, Failed};
 use vessel_runtime::{Runtime, UserNamespace, YoukiRuntime};
 
+/// Set in the child that plays a vessel process killed in various ways.
+const CRASH_CHILD: &str = "VESSEL_TEST_CRASH_CHILD";
+
 fn main() {
     vessel_runtime::init();
+    if std::env::var_os(CRASH_CHILD).is_some() {
+        crash_child();
+    }
     let args = Arguments::from_args();
     let Some((image, dir)) = setup() else {
         println!("youki conformance: 0 passed, 0 failed, 1 skipped");
@@ -31,6 +37,12 @@ fn main() {
     let mut trials = Vec::new();
     for s in &suites {
         trials.extend(conformance::trials!(s.clone(), block_on));
+    }
+    {
+        let (suite, root) = (suites[0].clone(), dir.path().join("crash"));
+        trials.push(libtest_mimic::Trial::test("no_container_outlives_its_runner_and_caller", move || {
+            no_container_outlives_its_runner_and_caller(&suite, &root).map_err(Failed::from)
+        }));
     }
     let conclusion = libtest_mimic::run(&args, trials);
     // Leak check once every case is done: no cgroups, no container state.
@@ -80,4 +92,124 @@ fn setup() -> Option<(PathBuf, tempfile::TempDir)> {
         return None;
     };
     Some((image, dir))
+}
+
+/// The child side of the kill tests: runs `sleep 1002` in a container on
+/// the given rootfs (user namespace from the environment), reports how the
+/// run ended on stdout, and exits.
+fn crash_child() -> ! {
+    let root = PathBuf::from(std::env::var_os("VESSEL_TEST_ROOT").unwrap());
+    let rootfs = PathBuf::from(std::env::var_os("VESSEL_TEST_ROOTFS").unwrap());
+    let userns: Option<vessel_runtime::IdMapping> = std::env::var("VESSEL_TEST_USERNS")
+        .ok()
+        .map(|h| vessel_runtime::IdMapping::new(h.parse().unwrap(), 65536).unwrap());
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let result = rt.block_on(async {
+        let req = vessel_runtime::RunRequest {
+            rootfs,
+            args: vec!["sleep".into(), "1002".into()],
+            user_namespace: userns,
+            ..Default::default()
+        };
+        YoukiRuntime::new(root).run(req).await
+    });
+    println!("{result:?}");
+    std::process::exit(0)
+}
+
+/// Every way the caller's process tree can be stopped: the container dies
+/// and its state, cgroups and locks go at once when a process survives to
+/// clean up, or at the next `remove_leftovers` when none does.
+fn no_container_outlives_its_runner_and_caller(
+    suite: &Suite<YoukiRuntime>,
+    root: &std::path::Path,
+) -> Result<(), String> {
+    use nix::sys::signal::{Signal, kill, killpg};
+    use nix::unistd::Pid;
+    use std::os::unix::process::CommandExt;
+    let sleeper = b"sleep\x001002\x00";
+    let start = || -> Result<(std::process::Child, u32), String> {
+        let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+        cmd.env(CRASH_CHILD, "1")
+            .env("VESSEL_TEST_ROOT", root)
+            .env("VESSEL_TEST_ROOTFS", &suite.rootfs)
+            .stdout(std::process::Stdio::piped())
+            .process_group(0);
+        if let Some(m) = suite.userns {
+            cmd.env("VESSEL_TEST_USERNS", m.host_id.to_string());
+        }
+        let mut child = cmd.spawn().map_err(|e| e.to_string())?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if let Some(pid) = conformance::pids_of(sleeper).first() {
+                return Ok((child, *pid));
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                return Err("the child's container never started".into());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    let ppid = |pid: u32| -> Option<i32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat[stat.rfind(')')? + 2..].split_whitespace().nth(1)?.parse().ok()
+    };
+    let gone = |what: &str| -> Result<(), String> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let procs = conformance::pids_of(sleeper);
+            let cgroups = leftover_cgroups();
+            let mut files = Vec::new();
+            for sub in ["state", "bundles", "runners"] {
+                files.extend(std::fs::read_dir(root.join(sub)).into_iter().flatten().flatten().map(|e| e.path()));
+            }
+            if procs.is_empty() && cgroups.is_empty() && files.is_empty() {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(format!("{what}: left processes {procs:?}, cgroups {cgroups:?}, files {files:?}"));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    // The service manager's stop signals to the whole group: the runner
+    // kills and removes its container.
+    for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        let (mut child, _) = start()?;
+        killpg(Pid::from_raw(child.id() as i32), sig).map_err(|e| e.to_string())?;
+        child.wait().map_err(|e| e.to_string())?;
+        gone(&format!("{sig} to the group"))?;
+    }
+    // SIGKILL of the caller alone: the runner's lifeline breaks.
+    let (mut child, _) = start()?;
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL).map_err(|e| e.to_string())?;
+    child.wait().map_err(|e| e.to_string())?;
+    gone("SIGKILL of the caller")?;
+    // SIGKILL of the runner alone (the container's init is its child): the
+    // caller removes the container and reports the run as failed.
+    let (child, sleep_pid) = start()?;
+    let runner = ppid(sleep_pid).ok_or("no runner")?;
+    kill(Pid::from_raw(runner), Signal::SIGKILL).map_err(|e| e.to_string())?;
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    let said = String::from_utf8_lossy(&out.stdout);
+    if !said.contains("runner died") {
+        return Err(format!("the caller reported {said:?} after its runner was killed"));
+    }
+    gone("SIGKILL of the runner")?;
+    // SIGKILL of the whole tree: nobody is left to clean up; the container
+    // lives on until the next remove_leftovers, which removes it.
+    let (mut child, _) = start()?;
+    killpg(Pid::from_raw(child.id() as i32), Signal::SIGKILL).map_err(|e| e.to_string())?;
+    child.wait().map_err(|e| e.to_string())?;
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    if conformance::pids_of(sleeper).is_empty() {
+        return Err("the container died with its tree: nothing was left to test".into());
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let removed = rt.block_on(YoukiRuntime::new(root).remove_leftovers()).map_err(|e| e.to_string())?;
+    if removed != 1 {
+        return Err(format!("remove_leftovers removed {removed}, want 1"));
+    }
+    gone("SIGKILL of the whole tree, then remove_leftovers")
 }

@@ -11,9 +11,14 @@
 
 mod image;
 mod owner;
+// Re-executed like the youki runner: fd placement before exec, each
+// unsafe block justified.
+#[allow(unsafe_code)]
+pub(crate) mod watchdog;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -68,6 +73,9 @@ pub struct ContainerdRuntime {
     namespace: MetadataValue<Ascii>,
     root: PathBuf,
     owner: String,
+    config: ContainerdConfig,
+    /// Started with the first run (see `watchdog`); shared by every clone.
+    watchdog: Arc<Mutex<Option<watchdog::Watchdog>>>,
 }
 
 fn unavailable(reason: String) -> RuntimeError {
@@ -84,6 +92,7 @@ impl ContainerdRuntime {
     /// containerd, and removes the containers of vessel processes that died
     /// without cleaning up.
     pub async fn connect(config: ContainerdConfig) -> Result<Self, RuntimeError> {
+        let saved = config.clone();
         let ContainerdConfig { address, namespace, root } = config;
         let valid = namespace.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
             && namespace.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
@@ -107,7 +116,14 @@ impl ContainerdRuntime {
             })?
             .into_inner();
         tracing::debug!(version = %version.version, address = %address.display(), "connected to containerd");
-        let rt = Self { channel, namespace, root, owner: owner::current() };
+        let rt = Self {
+            channel,
+            namespace,
+            root,
+            owner: owner::current(),
+            config: saved,
+            watchdog: Arc::new(Mutex::new(None)),
+        };
         let removed = rt.remove_leftovers().await?;
         if removed > 0 {
             tracing::info!(removed, "removed containers left by dead vessel processes");
@@ -392,6 +408,12 @@ impl Runtime for ContainerdRuntime {
     async fn run(&self, req: RunRequest<'_>) -> Result<i32, RuntimeError> {
         if req.args.is_empty() {
             return Err(RuntimeError::InvalidRequest("empty command".into()));
+        }
+        {
+            let mut w = self.watchdog.lock().unwrap_or_else(|e| e.into_inner());
+            if w.is_none() {
+                *w = Some(watchdog::spawn(&self.config, &self.owner)?);
+            }
         }
         let id = format!("vessel-{:016x}", rand::random::<u64>());
         let dir = self.run_dir(&id);

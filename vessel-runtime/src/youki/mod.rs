@@ -300,20 +300,24 @@ impl Runtime for YoukiRuntime {
         };
         let stdout = stdout.unwrap_or_else(|| Box::new(tokio::io::sink()));
         let stderr = stderr.unwrap_or_else(|| Box::new(tokio::io::sink()));
-        let (waited, (), out, err) =
-            tokio::join!(child.wait(), feed, drain(child_out, stdout), drain(child_err, stderr));
-        drop(life_w);
-        let waited = waited.map_err(RuntimeError::io("wait for runner", &self.runner))?;
-
-        let mut report = String::new();
-        fs::File::from(status_r).read_to_string(&mut report).map_err(RuntimeError::io("read runner status", ""))?;
-        let Some(result) = runner::parse_report(&report, &command) else {
-            // The runner was killed before it could clean up: do it now.
-            let cleaned = self.cleanup(&id).await;
-            drop(lock);
-            cleaned?;
-            return Err(RuntimeError::Container(format!("the runner died ({waited}); its container was removed")));
+        let finished = async {
+            let waited = child.wait().await.map_err(RuntimeError::io("wait for runner", &self.runner))?;
+            let mut report = String::new();
+            fs::File::from(status_r).read_to_string(&mut report).map_err(RuntimeError::io("read runner status", ""))?;
+            match runner::parse_report(&report, &command) {
+                Some(result) => Ok(result),
+                None => {
+                    // The runner was killed before it could clean up: do it
+                    // now (which also ends the container's hold on the
+                    // output pipes, so the drains below finish).
+                    self.cleanup(&id).await?;
+                    Err(RuntimeError::Container(format!("the runner died ({waited}); its container was removed")))
+                }
+            }
         };
+        let (finished, (), out, err) = tokio::join!(finished, feed, drain(child_out, stdout), drain(child_err, stderr));
+        drop(life_w);
+        let result = finished?;
         drop(lock);
         out.map_err(RuntimeError::io("copy stdout", ""))?;
         err.map_err(RuntimeError::io("copy stderr", ""))?;

@@ -162,6 +162,9 @@ fn run() -> Result<i32, Failure> {
     // One teardown for every outcome once the container exists.
     let deleted = container.delete(true);
     cleanup_cgroups(&id);
+    // The caller removes these too, unless a signal just ended it.
+    let _ = std::fs::remove_dir_all(&bundle);
+    let _ = std::fs::remove_file(state.with_file_name("runners").join(format!("{id}.lock")));
     let code = code?;
     deleted.map_err(fail)?;
     Ok(code)
