@@ -358,15 +358,22 @@ impl Manager {
             labels,
             snapshots: Vec::new(),
         };
-        let vessel = Inner::start(self.shared.clone(), manifest.clone(), &image, lock).await;
+        let vessel = Inner::start(self.shared.clone(), manifest, &image, lock).await;
         let vessel = match vessel {
             Ok(v) => v,
             Err(e) => {
+                // Nothing of a vessel that failed to start stays.
+                let _ = scrub(&self.shared.vessel_dir(&id));
                 self.release_layers(&id);
                 return Err(e);
             }
         };
-        self.shared.storage.save_vessel_manifest(&manifest).await?;
+        // With what starting it pinned (the resolved user).
+        if let Err(e) = self.shared.storage.save_vessel_manifest(&vessel.manifest()).await {
+            let _ = vessel.close().await;
+            self.release_layers(&id);
+            return Err(e.into());
+        }
         Ok(self.register(vessel))
     }
 
@@ -402,7 +409,8 @@ impl Manager {
         let manifest = self.load_manifest(&id).await?;
         let opened = self.start_vessel(manifest, lock).await;
         if opened.is_err() {
-            // What was fetched or retained for this open only.
+            // What was fetched, retained or mounted for this open only.
+            let _ = scrub(&self.shared.vessel_dir(&id));
             self.release_layers(&id);
         }
         Ok(self.register(opened?))

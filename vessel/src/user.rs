@@ -18,6 +18,29 @@ pub(crate) struct User {
     pub(crate) additional_gids: Vec<u32>,
 }
 
+/// The manifest label that pins the resolved user at creation, so a
+/// vessel whose commands later rewrite or delete `/etc/passwd` still opens
+/// (and runs as) the same ids: `uid:gid[:gid,gid...]`.
+pub(crate) const USER_LABEL: &str = "vessel.user";
+
+impl User {
+    pub(crate) fn label(&self) -> String {
+        let groups: Vec<String> = self.additional_gids.iter().map(u32::to_string).collect();
+        format!("{}:{}:{}", self.uid, self.gid, groups.join(","))
+    }
+
+    pub(crate) fn from_label(label: &str) -> Option<Self> {
+        let mut parts = label.splitn(3, ':');
+        let uid = parts.next()?.parse().ok()?;
+        let gid = parts.next()?.parse().ok()?;
+        let additional_gids = match parts.next() {
+            Some("") | None => Vec::new(),
+            Some(g) => g.split(',').map(str::parse).collect::<Result<_, _>>().ok()?,
+        };
+        Some(Self { uid, gid, additional_gids })
+    }
+}
+
 /// `name:x:uid:gid:...` lines of a passwd-format file.
 fn entries(text: &str) -> impl Iterator<Item = Vec<&str>> {
     text.lines().filter(|l| !l.trim_start().starts_with('#')).map(|l| l.split(':').collect::<Vec<_>>())

@@ -137,9 +137,14 @@ impl Inner {
                         vfs::write_file(&pass.root, f, b"", 0o644)?;
                     }
                 }
-                crate::user::resolve(&pass.root, image.config.user.as_deref())
+                match manifest.labels.get(crate::user::USER_LABEL).and_then(|l| crate::user::User::from_label(l)) {
+                    Some(u) => Ok(u),
+                    None => crate::user::resolve(&pass.root, image.config.user.as_deref()),
+                }
             })?
         };
+        let mut manifest = manifest;
+        manifest.labels.insert(crate::user::USER_LABEL.into(), user.label());
         if let Some(m) = ids
             && let Some(bad) =
                 [user.uid, user.gid].into_iter().chain(user.additional_gids.iter().copied()).find(|i| *i >= m.size)
@@ -165,7 +170,7 @@ impl Inner {
         Ok(Arc::new(inner))
     }
 
-    fn manifest(&self) -> VesselManifest {
+    pub(crate) fn manifest(&self) -> VesselManifest {
         self.manifest.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 

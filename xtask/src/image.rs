@@ -39,21 +39,9 @@ pub(crate) fn build() -> Result<Image> {
     let applets = output(std::process::Command::new(BUSYBOX).arg("--list-full"))?;
     let layer = rootfs_layer(&busybox, applets.lines())?;
     let diff_id = sha256(&layer);
-    let config = serde_json::to_vec(&json!({
-        "architecture": oci_arch(),
-        "os": "linux",
-        "created": CREATED,
-        "config": {
-            "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-            "Cmd": ["sh"],
-            "WorkingDir": "/",
-        },
-        "rootfs": { "type": "layers", "diff_ids": [format!("sha256:{diff_id}")] },
-        "history": [{ "created": CREATED, "created_by": "cargo xtask image (busybox-static)" }],
-    }))?;
-
+    let config = image_config(&diff_id, None)?;
     let docker = docker_archive(&layer, &diff_id, &config)?;
-    let oci = oci_archive(&layer, &config)?;
+    let oci = oci_archive(&layer, &config, IMAGE_REF)?;
     let images = storage.join("images").join("local");
     std::fs::create_dir_all(&images)?;
     write_if_changed(&dir.join("busybox-docker.tar"), &docker)?;
@@ -61,8 +49,59 @@ pub(crate) fn build() -> Result<Image> {
     write_if_changed(&storage.join("images").join(format!("{DOCKER_IMAGE_REF}.tar")), &docker)?;
     write_if_changed(&storage.join("images").join(format!("{IMAGE_REF}.tar")), &oci)?;
     write_if_changed(&dir.join("layer.tar"), &layer)?;
+    // The same layer with a `USER` in the config, one image per case.
+    for (name, user) in USER_IMAGES {
+        let reference = format!("local/busybox-user-{name}:latest");
+        let oci = oci_archive(&layer, &image_config(&diff_id, Some(user))?, &reference)?;
+        write_if_changed(&storage.join("images").join(format!("{reference}.tar")), &oci)?;
+    }
+    escape_probe(&dir)?;
     println!("image: {IMAGE_REF} (layer sha256:{diff_id}, {} applets) in {}", applets.lines().count(), dir.display());
     Ok(Image { dir, storage })
+}
+
+/// `local/busybox-user-NAME:latest` images and their `USER`.
+const USER_IMAGES: &[(&str, &str)] = &[
+    ("nobody", "nobody"),
+    ("app", "app"),
+    ("app-staff", "app:staff"),
+    ("numeric", "1000:50"),
+    ("ghost", "ghost"),
+    ("badgroup", "app:nosuchgroup"),
+];
+
+fn image_config(diff_id: &str, user: Option<&str>) -> Result<Vec<u8>> {
+    let mut config = json!({
+        "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+        "Cmd": ["sh"],
+        "WorkingDir": "/",
+    });
+    if let Some(u) = user {
+        config["User"] = json!(u);
+    }
+    Ok(serde_json::to_vec(&json!({
+        "architecture": oci_arch(),
+        "os": "linux",
+        "created": CREATED,
+        "config": config,
+        "rootfs": { "type": "layers", "diff_ids": [format!("sha256:{diff_id}")] },
+        "history": [{ "created": CREATED, "created_by": "cargo xtask image (busybox-static)" }],
+    }))?)
+}
+
+/// Builds the escape suite's probe (`vessel/tests/escape/escape.c`) as a
+/// static binary, `escape` in the test image dir.
+fn escape_probe(dir: &Path) -> Result<()> {
+    let src = crate::util::project_root().join("vessel/tests/escape/escape.c");
+    let tmp = dir.join("escape.tmp");
+    crate::util::run(std::process::Command::new("gcc").args(["-static", "-O2", "-Wall", "-o"]).arg(&tmp).arg(&src))
+        .context("building the escape probe needs gcc and a static libc (libc6-dev)")?;
+    let bin = std::fs::read(&tmp)?;
+    std::fs::remove_file(&tmp)?;
+    write_if_changed(&dir.join("escape"), &bin)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.join("escape"), std::fs::Permissions::from_mode(0o755))?;
+    Ok(())
 }
 
 fn oci_arch() -> &'static str {
@@ -151,9 +190,15 @@ fn rootfs_layer<'a>(busybox: &'a [u8], applets: impl Iterator<Item = &'a str>) -
     tree.insert("bin/busybox".into(), Node::File(0o755, busybox));
     tree.insert(
         "etc/passwd".into(),
-        Node::File(0o644, b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"),
+        Node::File(
+            0o644,
+            b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+        ),
     );
-    tree.insert("etc/group".into(), Node::File(0o644, b"root:x:0:\nnogroup:x:65534:\n"));
+    tree.insert(
+        "etc/group".into(),
+        Node::File(0o644, b"root:x:0:\nstaff:x:50:app\nwheel:x:10:root,app\napp:x:1000:\nnogroup:x:65534:\n"),
+    );
     for applet in applets.map(str::trim).filter(|a| !a.is_empty()) {
         let applet = applet.trim_start_matches('/');
         if applet == "bin/busybox" || applet.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
@@ -192,7 +237,7 @@ fn docker_archive(layer: &[u8], diff_id: &str, config: &[u8]) -> Result<Vec<u8>>
     t.finish()
 }
 
-fn oci_archive(layer: &[u8], config: &[u8]) -> Result<Vec<u8>> {
+fn oci_archive(layer: &[u8], config: &[u8], reference: &str) -> Result<Vec<u8>> {
     let mut gz = GzBuilder::new().mtime(0).write(Vec::new(), Compression::default());
     gz.write_all(layer)?;
     let layer_gz = gz.finish()?;
@@ -205,8 +250,8 @@ fn oci_archive(layer: &[u8], config: &[u8]) -> Result<Vec<u8>> {
     }))?;
     let mut manifest_desc = descriptor("application/vnd.oci.image.manifest.v1+json", &manifest);
     manifest_desc["annotations"] = json!({
-        "io.containerd.image.name": IMAGE_REF,
-        "org.opencontainers.image.ref.name": IMAGE_REF.rsplit_once(':').expect("tagged").1,
+        "io.containerd.image.name": reference,
+        "org.opencontainers.image.ref.name": reference.rsplit_once(':').expect("tagged").1,
     });
     manifest_desc["platform"] = json!({ "architecture": oci_arch(), "os": "linux" });
     let index = serde_json::to_vec(&json!({

@@ -33,6 +33,9 @@ const PACKAGES: &[&str] = &[
     "pkg-config",
     "fuse-overlayfs",
     "zstd",
+    // The escape suite's probe is a static C program.
+    "gcc",
+    "libc6-dev",
 ];
 
 /// Feature sets that clippy checks: every backend, and none (a disabled

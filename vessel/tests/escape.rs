@@ -1,0 +1,433 @@
+//! The escape suite: what hostile code tries from inside a vessel, on every
+//! backend compiled in (containerd when `VESSEL_CONTAINERD_ADDRESS` names a
+//! daemon). A static probe (`tests/escape/escape.c`, built by `cargo xtask
+//! image`) attempts each escape and prints the errno it got; each must be
+//! refused with the errno docker gives, and nothing may change. Also: the
+//! container's processes are unprivileged on the host, a setuid file made
+//! in a vessel is unusable by host users, host dirs are closed, an image's
+//! `USER` resolves by name (and an unknown one is refused at create time).
+#![allow(clippy::vec_init_then_push)]
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, LazyLock};
+
+use anyhow::{Context, Result, anyhow, ensure};
+use libtest_mimic::{Arguments, Failed, Trial};
+use tokio::io::AsyncReadExt;
+use vessel::{Backend, ExecOptions, LocalStorage, Manager, ManagerConfig, Storage, VesselErrorKind};
+
+static TOKIO: LazyLock<tokio::runtime::Runtime> =
+    LazyLock::new(|| tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap());
+
+const IMAGE: &str = "local/busybox:latest";
+
+struct World {
+    backend: Backend,
+    base: PathBuf,
+    address: Option<PathBuf>,
+    probe: PathBuf,
+}
+
+impl World {
+    fn storage(&self) -> Arc<dyn Storage> {
+        Arc::new(LocalStorage::new(self.base.join("data")).unwrap())
+    }
+
+    fn config(&self, host: &str) -> ManagerConfig {
+        let mut c = ManagerConfig::default()
+            .shared_storage(self.storage())
+            .mount_root(self.base.join(host))
+            .backend(self.backend)
+            .namespace(format!("vessel-escape-{}", std::process::id()));
+        if let Some(a) = &self.address {
+            c = c.containerd_address(a);
+        }
+        c
+    }
+}
+
+async fn run(v: &vessel::Vessel, command: Vec<String>, persist: bool) -> Result<(i32, String, String)> {
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let res = v
+        .exec(ExecOptions {
+            command,
+            stdout: Some(Box::new(&mut out)),
+            stderr: Some(Box::new(&mut err)),
+            persist_result: persist,
+            ..Default::default()
+        })
+        .await?;
+    Ok((res.exit_code, String::from_utf8_lossy(&out).into_owned(), String::from_utf8_lossy(&err).into_owned()))
+}
+
+fn sh(script: &str) -> Vec<String> {
+    vec!["sh".into(), "-c".into(), script.into()]
+}
+
+/// Runs the probe in `v`: its `name -> result` lines.
+async fn probe(w: &World, v: &vessel::Vessel) -> Result<BTreeMap<String, String>> {
+    v.write_file("/tmp/escape", &std::fs::read(&w.probe)?, 0o755)?;
+    let (code, out, err) = run(v, vec!["/tmp/escape".into(), std::process::id().to_string()], false).await?;
+    ensure!(code == 0, "the probe exited {code}: {out} {err}");
+    let lines: BTreeMap<String, String> =
+        out.lines().filter_map(|l| l.split_once(' ')).map(|(k, v)| (k.to_owned(), v.to_owned())).collect();
+    ensure!(lines.get("done").map(String::as_str) == Some("ok"), "the probe did not finish: {out} {err}");
+    Ok(lines)
+}
+
+/// docker's answers to every probe, with a user namespace: what is the same
+/// with or without one.
+const REFUSED: &[(&str, &str)] = &[
+    ("open_null", "ok"),
+    ("fork", "ok"),
+    ("clone_newuser", "EPERM"),
+    ("clone_newnet", "EPERM"),
+    ("clone_newns", "EPERM"),
+    ("clone_newuser_newnet", "EPERM"),
+    ("clone3_newuser", "ENOSYS"),
+    ("clone3_plain", "ENOSYS"),
+    ("unshare_newuser", "EPERM"),
+    ("unshare_newnet", "EPERM"),
+    ("unshare_newns", "EPERM"),
+    ("io_uring_setup", "EPERM"),
+    ("bpf", "EPERM"),
+    ("perf_event_open", "EPERM"),
+    ("keyctl", "EPERM"),
+    ("add_key", "EPERM"),
+    ("userfaultfd", "EPERM"),
+    ("personality_read_implies_exec", "EPERM"),
+    ("personality_query", "ok"),
+    ("mount_tmpfs", "EPERM"),
+    ("umount_proc", "EPERM"),
+    ("pivot_root", "EPERM"),
+    ("swapon", "EPERM"),
+    ("reboot", "EPERM"),
+    ("init_module", "EPERM"),
+    ("kexec_load", "EPERM"),
+    ("open_by_handle_at", "EPERM"),
+    ("setns", "EPERM"),
+    // Read-only mounts; in a user namespace the files' owner (host root,
+    // unmapped) already refuses the open with EACCES, as with docker's
+    // userns-remap. Without one, EROFS shows the mounts are read-only.
+    ("cgroup_write", "EROFS|EACCES"),
+    ("cgroup_mkdir", "EROFS|EACCES"),
+    ("sysrq_trigger", "EROFS|EACCES|absent"),
+    ("core_pattern", "EROFS|EACCES"),
+    ("ptrace_outside", "ESRCH"),
+    ("kill_outside", "ESRCH"),
+    // Masked (an empty file) or, where this kernel lacks them, absent.
+    ("read_kcore", "empty|ENOENT"),
+    ("read_interrupts", "empty"),
+    ("read_keys", "empty|ENOENT"),
+    ("read_timer_list", "empty|ENOENT"),
+];
+
+fn expect(got: &BTreeMap<String, String>, want: &[(&str, &str)]) -> Result<()> {
+    let wrong: Vec<String> = want
+        .iter()
+        .filter(|(k, v)| !got.get(*k).is_some_and(|g| v.split('|').any(|alt| alt == g)))
+        .map(|(k, v)| format!("{k}: got {:?}, want {v}", got.get(*k)))
+        .collect();
+    ensure!(wrong.is_empty(), "{}", wrong.join("; "));
+    // powercap is masked (an empty read-only tmpfs) or absent on the host.
+    let pc = got.get("list_powercap").map(String::as_str);
+    ensure!(matches!(pc, Some("empty" | "ENOENT")), "list_powercap: {pc:?}");
+    Ok(())
+}
+
+/// The probe in a default (user-namespaced) vessel: every attempt refused,
+/// devices included (mknod is EPERM in a user namespace).
+async fn probes_are_refused(w: Arc<World>) -> Result<()> {
+    let mgr = Manager::new(w.config("probes")).await?;
+    let v = mgr.create_vessel(IMAGE, "/work").await?;
+    let before = v.list_snapshots().len();
+    let got = probe(&w, &v).await?;
+    expect(&got, REFUSED)?;
+    expect(&got, &[("mknod_chr", "EPERM"), ("open_chr", "skipped"), ("mknod_blk", "EPERM"), ("open_blk", "skipped")])?;
+    // Nothing changed: the probe ran on a throwaway layer.
+    ensure!(v.stat("/tmp/dev-chr").is_err() && v.list_snapshots().len() == before);
+    mgr.close().await?;
+    Ok(())
+}
+
+/// Without a user namespace (the unsafe mode) mknod works, as in docker,
+/// and the device cgroup refuses to open the node.
+async fn device_cgroup_without_user_namespaces(w: Arc<World>) -> Result<()> {
+    let mgr = Manager::new(w.config("devices").user_namespaces(false)).await?;
+    let v = mgr.create_vessel(IMAGE, "/work").await?;
+    ensure!(v.id_mapping().is_none());
+    let got = probe(&w, &v).await?;
+    expect(&got, REFUSED)?;
+    expect(&got, &[("mknod_chr", "ok"), ("open_chr", "EPERM"), ("mknod_blk", "ok"), ("open_blk", "EPERM")])?;
+    // Without a user namespace nothing else refuses: the mounts are read-only.
+    expect(&got, &[("cgroup_write", "EROFS"), ("cgroup_mkdir", "EROFS"), ("core_pattern", "EROFS")])?;
+    mgr.close().await?;
+    Ok(())
+}
+
+/// Host uid of a process whose command line is `cmdline`, once it appears.
+async fn host_uid_of(cmdline: &[u8]) -> Option<u32> {
+    for _ in 0..500 {
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            if std::fs::read(e.path().join("cmdline")).unwrap_or_default() == cmdline {
+                let status = std::fs::read_to_string(e.path().join("status")).unwrap_or_default();
+                return status.lines().find(|l| l.starts_with("Uid:"))?.split_whitespace().nth(1)?.parse().ok();
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    None
+}
+
+/// Two open vessels have disjoint, unprivileged host ranges; their
+/// processes run under them; files made through the file API are the
+/// vessel root's inside (and the mapped id on the host).
+async fn vessels_run_under_their_own_host_ids(w: Arc<World>) -> Result<()> {
+    let mgr = Manager::new(w.config("ids")).await?;
+    let (a, b) = (mgr.create_vessel(IMAGE, "/").await?, mgr.create_vessel(IMAGE, "/").await?);
+    let (ma, mb) = (a.id_mapping().context("a has no mapping")?, b.id_mapping().context("b has no mapping")?);
+    ensure!(ma.host_id >= 65536 && mb.host_id >= 65536, "{ma:?} {mb:?}");
+    ensure!(ma.host_id + ma.size <= mb.host_id || mb.host_id + mb.size <= ma.host_id, "overlap: {ma:?} {mb:?}");
+    // A sleep of its own per backend (the worlds run side by side).
+    let secs = if w.backend == Backend::Youki { "1.51" } else { "1.52" };
+    let cmdline = format!("sleep\0{secs}\0");
+    let (run_a, uid) = tokio::join!(run(&a, vec!["sleep".into(), secs.into()], false), host_uid_of(cmdline.as_bytes()));
+    ensure!(run_a?.0 == 0);
+    ensure!(uid == Some(ma.host_id), "a's process runs as host uid {uid:?}, want {}", ma.host_id);
+    a.write_file("/made-by-api", b"x", 0o600)?;
+    let info = a.stat("/made-by-api")?;
+    ensure!(info.uid == 0 && info.gid == 0, "inside, the API's file is {}:{}", info.uid, info.gid);
+    let (_, out, _) = run(&a, sh("stat -c %u:%g /made-by-api; cat /made-by-api"), false).await?;
+    ensure!(out == "0:0\nx", "inside a container: {out:?}");
+    let host = std::fs::metadata(a.rootfs().join("made-by-api"))?;
+    ensure!(
+        std::os::unix::fs::MetadataExt::uid(&host) == ma.host_id,
+        "on the host: uid {}",
+        std::os::unix::fs::MetadataExt::uid(&host)
+    );
+    // The container's own chown shows through the file API translated back.
+    run(&a, sh("touch /mine && chown 1000:50 /mine"), true).await?;
+    let info = a.stat("/mine")?;
+    ensure!((info.uid, info.gid) == (1000, 50), "{info:?}");
+    mgr.close().await?;
+    Ok(())
+}
+
+/// Every file named `name` under `dir` (as root), not following symlinks.
+fn find(dir: &Path, name: &str, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        let Ok(ft) = e.file_type() else { continue };
+        if ft.is_dir() {
+            find(&p, name, out);
+        } else if e.file_name() == name {
+            out.push(p);
+        }
+    }
+}
+
+/// A setuid-root binary made in a vessel, live in its upper dir and sealed
+/// into the layer cache by a snapshot, cannot be run by a host user; the
+/// host dirs holding container files are closed to other users.
+async fn setuid_files_are_unusable_from_the_host(w: Arc<World>) -> Result<()> {
+    let mgr = Manager::new(w.config("suid")).await?;
+    let v = mgr.create_vessel(IMAGE, "/").await?;
+    let (code, ..) = run(&v, sh("cp /bin/busybox /suid-sealed && chmod 4755 /suid-sealed"), true).await?;
+    ensure!(code == 0);
+    v.create_snapshot("sealed").await?;
+    let (code, ..) = run(&v, sh("cp /bin/busybox /suid-live && chmod 4755 /suid-live"), true).await?;
+    ensure!(code == 0);
+    let root = w.base.join("suid");
+    let mut found = Vec::new();
+    find(&root, "suid-sealed", &mut found);
+    find(&root, "suid-live", &mut found);
+    ensure!(found.len() >= 3, "expected the files in the layer cache, the upper dir and the rootfs: {found:?}");
+    for p in &found {
+        let out = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(p)
+            .args(["id", "-u"])
+            .output()?;
+        let said = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            !out.status.success() && said.trim().is_empty(),
+            "nobody ran {} ({}): {said:?}",
+            p.display(),
+            out.status
+        );
+    }
+    let mode = |p: &Path| std::fs::metadata(p).map(|m| m.permissions().mode() & 0o777);
+    for (p, want) in [
+        (root.clone(), 0o711),
+        (root.join("vessels"), 0o711),
+        (root.join("layers"), 0o700),
+        (root.join("vessels").join(v.id().as_str()), 0o700),
+        (PathBuf::from("/run/vessel/locks"), 0o700),
+        (w.base.join("data/vessels"), 0o700),
+    ] {
+        ensure!(mode(&p)? == want, "{} is {:o}, want {want:o}", p.display(), mode(&p)?);
+    }
+    mgr.close().await?;
+    Ok(())
+}
+
+/// `USER` by name, as docker resolves it; an unknown name or group fails
+/// at create time with a typed error and leaves nothing behind; the
+/// resolved ids are pinned, so rewriting /etc/passwd later changes nothing.
+async fn image_user_resolves_by_name(w: Arc<World>) -> Result<()> {
+    let mgr = Manager::new(w.config("users")).await?;
+    for (image, want) in [
+        ("nobody", "uid=65534(nobody) gid=65534(nogroup)"),
+        // (busybox's `id` lists the supplementary groups only.)
+        ("app", "uid=1000(app) gid=1000(app) groups=10(wheel),50(staff)"),
+        ("app-staff", "uid=1000(app) gid=50(staff) groups=10(wheel)"),
+        ("numeric", "uid=1000(app) gid=50(staff) groups=10(wheel)"),
+    ] {
+        let v = mgr.create_vessel(&format!("local/busybox-user-{image}:latest"), "/").await?;
+        let (code, out, err) = run(&v, vec!["id".into()], false).await?;
+        ensure!(code == 0 && out.trim() == want, "{image}: {code} {out:?} {err:?}");
+        if image == "app" {
+            // Pinned: a command that empties /etc/passwd changes nothing on reopen.
+            run(&v, sh("echo > /etc/passwd"), true).await.map(drop)?;
+            v.create_snapshot("no users").await?;
+            let id = v.id().to_string();
+            v.close().await?;
+            let v = mgr.open_vessel(&id).await?;
+            let (_, out, _) = run(&v, sh("id -u; id -G"), false).await?;
+            ensure!(out == "1000\n1000 10 50\n", "after reopening: {out:?}");
+        }
+    }
+    let before = mgr.list_vessels().await?.len();
+    let dirs_before = std::fs::read_dir(w.base.join("users/vessels"))?.count();
+    for image in ["ghost", "badgroup"] {
+        match mgr.create_vessel(&format!("local/busybox-user-{image}:latest"), "/").await {
+            Err(e) if e.kind() == VesselErrorKind::InvalidInput && e.to_string().contains("image user") => {}
+            other => return Err(anyhow!("{image}: {:?}", other.map(|v| v.id().to_string()))),
+        }
+    }
+    ensure!(mgr.list_vessels().await?.len() == before, "a refused vessel was stored");
+    let dirs = std::fs::read_dir(w.base.join("users/vessels"))?.count();
+    ensure!(dirs == dirs_before, "{dirs} vessel dirs, {dirs_before} before");
+    mgr.close().await?;
+    Ok(())
+}
+
+/// A mount root where idmapped mounts cannot be made (overlayfs itself
+/// cannot be idmapped): `Manager::new` refuses with a typed error instead
+/// of running unisolated vessels.
+async fn no_idmapped_mounts_is_a_typed_error(w: Arc<World>) -> Result<()> {
+    let base = w.base.join("no-idmap");
+    for d in ["lower", "upper", "work", "mnt"] {
+        std::fs::create_dir_all(base.join(d))?;
+    }
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        base.join("lower").display(),
+        base.join("upper").display(),
+        base.join("work").display()
+    );
+    nix::mount::mount(
+        Some("overlay"),
+        &base.join("mnt"),
+        Some("overlay"),
+        nix::mount::MsFlags::empty(),
+        Some(opts.as_str()),
+    )?;
+    let result = Manager::new(w.config("no-idmap/mnt/root")).await;
+    let left = std::fs::read_dir(base.join("mnt/root/vessels")).map(|d| d.count()).unwrap_or(0);
+    nix::mount::umount2(&base.join("mnt"), nix::mount::MntFlags::MNT_DETACH)?;
+    match result {
+        Err(e @ vessel::VesselError::IsolationUnsupported(_)) => {
+            ensure!(e.kind() == VesselErrorKind::Unavailable, "{e}");
+            ensure!(e.to_string().contains("user_namespaces(false)"), "the error says how to opt out: {e}");
+        }
+        other => return Err(anyhow!("Manager::new on an overlay mount root: {:?}", other.map(|m| m.backend()))),
+    }
+    ensure!(left == 0, "the failed probe left {left} entries");
+    Ok(())
+}
+
+fn main() {
+    vessel::runtime::init();
+    let args = Arguments::from_args();
+    let ci = std::env::var_os("CI").is_some();
+    let Some(image_dir) = std::env::var_os("VESSEL_TEST_IMAGE_DIR").map(PathBuf::from) else {
+        assert!(!ci, "VESSEL_TEST_IMAGE_DIR is unset under CI");
+        eprintln!("SKIPPED escape suite: VESSEL_TEST_IMAGE_DIR is unset; run `cargo xtask test`");
+        println!("escape: 0 passed, 0 failed, 1 skipped");
+        return;
+    };
+    if !nix::unistd::geteuid().is_root() {
+        assert!(!ci, "CI runs as root");
+        eprintln!("SKIPPED escape suite: it runs containers; run as root");
+        println!("escape: 0 passed, 0 failed, 1 skipped");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let probe = image_dir.join("escape");
+    #[allow(unused_mut)]
+    let mut worlds: Vec<World> = Vec::new();
+    #[cfg(feature = "youki")]
+    worlds.push(World { backend: Backend::Youki, base: tmp.path().join("youki"), address: None, probe: probe.clone() });
+    #[cfg(feature = "containerd")]
+    match std::env::var_os("VESSEL_CONTAINERD_ADDRESS") {
+        Some(a) => worlds.push(World {
+            backend: Backend::Containerd,
+            base: tmp.path().join("containerd"),
+            address: Some(PathBuf::from(a)),
+            probe: probe.clone(),
+        }),
+        None => {
+            assert!(!ci, "VESSEL_CONTAINERD_ADDRESS is unset under CI");
+            eprintln!("SKIPPED escape suite on containerd: VESSEL_CONTAINERD_ADDRESS is unset");
+        }
+    }
+    // Each world's storage holds the test images (the USER variants too).
+    let src = LocalStorage::new(image_dir.join("storage")).unwrap();
+    for w in &worlds {
+        TOKIO.block_on(async {
+            for r in src.list_images().await.unwrap() {
+                let mut data = Vec::new();
+                src.load_image(&r).await.unwrap().read_to_end(&mut data).await.unwrap();
+                w.storage().save_image(&r, Box::new(std::io::Cursor::new(data))).await.unwrap();
+            }
+        });
+    }
+    type Case = fn(Arc<World>) -> std::pin::Pin<Box<dyn Future<Output = Result<()>> + Send>>;
+    macro_rules! cases {
+        ($($name:ident),* $(,)?) => { vec![$((stringify!($name), (|w| Box::pin($name(w))) as Case)),*] };
+    }
+    let cases: Vec<(&str, Case)> = cases![
+        probes_are_refused,
+        device_cgroup_without_user_namespaces,
+        vessels_run_under_their_own_host_ids,
+        setuid_files_are_unusable_from_the_host,
+        image_user_resolves_by_name,
+        no_idmapped_mounts_is_a_typed_error,
+    ];
+    let worlds: Vec<Arc<World>> = worlds.into_iter().map(Arc::new).collect();
+    let mut trials = Vec::new();
+    for w in &worlds {
+        for (name, case) in &cases {
+            let (w, case) = (w.clone(), *case);
+            let label = format!("{}::{name}", if w.backend == Backend::Youki { "youki" } else { "containerd" });
+            trials
+                .push(Trial::test(label, move || TOKIO.block_on(case(w)).map_err(|e| Failed::from(format!("{e:#}")))));
+        }
+    }
+    let conclusion = libtest_mimic::run(&args, trials);
+    let mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
+        .filter(|m| m.starts_with(&tmp.path().to_string_lossy().into_owned()))
+        .collect();
+    if !mounts.is_empty() {
+        eprintln!("leaks after the suite: mounts {mounts:?}");
+        std::process::exit(101);
+    }
+    println!("leak check: no mount left");
+    conclusion.exit();
+}
