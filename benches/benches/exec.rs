@@ -2,7 +2,9 @@
 //! backend (including the runner re-exec round trip) vs `runc run` of the
 //! same bundle; and, when a containerd answers at `VESSEL_CONTAINERD_ADDRESS`
 //! (`cargo xtask bench` starts a private one), vessel's containerd backend vs
-//! `ctr run --rm` of the same image, measured in the same run. Needs root
+//! `ctr run --rm` of the same image, measured in the same run. Each vessel
+//! backend runs twice: with host ids, and isolated (`-userns`: a user
+//! namespace on an overlay over the idmapped layer, vessel's default). Needs root
 //! and the test image (`cargo xtask image`; `VESSEL_TEST_IMAGE_DIR` or
 //! target/vessel-test).
 
@@ -39,45 +41,82 @@ fn main() {
     let mut c = Criterion::default().configure_from_args().sample_size(50).measurement_time(Duration::from_secs(10));
     let mut g = c.benchmark_group("exec");
 
+    // The isolated rootfs: an overlay over the same layer, idmapped.
+    let userns =
+        vessel_runtime::UserNamespace::new(vessel_runtime::IdMapping::new(0x7000_0000, 65536).unwrap()).unwrap();
+    let iso = dir.path().join("iso");
+    for d in ["ovl/upper", "ovl/work", "rootfs"] {
+        std::fs::create_dir_all(iso.join(d)).unwrap();
+    }
+    let _iso_mount = vessel_runtime::overlay::OverlayMount::mount_idmapped(
+        &iso.join("rootfs"),
+        &[&rootfs],
+        &iso.join("ovl"),
+        &userns,
+    )
+    .unwrap();
     let runtime = YoukiRuntime::new(dir.path().join("youki"));
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let req = || RunRequest { rootfs: rootfs.clone(), args: vec!["true".into()], ..Default::default() };
+    let iso_req = || RunRequest {
+        rootfs: iso.join("rootfs"),
+        args: vec!["true".into()],
+        user_namespace: Some(userns.mapping()),
+        ..Default::default()
+    };
     g.bench_function("vessel-youki/true", |b| {
         b.iter(|| assert_eq!(rt.block_on(runtime.run(req())).unwrap(), 0));
     });
+    g.bench_function("vessel-youki-userns/true", |b| {
+        b.iter(|| assert_eq!(rt.block_on(runtime.run(iso_req())).unwrap(), 0));
+    });
 
-    // The same spec for runc, with the network namespace runc must create
+    // The same specs for runc, with the network namespace runc must create
     // itself (vessel's runner provides one; runc has no runner).
     let runc_root = dir.path().join("runc");
-    let bundle = dir.path().join("bundle");
-    std::fs::create_dir_all(&bundle).unwrap();
-    let mut spec = vessel_runtime::spec::build(&req(), "/vessel/runc-bench", None).unwrap();
-    let mut linux = spec.linux().clone().unwrap();
-    let mut ns = linux.namespaces().clone().unwrap();
-    ns.push(LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::Network).build().unwrap());
-    linux.set_namespaces(Some(ns));
-    spec.set_linux(Some(linux));
-    spec.save(bundle.join("config.json")).unwrap();
+    let bundle = |name: &str, req: &RunRequest<'_>| {
+        let bundle = dir.path().join(name);
+        std::fs::create_dir_all(&bundle).unwrap();
+        let mut spec = vessel_runtime::spec::build(req, &format!("/vessel/runc-{name}"), None).unwrap();
+        let mut linux = spec.linux().clone().unwrap();
+        let mut ns = linux.namespaces().clone().unwrap();
+        ns.push(LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::Network).build().unwrap());
+        linux.set_namespaces(Some(ns));
+        spec.set_linux(Some(linux));
+        spec.save(bundle.join("config.json")).unwrap();
+        bundle
+    };
     let mut n = 0u64;
-    g.bench_function("runc-run/true", |b| {
-        b.iter(|| {
-            n += 1;
-            let st = Command::new("runc")
-                .arg("--root")
-                .arg(&runc_root)
-                .args(["run", "--bundle"])
-                .arg(&bundle)
-                .arg(format!("bench-{n}"))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .unwrap();
-            assert!(st.success());
+    for (name, b) in
+        [("runc-run/true", bundle("bundle", &req())), ("runc-run-userns/true", bundle("iso-bundle", &iso_req()))]
+    {
+        g.bench_function(name, |bch| {
+            bch.iter(|| {
+                n += 1;
+                let st = Command::new("runc")
+                    .arg("--root")
+                    .arg(&runc_root)
+                    .args(["run", "--bundle"])
+                    .arg(&b)
+                    .arg(format!("bench-{n}"))
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .unwrap();
+                assert!(st.success());
+            });
         });
-    });
+    }
     match std::env::var_os("VESSEL_CONTAINERD_ADDRESS") {
-        Some(address) => bench_containerd(&mut g, &rt, PathBuf::from(address), &rootfs, dir.path()),
+        Some(address) => bench_containerd(
+            &mut g,
+            &rt,
+            PathBuf::from(address),
+            &rootfs,
+            (&iso.join("rootfs"), userns.mapping()),
+            dir.path(),
+        ),
         None => {
             eprintln!("SKIPPED exec bench for containerd: VESSEL_CONTAINERD_ADDRESS is unset (`cargo xtask bench`)")
         }
@@ -91,6 +130,7 @@ fn bench_containerd(
     rt: &tokio::runtime::Runtime,
     address: PathBuf,
     rootfs: &Path,
+    (iso, mapping): (&Path, vessel_runtime::IdMapping),
     dir: &Path,
 ) {
     let namespace = "vessel-bench";
@@ -100,6 +140,15 @@ fn bench_containerd(
     let req = || RunRequest { rootfs: rootfs.to_path_buf(), args: vec!["true".into()], ..Default::default() };
     g.bench_function("vessel-containerd/true", |b| {
         b.iter(|| assert_eq!(rt.block_on(runtime.run(req())).unwrap(), 0));
+    });
+    let iso_req = || RunRequest {
+        rootfs: iso.to_path_buf(),
+        args: vec!["true".into()],
+        user_namespace: Some(mapping),
+        ..Default::default()
+    };
+    g.bench_function("vessel-containerd-userns/true", |b| {
+        b.iter(|| assert_eq!(rt.block_on(runtime.run(iso_req())).unwrap(), 0));
     });
     let ctr = |args: &[&str]| {
         let st = Command::new("ctr")

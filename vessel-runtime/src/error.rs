@@ -38,9 +38,53 @@ pub enum RuntimeError {
     Exec {
         /// `argv[0]`.
         command: String,
-        /// Why.
+        /// Why, in the backend's words.
         reason: String,
+        /// Which way it failed.
+        failure: ExecFailure,
     },
+}
+
+/// How starting a command failed, as a shell (and docker) tells it apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ExecFailure {
+    /// No such command (exit status 127 in a shell or `docker run`).
+    NotFound,
+    /// It exists but cannot be executed (126).
+    NotExecutable,
+}
+
+impl ExecFailure {
+    /// The exit status a shell or docker reports for it.
+    pub fn exit_code(self) -> i32 {
+        match self {
+            Self::NotFound => 127,
+            Self::NotExecutable => 126,
+        }
+    }
+}
+
+/// Classifies a backend's message about a container that failed to start:
+/// the command's own fault (missing, not executable) or the runtime's.
+/// One function for every backend, so both say the same thing.
+pub(crate) fn start_failure(command: &str, message: &str) -> RuntimeError {
+    let m = message.to_ascii_lowercase();
+    let failure = if m.contains("permission denied")
+        || m.contains("correct permission")
+        || m.contains("exec format error")
+        || m.contains("not executable")
+    {
+        Some(ExecFailure::NotExecutable)
+    } else if m.contains("not found") || m.contains("no such file or directory") || m.contains("executable file") {
+        Some(ExecFailure::NotFound)
+    } else {
+        None
+    };
+    match failure {
+        Some(failure) => RuntimeError::Exec { command: command.into(), reason: message.into(), failure },
+        None => RuntimeError::Container(message.into()),
+    }
 }
 
 /// Coarse classification of [`RuntimeError`].
@@ -74,5 +118,29 @@ impl RuntimeError {
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> Self {
         let path = path.into();
         move |source| Self::Io { op, path, source }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_failures_are_classified_alike_for_every_backend() {
+        let failure = |m: &str| match start_failure("x", m) {
+            RuntimeError::Exec { failure, .. } => Some(failure),
+            _ => None,
+        };
+        // youki's and runc's words.
+        assert_eq!(failure("executable 'x' not found in $PATH"), Some(ExecFailure::NotFound));
+        assert_eq!(failure("exec: \"x\": executable file not found in $PATH"), Some(ExecFailure::NotFound));
+        assert_eq!(
+            failure("executable 'x' at path '\"/etc/passwd\"' does not have correct permissions"),
+            Some(ExecFailure::NotExecutable)
+        );
+        assert_eq!(failure("exec: \"/etc/passwd\": permission denied"), Some(ExecFailure::NotExecutable));
+        assert_eq!(failure("cgroup setup failed"), None);
+        assert_eq!(ExecFailure::NotFound.exit_code(), 127);
+        assert_eq!(ExecFailure::NotExecutable.exit_code(), 126);
     }
 }

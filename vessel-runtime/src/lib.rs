@@ -5,7 +5,10 @@
 //! - [`overlay`]: mounting a vessel's overlay (ordered lowers, no
 //!   `redirect_dir`/`metacopy`/`index`, lower lists beyond the 4 KiB option limit).
 //! - [`spec`]: the OCI runtime spec every backend runs (namespaces, docker's
-//!   default capabilities, masked paths, limits), built with `oci-spec`.
+//!   default capabilities, masked paths, limits, device rules, docker's
+//!   seccomp semantics), built with `oci-spec`.
+//! - [`idmap`]: user namespaces and idmapped layers, how a container's ids
+//!   live on an unprivileged host range while layers keep its view.
 //! - `YoukiRuntime` (feature `youki`, default): youki's `libcontainer`, in-process.
 //! - `ContainerdRuntime` (feature `containerd`): a containerd daemon over gRPC.
 //!
@@ -24,6 +27,10 @@
 //! A lifeline pipe ties the runner to its caller: when the caller's future is
 //! dropped (cancelled) or the caller dies, the runner kills the container's
 //! whole process tree and removes its state and cgroups.
+//!
+//! The containerd backend re-executes the program too, once per
+//! connection: a watchdog that removes the caller's containers if the caller
+//! dies (containerd keeps a task running whatever happens to its client).
 #![deny(unsafe_op_in_unsafe_fn)]
 
 #[cfg(feature = "containerd")]
@@ -50,7 +57,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 #[cfg(feature = "containerd")]
 pub use containerd::{ContainerdConfig, ContainerdRuntime};
-pub use error::{RuntimeError, RuntimeErrorKind};
+pub use error::{ExecFailure, RuntimeError, RuntimeErrorKind};
 pub use idmap::{IdMapping, UserNamespace};
 pub use oci_spec;
 #[cfg(feature = "youki")]

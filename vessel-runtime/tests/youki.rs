@@ -39,6 +39,21 @@ fn main() {
         trials.extend(conformance::trials!(s.clone(), block_on));
     }
     {
+        let (suite, root) = (suites[0].clone(), dir.path().join(format!("long-{}", "x".repeat(120))));
+        trials.push(libtest_mimic::Trial::test("tty_with_a_long_state_path", move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let long = Suite {
+                runtime: YoukiRuntime::new(&root),
+                rootfs: suite.rootfs.clone(),
+                userns: suite.userns,
+                _mount: None,
+            };
+            let r = rt.block_on(long.tty_mode());
+            let _ = std::fs::remove_dir_all(&root);
+            r.map_err(Failed::from)
+        }));
+    }
+    {
         let (suite, root) = (suites[0].clone(), dir.path().join("crash"));
         trials.push(libtest_mimic::Trial::test("no_container_outlives_its_runner_and_caller", move || {
             no_container_outlives_its_runner_and_caller(&suite, &root).map_err(Failed::from)

@@ -214,15 +214,14 @@ impl Gate {
     }
 }
 
-/// A path inside the vessel, made absolute (relative paths start at
-/// `work_dir`) and lexically normal; `..` above `/` is refused.
+/// A path inside the vessel, made absolute and lexically normal, as the Go
+/// original (and POSIX inside a chroot) resolves it: relative paths start
+/// at `work_dir`, `""` is `work_dir` itself, and `..` at `/` stays at `/`
+/// (the kernel then resolves symlinks the same way, `RESOLVE_IN_ROOT`).
+/// Only a NUL byte, which no file name can hold, is refused.
 pub(crate) fn normalize(work_dir: &str, path: &str) -> Result<String> {
-    let invalid = |reason| VesselError::InvalidPath { path: path.into(), reason };
-    if path.is_empty() {
-        return Err(invalid("empty path"));
-    }
     if path.contains('\0') {
-        return Err(invalid("NUL byte in path"));
+        return Err(VesselError::InvalidPath { path: path.into(), reason: "NUL byte in path" });
     }
     let joined = if path.starts_with('/') { path.to_owned() } else { format!("{work_dir}/{path}") };
     let mut parts: Vec<&str> = Vec::new();
@@ -230,9 +229,7 @@ pub(crate) fn normalize(work_dir: &str, path: &str) -> Result<String> {
         match c {
             "" | "." => {}
             ".." => {
-                if parts.pop().is_none() {
-                    return Err(invalid("it climbs above the vessel's root"));
-                }
+                parts.pop();
             }
             c => parts.push(c),
         }
@@ -478,9 +475,10 @@ mod tests {
         assert_eq!(normalize("/work", "/etc/x").unwrap(), "/etc/x");
         assert_eq!(normalize("/work", "../etc/./x").unwrap(), "/etc/x");
         assert_eq!(normalize("/work", ".").unwrap(), "/work");
-        assert!(normalize("/work", "../../x").is_err());
-        assert!(normalize("/", "/..").is_err());
-        assert!(normalize("/work", "").is_err());
+        assert_eq!(normalize("/work", "").unwrap(), "/work", "\"\" is the work dir");
+        assert_eq!(normalize("/work", "../../x").unwrap(), "/x", "`..` at `/` stays at `/`");
+        assert_eq!(normalize("/", "/..").unwrap(), "/");
+        assert_eq!(normalize("/", "/../../etc//passwd/").unwrap(), "/etc/passwd");
         assert!(normalize("/work", "a\0b").is_err());
         assert_eq!(split("/a/b"), Some(("/a", "b")));
         assert_eq!(split("/a"), Some(("/", "a")));

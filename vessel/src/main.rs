@@ -163,8 +163,15 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("vessel: {e:#}");
-            // 125, as docker and podman say for an error of the tool itself.
-            ExitCode::from(125)
+            // As docker: 127 when the command is not found, 126 when it
+            // cannot be executed, 125 for an error of the tool itself.
+            let start = e.chain().find_map(|c| match c.downcast_ref::<vessel::VesselError>() {
+                Some(vessel::VesselError::Runtime(vessel::runtime::RuntimeError::Exec { failure, .. })) => {
+                    Some(failure.exit_code())
+                }
+                _ => None,
+            });
+            ExitCode::from(start.and_then(|c| u8::try_from(c).ok()).unwrap_or(125))
         }
     }
 }

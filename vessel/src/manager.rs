@@ -242,9 +242,11 @@ fn lock_dir() -> PathBuf {
     }
 }
 
+/// A vessel's work dir as the Go original takes it: an empty or relative
+/// one is `/`.
 fn work_dir_of(work_dir: &str) -> Result<String> {
     if !work_dir.starts_with('/') {
-        return Err(VesselError::InvalidPath { path: work_dir.into(), reason: "work_dir must be absolute" });
+        return Ok("/".into());
     }
     crate::fs::normalize("/", work_dir)
 }

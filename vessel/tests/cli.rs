@@ -129,6 +129,11 @@ fn a_whole_session(s: &Session, image: &Path) -> Result<()> {
     let out = s.run(&["exec", "-i", &id, "--", "sh", "-c", "tr a-z A-Z > up.txt; cat up.txt"], Some(b"shout\n"))?;
     ensure!(out.status.success() && out.stdout == b"SHOUT\n", "{out:?}");
     ensure!(s.run(&["read", &id, "up.txt"], None)?.status.code() == Some(125), "a throwaway exec left a file");
+    // docker's exit codes: 127 no such command, 126 not executable.
+    let out = s.run(&["exec", &id, "--", "/no/such/command"], None)?;
+    ensure!(out.status.code() == Some(127), "a missing command: {out:?}");
+    let out = s.run(&["exec", &id, "--", "/etc/passwd"], None)?;
+    ensure!(out.status.code() == Some(126), "a file that is not executable: {out:?}");
     s.ok(&["exec", "--persist", &id, "--", "sh", "-c", "echo kept > kept.txt"], None)?;
     ensure!(s.ok(&["read", &id, "kept.txt"], None)? == "kept\n");
 

@@ -331,9 +331,15 @@ async fn path_security(w: Arc<World>) -> Result<()> {
     let v = mgr.create_vessel(IMAGE, "/work").await?;
     let canary = w.base.join("host-canary");
     std::fs::write(&canary, "host secret\n")?;
-    match v.read_file("../../../../etc/passwd") {
+    // `..` at the vessel's `/` stays there (as in the Go original, and in
+    // a chroot): this is the vessel's passwd, never the host's.
+    let passwd = v.read_file("../../../../etc/passwd")?;
+    ensure!(passwd == v.read_file("/etc/passwd")?, "`..` above the root left the vessel");
+    ensure!(String::from_utf8_lossy(&passwd).contains("app:x:1000"), "not the image's passwd");
+    ensure!(v.stat("")?.is_dir() && v.stat("")? == v.stat("/work")?, "\"\" is the work dir");
+    match v.read_file("a\0b") {
         Err(e) if e.kind() == VesselErrorKind::InvalidInput => {}
-        other => return Err(anyhow!("`..` above the root: {other:?}")),
+        other => return Err(anyhow!("a NUL byte in a path: {other:?}")),
     }
     // Absolute paths are the vessel's.
     v.write_file(canary.to_str().unwrap(), b"inside", 0o644).or_else(|_| {
@@ -664,7 +670,6 @@ async fn bad_input(w: Arc<World>) -> Result<()> {
         ("unknown id", mgr.open_vessel("00000000deadbeef").await.err()),
         ("missing image", mgr.create_vessel("local/nope:latest", "/work").await.err()),
         ("invalid image ref", mgr.create_vessel("local/busybox:bad tag", "/work").await.err()),
-        ("relative work dir", mgr.create_vessel(IMAGE, "work").await.err()),
     ] {
         let e = r.ok_or_else(|| anyhow!("{what} was accepted"))?;
         let want = if what.starts_with("unknown") || what.starts_with("missing") {
@@ -673,6 +678,12 @@ async fn bad_input(w: Arc<World>) -> Result<()> {
             VesselErrorKind::InvalidInput
         };
         ensure!(e.kind() == want, "{what}: {e} ({:?})", e.kind());
+    }
+    // An empty or relative work dir is `/`, as in the Go original.
+    for wd in ["", "work", "./x/.."] {
+        let v = mgr.create_vessel(IMAGE, wd).await?;
+        ensure!(v.manifest().work_dir == "/", "work dir {wd:?} became {:?}", v.manifest().work_dir);
+        v.close().await?;
     }
     let v = mgr.create_vessel(IMAGE, "/work").await?;
     let s = v.create_snapshot("s").await?;

@@ -350,10 +350,9 @@ fn open_output(path: &Path) -> Result<(pipe::Receiver, pipe::Sender), RuntimeErr
 /// binary is the caller's error, anything else the runtime's.
 fn start_error(command: &str, s: Status) -> RuntimeError {
     let msg = s.message();
-    if msg.contains("exec:") || msg.contains("executable file not found") || msg.contains("no such file or directory") {
-        RuntimeError::Exec { command: command.into(), reason: msg.into() }
-    } else {
-        RuntimeError::Container(format!("containerd create task: {msg}"))
+    match crate::error::start_failure(command, msg) {
+        e @ RuntimeError::Exec { .. } if msg.contains("exec") => e,
+        _ => RuntimeError::Container(format!("containerd create task: {msg}")),
     }
 }
 

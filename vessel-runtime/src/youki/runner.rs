@@ -80,6 +80,17 @@ fn loopback_up() -> std::io::Result<()> {
     Ok(())
 }
 
+/// Binds a unix socket `name` in `dir` by a relative path, so a `dir` of
+/// any length fits `sun_path` (108 bytes). The runner is single-threaded:
+/// changing its working directory for the call is safe.
+fn bind_short(dir: &std::path::Path, name: &str) -> std::io::Result<std::os::unix::net::UnixListener> {
+    let back = std::env::current_dir()?;
+    std::env::set_current_dir(dir)?;
+    let bound = std::os::unix::net::UnixListener::bind(name);
+    std::env::set_current_dir(back)?;
+    bound
+}
+
 /// Turns the runner's report into the run's result; `command` is argv[0].
 pub(crate) fn parse_report(report: &str, command: &str) -> Option<Result<i32, RuntimeError>> {
     let v: serde_json::Value = serde_json::from_str(report.trim()).ok()?;
@@ -88,7 +99,7 @@ pub(crate) fn parse_report(report: &str, command: &str) -> Option<Result<i32, Ru
     }
     let message = v["error"].as_str()?.to_owned();
     Some(Err(match v["kind"].as_str() {
-        Some("exec") => RuntimeError::Exec { command: command.to_owned(), reason: message },
+        Some("exec") => crate::error::start_failure(command, &message),
         _ => RuntimeError::Container(message),
     }))
 }
@@ -135,7 +146,7 @@ fn run() -> Result<i32, Failure> {
     let tty = std::env::var(TTY_ENV).ok();
     let console = bundle.join("console.sock");
     let listener = match tty {
-        Some(_) => Some(std::os::unix::net::UnixListener::bind(&console).map_err(fail)?),
+        Some(_) => Some(bind_short(&bundle, "console.sock").map_err(fail)?),
         None => None,
     };
     let builder = ContainerBuilder::new(id.clone(), SyscallType::default())
