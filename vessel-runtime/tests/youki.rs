@@ -13,11 +13,16 @@ use vessel_runtime::{Runtime, UserNamespace, YoukiRuntime};
 
 /// Set in the child that plays a vessel process killed in various ways.
 const CRASH_CHILD: &str = "VESSEL_TEST_CRASH_CHILD";
+/// Set in the child that runs a container on a cgroup v2 host view.
+const V2_CHILD: &str = "VESSEL_TEST_V2_CHILD";
 
 fn main() {
     vessel_runtime::init();
     if std::env::var_os(CRASH_CHILD).is_some() {
         crash_child();
+    }
+    if std::env::var_os(V2_CHILD).is_some() {
+        v2_child();
     }
     let args = Arguments::from_args();
     let Some((image, dir)) = setup() else {
@@ -51,6 +56,12 @@ fn main() {
             let r = rt.block_on(long.tty_mode());
             let _ = std::fs::remove_dir_all(&root);
             r.map_err(Failed::from)
+        }));
+    }
+    {
+        let (suite, root) = (suites[1].clone(), dir.path().join("v2"));
+        trials.push(libtest_mimic::Trial::test("device_rules_on_cgroup_v2", move || {
+            device_rules_on_cgroup_v2(&suite, &root).map_err(Failed::from)
         }));
     }
     {
@@ -227,4 +238,92 @@ fn no_container_outlives_its_runner_and_caller(
         return Err(format!("remove_leftovers removed {removed}, want 1"));
     }
     gone("SIGKILL of the whole tree, then remove_leftovers")
+}
+
+/// The child side of the cgroup v2 test: in a mount namespace of its own
+/// where `/sys/fs/cgroup` is the host's cgroup2 hierarchy (so libcgroups
+/// takes its v2 path, device rules as an eBPF program), runs a script with
+/// host ids (so mknod works) and prints its output.
+fn v2_child() -> ! {
+    use nix::mount::{MsFlags, mount};
+    let unified = std::env::var("VESSEL_TEST_UNIFIED").unwrap();
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).unwrap();
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_SLAVE, None::<&str>).unwrap();
+    if unified != "/sys/fs/cgroup" {
+        mount(Some(unified.as_str()), "/sys/fs/cgroup", None::<&str>, MsFlags::MS_BIND, None::<&str>).unwrap();
+    }
+    let root = PathBuf::from(std::env::var_os("VESSEL_TEST_ROOT").unwrap());
+    let rootfs = PathBuf::from(std::env::var_os("VESSEL_TEST_ROOTFS").unwrap());
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let mut out = Vec::new();
+    let script = "grep -c cgroup2 /proc/self/mounts; mknod /tmp/lc c 10 237 && echo mknod-ok; \\
+                  cat /tmp/lc; echo x > /dev/null && echo null-ok";
+    let code = rt.block_on(async {
+        let req = vessel_runtime::RunRequest {
+            rootfs,
+            args: vec!["sh".into(), "-c".into(), script.into()],
+            stdout: Some(Box::new(&mut out)),
+            stderr: None,
+            ..Default::default()
+        };
+        YoukiRuntime::new(root).run(req).await
+    });
+    println!("{code:?}\n{}", String::from_utf8_lossy(&out));
+    std::process::exit(0)
+}
+
+/// The host's cgroup2 mount: `/sys/fs/cgroup` itself (v2 host) or the
+/// hybrid layout's `unified` one.
+fn cgroup2_mount() -> Option<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        (post.starts_with("cgroup2 ")).then(|| pre.split(' ').nth(4).map(str::to_owned))?
+    })
+}
+
+/// Device rules hold on cgroup v2 too (libcgroups' eBPF device program):
+/// without a user namespace mknod works, and opening the node is refused.
+fn device_rules_on_cgroup_v2(suite: &Suite<YoukiRuntime>, root: &std::path::Path) -> Result<(), String> {
+    let Some(unified) = cgroup2_mount() else {
+        return Err("this host has no cgroup2 hierarchy to test v2 device rules on".into());
+    };
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .env(V2_CHILD, "1")
+        .env("VESSEL_TEST_UNIFIED", &unified)
+        .env("VESSEL_TEST_ROOT", root)
+        .env("VESSEL_TEST_ROOTFS", &suite.rootfs)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| e.to_string())?;
+    let said = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = said.lines().collect();
+    // libcgroups loads the eBPF program after setting RLIMIT_MEMLOCK to
+    // 128 MiB, which needs CAP_SYS_RESOURCE or a hard limit that high. Where
+    // neither holds (as on this project's CI machines), the container must
+    // fail to start: never run without its device rules.
+    let can_load = std::process::Command::new("prlimit")
+        .args(["--memlock=134217728:134217728", "true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !can_load {
+        if lines.first().is_some_and(|l| l.starts_with("Err(") && l.contains("bpf")) {
+            println!("cgroup v2 device rules: the eBPF program cannot be loaded here, and the run was refused");
+            return Ok(());
+        }
+        return Err(format!("without eBPF device rules the container ran: {said:?}"));
+    }
+    // Exit 0: `echo null-ok` last; the container saw a cgroup2 filesystem.
+    let ok = lines.first() == Some(&"Ok(0)")
+        && lines.get(1).is_some_and(|n| n.parse::<u32>().is_ok_and(|n| n >= 1))
+        && said.contains("mknod-ok")
+        && said.contains("null-ok");
+    if !ok {
+        return Err(format!("on cgroup v2: {said:?}"));
+    }
+    // `cat /tmp/lc` must have failed: nothing but the three lines above.
+    if lines.len() != 4 {
+        return Err(format!("the device opened on cgroup v2: {said:?}"));
+    }
+    Ok(())
 }

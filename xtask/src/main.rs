@@ -36,6 +36,10 @@ const PACKAGES: &[&str] = &[
     // The escape suite's probe is a static C program.
     "gcc",
     "libc6-dev",
+    // libcontainer's cgroup v2 device rules (eBPF) build libbpf.
+    "libelf-dev",
+    "zlib1g-dev",
+    "make",
 ];
 
 /// Feature sets that clippy checks: every backend, and none (a disabled
