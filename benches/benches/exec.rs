@@ -4,7 +4,8 @@
 //! (`cargo xtask bench` starts a private one), vessel's containerd backend vs
 //! `ctr run --rm` of the same image, measured in the same run. Each vessel
 //! backend runs twice: with host ids, and isolated (`-userns`: a user
-//! namespace on an overlay over the idmapped layer, vessel's default). Needs root
+//! namespace on an overlay over the idmapped layer, vessel's default); the
+//! host-ids variant runs on a plain overlay of the same layer. Needs root
 //! and the test image (`cargo xtask image`; `VESSEL_TEST_IMAGE_DIR` or
 //! target/vessel-test).
 
@@ -35,9 +36,22 @@ fn main() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let rootfs = dir.path().join("rootfs");
-    std::fs::create_dir(&rootfs).unwrap();
-    assert!(Command::new("tar").arg("-xpf").arg(&layer).arg("-C").arg(&rootfs).status().unwrap().success());
+    let layer_dir = dir.path().join("layer");
+    std::fs::create_dir(&layer_dir).unwrap();
+    assert!(Command::new("tar").arg("-xpf").arg(&layer).arg("-C").arg(&layer_dir).status().unwrap().success());
+    // Both variants run on an overlay over the layer, as vessels do: plain
+    // (host ids) and idmapped (isolated).
+    let plain = dir.path().join("plain");
+    for d in ["upper", "work", "rootfs"] {
+        std::fs::create_dir_all(plain.join(d)).unwrap();
+    }
+    let rootfs = plain.join("rootfs");
+    let _plain_mount = vessel_runtime::overlay::OverlayMount::mount(
+        &rootfs,
+        &[&layer_dir],
+        Some((&plain.join("upper"), &plain.join("work"))),
+    )
+    .unwrap();
     let mut c = Criterion::default().configure_from_args().sample_size(50).measurement_time(Duration::from_secs(10));
     let mut g = c.benchmark_group("exec");
 
@@ -50,7 +64,7 @@ fn main() {
     }
     let _iso_mount = vessel_runtime::overlay::OverlayMount::mount_idmapped(
         &iso.join("rootfs"),
-        &[&rootfs],
+        &[&layer_dir],
         &iso.join("ovl"),
         &userns,
     )

@@ -25,9 +25,14 @@
 //! # Ok(()) }
 //! ```
 //!
-//! With the `youki` backend (default feature), call [`runtime::init`] first
-//! thing in `main`, before any thread starts: each container runs in a
-//! re-executed, single-threaded copy of the program (see [`runtime`]).
+//! Call [`runtime::init`] first thing in `main`, before any thread starts:
+//! each youki container runs in a re-executed, single-threaded copy of the
+//! program, and the containerd backend's watchdog is another (see [`runtime`]).
+//!
+//! Vessels are isolated by default: each open vessel's containers run in a
+//! user namespace of its own host id range, on an overlay over idmapped
+//! layers, under docker's seccomp semantics and device rules (see
+//! [`ManagerConfig::user_namespaces`] and the README's "Isolation").
 #![forbid(unsafe_code)]
 
 mod config;
