@@ -42,7 +42,9 @@ use crate::codec::decompressed;
 use crate::diff::{DiffStats, OPAQUE_MARKER, WHITEOUT_PREFIX};
 
 const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
-const OVERLAY_XATTR_PREFIXES: [&str; 2] = ["trusted.overlay.", "user.overlay."];
+/// Overlay's bookkeeping namespace on vessel's mounts; a layer may never
+/// set it (`user.overlay.*` is ordinary data there, see `diff`).
+const OVERLAY_XATTR_PREFIX: &str = "trusted.overlay.";
 
 /// What to make of a layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -441,7 +443,7 @@ impl Unpacker<'_> {
                 pax.mtime = parse_pax_time(value);
             } else if let Some(x) = key.strip_prefix(b"SCHILY.xattr.") {
                 let x = std::str::from_utf8(x).map_err(|_| unsafe_entry(&raw, "non-UTF-8 xattr name"))?;
-                if OVERLAY_XATTR_PREFIXES.iter().any(|p| x.starts_with(p)) {
+                if x.starts_with(OVERLAY_XATTR_PREFIX) {
                     return Err(unsafe_entry(&raw, "sets an overlay-internal xattr"));
                 }
                 pax.xattrs.push((x.to_owned(), value.clone()));

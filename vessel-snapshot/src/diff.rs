@@ -7,12 +7,18 @@
 //!
 //! Overlay's on-disk vocabulary is translated to OCI's:
 //! - a 0/0 character device, or a zero-size file carrying
-//!   `trusted.overlay.whiteout`/`user.overlay.whiteout`, is a deletion:
-//!   `.wh.NAME`;
-//! - a directory with `trusted.overlay.opaque`/`user.overlay.opaque` = `y`
-//!   replaces the lower one: the directory, then `DIR/.wh..wh..opq`;
-//! - `trusted.overlay.*`/`user.overlay.*` are overlay's bookkeeping and are
-//!   not archived; every other xattr is, as PAX `SCHILY.xattr.*`;
+//!   `trusted.overlay.whiteout`, is a deletion: `.wh.NAME`;
+//! - a directory with `trusted.overlay.opaque` = `y` replaces the lower one:
+//!   the directory, then `DIR/.wh..wh..opq`;
+//! - `trusted.overlay.*` is overlay's bookkeeping (vessel mounts without
+//!   `userxattr`) and is not archived; every other xattr is, as PAX
+//!   `SCHILY.xattr.*`. `user.overlay.*` included: on such a mount it is a
+//!   container's own data (anyone may set it), and reading it as a marker
+//!   would let a command forge an opaque directory or a whiteout;
+//! - another device node cannot be archived: [`write_diff`] refuses it
+//!   ([`SnapshotError::DeviceNode`]) before the layer is complete, so no
+//!   snapshot holds a host device (flattening, which copies image layers
+//!   that may, uses [`write_diff_with`] and allows them);
 //! - `redirect_dir` and `metacopy` make the upper dir mean something a layer
 //!   cannot express (a renamed dir, a file whose data is in the lower), so
 //!   they are refused; vessel mounts with both off.
@@ -43,7 +49,16 @@ pub struct DiffStats {
 
 pub(crate) const WHITEOUT_PREFIX: &str = ".wh.";
 pub(crate) const OPAQUE_MARKER: &str = ".wh..wh..opq";
-const OVERLAY_XATTR_PREFIXES: [&[u8]; 2] = [b"trusted.overlay.", b"user.overlay."];
+/// The xattr namespace of overlay's bookkeeping on vessel's mounts.
+const OVERLAY_XATTR_PREFIX: &[u8] = b"trusted.overlay.";
+
+/// How to diff: what [`write_diff`] assumes, unless told otherwise.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DiffOptions {
+    /// Archive character and block devices instead of refusing them (for
+    /// trees made from trusted image layers only).
+    pub allow_devices: bool,
+}
 const USTAR_NAME_LEN: usize = 100;
 
 /// Hashes and counts what passes through to the inner writer.
@@ -83,9 +98,14 @@ impl<W: Write> Write for DigestWriter<W> {
 /// so wrap it in a compressor to store it compressed. The digest and size in
 /// the result are those of the uncompressed stream, as OCI's `diff_id`.
 pub fn write_diff<W: Write>(upper: &Path, out: W) -> Result<(W, DiffStats), SnapshotError> {
+    write_diff_with(upper, out, DiffOptions::default())
+}
+
+/// [`write_diff`] with options.
+pub fn write_diff_with<W: Write>(upper: &Path, out: W, opts: DiffOptions) -> Result<(W, DiffStats), SnapshotError> {
     // Headers are 512-byte writes: batch them before they reach a compressor.
     let out = DigestWriter::new(BufWriter::with_capacity(1 << 20, out));
-    let mut walker = Walker { out, links: HashMap::new(), entries: 0, buf: vec![0; 256 * 1024] };
+    let mut walker = Walker { out, links: HashMap::new(), entries: 0, buf: vec![0; 256 * 1024], opts };
     walker.walk_dir(upper, &[])?;
     // End of archive: two zero blocks.
     walker.out.write_all(&[0; 1024]).map_err(out_err)?;
@@ -124,6 +144,7 @@ struct Walker<W: Write> {
     links: HashMap<(u64, u64), Vec<u8>>,
     entries: u64,
     buf: Vec<u8>,
+    opts: DiffOptions,
 }
 
 fn sorted_entries(dir: &Path) -> Result<Vec<OsString>, SnapshotError> {
@@ -151,8 +172,8 @@ fn xattrs(path: &Path) -> Result<(Xattrs, OverlayMarks), SnapshotError> {
         let value = xattr::get(path, &name).map_err(SnapshotError::io("read xattr of", path))?;
         let value = value.unwrap_or_default();
         let raw = name.as_bytes();
-        if let Some(prefix) = OVERLAY_XATTR_PREFIXES.iter().find(|p| raw.starts_with(p)) {
-            match &raw[prefix.len()..] {
+        if let Some(own) = raw.strip_prefix(OVERLAY_XATTR_PREFIX) {
+            match own {
                 b"opaque" => marks.opaque = value == b"y",
                 b"whiteout" => marks.whiteout = true,
                 b"redirect" => marks.redirect = true,
@@ -198,6 +219,9 @@ impl<W: Write> Walker<W> {
             if ft.is_char_device() && meta.rdev() == 0 {
                 self.whiteout(rel, name.as_bytes())?;
                 continue;
+            }
+            if (ft.is_char_device() || ft.is_block_device()) && !self.opts.allow_devices {
+                return Err(SnapshotError::DeviceNode { path });
             }
             let (xattrs, marks) = xattrs(&path)?;
             if marks.redirect {

@@ -28,6 +28,14 @@ pub enum SnapshotError {
         /// The entry that carries it.
         path: PathBuf,
     },
+    /// The upper dir holds a device node, which no snapshot may carry: a
+    /// vessel reopened elsewhere would get a host device. Refused before
+    /// anything is committed; delete it (or snapshot without it).
+    #[error("{} is a device node; snapshots cannot hold device nodes (delete it and snapshot again)", path.display())]
+    DeviceNode {
+        /// The node, in the upper dir.
+        path: PathBuf,
+    },
     /// A file changed size while it was being archived.
     #[error("{} changed while it was being archived", path.display())]
     Changed {
@@ -72,7 +80,9 @@ impl SnapshotError {
     pub fn kind(&self) -> SnapshotErrorKind {
         match self {
             Self::Io { .. } | Self::Stream(..) => SnapshotErrorKind::Io,
-            Self::UnsupportedOverlayFeature { .. } | Self::Changed { .. } => SnapshotErrorKind::Unsupported,
+            Self::UnsupportedOverlayFeature { .. } | Self::Changed { .. } | Self::DeviceNode { .. } => {
+                SnapshotErrorKind::Unsupported
+            }
             Self::DigestMismatch { .. } | Self::UnsafeEntry { .. } | Self::Malformed(_) => {
                 SnapshotErrorKind::InvalidData
             }

@@ -23,6 +23,6 @@ pub mod image;
 
 pub use apply::{ApplyMode, ApplyOptions, apply_layer};
 pub use cache::{LayerCache, LayerKey};
-pub use diff::{DiffStats, write_diff};
+pub use diff::{DiffOptions, DiffStats, write_diff, write_diff_with};
 pub use error::{SnapshotError, SnapshotErrorKind};
 pub use vessel_core as core;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::*;
-use vessel_snapshot::{LayerCache, LayerKey, SnapshotErrorKind, write_diff};
+use vessel_snapshot::{DiffOptions, LayerCache, LayerKey, SnapshotErrorKind, write_diff_with};
 
 /// A layer tar of a small generated tree, and its digest.
 fn layer(seed: u64) -> (Vec<u8>, String) {
@@ -20,7 +20,7 @@ fn layer(seed: u64) -> (Vec<u8>, String) {
 fn layer_and_tree(seed: u64) -> (Vec<u8>, String, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     populate(dir.path(), &mut Rng::new(seed), 40);
-    let (bytes, stats) = write_diff(dir.path(), Vec::new()).unwrap();
+    let (bytes, stats) = write_diff_with(dir.path(), Vec::new(), DiffOptions { allow_devices: true }).unwrap();
     (bytes, stats.digest, dir)
 }
 

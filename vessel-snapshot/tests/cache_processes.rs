@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 
 use common::*;
-use vessel_snapshot::{LayerCache, LayerKey, write_diff};
+use vessel_snapshot::{DiffOptions, LayerCache, LayerKey, write_diff_with};
 
 const CHILD: &str = "VESSEL_CACHE_CHILD";
 
@@ -42,7 +42,8 @@ fn main() {
     std::fs::create_dir(&src).unwrap();
     populate(&src, &mut Rng::new(9), 50);
     let tar = dir.path().join("layer.tar");
-    let (_, stats) = write_diff(&src, std::fs::File::create(&tar).unwrap()).unwrap();
+    let (_, stats) =
+        write_diff_with(&src, std::fs::File::create(&tar).unwrap(), DiffOptions { allow_devices: true }).unwrap();
     let root = dir.path().join("cache");
     LayerCache::open(&root).unwrap();
     let children: Vec<_> = (0..4)

@@ -12,7 +12,7 @@ use std::process::{Command, Output};
 
 use common::*;
 use sha2::{Digest, Sha256};
-use vessel_snapshot::{ApplyMode, ApplyOptions, apply_layer, write_diff};
+use vessel_snapshot::{ApplyMode, ApplyOptions, DiffOptions, apply_layer, write_diff_with};
 
 struct Ctr {
     address: PathBuf,
@@ -180,7 +180,7 @@ fn our_layer_unpacks_in_containerd() {
         for _ in 0..30 {
             mutate(&ov.merged, &mut rng);
         }
-        let (layer, stats) = write_diff(&ov.upper, Vec::new()).unwrap();
+        let (layer, stats) = write_diff_with(&ov.upper, Vec::new(), DiffOptions { allow_devices: true }).unwrap();
         (layer, stats, scan(&ov.merged))
     };
 

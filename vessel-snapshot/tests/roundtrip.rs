@@ -8,10 +8,12 @@ use std::fs;
 use std::path::Path;
 
 use common::*;
-use vessel_snapshot::{ApplyMode, ApplyOptions, DiffStats, apply_layer, write_diff};
+use vessel_snapshot::{ApplyMode, ApplyOptions, DiffOptions, DiffStats, apply_layer, write_diff, write_diff_with};
 
+/// The mutation scripts make device nodes too: archived here as flattening
+/// does (a snapshot refuses them, see `device_nodes_are_refused_before_commit`).
 fn diff(upper: &Path) -> (Vec<u8>, DiffStats) {
-    write_diff(upper, Vec::new()).expect("diff")
+    write_diff_with(upper, Vec::new(), DiffOptions { allow_devices: true }).expect("diff")
 }
 
 fn opts(mode: ApplyMode, stats: &DiffStats) -> ApplyOptions {
@@ -143,5 +145,74 @@ fn redirect_dir_and_metacopy_are_refused() {
         let e = write_diff(&upper, Vec::new()).unwrap_err();
         assert_eq!(e.kind(), vessel_snapshot::SnapshotErrorKind::Unsupported, "{e}");
         assert!(e.to_string().contains(feature), "{e}");
+    }
+}
+
+#[test]
+fn device_nodes_are_refused_before_commit() {
+    if !have_root("device_nodes_are_refused_before_commit") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let upper = dir.path().join("upper");
+    fs::create_dir_all(upper.join("work")).unwrap();
+    fs::write(upper.join("work/a"), b"a").unwrap();
+    let mode = nix::sys::stat::Mode::from_bits_truncate(0o600);
+    nix::sys::stat::mknod(
+        &upper.join("work/null"),
+        nix::sys::stat::SFlag::S_IFCHR,
+        mode,
+        nix::sys::stat::makedev(1, 3),
+    )
+    .unwrap();
+    match write_diff(&upper, Vec::new()) {
+        Err(e @ vessel_snapshot::SnapshotError::DeviceNode { .. }) => {
+            assert_eq!(e.kind(), vessel_snapshot::SnapshotErrorKind::Unsupported);
+            assert!(e.to_string().contains("work/null"), "the error names the node: {e}");
+        }
+        other => panic!("a device node in a snapshot: {:?}", other.map(|(_, s)| s)),
+    }
+    // A whiteout (0/0) is no device node; a block device is one.
+    fs::remove_file(upper.join("work/null")).unwrap();
+    nix::sys::stat::mknod(&upper.join("work/gone"), nix::sys::stat::SFlag::S_IFCHR, mode, 0).unwrap();
+    write_diff(&upper, Vec::new()).expect("a whiteout is fine");
+    nix::sys::stat::mknod(&upper.join("blk"), nix::sys::stat::SFlag::S_IFBLK, mode, nix::sys::stat::makedev(7, 0))
+        .unwrap();
+    assert!(matches!(write_diff(&upper, Vec::new()), Err(vessel_snapshot::SnapshotError::DeviceNode { .. })));
+}
+
+#[test]
+fn user_overlay_xattrs_are_data_not_markers() {
+    if !have_root("user_overlay_xattrs_are_data_not_markers") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let upper = dir.path().join("upper");
+    fs::create_dir_all(upper.join("d")).unwrap();
+    fs::write(upper.join("d/f"), b"").unwrap();
+    // What any process may set on its own files on a mount without userxattr.
+    xattr::set(upper.join("d"), "user.overlay.opaque", b"y").unwrap();
+    xattr::set(upper.join("d/f"), "user.overlay.whiteout", b"").unwrap();
+    xattr::set(upper.join("d/f"), "user.overlay.redirect", b"/etc").unwrap();
+    let (layer, stats) = write_diff(&upper, Vec::new()).expect("user.overlay.* never fails a snapshot");
+    let names: Vec<String> = tar::Archive::new(&layer[..])
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["d/", "d/f"], "no forged opaque marker or whiteout");
+    for mode in [ApplyMode::Overlay, ApplyMode::Merged] {
+        let target = dir.path().join(format!("{mode:?}"));
+        if mode == ApplyMode::Merged {
+            fs::create_dir_all(target.join("d")).unwrap();
+            fs::write(target.join("d/lower-file"), b"kept").unwrap();
+        }
+        apply_layer(&layer[..], &target, &ApplyOptions::new(mode).expect_digest(stats.digest.clone())).unwrap();
+        assert_eq!(xattr::get(target.join("d"), "user.overlay.opaque").unwrap().as_deref(), Some(&b"y"[..]));
+        assert_eq!(xattr::get(target.join("d/f"), "user.overlay.redirect").unwrap().as_deref(), Some(&b"/etc"[..]));
+        assert!(target.join("d/f").is_file());
+        if mode == ApplyMode::Merged {
+            assert!(target.join("d/lower-file").is_file(), "a user.overlay.opaque dir hid its lower files");
+        }
     }
 }

@@ -155,6 +155,8 @@ impl VesselError {
             },
             Self::Snapshot(e) => match e.kind() {
                 vessel_snapshot::SnapshotErrorKind::InvalidData => K::Corrupt,
+                // What the workspace holds cannot be snapshotted (a device node).
+                vessel_snapshot::SnapshotErrorKind::Unsupported => K::InvalidInput,
                 _ => K::Io,
             },
             Self::Runtime(e) => match e.kind() {

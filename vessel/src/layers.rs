@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use vessel_core::{SnapshotManifest, VesselId, VesselManifest};
 use vessel_runtime::overlay::OverlayMount;
-use vessel_snapshot::{LayerKey, write_diff};
+use vessel_snapshot::{DiffOptions, LayerKey, write_diff_with};
 
 use crate::error::{Result, VesselError};
 use crate::manager::Shared;
@@ -84,7 +84,9 @@ impl Shared {
             let mount = OverlayMount::mount(&mnt, &top_first, None)?;
             let (reader, writer) = std::io::pipe().map_err(VesselError::io("create pipe", &mnt))?;
             let src = mnt.clone();
-            let producer = std::thread::spawn(move || write_diff(&src, writer).map(drop));
+            // The merged view of trusted layers: image device nodes copy over.
+            let opts = DiffOptions { allow_devices: true };
+            let producer = std::thread::spawn(move || write_diff_with(&src, writer, opts).map(drop));
             let made = cache.get_or_unpack(&key, &holder, None, || Ok(reader));
             let produced = producer.join().map_err(|_| VesselError::InvalidInput("flattening panicked".into()))?;
             let unmounted = mount.unmount();

@@ -314,6 +314,66 @@ async fn image_user_resolves_by_name(w: Arc<World>) -> Result<()> {
     Ok(())
 }
 
+/// A command cannot forge overlay's markers with `user.overlay.*` (the
+/// mount's own namespace is `trusted.overlay.*`): the xattr is data, kept
+/// across a reopen on a new host, and the directory's files stay.
+async fn user_overlay_xattrs_forge_nothing(w: Arc<World>) -> Result<()> {
+    let mgr = Manager::new(w.config("forge")).await?;
+    let v = mgr.create_vessel(IMAGE, "/").await?;
+    run(&v, sh("mkdir /d && echo kept > /d/keep"), true).await?;
+    v.create_snapshot("d").await?;
+    v.write_file("/tmp/escape", &std::fs::read(&w.probe)?, 0o755)?;
+    for (name, value) in [("user.overlay.opaque", "y"), ("user.overlay.redirect", "/etc")] {
+        let args = ["/tmp/escape", "setxattr", "/d", name, value].map(String::from).to_vec();
+        let (code, _, err) = run(&v, args, true).await?;
+        ensure!(code == 0, "setxattr {name}: {err}");
+    }
+    v.create_snapshot("forged?").await?;
+    let id = v.id().to_string();
+    v.close().await?;
+    let other = Manager::new(w.config("forge-other-host")).await?;
+    let v = other.open_vessel(&id).await?;
+    ensure!(
+        v.read_file("/d/keep")?
+            == b"kept
+",
+        "a forged opaque marker hid /d's files on a new host"
+    );
+    let got = xattr::get(v.rootfs().join("d"), "user.overlay.opaque")?;
+    ensure!(got.as_deref() == Some(&b"y"[..]), "the container's xattr was lost: {got:?}");
+    other.close().await?;
+    mgr.close().await?;
+    Ok(())
+}
+
+/// A device node (possible only without user namespaces) is refused when
+/// snapshotting, with a typed error naming it, before anything is
+/// committed; the vessel stays usable and reopens elsewhere.
+async fn device_nodes_are_refused_at_snapshot(w: Arc<World>) -> Result<()> {
+    let mgr = Manager::new(w.config("devsnap").user_namespaces(false)).await?;
+    let v = mgr.create_vessel(IMAGE, "/work").await?;
+    v.write_file("kept", b"1", 0o644)?;
+    let (code, _, err) = run(&v, sh("mknod /work/null c 1 3"), true).await?;
+    ensure!(code == 0, "mknod without a user namespace: {err}");
+    let before = v.list_snapshots().len();
+    match v.create_snapshot("with a device").await {
+        Err(e) if e.kind() == VesselErrorKind::InvalidInput && e.to_string().contains("work/null") => {}
+        other => return Err(anyhow!("snapshot of a device node: {:?}", other.map(|s| s.id))),
+    }
+    ensure!(v.list_snapshots().len() == before, "a refused snapshot was recorded");
+    ensure!(v.read_file("kept")? == b"1", "the uncommitted change was lost");
+    v.delete_file("null")?;
+    let snap = v.create_snapshot("without").await?;
+    let id = v.id().to_string();
+    v.close().await?;
+    let other = Manager::new(w.config("devsnap-other-host").user_namespaces(false)).await?;
+    let v = other.open_vessel(&id).await?;
+    ensure!(v.manifest().current_snapshot_id == Some(snap.id) && v.read_file("kept")? == b"1");
+    other.close().await?;
+    mgr.close().await?;
+    Ok(())
+}
+
 /// A mount root where idmapped mounts cannot be made (overlayfs itself
 /// cannot be idmapped): `Manager::new` refuses with a typed error instead
 /// of running unisolated vessels.
@@ -406,6 +466,8 @@ fn main() {
         setuid_files_are_unusable_from_the_host,
         image_user_resolves_by_name,
         no_idmapped_mounts_is_a_typed_error,
+        user_overlay_xattrs_forge_nothing,
+        device_nodes_are_refused_at_snapshot,
     ];
     let worlds: Vec<Arc<World>> = worlds.into_iter().map(Arc::new).collect();
     let mut trials = Vec::new();

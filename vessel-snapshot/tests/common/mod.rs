@@ -272,9 +272,7 @@ pub fn scan(root: &Path) -> BTreeMap<PathBuf, Node> {
             }
             let xattrs = xattr::list(&p)
                 .unwrap()
-                .filter(|n| {
-                    !n.as_bytes().starts_with(b"trusted.overlay.") && !n.as_bytes().starts_with(b"user.overlay.")
-                })
+                .filter(|n| !n.as_bytes().starts_with(b"trusted.overlay."))
                 .map(|n| {
                     let v = xattr::get(&p, &n).unwrap().unwrap_or_default();
                     (n.as_bytes().to_vec(), v)

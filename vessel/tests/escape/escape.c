@@ -4,6 +4,7 @@
 // name (the refusal), or a probe-specific word; the test asserts each line.
 //
 // usage: escape HOST_PID   (a pid that exists on the host, not in here)
+//        escape setxattr PATH NAME VALUE
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -21,6 +22,7 @@
 #include <sys/syscall.h>
 #include <sys/sysmacros.h>
 #include <sys/wait.h>
+#include <sys/xattr.h>
 #include <unistd.h>
 
 static const char *ename(int e) {
@@ -115,6 +117,11 @@ static void try_read(const char *name, const char *path) {
 }
 
 int main(int argc, char **argv) {
+    // escape setxattr PATH NAME VALUE: what busybox cannot do.
+    if (argc == 5 && !strcmp(argv[1], "setxattr")) {
+        if (setxattr(argv[2], argv[3], argv[4], strlen(argv[4]), 0)) { perror("setxattr"); return 1; }
+        return 0;
+    }
     int host_pid = argc > 1 ? atoi(argv[1]) : 1;
     setvbuf(stdout, NULL, _IOLBF, 0);
 
