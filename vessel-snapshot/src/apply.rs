@@ -109,8 +109,16 @@ pub fn apply_layer(layer: impl Read + Send, target: &Path, opts: &ApplyOptions) 
     let stats = unpack(layer, &scratch.path, opts)?;
     match opts.mode {
         ApplyMode::Overlay => {
+            // Durable before it is visible: the layer's data and metadata
+            // reach the disk (one syncfs, not an fsync per file), then the
+            // rename, then the directory that holds it. A crash can never
+            // leave a complete-looking but half-written layer to be trusted.
+            let dir = open_dir(&scratch.path)?;
+            nix::unistd::syncfs(&dir).map_err(|e| SnapshotError::io("sync", &scratch.path)(e.into()))?;
             fs::rename(&scratch.path, target).map_err(SnapshotError::io("rename into", target))?;
             scratch.disarm();
+            let parent_dir = open_dir(parent)?;
+            nix::unistd::fsync(&parent_dir).map_err(|e| SnapshotError::io("sync", parent)(e.into()))?;
         }
         ApplyMode::Merged => {
             let src = open_dir(&scratch.path)?;

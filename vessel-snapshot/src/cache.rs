@@ -18,7 +18,7 @@ use std::io::{self, Read};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use vessel_core::SnapshotId;
+use vessel_core::{SnapshotId, VesselId};
 
 use crate::{ApplyMode, ApplyOptions, SnapshotError, apply_layer};
 
@@ -27,31 +27,59 @@ use crate::{ApplyMode, ApplyOptions, SnapshotError, apply_layer};
 pub enum LayerKey {
     /// An image layer, by its diff id (`sha256:<hex>` of the uncompressed tar).
     DiffId(String),
-    /// A snapshot layer, by the snapshot's id.
-    Snapshot(SnapshotId),
+    /// A snapshot layer, by its vessel, the snapshot's id and its checksum
+    /// (build it with [`LayerKey::snapshot`]): a manifest naming another
+    /// vessel's snapshot, with whatever checksum, never finds that vessel's
+    /// cached layer, and a cached layer is only ever the checksummed one.
+    Snapshot(VesselId, SnapshotId, String),
     /// The whole tree (image and chain) as of a snapshot, in one layer: a
     /// local stand-in for a deep chain, made on this host, never stored.
-    Flat(SnapshotId),
+    /// Bound to the digest of the chain's checksums ([`LayerKey::flat`]).
+    Flat(SnapshotId, String),
+}
+
+/// Whether `digest` is `sha256:` and 64 lowercase hex digits.
+fn valid_digest(digest: &str) -> bool {
+    digest
+        .strip_prefix("sha256:")
+        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
 }
 
 impl LayerKey {
     /// An image layer key; the digest must be `sha256:` and 64 lowercase hex digits.
     pub fn diff_id(digest: &str) -> Result<Self, SnapshotError> {
-        let ok = digest
-            .strip_prefix("sha256:")
-            .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')));
-        if !ok {
+        if !valid_digest(digest) {
             return Err(SnapshotError::Malformed(format!("invalid layer digest {digest:?}")));
         }
         Ok(Self::DiffId(digest.to_owned()))
+    }
+
+    /// A snapshot layer key; `checksum` is the snapshot's `sha256:<hex>`.
+    pub fn snapshot(vessel: VesselId, id: SnapshotId, checksum: &str) -> Result<Self, SnapshotError> {
+        if !valid_digest(checksum) {
+            return Err(SnapshotError::Malformed(format!("invalid checksum {checksum:?} of snapshot {id}")));
+        }
+        Ok(Self::Snapshot(vessel, id, checksum["sha256:".len()..].to_owned()))
+    }
+
+    /// The flat layer of a chain ending at `top`, given the checksums of
+    /// the chain's snapshots, root first: the key changes with any of them.
+    pub fn flat<'a>(top: SnapshotId, checksums: impl IntoIterator<Item = &'a str>) -> Self {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for c in checksums {
+            h.update(c.as_bytes());
+            h.update(b"\n");
+        }
+        Self::Flat(top, format!("{:x}", h.finalize()))
     }
 
     /// The directory name: validated input only, so never a path hazard.
     fn dir_name(&self) -> String {
         match self {
             Self::DiffId(d) => format!("sha256-{}", &d["sha256:".len()..]),
-            Self::Snapshot(id) => format!("snapshot-{id}"),
-            Self::Flat(id) => format!("flat-{id}"),
+            Self::Snapshot(vessel, id, hex) => format!("snapshot-{vessel}-{id}-{hex}"),
+            Self::Flat(id, hex) => format!("flat-{id}-{hex}"),
         }
     }
 }
@@ -192,7 +220,7 @@ impl LayerCache {
             // Devices are trusted in image layers, and in flat layers (made
             // here from layers already on this host); never in snapshots
             // fetched from storage.
-            let devices = matches!(key, LayerKey::DiffId(_) | LayerKey::Flat(_));
+            let devices = matches!(key, LayerKey::DiffId(_) | LayerKey::Flat(..));
             let mut opts = ApplyOptions::new(ApplyMode::Overlay).allow_devices(devices);
             if let Some(d) = expected_digest {
                 opts = opts.expect_digest(d);

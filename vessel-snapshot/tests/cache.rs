@@ -142,7 +142,12 @@ fn adopt_moves_a_sealed_upper_in() {
     fs::create_dir(&upper).unwrap();
     populate(&upper, &mut Rng::new(6), 30);
     let expected = scan(&upper);
-    let key = LayerKey::Snapshot(vessel_core::SnapshotId::from_u64(7));
+    let key = LayerKey::snapshot(
+        vessel_core::VesselId::from_u64(1),
+        vessel_core::SnapshotId::from_u64(7),
+        &format!("sha256:{}", "a".repeat(64)),
+    )
+    .unwrap();
     let path = cache.adopt(&key, "v1", &upper).unwrap();
     assert!(!upper.exists());
     assert_same(&expected, &scan(&path), "adopted layer");

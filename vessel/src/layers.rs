@@ -20,6 +20,13 @@ use vessel_snapshot::{DiffOptions, LayerKey, write_diff_with};
 use crate::error::{Result, VesselError};
 use crate::manager::Shared;
 
+/// The cache key of the flat layer of `chain` (root first, non-empty):
+/// bound to every checksum in it.
+pub(crate) fn flat_key(chain: &[&SnapshotManifest]) -> LayerKey {
+    let top = chain.last().map(|s| s.id.clone()).unwrap_or_else(|| vessel_core::SnapshotId::from_u64(0));
+    LayerKey::flat(top, chain.iter().map(|s| s.checksum.as_str()))
+}
+
 /// How many snapshots one flat layer step covers.
 pub(crate) const FLATTEN_EVERY: usize = 32;
 
@@ -55,7 +62,7 @@ impl Shared {
         image: &[PathBuf],
         work: &Path,
     ) -> Result<PathBuf> {
-        let key_at = |j: usize| LayerKey::Flat(chain[j - 1].id.clone());
+        let key_at = |j: usize| flat_key(&chain[..j]);
         let mut j = chain.len();
         while j > 0 && !self.cache.retain(&key_at(j), vessel.as_str())? {
             j -= FLATTEN_EVERY;

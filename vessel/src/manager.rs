@@ -177,7 +177,7 @@ impl Shared {
     /// The layer of snapshot `id`, fetched from storage and verified against
     /// `checksum` if this host's cache lacks it.
     pub(crate) async fn snapshot_layer(&self, vessel: &VesselId, id: &SnapshotId, checksum: &str) -> Result<PathBuf> {
-        let key = LayerKey::Snapshot(id.clone());
+        let key = LayerKey::snapshot(vessel.clone(), id.clone(), checksum)?;
         if self.cache.retain(&key, vessel.as_str())? {
             return Ok(self.cache.path(&key));
         }

@@ -477,7 +477,7 @@ impl Vessel {
         let (saved, stats) = tokio::join!(shared.storage.save_snapshot(&inner.id, &sid, Box::new(reader)), diff);
         let stats = stats.map_err(|e| VesselError::InvalidInput(format!("diff panicked: {e}")))??;
         saved?;
-        let key = LayerKey::Snapshot(sid.clone());
+        let key = LayerKey::snapshot(inner.id.clone(), sid.clone(), &stats.digest)?;
         let layer = shared.cache.adopt(&key, inner.id.as_str(), &upper)?;
 
         let mut manifest = inner.manifest();
@@ -575,12 +575,18 @@ impl Vessel {
         if manifest.snapshots.iter().any(|s| s.parent_id.as_ref() == Some(id)) {
             return Err(VesselError::SnapshotInUse { snapshot: id.clone(), reason: "it is the parent of another" });
         }
+        let snap = manifest.snapshot(id).cloned();
+        let chain: Vec<SnapshotManifest> = manifest.chain(id).into_iter().rev().cloned().collect();
+        let mut doomed = vec![crate::layers::flat_key(&chain.iter().collect::<Vec<_>>())];
+        if let Some(s) = &snap {
+            doomed.push(LayerKey::snapshot(inner.id.clone(), id.clone(), &s.checksum)?);
+        }
         manifest.snapshots.retain(|s| &s.id != id);
         manifest.update_time = chrono::Utc::now();
         inner.shared.storage.save_vessel_manifest(&manifest).await?;
         *inner.manifest.lock().unwrap_or_else(|e| e.into_inner()) = manifest;
         inner.shared.storage.delete_snapshot(&inner.id, id).await?;
-        for key in [LayerKey::Snapshot(id.clone()), LayerKey::Flat(id.clone())] {
+        for key in doomed {
             inner.shared.cache.release(&key, inner.id.as_str())?;
         }
         inner.shared.cache.gc()?;

@@ -374,6 +374,41 @@ async fn device_nodes_are_refused_at_snapshot(w: Arc<World>) -> Result<()> {
     Ok(())
 }
 
+/// A manifest forged to name another vessel's snapshot (its id, with a
+/// made-up or even the real checksum) cannot pull that vessel's cached
+/// layer into this one on a host that has it: cache hits are bound to the
+/// vessel and checksum, and the fetch from this vessel's own storage fails.
+async fn forged_manifests_cannot_borrow_cached_layers(w: Arc<World>) -> Result<()> {
+    let mgr = Manager::new(w.config("borrow")).await?;
+    let victim = mgr.create_vessel(IMAGE, "/").await?;
+    victim.write_file("/secret", b"victim's data", 0o600)?;
+    let secret = victim.create_snapshot("secret").await?;
+    let attacker = mgr.create_vessel(IMAGE, "/").await?;
+    attacker.create_snapshot("mine").await?;
+    let id = attacker.id().clone();
+    attacker.close().await?;
+    let storage = w.storage();
+    for checksum in [format!("sha256:{}", "0".repeat(64)), secret.checksum.clone()] {
+        let mut forged = storage.load_vessel_manifest(&id).await?;
+        let mut snap = secret.clone();
+        snap.vessel_id = id.clone();
+        snap.checksum = checksum.clone();
+        forged.snapshots = vec![snap];
+        forged.current_snapshot_id = Some(secret.id.clone());
+        storage.save_vessel_manifest(&forged).await?;
+        match mgr.open_vessel(id.as_str()).await {
+            Err(e) => ensure!(e.kind() == VesselErrorKind::NotFound, "forged ({checksum}): {e}"),
+            Ok(v) => {
+                let leaked = v.read_file("/secret").ok();
+                return Err(anyhow!("a forged manifest opened; it reads {leaked:?}"));
+            }
+        }
+    }
+    ensure!(victim.read_file("/secret")? == b"victim's data");
+    mgr.close().await?;
+    Ok(())
+}
+
 /// A mount root where idmapped mounts cannot be made (overlayfs itself
 /// cannot be idmapped): `Manager::new` refuses with a typed error instead
 /// of running unisolated vessels.
@@ -468,6 +503,7 @@ fn main() {
         no_idmapped_mounts_is_a_typed_error,
         user_overlay_xattrs_forge_nothing,
         device_nodes_are_refused_at_snapshot,
+        forged_manifests_cannot_borrow_cached_layers,
     ];
     let worlds: Vec<Arc<World>> = worlds.into_iter().map(Arc::new).collect();
     let mut trials = Vec::new();
