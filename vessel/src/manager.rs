@@ -110,30 +110,28 @@ impl Shared {
         for k in 0..u64::from(ranges.count) {
             let slot = ((start + k) % u64::from(ranges.count)) as u32;
             let mapping = ranges.mapping(slot)?;
-            let p = self.locks.join(format!("ids-{}.lock", mapping.host_id));
-            let f = fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&p)
-                .map_err(VesselError::io("open lock", &p))?;
-            if let Ok(lock) = Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+            if let Some(lock) = self.try_lock(&format!("ids-{}.lock", mapping.host_id))? {
                 return Ok(Some((UserNamespace::new(mapping)?, lock)));
             }
         }
         Err(VesselError::IdRangesExhausted(ranges.count))
     }
 
-    /// Takes the vessel's lock, or says who has it.
-    pub(crate) fn lock(&self, id: &VesselId) -> Result<Flock<fs::File>> {
-        let p = self.locks.join(format!("{id}.lock"));
+    /// The machine-wide lock file `name`, locked, or `None` when another holds it.
+    fn try_lock(&self, name: &str) -> Result<Option<Flock<fs::File>>> {
+        let p = self.locks.join(name);
         let f = fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&p)
             .map_err(VesselError::io("open lock", &p))?;
-        Flock::lock(f, FlockArg::LockExclusiveNonblock).map_err(|_| VesselError::Locked(id.clone()))
+        Ok(Flock::lock(f, FlockArg::LockExclusiveNonblock).ok())
+    }
+
+    /// Takes the vessel's lock, or says who has it.
+    pub(crate) fn lock(&self, id: &VesselId) -> Result<Flock<fs::File>> {
+        self.try_lock(&format!("{id}.lock"))?.ok_or_else(|| VesselError::Locked(id.clone()))
     }
 
     /// Imports `reference` into the layer cache for `holder`: from storage,
