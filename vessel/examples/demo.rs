@@ -68,6 +68,9 @@ async fn demo() -> Result<()> {
     let t = Instant::now();
     let v = mgr.create_vessel(&image, "/work").await?;
     step(&format!("create vessel {} (overlay on the image)", v.id()), t);
+    if let Some(m) = v.id_mapping() {
+        println!("    isolated: its root is host uid {} (user namespace over idmapped layers)", m.host_id);
+    }
 
     let t = Instant::now();
     v.write_file("hello.sh", b"echo hello from $(hostname) as $(id -un) in $(pwd)\n", 0o755)?;
