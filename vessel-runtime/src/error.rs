@@ -68,6 +68,7 @@ impl ExecFailure {
 /// Classifies a backend's message about a container that failed to start:
 /// the command's own fault (missing, not executable) or the runtime's.
 /// One function for every backend, so both say the same thing.
+#[cfg_attr(not(any(feature = "youki", feature = "containerd")), allow(dead_code))]
 pub(crate) fn start_failure(command: &str, message: &str) -> RuntimeError {
     let m = message.to_ascii_lowercase();
     let failure = if m.contains("permission denied")

@@ -61,6 +61,12 @@ pub enum SnapshotError {
     /// The archive is malformed.
     #[error("malformed layer archive: {0}")]
     Malformed(String),
+    /// An image archive holds several images and none is the reference asked for.
+    #[error("the archive holds no image {reference:?}")]
+    ImageNotInArchive {
+        /// The reference asked for.
+        reference: String,
+    },
 }
 
 /// Coarse classification of [`SnapshotError`].
@@ -73,6 +79,8 @@ pub enum SnapshotErrorKind {
     Unsupported,
     /// Input failed verification: digest mismatch, hostile or malformed archive.
     InvalidData,
+    /// What was asked for is not there.
+    NotFound,
 }
 
 impl SnapshotError {
@@ -86,6 +94,7 @@ impl SnapshotError {
             Self::DigestMismatch { .. } | Self::UnsafeEntry { .. } | Self::Malformed(_) => {
                 SnapshotErrorKind::InvalidData
             }
+            Self::ImageNotInArchive { .. } => SnapshotErrorKind::NotFound,
         }
     }
 

@@ -61,7 +61,10 @@ pub struct Image {
 /// (skipping cached ones) referenced by `holder`, and returns the image.
 /// With several images in the archive, `reference` picks one (by
 /// `io.containerd.image.name`, `org.opencontainers.image.ref.name` or docker
-/// `RepoTags`); otherwise the first for this platform.
+/// `RepoTags`) and none of them matching is
+/// [`SnapshotError::ImageNotInArchive`]; an archive of one image is that
+/// image, whatever it calls itself (the caller names it). Without a
+/// reference: the first for this platform.
 pub fn import_archive(
     archive: impl Read,
     cache: &LayerCache,
@@ -152,12 +155,18 @@ fn pick<'a>(descs: &'a [Descriptor], reference: Option<&str>) -> Result<&'a Desc
         let tag = r.rsplit_once(':').map(|(_, t)| t).filter(|t| !t.contains('/'));
         let named = descs.iter().find(|d| {
             d.annotations().as_ref().is_some_and(|a| {
-                a.get("io.containerd.image.name").map(String::as_str) == Some(r)
-                    || (tag.is_some() && a.get("org.opencontainers.image.ref.name").map(String::as_str) == tag)
+                match a.get("io.containerd.image.name") {
+                    Some(full) => full == r,
+                    // Layouts that name images by tag alone.
+                    None => tag.is_some() && a.get("org.opencontainers.image.ref.name").map(String::as_str) == tag,
+                }
             })
         });
         if let Some(d) = named {
             return Ok(d);
+        }
+        if descs.len() > 1 {
+            return Err(SnapshotError::ImageNotInArchive { reference: r.to_owned() });
         }
     }
     descs
@@ -228,10 +237,15 @@ fn import_docker(
     let text = fs::read(path).map_err(SnapshotError::io("read", path))?;
     let entries: Vec<Entry> =
         serde_json::from_slice(&text).map_err(|e| SnapshotError::Malformed(format!("manifest.json: {e}")))?;
-    let entry = reference
-        .and_then(|r| entries.iter().find(|e| e.repo_tags.as_ref().is_some_and(|t| t.iter().any(|t| t == r))))
-        .or(entries.first())
-        .ok_or_else(|| SnapshotError::Malformed("manifest.json lists no image".into()))?;
+    let named =
+        reference.and_then(|r| entries.iter().find(|e| e.repo_tags.as_ref().is_some_and(|t| t.iter().any(|t| t == r))));
+    if let (None, Some(r)) = (named, reference)
+        && entries.len() > 1
+    {
+        return Err(SnapshotError::ImageNotInArchive { reference: r.to_owned() });
+    }
+    let entry =
+        named.or(entries.first()).ok_or_else(|| SnapshotError::Malformed("manifest.json lists no image".into()))?;
     let config_path = member(files, &entry.config)?;
     let (config_digest, _) = sha256_file(config_path)?;
     // Classic docker-save names the config after its digest: hold it to that.

@@ -151,3 +151,35 @@ fn tampered_archives_are_refused() {
         assert!(left.is_empty(), "{case}: the cache kept {left:?}");
     }
 }
+
+/// In an archive of several images the reference must name one of them:
+/// a missing one is a typed NotFound, never silently the first image. An
+/// archive of one image is that image whatever it calls itself.
+#[test]
+fn a_missing_reference_is_not_found() {
+    let Some(dir) = image_dir("a_missing_reference_is_not_found") else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = LayerCache::open(tmp.path()).unwrap();
+    // The one manifest twice in the index, under two names.
+    let two = tamper(
+        &archive(&dir, "busybox-oci.tar"),
+        |n| n == "index.json",
+        |data| {
+            let mut index: serde_json::Value = serde_json::from_slice(data).unwrap();
+            let mut other = index["manifests"][0].clone();
+            other["annotations"]["io.containerd.image.name"] = "local/other:v2".into();
+            other["annotations"]["org.opencontainers.image.ref.name"] = "v2".into();
+            index["manifests"].as_array_mut().unwrap().push(other);
+            *data = serde_json::to_vec(&index).unwrap();
+        },
+    );
+    for wanted in ["local/busybox:latest", "local/other:v2"] {
+        import_archive(&two[..], &cache, "v", Some(wanted)).unwrap_or_else(|e| panic!("{wanted}: {e}"));
+    }
+    let e = import_archive(&two[..], &cache, "v", Some("local/absent:latest")).unwrap_err();
+    assert_eq!(e.kind(), SnapshotErrorKind::NotFound, "{e}");
+    assert!(e.to_string().contains("local/absent:latest"), "{e}");
+    // One image, whatever the reference.
+    import_archive(&archive(&dir, "busybox-oci.tar")[..], &cache, "v", Some("local/renamed:x")).unwrap();
+    import_archive(&archive(&dir, "busybox-docker.tar")[..], &cache, "v", Some("local/renamed:x")).unwrap();
+}

@@ -157,6 +157,7 @@ impl VesselError {
                 vessel_snapshot::SnapshotErrorKind::InvalidData => K::Corrupt,
                 // What the workspace holds cannot be snapshotted (a device node).
                 vessel_snapshot::SnapshotErrorKind::Unsupported => K::InvalidInput,
+                vessel_snapshot::SnapshotErrorKind::NotFound => K::NotFound,
                 _ => K::Io,
             },
             Self::Runtime(e) => match e.kind() {

@@ -13,7 +13,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
 
 use nix::fcntl::{Flock, FlockArg};
-use tokio::io::AsyncReadExt;
 use vessel_core::{IdGenerator, ImageRef, SnapshotId, VesselId, VesselManifest};
 use vessel_runtime::{Runtime, UserNamespace};
 use vessel_snapshot::image::{Image, import_archive};
@@ -230,6 +229,15 @@ async fn runtime_for(config: &ManagerConfig, root: &Path) -> Result<(Arc<dyn Run
 type ContainerdHandle = vessel_runtime::ContainerdRuntime;
 #[cfg(not(feature = "containerd"))]
 type ContainerdHandle = std::convert::Infallible;
+
+/// A temporary file removed when dropped.
+struct SpoolFile(PathBuf);
+
+impl Drop for SpoolFile {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
 
 /// `/run/vessel/locks` for root, `$XDG_RUNTIME_DIR/vessel/locks` otherwise:
 /// a tmpfs, so a reboot (which ends every holder) clears it.
@@ -465,15 +473,23 @@ impl Manager {
     }
 
     /// Imports an image archive (docker-save or OCI layout, optionally
-    /// compressed) into storage as `image_ref`, after checking that it reads.
+    /// compressed) into storage as `image_ref`, after checking that it reads
+    /// (every digest verified; in an archive of several images, one must be
+    /// `image_ref`). Memory stays bounded: the archive is spooled to a file
+    /// under the mount root, checked from there, and streamed into storage.
     pub async fn import_image(&self, image_ref: &str, mut archive: BlobReader) -> Result<()> {
         let reference = ImageRef::new(image_ref)?;
-        let mut data = Vec::new();
-        archive.read_to_end(&mut data).await.map_err(VesselError::io("read image archive", image_ref))?;
-        let (cache, name, check) = (self.shared.cache.clone(), reference.as_str().to_owned(), data.clone());
+        let spool = SpoolFile(self.shared.root.join(format!(".import-{:016x}.tmp", rand::random::<u64>())));
+        {
+            let mut f = tokio::fs::File::create(&spool.0).await.map_err(VesselError::io("create", &spool.0))?;
+            tokio::io::copy(&mut archive, &mut f).await.map_err(VesselError::io("read image archive", image_ref))?;
+            f.sync_all().await.map_err(VesselError::io("sync", &spool.0))?;
+        }
+        let (cache, name, path) = (self.shared.cache.clone(), reference.as_str().to_owned(), spool.0.clone());
         let holder = "import-check";
         tokio::task::spawn_blocking(move || {
-            let img = import_archive(&check[..], &cache, holder, Some(&name));
+            let file = fs::File::open(&path).map_err(VesselError::io("open", &path))?;
+            let img = import_archive(std::io::BufReader::new(file), &cache, holder, Some(&name));
             if let Ok(img) = &img {
                 for l in &img.layers {
                     if let Ok(k) = LayerKey::diff_id(&l.diff_id) {
@@ -481,11 +497,12 @@ impl Manager {
                     }
                 }
             }
-            img
+            img.map_err(VesselError::from)
         })
         .await
         .map_err(|e| VesselError::InvalidInput(format!("image check panicked: {e}")))??;
-        self.shared.storage.save_image(&reference, Box::new(std::io::Cursor::new(data))).await?;
+        let file = tokio::fs::File::open(&spool.0).await.map_err(VesselError::io("open", &spool.0))?;
+        self.shared.storage.save_image(&reference, Box::new(tokio::io::BufReader::new(file))).await?;
         Ok(())
     }
 

@@ -461,6 +461,7 @@ fn main() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
+    #[cfg_attr(not(any(feature = "youki", feature = "containerd")), allow(unused_variables))]
     let probe = image_dir.join("escape");
     #[allow(unused_mut)]
     let mut worlds: Vec<World> = Vec::new();

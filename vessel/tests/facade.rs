@@ -679,6 +679,22 @@ async fn bad_input(w: Arc<World>) -> Result<()> {
         };
         ensure!(e.kind() == want, "{what}: {e} ({:?})", e.kind());
     }
+    // Importing an archive of several images as a reference none of them
+    // has is a typed NotFound that stores nothing (not silently the first).
+    let image_dir = PathBuf::from(std::env::var_os("VESSEL_TEST_IMAGE_DIR").context("image dir")?);
+    let two = two_image_archive(&std::fs::read(image_dir.join("busybox-oci.tar"))?)?;
+    match mgr.import_image("local/absent:latest", Box::new(std::io::Cursor::new(two.clone()))).await {
+        Err(e) if e.kind() == VesselErrorKind::NotFound => {}
+        other => return Err(anyhow!("importing an absent reference: {other:?}")),
+    }
+    ensure!(w.storage().load_image(&vessel::ImageRef::new("local/absent:latest")?).await.is_err(), "it was stored");
+    mgr.import_image("local/other:v2", Box::new(std::io::Cursor::new(two))).await?;
+    ensure!(mgr.create_vessel("local/other:v2", "/").await?.id_mapping().is_some());
+    let spooled: Vec<_> = std::fs::read_dir(w.base.join("bad"))?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".import-"))
+        .collect();
+    ensure!(spooled.is_empty(), "import spool files left: {spooled:?}");
     // An empty or relative work dir is `/`, as in the Go original.
     for wd in ["", "work", "./x/.."] {
         let v = mgr.create_vessel(IMAGE, wd).await?;
@@ -874,6 +890,29 @@ async fn deep_chains_are_flattened(w: Arc<World>) -> Result<()> {
     other.close().await?;
     host.close().await?;
     Ok(())
+}
+
+/// The test image's OCI archive with its manifest listed twice, the second
+/// time as `local/other:v2`.
+fn two_image_archive(oci: &[u8]) -> Result<Vec<u8>> {
+    let mut out = tar::Builder::new(Vec::new());
+    for e in tar::Archive::new(oci).entries()? {
+        let mut e = e?;
+        let mut h = e.header().clone();
+        let mut data = Vec::new();
+        e.read_to_end(&mut data)?;
+        if e.path()?.to_string_lossy() == "index.json" {
+            let mut index: serde_json::Value = serde_json::from_slice(&data)?;
+            let mut other = index["manifests"][0].clone();
+            other["annotations"]["io.containerd.image.name"] = "local/other:v2".into();
+            index["manifests"].as_array_mut().context("manifests")?.push(other);
+            data = serde_json::to_vec(&index)?;
+            h.set_size(data.len() as u64);
+            h.set_cksum();
+        }
+        out.append(&h, &data[..])?;
+    }
+    Ok(out.into_inner()?)
 }
 
 /// How many lower layers the overlay mounted at `rootfs` has.
