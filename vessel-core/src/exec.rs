@@ -28,6 +28,10 @@ pub struct ExecOptions<'a> {
     /// throwaway layer that is discarded when it ends (`false`, the default,
     /// as in the Go original).
     pub persist_result: bool,
+    /// Kill the command's whole process tree when it runs this long; the
+    /// result then says `timed_out` (exit code 137, as docker reports a
+    /// kill). `None`: no limit. Zero is refused.
+    pub timeout: Option<std::time::Duration>,
 }
 
 impl fmt::Debug for ExecOptions<'_> {
@@ -41,6 +45,7 @@ impl fmt::Debug for ExecOptions<'_> {
             .field("stderr", &self.stderr.is_some())
             .field("tty", &self.tty)
             .field("persist_result", &self.persist_result)
+            .field("timeout", &self.timeout)
             .finish()
     }
 }
@@ -49,14 +54,22 @@ impl fmt::Debug for ExecOptions<'_> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ExecResult {
-    /// The exit status; `128 + N` when the process was killed by signal `N`.
+    /// The exit status; `128 + N` when the process was killed by signal `N`
+    /// (137 for SIGKILL, also when the timeout ended it).
     pub exit_code: i32,
+    /// Whether `ExecOptions::timeout` passed and the command was killed.
+    pub timed_out: bool,
 }
 
 impl ExecResult {
     /// A result with the given exit code.
     pub fn new(exit_code: i32) -> Self {
-        Self { exit_code }
+        Self { exit_code, timed_out: false }
+    }
+
+    /// The result of a command killed when its timeout passed.
+    pub fn timed_out() -> Self {
+        Self { exit_code: 137, timed_out: true }
     }
 
     /// Whether the command exited with status 0.

@@ -82,6 +82,9 @@ enum Command {
         /// `KEY=VALUE` environment (repeatable).
         #[arg(short = 'e', long = "env")]
         env: Vec<String>,
+        /// Kill the command after this many seconds (exit 137, `timed_out` in --json).
+        #[arg(long, value_parser = parse_timeout)]
+        timeout: Option<Duration>,
         /// Vessel id.
         id: String,
         /// The command and its arguments (after `--`).
@@ -174,6 +177,15 @@ fn main() -> ExitCode {
             ExitCode::from(start.and_then(|c| u8::try_from(c).ok()).unwrap_or(125))
         }
     }
+}
+
+/// Seconds (fractions allowed), more than zero.
+fn parse_timeout(s: &str) -> std::result::Result<Duration, String> {
+    let secs: f64 = s.parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !(secs > 0.0 && secs.is_finite()) {
+        return Err(format!("the timeout must be more than 0 seconds, not {s}"));
+    }
+    Duration::try_from_secs_f64(secs).map_err(|e| e.to_string())
 }
 
 fn spinner(msg: String) -> ProgressBar {
@@ -309,7 +321,7 @@ async fn command(cli: &Cli, mgr: &Manager) -> Result<ExitCode> {
                 }
             }
         }
-        Command::Exec { tty, interactive, persist, work_dir, env, id, command } => {
+        Command::Exec { tty, interactive, persist, work_dir, env, timeout, id, command } => {
             let v = open(mgr, id).await?;
             let stdin: Option<Box<dyn AsyncRead + Send + Unpin>> =
                 (*tty || *interactive).then(|| Box::new(tokio::io::stdin()) as _);
@@ -323,6 +335,7 @@ async fn command(cli: &Cli, mgr: &Manager) -> Result<ExitCode> {
                     stderr: Some(Box::new(tokio::io::stderr())),
                     tty: *tty,
                     persist_result: *persist,
+                    timeout: *timeout,
                 })
                 .await?;
             if *persist {
@@ -330,7 +343,7 @@ async fn command(cli: &Cli, mgr: &Manager) -> Result<ExitCode> {
             }
             v.close().await?;
             if cli.json {
-                print_json(&serde_json::json!({ "exit_code": res.exit_code }))?;
+                print_json(&serde_json::json!({ "exit_code": res.exit_code, "timed_out": res.timed_out }))?;
             }
             return Ok(ExitCode::from(u8::try_from(res.exit_code).unwrap_or(255)));
         }

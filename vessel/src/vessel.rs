@@ -365,6 +365,10 @@ impl Vessel {
         if opts.command.is_empty() {
             return Err(VesselError::InvalidInput("empty command".into()));
         }
+        let timeout = opts.timeout;
+        if timeout.is_some_and(|t| t.is_zero()) {
+            return Err(VesselError::InvalidInput("a zero exec timeout".into()));
+        }
         let inner = &self.inner;
         let state = inner.state.read().await;
         if state.closed {
@@ -422,10 +426,18 @@ impl Vessel {
             stderr: opts.stderr,
             ..Default::default()
         };
-        let code = inner.shared.runtime.run(req).await?;
+        let run = inner.shared.runtime.run(req);
+        let result = match timeout {
+            // Dropping the run kills the whole process tree (see Runtime::run).
+            Some(t) => match tokio::time::timeout(t, run).await {
+                Ok(code) => ExecResult::new(code?),
+                Err(_) => ExecResult::timed_out(),
+            },
+            None => ExecResult::new(run.await?),
+        };
         drop(throwaway);
         drop(state);
-        Ok(ExecResult::new(code))
+        Ok(result)
     }
 
     /// Seals the changes since the current snapshot as a new snapshot (its

@@ -129,6 +129,13 @@ fn a_whole_session(s: &Session, image: &Path) -> Result<()> {
     let out = s.run(&["exec", "-i", &id, "--", "sh", "-c", "tr a-z A-Z > up.txt; cat up.txt"], Some(b"shout\n"))?;
     ensure!(out.status.success() && out.stdout == b"SHOUT\n", "{out:?}");
     ensure!(s.run(&["read", &id, "up.txt"], None)?.status.code() == Some(125), "a throwaway exec left a file");
+    // --timeout kills the command: 137, and --json says it timed out.
+    let out = s.run(&["--json", "exec", "--timeout", "0.5", &id, "--", "sleep", "100"], None)?;
+    ensure!(out.status.code() == Some(137), "a timed-out exec: {out:?}");
+    let said: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    ensure!(said["timed_out"] == true && said["exit_code"] == 137, "{said}");
+    let out = s.run(&["exec", "--timeout", "0", &id, "--", "true"], None)?;
+    ensure!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("more than 0"), "{out:?}");
     // docker's exit codes: 127 no such command, 126 not executable.
     let out = s.run(&["exec", &id, "--", "/no/such/command"], None)?;
     ensure!(out.status.code() == Some(127), "a missing command: {out:?}");

@@ -140,6 +140,7 @@ fn main() {
         snapshot_chains_and_branches,
         exec_semantics,
         exec_cancellation,
+        exec_timeout,
         reopen_on_a_new_host,
         concurrency_and_locking,
         bad_input,
@@ -531,6 +532,53 @@ async fn exec_cancellation(w: Arc<World>) -> Result<()> {
     let (code, out, _) = run(&v, "echo still works", false).await?;
     ensure!(code == 0 && out == "still works\n");
     v.create_snapshot("after cancel").await?;
+    mgr.close().await?;
+    Ok(())
+}
+
+/// `ExecOptions::timeout`: the whole tree is killed, the result says so
+/// (exit 137), nothing is left; a zero timeout is refused before anything runs.
+async fn exec_timeout(w: Arc<World>) -> Result<()> {
+    let mgr = w.manager("timeout").await?;
+    let v = mgr.create_vessel(IMAGE, "/work").await?;
+    // A command line of its own per backend (the worlds run side by side).
+    let secs = if w.backend == Backend::Youki { "1011" } else { "1012" };
+    let cmdline = format!("sleep\0{secs}\0");
+    let left = || {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|e| std::fs::read(e.path().join("cmdline")).unwrap_or_default() == cmdline.as_bytes())
+            .count()
+    };
+    for persist in [true, false] {
+        let started = Instant::now();
+        let res = v
+            .exec(ExecOptions {
+                command: sh(&format!("sleep {secs} & sleep {secs}")),
+                persist_result: persist,
+                timeout: Some(Duration::from_secs(1)),
+                ..Default::default()
+            })
+            .await?;
+        let took = started.elapsed();
+        ensure!(res.timed_out && res.exit_code == 137, "{res:?}");
+        ensure!(took < Duration::from_secs(2), "a 1 s timeout returned after {took:?}");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while left() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        ensure!(left() == 0, "processes left after the timeout");
+    }
+    let quick = v
+        .exec(ExecOptions { command: sh("true"), timeout: Some(Duration::from_secs(30)), ..Default::default() })
+        .await?;
+    ensure!(!quick.timed_out && quick.exit_code == 0, "{quick:?}");
+    match v.exec(ExecOptions { command: sh("true"), timeout: Some(Duration::ZERO), ..Default::default() }).await {
+        Err(e) if e.kind() == VesselErrorKind::InvalidInput => {}
+        other => return Err(anyhow!("a zero timeout: {other:?}")),
+    }
+    v.create_snapshot("after a timeout").await?;
     mgr.close().await?;
     Ok(())
 }
