@@ -59,17 +59,26 @@ pub struct ExecResult {
     pub exit_code: i32,
     /// Whether `ExecOptions::timeout` passed and the command was killed.
     pub timed_out: bool,
+    /// Whether the OOM killer ended a process of the command (its exit
+    /// code is then usually 137).
+    pub oom_killed: bool,
 }
 
 impl ExecResult {
     /// A result with the given exit code.
     pub fn new(exit_code: i32) -> Self {
-        Self { exit_code, timed_out: false }
+        Self { exit_code, timed_out: false, oom_killed: false }
+    }
+
+    /// A result whose command was (`true`) or was not ended by the OOM killer.
+    pub fn with_oom_killed(mut self, oom_killed: bool) -> Self {
+        self.oom_killed = oom_killed;
+        self
     }
 
     /// The result of a command killed when its timeout passed.
     pub fn timed_out() -> Self {
-        Self { exit_code: 137, timed_out: true }
+        Self { exit_code: 137, timed_out: true, oom_killed: false }
     }
 
     /// Whether the command exited with status 0.

@@ -177,6 +177,45 @@ impl fmt::Debug for RunRequest<'_> {
     }
 }
 
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RunOutcome {
+    /// The exit code (`128 + N` for signal `N`).
+    pub exit_code: i32,
+    /// Whether the OOM killer killed a process of the container.
+    pub oom_killed: bool,
+}
+
+impl RunOutcome {
+    /// An outcome.
+    pub fn new(exit_code: i32, oom_killed: bool) -> Self {
+        Self { exit_code, oom_killed }
+    }
+}
+
+/// How many processes the OOM killer killed in the cgroup at
+/// `cgroups_path` (e.g. `/vessel/<id>`): v1's `memory.oom_control` and v2's
+/// `memory.events` (the hybrid layout's `unified` mount included).
+#[cfg(any(feature = "youki", feature = "containerd"))]
+pub(crate) fn oom_kills(cgroups_path: &str) -> u64 {
+    let rel = cgroups_path.trim_start_matches('/');
+    let root = std::path::Path::new("/sys/fs/cgroup");
+    let files = [
+        root.join("memory").join(rel).join("memory.oom_control"),
+        root.join(rel).join("memory.events"),
+        root.join("unified").join(rel).join("memory.events"),
+    ];
+    files
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .filter_map(|text| {
+            text.lines().find_map(|l| l.strip_prefix("oom_kill ").and_then(|n| n.trim().parse::<u64>().ok()))
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 /// Runs processes in containers.
 #[async_trait]
 pub trait Runtime: Send + Sync + fmt::Debug {
@@ -189,7 +228,13 @@ pub trait Runtime: Send + Sync + fmt::Debug {
     /// Runs `req` to completion and returns its exit code (`128 + N` when
     /// killed by signal `N`). Dropping the future kills the container's
     /// whole process tree and cleans up.
-    async fn run(&self, req: RunRequest<'_>) -> Result<i32, RuntimeError>;
+    async fn run(&self, req: RunRequest<'_>) -> Result<i32, RuntimeError> {
+        self.run_outcome(req).await.map(|o| o.exit_code)
+    }
+
+    /// [`Runtime::run`], also saying whether the OOM killer ended a process
+    /// of the container (read from its memory cgroup before teardown).
+    async fn run_outcome(&self, req: RunRequest<'_>) -> Result<RunOutcome, RuntimeError>;
 
     /// Removes the containers of runs whose every owner (caller and
     /// runner) died without cleaning up, returning how many; containers of

@@ -343,7 +343,9 @@ async fn command(cli: &Cli, mgr: &Manager) -> Result<ExitCode> {
             }
             v.close().await?;
             if cli.json {
-                print_json(&serde_json::json!({ "exit_code": res.exit_code, "timed_out": res.timed_out }))?;
+                print_json(
+                    &serde_json::json!({ "exit_code": res.exit_code, "timed_out": res.timed_out, "oom_killed": res.oom_killed }),
+                )?;
             }
             return Ok(ExitCode::from(u8::try_from(res.exit_code).unwrap_or(255)));
         }

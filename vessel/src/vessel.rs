@@ -426,14 +426,15 @@ impl Vessel {
             stderr: opts.stderr,
             ..Default::default()
         };
-        let run = inner.shared.runtime.run(req);
+        let run = inner.shared.runtime.run_outcome(req);
+        let done = |o: vessel_runtime::RunOutcome| ExecResult::new(o.exit_code).with_oom_killed(o.oom_killed);
         let result = match timeout {
             // Dropping the run kills the whole process tree (see Runtime::run).
             Some(t) => match tokio::time::timeout(t, run).await {
-                Ok(code) => ExecResult::new(code?),
+                Ok(outcome) => done(outcome?),
                 Err(_) => ExecResult::timed_out(),
             },
-            None => ExecResult::new(run.await?),
+            None => done(run.await?),
         };
         drop(throwaway);
         drop(state);

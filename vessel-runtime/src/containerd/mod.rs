@@ -219,7 +219,7 @@ impl ContainerdRuntime {
     }
 
     /// Everything after the run directory exists; the caller tears down.
-    async fn run_in(&self, id: &str, dir: &Path, req: RunRequest<'_>) -> Result<i32, RuntimeError> {
+    async fn run_in(&self, id: &str, dir: &Path, req: RunRequest<'_>) -> Result<crate::RunOutcome, RuntimeError> {
         spec::write_etc_files(dir, &req)?;
         // The spec's root is the prepared rootfs itself (an absolute path):
         // runc pivots into it in the container's own mount namespace, so the
@@ -333,8 +333,10 @@ impl ContainerdRuntime {
             .into_inner();
         out.map_err(RuntimeError::io("copy stdout", ""))?;
         err.map_err(RuntimeError::io("copy stderr", ""))?;
-        i32::try_from(status.exit_status)
-            .map_err(|_| RuntimeError::Container(format!("exit status {} out of range", status.exit_status)))
+        let code = i32::try_from(status.exit_status)
+            .map_err(|_| RuntimeError::Container(format!("exit status {} out of range", status.exit_status)))?;
+        // runc removes the cgroup when the task is deleted: read it first.
+        Ok(crate::RunOutcome::new(code, crate::oom_kills(&format!("/vessel/{id}")) > 0))
     }
 }
 
@@ -404,7 +406,7 @@ impl Runtime for ContainerdRuntime {
         ContainerdRuntime::remove_leftovers(self).await
     }
 
-    async fn run(&self, req: RunRequest<'_>) -> Result<i32, RuntimeError> {
+    async fn run_outcome(&self, req: RunRequest<'_>) -> Result<crate::RunOutcome, RuntimeError> {
         if req.args.is_empty() {
             return Err(RuntimeError::InvalidRequest("empty command".into()));
         }

@@ -214,7 +214,7 @@ impl Runtime for YoukiRuntime {
         YoukiRuntime::remove_leftovers(self).await
     }
 
-    async fn run(&self, req: RunRequest<'_>) -> Result<i32, RuntimeError> {
+    async fn run_outcome(&self, req: RunRequest<'_>) -> Result<crate::RunOutcome, RuntimeError> {
         self.is_available()?;
         self.prepare_dirs()?;
         let id = format!("vessel-{:016x}", rand::random::<u64>());

@@ -40,7 +40,7 @@ pub(crate) fn maybe_run() {
         });
     }
     let report = match run() {
-        Ok(code) => json!({ "exit": code }),
+        Ok((code, oom)) => json!({ "exit": code, "oom": oom }),
         Err((kind, message)) => json!({ "error": message, "kind": kind }),
     };
     // SAFETY: the parent placed the status pipe's write end at STATUS_FD
@@ -92,10 +92,10 @@ fn bind_short(dir: &std::path::Path, name: &str) -> std::io::Result<std::os::uni
 }
 
 /// Turns the runner's report into the run's result; `command` is argv[0].
-pub(crate) fn parse_report(report: &str, command: &str) -> Option<Result<i32, RuntimeError>> {
+pub(crate) fn parse_report(report: &str, command: &str) -> Option<Result<crate::RunOutcome, RuntimeError>> {
     let v: serde_json::Value = serde_json::from_str(report.trim()).ok()?;
     if let Some(code) = v["exit"].as_i64() {
-        return Some(Ok(code as i32));
+        return Some(Ok(crate::RunOutcome::new(code as i32, v["oom"].as_bool().unwrap_or(false))));
     }
     let message = v["error"].as_str()?.to_owned();
     Some(Err(match v["kind"].as_str() {
@@ -114,7 +114,7 @@ fn fail(e: impl std::fmt::Display) -> Failure {
     ("container", e.to_string())
 }
 
-fn run() -> Result<i32, Failure> {
+fn run() -> Result<(i32, bool), Failure> {
     // SAFETY: fds 3 and 4 were placed by the parent for this process alone;
     // marking them close-on-exec keeps them out of the container.
     unsafe {
@@ -170,6 +170,8 @@ fn run() -> Result<i32, Failure> {
         Some(Err(e)) => Err(e),
         _ => supervise(&mut container, listener.as_ref(), tty.as_deref(), &lifeline, &stop),
     };
+    // Read before the teardown removes the cgroup.
+    let oom = crate::oom_kills(&format!("/vessel/{id}")) > 0;
     // One teardown for every outcome once the container exists.
     let deleted = container.delete(true);
     cleanup_cgroups(&id);
@@ -178,7 +180,7 @@ fn run() -> Result<i32, Failure> {
     let _ = std::fs::remove_file(state.with_file_name("runners").join(format!("{id}.lock")));
     let code = code?;
     deleted.map_err(fail)?;
-    Ok(code)
+    Ok((code, oom))
 }
 
 /// Starts the created container and waits for its init (with a terminal, the

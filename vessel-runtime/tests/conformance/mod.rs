@@ -347,10 +347,23 @@ impl<R: Runtime> Suite<R> {
     }
 
     pub async fn memory_limit_oom_kills(&self) -> CaseResult {
-        let mut req = self.req(sh("dd if=/dev/zero of=/dev/null bs=256M count=1"));
+        let mut req = self.req(vec![
+            "dd".into(),
+            "if=/dev/zero".into(),
+            "of=/dev/null".into(),
+            "bs=256M".into(),
+            "count=1".into(),
+        ]);
         req.limits = Limits { memory_bytes: Some(32 << 20), ..Default::default() };
-        let (code, ..) = self.output(req).await?;
-        check!(code == 137, "exit {code}, want 137 (OOM kill)");
+        let o = self.runtime.run_outcome(req).await.map_err(|e| e.to_string())?;
+        check!(o.exit_code == 137 && o.oom_killed, "{o:?}, want exit 137 with the OOM flag");
+        // A process killed otherwise is no OOM kill; neither is a clean exit.
+        let mut req = self.req(sh("sleep 5 & kill -9 $!; wait $!"));
+        req.limits = Limits { memory_bytes: Some(32 << 20), ..Default::default() };
+        let o = self.runtime.run_outcome(req).await.map_err(|e| e.to_string())?;
+        check!(o.exit_code == 137 && !o.oom_killed, "a SIGKILL: {o:?}");
+        let o = self.runtime.run_outcome(self.req(sh("true"))).await.map_err(|e| e.to_string())?;
+        check!(o.exit_code == 0 && !o.oom_killed, "{o:?}");
         Ok(())
     }
 
