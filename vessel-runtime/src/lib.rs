@@ -33,6 +33,10 @@
 //! dies (containerd keeps a task running whatever happens to its client).
 #![deny(unsafe_op_in_unsafe_fn)]
 
+// fds placed for a re-executed child before exec: one justified block.
+#[cfg(any(feature = "youki", feature = "containerd"))]
+#[allow(unsafe_code)]
+mod child;
 #[cfg(feature = "containerd")]
 mod containerd;
 mod error;

@@ -21,6 +21,14 @@ use crate::RuntimeError;
 /// The kernel's maximum overlay stack depth (`OVL_MAX_STACK`).
 pub const MAX_LOWERS: usize = 500;
 
+/// Refuses an empty lower list or one deeper than the kernel stacks.
+fn check_lowers(lowers: &[&Path]) -> Result<(), RuntimeError> {
+    if lowers.is_empty() || lowers.len() > MAX_LOWERS {
+        return Err(RuntimeError::InvalidRequest(format!("{} lower dirs (1 to {MAX_LOWERS} allowed)", lowers.len())));
+    }
+    Ok(())
+}
+
 /// An overlay mount, unmounted (lazily, `MNT_DETACH`) on drop.
 #[derive(Debug)]
 pub struct OverlayMount {
@@ -32,12 +40,7 @@ impl OverlayMount {
     /// Mounts `lowers` (topmost first) with `upper`/`work` at `target`; with
     /// no upper the mount is read-only.
     pub fn mount(target: &Path, lowers: &[&Path], upper: Option<(&Path, &Path)>) -> Result<Self, RuntimeError> {
-        if lowers.is_empty() || lowers.len() > MAX_LOWERS {
-            return Err(RuntimeError::InvalidRequest(format!(
-                "{} lower dirs (1 to {MAX_LOWERS} allowed)",
-                lowers.len()
-            )));
-        }
+        check_lowers(lowers)?;
         let held: Vec<File> = lowers
             .iter()
             .map(|l| File::open(l).map_err(RuntimeError::io("open lower dir", *l)))
@@ -77,12 +80,7 @@ impl OverlayMount {
             FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags, fsconfig_create, fsconfig_set_string, fsmount,
             fsopen, move_mount,
         };
-        if lowers.is_empty() || lowers.len() > MAX_LOWERS {
-            return Err(RuntimeError::InvalidRequest(format!(
-                "{} lower dirs (1 to {MAX_LOWERS} allowed)",
-                lowers.len()
-            )));
-        }
+        check_lowers(lowers)?;
         let held: Vec<_> = lowers.iter().map(|l| userns.idmapped_clone(l)).collect::<Result<_, _>>()?;
         let ovl_fd = userns.idmapped_clone(ovl)?;
         let root = userns.mapping().host_id;

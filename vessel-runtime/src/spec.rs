@@ -143,8 +143,14 @@ fn device_rules() -> Result<Vec<LinuxDeviceCgroup>, RuntimeError> {
 /// The container paths of the host's cgroup mounts under `/sys/fs/cgroup`
 /// (v1 controllers such as `/sys/fs/cgroup/pids`, the hybrid `unified`
 /// mount): each is its own mount inside the container, and a read-only
-/// remount of `/sys/fs/cgroup` does not reach submounts.
-pub fn cgroup_mounts() -> Vec<String> {
+/// remount of `/sys/fs/cgroup` does not reach submounts. Read once per
+/// process: the host's cgroup layout does not change while it runs.
+pub fn cgroup_mounts() -> &'static [String] {
+    static MOUNTS: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(read_cgroup_mounts);
+    &MOUNTS
+}
+
+fn read_cgroup_mounts() -> Vec<String> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let mut out: Vec<String> = info
         .lines()
@@ -290,7 +296,7 @@ pub fn build(
     linux.set_seccomp(Some(crate::seccomp::filter(&caps)?));
     linux.set_masked_paths(Some(MASKED_PATHS.iter().map(|p| p.to_string()).collect()));
     let mut readonly: Vec<String> = READONLY_PATHS.iter().map(|p| p.to_string()).collect();
-    readonly.extend(cgroup_mounts());
+    readonly.extend(cgroup_mounts().iter().cloned());
     linux.set_readonly_paths(Some(readonly));
     let mut resources = LinuxResourcesBuilder::default();
     if let Some(m) = req.limits.memory_bytes {

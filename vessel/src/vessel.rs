@@ -588,12 +588,13 @@ impl Vessel {
         if manifest.snapshots.iter().any(|s| s.parent_id.as_ref() == Some(id)) {
             return Err(VesselError::SnapshotInUse { snapshot: id.clone(), reason: "it is the parent of another" });
         }
-        let snap = manifest.snapshot(id).cloned();
-        let chain: Vec<SnapshotManifest> = manifest.chain(id).into_iter().rev().cloned().collect();
-        let mut doomed = vec![crate::layers::flat_key(&chain.iter().collect::<Vec<_>>())];
-        if let Some(s) = &snap {
-            doomed.push(LayerKey::snapshot(inner.id.clone(), id.clone(), &s.checksum)?);
-        }
+        // Its cached layers: its own, and the flat layer its chain would have.
+        let doomed = {
+            let mut chain = manifest.chain(id);
+            chain.reverse();
+            let checksum = chain.last().map(|s| s.checksum.as_str()).unwrap_or_default();
+            [crate::layers::flat_key(&chain), LayerKey::snapshot(inner.id.clone(), id.clone(), checksum)?]
+        };
         manifest.snapshots.retain(|s| &s.id != id);
         manifest.update_time = chrono::Utc::now();
         inner.shared.storage.save_vessel_manifest(&manifest).await?;

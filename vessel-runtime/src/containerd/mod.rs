@@ -11,8 +11,8 @@
 
 mod image;
 mod owner;
-// Re-executed like the youki runner: fd placement before exec, each
-// unsafe block justified.
+// Re-executed like the youki runner: its signal dispositions and inherited
+// lifeline fd, each unsafe block justified.
 #[allow(unsafe_code)]
 pub(crate) mod watchdog;
 
@@ -71,8 +71,8 @@ impl ContainerdConfig {
 pub struct ContainerdRuntime {
     channel: Channel,
     namespace: MetadataValue<Ascii>,
-    root: PathBuf,
     owner: String,
+    /// What it connected with (the watchdog reconnects with it).
     config: ContainerdConfig,
     /// Started with the first run (see `watchdog`); shared by every clone.
     watchdog: Arc<Mutex<Option<watchdog::Watchdog>>>,
@@ -92,8 +92,7 @@ impl ContainerdRuntime {
     /// containerd, and removes the containers of vessel processes that died
     /// without cleaning up.
     pub async fn connect(config: ContainerdConfig) -> Result<Self, RuntimeError> {
-        let saved = config.clone();
-        let ContainerdConfig { address, namespace, root } = config;
+        let (address, namespace) = (&config.address, &config.namespace);
         let valid = namespace.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
             && namespace.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
             && namespace.len() <= 76;
@@ -104,7 +103,7 @@ impl ContainerdRuntime {
         if !address.exists() {
             return Err(unavailable(format!("no containerd socket at {}", address.display())));
         }
-        let channel = tokio::time::timeout(Duration::from_secs(10), containerd_client::connect(&address))
+        let channel = tokio::time::timeout(Duration::from_secs(10), containerd_client::connect(address))
             .await
             .map_err(|_| unavailable(format!("{} did not answer within 10 s", address.display())))?
             .map_err(|e| unavailable(format!("cannot connect to {}: {e}", address.display())))?;
@@ -116,14 +115,7 @@ impl ContainerdRuntime {
             })?
             .into_inner();
         tracing::debug!(version = %version.version, address = %address.display(), "connected to containerd");
-        let rt = Self {
-            channel,
-            namespace,
-            root,
-            owner: owner::current(),
-            config: saved,
-            watchdog: Arc::new(Mutex::new(None)),
-        };
+        let rt = Self { channel, namespace, owner: owner::current(), config, watchdog: Arc::new(Mutex::new(None)) };
         let removed = rt.remove_leftovers().await?;
         if removed > 0 {
             tracing::info!(removed, "removed containers left by dead vessel processes");
@@ -193,7 +185,7 @@ impl ContainerdRuntime {
     }
 
     fn run_dir(&self, id: &str) -> PathBuf {
-        self.root.join("runs").join(id)
+        self.config.root.join("runs").join(id)
     }
 
     /// Kills the task's processes (unless its init is known to have exited,

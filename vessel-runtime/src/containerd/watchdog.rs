@@ -48,20 +48,7 @@ pub(crate) fn spawn(config: &ContainerdConfig, owner: &str) -> Result<Watchdog, 
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
-    let raw = r.as_raw_fd();
-    // SAFETY: runs in the forked child before exec, where only
-    // async-signal-safe calls are allowed: fcntl and dup2 are. They place
-    // the lifeline's read end at fd 3 without FD_CLOEXEC.
-    unsafe {
-        cmd.pre_exec(move || {
-            let a = nix::libc::fcntl(raw, nix::libc::F_DUPFD, 10);
-            if a < 0 || nix::libc::dup2(a, LIFELINE_FD) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            nix::libc::close(a);
-            Ok(())
-        });
-    }
+    crate::child::hand_over(&mut cmd, &[(r.as_raw_fd(), LIFELINE_FD)]);
     let child = cmd.spawn().map_err(RuntimeError::io("start watchdog", "/proc/self/exe"))?;
     drop(r);
     Ok(Watchdog { _lifeline: w, _child: child })

@@ -101,7 +101,7 @@ impl YoukiRuntime {
             .await
             .map_err(RuntimeError::io("start cleanup runner", &self.runner))?;
         let _ = fs::remove_dir_all(self.root.join("bundles").join(id));
-        let _ = fs::remove_file(self.root.join("runners").join(format!("{id}.lock")));
+        let _ = fs::remove_file(lock_file(&self.root, id));
         if !status.success() {
             return Err(RuntimeError::Container(format!("cleaning up container {id} failed ({status})")));
         }
@@ -137,10 +137,14 @@ impl YoukiRuntime {
             fs::OpenOptions::new().create_new(true).write(true).open(&tmp).map_err(RuntimeError::io("create", &tmp))?;
         let lock = Flock::lock(f, FlockArg::LockExclusiveNonblock)
             .map_err(|(_, e)| RuntimeError::io("lock", &tmp)(e.into()))?;
-        let path = self.root.join("runners").join(format!("{id}.lock"));
-        fs::rename(&tmp, &path).map_err(RuntimeError::io("rename", &tmp))?;
+        fs::rename(&tmp, lock_file(&self.root, id)).map_err(RuntimeError::io("rename", &tmp))?;
         Ok(lock)
     }
+}
+
+/// The liveness lock of run `id` under the runtime's `root`.
+pub(crate) fn lock_file(root: &std::path::Path, id: &str) -> PathBuf {
+    root.join("runners").join(format!("{id}.lock"))
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd), RuntimeError> {
@@ -220,7 +224,7 @@ impl Runtime for YoukiRuntime {
         let id = format!("vessel-{:016x}", rand::random::<u64>());
         let lock = self.take_lock(&id)?;
         let bundle = self.root.join("bundles").join(&id);
-        let _guard = BundleGuard { bundle: bundle.clone(), lock: self.root.join("runners").join(format!("{id}.lock")) };
+        let _guard = BundleGuard { bundle: bundle.clone(), lock: lock_file(&self.root, &id) };
         fs::create_dir(&bundle).map_err(RuntimeError::io("create", &bundle))?;
         // Only the container's root (and host root) may enter the bundle,
         // whose files are bind-mounted into the container.
@@ -256,31 +260,10 @@ impl Runtime for YoukiRuntime {
         if userns {
             cmd.env(USERNS_ENV, "1");
         }
-        let (lr, sw, lk) = (life_r.as_raw_fd(), status_w.as_raw_fd(), lock.as_raw_fd());
-        // SAFETY: runs in the forked child before exec, where only
-        // async-signal-safe calls are allowed: fcntl, dup2 and close are.
-        // They place the lifeline, status and lock fds at 3, 4 and 5
-        // (without FD_CLOEXEC) whatever numbers they had in this process.
-        unsafe {
-            cmd.pre_exec(move || {
-                let a = nix::libc::fcntl(lr, nix::libc::F_DUPFD, 10);
-                let b = nix::libc::fcntl(sw, nix::libc::F_DUPFD, 10);
-                let c = nix::libc::fcntl(lk, nix::libc::F_DUPFD, 10);
-                if a < 0
-                    || b < 0
-                    || c < 0
-                    || nix::libc::dup2(a, LIFELINE_FD) < 0
-                    || nix::libc::dup2(b, STATUS_FD) < 0
-                    || nix::libc::dup2(c, LOCK_FD) < 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                nix::libc::close(a);
-                nix::libc::close(b);
-                nix::libc::close(c);
-                Ok(())
-            });
-        }
+        crate::child::hand_over(
+            &mut cmd,
+            &[(life_r.as_raw_fd(), LIFELINE_FD), (status_w.as_raw_fd(), STATUS_FD), (lock.as_raw_fd(), LOCK_FD)],
+        );
         if let Some(size) = req.tty {
             cmd.env(TTY_ENV, format!("{},{}", size.rows, size.cols));
         }

@@ -177,7 +177,9 @@ fn run() -> Result<(i32, bool), Failure> {
     cleanup_cgroups(&id);
     // The caller removes these too, unless a signal just ended it.
     let _ = std::fs::remove_dir_all(&bundle);
-    let _ = std::fs::remove_file(state.with_file_name("runners").join(format!("{id}.lock")));
+    if let Some(root) = state.parent() {
+        let _ = std::fs::remove_file(super::lock_file(root, &id));
+    }
     let code = code?;
     deleted.map_err(fail)?;
     Ok((code, oom))
@@ -252,11 +254,17 @@ fn container_loopback_up(container: &libcontainer::container::Container) -> Resu
     up.map_err(fail)
 }
 
-/// Kills everything in the container and waits for its init.
-fn kill_and_wait(pid: Pid, container: &mut libcontainer::container::Container) -> i32 {
+/// SIGKILL to every process of the container (best effort: what is
+/// already gone is fine).
+fn kill_all(container: &mut libcontainer::container::Container) {
     if let Ok(sig) = libcontainer::signal::Signal::try_from(Signal::SIGKILL as i32) {
         let _ = container.kill(sig, true);
     }
+}
+
+/// Kills everything in the container and waits for its init.
+fn kill_and_wait(pid: Pid, container: &mut libcontainer::container::Container) -> i32 {
+    kill_all(container);
     loop {
         match waitpid(pid, None) {
             Ok(status) => return exit_code(status).unwrap_or(137),
@@ -272,9 +280,7 @@ fn cleanup() -> Result<(), Failure> {
     let dir = state.join(&id);
     if dir.exists() {
         let mut container = libcontainer::container::Container::load(dir.clone()).map_err(fail)?;
-        if let Ok(sig) = libcontainer::signal::Signal::try_from(Signal::SIGKILL as i32) {
-            let _ = container.kill(sig, true);
-        }
+        kill_all(&mut container);
         if let Err(e) = container.delete(true) {
             // A container that died half-made may not load its cgroup: its
             // state is all that is left.
