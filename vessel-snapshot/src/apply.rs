@@ -25,7 +25,7 @@ use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileExt as _, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
@@ -34,12 +34,12 @@ use nix::sys::stat::{FchmodatFlags, Mode, SFlag, UtimensatFlags, fchmodat, futim
 use nix::sys::time::TimeSpec;
 use nix::unistd::{Gid, Uid, UnlinkatFlags, fchownat, linkat, symlinkat, unlinkat};
 use sha2::{Digest, Sha256};
-use tar::EntryType;
 use xattr::FileExt;
 
 use crate::SnapshotError;
 use crate::codec::decompressed;
 use crate::diff::{DiffStats, OPAQUE_MARKER, WHITEOUT_PREFIX};
+use crate::tar_reader::{self, Entry, Kind};
 
 const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 /// Overlay's bookkeeping namespace on vessel's mounts; a layer may never
@@ -317,30 +317,13 @@ fn unpack(layer: impl Read + Send, root_path: &Path, opts: &ApplyOptions) -> Res
 
 /// Unpacks the uncompressed tar read from `reader`; returns the entry count.
 fn unpack_stream(reader: ChannelReader, root_path: &Path, opts: &ApplyOptions) -> Result<u64, SnapshotError> {
-    let mut archive = tar::Archive::new(reader);
+    let mut archive = tar_reader::Reader::new(reader);
     let mut u =
         Unpacker { root: open_dir(root_path)?, root_path, opts, dir_times: Vec::new(), buf: vec![0; 256 * 1024] };
     let mut entries = 0u64;
-    // Raw mode: the tar crate's PAX reader splits records on '\n', which
-    // breaks binary xattr values; records are parsed here by their length.
-    let mut raw_entries = archive.entries().map_err(|e| SnapshotError::Malformed(e.to_string()))?;
-    raw_entries = raw_entries.raw(true);
-    let mut pending = Pending::default();
-    for entry in raw_entries {
-        let mut entry = entry.map_err(|e| SnapshotError::Malformed(e.to_string()))?;
-        match entry.header().entry_type() {
-            EntryType::XHeader => pending.pax = Some(parse_pax(&read_meta(&mut entry)?)?),
-            EntryType::XGlobalHeader => {
-                read_meta(&mut entry)?;
-            }
-            EntryType::GNULongName => pending.long_name = Some(trim_nul(read_meta(&mut entry)?)),
-            EntryType::GNULongLink => pending.long_link = Some(trim_nul(read_meta(&mut entry)?)),
-            _ => {
-                let meta = std::mem::take(&mut pending);
-                u.entry(&mut entry, meta)?;
-                entries += 1;
-            }
-        }
+    while let Some(entry) = archive.next_entry()? {
+        u.entry(&mut archive, entry)?;
+        entries += 1;
     }
     // Read to the end so the digest covers the end-of-archive blocks and padding.
     let mut reader = archive.into_inner();
@@ -349,131 +332,92 @@ fn unpack_stream(reader: ChannelReader, root_path: &Path, opts: &ApplyOptions) -
     Ok(entries)
 }
 
-/// PAX records as (key, value), in archive order.
-type PaxRecords = Vec<(Vec<u8>, Vec<u8>)>;
+/// Linux's `NAME_MAX` and `PATH_MAX`: longer names no tool can reach.
+const NAME_MAX: usize = 255;
+const PATH_MAX: usize = 4096;
 
-/// What extension headers said about the entry that follows them.
-#[derive(Default)]
-struct Pending {
-    pax: Option<PaxRecords>,
-    long_name: Option<Vec<u8>>,
-    long_link: Option<Vec<u8>>,
+/// What is at a name already (in this layer: the scratch dir starts empty).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Existing {
+    Nothing,
+    /// A whiteout of this layer: an entry of the same layer replaces it.
+    Whiteout,
+    Node(SFlag),
 }
 
-/// Extension headers are small; a huge one is an attack on memory.
-const MAX_META: u64 = 16 << 20;
-
-fn read_meta<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Vec<u8>, SnapshotError> {
-    let size = entry.header().size().map_err(|e| SnapshotError::Malformed(e.to_string()))?;
-    if size > MAX_META {
-        return Err(SnapshotError::Malformed(format!("extension header of {size} bytes")));
-    }
-    let mut v = Vec::with_capacity(size as usize);
-    entry.read_to_end(&mut v).map_err(|e| SnapshotError::Stream("layer", e))?;
-    Ok(v)
-}
-
-fn trim_nul(mut v: Vec<u8>) -> Vec<u8> {
-    if let Some(i) = v.iter().position(|b| *b == 0) {
-        v.truncate(i);
-    }
-    v
-}
-
-/// PAX records, `"<len> <key>=<value>\n"`, split by their declared length so
-/// values may hold any byte.
-fn parse_pax(mut data: &[u8]) -> Result<PaxRecords, SnapshotError> {
-    let bad = || SnapshotError::Malformed("malformed PAX record".into());
-    let mut out = Vec::new();
-    while !data.is_empty() {
-        if data.iter().all(|b| *b == 0) {
-            break;
+fn existing_at(dir: &OwnedFd, name: &OsStr) -> io::Result<Existing> {
+    match nix::sys::stat::fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(st) => {
+            let fmt = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
+            Ok(if fmt == SFlag::S_IFCHR && st.st_rdev == 0 { Existing::Whiteout } else { Existing::Node(fmt) })
         }
-        let sp = data.iter().position(|b| *b == b' ').ok_or_else(bad)?;
-        let len: usize = std::str::from_utf8(&data[..sp]).ok().and_then(|l| l.parse().ok()).ok_or_else(bad)?;
-        if len <= sp + 1 || len > data.len() || data[len - 1] != b'\n' {
-            return Err(bad());
-        }
-        let record = &data[sp + 1..len - 1];
-        let eq = record.iter().position(|b| *b == b'=').ok_or_else(bad)?;
-        out.push((record[..eq].to_vec(), record[eq + 1..].to_vec()));
-        data = &data[len..];
+        Err(Errno::ENOENT) => Ok(Existing::Nothing),
+        Err(e) => Err(e.into()),
     }
-    Ok(out)
 }
 
-/// The PAX records of an entry that matter here.
-#[derive(Default)]
-struct Pax {
-    mtime: Option<TimeSpec>,
-    xattrs: Vec<(String, Vec<u8>)>,
-}
-
-fn parse_pax_time(v: &[u8]) -> Option<TimeSpec> {
-    let s = std::str::from_utf8(v).ok()?;
-    let (neg, s) = s.strip_prefix('-').map_or((false, s), |r| (true, r));
-    let (secs, frac) = s.split_once('.').unwrap_or((s, ""));
-    let secs: i64 = secs.parse().ok()?;
-    let mut nanos: i64 = 0;
-    for (i, d) in frac.bytes().take(9).enumerate() {
-        if !d.is_ascii_digit() {
-            return None;
-        }
-        nanos += i64::from(d - b'0') * 10i64.pow(8 - i as u32);
+fn file_type(kind: Kind) -> SFlag {
+    match kind {
+        Kind::Regular | Kind::Link => SFlag::S_IFREG,
+        Kind::Symlink => SFlag::S_IFLNK,
+        Kind::Char => SFlag::S_IFCHR,
+        Kind::Block => SFlag::S_IFBLK,
+        Kind::Directory => SFlag::S_IFDIR,
+        Kind::Fifo => SFlag::S_IFIFO,
     }
-    Some(if neg && nanos > 0 {
-        TimeSpec::new(-secs - 1, 1_000_000_000 - nanos)
-    } else if neg {
-        TimeSpec::new(-secs, 0)
-    } else {
-        TimeSpec::new(secs, nanos)
-    })
 }
 
 impl Unpacker<'_> {
-    fn malformed(e: io::Error) -> SnapshotError {
-        SnapshotError::Malformed(e.to_string())
-    }
-
-    fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>, meta: Pending) -> Result<(), SnapshotError> {
-        let header = entry.header().clone();
-        let records = meta.pax.unwrap_or_default();
-        let record = |key: &[u8]| records.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.clone());
-        let raw = record(b"path").or(meta.long_name).unwrap_or_else(|| header.path_bytes().into_owned());
-        let link = record(b"linkpath").or(meta.long_link).or_else(|| header.link_name_bytes().map(|l| l.into_owned()));
+    fn entry<R: Read>(&mut self, archive: &mut tar_reader::Reader<R>, e: Entry) -> Result<(), SnapshotError> {
+        let raw = e.path.clone();
+        if raw.len() >= PATH_MAX {
+            return Err(unsafe_entry(&raw, "a path longer than 4095 bytes"));
+        }
         let comps = components(&raw)?;
+        if comps.iter().any(|c| c.len() > NAME_MAX) {
+            return Err(unsafe_entry(&raw, "a path component longer than 255 bytes"));
+        }
         let Some((&name, parents)) = comps.split_last() else {
-            return Ok(()); // "./": the root itself; its metadata stays the target's
+            // "./": the root itself; its metadata stays the target's.
+            if e.kind != Kind::Directory {
+                return Err(unsafe_entry(&raw, "the root entry is not a directory"));
+            }
+            return Ok(());
         };
-        let mut pax = Pax::default();
-        for (key, value) in &records {
-            if key == b"mtime" {
-                pax.mtime = parse_pax_time(value);
-            } else if let Some(x) = key.strip_prefix(b"SCHILY.xattr.") {
-                let x = std::str::from_utf8(x).map_err(|_| unsafe_entry(&raw, "non-UTF-8 xattr name"))?;
-                if x.starts_with(OVERLAY_XATTR_PREFIX) {
-                    return Err(unsafe_entry(&raw, "sets an overlay-internal xattr"));
-                }
-                pax.xattrs.push((x.to_owned(), value.clone()));
+        for (x, _) in &e.xattrs {
+            if x.starts_with(OVERLAY_XATTR_PREFIX) {
+                return Err(unsafe_entry(&raw, "sets an overlay-internal xattr"));
             }
         }
-        let mtime = pax.mtime.unwrap_or_else(|| TimeSpec::new(header.mtime().unwrap_or(0) as i64, 0));
+        let mtime = TimeSpec::new(e.mtime.0, e.mtime.1);
         let name_bytes = name.as_bytes();
 
         if let Some(hidden) = name_bytes.strip_prefix(WHITEOUT_PREFIX.as_bytes()) {
-            let dir = self.parent(&raw, parents)?;
+            if e.kind != Kind::Regular || e.size != 0 {
+                return Err(unsafe_entry(&raw, "a whiteout that is not an empty file"));
+            }
             if name_bytes == OPAQUE_MARKER.as_bytes() {
+                if parents.is_empty() {
+                    // No differ marks the root opaque; it would hide the whole image.
+                    return Err(unsafe_entry(&raw, "an opaque marker at the root"));
+                }
+                let dir = self.parent(&raw, parents)?;
                 let fd = openat2(&dir, ".", beneath(OFlag::O_RDONLY | OFlag::O_DIRECTORY))
                     .map_err(|e| self.err("open", parents, e))?;
                 File::from(fd).set_xattr(OPAQUE_XATTR, b"y").map_err(|e| self.io("set opaque xattr on", parents, e))?;
                 return Ok(());
             }
             let hidden = OsStr::from_bytes(hidden);
-            if hidden.is_empty() || hidden == "." || hidden == ".." || hidden.as_bytes().contains(&b'/') {
+            if hidden.is_empty() || hidden == "." || hidden == ".." {
                 return Err(unsafe_entry(&raw, "bad whiteout name"));
             }
+            if hidden.as_bytes().starts_with(WHITEOUT_PREFIX.as_bytes()) {
+                // `.wh..wh.*` is reserved (aufs' hardlink and metadata dirs).
+                return Err(unsafe_entry(&raw, "a reserved whiteout name"));
+            }
+            let dir = self.parent(&raw, parents)?;
             // A whiteout hides lower layers only: an entry of this same layer wins.
-            if is_dir_at(&dir, hidden).map_err(|e| self.io("stat", parents, e))?.is_none() {
+            if existing_at(&dir, hidden).map_err(|e| self.io("stat", parents, e))? == Existing::Nothing {
                 mknodat(&dir, hidden, SFlag::S_IFCHR, Mode::empty(), 0)
                     .map_err(|e| self.err("create whiteout", &comps, e))?;
             }
@@ -481,30 +425,32 @@ impl Unpacker<'_> {
         }
 
         let dir = self.parent(&raw, parents)?;
-        let kind = header.entry_type();
-        let mode = Mode::from_bits_truncate(header.mode().map_err(Self::malformed)? & 0o7777);
-        let uid = header.uid().map_err(Self::malformed)? as u32;
-        let gid = header.gid().map_err(Self::malformed)? as u32;
+        let mode = Mode::from_bits_truncate(e.mode);
+        let (uid, gid) = (e.uid, e.gid);
+        let existing = existing_at(&dir, name).map_err(|e| self.io("stat", &comps, e))?;
+        if e.kind != Kind::Link
+            && let Existing::Node(fmt) = existing
+            && fmt != file_type(e.kind)
+        {
+            // GNU tar, containerd and Python resolve this differently (keep,
+            // replace, replace recursively); no differ writes it.
+            return Err(unsafe_entry(&raw, "the path appears twice with different types"));
+        }
 
-        match kind {
-            EntryType::Directory => {
-                match is_dir_at(&dir, name).map_err(|e| self.io("stat", &comps, e))? {
-                    Some(true) => {}
-                    Some(false) => {
-                        remove_at(&dir, name).map_err(|e| self.io("replace", &comps, e))?;
-                        mkdirat(&dir, name, Mode::from_bits_truncate(0o700))
-                            .map_err(|e| self.err("create directory", &comps, e))?;
-                    }
-                    None => mkdirat(&dir, name, Mode::from_bits_truncate(0o700))
-                        .map_err(|e| self.err("create directory", &comps, e))?,
+        match e.kind {
+            Kind::Directory => {
+                if existing != Existing::Node(SFlag::S_IFDIR) {
+                    remove_at(&dir, name).map_err(|e| self.io("replace", &comps, e))?;
+                    mkdirat(&dir, name, Mode::from_bits_truncate(0o700))
+                        .map_err(|e| self.err("create directory", &comps, e))?;
                 }
                 let fd = openat2(&dir, name, beneath(OFlag::O_RDONLY | OFlag::O_DIRECTORY))
                     .map_err(|e| self.err("open", &comps, e))?;
                 let f = File::from(fd);
-                self.own(&f, uid, gid, mode, &pax.xattrs, &comps)?;
+                self.own(&f, uid, gid, mode, &e.xattrs, &comps)?;
                 self.dir_times.push((comps.iter().map(|c| c.to_os_string()).collect(), mtime));
             }
-            EntryType::Regular | EntryType::Continuous => {
+            Kind::Regular => {
                 remove_at(&dir, name).map_err(|e| self.io("replace", &comps, e))?;
                 let fd = openat(
                     &dir,
@@ -514,52 +460,73 @@ impl Unpacker<'_> {
                 )
                 .map_err(|e| self.err("create", &comps, e))?;
                 let mut f = File::from(fd);
-                loop {
-                    let n = entry.read(&mut self.buf).map_err(|e| SnapshotError::Stream("layer", e))?;
-                    if n == 0 {
-                        break;
+                match &e.sparse {
+                    None => loop {
+                        let n = archive.read_data(&mut self.buf)?;
+                        if n == 0 {
+                            break;
+                        }
+                        f.write_all(&self.buf[..n]).map_err(|e| self.io("write", &comps, e))?;
+                    },
+                    Some(map) => {
+                        // Holes stay holes: only the stored segments are written.
+                        f.set_len(e.size).map_err(|e| self.io("size", &comps, e))?;
+                        for &(mut off, len) in map {
+                            let mut left = len;
+                            while left > 0 {
+                                let want = self.buf.len().min(left as usize);
+                                let n = archive.read_data(&mut self.buf[..want])?;
+                                f.write_all_at(&self.buf[..n], off).map_err(|e| self.io("write", &comps, e))?;
+                                off += n as u64;
+                                left -= n as u64;
+                            }
+                        }
                     }
-                    f.write_all(&self.buf[..n]).map_err(|e| self.io("write", &comps, e))?;
                 }
-                self.own(&f, uid, gid, mode, &pax.xattrs, &comps)?;
+                self.own(&f, uid, gid, mode, &e.xattrs, &comps)?;
                 futimens(&f, &mtime, &mtime).map_err(|e| self.err("set times of", &comps, e))?;
             }
-            EntryType::Symlink => {
-                let target = link.ok_or_else(|| unsafe_entry(&raw, "symlink without target"))?;
+            Kind::Symlink => {
                 remove_at(&dir, name).map_err(|e| self.io("replace", &comps, e))?;
-                symlinkat(OsStr::from_bytes(&target), &dir, name).map_err(|e| self.err("create symlink", &comps, e))?;
-                self.own_at(&dir, name, uid, gid, None, &pax.xattrs, &comps)?;
+                symlinkat(OsStr::from_bytes(&e.link), &dir, name).map_err(|e| self.err("create symlink", &comps, e))?;
+                self.own_at(&dir, name, uid, gid, None, &e.xattrs, &comps)?;
                 utimensat(&dir, name, &mtime, &mtime, UtimensatFlags::NoFollowSymlink)
                     .map_err(|e| self.err("set times of", &comps, e))?;
             }
-            EntryType::Link => {
-                let target = link.ok_or_else(|| unsafe_entry(&raw, "hardlink without target"))?;
-                let tcomps = components(&target).map_err(|_| unsafe_entry(&raw, "hardlink target leaves the layer"))?;
+            Kind::Link => {
+                let tcomps = components(&e.link).map_err(|_| unsafe_entry(&raw, "hardlink target leaves the layer"))?;
                 let Some((tname, tparents)) = tcomps.split_last() else {
                     return Err(unsafe_entry(&raw, "hardlink to the root"));
                 };
                 let tdir = self.existing_parent(&raw, tparents)?;
-                match is_dir_at(&tdir, tname).map_err(|e| self.io("stat", &tcomps, e))? {
-                    Some(false) => {}
-                    Some(true) => return Err(unsafe_entry(&raw, "hardlink to a directory")),
-                    None => return Err(unsafe_entry(&raw, "hardlink target is not in this layer")),
+                let target = match existing_at(&tdir, tname).map_err(|e| self.io("stat", &tcomps, e))? {
+                    Existing::Node(SFlag::S_IFDIR) => return Err(unsafe_entry(&raw, "hardlink to a directory")),
+                    // Python's tarfile links what the symlink points to; the others the symlink.
+                    Existing::Node(SFlag::S_IFLNK) => return Err(unsafe_entry(&raw, "hardlink to a symlink")),
+                    Existing::Node(fmt) => fmt,
+                    Existing::Whiteout | Existing::Nothing => {
+                        return Err(unsafe_entry(&raw, "hardlink target is not in this layer"));
+                    }
+                };
+                if let Existing::Node(fmt) = existing
+                    && fmt != target
+                {
+                    return Err(unsafe_entry(&raw, "the path appears twice with different types"));
+                }
+                if tparents == parents && *tname == name {
+                    return Err(unsafe_entry(&raw, "hardlink to itself"));
                 }
                 remove_at(&dir, name).map_err(|e| self.io("replace", &comps, e))?;
                 linkat(&tdir, *tname, &dir, name, AtFlags::empty()).map_err(|e| self.err("link", &comps, e))?;
             }
-            EntryType::Fifo | EntryType::Char | EntryType::Block => {
-                let kind = match kind {
-                    EntryType::Fifo => SFlag::S_IFIFO,
-                    EntryType::Char => SFlag::S_IFCHR,
-                    _ => SFlag::S_IFBLK,
-                };
+            Kind::Fifo | Kind::Char | Kind::Block => {
+                let kind = file_type(e.kind);
                 let mut dev = 0;
                 if kind != SFlag::S_IFIFO {
                     if !self.opts.allow_devices {
                         return Err(unsafe_entry(&raw, "device nodes are not allowed"));
                     }
-                    let major = header.device_major().map_err(Self::malformed)?.unwrap_or(0);
-                    let minor = header.device_minor().map_err(Self::malformed)?.unwrap_or(0);
+                    let (major, minor) = e.dev;
                     if major == 0 && minor == 0 {
                         return Err(unsafe_entry(&raw, "a 0/0 device is a whiteout; use .wh. names"));
                     }
@@ -568,12 +535,10 @@ impl Unpacker<'_> {
                 remove_at(&dir, name).map_err(|e| self.io("replace", &comps, e))?;
                 mknodat(&dir, name, kind, Mode::from_bits_truncate(0o600), dev)
                     .map_err(|e| self.err("create node", &comps, e))?;
-                self.own_at(&dir, name, uid, gid, Some(mode), &pax.xattrs, &comps)?;
+                self.own_at(&dir, name, uid, gid, Some(mode), &e.xattrs, &comps)?;
                 utimensat(&dir, name, &mtime, &mtime, UtimensatFlags::NoFollowSymlink)
                     .map_err(|e| self.err("set times of", &comps, e))?;
             }
-            EntryType::XGlobalHeader => {}
-            _ => return Err(unsafe_entry(&raw, "unsupported entry type")),
         }
         Ok(())
     }
@@ -781,36 +746,5 @@ mod tests {
         let c = components(b"./a//b/./c/").unwrap();
         assert_eq!(c, [OsStr::new("a"), OsStr::new("b"), OsStr::new("c")]);
         assert!(components(b"./").unwrap().is_empty());
-    }
-
-    #[test]
-    fn pax_records_are_split_by_length() {
-        let mut data = Vec::new();
-        for (k, v) in
-            [(&b"path"[..], &b"a/b"[..]), (b"SCHILY.xattr.user.x", b"line1\nline2\0= \xff"), (b"mtime", b"1.5")]
-        {
-            let body = [k, b"=", v, b"\n"].concat();
-            let mut len = body.len() + 2;
-            while format!("{len} ").len() + body.len() != len {
-                len += 1;
-            }
-            data.extend_from_slice(format!("{len} ").as_bytes());
-            data.extend_from_slice(&body);
-        }
-        let recs = parse_pax(&data).unwrap();
-        assert_eq!(recs[1], (b"SCHILY.xattr.user.x".to_vec(), b"line1\nline2\0= \xff".to_vec()));
-        assert_eq!(recs.len(), 3);
-        assert!(parse_pax(b"99 path=x\n").is_err(), "length past the end");
-        assert!(parse_pax(b"10 pathx\n").is_err(), "no '='");
-        assert!(parse_pax(b"x path=y\n").is_err(), "no length");
-    }
-
-    #[test]
-    fn pax_times_parse() {
-        assert_eq!(parse_pax_time(b"1700000000.123456789"), Some(TimeSpec::new(1_700_000_000, 123_456_789)));
-        assert_eq!(parse_pax_time(b"5.5"), Some(TimeSpec::new(5, 500_000_000)));
-        assert_eq!(parse_pax_time(b"7"), Some(TimeSpec::new(7, 0)));
-        assert_eq!(parse_pax_time(b"-1.25"), Some(TimeSpec::new(-2, 750_000_000)));
-        assert_eq!(parse_pax_time(b"x"), None);
     }
 }

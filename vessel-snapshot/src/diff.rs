@@ -28,7 +28,7 @@ use std::ffi::OsString;
 use std::fs::{self, File, Metadata};
 use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::Path;
 
 use sha2::{Digest, Sha256};
@@ -301,6 +301,13 @@ impl<W: Write> Walker<W> {
             h.set_entry_type(EntryType::Regular);
             h.set_size(meta.len());
             let file = File::open(path).map_err(SnapshotError::io("open", path))?;
+            // Fewer blocks than bytes: there are holes worth keeping.
+            if meta.blocks().saturating_mul(512) < meta.len() {
+                let map = data_segments(&file, meta.len()).map_err(SnapshotError::io("map holes of", path))?;
+                if map.iter().map(|s| s.1).sum::<u64>() < meta.len() {
+                    return self.append_sparse(h, rel, xattrs, mtime, &file, &map, meta.len(), path);
+                }
+            }
             return self.append(h, rel, None, xattrs, mtime, file, Some(path));
         }
         if ft.is_fifo() {
@@ -312,6 +319,99 @@ impl<W: Write> Walker<W> {
             h.set_device_minor(nix::sys::stat::minor(rdev) as u32).map_err(out_err)?;
         }
         self.append(h, rel, None, xattrs, mtime, io::empty(), None)
+    }
+
+    /// A sparse file in GNU's PAX 1.0 form (what `tar --sparse --format=pax`
+    /// writes, and Go, Python and GNU tar read): the real name and size in
+    /// PAX records, a stand-in name in the header, and as data the map
+    /// (decimal, a number a line, padded to a block) then the data segments.
+    #[allow(clippy::too_many_arguments)]
+    fn append_sparse(
+        &mut self,
+        mut h: Header,
+        rel: &[u8],
+        xattrs: &[(OsString, Vec<u8>)],
+        mtime: Option<String>,
+        file: &File,
+        map: &[(u64, u64)],
+        size: u64,
+        path: &Path,
+    ) -> Result<(), SnapshotError> {
+        let mut text = format!("{}\n", map.len() + 1);
+        for (off, len) in map.iter().chain([&(size, 0)]) {
+            text.push_str(&format!("{off}\n{len}\n"));
+        }
+        let mut text = text.into_bytes();
+        text.resize(text.len().div_ceil(512) * 512, 0);
+        let realsize = size.to_string();
+        let mut pax: Vec<(String, &[u8])> = vec![
+            ("GNU.sparse.major".into(), b"1"),
+            ("GNU.sparse.minor".into(), b"0"),
+            ("GNU.sparse.name".into(), rel),
+            ("GNU.sparse.realsize".into(), realsize.as_bytes()),
+        ];
+        self.extend_pax(&mut pax, mtime.as_deref(), xattrs);
+        self.write_pax(&pax)?;
+        let (dir, base) = match rel.iter().rposition(|b| *b == b'/') {
+            Some(i) => (&rel[..=i], &rel[i + 1..]),
+            None => (&b""[..], rel),
+        };
+        set_raw(&mut h.as_old_mut().name, &[dir, b"GNUSparseFile.0/", base].concat());
+        let stored: u64 = map.iter().map(|s| s.1).sum();
+        h.set_size(text.len() as u64 + stored);
+        h.set_cksum();
+        self.out.write_all(h.as_bytes()).map_err(out_err)?;
+        self.out.write_all(&text).map_err(out_err)?;
+        for &(mut off, len) in map {
+            let end = off + len;
+            while off < end {
+                let want = self.buf.len().min((end - off) as usize);
+                let n = match file.read_at(&mut self.buf[..want], off) {
+                    Ok(0) => return Err(SnapshotError::Changed { path: path.to_path_buf() }),
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(SnapshotError::io("read", path)(e)),
+                };
+                self.out.write_all(&self.buf[..n]).map_err(out_err)?;
+                off += n as u64;
+            }
+        }
+        self.pad(stored)?;
+        self.entries += 1;
+        Ok(())
+    }
+
+    fn extend_pax<'a>(
+        &self,
+        pax: &mut Vec<(String, &'a [u8])>,
+        mtime: Option<&'a str>,
+        xattrs: &'a [(OsString, Vec<u8>)],
+    ) {
+        if let Some(m) = mtime {
+            pax.push(("mtime".into(), m.as_bytes()));
+        }
+        for (k, v) in xattrs {
+            pax.push((format!("SCHILY.xattr.{}", String::from_utf8_lossy(k.as_bytes())), v));
+        }
+    }
+
+    /// One PAX extended header holding `pax`, if there is anything to say.
+    fn write_pax(&mut self, pax: &[(String, &[u8])]) -> Result<(), SnapshotError> {
+        if pax.is_empty() {
+            return Ok(());
+        }
+        let data = pax_records(pax);
+        let mut x = Header::new_ustar();
+        x.set_entry_type(EntryType::XHeader);
+        x.set_size(data.len() as u64);
+        x.set_mtime(0);
+        x.set_mode(0o644);
+        x.set_cksum();
+        self.out.write_all(x.as_bytes()).map_err(out_err)?;
+        self.out.write_all(&data).map_err(out_err)?;
+        self.pad(data.len() as u64)?;
+        self.entries += 1;
+        Ok(())
     }
 
     /// Writes PAX records (when needed), the header and the data.
@@ -335,27 +435,8 @@ impl<W: Write> Walker<W> {
         {
             pax.push(("linkpath".into(), l));
         }
-        if let Some(m) = &mtime {
-            pax.push(("mtime".into(), m.as_bytes()));
-        }
-        let names: Vec<String> =
-            xattrs.iter().map(|(k, _)| format!("SCHILY.xattr.{}", String::from_utf8_lossy(k.as_bytes()))).collect();
-        for (name, (_, v)) in names.iter().zip(xattrs) {
-            pax.push((name.clone(), v));
-        }
-        if !pax.is_empty() {
-            let data = pax_records(&pax);
-            let mut x = Header::new_ustar();
-            x.set_entry_type(EntryType::XHeader);
-            x.set_size(data.len() as u64);
-            x.set_mtime(0);
-            x.set_mode(0o644);
-            x.set_cksum();
-            self.out.write_all(x.as_bytes()).map_err(out_err)?;
-            self.out.write_all(&data).map_err(out_err)?;
-            self.pad(data.len() as u64)?;
-            self.entries += 1;
-        }
+        self.extend_pax(&mut pax, mtime.as_deref(), xattrs);
+        self.write_pax(&pax)?;
         set_raw(&mut h.as_old_mut().name, path);
         if let Some(l) = link {
             set_raw(&mut h.as_old_mut().linkname, l);
@@ -389,6 +470,27 @@ impl<W: Write> Walker<W> {
         }
         Ok(())
     }
+}
+
+/// The data segments (offset, length) of a file, by `SEEK_DATA`/`SEEK_HOLE`.
+fn data_segments(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
+    use nix::unistd::{Whence, lseek};
+    let mut map = Vec::new();
+    let mut pos: i64 = 0;
+    let size = i64::try_from(size).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
+    while pos < size {
+        let start = match lseek(file, pos, Whence::SeekData) {
+            Ok(s) => s,
+            Err(nix::errno::Errno::ENXIO) => break, // only a hole is left
+            Err(e) => return Err(e.into()),
+        };
+        let end = lseek(file, start, Whence::SeekHole)?.min(size);
+        if end > start {
+            map.push((start as u64, (end - start) as u64));
+        }
+        pos = end;
+    }
+    Ok(map)
 }
 
 fn set_raw(field: &mut [u8], value: &[u8]) {

@@ -20,6 +20,7 @@ mod codec;
 mod diff;
 mod error;
 pub mod image;
+mod tar_reader;
 
 pub use apply::{ApplyMode, ApplyOptions, apply_layer};
 pub use cache::{LayerCache, LayerKey};

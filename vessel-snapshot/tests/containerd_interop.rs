@@ -180,7 +180,13 @@ fn our_layer_unpacks_in_containerd() {
         for _ in 0..30 {
             mutate(&ov.merged, &mut rng);
         }
+        // A sparse file: written in GNU's PAX 1.0 form, which Go reads.
+        let sparse = fs::File::create(ov.merged.join("sparse")).unwrap();
+        sparse.set_len(64 << 20).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&sparse, b"middle", 32 << 20).unwrap();
+        drop(sparse);
         let (layer, stats) = write_diff_with(&ov.upper, Vec::new(), DiffOptions { allow_devices: true }).unwrap();
+        assert!(layer.len() < 16 << 20, "the sparse file was archived whole");
         (layer, stats, scan(&ov.merged))
     };
 

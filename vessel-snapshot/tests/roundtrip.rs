@@ -216,3 +216,68 @@ fn user_overlay_xattrs_are_data_not_markers() {
         }
     }
 }
+
+/// A file of `size` bytes with `blocks` 4 KiB blocks written, spread out.
+fn sparse_file(path: &Path, size: u64, blocks: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    for i in 0..blocks {
+        let at = (size - 4096) / blocks.saturating_sub(1).max(1) * i;
+        f.write_all_at(&[i as u8 + 1; 4096], at / 4096 * 4096).unwrap();
+    }
+}
+
+fn disk_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(path).unwrap().blocks() * 512
+}
+
+#[test]
+fn sparse_files_stay_sparse() {
+    if !have_root("sparse_files_stay_sparse") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lower = dir.path().join("lower");
+    fs::create_dir(&lower).unwrap();
+    let (layer, stats, expected) = {
+        let ov = Overlay::new(&dir.path().join("ov"), &[&lower]);
+        sparse_file(&ov.merged.join("spread"), 64 << 20, 4);
+        sparse_file(&ov.merged.join("terabyte"), 1 << 40, 4);
+        fs::File::create(ov.merged.join("all-hole")).unwrap().set_len(256 << 20).unwrap();
+        // Data at the very end: the map's last segment reaches the size.
+        let tail = fs::File::create(ov.merged.join("tail")).unwrap();
+        tail.set_len(8 << 20).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&tail, b"end", (8 << 20) - 3).unwrap();
+        drop(tail);
+        let (layer, stats) = write_diff(&ov.upper, Vec::new()).unwrap();
+        (layer, stats, scan(&ov.merged))
+    };
+    assert!(layer.len() < 256 << 10, "the layer holds holes: {} bytes", layer.len());
+
+    for mode in [ApplyMode::Merged, ApplyMode::Overlay] {
+        let target = dir.path().join(format!("{mode:?}"));
+        if mode == ApplyMode::Merged {
+            fs::create_dir(&target).unwrap();
+        }
+        apply_layer(&layer[..], &target, &ApplyOptions::new(mode).expect_digest(stats.digest.clone())).unwrap();
+        for name in ["spread", "terabyte", "all-hole", "tail"] {
+            let on_disk = disk_bytes(&target.join(name));
+            assert!(on_disk <= 64 << 10, "{mode:?}: {name} takes {on_disk} bytes on disk");
+        }
+        assert_eq!(fs::metadata(target.join("terabyte")).unwrap().len(), 1 << 40);
+        assert_same(&expected, &scan(&target), &format!("{mode:?}: sparse files"));
+        use std::os::unix::fs::FileExt;
+        let f = fs::File::open(target.join("terabyte")).unwrap();
+        let mut buf = [0u8; 4096];
+        for i in 0..4u64 {
+            let at = ((1u64 << 40) - 4096) / 3 * i / 4096 * 4096;
+            f.read_exact_at(&mut buf, at).unwrap();
+            assert_eq!(buf, [i as u8 + 1; 4096], "{mode:?}: block {i} of the terabyte file");
+        }
+        f.read_exact_at(&mut buf, 1 << 39).unwrap();
+        assert_eq!(buf, [0; 4096], "{mode:?}: a hole reads as zeros");
+    }
+    assert!(mounts_under(dir.path()).is_empty(), "leaked mounts");
+}

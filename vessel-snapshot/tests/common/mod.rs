@@ -242,6 +242,28 @@ pub struct Node {
     pub links: BTreeSet<PathBuf>,
 }
 
+/// A file's content hash, streamed; a file over 4 GiB (a sparse test file)
+/// is hashed by its data segments and their offsets instead of its bytes.
+pub fn content_hash(p: &Path, len: u64) -> String {
+    let mut f = fs::File::open(p).unwrap();
+    let mut h = Sha256::new();
+    if len <= 4 << 30 {
+        std::io::copy(&mut f, &mut h).unwrap();
+        return format!("{:x}", h.finalize());
+    }
+    use nix::unistd::{Whence, lseek};
+    use std::io::Read;
+    let mut pos = 0i64;
+    while let Ok(start) = lseek(&f, pos, Whence::SeekData) {
+        let end = lseek(&f, start, Whence::SeekHole).unwrap();
+        f.seek(SeekFrom::Start(start as u64)).unwrap();
+        h.update(start.to_le_bytes());
+        std::io::copy(&mut (&mut f).take((end - start) as u64), &mut h).unwrap();
+        pos = end;
+    }
+    format!("sparse {len} {:x}", h.finalize())
+}
+
 /// The full state of a tree (its root excluded), keyed by relative path.
 pub fn scan(root: &Path) -> BTreeMap<PathBuf, Node> {
     let mut out = BTreeMap::new();
@@ -259,7 +281,7 @@ pub fn scan(root: &Path) -> BTreeMap<PathBuf, Node> {
             } else if ft.is_symlink() {
                 ("symlink", fs::read_link(&p).unwrap().to_string_lossy().into_owned())
             } else if ft.is_file() {
-                ("file", format!("{:x}", Sha256::digest(fs::read(&p).unwrap())))
+                ("file", content_hash(&p, m.len()))
             } else if ft.is_fifo() {
                 ("fifo", String::new())
             } else if ft.is_char_device() {
@@ -447,4 +469,112 @@ pub fn mutate(m: &Path, rng: &mut Rng) {
             }
         }
     }
+}
+
+/// One hand-made tar header block, for archives no well-behaved writer makes.
+#[derive(Clone)]
+pub struct Block(pub [u8; 512]);
+
+impl Block {
+    /// A ustar header: `typeflag`, `name`, octal `size`, mode 0644, ids 0, mtime 1.7e9.
+    pub fn ustar(typeflag: u8, name: &[u8], size: u64) -> Self {
+        let mut b = Self([0; 512]);
+        b.set(0, name);
+        b.octal(100, 8, 0o644);
+        b.octal(108, 8, 0);
+        b.octal(116, 8, 0);
+        b.octal(124, 12, size);
+        b.octal(136, 12, 1_700_000_000);
+        b.0[156] = typeflag;
+        b.set(257, b"ustar\0");
+        b.set(263, b"00");
+        b
+    }
+
+    /// The same with the old GNU magic (no prefix field).
+    pub fn gnu(typeflag: u8, name: &[u8], size: u64) -> Self {
+        let mut b = Self::ustar(typeflag, name, size);
+        b.set(257, b"ustar ");
+        b.set(263, b" \0");
+        b
+    }
+
+    pub fn set(&mut self, at: usize, bytes: &[u8]) -> &mut Self {
+        self.0[at..at + bytes.len()].copy_from_slice(bytes);
+        self
+    }
+
+    /// An octal field of `len` bytes, NUL-terminated.
+    pub fn octal(&mut self, at: usize, len: usize, v: u64) -> &mut Self {
+        let s = format!("{v:0w$o}\0", w = len - 1);
+        self.0[at..at + len].copy_from_slice(s.as_bytes());
+        self
+    }
+
+    /// A base-256 field (two's complement; negative values too).
+    pub fn base256(&mut self, at: usize, len: usize, v: i64) -> &mut Self {
+        let bytes = v.to_be_bytes();
+        let fill = if v < 0 { 0xff } else { 0 };
+        for i in 0..len {
+            self.0[at + i] = if i + 8 >= len { bytes[i + 8 - len] } else { fill };
+        }
+        self.0[at] = if v < 0 { 0xff } else { 0x80 };
+        self
+    }
+
+    /// Seals the header with its checksum (unsigned sum, as every writer).
+    pub fn sealed(mut self) -> Vec<u8> {
+        self.0[148..156].fill(b' ');
+        let sum: u32 = self.0.iter().map(|b| u32::from(*b)).sum();
+        self.octal(148, 7, u64::from(sum));
+        self.0[155] = b' ';
+        self.0.to_vec()
+    }
+
+    /// Seals with the signed sum, as some old writers did.
+    pub fn sealed_signed(mut self) -> Vec<u8> {
+        self.0[148..156].fill(b' ');
+        let sum: i32 = self.0.iter().map(|b| i32::from(*b as i8)).sum();
+        self.octal(148, 7, sum as u64);
+        self.0[155] = b' ';
+        self.0.to_vec()
+    }
+}
+
+/// `data` padded with zeros to a whole number of blocks.
+pub fn padded(data: &[u8]) -> Vec<u8> {
+    let mut v = data.to_vec();
+    v.resize(data.len().div_ceil(512) * 512, 0);
+    v
+}
+
+/// PAX records, `"<len> <key>=<value>\n"` each.
+pub fn pax_data(records: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut data = Vec::new();
+    for (k, v) in records {
+        let body = [k.as_bytes(), b"=", v, b"\n"].concat();
+        let mut len = body.len() + 2;
+        while format!("{len} ").len() + body.len() != len {
+            len += 1;
+        }
+        data.extend_from_slice(format!("{len} ").as_bytes());
+        data.extend_from_slice(&body);
+    }
+    data
+}
+
+/// A PAX extended header (typeflag `x` or `g`) with its records, as blocks.
+pub fn pax_header(typeflag: u8, records: &[(&str, &[u8])]) -> Vec<u8> {
+    let data = pax_data(records);
+    [Block::ustar(typeflag, b"PaxHeaders/x", data.len() as u64).sealed(), padded(&data)].concat()
+}
+
+/// A regular file entry with `data`.
+pub fn file_entry(name: &[u8], data: &[u8]) -> Vec<u8> {
+    [Block::ustar(b'0', name, data.len() as u64).sealed(), padded(data)].concat()
+}
+
+/// The end-of-archive marker.
+pub fn end_blocks() -> Vec<u8> {
+    vec![0; 1024]
 }
