@@ -241,7 +241,16 @@ impl LayerCache {
         if path.is_dir() {
             fs::remove_dir_all(dir).map_err(SnapshotError::io("remove", dir))?;
         } else {
+            // What a command wrote sits in the page cache: on the disk
+            // before the layer is visible (one syncfs, as an apply does),
+            // then the rename, then the directory that holds it. A crash
+            // never leaves a cached layer with torn files behind a
+            // committed snapshot.
+            let d = File::open(dir).map_err(SnapshotError::io("open", dir))?;
+            nix::unistd::syncfs(&d).map_err(|e| SnapshotError::io("sync", dir)(e.into()))?;
             fs::rename(dir, &path).map_err(SnapshotError::io("move into cache", &path))?;
+            let layers = self.root.join("layers");
+            File::open(&layers).and_then(|d| d.sync_all()).map_err(SnapshotError::io("sync", &layers))?;
         }
         self.add_ref(key, holder)?;
         Ok(path)

@@ -76,7 +76,7 @@ fn main() {
             }
         }
     }
-    let trials = backends
+    let mut trials = backends
         .into_iter()
         .map(|(backend, address)| {
             let s = Session {
@@ -90,7 +90,18 @@ fn main() {
                 a_whole_session(&s, &image).map_err(|e| Failed::from(format!("{e:#}")))
             })
         })
-        .collect();
+        .collect::<Vec<_>>();
+    // Backend-independent: once.
+    let big = Session {
+        data: tmp.path().join("big/data"),
+        mounts: tmp.path().join("big/mounts"),
+        backend: "youki",
+        address: None,
+    };
+    let scratch = tmp.path().join("big");
+    trials.push(Trial::test("a_2_gib_image_imports_in_bounded_memory", move || {
+        a_2_gib_image_imports_in_bounded_memory(&big, &scratch).map_err(|e| Failed::from(format!("{e:#}")))
+    }));
     let conclusion = libtest_mimic::run(&args, trials);
     let mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap()
@@ -173,5 +184,115 @@ fn a_whole_session(s: &Session, image: &Path) -> Result<()> {
     ensure!(vessels.len() == 1 && vessels[0]["id"] == id.as_str());
     s.ok(&["rm", &id], None)?;
     ensure!(s.ok(&["ls", "--json"], None)?.trim() == "[]");
+    Ok(())
+}
+
+/// The bytes of a one-file layer tar (`big`, `size` bytes of a repeated
+/// random MiB), hashed as they are read.
+struct BigLayer {
+    header: Vec<u8>,
+    chunk: Vec<u8>,
+    size: u64,
+    pos: u64,
+    total: u64,
+    hasher: std::rc::Rc<std::cell::RefCell<sha2::Sha256>>,
+}
+
+impl std::io::Read for BigLayer {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use sha2::Digest;
+        if self.pos >= self.total {
+            return Ok(0);
+        }
+        let hdr = self.header.len() as u64;
+        let n = if self.pos < hdr {
+            let n = buf.len().min((hdr - self.pos) as usize);
+            buf[..n].copy_from_slice(&self.header[self.pos as usize..self.pos as usize + n]);
+            n
+        } else if self.pos < hdr + self.size {
+            let off = ((self.pos - hdr) % self.chunk.len() as u64) as usize;
+            let n = buf.len().min(self.chunk.len() - off).min((hdr + self.size - self.pos) as usize);
+            buf[..n].copy_from_slice(&self.chunk[off..off + n]);
+            n
+        } else {
+            let n = buf.len().min((self.total - self.pos) as usize);
+            buf[..n].fill(0);
+            n
+        };
+        self.hasher.borrow_mut().update(&buf[..n]);
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+/// A docker-save archive with one layer of `size` bytes, written in one pass
+/// (the layer first, then the config naming its digest, then the manifest).
+fn big_archive(path: &Path, size: u64) -> Result<()> {
+    use sha2::Digest;
+    let mut h = tar::Header::new_ustar();
+    h.set_path("big")?;
+    h.set_size(size);
+    h.set_mode(0o644);
+    h.set_cksum();
+    let hasher = std::rc::Rc::new(std::cell::RefCell::new(sha2::Sha256::new()));
+    let total = 512 + size.div_ceil(512) * 512 + 1024;
+    let chunk: Vec<u8> = (0..1u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let layer = BigLayer { header: h.as_bytes().to_vec(), chunk, size, pos: 0, total, hasher: hasher.clone() };
+    let mut out = tar::Builder::new(std::io::BufWriter::new(std::fs::File::create(path)?));
+    let add = |out: &mut tar::Builder<_>, name: &str, len: u64, data: &mut dyn std::io::Read| -> Result<()> {
+        let mut h = tar::Header::new_ustar();
+        h.set_size(len);
+        h.set_mode(0o644);
+        out.append_data(&mut h, name, data)?;
+        Ok(())
+    };
+    add(&mut out, "layer/layer.tar", total, &mut { layer })?;
+    let diff_id = format!("sha256:{:x}", hasher.borrow().clone().finalize());
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        a => a,
+    };
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": arch, "os": "linux", "config": {"Cmd": ["sh"]},
+        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+    }))?;
+    add(&mut out, "config.json", config.len() as u64, &mut &config[..])?;
+    let manifest = serde_json::to_vec(&serde_json::json!([
+        {"Config": "config.json", "RepoTags": ["local/big:latest"], "Layers": ["layer/layer.tar"]}
+    ]))?;
+    add(&mut out, "manifest.json", manifest.len() as u64, &mut &manifest[..])?;
+    out.into_inner()?.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    Ok(())
+}
+
+/// Imports an archive of over 2 GiB through the CLI and measures the
+/// importing process's peak RSS (Python's `getrusage` of its only child).
+fn a_2_gib_image_imports_in_bounded_memory(s: &Session, scratch: &Path) -> Result<()> {
+    std::fs::create_dir_all(scratch)?;
+    let archive = scratch.join("big.tar");
+    let size = (2u64 << 30) + 12345;
+    big_archive(&archive, size)?;
+    ensure!(std::fs::metadata(&archive)?.len() > 2 << 30);
+    let mut cmd = vec![env!("CARGO_BIN_EXE_vessel").to_owned()];
+    for a in [&s.data, &s.mounts] {
+        cmd.push(if a == &s.data { "--data".into() } else { "--mount-root".into() });
+        cmd.push(a.display().to_string());
+    }
+    cmd.extend(["image", "import", &archive.display().to_string(), "local/big:latest"].map(String::from));
+    let script = "import resource, subprocess, sys\n\
+                  r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL)\n\
+                  print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n";
+    let out = Command::new("python3").arg("-c").arg(script).args(&cmd).output()?;
+    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout)?;
+    let mut fields = text.split_whitespace();
+    let (code, kib): (i32, u64) = (fields.next().context("code")?.parse()?, fields.next().context("rss")?.parse()?);
+    ensure!(code == 0, "vessel image import exited {code}");
+    println!("importing a {} MiB archive: peak RSS {} MiB", std::fs::metadata(&archive)?.len() >> 20, kib >> 10);
+    ensure!(kib < 200 << 10, "peak RSS {kib} KiB for a 2 GiB archive: the import is not streaming");
+    let images: Vec<String> = serde_json::from_str(&s.ok(&["image", "ls", "--json"], None)?)?;
+    ensure!(images == ["local/big:latest"], "{images:?}");
+    std::fs::remove_dir_all(scratch)?;
     Ok(())
 }

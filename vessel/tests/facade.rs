@@ -640,8 +640,39 @@ async fn reopen_on_a_new_host(w: Arc<World>) -> Result<()> {
     let (code, out, err) = run(&v, script, true).await?;
     ensure!(code == 0 && out == "ok\n", "{err}");
     v.write_file("api.txt", b"written by the api", 0o600)?;
+    // A sparse file stays sparse on host B.
+    let script = "mkdir od && echo kept > od/a && dd if=/dev/zero of=sparse bs=1 count=0 seek=268435456 2>/dev/null \
+                  && echo tail >> sparse && echo ok";
+    let (code, out, err) = run(&v, script, true).await?;
+    ensure!(code == 0 && out == "ok\n", "{err}");
+    // As the host's root, with the vessel root's fs ids (the mount is
+    // idmapped): `user.overlay.*` (which a command may set, see the escape
+    // tests) and `trusted.*` (which only host root can) are data, not
+    // overlay markers; a device node cannot be snapshotted: a typed
+    // refusal, nothing committed.
+    let host = v.id_mapping().map_or(0, |m| m.host_id);
+    let null = v.rootfs().join("work/null");
+    vessel::runtime::idmap::as_host_ids(host, host, || -> Result<()> {
+        xattr::set(v.rootfs().join("work/od"), "user.overlay.opaque", b"y")?;
+        xattr::set(v.rootfs().join("work/od/a"), "user.overlay.redirect", b"/etc")?;
+        xattr::set(v.rootfs().join("work/od/a"), "trusted.vessel-test", b"t")?;
+        use nix::sys::stat::{Mode, SFlag, makedev, mknod};
+        mknod(&null, SFlag::S_IFCHR, Mode::from_bits_truncate(0o666), makedev(1, 3))?;
+        Ok(())
+    })?;
+    let before = v.manifest();
+    match v.create_snapshot("with a device").await {
+        Err(e) if e.kind() == VesselErrorKind::InvalidInput && e.to_string().contains("device node") => {}
+        other => return Err(anyhow!("snapshot of a device node: {other:?}")),
+    }
+    ensure!(v.manifest().snapshots.len() == before.snapshots.len(), "a refused snapshot was committed");
+    std::fs::remove_file(&null)?;
     let snap = v.create_snapshot("state").await?;
     let want = scan(&v.rootfs())?;
+    ensure!(
+        want.get("work/od/a").is_some_and(|a| a.contains("user.overlay.redirect") && a.contains("trusted.vessel-test")),
+        "{want:?}"
+    );
     v.write_file("uncommitted", b"x", 0o644)?;
     let id = v.id().to_string();
     // Host B: its own mount root and cache, the same storage.
@@ -659,6 +690,8 @@ async fn reopen_on_a_new_host(w: Arc<World>) -> Result<()> {
     }
     ensure!(got.len() == want.len(), "{} entries, want {}", got.len(), want.len());
     ensure!(vb.stat("uncommitted").is_err() && vb.stat("/bin/vi").is_err());
+    let sparse = std::fs::metadata(vb.rootfs().join("work/sparse"))?;
+    ensure!(sparse.len() == 268_435_461 && sparse.blocks() * 512 < 1 << 20, "the sparse file: {sparse:?}");
     let (code, out, _) = run(&vb, "cat d/e/f", false).await?;
     ensure!(code == 0 && out == "data\n");
     host_b.close().await?;
