@@ -6,7 +6,9 @@
 //! - apply: ours (zstd-compressed layer, digest verified, confined) vs
 //!   `zstd -d | tar -x`, both unpacking onto tmpfs;
 //! - a 1-file change inside a 1 GB workspace: diffing the overlay upper
-//!   costs what changed, not what is there (needs root for the mount).
+//!   costs what changed, not what is there (needs root for the mount);
+//! - a 1 TB sparse file with 4 written blocks: snapshot and restore cost
+//!   what was written, against GNU tar's `--sparse` (PAX 1.0, as ours).
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -132,5 +134,50 @@ fn small_change_in_big_workspace(c: &mut Criterion) {
     nix::mount::umount2(&merged, nix::mount::MntFlags::MNT_DETACH).unwrap();
 }
 
-criterion_group!(benches, diff_benches, small_change_in_big_workspace);
+/// A 1 TB sparse file with four 4 KiB blocks written.
+fn sparse_terabyte(c: &mut Criterion) {
+    use std::os::unix::fs::FileExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = tmp.path().join("tree");
+    std::fs::create_dir(&tree).unwrap();
+    let f = std::fs::File::create(tree.join("sparse")).unwrap();
+    f.set_len(1 << 40).unwrap();
+    for i in 0..4u64 {
+        f.write_all_at(&[i as u8 + 1; 4096], (1u64 << 40) / 4 * i).unwrap();
+    }
+    drop(f);
+    let mut layer = Vec::new();
+    write_diff(&tree, &mut layer).unwrap();
+    println!("sparse: a 1 TB file with 4 written blocks makes a {} byte layer", layer.len());
+    let gnu = tmp.path().join("gnu.tar");
+    shell(&tree, &format!("tar --sparse --format=pax -cf {} .", gnu.display()));
+    let mut g = c.benchmark_group("sparse-1TB-4-blocks");
+    g.bench_function("snapshot/ours", |b| b.iter(|| ours(&tree, None)));
+    g.bench_function("snapshot/baseline/tar --sparse|cat", |b| {
+        b.iter(|| shell(&tree, "tar --sparse --format=pax -cf - . | cat"))
+    });
+    let out = tmp.path().join("out");
+    g.bench_function("restore/ours", |b| {
+        b.iter_batched(
+            || {
+                let _ = std::fs::remove_dir_all(&out);
+            },
+            |()| apply_layer(&layer[..], &out, &ApplyOptions::new(ApplyMode::Overlay)).unwrap(),
+            BatchSize::PerIteration,
+        )
+    });
+    g.bench_function("restore/baseline/tar -x --sparse", |b| {
+        b.iter_batched(
+            || {
+                let _ = std::fs::remove_dir_all(&out);
+                std::fs::create_dir(&out).unwrap();
+            },
+            |()| shell(&out, &format!("tar -xf {}", gnu.display())),
+            BatchSize::PerIteration,
+        )
+    });
+    g.finish();
+}
+
+criterion_group!(benches, diff_benches, small_change_in_big_workspace, sparse_terabyte);
 criterion_main!(benches);

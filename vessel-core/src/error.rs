@@ -20,6 +20,28 @@ pub enum CoreError {
         /// Which rule it broke.
         reason: &'static str,
     },
+    /// A resource limit was zero, negative or absurd.
+    #[error("invalid {what} limit {value}: expected {min} to {max}")]
+    InvalidLimit {
+        /// Which limit (`memory`, `cpu quota`, `pids`).
+        what: &'static str,
+        /// The rejected value.
+        value: i64,
+        /// The smallest value allowed.
+        min: i64,
+        /// The largest value allowed.
+        max: i64,
+    },
+    /// An exec asked for more than its vessel's limit.
+    #[error("{what} limit {value} is above the vessel's {vessel}: an exec can only narrow it")]
+    LimitAboveVessel {
+        /// Which limit.
+        what: &'static str,
+        /// What the exec asked for.
+        value: i64,
+        /// The vessel's limit.
+        vessel: i64,
+    },
 }
 
 /// Coarse classification of [`CoreError`], for matching without caring about context.
@@ -30,6 +52,8 @@ pub enum CoreErrorKind {
     InvalidId,
     /// An image reference was malformed.
     InvalidImageRef,
+    /// A resource limit was out of range or above the vessel's.
+    InvalidLimit,
 }
 
 impl CoreError {
@@ -38,6 +62,7 @@ impl CoreError {
         match self {
             Self::InvalidId { .. } => CoreErrorKind::InvalidId,
             Self::InvalidImageRef { .. } => CoreErrorKind::InvalidImageRef,
+            Self::InvalidLimit { .. } | Self::LimitAboveVessel { .. } => CoreErrorKind::InvalidLimit,
         }
     }
 }
@@ -47,6 +72,7 @@ impl fmt::Display for CoreErrorKind {
         f.write_str(match self {
             Self::InvalidId => "invalid id",
             Self::InvalidImageRef => "invalid image reference",
+            Self::InvalidLimit => "invalid limit",
         })
     }
 }

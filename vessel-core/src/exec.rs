@@ -32,6 +32,10 @@ pub struct ExecOptions<'a> {
     /// result then says `timed_out` (exit code 137, as docker reports a
     /// kill). `None`: no limit. Zero is refused.
     pub timeout: Option<std::time::Duration>,
+    /// Limits for this command only: each value set here must be within the
+    /// vessel's (narrower applies, wider is refused with a typed error);
+    /// unset values are the vessel's.
+    pub limits: crate::Limits,
 }
 
 impl fmt::Debug for ExecOptions<'_> {
@@ -46,6 +50,7 @@ impl fmt::Debug for ExecOptions<'_> {
             .field("tty", &self.tty)
             .field("persist_result", &self.persist_result)
             .field("timeout", &self.timeout)
+            .field("limits", &self.limits)
             .finish()
     }
 }

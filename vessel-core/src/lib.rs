@@ -11,10 +11,12 @@ mod error;
 mod exec;
 mod id;
 mod image_ref;
+mod limits;
 mod manifest;
 
 pub use error::{CoreError, CoreErrorKind};
 pub use exec::{ExecOptions, ExecResult};
 pub use id::{IdGenerator, SnapshotId, UniqueIdGenerator, VesselId};
 pub use image_ref::ImageRef;
+pub use limits::Limits;
 pub use manifest::{SnapshotManifest, VesselManifest};

@@ -45,6 +45,9 @@ mod error;
 #[allow(unsafe_code)]
 pub mod idmap;
 pub mod overlay;
+// Project quotas: quotactl_fd and the fsxattr ioctls, which no crate wraps.
+#[allow(unsafe_code)]
+pub mod quota;
 mod seccomp;
 pub mod spec;
 // libcontainer is driven through raw fds and a pre-exec hook: the one
@@ -111,16 +114,7 @@ pub struct TtySize {
     pub cols: u16,
 }
 
-/// Resource limits; `None` means unlimited.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Limits {
-    /// Memory in bytes; exceeding it gets the process OOM-killed (exit 137).
-    pub memory_bytes: Option<i64>,
-    /// CPU time per 100 ms period, in microseconds (100_000 = one core).
-    pub cpu_quota_us: Option<i64>,
-    /// Maximum number of processes and threads.
-    pub pids: Option<i64>,
-}
+pub use vessel_core::Limits;
 
 /// One process to run in a new container.
 #[derive(Default)]

@@ -60,8 +60,12 @@ impl OverlayMount {
         }
         opts.push_str(",redirect_dir=off,metacopy=off,index=off");
         let flags = if upper.is_some() { MsFlags::empty() } else { MsFlags::MS_RDONLY };
-        mount(Some("overlay"), target, Some("overlay"), flags, Some(opts.as_str()))
-            .map_err(|e| RuntimeError::io("mount overlay at", target)(e.into()))?;
+        // overlayfs writes the upper with its mounter's credentials: without
+        // CAP_SYS_RESOURCE, or writes through it would ignore disk quotas.
+        crate::quota::without_quota_override(|| {
+            mount(Some("overlay"), target, Some("overlay"), flags, Some(opts.as_str()))
+        })
+        .map_err(|e| RuntimeError::io("mount overlay at", target)(e.into()))?;
         Ok(Self { target: target.to_path_buf(), mounted: true })
     }
 
@@ -112,7 +116,9 @@ impl OverlayMount {
             fsconfig_set_string(&fs, k, v).map_err(|e| fail("set overlay option at", e))?;
         }
         // Creation is where overlayfs takes its mounter's credentials.
-        crate::idmap::as_host_ids(root, root, || fsconfig_create(&fs)).map_err(|e| fail("create overlay at", e))?;
+        // Without CAP_SYS_RESOURCE, as in `mount`: quotas hold.
+        crate::quota::without_quota_override(|| crate::idmap::as_host_ids(root, root, || fsconfig_create(&fs)))
+            .map_err(|e| fail("create overlay at", e))?;
         let mnt = fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, MountAttrFlags::empty())
             .map_err(|e| fail("fsmount overlay at", e))?;
         move_mount(&mnt, "", rustix::fs::CWD, target, MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH)

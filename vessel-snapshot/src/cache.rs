@@ -2,13 +2,16 @@
 //! shared read-only by every vessel on the host.
 //!
 //! ```text
-//! <root>/layers/<key>/          an unpacked layer (never modified once there)
+//! <root>/layers/<key>/fs/       an unpacked layer (never modified once there)
 //! <root>/refs/<key>/<holder>    one empty file per holder (e.g. a vessel id)
 //! <root>/locks/<key>            flock: population, references and GC of <key>
 //! ```
 //!
 //! A layer appears at `layers/<key>` by a single rename of a complete,
-//! verified directory, so readers never see a partial layer. Every change to
+//! verified directory, so readers never see a partial layer. The tree is
+//! one level down (`fs/`) so that a sealed upper dir can move in with its
+//! parent: when that parent is a btrfs subvolume (a vessel's disk quota),
+//! only the subvolume itself can be renamed into another directory. Every change to
 //! a key (populating it, adding or dropping a reference, collecting it) holds
 //! that key's exclusive `flock`, which works across processes; a reference
 //! taken under the lock is what keeps [`LayerCache::gc`] away from a layer.
@@ -150,7 +153,21 @@ impl LayerCache {
 
     /// Where `key`'s layer lives (whether or not it is cached yet).
     pub fn path(&self, key: &LayerKey) -> PathBuf {
+        self.entry(key).join("fs")
+    }
+
+    /// The unit of publication and collection: `layers/<key>`.
+    fn entry(&self, key: &LayerKey) -> PathBuf {
         self.root.join("layers").join(key.dir_name())
+    }
+
+    /// Publishes `dir` (holding the layer as `fs/`) as `key`'s entry:
+    /// renamed into place, then the directory holding it synced.
+    fn publish(&self, key: &LayerKey, dir: &Path) -> Result<(), SnapshotError> {
+        let entry = self.entry(key);
+        fs::rename(dir, &entry).map_err(SnapshotError::io("move into cache", &entry))?;
+        let layers = self.root.join("layers");
+        File::open(&layers).and_then(|d| d.sync_all()).map_err(SnapshotError::io("sync", &layers))
     }
 
     /// Whether `key` is cached.
@@ -225,35 +242,71 @@ impl LayerCache {
             if let Some(d) = expected_digest {
                 opts = opts.expect_digest(d);
             }
-            apply_layer(open()?, &path, &opts)?;
+            // A scratch entry the sweep removes if this process dies: the
+            // layer unpacks (durably) into its `fs/`, then the entry is published.
+            let scratch =
+                self.root.join("layers").join(format!(".{}.apply-{:016x}", key.dir_name(), rand::random::<u64>()));
+            let entry = self.entry(key);
+            if entry.exists() {
+                // An entry without its tree: not published by this code; replace it.
+                fs::remove_dir_all(&entry).map_err(SnapshotError::io("remove", &entry))?;
+            }
+            fs::create_dir(&scratch).map_err(SnapshotError::io("create directory", &scratch))?;
+            let unpacked = apply_layer(open()?, &scratch.join("fs"), &opts).and_then(|_| self.publish(key, &scratch));
+            if let Err(e) = unpacked {
+                let _ = fs::remove_dir_all(&scratch);
+                return Err(e);
+            }
         }
         self.add_ref(key, holder)?;
         Ok(path)
     }
 
-    /// Moves an existing overlay-form directory (e.g. a sealed upper dir) into
-    /// the cache as `key`, referenced by `holder`. The directory must be on
-    /// the cache's filesystem. If `key` is already cached, `dir` is removed
-    /// and the cached copy kept.
-    pub fn adopt(&self, key: &LayerKey, holder: &str, dir: &Path) -> Result<PathBuf, SnapshotError> {
+    /// Moves a sealed upper dir into the cache as `key`, referenced by
+    /// `holder`: `ovl` holds it as `upper/` (beside overlay's `work/`, which
+    /// is dropped), and `ovl` itself moves in, so a btrfs subvolume (see
+    /// the module docs) moves in one rename. `ovl` must be on the cache's
+    /// filesystem. If `key` is already cached, `ovl` is removed and the
+    /// cached copy kept. [`LayerCache::unadopt`] undoes it.
+    pub fn adopt(&self, key: &LayerKey, holder: &str, ovl: &Path) -> Result<PathBuf, SnapshotError> {
         let _lock = self.lock(key)?;
         let path = self.path(key);
         if path.is_dir() {
-            fs::remove_dir_all(dir).map_err(SnapshotError::io("remove", dir))?;
+            fs::remove_dir_all(ovl).map_err(SnapshotError::io("remove", ovl))?;
         } else {
             // What a command wrote sits in the page cache: on the disk
             // before the layer is visible (one syncfs, as an apply does),
             // then the rename, then the directory that holds it. A crash
             // never leaves a cached layer with torn files behind a
             // committed snapshot.
-            let d = File::open(dir).map_err(SnapshotError::io("open", dir))?;
-            nix::unistd::syncfs(&d).map_err(|e| SnapshotError::io("sync", dir)(e.into()))?;
-            fs::rename(dir, &path).map_err(SnapshotError::io("move into cache", &path))?;
-            let layers = self.root.join("layers");
-            File::open(&layers).and_then(|d| d.sync_all()).map_err(SnapshotError::io("sync", &layers))?;
+            let d = File::open(ovl).map_err(SnapshotError::io("open", ovl))?;
+            nix::unistd::syncfs(&d).map_err(|e| SnapshotError::io("sync", ovl)(e.into()))?;
+            let work = ovl.join("work");
+            match fs::remove_dir_all(&work) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(SnapshotError::io("remove", &work)(e)),
+                _ => {}
+            }
+            let (upper, fs_dir) = (ovl.join("upper"), ovl.join("fs"));
+            fs::rename(&upper, &fs_dir).map_err(SnapshotError::io("rename", &upper))?;
+            self.publish(key, ovl)?;
         }
         self.add_ref(key, holder)?;
         Ok(path)
+    }
+
+    /// Moves an adopted layer that was never committed back to `ovl`
+    /// (as `ovl/upper`) and drops `holder`'s reference.
+    pub fn unadopt(&self, key: &LayerKey, holder: &str, ovl: &Path) -> Result<(), SnapshotError> {
+        let _lock = self.lock(key)?;
+        let entry = self.entry(key);
+        fs::rename(&entry, ovl).map_err(SnapshotError::io("move out of cache", &entry))?;
+        let (fs_dir, upper) = (ovl.join("fs"), ovl.join("upper"));
+        fs::rename(&fs_dir, &upper).map_err(SnapshotError::io("rename", &fs_dir))?;
+        let p = self.root.join("refs").join(key.dir_name()).join(holder);
+        match fs::remove_file(&p) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(SnapshotError::io("remove", &p)(e)),
+            _ => Ok(()),
+        }
     }
 
     /// Adds `holder`'s reference to a cached layer; `false` if it is not cached.

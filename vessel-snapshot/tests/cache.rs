@@ -138,7 +138,9 @@ fn adopt_moves_a_sealed_upper_in() {
     }
     let dir = tempfile::tempdir().unwrap();
     let cache = LayerCache::open(dir.path().join("cache")).unwrap();
-    let upper = dir.path().join("upper");
+    let ovl = dir.path().join("ovl");
+    let upper = ovl.join("upper");
+    fs::create_dir_all(ovl.join("work/work")).unwrap();
     fs::create_dir(&upper).unwrap();
     populate(&upper, &mut Rng::new(6), 30);
     let expected = scan(&upper);
@@ -148,13 +150,19 @@ fn adopt_moves_a_sealed_upper_in() {
         &format!("sha256:{}", "a".repeat(64)),
     )
     .unwrap();
-    let path = cache.adopt(&key, "v1", &upper).unwrap();
-    assert!(!upper.exists());
+    let path = cache.adopt(&key, "v1", &ovl).unwrap();
+    assert!(!ovl.exists());
     assert_same(&expected, &scan(&path), "adopted layer");
+    // Undone (a commit that failed): back as it was, no reference left.
+    cache.unadopt(&key, "v1", &ovl).unwrap();
+    assert!(!cache.contains(&key) && cache.holders(&key).unwrap().is_empty());
+    assert_same(&expected, &scan(&upper), "unadopted upper");
+    fs::create_dir(ovl.join("work")).unwrap();
+    assert_eq!(cache.adopt(&key, "v1", &ovl).unwrap(), path);
     // Adopting a key that is already cached keeps the cached copy.
-    fs::create_dir(&upper).unwrap();
-    assert_eq!(cache.adopt(&key, "v2", &upper).unwrap(), path);
-    assert!(!upper.exists());
+    fs::create_dir_all(&upper).unwrap();
+    assert_eq!(cache.adopt(&key, "v2", &ovl).unwrap(), path);
+    assert!(!ovl.exists());
     assert_eq!(cache.holders(&key).unwrap(), ["v1", "v2"]);
 }
 

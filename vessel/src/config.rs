@@ -4,7 +4,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use vessel_core::{IdGenerator, UniqueIdGenerator};
+use vessel_core::{IdGenerator, Limits, UniqueIdGenerator};
 use vessel_storage::Storage;
 
 /// Which container runtime runs a vessel's commands.
@@ -36,6 +36,56 @@ pub struct ManagerConfig {
     pub(crate) backend: Backend,
     pub(crate) user_namespaces: bool,
     pub(crate) id_ranges: IdRanges,
+    pub(crate) limits: Limits,
+    pub(crate) disk_quota: Option<u64>,
+}
+
+/// What a vessel may write to the host's disk unless told otherwise: 10 GiB.
+pub const DEFAULT_DISK_QUOTA: u64 = 10 << 30;
+
+/// How a vessel is created ([`crate::Manager::create_vessel_with`]); unset
+/// values are the manager's ([`ManagerConfig::default_limits`],
+/// [`ManagerConfig::disk_quota`]). They are pinned in the vessel's manifest
+/// and hold wherever it is reopened.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct VesselOptions {
+    /// Limits of every command the vessel runs.
+    pub limits: Limits,
+    /// Bytes the vessel may write (what its commands and the file API add
+    /// since the last snapshot, throwaway exec layers included).
+    pub disk_bytes: Option<u64>,
+}
+
+impl VesselOptions {
+    /// The manager's defaults.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Memory of each command, in bytes.
+    pub fn memory_bytes(mut self, bytes: i64) -> Self {
+        self.limits.memory_bytes = Some(bytes);
+        self
+    }
+
+    /// CPU of each command, in microseconds per 100 ms (100_000 = one core).
+    pub fn cpu_quota_us(mut self, us: i64) -> Self {
+        self.limits.cpu_quota_us = Some(us);
+        self
+    }
+
+    /// Processes and threads of each command.
+    pub fn pids(mut self, pids: i64) -> Self {
+        self.limits.pids = Some(pids);
+        self
+    }
+
+    /// Bytes the vessel may write.
+    pub fn disk_bytes(mut self, bytes: u64) -> Self {
+        self.disk_bytes = Some(bytes);
+        self
+    }
 }
 
 /// The pool of host ids that vessels' user namespaces map to: `count`
@@ -81,6 +131,8 @@ impl fmt::Debug for ManagerConfig {
             .field("backend", &self.backend)
             .field("user_namespaces", &self.user_namespaces)
             .field("id_ranges", &self.id_ranges)
+            .field("limits", &self.limits)
+            .field("disk_quota", &self.disk_quota)
             .finish_non_exhaustive()
     }
 }
@@ -110,6 +162,8 @@ impl Default for ManagerConfig {
             backend: Backend::default(),
             user_namespaces: true,
             id_ranges: IdRanges::default(),
+            limits: Limits::sandbox(),
+            disk_quota: Some(DEFAULT_DISK_QUOTA),
         }
     }
 }
@@ -176,6 +230,22 @@ impl ManagerConfig {
     /// The pool of host ids for vessels' user namespaces.
     pub fn id_ranges(mut self, ranges: IdRanges) -> Self {
         self.id_ranges = ranges;
+        self
+    }
+
+    /// Limits of every command of a vessel created without its own
+    /// (default [`Limits::sandbox`]: 1 GiB, one core, 1024 processes).
+    pub fn default_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// What a vessel created without its own may write to the host's disk
+    /// (default [`DEFAULT_DISK_QUOTA`]); `None` turns disk quotas off. With
+    /// quotas on, [`crate::Manager::new`] checks that the mount root can
+    /// enforce them (btrfs with quotas enabled) and refuses to start if not.
+    pub fn disk_quota(mut self, bytes: Option<u64>) -> Self {
+        self.disk_quota = bytes;
         self
     }
 }

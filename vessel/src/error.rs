@@ -106,6 +106,18 @@ pub enum VesselError {
         "vessel isolation is not supported on this host; ManagerConfig::user_namespaces(false) turns it off (unsafe for untrusted code)"
     )]
     IsolationUnsupported(#[source] RuntimeError),
+    /// Disk quotas are on but this host's mount root cannot enforce them.
+    /// `ManagerConfig::disk_quota(None)` turns them off.
+    #[error(
+        "disk quotas cannot be enforced under {}: {reason}; ManagerConfig::disk_quota(None) turns them off",
+        path.display()
+    )]
+    QuotaUnsupported {
+        /// The mount root's vessels directory.
+        path: std::path::PathBuf,
+        /// What the host lacks.
+        reason: String,
+    },
     /// Every host id range of the configured pool is in use by an open vessel.
     #[error("all {0} id ranges are in use by open vessels (ManagerConfig::id_ranges)")]
     IdRangesExhausted(u32),
@@ -145,7 +157,7 @@ impl VesselError {
             Self::Core(_) | Self::InvalidPath { .. } | Self::InvalidInput(_) | Self::UnknownUser { .. } => {
                 K::InvalidInput
             }
-            Self::IsolationUnsupported(_) => K::Unavailable,
+            Self::IsolationUnsupported(_) | Self::QuotaUnsupported { .. } => K::Unavailable,
             Self::IdRangesExhausted(_) => K::Conflict,
             Self::Storage(e) => match e.kind() {
                 vessel_storage::StorageErrorKind::NotFound => K::NotFound,

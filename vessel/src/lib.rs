@@ -39,18 +39,19 @@ mod config;
 mod error;
 mod fs;
 mod layers;
+mod limits;
 mod manager;
 mod user;
 mod vessel;
 
-pub use config::{Backend, IdRanges, ManagerConfig};
+pub use config::{Backend, DEFAULT_DISK_QUOTA, IdRanges, ManagerConfig, VesselOptions};
 pub use error::{Result, VesselError, VesselErrorKind};
 pub use fs::{File, FileInfo, FileType, OVERFLOW_ID, OpenFlags};
 pub use manager::Manager;
 pub use vessel::Vessel;
 
 pub use vessel_core::{
-    CoreError, CoreErrorKind, ExecOptions, ExecResult, IdGenerator, ImageRef, SnapshotId, SnapshotManifest,
+    CoreError, CoreErrorKind, ExecOptions, ExecResult, IdGenerator, ImageRef, Limits, SnapshotId, SnapshotManifest,
     UniqueIdGenerator, VesselId, VesselManifest,
 };
 pub use vessel_storage::{

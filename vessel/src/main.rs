@@ -16,7 +16,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tokio::io::AsyncRead;
 use vessel::{
     Backend, CompressedStorage, ExecOptions, LocalStorage, Manager, ManagerConfig, SnapshotId, SnapshotManifest,
-    Vessel, VesselManifest,
+    Vessel, VesselManifest, VesselOptions,
 };
 
 #[derive(Debug, Parser)]
@@ -40,6 +40,10 @@ struct Cli {
     /// Machine-readable output (JSON on stdout).
     #[arg(long, global = true)]
     json: bool,
+    /// Run without disk quotas (needed where the mount root is not btrfs
+    /// with quotas enabled).
+    #[arg(long, global = true, env = "VESSEL_NO_DISK_QUOTA")]
+    no_disk_quota: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -62,6 +66,18 @@ enum Command {
         /// Default directory for relative paths and commands.
         #[arg(long, default_value = "/work")]
         work_dir: String,
+        /// Memory of each command (bytes, or with k/m/g/t), e.g. 512m.
+        #[arg(long, value_parser = parse_size)]
+        memory: Option<u64>,
+        /// CPUs of each command, e.g. 0.5.
+        #[arg(long)]
+        cpus: Option<f64>,
+        /// Processes and threads of each command.
+        #[arg(long)]
+        pids: Option<i64>,
+        /// What the vessel may write to disk (bytes, or with k/m/g/t), e.g. 2g.
+        #[arg(long, value_parser = parse_size)]
+        disk: Option<u64>,
     },
     /// List vessels.
     Ls,
@@ -179,6 +195,22 @@ fn main() -> ExitCode {
     }
 }
 
+/// Bytes, with an optional binary suffix (k, m, g, t; a trailing `b` or
+/// `ib` is fine), as docker's `--memory`.
+fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim().to_ascii_lowercase();
+    let t = t.strip_suffix("ib").or_else(|| t.strip_suffix('b')).unwrap_or(&t);
+    let (digits, shift) = match t.chars().last() {
+        Some('k') => (&t[..t.len() - 1], 10),
+        Some('m') => (&t[..t.len() - 1], 20),
+        Some('g') => (&t[..t.len() - 1], 30),
+        Some('t') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    let n: u64 = digits.parse().map_err(|_| format!("{s:?} is not a size (e.g. 512m, 2g)"))?;
+    n.checked_mul(1 << shift).ok_or_else(|| format!("{s:?} is too large"))
+}
+
 /// Seconds (fractions allowed), more than zero.
 fn parse_timeout(s: &str) -> std::result::Result<Duration, String> {
     let secs: f64 = s.parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
@@ -215,6 +247,9 @@ async fn manager(cli: &Cli) -> Result<Manager> {
     }
     if let Some(a) = &cli.containerd_address {
         config = config.containerd_address(a);
+    }
+    if cli.no_disk_quota {
+        config = config.disk_quota(None);
     }
     Ok(Manager::new(config).await?)
 }
@@ -290,9 +325,24 @@ async fn command(cli: &Cli, mgr: &Manager) -> Result<ExitCode> {
                 images.iter().for_each(|i| println!("{i}"));
             }
         }
-        Command::Create { image, work_dir } => {
+        Command::Create { image, work_dir, memory, cpus, pids, disk } => {
+            let mut opts = VesselOptions::new();
+            if let Some(m) = memory {
+                opts = opts.memory_bytes(i64::try_from(*m).unwrap_or(i64::MAX));
+            }
+            if let Some(c) = cpus {
+                // Checked with the other limits: 0 or NaN is refused there.
+                let us = if c.is_finite() { (c * 100_000.0).round() as i64 } else { 0 };
+                opts = opts.cpu_quota_us(us);
+            }
+            if let Some(p) = pids {
+                opts = opts.pids(*p);
+            }
+            if let Some(d) = disk {
+                opts = opts.disk_bytes(*d);
+            }
             let pb = spinner(format!("creating a vessel from {image}"));
-            let v = mgr.create_vessel(image, work_dir).await?;
+            let v = mgr.create_vessel_with(image, work_dir, &opts).await?;
             // The initial state (image + work dir) is the vessel's first snapshot.
             v.create_snapshot("create").await?;
             pb.finish_and_clear();
@@ -336,6 +386,7 @@ async fn command(cli: &Cli, mgr: &Manager) -> Result<ExitCode> {
                     tty: *tty,
                     persist_result: *persist,
                     timeout: *timeout,
+                    ..Default::default()
                 })
                 .await?;
             if *persist {

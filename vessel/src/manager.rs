@@ -42,6 +42,10 @@ pub(crate) struct Shared {
     pub(crate) open: Mutex<HashMap<VesselId, Weak<Inner>>>,
     /// Run containers in user namespaces from this pool (`None`: host ids).
     pub(crate) id_ranges: Option<IdRanges>,
+    /// Limits of vessels created without their own.
+    pub(crate) limits: vessel_core::Limits,
+    /// Disk quota of vessels created without their own; `None`: quotas off.
+    pub(crate) disk_quota: Option<u64>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -282,6 +286,14 @@ impl Manager {
         } else {
             tracing::warn!("user namespaces are off: container root is host root (unsafe for untrusted code)");
         }
+        config.limits.validate()?;
+        if let Some(bytes) = config.disk_quota {
+            crate::limits::check_disk(bytes)?;
+            // A real trial: a write past a quota under the mount root is refused.
+            let vessels = root.join("vessels");
+            vessel_runtime::quota::probe(&vessels)
+                .map_err(|reason| VesselError::QuotaUnsupported { path: vessels.clone(), reason })?;
+        }
         let storage: Arc<dyn Storage> = match &config.storage {
             Some(s) => s.clone(),
             None => Arc::new(CompressedStorage::new(LocalStorage::new(crate::config::data_home().join("data"))?)),
@@ -300,6 +312,8 @@ impl Manager {
             locks,
             open: Mutex::new(HashMap::new()),
             id_ranges: config.user_namespaces.then_some(config.id_ranges),
+            limits: config.limits,
+            disk_quota: config.disk_quota,
         };
         let mgr = Self { shared: Arc::new(shared) };
         let containers = mgr.shared.runtime.remove_leftovers().await?;
@@ -340,6 +354,22 @@ impl Manager {
     /// directory for relative paths and commands. The image is pinned by
     /// digest in the manifest's labels.
     pub async fn create_vessel(&self, image_ref: &str, work_dir: &str) -> Result<Vessel> {
+        self.create_vessel_with(image_ref, work_dir, &crate::VesselOptions::default()).await
+    }
+
+    /// [`Manager::create_vessel`] with options: the vessel's own limits and
+    /// disk quota (pinned in its manifest), checked before anything starts.
+    pub async fn create_vessel_with(
+        &self,
+        image_ref: &str,
+        work_dir: &str,
+        opts: &crate::VesselOptions,
+    ) -> Result<Vessel> {
+        let mut option_labels = BTreeMap::new();
+        crate::limits::label_options(opts, &mut option_labels)?;
+        if opts.disk_bytes.is_some() && self.shared.disk_quota.is_none() {
+            return Err(VesselError::InvalidInput("a disk quota was asked for, but this manager runs without".into()));
+        }
         let reference = ImageRef::new(image_ref)?;
         let work_dir = work_dir_of(work_dir)?;
         let id = self.shared.ids.vessel_id();
@@ -356,6 +386,7 @@ impl Manager {
         if let Some(m) = &image.manifest_digest {
             labels.insert(IMAGE_MANIFEST_LABEL.into(), m.clone());
         }
+        labels.extend(option_labels);
         let manifest = VesselManifest {
             id: id.clone(),
             base_image_ref: reference,

@@ -50,6 +50,8 @@ pub(crate) struct Inner {
     user: crate::user::User,
     /// The vessel's user namespace (`None`: host ids), for its mounts.
     userns: Option<UserNamespace>,
+    /// Its commands' limits and its disk quota.
+    bounds: crate::limits::Bounds,
     lock: Mutex<Option<Held>>,
 }
 
@@ -114,6 +116,13 @@ impl Inner {
         lock: Flock<fs::File>,
     ) -> Result<Arc<Self>> {
         let id = manifest.id.clone();
+        let mut manifest = manifest;
+        let bounds = crate::limits::Bounds::resolve(
+            &mut manifest.labels,
+            shared.limits,
+            shared.disk_quota,
+            shared.disk_quota.is_some(),
+        )?;
         let (userns, ids_lock) = match shared.take_ids(&id)? {
             Some((ns, l)) => (Some(ns), Some(l)),
             None => (None, None),
@@ -123,7 +132,7 @@ impl Inner {
         make_vessel_dir(&dir, ids)?;
         let image_layers: Vec<PathBuf> = image.layers.iter().map(|l| l.path.clone()).collect();
         let lowers = shared.lowers(&id, &manifest, manifest.current_snapshot_id.as_ref(), &image_layers, &dir).await?;
-        let mount = mount_at(&dir, &lowers, Upper::Fresh, userns.as_ref())?;
+        let mount = mount_at(&dir, &lowers, Upper::Fresh, userns.as_ref(), bounds.disk)?;
         let root = open_root(&dir.join("rootfs"))?;
         let gate = Gate::new(id.clone(), root, ids);
         let user = {
@@ -143,7 +152,6 @@ impl Inner {
                 }
             })?
         };
-        let mut manifest = manifest;
         manifest.labels.insert(crate::user::USER_LABEL.into(), user.label());
         if let Some(m) = ids
             && let Some(bad) =
@@ -165,6 +173,7 @@ impl Inner {
             user,
             userns,
             image_layers,
+            bounds,
             lock: Mutex::new(Some((lock, ids_lock))),
         };
         Ok(Arc::new(inner))
@@ -210,7 +219,7 @@ enum Upper {
 /// setuid file or device node made in the vessel is usable from the host.
 fn make_vessel_dir(dir: &Path, ids: Option<vessel_runtime::IdMapping>) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    for d in [dir.to_path_buf(), dir.join("rootfs"), dir.join("ovl")] {
+    for d in [dir.to_path_buf(), dir.join("rootfs")] {
         fs::create_dir_all(&d).map_err(VesselError::io("create", &d))?;
     }
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(VesselError::io("chmod", dir))?;
@@ -220,15 +229,38 @@ fn make_vessel_dir(dir: &Path, ids: Option<vessel_runtime::IdMapping>) -> Result
 }
 
 /// The live upper dir; it and the work dir share `ovl/`, the one directory
-/// idmapped for them.
+/// idmapped for them (and, with a disk quota, the btrfs subvolume that
+/// bounds them).
 pub(crate) fn upper_dir(dir: &Path) -> PathBuf {
     dir.join("ovl/upper")
 }
 
+/// `parent/name` as a new directory: with a disk quota, a subvolume limited to it.
+fn bounded_dir(parent: &Path, name: &str, disk: Option<u64>) -> Result<PathBuf> {
+    let p = parent.join(name);
+    match disk {
+        Some(bytes) => vessel_runtime::quota::create_limited(parent, std::ffi::OsStr::new(name), bytes)
+            .map_err(VesselError::io("create a quota subvolume at", &p))?,
+        None => fs::create_dir(&p).map_err(VesselError::io("create", &p))?,
+    }
+    Ok(p)
+}
+
 /// Mounts the vessel's rootfs on `lowers` (bottom first), over idmapped
 /// layers with a user namespace.
-fn mount_at(dir: &Path, lowers: &[PathBuf], upper: Upper, userns: Option<&UserNamespace>) -> Result<OverlayMount> {
-    let (up, work) = (upper_dir(dir), dir.join("ovl/work"));
+fn mount_at(
+    dir: &Path,
+    lowers: &[PathBuf],
+    upper: Upper,
+    userns: Option<&UserNamespace>,
+    disk: Option<u64>,
+) -> Result<OverlayMount> {
+    let ovl = dir.join("ovl");
+    if !ovl.exists() {
+        // New, or moved into the layer cache by the last snapshot.
+        bounded_dir(dir, "ovl", disk)?;
+    }
+    let (up, work) = (upper_dir(dir), ovl.join("work"));
     match upper {
         Upper::Fresh => fresh_dir(&up)?,
         Upper::Keep => fs::create_dir_all(&up).map_err(VesselError::io("create", &up))?,
@@ -237,7 +269,7 @@ fn mount_at(dir: &Path, lowers: &[PathBuf], upper: Upper, userns: Option<&UserNa
     let lowers: Vec<&Path> = lowers.iter().rev().map(PathBuf::as_path).collect();
     let target = dir.join("rootfs");
     Ok(match userns {
-        Some(ns) => OverlayMount::mount_idmapped(&target, &lowers, &dir.join("ovl"), ns)?,
+        Some(ns) => OverlayMount::mount_idmapped(&target, &lowers, &ovl, ns)?,
         None => OverlayMount::mount(&target, &lowers, Some((&up, &work)))?,
     })
 }
@@ -370,6 +402,7 @@ impl Vessel {
             return Err(VesselError::InvalidInput("a zero exec timeout".into()));
         }
         let inner = &self.inner;
+        let limits = inner.bounds.limits.narrowed_by(&opts.limits)?;
         let state = inner.state.read().await;
         if state.closed {
             return Err(VesselError::Closed(inner.id.clone()));
@@ -383,7 +416,9 @@ impl Vessel {
         let rootfs = if opts.persist_result {
             live
         } else {
-            let dir = inner.dir.join("exec").join(format!("{:016x}", rand::random::<u64>()));
+            let execs = inner.dir.join("exec");
+            fs::create_dir_all(&execs).map_err(VesselError::io("create", &execs))?;
+            let dir = bounded_dir(&execs, &format!("{:016x}", rand::random::<u64>()), inner.bounds.disk)?;
             let t = throwaway.insert(Throwaway { dir: dir.clone(), mount: None });
             for d in ["upper", "work", "rootfs"] {
                 fs::create_dir_all(dir.join(d)).map_err(VesselError::io("create", &dir))?;
@@ -424,6 +459,7 @@ impl Vessel {
             stdin: opts.stdin,
             stdout: opts.stdout,
             stderr: opts.stderr,
+            limits,
             ..Default::default()
         };
         let run = inner.shared.runtime.run_outcome(req);
@@ -454,7 +490,7 @@ impl Vessel {
         let result = self.snapshot_locked(&mut state, message).await;
         if state.mount.is_none() {
             // Failed before the new mount: back to the previous state.
-            match mount_at(&inner.dir, &state.lowers, Upper::Keep, inner.userns.as_ref()) {
+            match mount_at(&inner.dir, &state.lowers, Upper::Keep, inner.userns.as_ref(), inner.bounds.disk) {
                 Ok(m) => state.mount = Some(m),
                 Err(e) => tracing::error!(id = %inner.id, error = %e, "could not remount after a failed snapshot"),
             }
@@ -491,7 +527,14 @@ impl Vessel {
         let stats = stats.map_err(|e| VesselError::InvalidInput(format!("diff panicked: {e}")))??;
         saved?;
         let key = LayerKey::snapshot(inner.id.clone(), sid.clone(), &stats.digest)?;
-        let layer = shared.cache.adopt(&key, inner.id.as_str(), &upper)?;
+        let ovl = inner.dir.join("ovl");
+        if inner.bounds.disk.is_some() {
+            // Sealed, it becomes a shared read-only layer: no longer the
+            // vessel's to be bounded (and a full quota would refuse even
+            // the renames that move it into the cache).
+            vessel_runtime::quota::set_limit(&ovl, 0).map_err(VesselError::io("lift the quota of", &ovl))?;
+        }
+        let layer = shared.cache.adopt(&key, inner.id.as_str(), &ovl)?;
 
         let mut manifest = inner.manifest();
         let snap = SnapshotManifest {
@@ -509,8 +552,10 @@ impl Vessel {
         manifest.update_time = snap.create_time;
         if let Err(e) = shared.storage.save_vessel_manifest(&manifest).await {
             // Not committed: the sealed upper goes back to being the upper.
-            let _ = fs::rename(&layer, &upper);
-            let _ = shared.cache.release(&key, inner.id.as_str());
+            let _ = shared.cache.unadopt(&key, inner.id.as_str(), &ovl);
+            if let Some(bytes) = inner.bounds.disk {
+                let _ = vessel_runtime::quota::set_limit(&ovl, bytes);
+            }
             let _ = shared.storage.delete_snapshot(&inner.id, &sid).await;
             return Err(e.into());
         }
@@ -523,7 +568,7 @@ impl Vessel {
             }
         };
         *inner.manifest.lock().unwrap_or_else(|e| e.into_inner()) = manifest;
-        state.mount = Some(mount_at(&inner.dir, &lowers, Upper::Fresh, inner.userns.as_ref())?);
+        state.mount = Some(mount_at(&inner.dir, &lowers, Upper::Fresh, inner.userns.as_ref(), inner.bounds.disk)?);
         state.lowers = lowers;
         Ok(snap)
     }
@@ -553,7 +598,7 @@ impl Vessel {
             if let Some(m) = state.mount.take() {
                 m.unmount()?;
             }
-            state.mount = Some(mount_at(&inner.dir, &lowers, Upper::Fresh, inner.userns.as_ref())?);
+            state.mount = Some(mount_at(&inner.dir, &lowers, Upper::Fresh, inner.userns.as_ref(), inner.bounds.disk)?);
             Ok::<_, VesselError>(())
         })();
         if remounted.is_ok() {
@@ -565,7 +610,8 @@ impl Vessel {
                 tracing::error!(id = %inner.id, error = %e, "could not put the manifest back after a failed restore");
             }
             if state.mount.is_none()
-                && let Ok(m) = mount_at(&inner.dir, &state.lowers, Upper::Keep, inner.userns.as_ref())
+                && let Ok(m) =
+                    mount_at(&inner.dir, &state.lowers, Upper::Keep, inner.userns.as_ref(), inner.bounds.disk)
             {
                 state.mount = Some(m);
             }

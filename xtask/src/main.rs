@@ -6,6 +6,7 @@
 
 mod containerd;
 mod image;
+mod quotafs;
 mod util;
 
 use anyhow::{Context, Result, bail};
@@ -36,6 +37,8 @@ const PACKAGES: &[&str] = &[
     // The escape suite's probe is a static C program.
     "gcc",
     "libc6-dev",
+    // Vessels' disk quotas are btrfs qgroups: the tests make a btrfs.
+    "btrfs-progs",
     // libcontainer's cgroup v2 device rules (eBPF) build libbpf.
     "libelf-dev",
     "zlib1g-dev",
@@ -110,10 +113,13 @@ fn test() -> Result<()> {
     // Build the tests before starting the daemon, so it is up only while they run.
     run(cargo(&root).args(["test", "--workspace", "--locked", "--all-features", "--no-run"]))?;
     let containerd = containerd::Containerd::start()?;
+    let quota = quotafs::QuotaFs::start()?;
     run(cargo(&root)
         .args(["test", "--workspace", "--locked", "--all-features"])
         .env("VESSEL_TEST_IMAGE_DIR", &image.dir)
-        .env("VESSEL_CONTAINERD_ADDRESS", &containerd.address))?;
+        .env("VESSEL_CONTAINERD_ADDRESS", &containerd.address)
+        .env("TMPDIR", &quota.tmp))?;
+    drop(quota);
     drop(containerd);
     println!("xtask test: all checks passed");
     Ok(())
@@ -126,11 +132,14 @@ fn bench(rest: &[String]) -> Result<()> {
     // The exec bench compares the containerd backend with `ctr run --rm` on
     // a private daemon, as the tests do.
     let containerd = containerd::Containerd::start()?;
+    let quota = quotafs::QuotaFs::start()?;
     run(cargo(&root)
         .args(["bench", "-p", "vessel-benches"])
         .args(rest)
         .env("VESSEL_TEST_IMAGE_DIR", &image.dir)
-        .env("VESSEL_CONTAINERD_ADDRESS", &containerd.address))?;
+        .env("VESSEL_CONTAINERD_ADDRESS", &containerd.address)
+        .env("TMPDIR", &quota.tmp))?;
+    drop(quota);
     drop(containerd);
     Ok(())
 }
@@ -141,9 +150,12 @@ fn demo() -> Result<()> {
     setup()?;
     let image = image::build()?;
     let root = project_root();
+    // The demo's vessels have disk quotas: its mount root is on a btrfs.
+    let quota = quotafs::QuotaFs::start()?;
     run(cargo(&root)
         .args(["run", "--release", "--quiet", "-p", "vessel", "--example", "demo", "--"])
         .arg(&image.storage)
-        .arg(image::IMAGE_REF))
+        .arg(image::IMAGE_REF)
+        .env("TMPDIR", &quota.tmp))
     .context("the demo failed")
 }
