@@ -147,6 +147,31 @@ fn a_whole_session(s: &Session, image: &Path) -> Result<()> {
     ensure!(said["timed_out"] == true && said["exit_code"] == 137, "{said}");
     let out = s.run(&["exec", "--timeout", "0", &id, "--", "true"], None)?;
     ensure!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("more than 0"), "{out:?}");
+    // Limits at create: the memory hog is OOM-killed, --json says so; the
+    // disk filler hits the quota; a bad limit is vessel's own error (125).
+    let small = s
+        .ok(
+            &["create", "--memory", "48m", "--cpus", "0.5", "--pids", "64", "--disk", "32m", "local/busybox:latest"],
+            None,
+        )?
+        .trim()
+        .to_owned();
+    let out = s.run(&["--json", "exec", &small, "--", "tail", "/dev/zero"], None)?;
+    let said: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    ensure!(out.status.code() == Some(137) && said["oom_killed"] == true && said["timed_out"] == false, "{said}");
+    let out = s.run(&["exec", &small, "--", "dd", "if=/dev/zero", "of=/work/big", "bs=1M", "count=100"], None)?;
+    ensure!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("Disk quota exceeded"), "{out:?}");
+    for bad in [&["--memory", "0"][..], &["--cpus", "0"], &["--pids=-1"], &["--disk", "1k"]] {
+        let mut args = vec!["create"];
+        args.extend_from_slice(bad);
+        args.push("local/busybox:latest");
+        let out = s.run(&args, None)?;
+        ensure!(
+            out.status.code() == Some(125) && String::from_utf8_lossy(&out.stderr).contains("invalid"),
+            "{bad:?}: {out:?}"
+        );
+    }
+    s.ok(&["rm", &small], None)?;
     // docker's exit codes: 127 no such command, 126 not executable.
     let out = s.run(&["exec", &id, "--", "/no/such/command"], None)?;
     ensure!(out.status.code() == Some(127), "a missing command: {out:?}");
