@@ -2,7 +2,9 @@
 //! from a cached image; exec `true`; snapshot after a 1-file change in a
 //! 1 GB workspace (goal <= 10 ms); restore a cached snapshot (goal <= 10 ms,
 //! whatever the size); open on a "new host" (empty mount root and cache)
-//! from storage. Needs root and the test image (`cargo xtask bench`).
+//! from storage; exec `true` and a 1-file snapshot with limits and the disk
+//! quota on (the defaults) and off. Needs root, the test image and a btrfs
+//! with quotas for `TMPDIR` (`cargo xtask bench` provides all three).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -160,6 +162,55 @@ fn main() {
             })
         });
     });
+    g.finish();
+
+    // The cost of limits (cgroup settings) and the disk quota (a btrfs
+    // subvolume per upper): the same vessel work with both on (the
+    // defaults) and off, in one run.
+    let mut g = c.benchmark_group("limits-and-quota");
+    g.sample_size(30);
+    for (name, cfg) in [
+        ("on", config("lq-on")),
+        ("off", config("lq-off").default_limits(vessel::Limits::unlimited()).disk_quota(None)),
+    ] {
+        let m = rt.block_on(Manager::new(cfg)).unwrap();
+        let s = rt.block_on(m.create_vessel(IMAGE, "/work")).unwrap();
+        let start = rt.block_on(s.create_snapshot("start")).unwrap();
+        g.bench_function(format!("{name}/exec-true"), |b| {
+            b.iter(|| {
+                let res = rt
+                    .block_on(s.exec(ExecOptions {
+                        command: vec!["true".into()],
+                        persist_result: true,
+                        ..Default::default()
+                    }))
+                    .unwrap();
+                assert_eq!(res.exit_code, 0);
+            });
+        });
+        let mut n = 0u64;
+        g.bench_function(format!("{name}/snapshot-1-file"), |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        n += 1;
+                        // From the same snapshot each time: no chain grows.
+                        s.restore_snapshot(&start.id).await.unwrap();
+                        s.write_file("note.txt", format!("step {n}\n").as_bytes(), 0o644).unwrap();
+                        let t = Instant::now();
+                        s.create_snapshot("one file").await.unwrap();
+                        total += t.elapsed();
+                    }
+                    total
+                })
+            });
+        });
+        rt.block_on(async {
+            s.close().await.unwrap();
+            m.close().await.unwrap();
+        });
+    }
     g.finish();
     rt.block_on(async {
         v.close().await.unwrap();

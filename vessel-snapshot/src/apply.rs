@@ -12,13 +12,22 @@
 //!
 //! So a corrupt, truncated or hostile layer changes nothing at the target.
 //!
+//! The tar is read by [`crate::tar_reader`], which frames it as GNU tar, Go
+//! and Python do and refuses what they would read differently.
+//!
 //! Confinement: every path is resolved relative to a directory fd with
 //! `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)`,
 //! and every final component is created or replaced with `*at` calls that do
-//! not follow symlinks. An entry with `..`, an absolute path, a path through a
-//! symlink (one planted earlier in the archive included), a hardlink to
-//! outside the layer, an overlay-internal xattr or (unless allowed) a device
-//! node is refused with [`SnapshotError::UnsafeEntry`].
+//! not follow symlinks. Refused with [`SnapshotError::UnsafeEntry`]: an entry
+//! with `..`, an absolute path, a path through a symlink (one planted earlier
+//! in the archive included), a hardlink to outside the layer, to a symlink or
+//! to a directory, an overlay-internal xattr, (unless allowed) a device node,
+//! a 0/0 device, a path that appears twice with different types (GNU tar,
+//! containerd and Python resolve that three ways), a root entry that is not a
+//! directory, an opaque marker at the root, a reserved `.wh..wh.` name, a
+//! whiteout with data, a name over 255 or a path over 4095 bytes.
+//!
+//! Sparse entries are written as sparse files: only their data segments.
 
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File};

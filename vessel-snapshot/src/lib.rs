@@ -5,7 +5,11 @@
 //!   Cost is proportional to what changed: only the upper dir is read.
 //! - [`apply_layer`]: a layer tar -> a directory, either as an overlay lower
 //!   (`ApplyMode::Overlay`) or merged into a tree (`ApplyMode::Merged`),
-//!   verifying its digest and refusing entries that would leave the target.
+//!   verifying its digest and refusing entries that would leave the target;
+//!   the tar is parsed as GNU tar, Go's archive/tar and Python's tarfile
+//!   agree on, and refused where they would not.
+//! - Sparse files are archived as GNU's PAX 1.0 sparse entries and restored
+//!   with their holes: a snapshot costs what was written.
 //! - [`LayerCache`]: unpacked layers shared by every vessel on a host.
 //! - [`image`]: docker-save and OCI image-layout archives into the cache
 //!   ([`image::import_archive`]).

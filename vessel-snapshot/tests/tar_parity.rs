@@ -179,7 +179,29 @@ fn layers_made_by_real_tools_apply_to_their_tree() {
         assert!(o.status.success(), "python {format}: {}", String::from_utf8_lossy(&o.stderr));
         fs::read(out).unwrap()
     };
-    let layers: Vec<(&str, Vec<u8>, bool, bool)> = vec![
+    // umoci: the tree copied into an unpacked bundle, repacked; its new
+    // layer (gzip) is the manifest's last.
+    let umoci = || {
+        let u = dir.path().join("umoci");
+        let sh = format!(
+            "set -e; cd {u}; umoci init --layout img; umoci new --image img:t; umoci unpack --image img:t bundle >/dev/null; \
+             cp -a {src}/. bundle/rootfs/; umoci repack --image img:t bundle",
+            u = u.display(),
+            src = src.display()
+        );
+        fs::create_dir_all(&u).unwrap();
+        let o = Command::new("sh").arg("-c").arg(&sh).output().unwrap();
+        assert!(o.status.success(), "umoci: {}", String::from_utf8_lossy(&o.stderr));
+        let blob = |d: &str| fs::read(u.join("img/blobs/sha256").join(d.trim_start_matches("sha256:"))).unwrap();
+        let index: serde_json::Value = serde_json::from_slice(&fs::read(u.join("img/index.json")).unwrap()).unwrap();
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&blob(index["manifests"][0]["digest"].as_str().unwrap())).unwrap();
+        let layers = manifest["layers"].as_array().unwrap();
+        blob(layers.last().unwrap()["digest"].as_str().unwrap())
+    };
+    let have_umoci = Command::new("umoci").arg("--version").output().is_ok();
+    assert!(have_umoci || std::env::var_os("CI").is_none(), "umoci is missing under CI");
+    let mut layers: Vec<(&str, Vec<u8>, bool, bool)> = vec![
         // (maker, layer, carries xattrs, keeps holes)
         ("GNU tar --format=gnu", gnu(&["--format=gnu"]), false, false),
         ("GNU tar --format=gnu --sparse", gnu(&["--format=gnu", "--sparse"]), false, true),
@@ -200,6 +222,9 @@ fn layers_made_by_real_tools_apply_to_their_tree() {
         ("Python tarfile GNU_FORMAT", python("GNU_FORMAT"), false, false),
         ("Python tarfile PAX_FORMAT", python("PAX_FORMAT"), false, false),
     ];
+    if have_umoci {
+        layers.push(("umoci repack", umoci(), true, false));
+    }
     for (maker, layer, xattrs, holes) in &layers {
         for mode in [ApplyMode::Merged, ApplyMode::Overlay] {
             let dir = tempfile::tempdir().unwrap();

@@ -194,6 +194,11 @@ fn main() {
         std::process::exit(101);
     }
     println!("leak check: no mount, cgroup or container left");
+    // process::exit runs no destructors: the temp dir goes now, and must go.
+    if let Err(e) = tmp.close() {
+        eprintln!("leaks: the test dir could not be removed: {e}");
+        std::process::exit(101);
+    }
     conclusion.exit();
 }
 

@@ -39,6 +39,8 @@ const PACKAGES: &[&str] = &[
     "libc6-dev",
     // Vessels' disk quotas are btrfs qgroups: the tests make a btrfs.
     "btrfs-progs",
+    // Layers made by another OCI tool, for the tar parity tests.
+    "umoci",
     // libcontainer's cgroup v2 device rules (eBPF) build libbpf.
     "libelf-dev",
     "zlib1g-dev",
