@@ -71,6 +71,15 @@ async fn demo() -> Result<()> {
     if let Some(m) = v.id_mapping() {
         println!("    isolated: its root is host uid {} (user namespace over idmapped layers)", m.host_id);
     }
+    let labels = v.manifest().labels;
+    let label = |k: &str| labels.get(k).cloned().unwrap_or_default();
+    println!(
+        "    bounded: memory {} B, cpu {} us/100 ms, {} pids a command; disk {} B (btrfs quota)",
+        label("vessel.limits.memory"),
+        label("vessel.limits.cpu-quota-us"),
+        label("vessel.limits.pids"),
+        label("vessel.limits.disk")
+    );
 
     let t = Instant::now();
     v.write_file("hello.sh", b"echo hello from $(hostname) as $(id -un) in $(pwd)\n", 0o755)?;
