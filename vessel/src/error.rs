@@ -147,6 +147,8 @@ pub enum VesselErrorKind {
     Io,
     /// The backend is unavailable or not compiled in.
     Unavailable,
+    /// The vessel's disk quota (or the disk) is full: `EDQUOT`/`ENOSPC`.
+    QuotaExceeded,
 }
 
 impl VesselError {
@@ -179,6 +181,11 @@ impl VesselError {
                 _ => K::Io,
             },
             Self::File { source, .. } if source.kind() == io::ErrorKind::NotFound => K::NotFound,
+            Self::Io { source, .. } | Self::File { source, .. }
+                if matches!(source.raw_os_error(), Some(nix::libc::EDQUOT | nix::libc::ENOSPC)) =>
+            {
+                K::QuotaExceeded
+            }
             Self::Io { .. } | Self::File { .. } => K::Io,
             Self::VesselNotFound(_) | Self::SnapshotNotFound { .. } | Self::ImageNotFound(_) => K::NotFound,
             Self::SnapshotInUse { .. } | Self::Locked(_) | Self::Closed(_) | Self::StaleFile(_) => K::Conflict,
