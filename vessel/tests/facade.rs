@@ -154,6 +154,7 @@ fn main() {
         bad_limits_are_refused,
         disk_quota_bounds_what_a_vessel_writes,
         quotas_need_a_filesystem_that_enforces_them,
+        a_hundred_vessels_keep_the_host_responsive,
     ];
     let mut trials = Vec::new();
     for w in &worlds {
@@ -1266,6 +1267,45 @@ async fn quotas_need_a_filesystem_that_enforces_them(w: Arc<World>) -> Result<()
     match mgr.create_vessel_with(IMAGE, "/work", &VesselOptions::new().disk_bytes(1 << 30)).await {
         Err(e) if e.kind() == VesselErrorKind::InvalidInput => {}
         other => return Err(anyhow!("a disk quota without quotas: {other:?}")),
+    }
+    mgr.close().await?;
+    Ok(())
+}
+
+/// With the default limits, 100 open vessels, ten of them spinning (each on
+/// as many threads as the host has cores), leave the host responsive: a
+/// host thread's 10 ms sleeps overshoot by little.
+async fn a_hundred_vessels_keep_the_host_responsive(w: Arc<World>) -> Result<()> {
+    let mgr = Arc::new(w.manager("hundred").await?);
+    let mut vessels = Vec::new();
+    for _ in 0..100 {
+        vessels.push(mgr.create_vessel(IMAGE, "/work").await?);
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let probe = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut worst = Duration::ZERO;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = Instant::now();
+                std::thread::sleep(Duration::from_millis(10));
+                worst = worst.max(t.elapsed().saturating_sub(Duration::from_millis(10)));
+            }
+            worst
+        })
+    };
+    let spin = "for i in 1 2 3 4; do (while :; do :; done) & done; wait";
+    let runs = vessels.iter().take(10).map(|v| run_with(v, spin, 3, Limits::default()));
+    let results = futures::future::join_all(runs).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let worst = probe.join().unwrap();
+    for r in results {
+        ensure!(r?.0.timed_out, "a spinner ended by itself");
+    }
+    println!("{:?}: 100 vessels, 10 spinning: host sleep overshoot at worst {worst:?}", w.backend);
+    ensure!(worst < Duration::from_millis(500), "the host stalled {worst:?}");
+    for v in vessels {
+        v.close().await?;
     }
     mgr.close().await?;
     Ok(())
