@@ -22,6 +22,14 @@ fn image_dir() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/vessel-test"))
 }
 
+/// One persisted `true`, as an agent's step would run.
+fn exec_true(rt: &tokio::runtime::Runtime, v: &vessel::Vessel) {
+    let res = rt
+        .block_on(v.exec(ExecOptions { command: vec!["true".into()], persist_result: true, ..Default::default() }))
+        .unwrap();
+    assert_eq!(res.exit_code, 0);
+}
+
 fn main() {
     vessel::runtime::init();
     if !nix::unistd::geteuid().is_root() {
@@ -92,14 +100,7 @@ fn main() {
 
     g.bench_function("exec-true", |b| {
         b.iter(|| {
-            let res = rt
-                .block_on(v.exec(ExecOptions {
-                    command: vec!["true".into()],
-                    persist_result: true,
-                    ..Default::default()
-                }))
-                .unwrap();
-            assert_eq!(res.exit_code, 0);
+            exec_true(&rt, &v);
         });
     });
 
@@ -183,14 +184,7 @@ fn main() {
         let start = rt.block_on(s.create_snapshot("start")).unwrap();
         g.bench_function(format!("{name}/exec-true"), |b| {
             b.iter(|| {
-                let res = rt
-                    .block_on(s.exec(ExecOptions {
-                        command: vec!["true".into()],
-                        persist_result: true,
-                        ..Default::default()
-                    }))
-                    .unwrap();
-                assert_eq!(res.exit_code, 0);
+                exec_true(&rt, &s);
             });
         });
         let mut n = 0u64;

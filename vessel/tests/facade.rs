@@ -65,6 +65,27 @@ fn sh(script: &str) -> Vec<String> {
 
 /// Runs `script` (persisting), returning exit code, stdout, stderr.
 async fn run(v: &vessel::Vessel, script: &str, persist: bool) -> Result<(i32, String, String)> {
+    let (res, out, err) = run_full(v, script, persist, None, Limits::default()).await?;
+    Ok((res.exit_code, out, err))
+}
+
+/// Runs `script` with a timeout (in seconds) and limits, not persisting.
+async fn run_with(
+    v: &vessel::Vessel,
+    script: &str,
+    timeout: u64,
+    limits: Limits,
+) -> Result<(vessel::ExecResult, String, String)> {
+    run_full(v, script, false, Some(Duration::from_secs(timeout)), limits).await
+}
+
+async fn run_full(
+    v: &vessel::Vessel,
+    script: &str,
+    persist: bool,
+    timeout: Option<Duration>,
+    limits: Limits,
+) -> Result<(vessel::ExecResult, String, String)> {
     let (mut out, mut err) = (Vec::new(), Vec::new());
     let res = v
         .exec(ExecOptions {
@@ -72,10 +93,12 @@ async fn run(v: &vessel::Vessel, script: &str, persist: bool) -> Result<(i32, St
             stdout: Some(Box::new(&mut out)),
             stderr: Some(Box::new(&mut err)),
             persist_result: persist,
+            timeout,
+            limits,
             ..Default::default()
         })
         .await?;
-    Ok((res.exit_code, String::from_utf8_lossy(&out).into_owned(), String::from_utf8_lossy(&err).into_owned()))
+    Ok((res, String::from_utf8_lossy(&out).into_owned(), String::from_utf8_lossy(&err).into_owned()))
 }
 
 fn main() {
@@ -1025,29 +1048,37 @@ fn lower_count(rootfs: &Path) -> Result<usize> {
     Ok(lower.split(':').count())
 }
 
-/// Runs `command` with a timeout, returning the result, stdout and stderr.
-async fn run_with(
-    v: &vessel::Vessel,
-    script: &str,
-    timeout: u64,
-    limits: Limits,
-) -> Result<(vessel::ExecResult, String, String)> {
-    let (mut out, mut err) = (Vec::new(), Vec::new());
-    let res = v
-        .exec(ExecOptions {
-            command: sh(script),
-            stdout: Some(Box::new(&mut out)),
-            stderr: Some(Box::new(&mut err)),
-            timeout: Some(Duration::from_secs(timeout)),
-            limits,
-            ..Default::default()
-        })
-        .await?;
-    Ok((res, String::from_utf8_lossy(&out).into_owned(), String::from_utf8_lossy(&err).into_owned()))
-}
-
 fn kind_of(e: &anyhow::Error) -> Option<VesselErrorKind> {
     e.downcast_ref::<vessel::VesselError>().map(vessel::VesselError::kind)
+}
+
+/// The host's scheduling latency: how late a host thread's 10 ms sleeps end.
+struct LatencyProbe {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Duration>,
+}
+
+impl LatencyProbe {
+    fn start() -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut worst = Duration::ZERO;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = Instant::now();
+                std::thread::sleep(Duration::from_millis(10));
+                worst = worst.max(t.elapsed().saturating_sub(Duration::from_millis(10)));
+            }
+            worst
+        });
+        Self { stop, thread }
+    }
+
+    /// The worst overshoot seen.
+    fn stop(self) -> Duration {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
 }
 
 /// Processes running as `uid` on the host (a vessel's container root).
@@ -1072,22 +1103,9 @@ async fn runaway_commands_are_contained(w: Arc<World>) -> Result<()> {
     let v = mgr.create_vessel_with(IMAGE, "/work", &VesselOptions::new().pids(64).memory_bytes(64 << 20)).await?;
     let uid = v.id_mapping().context("user namespaces are on")?.host_id;
     // The host's scheduling latency while the bomb runs: a 10 ms sleep's overshoot.
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let probe = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut worst = Duration::ZERO;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let t = Instant::now();
-                std::thread::sleep(Duration::from_millis(10));
-                worst = worst.max(t.elapsed().saturating_sub(Duration::from_millis(10)));
-            }
-            worst
-        })
-    };
+    let probe = LatencyProbe::start();
     let (res, _, err) = run_with(&v, "f() { f | f & }; f; sleep 10", 3, Limits::default()).await?;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let worst = probe.join().unwrap();
+    let worst = probe.stop();
     println!("{:?}: fork bomb under pids=64: host sleep overshoot at worst {worst:?}", w.backend);
     ensure!(res.timed_out, "the bomb ended by itself: {res:?}");
     ensure!(err.contains("can't fork") || err.contains("Resource temporarily unavailable"), "no fork refused: {err}");
@@ -1281,24 +1299,11 @@ async fn a_hundred_vessels_keep_the_host_responsive(w: Arc<World>) -> Result<()>
     for _ in 0..100 {
         vessels.push(mgr.create_vessel(IMAGE, "/work").await?);
     }
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let probe = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut worst = Duration::ZERO;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let t = Instant::now();
-                std::thread::sleep(Duration::from_millis(10));
-                worst = worst.max(t.elapsed().saturating_sub(Duration::from_millis(10)));
-            }
-            worst
-        })
-    };
+    let probe = LatencyProbe::start();
     let spin = "for i in 1 2 3 4; do (while :; do :; done) & done; wait";
     let runs = vessels.iter().take(10).map(|v| run_with(v, spin, 3, Limits::default()));
     let results = futures::future::join_all(runs).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let worst = probe.join().unwrap();
+    let worst = probe.stop();
     for r in results {
         ensure!(r?.0.timed_out, "a spinner ended by itself");
     }
