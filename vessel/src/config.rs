@@ -38,6 +38,7 @@ pub struct ManagerConfig {
     pub(crate) id_ranges: IdRanges,
     pub(crate) limits: Limits,
     pub(crate) disk_quota: Option<u64>,
+    pub(crate) registries: crate::registry::Registries,
 }
 
 /// What a vessel may write to the host's disk unless told otherwise: 10 GiB.
@@ -133,6 +134,7 @@ impl fmt::Debug for ManagerConfig {
             .field("id_ranges", &self.id_ranges)
             .field("limits", &self.limits)
             .field("disk_quota", &self.disk_quota)
+            .field("registries", &self.registries)
             .finish_non_exhaustive()
     }
 }
@@ -164,6 +166,7 @@ impl Default for ManagerConfig {
             id_ranges: IdRanges::default(),
             limits: Limits::sandbox(),
             disk_quota: Some(DEFAULT_DISK_QUOTA),
+            registries: Default::default(),
         }
     }
 }
@@ -246,6 +249,33 @@ impl ManagerConfig {
     /// enforce them (btrfs with quotas enabled) and refuses to start if not.
     pub fn disk_quota(mut self, bytes: Option<u64>) -> Self {
         self.disk_quota = bytes;
+        self
+    }
+
+    /// Credentials for `registry` (as references name it: `host[:port]`,
+    /// `docker.io` for Docker Hub), over those in docker's `config.json`.
+    pub fn registry_auth(mut self, registry: impl Into<String>, auth: crate::RegistryAuth) -> Self {
+        self.registries.auths.insert(registry.into(), auth);
+        self
+    }
+
+    /// Reaches `registry` over plain HTTP (loopback registries always are).
+    pub fn insecure_registry(mut self, registry: impl Into<String>) -> Self {
+        self.registries.insecure.push(registry.into());
+        self
+    }
+
+    /// Where docker's `config.json` is (default `$DOCKER_CONFIG/config.json`
+    /// or `~/.docker/config.json`).
+    pub fn docker_config(mut self, path: impl Into<PathBuf>) -> Self {
+        self.registries.docker_config = Some(path.into());
+        self
+    }
+
+    /// Whether `create_vessel` pulls an image that storage lacks (default
+    /// off: it is then `VesselError::ImageNotFound`).
+    pub fn pull_on_demand(mut self, on: bool) -> Self {
+        self.registries.pull_on_demand = on;
         self
     }
 }

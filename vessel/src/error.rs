@@ -106,6 +106,17 @@ pub enum VesselError {
         "vessel isolation is not supported on this host; ManagerConfig::user_namespaces(false) turns it off (unsafe for untrusted code)"
     )]
     IsolationUnsupported(#[source] RuntimeError),
+    /// Pulling an image from a registry failed.
+    #[error("cannot pull {reference}: {failure}")]
+    Pull {
+        /// The reference.
+        reference: String,
+        /// Why, for matching.
+        failure: crate::PullFailure,
+        /// The registry client's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// Disk quotas are on but this host's mount root cannot enforce them.
     /// `ManagerConfig::disk_quota(None)` turns them off.
     #[error(
@@ -149,6 +160,8 @@ pub enum VesselErrorKind {
     Unavailable,
     /// The vessel's disk quota (or the disk) is full: `EDQUOT`/`ENOSPC`.
     QuotaExceeded,
+    /// A registry refused the credentials.
+    Unauthorized,
 }
 
 impl VesselError {
@@ -160,6 +173,13 @@ impl VesselError {
                 K::InvalidInput
             }
             Self::IsolationUnsupported(_) | Self::QuotaUnsupported { .. } => K::Unavailable,
+            Self::Pull { failure, .. } => match failure {
+                crate::PullFailure::NotFound => K::NotFound,
+                crate::PullFailure::Unauthorized => K::Unauthorized,
+                crate::PullFailure::Unreachable => K::Unavailable,
+                crate::PullFailure::Corrupt => K::Corrupt,
+                _ => K::Io,
+            },
             Self::IdRangesExhausted(_) => K::Conflict,
             Self::Storage(e) => match e.kind() {
                 vessel_storage::StorageErrorKind::NotFound => K::NotFound,

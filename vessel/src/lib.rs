@@ -41,6 +41,7 @@ mod fs;
 mod layers;
 mod limits;
 mod manager;
+pub mod registry;
 mod user;
 mod vessel;
 
@@ -48,6 +49,7 @@ pub use config::{Backend, DEFAULT_DISK_QUOTA, IdRanges, ManagerConfig, VesselOpt
 pub use error::{Result, VesselError, VesselErrorKind};
 pub use fs::{File, FileInfo, FileType, OVERFLOW_ID, OpenFlags};
 pub use manager::Manager;
+pub use registry::{PullFailure, PullProgress, PulledImage, RegistryAuth};
 pub use vessel::Vessel;
 
 pub use vessel_core::{

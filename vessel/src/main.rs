@@ -163,6 +163,21 @@ enum ImageCommand {
         /// The reference to store it as.
         reference: String,
     },
+    /// Pull an image from a registry into storage (loopback registries over
+    /// plain HTTP; credentials from docker's config.json or the options).
+    Pull {
+        /// The reference, e.g. localhost:5000/team/app:v1.
+        reference: String,
+        /// User name for the registry (with --password-stdin).
+        #[arg(long, requires = "password_stdin")]
+        username: Option<String>,
+        /// Read the password from stdin.
+        #[arg(long)]
+        password_stdin: bool,
+        /// Reach this registry over plain HTTP.
+        #[arg(long)]
+        insecure: bool,
+    },
     /// List the images in storage.
     Ls,
 }
@@ -251,6 +266,18 @@ async fn manager(cli: &Cli) -> Result<Manager> {
     if cli.no_disk_quota {
         config = config.disk_quota(None);
     }
+    if let Command::Image(ImageCommand::Pull { reference, username, password_stdin, insecure }) = &cli.command {
+        let registry = vessel::registry::registry_of(reference)?;
+        if let (Some(user), true) = (username, password_stdin) {
+            let mut password = String::new();
+            std::io::stdin().read_line(&mut password).context("reading the password from stdin")?;
+            let password = password.trim_end_matches(['\n', '\r']).to_owned();
+            config = config.registry_auth(registry.clone(), vessel::RegistryAuth::Basic(user.clone(), password));
+        }
+        if *insecure {
+            config = config.insecure_registry(registry);
+        }
+    }
     Ok(Manager::new(config).await?)
 }
 
@@ -300,6 +327,29 @@ async fn commit(v: &Vessel, message: String, json: bool) -> Result<SnapshotManif
 
 async fn command(cli: &Cli, mgr: &Manager) -> Result<ExitCode> {
     match &cli.command {
+        Command::Image(ImageCommand::Pull { reference, .. }) => {
+            let bar = ProgressBar::new(0).with_message(format!("pulling {reference}"));
+            bar.set_style(
+                ProgressStyle::with_template("{msg} {bar:30} {bytes}/{total_bytes} ({bytes_per_sec})")
+                    .expect("a valid template"),
+            );
+            let b = bar.clone();
+            let pulled = mgr
+                .pull_image_with(reference, move |p| {
+                    b.set_length(p.total);
+                    b.set_position(p.done);
+                })
+                .await?;
+            bar.finish_and_clear();
+            if cli.json {
+                print_json(&serde_json::json!({
+                    "reference": pulled.reference, "manifest_digest": pulled.manifest_digest,
+                    "bytes": pulled.bytes, "layers": pulled.layers,
+                }))?;
+            } else {
+                println!("{reference}");
+            }
+        }
         Command::Image(ImageCommand::Import { archive, reference }) => {
             let file =
                 tokio::fs::File::open(archive).await.with_context(|| format!("opening {}", archive.display()))?;

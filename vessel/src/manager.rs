@@ -46,6 +46,8 @@ pub(crate) struct Shared {
     pub(crate) limits: vessel_core::Limits,
     /// Disk quota of vessels created without their own; `None`: quotas off.
     pub(crate) disk_quota: Option<u64>,
+    /// How to reach registries.
+    pub(crate) registries: crate::registry::Registries,
 }
 
 impl std::fmt::Debug for Shared {
@@ -153,11 +155,19 @@ impl Shared {
                     let (ctd, name) = (ctd.clone(), reference.as_str().to_owned());
                     export = Some(tokio::spawn(async move { ctd.export_image(&name, &mut w).await }));
                     Box::new(r) as BlobReader
+                } else if self.registries.pull_on_demand {
+                    self.pull(reference, std::sync::Arc::new(|_| {})).await?;
+                    self.storage.load_image(reference).await?
                 } else {
                     return Err(VesselError::ImageNotFound(reference.to_string()));
                 }
                 #[cfg(not(feature = "containerd"))]
-                return Err(VesselError::ImageNotFound(reference.to_string()));
+                if self.registries.pull_on_demand {
+                    self.pull(reference, std::sync::Arc::new(|_| {})).await?;
+                    self.storage.load_image(reference).await?
+                } else {
+                    return Err(VesselError::ImageNotFound(reference.to_string()));
+                }
             }
             Err(e) => return Err(e.into()),
         };
@@ -173,6 +183,44 @@ impl Shared {
             export.await.map_err(|e| VesselError::InvalidInput(format!("image export panicked: {e}")))??;
         }
         Ok(imported?)
+    }
+
+    /// Pulls `reference` from its registry into storage (see [`crate::registry`]).
+    pub(crate) async fn pull(
+        &self,
+        reference: &ImageRef,
+        progress: std::sync::Arc<dyn Fn(crate::registry::PullProgress) + Send + Sync>,
+    ) -> Result<crate::registry::PulledImage> {
+        let spool = crate::registry::Spool(self.root.join(format!(".pull-{:016x}", rand::random::<u64>())));
+        fs::create_dir(&spool.0).map_err(VesselError::io("create", &spool.0))?;
+        let (archive, pulled) =
+            crate::registry::pull_to_archive(&self.registries, reference.as_str(), &spool.0, progress).await?;
+        self.import_file(reference, &archive).await?;
+        Ok(pulled)
+    }
+
+    /// Checks the image archive at `path` (every digest verified, its layers
+    /// unpacked into the cache) and stores it as `reference`.
+    pub(crate) async fn import_file(&self, reference: &ImageRef, path: &Path) -> Result<()> {
+        let (cache, name, p) = (self.cache.clone(), reference.as_str().to_owned(), path.to_path_buf());
+        let holder = "import-check";
+        tokio::task::spawn_blocking(move || {
+            let file = fs::File::open(&p).map_err(VesselError::io("open", &p))?;
+            let img = import_archive(std::io::BufReader::new(file), &cache, holder, Some(&name));
+            if let Ok(img) = &img {
+                for l in &img.layers {
+                    if let Ok(k) = LayerKey::diff_id(&l.diff_id) {
+                        let _ = cache.release(&k, holder);
+                    }
+                }
+            }
+            img.map_err(VesselError::from)
+        })
+        .await
+        .map_err(|e| VesselError::InvalidInput(format!("image check panicked: {e}")))??;
+        let file = tokio::fs::File::open(path).await.map_err(VesselError::io("open", path))?;
+        self.storage.save_image(reference, Box::new(tokio::io::BufReader::new(file))).await?;
+        Ok(())
     }
 
     /// The layer of snapshot `id`, fetched from storage and verified against
@@ -314,6 +362,7 @@ impl Manager {
             id_ranges: config.user_namespaces.then_some(config.id_ranges),
             limits: config.limits,
             disk_quota: config.disk_quota,
+            registries: config.registries.clone(),
         };
         let mgr = Self { shared: Arc::new(shared) };
         let containers = mgr.shared.runtime.remove_leftovers().await?;
@@ -516,25 +565,26 @@ impl Manager {
             tokio::io::copy(&mut archive, &mut f).await.map_err(VesselError::io("read image archive", image_ref))?;
             f.sync_all().await.map_err(VesselError::io("sync", &spool.0))?;
         }
-        let (cache, name, path) = (self.shared.cache.clone(), reference.as_str().to_owned(), spool.0.clone());
-        let holder = "import-check";
-        tokio::task::spawn_blocking(move || {
-            let file = fs::File::open(&path).map_err(VesselError::io("open", &path))?;
-            let img = import_archive(std::io::BufReader::new(file), &cache, holder, Some(&name));
-            if let Ok(img) = &img {
-                for l in &img.layers {
-                    if let Ok(k) = LayerKey::diff_id(&l.diff_id) {
-                        let _ = cache.release(&k, holder);
-                    }
-                }
-            }
-            img.map_err(VesselError::from)
-        })
-        .await
-        .map_err(|e| VesselError::InvalidInput(format!("image check panicked: {e}")))??;
-        let file = tokio::fs::File::open(&spool.0).await.map_err(VesselError::io("open", &spool.0))?;
-        self.shared.storage.save_image(&reference, Box::new(tokio::io::BufReader::new(file))).await?;
-        Ok(())
+        self.shared.import_file(&reference, &spool.0).await
+    }
+
+    /// Pulls `reference` from its registry (e.g. `localhost:5000/team/app:v1`,
+    /// or `busybox`, which is docker.io's) into storage: resolved to this
+    /// host's platform, every blob verified, stored as an OCI archive so
+    /// that every host opens vessels from it. Nothing is stored unless all
+    /// of it verified. Errors: [`VesselError::Pull`] with its [`crate::PullFailure`].
+    pub async fn pull_image(&self, reference: &str) -> Result<crate::PulledImage> {
+        self.pull_image_with(reference, |_| {}).await
+    }
+
+    /// [`Manager::pull_image`], reporting bytes received as they arrive.
+    pub async fn pull_image_with(
+        &self,
+        reference: &str,
+        progress: impl Fn(crate::PullProgress) + Send + Sync + 'static,
+    ) -> Result<crate::PulledImage> {
+        let reference = ImageRef::new(reference)?;
+        self.shared.pull(&reference, std::sync::Arc::new(progress)).await
     }
 
     /// Closes every vessel this manager has open.

@@ -41,6 +41,12 @@ const PACKAGES: &[&str] = &[
     "btrfs-progs",
     // Layers made by another OCI tool, for the tar parity tests.
     "umoci",
+    // Registry pulls: TLS through the system's OpenSSL; the tests' registry
+    // (plain and with basic auth) and the tools that push to it and race it.
+    "libssl-dev",
+    "docker-registry",
+    "apache2-utils",
+    "skopeo",
     // libcontainer's cgroup v2 device rules (eBPF) build libbpf.
     "libelf-dev",
     "zlib1g-dev",
