@@ -178,6 +178,8 @@ fn main() {
         disk_quota_bounds_what_a_vessel_writes,
         quotas_need_a_filesystem_that_enforces_them,
         a_hundred_vessels_keep_the_host_responsive,
+        images_pull_from_a_registry,
+        registry_failures_are_typed_and_store_nothing,
     ];
     let mut trials = Vec::new();
     for w in &worlds {
@@ -1312,6 +1314,299 @@ async fn a_hundred_vessels_keep_the_host_responsive(w: Arc<World>) -> Result<()>
     for v in vessels {
         v.close().await?;
     }
+    mgr.close().await?;
+    Ok(())
+}
+
+/// The test registries `cargo xtask test` starts (`None` when run bare).
+struct Registry {
+    plain: String,
+    data: PathBuf,
+    auth: String,
+    user: String,
+    password: String,
+}
+
+/// The registry cases share the registry's blobs (one tampers with the
+/// busybox layer): one at a time.
+static REGISTRY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn registry() -> Result<Option<Registry>> {
+    let var = |k: &str| std::env::var(k).ok();
+    let Some(plain) = var("VESSEL_REGISTRY") else {
+        ensure!(std::env::var_os("CI").is_none(), "VESSEL_REGISTRY is unset under CI");
+        eprintln!("SKIPPED registry cases: VESSEL_REGISTRY is unset; run `cargo xtask test`");
+        return Ok(None);
+    };
+    Ok(Some(Registry {
+        plain,
+        data: PathBuf::from(var("VESSEL_REGISTRY_DATA").context("VESSEL_REGISTRY_DATA")?),
+        auth: var("VESSEL_REGISTRY_AUTH").context("VESSEL_REGISTRY_AUTH")?,
+        user: var("VESSEL_REGISTRY_USER").context("VESSEL_REGISTRY_USER")?,
+        password: var("VESSEL_REGISTRY_PASSWORD").context("VESSEL_REGISTRY_PASSWORD")?,
+    }))
+}
+
+fn image_dir() -> PathBuf {
+    PathBuf::from(std::env::var_os("VESSEL_TEST_IMAGE_DIR").unwrap())
+}
+
+/// `skopeo copy` of `src` to `docker://dest` (plain HTTP), with creds if given.
+fn push(src: &str, dest: &str, creds: Option<&str>, all: bool) -> Result<()> {
+    let mut cmd = std::process::Command::new("skopeo");
+    cmd.args(["copy", "--quiet", "--dest-tls-verify=false"]);
+    if all {
+        cmd.arg("--all");
+    }
+    if let Some(c) = creds {
+        cmd.args(["--dest-creds", c]);
+    }
+    let out = cmd.arg(src).arg(format!("docker://{dest}")).output()?;
+    ensure!(out.status.success(), "skopeo copy to {dest}: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
+
+fn busybox_archive() -> String {
+    format!("oci-archive:{}", image_dir().join("busybox-oci.tar").display())
+}
+
+/// An OCI layout dir whose `latest` is an index of two images: another
+/// architecture's first (same layers, its own config), then this host's.
+/// Returns the dir and the digest of this host's manifest.
+fn two_platform_layout(dir: &Path) -> Result<(PathBuf, String)> {
+    use sha2::Digest;
+    let mut blobs: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut index = Vec::new();
+    let mut ar = tar::Archive::new(std::fs::File::open(image_dir().join("busybox-oci.tar"))?);
+    for e in ar.entries()? {
+        let mut e = e?;
+        let name = e.path()?.display().to_string();
+        let mut data = Vec::new();
+        e.read_to_end(&mut data)?;
+        if name == "index.json" {
+            index = data;
+        } else if let Some(hex) = name.strip_prefix("blobs/sha256/").filter(|h| !h.is_empty()) {
+            blobs.insert(hex.to_owned(), data);
+        }
+    }
+    let index: serde_json::Value = serde_json::from_slice(&index)?;
+    let host_manifest = index["manifests"][0]["digest"].as_str().context("a manifest")?.to_owned();
+    let mut manifest: serde_json::Value = serde_json::from_slice(&blobs[host_manifest.trim_start_matches("sha256:")])?;
+    let config_digest = manifest["config"]["digest"].as_str().context("a config")?.to_owned();
+    let mut config: serde_json::Value = serde_json::from_slice(&blobs[config_digest.trim_start_matches("sha256:")])?;
+    let host_arch = config["architecture"].as_str().context("an architecture")?.to_owned();
+    let other_arch = if host_arch == "arm64" { "amd64" } else { "arm64" };
+    config["architecture"] = other_arch.into();
+    let add = |blobs: &mut BTreeMap<String, Vec<u8>>, data: Vec<u8>| {
+        let hex = format!("{:x}", sha2::Sha256::digest(&data));
+        let size = data.len();
+        blobs.insert(hex.clone(), data);
+        (format!("sha256:{hex}"), size)
+    };
+    let (cd, cs) = add(&mut blobs, serde_json::to_vec(&config)?);
+    manifest["config"]["digest"] = cd.into();
+    manifest["config"]["size"] = cs.into();
+    let (md, ms) = add(&mut blobs, serde_json::to_vec(&manifest)?);
+    let host_size = blobs[host_manifest.trim_start_matches("sha256:")].len();
+    let m = "application/vnd.oci.image.manifest.v1+json";
+    let nested = serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [
+        {"mediaType": m, "digest": md, "size": ms, "platform": {"os": "linux", "architecture": other_arch}},
+        {"mediaType": m, "digest": host_manifest, "size": host_size, "platform": {"os": "linux", "architecture": host_arch}},
+    ]});
+    let (nd, ns) = add(&mut blobs, serde_json::to_vec(&nested)?);
+    let layout = dir.join("multi");
+    std::fs::create_dir_all(layout.join("blobs/sha256"))?;
+    for (hex, data) in &blobs {
+        std::fs::write(layout.join("blobs/sha256").join(hex), data)?;
+    }
+    std::fs::write(layout.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    let top = serde_json::json!({"schemaVersion": 2, "manifests": [{"mediaType": "application/vnd.oci.image.index.v1+json",
+        "digest": nd, "size": ns, "annotations": {"org.opencontainers.image.ref.name": "latest"}}]});
+    std::fs::write(layout.join("index.json"), serde_json::to_vec(&top)?)?;
+    Ok((layout, host_manifest))
+}
+
+/// Pull and create, reopen on a new host from storage, a two-platform
+/// index resolved to this host, credentials (explicit and docker's
+/// config.json), and pulling on demand.
+async fn images_pull_from_a_registry(w: Arc<World>) -> Result<()> {
+    let Some(reg) = registry()? else { return Ok(()) };
+    let _one = REGISTRY.lock().await;
+    let backend = format!("{:?}", w.backend).to_lowercase();
+    let repo = format!("{}/{backend}/busybox:latest", reg.plain);
+    push(&busybox_archive(), &repo, None, false)?;
+    let mgr = w.manager("pull").await?;
+    let pulled = mgr.pull_image(&repo).await.context("the first pull")?;
+    ensure!(pulled.layers == 1 && pulled.bytes > 100_000, "{pulled:?}");
+    let v = mgr.create_vessel(&repo, "/work").await?;
+    ensure!(run(&v, "echo from the registry", true).await?.1 == "from the registry\n");
+    v.create_snapshot("pulled").await?;
+    let id = v.id().to_string();
+    v.close().await?;
+    let host_b = w.manager("pull-b").await?;
+    let vb = host_b.open_vessel(&id).await?;
+    ensure!(run(&vb, "cat /bin/busybox > /dev/null && echo ok", false).await?.1 == "ok\n");
+    host_b.close().await?;
+
+    // An index of two platforms: this host's image is the one pulled.
+    let tmp = tempfile::tempdir()?;
+    let (layout, host_manifest) = two_platform_layout(tmp.path()).context("the two-platform layout")?;
+    let multi = format!("{}/{backend}/multi:latest", reg.plain);
+    push(&format!("oci:{}:latest", layout.display()), &multi, None, true)?;
+    let got = mgr.pull_image(&multi).await.context("the two-platform pull")?;
+    ensure!(got.manifest_digest == host_manifest, "pulled {} for this host, want {host_manifest}", got.manifest_digest);
+
+    // Basic auth: refused without or with wrong credentials, taken with
+    // the right ones, given explicitly or through docker's config.json.
+    let secret = format!("{}/{backend}/private:latest", reg.auth);
+    push(&busybox_archive(), &secret, Some(&format!("{}:{}", reg.user, reg.password)), false)?;
+    let nobody = tmp.path().join("no-docker-config.json");
+    for (what, cfg) in [
+        ("no credentials", w.config("auth-none").docker_config(&nobody)),
+        (
+            "wrong credentials",
+            w.config("auth-wrong")
+                .docker_config(&nobody)
+                .registry_auth(reg.auth.clone(), vessel::RegistryAuth::Basic(reg.user.clone(), "wrong".into())),
+        ),
+    ] {
+        let m = Manager::new(cfg).await?;
+        match m.pull_image(&secret).await {
+            Err(e) if e.kind() == VesselErrorKind::Unauthorized => {}
+            other => return Err(anyhow!("{what}: {other:?}")),
+        }
+        m.close().await?;
+    }
+    let explicit = w
+        .config("auth-explicit")
+        .registry_auth(reg.auth.clone(), vessel::RegistryAuth::Basic(reg.user.clone(), reg.password.clone()));
+    let m = Manager::new(explicit).await?;
+    m.pull_image(&secret).await?;
+    m.close().await?;
+    let docker_config = tmp.path().join("config.json");
+    let token = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", reg.user, reg.password))
+    };
+    std::fs::write(
+        &docker_config,
+        serde_json::to_vec(&serde_json::json!({"auths": {reg.auth.clone(): {"auth": token}}}))?,
+    )?;
+    let m = Manager::new(w.config("auth-docker").docker_config(&docker_config).pull_on_demand(true)).await?;
+    // Not in storage: pulled on demand, with docker's credentials.
+    let on_demand = format!("{}/{backend}/private:latest", reg.auth);
+    ensure!(m.storage().load_image(&vessel::ImageRef::new(&on_demand)?).await.is_ok(), "shared storage has it already");
+    let fresh = format!("{}/{backend}/busybox:v2", reg.plain);
+    push(&busybox_archive(), &fresh, None, false)?;
+    let v = m.create_vessel(&fresh, "/work").await?;
+    ensure!(run(&v, "echo on demand", false).await?.1 == "on demand\n");
+    m.close().await?;
+    match mgr.create_vessel(&format!("{}/{backend}/busybox:never-pulled", reg.plain), "/work").await {
+        Err(e) if e.kind() == VesselErrorKind::NotFound => {}
+        other => return Err(anyhow!("create from an image not pulled: {other:?}")),
+    }
+    mgr.close().await?;
+    Ok(())
+}
+
+/// Unknown names, a registry that is down, a tampered layer and a
+/// connection cut half way: typed errors, and nothing half-imported.
+async fn registry_failures_are_typed_and_store_nothing(w: Arc<World>) -> Result<()> {
+    let Some(reg) = registry()? else { return Ok(()) };
+    let _one = REGISTRY.lock().await;
+    let backend = format!("{:?}", w.backend).to_lowercase();
+    let mgr = w.manager("pull-fail").await?;
+    let root = w.base.join("pull-fail");
+    let nothing_left = |what: &str| -> Result<()> {
+        let spools: Vec<_> = std::fs::read_dir(&root)?
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".pull-"))
+            .collect();
+        ensure!(spools.is_empty(), "{what}: a pull spool was left");
+        Ok(())
+    };
+    let stored = |r: String| {
+        let storage = mgr.storage().clone();
+        async move { storage.load_image(&vessel::ImageRef::new(&r).unwrap()).await.is_ok() }
+    };
+    for (what, r) in [
+        ("an unknown tag", format!("{}/{backend}/busybox:no-such-tag", reg.plain)),
+        ("an unknown repository", format!("{}/{backend}/no-such-repo:latest", reg.plain)),
+    ] {
+        match mgr.pull_image(&r).await {
+            Err(e) if e.kind() == VesselErrorKind::NotFound => {}
+            other => return Err(anyhow!("{what}: {other:?}")),
+        }
+        ensure!(!stored(r).await, "{what} stored something");
+    }
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    match mgr.pull_image(&format!("127.0.0.1:{closed}/x/busybox:latest")).await {
+        Err(e) if e.kind() == VesselErrorKind::Unavailable => {}
+        other => return Err(anyhow!("a registry that is down: {other:?}")),
+    }
+
+    // A layer tampered with in the registry's own storage.
+    let tampered = format!("{}/{backend}/tampered:latest", reg.plain);
+    push(&busybox_archive(), &tampered, None, false)?;
+    let blobs = reg.data.join("docker/registry/v2/blobs/sha256");
+    let layer = std::fs::read_dir(&blobs)?
+        .flatten()
+        .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten())
+        .map(|d| d.path().join("data"))
+        .find(|p| std::fs::metadata(p).is_ok_and(|m| m.len() > 100_000))
+        .context("the layer blob in the registry")?;
+    let original = std::fs::read(&layer)?;
+    let mut bad = original.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0xff;
+    std::fs::write(&layer, &bad)?;
+    let result = mgr.pull_image(&tampered).await;
+    std::fs::write(&layer, &original)?;
+    match result {
+        Err(e) if e.kind() == VesselErrorKind::Corrupt => {}
+        other => return Err(anyhow!("a tampered layer: {other:?}")),
+    }
+    ensure!(!stored(tampered.clone()).await, "a tampered image was stored");
+    nothing_left("a tampered layer")?;
+
+    // A connection cut after 64 KiB of the answer: through a proxy.
+    let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let proxied = proxy.local_addr()?.to_string();
+    let upstream = reg.plain.clone();
+    let cutter = tokio::spawn(async move {
+        loop {
+            let Ok((mut client, _)) = proxy.accept().await else { return };
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else { return };
+                let (mut cr, mut cw) = client.split();
+                let (mut sr, mut sw) = server.split();
+                let up = tokio::io::copy(&mut cr, &mut sw);
+                let down = async {
+                    let mut left = 64usize << 10;
+                    let mut buf = vec![0u8; 8192];
+                    while left > 0 {
+                        let n = match sr.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n.min(left),
+                        };
+                        if cw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                        left -= n;
+                    }
+                };
+                tokio::select! { _ = up => {}, _ = down => {} }
+            });
+        }
+    });
+    let cut = format!("{proxied}/{backend}/tampered:latest");
+    let result = mgr.pull_image(&cut).await;
+    cutter.abort();
+    ensure!(result.is_err(), "a pull through a cut connection succeeded");
+    ensure!(!stored(cut).await, "a cut pull stored something");
+    nothing_left("a cut connection")?;
     mgr.close().await?;
     Ok(())
 }

@@ -7,6 +7,7 @@
 mod containerd;
 mod image;
 mod quotafs;
+mod registry;
 mod util;
 
 use anyhow::{Context, Result, bail};
@@ -122,11 +123,14 @@ fn test() -> Result<()> {
     run(cargo(&root).args(["test", "--workspace", "--locked", "--all-features", "--no-run"]))?;
     let containerd = containerd::Containerd::start()?;
     let quota = quotafs::QuotaFs::start()?;
+    let registries = registry::Registries::start()?;
     run(cargo(&root)
         .args(["test", "--workspace", "--locked", "--all-features"])
         .env("VESSEL_TEST_IMAGE_DIR", &image.dir)
         .env("VESSEL_CONTAINERD_ADDRESS", &containerd.address)
-        .env("TMPDIR", &quota.tmp))?;
+        .env("TMPDIR", &quota.tmp)
+        .envs(registries.env()))?;
+    drop(registries);
     drop(quota);
     drop(containerd);
     println!("xtask test: all checks passed");
@@ -141,12 +145,15 @@ fn bench(rest: &[String]) -> Result<()> {
     // a private daemon, as the tests do.
     let containerd = containerd::Containerd::start()?;
     let quota = quotafs::QuotaFs::start()?;
+    let registries = registry::Registries::start()?;
     run(cargo(&root)
         .args(["bench", "-p", "vessel-benches"])
         .args(rest)
         .env("VESSEL_TEST_IMAGE_DIR", &image.dir)
         .env("VESSEL_CONTAINERD_ADDRESS", &containerd.address)
-        .env("TMPDIR", &quota.tmp))?;
+        .env("TMPDIR", &quota.tmp)
+        .envs(registries.env()))?;
+    drop(registries);
     drop(quota);
     drop(containerd);
     Ok(())
