@@ -399,9 +399,15 @@ impl Manager {
     }
 
     /// Creates a vessel from `image_ref` (from storage, or containerd's
-    /// image store with that backend), with `work_dir` as the default
-    /// directory for relative paths and commands. The image is pinned by
-    /// digest in the manifest's labels.
+    /// image store with that backend, or its registry with
+    /// `ManagerConfig::pull_on_demand`), with `work_dir` as the default
+    /// directory for relative paths and commands: an absolute `work_dir`
+    /// as given; `""`, the image's `WorkingDir` (as docker), else `/`; a
+    /// relative one, `/` (as the Go original). The image's `Env` is every
+    /// command's base environment, its `User` the commands' user (resolved
+    /// through the image's own `/etc/passwd` and `/etc/group`), and its
+    /// `Entrypoint`/`Cmd` are offered by [`Vessel::image_config`]. The image
+    /// is pinned by digest in the manifest's labels.
     pub async fn create_vessel(&self, image_ref: &str, work_dir: &str) -> Result<Vessel> {
         self.create_vessel_with(image_ref, work_dir, &crate::VesselOptions::default()).await
     }
@@ -420,7 +426,7 @@ impl Manager {
             return Err(VesselError::InvalidInput("a disk quota was asked for, but this manager runs without".into()));
         }
         let reference = ImageRef::new(image_ref)?;
-        let work_dir = work_dir_of(work_dir)?;
+        let given = work_dir.to_owned();
         let id = self.shared.ids.vessel_id();
         let lock = self.shared.lock(&id)?;
         let image = match self.shared.import_image(&reference, &id).await {
@@ -429,6 +435,10 @@ impl Manager {
                 self.release_layers(&id);
                 return Err(e);
             }
+        };
+        let work_dir = match (given.as_str(), image.config.working_dir.as_deref()) {
+            ("", Some(w)) if w.starts_with('/') => work_dir_of(w)?,
+            (w, _) => work_dir_of(w)?,
         };
         let now = chrono::Utc::now();
         let mut labels = BTreeMap::from([(IMAGE_CONFIG_LABEL.to_owned(), image.config_digest.clone())]);

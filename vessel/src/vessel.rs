@@ -46,7 +46,8 @@ pub(crate) struct Inner {
     state: RwLock<State>,
     manifest: Mutex<VesselManifest>,
     image_layers: Vec<PathBuf>,
-    image_env: Vec<String>,
+    /// The image's runtime defaults (`Env` is every command's base).
+    image_config: vessel_snapshot::image::ImageConfig,
     user: crate::user::User,
     /// The vessel's user namespace (`None`: host ids), for its mounts.
     userns: Option<UserNamespace>,
@@ -169,7 +170,7 @@ impl Inner {
             dir,
             state: RwLock::new(State { lowers, mount: Some(mount), closed: false }),
             manifest: Mutex::new(manifest),
-            image_env: image.config.env.clone(),
+            image_config: image.config.clone(),
             user,
             userns,
             image_layers,
@@ -323,6 +324,13 @@ impl Vessel {
         self.inner.gate.ids
     }
 
+    /// The image's runtime defaults: `Env`, `WorkingDir`, `User`,
+    /// `Entrypoint` and `Cmd` (a caller that runs "the image" runs
+    /// `entrypoint` then `cmd`, as docker).
+    pub fn image_config(&self) -> &vessel_snapshot::image::ImageConfig {
+        &self.inner.image_config
+    }
+
     /// Where the vessel's rootfs is mounted on this host (for inspection;
     /// use the file API to change it).
     pub fn rootfs(&self) -> PathBuf {
@@ -449,7 +457,7 @@ impl Vessel {
         let req = RunRequest {
             rootfs,
             args: opts.command,
-            env: merge_env(&inner.image_env, &opts.env),
+            env: merge_env(&inner.image_config.env, &opts.env),
             cwd: Some(cwd),
             uid: inner.user.uid,
             gid: inner.user.gid,

@@ -1370,11 +1370,8 @@ fn busybox_archive() -> String {
     format!("oci-archive:{}", image_dir().join("busybox-oci.tar").display())
 }
 
-/// An OCI layout dir whose `latest` is an index of two images: another
-/// architecture's first (same layers, its own config), then this host's.
-/// Returns the dir and the digest of this host's manifest.
-fn two_platform_layout(dir: &Path) -> Result<(PathBuf, String)> {
-    use sha2::Digest;
+/// The test image's blobs (by hex digest) and its manifest's digest.
+fn busybox_blobs() -> Result<(BTreeMap<String, Vec<u8>>, String)> {
     let mut blobs: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     let mut index = Vec::new();
     let mut ar = tar::Archive::new(std::fs::File::open(image_dir().join("busybox-oci.tar"))?);
@@ -1390,40 +1387,72 @@ fn two_platform_layout(dir: &Path) -> Result<(PathBuf, String)> {
         }
     }
     let index: serde_json::Value = serde_json::from_slice(&index)?;
-    let host_manifest = index["manifests"][0]["digest"].as_str().context("a manifest")?.to_owned();
-    let mut manifest: serde_json::Value = serde_json::from_slice(&blobs[host_manifest.trim_start_matches("sha256:")])?;
-    let config_digest = manifest["config"]["digest"].as_str().context("a config")?.to_owned();
-    let mut config: serde_json::Value = serde_json::from_slice(&blobs[config_digest.trim_start_matches("sha256:")])?;
+    let manifest = index["manifests"][0]["digest"].as_str().context("a manifest")?.to_owned();
+    Ok((blobs, manifest))
+}
+
+/// Stores `data` as a blob; its digest and size.
+fn add_blob(blobs: &mut BTreeMap<String, Vec<u8>>, data: Vec<u8>) -> (String, usize) {
+    use sha2::Digest;
+    let hex = format!("{:x}", sha2::Sha256::digest(&data));
+    let size = data.len();
+    blobs.insert(hex.clone(), data);
+    (format!("sha256:{hex}"), size)
+}
+
+fn blob<'a>(blobs: &'a BTreeMap<String, Vec<u8>>, digest: &str) -> &'a [u8] {
+    &blobs[digest.trim_start_matches("sha256:")]
+}
+
+/// A manifest like `manifest` with its config changed by `edit`.
+fn with_config(
+    blobs: &mut BTreeMap<String, Vec<u8>>,
+    manifest: &str,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> Result<(String, usize)> {
+    let mut m: serde_json::Value = serde_json::from_slice(blob(blobs, manifest))?;
+    let mut config: serde_json::Value =
+        serde_json::from_slice(blob(blobs, m["config"]["digest"].as_str().context("a config")?))?;
+    edit(&mut config);
+    let (cd, cs) = add_blob(blobs, serde_json::to_vec(&config)?);
+    m["config"]["digest"] = cd.into();
+    m["config"]["size"] = cs.into();
+    Ok(add_blob(blobs, serde_json::to_vec(&m)?))
+}
+
+/// Writes an OCI layout dir whose `latest` is `top` (a manifest or an index).
+fn write_layout(dir: &Path, blobs: &BTreeMap<String, Vec<u8>>, media: &str, top: (String, usize)) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir.join("blobs/sha256"))?;
+    for (hex, data) in blobs {
+        std::fs::write(dir.join("blobs/sha256").join(hex), data)?;
+    }
+    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{"mediaType": media, "digest": top.0, "size": top.1,
+        "annotations": {"org.opencontainers.image.ref.name": "latest"}}]});
+    std::fs::write(dir.join("index.json"), serde_json::to_vec(&index)?)?;
+    Ok(dir.to_path_buf())
+}
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+/// An OCI layout dir whose `latest` is an index of two images: another
+/// architecture's first (same layers, its own config), then this host's.
+/// Returns the dir and the digest of this host's manifest.
+fn two_platform_layout(dir: &Path) -> Result<(PathBuf, String)> {
+    let (mut blobs, host_manifest) = busybox_blobs()?;
+    let m: serde_json::Value = serde_json::from_slice(blob(&blobs, &host_manifest))?;
+    let config: serde_json::Value =
+        serde_json::from_slice(blob(&blobs, m["config"]["digest"].as_str().context("a config")?))?;
     let host_arch = config["architecture"].as_str().context("an architecture")?.to_owned();
     let other_arch = if host_arch == "arm64" { "amd64" } else { "arm64" };
-    config["architecture"] = other_arch.into();
-    let add = |blobs: &mut BTreeMap<String, Vec<u8>>, data: Vec<u8>| {
-        let hex = format!("{:x}", sha2::Sha256::digest(&data));
-        let size = data.len();
-        blobs.insert(hex.clone(), data);
-        (format!("sha256:{hex}"), size)
-    };
-    let (cd, cs) = add(&mut blobs, serde_json::to_vec(&config)?);
-    manifest["config"]["digest"] = cd.into();
-    manifest["config"]["size"] = cs.into();
-    let (md, ms) = add(&mut blobs, serde_json::to_vec(&manifest)?);
-    let host_size = blobs[host_manifest.trim_start_matches("sha256:")].len();
-    let m = "application/vnd.oci.image.manifest.v1+json";
+    let (md, ms) = with_config(&mut blobs, &host_manifest, |c| c["architecture"] = other_arch.into())?;
+    let host_size = blob(&blobs, &host_manifest).len();
     let nested = serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [
-        {"mediaType": m, "digest": md, "size": ms, "platform": {"os": "linux", "architecture": other_arch}},
-        {"mediaType": m, "digest": host_manifest, "size": host_size, "platform": {"os": "linux", "architecture": host_arch}},
+        {"mediaType": OCI_MANIFEST, "digest": md, "size": ms, "platform": {"os": "linux", "architecture": other_arch}},
+        {"mediaType": OCI_MANIFEST, "digest": host_manifest, "size": host_size, "platform": {"os": "linux", "architecture": host_arch}},
     ]});
-    let (nd, ns) = add(&mut blobs, serde_json::to_vec(&nested)?);
-    let layout = dir.join("multi");
-    std::fs::create_dir_all(layout.join("blobs/sha256"))?;
-    for (hex, data) in &blobs {
-        std::fs::write(layout.join("blobs/sha256").join(hex), data)?;
-    }
-    std::fs::write(layout.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
-    let top = serde_json::json!({"schemaVersion": 2, "manifests": [{"mediaType": "application/vnd.oci.image.index.v1+json",
-        "digest": nd, "size": ns, "annotations": {"org.opencontainers.image.ref.name": "latest"}}]});
-    std::fs::write(layout.join("index.json"), serde_json::to_vec(&top)?)?;
-    Ok((layout, host_manifest))
+    let top = add_blob(&mut blobs, serde_json::to_vec(&nested)?);
+    Ok((write_layout(&dir.join("multi"), &blobs, "application/vnd.oci.image.index.v1+json", top)?, host_manifest))
 }
 
 /// Pull and create, reopen on a new host from storage, a two-platform
@@ -1455,6 +1484,39 @@ async fn images_pull_from_a_registry(w: Arc<World>) -> Result<()> {
     push(&format!("oci:{}:latest", layout.display()), &multi, None, true)?;
     let got = mgr.pull_image(&multi).await.context("the two-platform pull")?;
     ensure!(got.manifest_digest == host_manifest, "pulled {} for this host, want {host_manifest}", got.manifest_digest);
+
+    // The image's config: WorkingDir (for an empty work dir), Env, and
+    // Entrypoint/Cmd offered to the caller.
+    let (mut blobs, manifest) = busybox_blobs()?;
+    let top = with_config(&mut blobs, &manifest, |c| {
+        c["config"]["WorkingDir"] = "/srv/app".into();
+        c["config"]["Env"] = serde_json::json!(["PATH=/bin:/usr/bin", "GREETING=from the image"]);
+        c["config"]["Entrypoint"] = serde_json::json!(["/bin/sh", "-c"]);
+        c["config"]["Cmd"] = serde_json::json!(["echo $GREETING"]);
+    })?;
+    let configured = format!("{}/{backend}/configured:latest", reg.plain);
+    let layout = write_layout(&tmp.path().join("configured"), &blobs, OCI_MANIFEST, top)?;
+    push(&format!("oci:{}:latest", layout.display()), &configured, None, false)?;
+    mgr.pull_image(&configured).await?;
+    let v = mgr.create_vessel(&configured, "").await?;
+    ensure!(v.manifest().work_dir == "/srv/app", "work dir {:?}", v.manifest().work_dir);
+    let c = v.image_config().clone();
+    ensure!(c.entrypoint == ["/bin/sh", "-c"] && c.cmd == ["echo $GREETING"], "{c:?}");
+    let mut command = c.entrypoint.clone();
+    command.extend(c.cmd.clone());
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let res = v
+        .exec(ExecOptions {
+            command,
+            stdout: Some(Box::new(&mut out)),
+            stderr: Some(Box::new(&mut err)),
+            ..Default::default()
+        })
+        .await?;
+    ensure!(res.exit_code == 0 && out == b"from the image\n", "{res:?} {}", String::from_utf8_lossy(&err));
+    ensure!(run(&v, "pwd", false).await?.1 == "/srv/app\n");
+    let explicit = mgr.create_vessel(&configured, "/elsewhere").await?;
+    ensure!(explicit.manifest().work_dir == "/elsewhere", "an explicit work dir wins");
 
     // Basic auth: refused without or with wrong credentials, taken with
     // the right ones, given explicitly or through docker's config.json.
