@@ -243,6 +243,18 @@ impl<S: Storage> Storage for CompressedStorage<S> {
         self.inner.list_images().await
     }
 
+    async fn save_image_index(&self, image: &ImageRef, data: Vec<u8>) -> Result<(), StorageError> {
+        self.inner.save_image_index(image, data).await
+    }
+
+    async fn load_image_index(&self, image: &ImageRef) -> Result<Vec<u8>, StorageError> {
+        self.inner.load_image_index(image).await
+    }
+
+    async fn delete_image_index(&self, image: &ImageRef) -> Result<(), StorageError> {
+        self.inner.delete_image_index(image).await
+    }
+
     fn set_blob_encoding(&mut self, _encoding: BlobEncoding) {
         // What we hand the inner storage is always zstd, whatever our caller says.
     }

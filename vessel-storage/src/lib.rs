@@ -119,6 +119,25 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// The references of all stored images, sorted.
     async fn list_images(&self) -> Result<Vec<ImageRef>, StorageError>;
 
+    /// Writes (or replaces) a small summary kept beside `image`'s archive
+    /// (vessel writes what it verified, so a host whose cache holds the
+    /// layers need not read the archive). The default keeps none.
+    async fn save_image_index(&self, image: &ImageRef, data: Vec<u8>) -> Result<(), StorageError> {
+        let _ = (image, data);
+        Ok(())
+    }
+
+    /// The summary of `image`, or `NotFound`.
+    async fn load_image_index(&self, image: &ImageRef) -> Result<Vec<u8>, StorageError> {
+        Err(StorageError::ImageNotFound(image.clone()))
+    }
+
+    /// Removes `image`'s summary (absent is fine).
+    async fn delete_image_index(&self, image: &ImageRef) -> Result<(), StorageError> {
+        let _ = image;
+        Ok(())
+    }
+
     /// Tells a backend how the blobs handed to it are encoded, so it can name
     /// them truthfully (`.tar.zst`); decorators such as [`CompressedStorage`]
     /// call it on the storage they wrap. The default ignores it.
@@ -160,6 +179,15 @@ macro_rules! forward_storage {
             }
             async fn list_images(&self) -> Result<Vec<ImageRef>, StorageError> {
                 (**self).list_images().await
+            }
+            async fn save_image_index(&self, image: &ImageRef, data: Vec<u8>) -> Result<(), StorageError> {
+                (**self).save_image_index(image, data).await
+            }
+            async fn load_image_index(&self, image: &ImageRef) -> Result<Vec<u8>, StorageError> {
+                (**self).load_image_index(image).await
+            }
+            async fn delete_image_index(&self, image: &ImageRef) -> Result<(), StorageError> {
+                (**self).delete_image_index(image).await
             }
         }
     };

@@ -41,6 +41,8 @@ pub struct LocalStorage {
     encoding: BlobEncoding,
 }
 
+const INDEX_SUFFIX: &str = ".vessel-index.json";
+
 impl LocalStorage {
     /// Opens (creating if needed) a storage directory and removes what
     /// crashed writers left in it.
@@ -83,6 +85,12 @@ impl LocalStorage {
 
     fn snapshot_path(&self, vessel: &VesselId, snapshot: &SnapshotId, enc: BlobEncoding) -> PathBuf {
         self.vessel_dir(vessel).join("snapshots").join(format!("{snapshot}{}", enc.extension()))
+    }
+
+    /// `images/<ref>.vessel-index.json`, beside the archive (the Go
+    /// original looks only at `.tar*` files there).
+    fn index_path(&self, image: &ImageRef) -> PathBuf {
+        self.root.join("images").join(format!("{image}{INDEX_SUFFIX}"))
     }
 
     fn image_path(&self, image: &ImageRef, enc: BlobEncoding) -> PathBuf {
@@ -387,6 +395,27 @@ impl Storage for LocalStorage {
         }
     }
 
+    async fn save_image_index(&self, image: &ImageRef, data: Vec<u8>) -> Result<(), StorageError> {
+        self.write_atomic(self.index_path(image), Vec::new(), Box::new(std::io::Cursor::new(data))).await
+    }
+
+    async fn load_image_index(&self, image: &ImageRef) -> Result<Vec<u8>, StorageError> {
+        let p = self.index_path(image);
+        match tokio::fs::read(&p).await {
+            Ok(d) => Ok(d),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(StorageError::ImageNotFound(image.clone())),
+            Err(e) => Err(StorageError::io("read", &p)(e)),
+        }
+    }
+
+    async fn delete_image_index(&self, image: &ImageRef) -> Result<(), StorageError> {
+        let p = self.index_path(image);
+        match tokio::fs::remove_file(&p).await {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(StorageError::io("remove", &p)(e)),
+            _ => Ok(()),
+        }
+    }
+
     async fn list_images(&self) -> Result<Vec<ImageRef>, StorageError> {
         let images = self.root.join("images");
         blocking(move || {
@@ -402,6 +431,9 @@ impl Storage for LocalStorage {
                     }
                     let Ok(rel) = path.strip_prefix(&images) else { continue };
                     let Some(rel) = rel.to_str() else { continue };
+                    if rel.ends_with(INDEX_SUFFIX) {
+                        continue;
+                    }
                     let stem = BlobEncoding::ALL.iter().find_map(|e| rel.strip_suffix(e.extension()));
                     match stem.map(ImageRef::new) {
                         Some(Ok(r)) => out.push(r),

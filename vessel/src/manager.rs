@@ -142,6 +142,9 @@ impl Shared {
     /// Imports `reference` into the layer cache for `holder`: from storage,
     /// or (containerd backend) from containerd's image store.
     pub(crate) async fn import_image(&self, reference: &ImageRef, holder: &VesselId) -> Result<Image> {
+        if let Some(image) = self.cached_image(reference, holder).await {
+            return Ok(image);
+        }
         #[cfg_attr(not(feature = "containerd"), allow(unused_mut))]
         let mut export: Option<tokio::task::JoinHandle<Result<u64, vessel_runtime::RuntimeError>>> = None;
         let reader: BlobReader = match self.storage.load_image(reference).await {
@@ -204,7 +207,7 @@ impl Shared {
     pub(crate) async fn import_file(&self, reference: &ImageRef, path: &Path) -> Result<()> {
         let (cache, name, p) = (self.cache.clone(), reference.as_str().to_owned(), path.to_path_buf());
         let holder = "import-check";
-        tokio::task::spawn_blocking(move || {
+        let image = tokio::task::spawn_blocking(move || {
             let file = fs::File::open(&p).map_err(VesselError::io("open", &p))?;
             let img = import_archive(std::io::BufReader::new(file), &cache, holder, Some(&name));
             if let Ok(img) = &img {
@@ -218,9 +221,33 @@ impl Shared {
         })
         .await
         .map_err(|e| VesselError::InvalidInput(format!("image check panicked: {e}")))??;
+        // The summary goes first and comes last: never one of another archive.
+        self.storage.delete_image_index(reference).await?;
         let file = tokio::fs::File::open(path).await.map_err(VesselError::io("open", path))?;
         self.storage.save_image(reference, Box::new(tokio::io::BufReader::new(file))).await?;
+        self.storage.save_image_index(reference, crate::layers::image_index(&image)).await?;
         Ok(())
+    }
+
+    /// `reference` from its stored summary when this host's cache holds
+    /// every layer (retained for `holder`): no archive read.
+    async fn cached_image(&self, reference: &ImageRef, holder: &VesselId) -> Option<Image> {
+        let data = self.storage.load_image_index(reference).await.ok()?;
+        let mut retained = Vec::new();
+        let image = crate::layers::parse_image_index(&data, |diff_id| {
+            let key = LayerKey::diff_id(diff_id).ok()?;
+            let held = self.cache.retain(&key, holder.as_str()).ok()?;
+            let path = self.cache.path(&key);
+            retained.push(key);
+            held.then_some(path)
+        });
+        if image.is_none() {
+            // Some layer is missing here: what this attempt retained goes back.
+            for key in retained {
+                let _ = self.cache.release(&key, holder.as_str());
+            }
+        }
+        image
     }
 
     /// The layer of snapshot `id`, fetched from storage and verified against

@@ -180,6 +180,7 @@ fn main() {
         a_hundred_vessels_keep_the_host_responsive,
         images_pull_from_a_registry,
         registry_failures_are_typed_and_store_nothing,
+        create_from_a_cached_image_reads_no_archive,
     ];
     let mut trials = Vec::new();
     for w in &worlds {
@@ -1669,6 +1670,42 @@ async fn registry_failures_are_typed_and_store_nothing(w: Arc<World>) -> Result<
     ensure!(result.is_err(), "a pull through a cut connection succeeded");
     ensure!(!stored(cut).await, "a cut pull stored something");
     nothing_left("a cut connection")?;
+    mgr.close().await?;
+    Ok(())
+}
+
+/// An imported image's verified summary is kept in storage: a host whose
+/// cache holds its layers creates vessels without reading the archive (shown
+/// by spoiling the archive: this host still creates, a new host refuses).
+async fn create_from_a_cached_image_reads_no_archive(w: Arc<World>) -> Result<()> {
+    let mgr = w.manager("indexed").await?;
+    let reference = "local/indexed:latest";
+    let archive = std::fs::read(image_dir().join("busybox-oci.tar"))?;
+    mgr.import_image(reference, Box::new(std::io::Cursor::new(archive))).await?;
+    let first = mgr.create_vessel(reference, "/work").await?;
+    let images = w.base.join("data/images/local");
+    let stored: Vec<PathBuf> = std::fs::read_dir(&images)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("indexed:latest.tar")))
+        .collect();
+    ensure!(stored.len() == 1, "{stored:?}");
+    let original = std::fs::read(&stored[0])?;
+    std::fs::write(&stored[0], b"not an archive any more")?;
+    let result = async {
+        let second = mgr.create_vessel(reference, "/work").await.context("a create from the cache")?;
+        ensure!(run(&second, "echo cached", false).await?.1 == "cached\n");
+        let pin = |v: &vessel::Vessel| v.manifest().labels.get("vessel.image.config-digest").cloned();
+        ensure!(pin(&second).is_some() && pin(&second) == pin(&first), "the same image is pinned");
+        let other = w.manager("indexed-new-host").await?;
+        let refused = other.create_vessel(reference, "/work").await;
+        other.close().await?;
+        ensure!(refused.is_err(), "a new host created from a spoiled archive");
+        Ok(())
+    }
+    .await;
+    std::fs::write(&stored[0], &original)?;
+    result?;
     mgr.close().await?;
     Ok(())
 }

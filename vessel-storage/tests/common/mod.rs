@@ -205,9 +205,19 @@ pub async fn images_round_trip(s: &dyn Storage, _root: &Path) -> TestResult {
     for (i, r) in refs.iter().enumerate() {
         assert_eq!(read_all(s.load_image(&ImageRef::new(r)?).await?).await?, pattern(i as u64, 70_000));
     }
+    // A summary beside an archive: round trip, replaced, removed; never an image of its own.
+    let r = ImageRef::new(refs[0])?;
+    assert!(s.load_image_index(&r).await.err().unwrap().is_not_found());
+    s.save_image_index(&r, b"{\"v\":1}".to_vec()).await?;
+    s.save_image_index(&r, b"{\"v\":2}".to_vec()).await?;
+    assert_eq!(s.load_image_index(&r).await?, b"{\"v\":2}");
     let mut want: Vec<_> = refs.iter().map(|r| ImageRef::new(r).unwrap()).collect();
     want.sort();
     assert_eq!(s.list_images().await?, want);
+    s.delete_image_index(&r).await?;
+    s.delete_image_index(&r).await?;
+    assert!(s.load_image_index(&r).await.err().unwrap().is_not_found());
+    assert_eq!(read_all(s.load_image(&r).await?).await?, pattern(0, 70_000), "the archive stays");
     Ok(())
 }
 
