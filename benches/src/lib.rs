@@ -156,6 +156,71 @@ pub fn generate_tree(root: &std::path::Path, seed: u64, total_bytes: usize, file
     Ok(written)
 }
 
+/// An OCI image layout archive: the one image of `base` (an OCI layout tar)
+/// with `extra` more layers on top, each holding one 4 KiB file.
+pub fn multi_layer_image(base: &std::path::Path, extra: usize) -> std::io::Result<Vec<u8>> {
+    use sha2::Digest;
+    use std::collections::BTreeMap;
+    use std::io::Read;
+    let invalid = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
+    let mut blobs: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut index = Vec::new();
+    for e in tar::Archive::new(std::fs::File::open(base)?).entries()? {
+        let mut e = e?;
+        let name = e.path()?.display().to_string();
+        let mut data = Vec::new();
+        e.read_to_end(&mut data)?;
+        if name == "index.json" {
+            index = data;
+        } else if let Some(hex) = name.strip_prefix("blobs/sha256/").filter(|h| !h.is_empty()) {
+            blobs.insert(hex.to_owned(), data);
+        }
+    }
+    let add = |blobs: &mut BTreeMap<String, Vec<u8>>, data: Vec<u8>| {
+        let hex = format!("{:x}", sha2::Sha256::digest(&data));
+        let size = data.len();
+        blobs.insert(hex.clone(), data);
+        (format!("sha256:{hex}"), size)
+    };
+    let json = |b: &[u8]| serde_json::from_slice::<serde_json::Value>(b).map_err(|e| invalid(&e.to_string()));
+    let index = json(&index)?;
+    let m = index["manifests"][0]["digest"].as_str().ok_or_else(|| invalid("no manifest"))?;
+    let mut manifest = json(&blobs[m.trim_start_matches("sha256:")])?;
+    let c = manifest["config"]["digest"].as_str().ok_or_else(|| invalid("no config"))?.to_owned();
+    let mut config = json(&blobs[c.trim_start_matches("sha256:")])?;
+    for i in 0..extra {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_ustar();
+        h.set_size(4096);
+        h.set_mode(0o644);
+        b.append_data(&mut h, format!("layer-{i}/data"), &[i as u8; 4096][..])?;
+        let (d, size) = add(&mut blobs, b.into_inner()?);
+        manifest["layers"].as_array_mut().ok_or_else(|| invalid("no layers"))?.push(
+            serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d, "size": size}),
+        );
+        config["rootfs"]["diff_ids"].as_array_mut().ok_or_else(|| invalid("no diff ids"))?.push(d.into());
+    }
+    let (cd, cs) = add(&mut blobs, serde_json::to_vec(&config)?);
+    manifest["config"]["digest"] = cd.into();
+    manifest["config"]["size"] = cs.into();
+    let (md, ms) = add(&mut blobs, serde_json::to_vec(&manifest)?);
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [
+        {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": ms}]});
+    let mut out = tar::Builder::new(Vec::new());
+    let mut put = |name: &str, data: &[u8]| -> std::io::Result<()> {
+        let mut h = tar::Header::new_ustar();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        out.append_data(&mut h, name, data)
+    };
+    put("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    put("index.json", &serde_json::to_vec(&index)?)?;
+    for (hex, data) in &blobs {
+        put(&format!("blobs/sha256/{hex}"), data)?;
+    }
+    out.into_inner()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
