@@ -66,7 +66,7 @@ fn main() {
     });
     // A five-layer image (busybox and four more layers), for the create bench.
     let multi = rt.block_on(async {
-        let archive = vessel_benches::multi_layer_image(&image_dir().join("busybox-oci.tar"), 4).unwrap();
+        let archive = vessel_benches::multi_layer_image(&image_dir().join("busybox-oci.tar"), 4, 4096).unwrap();
         mgr.import_image("local/five-layers:latest", Box::new(std::io::Cursor::new(archive))).await.unwrap();
         "local/five-layers:latest"
     });

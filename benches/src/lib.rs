@@ -157,8 +157,9 @@ pub fn generate_tree(root: &std::path::Path, seed: u64, total_bytes: usize, file
 }
 
 /// An OCI image layout archive: the one image of `base` (an OCI layout tar)
-/// with `extra` more layers on top, each holding one 4 KiB file.
-pub fn multi_layer_image(base: &std::path::Path, extra: usize) -> std::io::Result<Vec<u8>> {
+/// with `extra` more layers on top, each holding one file of `bytes`
+/// deterministic, poorly compressible bytes.
+pub fn multi_layer_image(base: &std::path::Path, extra: usize, bytes: usize) -> std::io::Result<Vec<u8>> {
     use sha2::Digest;
     use std::collections::BTreeMap;
     use std::io::Read;
@@ -191,9 +192,11 @@ pub fn multi_layer_image(base: &std::path::Path, extra: usize) -> std::io::Resul
     for i in 0..extra {
         let mut b = tar::Builder::new(Vec::new());
         let mut h = tar::Header::new_ustar();
-        h.set_size(4096);
+        h.set_size(bytes as u64);
         h.set_mode(0o644);
-        b.append_data(&mut h, format!("layer-{i}/data"), &[i as u8; 4096][..])?;
+        let mut rng = Rng::new(i as u64 + 1);
+        let data: Vec<u8> = (0..bytes.div_ceil(8)).flat_map(|_| rng.next_u64().to_le_bytes()).take(bytes).collect();
+        b.append_data(&mut h, format!("layer-{i}/data"), &data[..])?;
         let (d, size) = add(&mut blobs, b.into_inner()?);
         manifest["layers"].as_array_mut().ok_or_else(|| invalid("no layers"))?.push(
             serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d, "size": size}),

@@ -177,6 +177,27 @@ fn a_whole_session(s: &Session, image: &Path) -> Result<()> {
         );
     }
     s.ok(&["rm", &small], None)?;
+    // image pull from the test registry (when `cargo xtask test` runs one).
+    if let Ok(registry) = std::env::var("VESSEL_REGISTRY") {
+        let src = format!("oci-archive:{}", image.trim_start_matches("oci-archive:"));
+        let dest = format!("{registry}/cli-{}/busybox:latest", s.backend);
+        let pushed = Command::new("skopeo")
+            .args(["copy", "--quiet", "--dest-tls-verify=false", &src, &format!("docker://{dest}")])
+            .output()?;
+        ensure!(pushed.status.success(), "skopeo: {}", String::from_utf8_lossy(&pushed.stderr));
+        let said: serde_json::Value = serde_json::from_str(&s.ok(&["--json", "image", "pull", &dest], None)?)?;
+        ensure!(said["layers"] == 1 && said["reference"] == dest.as_str(), "{said}");
+        let pulled = s.ok(&["create", &dest], None)?.trim().to_owned();
+        ensure!(s.ok(&["exec", &pulled, "--", "echo", "pulled"], None)? == "pulled\n");
+        let out = s.run(&["image", "pull", &format!("{registry}/cli-{}/none:latest", s.backend)], None)?;
+        ensure!(
+            out.status.code() == Some(125) && String::from_utf8_lossy(&out.stderr).contains("not found"),
+            "{out:?}"
+        );
+        s.ok(&["rm", &pulled], None)?;
+    } else {
+        ensure!(std::env::var_os("CI").is_none(), "VESSEL_REGISTRY is unset under CI");
+    }
     // docker's exit codes: 127 no such command, 126 not executable.
     let out = s.run(&["exec", &id, "--", "/no/such/command"], None)?;
     ensure!(out.status.code() == Some(127), "a missing command: {out:?}");
