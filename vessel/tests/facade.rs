@@ -1324,6 +1324,7 @@ struct Registry {
     plain: String,
     data: PathBuf,
     auth: String,
+    token: String,
     user: String,
     password: String,
 }
@@ -1343,6 +1344,7 @@ fn registry() -> Result<Option<Registry>> {
         plain,
         data: PathBuf::from(var("VESSEL_REGISTRY_DATA").context("VESSEL_REGISTRY_DATA")?),
         auth: var("VESSEL_REGISTRY_AUTH").context("VESSEL_REGISTRY_AUTH")?,
+        token: var("VESSEL_REGISTRY_TOKEN").context("VESSEL_REGISTRY_TOKEN")?,
         user: var("VESSEL_REGISTRY_USER").context("VESSEL_REGISTRY_USER")?,
         password: var("VESSEL_REGISTRY_PASSWORD").context("VESSEL_REGISTRY_PASSWORD")?,
     }))
@@ -1545,6 +1547,25 @@ async fn images_pull_from_a_registry(w: Arc<World>) -> Result<()> {
         .registry_auth(reg.auth.clone(), vessel::RegistryAuth::Basic(reg.user.clone(), reg.password.clone()));
     let m = Manager::new(explicit).await?;
     m.pull_image(&secret).await?;
+    m.close().await?;
+    // Bearer tokens: the registry sends the client to its token server,
+    // which takes the basic credentials; without them, Unauthorized.
+    let tokened = format!("{}/{backend}/tokened:latest", reg.token);
+    push(&busybox_archive(), &tokened, Some(&format!("{}:{}", reg.user, reg.password)), false)?;
+    let m = Manager::new(w.config("token-none").docker_config(&nobody)).await?;
+    match m.pull_image(&tokened).await {
+        Err(e) if e.kind() == VesselErrorKind::Unauthorized => {}
+        other => return Err(anyhow!("a token registry without credentials: {other:?}")),
+    }
+    m.close().await?;
+    let m = Manager::new(
+        w.config("token-basic")
+            .docker_config(&nobody)
+            .registry_auth(reg.token.clone(), vessel::RegistryAuth::Basic(reg.user.clone(), reg.password.clone())),
+    )
+    .await?;
+    let got = m.pull_image(&tokened).await.context("a pull with a bearer token")?;
+    ensure!(got.layers == 1);
     m.close().await?;
     let docker_config = tmp.path().join("config.json");
     let token = {
