@@ -206,18 +206,15 @@ impl Shared {
     /// unpacked into the cache) and stores it as `reference`.
     pub(crate) async fn import_file(&self, reference: &ImageRef, path: &Path) -> Result<()> {
         let (cache, name, p) = (self.cache.clone(), reference.as_str().to_owned(), path.to_path_buf());
-        let holder = "import-check";
+        // The image holds its layers in this host's cache (as docker keeps
+        // an image's layers until it is removed), so creating vessels from
+        // it unpacks nothing even after its last vessel is gone. What an
+        // earlier import of this reference held is let go first.
+        let holder = image_holder(reference);
         let image = tokio::task::spawn_blocking(move || {
+            cache.release_all(&holder)?;
             let file = fs::File::open(&p).map_err(VesselError::io("open", &p))?;
-            let img = import_archive(std::io::BufReader::new(file), &cache, holder, Some(&name));
-            if let Ok(img) = &img {
-                for l in &img.layers {
-                    if let Ok(k) = LayerKey::diff_id(&l.diff_id) {
-                        let _ = cache.release(&k, holder);
-                    }
-                }
-            }
-            img.map_err(VesselError::from)
+            import_archive(std::io::BufReader::new(file), &cache, &holder, Some(&name)).map_err(VesselError::from)
         })
         .await
         .map_err(|e| VesselError::InvalidInput(format!("image check panicked: {e}")))??;
@@ -325,6 +322,13 @@ fn lock_dir() -> PathBuf {
         Some(d) if !nix::unistd::geteuid().is_root() => PathBuf::from(d).join("vessel/locks"),
         _ => PathBuf::from("/run/vessel/locks"),
     }
+}
+
+/// The layer-cache holder for what an imported image keeps cached:
+/// `image-` and a hash of the reference (holders are plain names).
+fn image_holder(reference: &ImageRef) -> String {
+    use sha2::Digest;
+    format!("image-{:x}", sha2::Sha256::digest(reference.as_str().as_bytes()))[..38].to_owned()
 }
 
 /// A vessel's work dir as the Go original takes it: an empty or relative
