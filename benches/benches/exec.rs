@@ -15,13 +15,8 @@ use std::time::Duration;
 
 use criterion::Criterion;
 use oci_spec::runtime::{LinuxNamespaceBuilder, LinuxNamespaceType};
+use vessel_benches::image_dir;
 use vessel_runtime::{ContainerdConfig, ContainerdRuntime, RunRequest, Runtime, YoukiRuntime, oci_spec};
-
-fn image_dir() -> PathBuf {
-    std::env::var_os("VESSEL_TEST_IMAGE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/vessel-test"))
-}
 
 fn main() {
     // This binary is also the youki runner: init() first.

@@ -5,18 +5,12 @@
 //! The image: busybox and two 16 MiB layers of incompressible bytes. Needs
 //! root, the test image and the registry `cargo xtask bench` starts.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
 use vessel::{Backend, CompressedStorage, LocalStorage, Manager, ManagerConfig};
-
-fn image_dir() -> PathBuf {
-    std::env::var_os("VESSEL_TEST_IMAGE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/vessel-test"))
-}
+use vessel_benches::image_dir;
 
 fn main() {
     vessel::runtime::init();

@@ -6,21 +6,15 @@
 //! quota on (the defaults) and off. Needs root, the test image and a btrfs
 //! with quotas for `TMPDIR` (`cargo xtask bench` provides all three).
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
 use tokio::io::AsyncReadExt;
 use vessel::{Backend, CompressedStorage, ExecOptions, ImageRef, LocalStorage, Manager, ManagerConfig, Storage};
+use vessel_benches::image_dir;
 
 const IMAGE: &str = "local/busybox:latest";
-
-fn image_dir() -> PathBuf {
-    std::env::var_os("VESSEL_TEST_IMAGE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/vessel-test"))
-}
 
 /// One persisted `true`, as an agent's step would run.
 fn exec_true(rt: &tokio::runtime::Runtime, v: &vessel::Vessel) {

@@ -1,6 +1,14 @@
 //! Deterministic inputs for the criterion benches: the same seed always
 //! yields the same bytes, so runs on different days compare.
 
+/// The test image's directory (`cargo xtask image` makes it): where
+/// `VESSEL_TEST_IMAGE_DIR` says, else `target/vessel-test`.
+pub fn image_dir() -> std::path::PathBuf {
+    std::env::var_os("VESSEL_TEST_IMAGE_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/vessel-test"))
+}
+
 /// A writer that counts bytes and drops them: compressed output's size
 /// without its I/O.
 #[derive(Debug, Default)]

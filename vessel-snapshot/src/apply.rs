@@ -238,14 +238,6 @@ fn remove_at(dir: &OwnedFd, name: &OsStr) -> io::Result<()> {
     }
 }
 
-fn is_dir_at(dir: &OwnedFd, name: &OsStr) -> io::Result<Option<bool>> {
-    match nix::sys::stat::fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
-        Ok(st) => Ok(Some(SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR)),
-        Err(Errno::ENOENT) => Ok(None),
-        Err(e) => Err(e.into()),
-    }
-}
-
 struct Unpacker<'a> {
     root: OwnedFd,
     root_path: &'a Path,
@@ -690,20 +682,20 @@ fn merge_dir(src: &OwnedFd, dst: &OwnedFd, shown: &Path) -> Result<(), SnapshotE
             .get_xattr(OPAQUE_XATTR)
             .map_err(SnapshotError::io("read xattr of", &here))?
             .is_some_and(|v| v == b"y");
-        match is_dir_at(dst, &name).map_err(SnapshotError::io("stat", &here))? {
-            Some(true) if opaque => {
+        match existing_at(dst, &name).map_err(SnapshotError::io("stat", &here))? {
+            Existing::Node(SFlag::S_IFDIR) if opaque => {
                 let old = openat2(dst, &*name, beneath(OFlag::O_RDONLY | OFlag::O_DIRECTORY))
                     .map_err(|e| SnapshotError::io("open", &here)(e.into()))?;
                 clear_dir(&old, &here)?;
             }
-            Some(true) => {}
-            Some(false) => {
+            Existing::Node(SFlag::S_IFDIR) => {}
+            Existing::Nothing => mkdirat(dst, &*name, Mode::from_bits_truncate(0o700))
+                .map_err(|e| SnapshotError::io("create directory", &here)(e.into()))?,
+            Existing::Node(_) | Existing::Whiteout => {
                 remove_at(dst, &name).map_err(SnapshotError::io("replace", &here))?;
                 mkdirat(dst, &*name, Mode::from_bits_truncate(0o700))
                     .map_err(|e| SnapshotError::io("create directory", &here)(e.into()))?;
             }
-            None => mkdirat(dst, &*name, Mode::from_bits_truncate(0o700))
-                .map_err(|e| SnapshotError::io("create directory", &here)(e.into()))?,
         }
         let dst_child = openat2(dst, &*name, beneath(OFlag::O_RDONLY | OFlag::O_DIRECTORY))
             .map_err(|e| SnapshotError::io("open", &here)(e.into()))?;
