@@ -145,33 +145,20 @@ impl Shared {
         if let Some(image) = self.cached_image(reference, holder).await {
             return Ok(image);
         }
-        #[cfg_attr(not(feature = "containerd"), allow(unused_mut))]
-        let mut export: Option<tokio::task::JoinHandle<Result<u64, vessel_runtime::RuntimeError>>> = None;
+        let mut export = None;
         let reader: BlobReader = match self.storage.load_image(reference).await {
             Ok(r) => r,
-            Err(e) if e.kind() == StorageErrorKind::NotFound => {
-                #[cfg(feature = "containerd")]
-                if let Some(ctd) = &self.containerd
-                    && ctd.has_image(reference.as_str()).await?
-                {
-                    let (mut w, r) = tokio::io::duplex(1 << 20);
-                    let (ctd, name) = (ctd.clone(), reference.as_str().to_owned());
-                    export = Some(tokio::spawn(async move { ctd.export_image(&name, &mut w).await }));
-                    Box::new(r) as BlobReader
-                } else if self.registries.pull_on_demand {
+            Err(e) if e.kind() == StorageErrorKind::NotFound => match self.containerd_export(reference).await? {
+                Some((r, job)) => {
+                    export = Some(job);
+                    r
+                }
+                None if self.registries.pull_on_demand => {
                     self.pull(reference, std::sync::Arc::new(|_| {})).await?;
                     self.storage.load_image(reference).await?
-                } else {
-                    return Err(VesselError::ImageNotFound(reference.to_string()));
                 }
-                #[cfg(not(feature = "containerd"))]
-                if self.registries.pull_on_demand {
-                    self.pull(reference, std::sync::Arc::new(|_| {})).await?;
-                    self.storage.load_image(reference).await?
-                } else {
-                    return Err(VesselError::ImageNotFound(reference.to_string()));
-                }
-            }
+                None => return Err(VesselError::ImageNotFound(reference.to_string())),
+            },
             Err(e) => return Err(e.into()),
         };
         let (cache, holder, name) = (self.cache.clone(), holder.to_string(), reference.as_str().to_owned());
@@ -186,6 +173,22 @@ impl Shared {
             export.await.map_err(|e| VesselError::InvalidInput(format!("image export panicked: {e}")))??;
         }
         Ok(imported?)
+    }
+
+    /// `reference` streamed out of containerd's image store (containerd
+    /// backend), with the job exporting it; `None` where it is not there.
+    async fn containerd_export(&self, reference: &ImageRef) -> Result<Option<(BlobReader, ExportJob)>> {
+        #[cfg(feature = "containerd")]
+        if let Some(ctd) = &self.containerd
+            && ctd.has_image(reference.as_str()).await?
+        {
+            let (mut w, r) = tokio::io::duplex(1 << 20);
+            let (ctd, name) = (ctd.clone(), reference.as_str().to_owned());
+            let job = tokio::spawn(async move { ctd.export_image(&name, &mut w).await });
+            return Ok(Some((Box::new(r), job)));
+        }
+        let _ = reference;
+        Ok(None)
     }
 
     /// Pulls `reference` from its registry into storage (see [`crate::registry`]).
@@ -323,6 +326,9 @@ fn lock_dir() -> PathBuf {
         _ => PathBuf::from("/run/vessel/locks"),
     }
 }
+
+/// A containerd image export running beside its reader.
+type ExportJob = tokio::task::JoinHandle<Result<u64, vessel_runtime::RuntimeError>>;
 
 /// The layer-cache holder for what an imported image keeps cached:
 /// `image-` and a hash of the reference (holders are plain names).

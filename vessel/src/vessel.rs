@@ -180,6 +180,11 @@ impl Inner {
         Ok(Arc::new(inner))
     }
 
+    /// Mounts the rootfs on `lowers` with the vessel's ids and disk quota.
+    fn mount(&self, lowers: &[PathBuf], upper: Upper) -> Result<OverlayMount> {
+        mount_at(&self.dir, lowers, upper, self.userns.as_ref(), self.bounds.disk)
+    }
+
     pub(crate) fn manifest(&self) -> VesselManifest {
         self.manifest.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -498,7 +503,7 @@ impl Vessel {
         let result = self.snapshot_locked(&mut state, message).await;
         if state.mount.is_none() {
             // Failed before the new mount: back to the previous state.
-            match mount_at(&inner.dir, &state.lowers, Upper::Keep, inner.userns.as_ref(), inner.bounds.disk) {
+            match inner.mount(&state.lowers, Upper::Keep) {
                 Ok(m) => state.mount = Some(m),
                 Err(e) => tracing::error!(id = %inner.id, error = %e, "could not remount after a failed snapshot"),
             }
@@ -576,7 +581,7 @@ impl Vessel {
             }
         };
         *inner.manifest.lock().unwrap_or_else(|e| e.into_inner()) = manifest;
-        state.mount = Some(mount_at(&inner.dir, &lowers, Upper::Fresh, inner.userns.as_ref(), inner.bounds.disk)?);
+        state.mount = Some(inner.mount(&lowers, Upper::Fresh)?);
         state.lowers = lowers;
         Ok(snap)
     }
@@ -606,7 +611,7 @@ impl Vessel {
             if let Some(m) = state.mount.take() {
                 m.unmount()?;
             }
-            state.mount = Some(mount_at(&inner.dir, &lowers, Upper::Fresh, inner.userns.as_ref(), inner.bounds.disk)?);
+            state.mount = Some(inner.mount(&lowers, Upper::Fresh)?);
             Ok::<_, VesselError>(())
         })();
         if remounted.is_ok() {
@@ -618,8 +623,7 @@ impl Vessel {
                 tracing::error!(id = %inner.id, error = %e, "could not put the manifest back after a failed restore");
             }
             if state.mount.is_none()
-                && let Ok(m) =
-                    mount_at(&inner.dir, &state.lowers, Upper::Keep, inner.userns.as_ref(), inner.bounds.disk)
+                && let Ok(m) = inner.mount(&state.lowers, Upper::Keep)
             {
                 state.mount = Some(m);
             }

@@ -325,16 +325,23 @@ fn a_2_gib_image_imports_in_bounded_memory(s: &Session, scratch: &Path) -> Resul
     let size = (2u64 << 30) + 12345;
     big_archive(&archive, size)?;
     ensure!(std::fs::metadata(&archive)?.len() > 2 << 30);
-    let mut cmd = vec![env!("CARGO_BIN_EXE_vessel").to_owned()];
-    for a in [&s.data, &s.mounts] {
-        cmd.push(if a == &s.data { "--data".into() } else { "--mount-root".into() });
-        cmd.push(a.display().to_string());
-    }
-    cmd.extend(["image", "import", &archive.display().to_string(), "local/big:latest"].map(String::from));
+    let (data, mounts, archive_arg) =
+        (s.data.display().to_string(), s.mounts.display().to_string(), archive.display().to_string());
+    let cmd = [
+        env!("CARGO_BIN_EXE_vessel"),
+        "--data",
+        &data,
+        "--mount-root",
+        &mounts,
+        "image",
+        "import",
+        &archive_arg,
+        "local/big:latest",
+    ];
     let script = "import resource, subprocess, sys\n\
                   r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL)\n\
                   print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n";
-    let out = Command::new("python3").arg("-c").arg(script).args(&cmd).output()?;
+    let out = Command::new("python3").arg("-c").arg(script).args(cmd).output()?;
     ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8(out.stdout)?;
     let mut fields = text.split_whitespace();
