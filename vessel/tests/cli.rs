@@ -10,6 +10,7 @@ use std::process::{Command, Output, Stdio};
 
 use anyhow::{Context, Result, ensure};
 use libtest_mimic::{Arguments, Failed, Trial};
+use vessel_test_support as support;
 
 struct Session {
     data: PathBuf,
@@ -52,29 +53,13 @@ impl Session {
 fn main() {
     vessel::runtime::init();
     let args = Arguments::from_args();
-    let ci = std::env::var_os("CI").is_some();
-    let Some(image_dir) = std::env::var_os("VESSEL_TEST_IMAGE_DIR").map(PathBuf::from) else {
-        assert!(!ci, "VESSEL_TEST_IMAGE_DIR is unset under CI");
-        eprintln!("SKIPPED cli tests: VESSEL_TEST_IMAGE_DIR is unset; run `cargo xtask test`");
-        println!("cli: 0 passed, 0 failed, 1 skipped");
-        return;
-    };
-    if !nix::unistd::geteuid().is_root() {
-        assert!(!ci, "CI runs as root");
-        eprintln!("SKIPPED cli tests: they mount overlays and run containers; run as root");
-        println!("cli: 0 passed, 0 failed, 1 skipped");
-        return;
-    }
+    let Some(image_dir) = support::root_with_test_image("cli") else { return };
     let tmp = tempfile::tempdir().unwrap();
     let mut backends: Vec<(&'static str, Option<PathBuf>)> = vec![("youki", None)];
-    if cfg!(feature = "containerd") {
-        match std::env::var_os("VESSEL_CONTAINERD_ADDRESS") {
-            Some(a) => backends.push(("containerd", Some(PathBuf::from(a)))),
-            None => {
-                assert!(!ci, "VESSEL_CONTAINERD_ADDRESS is unset under CI");
-                eprintln!("SKIPPED cli tests on containerd: VESSEL_CONTAINERD_ADDRESS is unset");
-            }
-        }
+    if cfg!(feature = "containerd")
+        && let Some(a) = support::required_env("cli", "VESSEL_CONTAINERD_ADDRESS")
+    {
+        backends.push(("containerd", Some(PathBuf::from(a))));
     }
     let mut trials = backends
         .into_iter()
@@ -103,23 +88,8 @@ fn main() {
         a_2_gib_image_imports_in_bounded_memory(&big, &scratch).map_err(|e| Failed::from(format!("{e:#}")))
     }));
     let conclusion = libtest_mimic::run(&args, trials);
-    let mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
-        .filter(|m| Path::new(m).starts_with(tmp.path()))
-        .collect();
-    if !mounts.is_empty() {
-        eprintln!("leaks: mounts {mounts:?}");
-        std::process::exit(101);
-    }
-    println!("leak check: no mount left");
-    // process::exit runs no destructors: the temp dir goes now, and must go.
-    if let Err(e) = tmp.close() {
-        eprintln!("leaks: the test dir could not be removed: {e}");
-        std::process::exit(101);
-    }
-    conclusion.exit();
+    let leaks = [("mounts", support::shown(support::mounts_under(tmp.path())))];
+    support::finish(&tmp.keep(), &leaks, conclusion)
 }
 
 fn a_whole_session(s: &Session, image: &Path) -> Result<()> {

@@ -17,6 +17,7 @@ use anyhow::{Context, Result, anyhow, ensure};
 use libtest_mimic::{Arguments, Failed, Trial};
 use tokio::io::AsyncReadExt;
 use vessel::{Backend, ExecOptions, LocalStorage, Manager, ManagerConfig, Storage, VesselErrorKind};
+use vessel_test_support as support;
 
 static TOKIO: LazyLock<tokio::runtime::Runtime> =
     LazyLock::new(|| tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap());
@@ -447,19 +448,7 @@ async fn no_idmapped_mounts_is_a_typed_error(w: Arc<World>) -> Result<()> {
 fn main() {
     vessel::runtime::init();
     let args = Arguments::from_args();
-    let ci = std::env::var_os("CI").is_some();
-    let Some(image_dir) = std::env::var_os("VESSEL_TEST_IMAGE_DIR").map(PathBuf::from) else {
-        assert!(!ci, "VESSEL_TEST_IMAGE_DIR is unset under CI");
-        eprintln!("SKIPPED escape suite: VESSEL_TEST_IMAGE_DIR is unset; run `cargo xtask test`");
-        println!("escape: 0 passed, 0 failed, 1 skipped");
-        return;
-    };
-    if !nix::unistd::geteuid().is_root() {
-        assert!(!ci, "CI runs as root");
-        eprintln!("SKIPPED escape suite: it runs containers; run as root");
-        println!("escape: 0 passed, 0 failed, 1 skipped");
-        return;
-    }
+    let Some(image_dir) = support::root_with_test_image("escape") else { return };
     let tmp = tempfile::tempdir().unwrap();
     #[cfg_attr(not(any(feature = "youki", feature = "containerd")), allow(unused_variables))]
     let probe = image_dir.join("escape");
@@ -468,17 +457,13 @@ fn main() {
     #[cfg(feature = "youki")]
     worlds.push(World { backend: Backend::Youki, base: tmp.path().join("youki"), address: None, probe: probe.clone() });
     #[cfg(feature = "containerd")]
-    match std::env::var_os("VESSEL_CONTAINERD_ADDRESS") {
-        Some(a) => worlds.push(World {
+    if let Some(a) = support::required_env("escape", "VESSEL_CONTAINERD_ADDRESS") {
+        worlds.push(World {
             backend: Backend::Containerd,
             base: tmp.path().join("containerd"),
             address: Some(PathBuf::from(a)),
             probe: probe.clone(),
-        }),
-        None => {
-            assert!(!ci, "VESSEL_CONTAINERD_ADDRESS is unset under CI");
-            eprintln!("SKIPPED escape suite on containerd: VESSEL_CONTAINERD_ADDRESS is unset");
-        }
+        });
     }
     // Each world's storage holds the test images (the USER variants too).
     let src = LocalStorage::new(image_dir.join("storage")).unwrap();
@@ -517,21 +502,6 @@ fn main() {
         }
     }
     let conclusion = libtest_mimic::run(&args, trials);
-    let mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
-        .filter(|m| m.starts_with(&tmp.path().to_string_lossy().into_owned()))
-        .collect();
-    if !mounts.is_empty() {
-        eprintln!("leaks after the suite: mounts {mounts:?}");
-        std::process::exit(101);
-    }
-    println!("leak check: no mount left");
-    // process::exit runs no destructors: the temp dir goes now, and must go.
-    if let Err(e) = tmp.close() {
-        eprintln!("leaks: the test dir could not be removed: {e}");
-        std::process::exit(101);
-    }
-    conclusion.exit();
+    let leaks = [("mounts", support::shown(support::mounts_under(tmp.path())))];
+    support::finish(&tmp.keep(), &leaks, conclusion)
 }

@@ -22,6 +22,7 @@ use vessel::{
     Backend, CompressedStorage, ExecOptions, Limits, LocalStorage, Manager, ManagerConfig, OpenFlags, SnapshotId,
     Storage, VesselErrorKind, VesselOptions,
 };
+use vessel_test_support as support;
 
 static TOKIO: LazyLock<tokio::runtime::Runtime> =
     LazyLock::new(|| tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap());
@@ -107,19 +108,7 @@ fn main() {
         crash_child();
     }
     let args = Arguments::from_args();
-    let ci = std::env::var_os("CI").is_some();
-    let Some(image_dir) = std::env::var_os("VESSEL_TEST_IMAGE_DIR").map(PathBuf::from) else {
-        assert!(!ci, "VESSEL_TEST_IMAGE_DIR is unset under CI");
-        eprintln!("SKIPPED facade tests: VESSEL_TEST_IMAGE_DIR is unset; run `cargo xtask test`");
-        println!("facade: 0 passed, 0 failed, 1 skipped");
-        return;
-    };
-    if !nix::unistd::geteuid().is_root() {
-        assert!(!ci, "CI runs as root");
-        eprintln!("SKIPPED facade tests: they mount overlays and run containers; run as root");
-        println!("facade: 0 passed, 0 failed, 1 skipped");
-        return;
-    }
+    let Some(image_dir) = support::root_with_test_image("facade") else { return };
     let tmp = tempfile::tempdir().unwrap();
     // Which backends exist depends on the features: pushed one by one.
     #[allow(unused_mut)]
@@ -127,16 +116,12 @@ fn main() {
     #[cfg(feature = "youki")]
     worlds.push(World { backend: Backend::Youki, base: tmp.path().join("youki"), address: None });
     #[cfg(feature = "containerd")]
-    match std::env::var_os("VESSEL_CONTAINERD_ADDRESS") {
-        Some(a) => worlds.push(World {
+    if let Some(a) = support::required_env("facade", "VESSEL_CONTAINERD_ADDRESS") {
+        worlds.push(World {
             backend: Backend::Containerd,
             base: tmp.path().join("containerd"),
             address: Some(PathBuf::from(a)),
-        }),
-        None => {
-            assert!(!ci, "VESSEL_CONTAINERD_ADDRESS is unset under CI");
-            eprintln!("SKIPPED facade tests on containerd: VESSEL_CONTAINERD_ADDRESS is unset");
-        }
+        });
     }
     // Each world's storage holds the test image.
     for w in &worlds {
@@ -195,13 +180,6 @@ fn main() {
     let conclusion = libtest_mimic::run(&args, trials);
     // Leak check: nothing mounted under the test dirs, no vessel cgroups, no containers.
     std::thread::sleep(Duration::from_millis(500));
-    let mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
-        .filter(|m| m.starts_with(&tmp.path().display().to_string()))
-        .collect();
-    let cgroups = leftover_cgroups();
     #[allow(unused_mut)]
     let mut containers: Vec<String> = Vec::new();
     #[cfg(feature = "containerd")]
@@ -216,32 +194,12 @@ fn main() {
             containers.extend(String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned));
         }
     }
-    if !mounts.is_empty() || !cgroups.is_empty() || !containers.is_empty() {
-        eprintln!("leaks: mounts {mounts:?}, cgroups {cgroups:?}, containers {containers:?}");
-        std::process::exit(101);
-    }
-    println!("leak check: no mount, cgroup or container left");
-    // process::exit runs no destructors: the temp dir goes now, and must go.
-    if let Err(e) = tmp.close() {
-        eprintln!("leaks: the test dir could not be removed: {e}");
-        std::process::exit(101);
-    }
-    conclusion.exit();
-}
-
-fn leftover_cgroups() -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut roots: Vec<PathBuf> =
-        std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten().map(|e| e.path().join("vessel")).collect();
-    roots.push(PathBuf::from("/sys/fs/cgroup/vessel"));
-    for r in roots {
-        for e in std::fs::read_dir(&r).into_iter().flatten().flatten() {
-            if e.file_name().to_string_lossy().starts_with("vessel-") {
-                out.push(e.path());
-            }
-        }
-    }
-    out
+    let leaks = [
+        ("mounts", support::shown(support::mounts_under(tmp.path()))),
+        ("cgroups", support::shown(support::leftover_cgroups())),
+        ("containers", containers),
+    ];
+    support::finish(&tmp.keep(), &leaks, conclusion)
 }
 
 async fn caller_sketch(w: Arc<World>) -> Result<()> {

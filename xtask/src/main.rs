@@ -6,6 +6,7 @@
 
 mod containerd;
 mod image;
+mod python;
 mod quotafs;
 mod registry;
 mod util;
@@ -124,8 +125,10 @@ fn test() -> Result<()> {
     let containerd = containerd::Containerd::start()?;
     let quota = quotafs::QuotaFs::start()?;
     let registries = registry::Registries::start()?;
+    let mcp_python = python::mcp_sdk(&root)?;
     run(cargo(&root)
         .args(["test", "--workspace", "--locked", "--all-features"])
+        .env("VESSEL_MCP_PYTHON", &mcp_python)
         .env("VESSEL_TEST_IMAGE_DIR", &image.dir)
         .env("VESSEL_CONTAINERD_ADDRESS", &containerd.address)
         .env("TMPDIR", &quota.tmp)

@@ -10,10 +10,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::io::AsyncRead;
+mod mcp;
+
 use vessel::{
     Backend, CompressedStorage, ExecOptions, LocalStorage, Manager, ManagerConfig, SnapshotId, SnapshotManifest,
     Vessel, VesselManifest, VesselOptions,
@@ -144,6 +148,9 @@ enum Command {
         /// Snapshot id.
         snapshot: String,
     },
+    /// Serve vessel's tools to agents over the Model Context Protocol
+    /// (stdio, or streamable HTTP with --http).
+    Mcp(McpArgs),
     /// Delete a vessel, or one of its snapshots.
     Rm {
         /// Vessel id.
@@ -180,6 +187,28 @@ enum ImageCommand {
     },
     /// List the images in storage.
     Ls,
+}
+
+/// `vessel mcp`'s options.
+#[derive(Debug, clap::Args)]
+struct McpArgs {
+    /// Serve streamable HTTP on this loopback address (e.g. 127.0.0.1:8931)
+    /// instead of stdio; clients send `Authorization: Bearer <token>`.
+    #[arg(long)]
+    http: Option<std::net::SocketAddr>,
+    /// The bearer token's file (mode 600). Without it and VESSEL_MCP_TOKEN,
+    /// a random token is made and printed to stderr.
+    #[arg(long, requires = "http")]
+    token_file: Option<PathBuf>,
+    /// Bytes of stdout, and of stderr, an exec returns (its start and end).
+    #[arg(long, value_parser = parse_size, default_value = "64k")]
+    max_output: u64,
+    /// Bytes a read_file returns at most.
+    #[arg(long, value_parser = parse_size, default_value = "1m")]
+    max_read: u64,
+    /// Seconds an exec may run when the call names no timeout.
+    #[arg(long, value_parser = parse_timeout, default_value = "300")]
+    exec_timeout: Duration,
 }
 
 fn main() -> ExitCode {
@@ -302,7 +331,7 @@ impl<R: AsyncRead + Unpin> AsyncRead for Progress<R> {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
-    let mgr = manager(&cli).await?;
+    let mgr = Arc::new(manager(&cli).await?);
     let result = command(&cli, &mgr).await;
     mgr.close().await?;
     result
@@ -325,8 +354,32 @@ async fn commit(v: &Vessel, message: String, json: bool) -> Result<SnapshotManif
     Ok(snap)
 }
 
-async fn command(cli: &Cli, mgr: &Manager) -> Result<ExitCode> {
+async fn command(cli: &Cli, mgr: &Arc<Manager>) -> Result<ExitCode> {
     match &cli.command {
+        Command::Mcp(a) => {
+            let transport = match a.http {
+                None => mcp::Transport::Stdio,
+                Some(addr) => {
+                    let token = match (&a.token_file, std::env::var("VESSEL_MCP_TOKEN")) {
+                        (Some(f), _) => mcp::read_token_file(f)?,
+                        (None, Ok(t)) if t.len() >= 16 => t,
+                        (None, Ok(_)) => bail!("VESSEL_MCP_TOKEN is shorter than 16 characters"),
+                        (None, Err(_)) => {
+                            let t = mcp::random_token();
+                            eprintln!("vessel mcp: token {t}");
+                            t
+                        }
+                    };
+                    mcp::Transport::Http { addr, token }
+                }
+            };
+            let options = mcp::Options {
+                max_output: usize::try_from(a.max_output).unwrap_or(usize::MAX),
+                max_read: a.max_read,
+                exec_timeout: a.exec_timeout,
+            };
+            mcp::serve(mgr.clone(), options, transport).await?;
+        }
         Command::Image(ImageCommand::Pull { reference, .. }) => {
             let bar = ProgressBar::new(0).with_message(format!("pulling {reference}"));
             bar.set_style(

@@ -1,0 +1,108 @@
+//! What vessel's integration suites share, so each states only what it
+//! tests: whether the machine can run a suite (root, the test image; a
+//! skip is loud and fails under `CI`), and the leak checks they end with
+//! (mounts, cgroups, processes).
+//!
+//! It depends on no vessel crate: any crate's tests may use it.
+
+use std::path::{Path, PathBuf};
+
+/// Whether this run is CI's (`CI` set), where nothing may be skipped.
+pub fn ci() -> bool {
+    std::env::var_os("CI").is_some()
+}
+
+/// Skips (prints why, and a zero-count summary line) outside CI; panics in
+/// CI, where a skipped test would pass for nothing.
+pub fn skip(suite: &str, why: &str) {
+    assert!(!ci(), "{suite}: {why} under CI");
+    eprintln!("SKIPPED {suite}: {why}");
+    println!("{suite}: 0 passed, 0 failed, 1 skipped");
+}
+
+/// The test image dir (`VESSEL_TEST_IMAGE_DIR`, made by `cargo xtask`) when
+/// the process is root, as suites that mount and run containers need;
+/// `None` after [`skip`] otherwise.
+pub fn root_with_test_image(suite: &str) -> Option<PathBuf> {
+    let Some(dir) = std::env::var_os("VESSEL_TEST_IMAGE_DIR").map(PathBuf::from) else {
+        skip(suite, "VESSEL_TEST_IMAGE_DIR is unset; run `cargo xtask test`");
+        return None;
+    };
+    if !nix::unistd::geteuid().is_root() {
+        skip(suite, "it mounts overlays and runs containers; run as root");
+        return None;
+    }
+    Some(dir)
+}
+
+/// An environment variable a part of a suite needs: `None` (after a note)
+/// outside CI, a panic in CI.
+pub fn required_env(suite: &str, var: &str) -> Option<std::ffi::OsString> {
+    let v = std::env::var_os(var);
+    if v.is_none() {
+        assert!(!ci(), "{suite}: {var} is unset under CI");
+        eprintln!("SKIPPED part of {suite}: {var} is unset; run `cargo xtask test`");
+    }
+    v
+}
+
+/// This process's mount points at or under `dir` (procfs decodes the
+/// kernel's octal escapes).
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let Ok(info) = procfs::process::Process::myself().and_then(|p| p.mountinfo()) else {
+        return vec![PathBuf::from("<mountinfo unreadable>")];
+    };
+    info.into_iter().map(|m| m.mount_point).filter(|m| m.starts_with(dir)).collect()
+}
+
+/// Whether `path` is a mount point of this process.
+pub fn is_mount_point(path: &Path) -> bool {
+    procfs::process::Process::myself()
+        .and_then(|p| p.mountinfo())
+        .is_ok_and(|info| info.into_iter().any(|m| m.mount_point == path))
+}
+
+/// The cgroups vessel's containers left (`vessel-*` under any hierarchy's
+/// `vessel` dir, v1 or v2).
+pub fn leftover_cgroups() -> Vec<PathBuf> {
+    let mut roots: Vec<PathBuf> =
+        std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten().map(|e| e.path().join("vessel")).collect();
+    roots.push(PathBuf::from("/sys/fs/cgroup/vessel"));
+    roots
+        .iter()
+        .flat_map(|r| std::fs::read_dir(r).into_iter().flatten().flatten())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("vessel-"))
+        .map(|e| e.path())
+        .collect()
+}
+
+/// The processes with `arg` as one of their arguments (a marker a test's
+/// command carries, to prove it is gone).
+pub fn processes_with_arg(arg: &str) -> Vec<i32> {
+    let Ok(all) = procfs::process::all_processes() else { return Vec::new() };
+    all.flatten().filter(|p| p.cmdline().is_ok_and(|c| c.iter().any(|a| a == arg))).map(|p| p.pid()).collect()
+}
+
+/// Ends a suite: fails the run (exit 101) when anything named in `leaks`
+/// is left or `tmp` cannot be removed, else exits as the tests did.
+/// `process::exit` runs no destructors, so the temp dir is removed here.
+pub fn finish(tmp: &Path, leaks: &[(&str, Vec<String>)], conclusion: libtest_mimic::Conclusion) -> ! {
+    let found: Vec<String> =
+        leaks.iter().filter(|(_, v)| !v.is_empty()).map(|(what, v)| format!("{what} {v:?}")).collect();
+    if !found.is_empty() {
+        eprintln!("leaks: {}", found.join(", "));
+        std::process::exit(101);
+    }
+    let names: Vec<&str> = leaks.iter().map(|(w, _)| *w).collect();
+    println!("leak check: none of {} left", names.join(", "));
+    if let Err(e) = std::fs::remove_dir_all(tmp) {
+        eprintln!("leaks: the test dir {} could not be removed: {e}", tmp.display());
+        std::process::exit(101);
+    }
+    conclusion.exit()
+}
+
+/// Shows paths for a leak report.
+pub fn shown(paths: impl IntoIterator<Item = impl AsRef<Path>>) -> Vec<String> {
+    paths.into_iter().map(|p| p.as_ref().display().to_string()).collect()
+}

@@ -1,0 +1,791 @@
+//! `vessel mcp`: vessel's workspaces as Model Context Protocol tools, so an
+//! agent can create, run, edit, snapshot and restore them directly.
+//!
+//! One [`Tools`] value serves every session (stdio has one; streamable HTTP
+//! may have several): they share the manager and the vessels the server has
+//! open. A vessel named by a tool call is opened on first use and stays open
+//! until it is deleted or the server stops, when all are closed (changes not
+//! snapshotted are then dropped, as everywhere in vessel). Failures of vessel
+//! come back as tool errors (`isError`) carrying the typed message, so the
+//! model can read and act on them; the server itself never stops on input.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use base64::Engine as _;
+use rmcp::handler::server::router::tool::ToolRouter;
+use rmcp::handler::server::wrapper::Parameters;
+use rmcp::model::{CallToolResult, Implementation, ServerCapabilities, ServerConfig};
+use rmcp::{ServerHandler, ServiceExt, schemars, tool, tool_handler, tool_router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::io::AsyncWrite;
+use tokio_util::sync::CancellationToken;
+use vessel::{
+    ExecOptions, FileInfo, FileType, Manager, OpenFlags, SnapshotId, Vessel, VesselError, VesselManifest, VesselOptions,
+};
+
+/// What the server lets a call return and run.
+#[derive(Debug, Clone)]
+pub(crate) struct Options {
+    /// Bytes of stdout, and of stderr, an `exec` returns (the first and last
+    /// halves; the middle is replaced by a marker).
+    pub(crate) max_output: usize,
+    /// Bytes a `read_file` returns at most.
+    pub(crate) max_read: u64,
+    /// The timeout of an `exec` that names none.
+    pub(crate) exec_timeout: Duration,
+}
+
+/// Where `vessel mcp` listens.
+#[derive(Debug, Clone)]
+pub(crate) enum Transport {
+    /// Standard input and output (what agents spawn).
+    Stdio,
+    /// Streamable HTTP on a loopback address, with a bearer token.
+    Http { addr: SocketAddr, token: String },
+}
+
+/// Serves until the client hangs up (stdio), or until SIGINT or SIGTERM,
+/// then closes every vessel it opened.
+pub(crate) async fn serve(mgr: Arc<Manager>, options: Options, transport: Transport) -> Result<()> {
+    let tools = Tools::new(mgr, options);
+    let stop = CancellationToken::new();
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            shutdown_signal().await;
+            stop.cancel();
+        }
+    });
+    let served = match transport {
+        Transport::Stdio => {
+            let running = tools.clone().serve(rmcp::transport::stdio()).await.context("starting the MCP session")?;
+            let cancel = running.cancellation_token();
+            tokio::select! {
+                r = running.waiting() => r.map(|_| ()).context("the MCP session"),
+                () = stop.cancelled() => { cancel.cancel(); Ok(()) }
+            }
+        }
+        Transport::Http { addr, token } => serve_http(tools.clone(), addr, token, stop).await,
+    };
+    let closed = tools.close_all().await;
+    served?;
+    closed
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+async fn serve_http(tools: Tools, addr: SocketAddr, token: String, stop: CancellationToken) -> Result<()> {
+    use rmcp::transport::streamable_http_server::{
+        StreamableHttpServerConfig, StreamableHttpService, session::local::LocalSessionManager,
+    };
+    if !addr.ip().is_loopback() {
+        bail!("--http {addr}: vessel mcp listens on loopback addresses only (its tools run code)");
+    }
+    let config = StreamableHttpServerConfig::default().with_cancellation_token(stop.child_token());
+    let service: StreamableHttpService<Tools, LocalSessionManager> =
+        StreamableHttpService::new(move || Ok(tools.clone()), Default::default(), config);
+    let token: Arc<str> = token.into();
+    let app = axum::Router::new().nest_service("/mcp", service).layer(axum::middleware::from_fn(
+        move |req: axum::extract::Request, next: axum::middleware::Next| {
+            let token = token.clone();
+            async move {
+                let presented = req
+                    .headers()
+                    .get(axum::http::header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "));
+                if presented.is_some_and(|p| same_secret(p.as_bytes(), token.as_bytes())) {
+                    next.run(req).await
+                } else {
+                    axum::response::IntoResponse::into_response((
+                        axum::http::StatusCode::UNAUTHORIZED,
+                        [(axum::http::header::WWW_AUTHENTICATE, "Bearer")],
+                        "a bearer token is required\n",
+                    ))
+                }
+            }
+        },
+    ));
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
+    let bound = listener.local_addr()?;
+    // Scripts and tests read the address (the port may have been 0) here.
+    eprintln!("vessel mcp: listening on http://{bound}/mcp");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { stop.cancelled_owned().await })
+        .await
+        .context("serving HTTP")
+}
+
+/// Compares the whole of both, so the time taken says nothing of where a
+/// guessed token first differs.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A token for `--http` when none was given: 256 random bits, hex.
+pub(crate) fn random_token() -> String {
+    (0..4).map(|_| format!("{:016x}", rand::random::<u64>())).collect()
+}
+
+/// The token file's first line, refused when others may read the file.
+pub(crate) fn read_token_file(path: &PathBuf) -> Result<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).with_context(|| format!("reading the token file {}", path.display()))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        bail!("the token file {} is readable by others: chmod 600 it", path.display());
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading the token file {}", path.display()))?;
+    let token = text.lines().next().unwrap_or("").trim().to_owned();
+    if token.len() < 16 {
+        bail!("the token in {} is shorter than 16 characters", path.display());
+    }
+    Ok(token)
+}
+
+/// The MCP tools over one manager.
+#[derive(Clone)]
+pub(crate) struct Tools {
+    state: Arc<State>,
+    tool_router: ToolRouter<Self>,
+}
+
+struct State {
+    mgr: Arc<Manager>,
+    options: Options,
+    /// The vessels this server opened, by id.
+    open: tokio::sync::Mutex<HashMap<String, Arc<Vessel>>>,
+}
+
+/// A tool's failure as the model sees it: the error's kind, then its
+/// message and causes.
+fn failure(e: impl Into<anyhow::Error>) -> CallToolResult {
+    let e: anyhow::Error = e.into();
+    let kind = e.chain().find_map(|c| c.downcast_ref::<VesselError>()).map(|v| format!("{:?}: ", v.kind()));
+    CallToolResult::error(vec![rmcp::model::ContentBlock::text(format!("{}{e:#}", kind.unwrap_or_default()))])
+}
+
+fn invalid(msg: impl Into<String>) -> CallToolResult {
+    CallToolResult::error(vec![rmcp::model::ContentBlock::text(format!("InvalidInput: {}", msg.into()))])
+}
+
+type ToolResult = std::result::Result<CallToolResult, CallToolResult>;
+
+fn ok(v: Value) -> ToolResult {
+    Ok(CallToolResult::structured(v))
+}
+
+impl Tools {
+    fn new(mgr: Arc<Manager>, options: Options) -> Self {
+        Self { state: Arc::new(State { mgr, options, open: Default::default() }), tool_router: Self::tool_router() }
+    }
+
+    /// The vessel `id`, opened on first use.
+    async fn vessel(&self, id: &str) -> std::result::Result<Arc<Vessel>, CallToolResult> {
+        let mut open = self.state.open.lock().await;
+        if let Some(v) = open.get(id) {
+            return Ok(v.clone());
+        }
+        let v = Arc::new(self.state.mgr.open_vessel(id).await.map_err(failure)?);
+        open.insert(id.to_owned(), v.clone());
+        Ok(v)
+    }
+
+    async fn close_all(&self) -> Result<()> {
+        let open: Vec<_> = self.state.open.lock().await.drain().collect();
+        let mut first = None;
+        for (id, v) in open {
+            if let Err(e) = v.close().await {
+                first.get_or_insert(anyhow::Error::new(e).context(format!("closing vessel {id}")));
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+}
+
+fn default_work_dir() -> String {
+    "/work".into()
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+struct CreateVesselArgs {
+    /// The image to build the workspace from, as `list_images` shows it (e.g. `local/busybox:latest`).
+    image: String,
+    /// The directory relative paths and commands start in; created when missing.
+    #[serde(default = "default_work_dir")]
+    work_dir: String,
+    /// Memory of each command, e.g. `512m` or `2g`.
+    memory: Option<String>,
+    /// CPUs of each command, e.g. 0.5 or 2.
+    cpus: Option<f64>,
+    /// Processes and threads of each command.
+    pids: Option<i64>,
+    /// What the workspace may write to disk, e.g. `2g`.
+    disk: Option<String>,
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+struct VesselArgs {
+    /// The vessel's id, as `create_vessel` or `list_vessels` gave it.
+    vessel_id: String,
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+struct ExecArgs {
+    /// The vessel's id.
+    vessel_id: String,
+    /// The program and its arguments, e.g. `["ls", "-la"]`. Give this or `shell`.
+    command: Option<Vec<String>>,
+    /// A shell command line run with `/bin/sh -c`, e.g. `make test 2>&1 | tail`. Give this or `command`.
+    shell: Option<String>,
+    /// The directory to run in (default: the vessel's work dir).
+    cwd: Option<String>,
+    /// Extra environment variables.
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    /// Text given to the command's standard input (it sees end-of-file after it).
+    stdin: Option<String>,
+    /// Kill the command after this many seconds (default: the server's, 300 unless set).
+    timeout_seconds: Option<f64>,
+    /// Keep the command's file changes (default true). With false it runs on a throwaway copy.
+    #[serde(default = "yes")]
+    persist: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+enum Encoding {
+    /// UTF-8 text.
+    Text,
+    /// Bytes as standard base64.
+    Base64,
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+struct ReadFileArgs {
+    /// The vessel's id.
+    vessel_id: String,
+    /// The file, absolute or relative to the work dir.
+    path: String,
+    /// How to return the content: `text`, `base64`; by default text when it is UTF-8, else base64.
+    encoding: Option<Encoding>,
+    /// Start at this byte (default 0).
+    #[serde(default)]
+    offset: u64,
+    /// Read at most this many bytes (default and maximum: the server's limit, 1 MiB unless set).
+    length: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+struct WriteFileArgs {
+    /// The vessel's id.
+    vessel_id: String,
+    /// The file, absolute or relative to the work dir; missing parent directories are created.
+    path: String,
+    /// The new content (replaces the file's).
+    content: String,
+    /// How `content` is encoded: `text` (default) or `base64`.
+    encoding: Option<Encoding>,
+    /// Permission bits of a new file, octal, e.g. `644` or `755` (default 644).
+    mode: Option<String>,
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+struct PathArgs {
+    /// The vessel's id.
+    vessel_id: String,
+    /// The path, absolute or relative to the work dir (default: the work dir).
+    #[serde(default)]
+    path: String,
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+struct DeleteFileArgs {
+    /// The vessel's id.
+    vessel_id: String,
+    /// The file, symlink or directory to delete.
+    path: String,
+    /// Delete a directory with everything in it (default: only empty ones).
+    #[serde(default)]
+    recursive: bool,
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+struct MoveFileArgs {
+    /// The vessel's id.
+    vessel_id: String,
+    /// What to move.
+    from: String,
+    /// Where to; replaces a file there.
+    to: String,
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+struct CreateSnapshotArgs {
+    /// The vessel's id.
+    vessel_id: String,
+    /// What the snapshot holds, e.g. `tests pass`.
+    #[serde(default)]
+    message: String,
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+struct SnapshotArgs {
+    /// The vessel's id.
+    vessel_id: String,
+    /// The snapshot's id, as `create_snapshot` or `list_snapshots` gave it.
+    snapshot_id: String,
+}
+
+fn info_json(i: &FileInfo) -> Value {
+    let modified = chrono::DateTime::<chrono::Utc>::from(i.modified).to_rfc3339();
+    json!({
+        "name": i.name,
+        "type": match i.file_type { FileType::File => "file", FileType::Dir => "dir", FileType::Symlink => "symlink", _ => "other" },
+        "size": i.size,
+        "mode": format!("{:o}", i.mode),
+        "uid": i.uid,
+        "gid": i.gid,
+        "modified": modified,
+    })
+}
+
+fn vessel_json(m: &VesselManifest, open: bool) -> Value {
+    json!({
+        "vessel_id": m.id.as_str(),
+        "image": m.base_image_ref.as_str(),
+        "work_dir": m.work_dir,
+        "current_snapshot_id": m.current_snapshot_id.as_ref().map(|s| s.as_str()),
+        "snapshots": m.snapshots.len(),
+        "updated": m.update_time.to_rfc3339(),
+        "open_here": open,
+    })
+}
+
+fn size_arg(name: &str, v: &Option<String>) -> std::result::Result<Option<u64>, CallToolResult> {
+    v.as_deref().map(|s| crate::parse_size(s).map_err(|e| invalid(format!("{name}: {e}")))).transpose()
+}
+
+#[tool_router]
+impl Tools {
+    #[tool(description = "Create a workspace (a vessel) from an image and open it. Returns its vessel_id, which \
+        every other tool takes. The new vessel's first snapshot is its initial state.")]
+    async fn create_vessel(&self, Parameters(a): Parameters<CreateVesselArgs>) -> ToolResult {
+        let mut opts = VesselOptions::new();
+        if let Some(m) = size_arg("memory", &a.memory)? {
+            opts = opts.memory_bytes(i64::try_from(m).unwrap_or(i64::MAX));
+        }
+        if let Some(c) = a.cpus {
+            let us = if c.is_finite() { (c * 100_000.0).round() as i64 } else { 0 };
+            opts = opts.cpu_quota_us(us);
+        }
+        if let Some(p) = a.pids {
+            opts = opts.pids(p);
+        }
+        if let Some(d) = size_arg("disk", &a.disk)? {
+            opts = opts.disk_bytes(d);
+        }
+        let v = self.state.mgr.create_vessel_with(&a.image, &a.work_dir, &opts).await.map_err(failure)?;
+        let snap = match v.create_snapshot("create").await {
+            Ok(s) => s,
+            Err(e) => {
+                let id = v.id().to_string();
+                let _ = v.close().await;
+                let _ = self.state.mgr.delete_vessel(&id).await;
+                return Err(failure(e));
+            }
+        };
+        let m = v.manifest();
+        self.state.open.lock().await.insert(v.id().to_string(), Arc::new(v));
+        ok(json!({ "vessel_id": m.id.as_str(), "image": m.base_image_ref.as_str(), "work_dir": m.work_dir,
+                   "snapshot_id": snap.id.as_str() }))
+    }
+
+    #[tool(description = "List the workspaces in storage: id, image, current snapshot, snapshot count, and \
+        whether this server has it open.")]
+    async fn list_vessels(&self) -> ToolResult {
+        let all = self.state.mgr.list_vessels().await.map_err(failure)?;
+        let open = self.state.open.lock().await;
+        ok(
+            json!({ "vessels": all.iter().map(|m| vessel_json(m, open.contains_key(m.id.as_str()))).collect::<Vec<_>>() }),
+        )
+    }
+
+    #[tool(description = "List the images vessels can be created from.")]
+    async fn list_images(&self) -> ToolResult {
+        let images = self.state.mgr.storage().list_images().await.map_err(failure)?;
+        ok(json!({ "images": images.iter().map(|i| i.to_string()).collect::<Vec<_>>() }))
+    }
+
+    #[tool(description = "Delete a workspace and all its snapshots, for good.")]
+    async fn delete_vessel(&self, Parameters(a): Parameters<VesselArgs>) -> ToolResult {
+        if let Some(v) = self.state.open.lock().await.remove(&a.vessel_id) {
+            v.close().await.map_err(failure)?;
+        }
+        self.state.mgr.delete_vessel(&a.vessel_id).await.map_err(failure)?;
+        ok(json!({ "deleted": a.vessel_id }))
+    }
+
+    #[tool(description = "Run a command in a workspace, in a fresh container on its filesystem, and wait for it. \
+        Give `command` (argv) or `shell` (a /bin/sh command line). Returns exit_code (127: not found, 137: killed), \
+        timed_out, oom_killed, duration_ms, stdout and stderr; output beyond the server's cap keeps its start and \
+        end around a `[vessel: ... truncated ...]` marker. File changes are kept unless persist is false; \
+        snapshot to make them durable.")]
+    async fn exec(&self, Parameters(a): Parameters<ExecArgs>, ct: CancellationToken) -> ToolResult {
+        let command = match (a.command, a.shell) {
+            (Some(c), None) if !c.is_empty() => c,
+            (None, Some(s)) => vec!["/bin/sh".into(), "-c".into(), s],
+            (Some(_), None) => return Err(invalid("command is empty")),
+            (Some(_), Some(_)) => return Err(invalid("give command or shell, not both")),
+            (None, None) => return Err(invalid("give command (argv) or shell (a command line)")),
+        };
+        let timeout = match a.timeout_seconds {
+            None => self.state.options.exec_timeout,
+            Some(s) if s > 0.0 && s.is_finite() => {
+                Duration::try_from_secs_f64(s).map_err(|e| invalid(format!("timeout_seconds: {e}")))?
+            }
+            Some(s) => return Err(invalid(format!("timeout_seconds must be more than 0, not {s}"))),
+        };
+        let env = a
+            .env
+            .into_iter()
+            .map(|(k, v)| {
+                if k.is_empty() || k.contains('=') {
+                    Err(invalid(format!("bad env name {k:?}")))
+                } else {
+                    Ok(format!("{k}={v}"))
+                }
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let v = self.vessel(&a.vessel_id).await?;
+        let cap = self.state.options.max_output;
+        let (mut out, mut err) = (Capture::new(cap), Capture::new(cap));
+        let stdin = a
+            .stdin
+            .map(|s| Box::new(std::io::Cursor::new(s.into_bytes())) as Box<dyn tokio::io::AsyncRead + Send + Unpin>);
+        let started = Instant::now();
+        let run = v.exec(ExecOptions {
+            command,
+            work_dir: a.cwd,
+            env,
+            stdin,
+            stdout: Some(Box::new(&mut out)),
+            stderr: Some(Box::new(&mut err)),
+            persist_result: a.persist,
+            timeout: Some(timeout),
+            ..Default::default()
+        });
+        // A cancelled call drops the exec, which kills its process tree.
+        let res = tokio::select! {
+            r = run => r.map_err(failure)?,
+            () = ct.cancelled() => return Err(invalid("cancelled: the command was killed")),
+        };
+        ok(json!({
+            "exit_code": res.exit_code,
+            "timed_out": res.timed_out,
+            "oom_killed": res.oom_killed,
+            "duration_ms": started.elapsed().as_millis() as u64,
+            "stdout": out.text(),
+            "stderr": err.text(),
+            "stdout_bytes": out.total,
+            "stderr_bytes": err.total,
+            "truncated": out.truncated() || err.truncated(),
+        }))
+    }
+
+    #[tool(description = "Read a file of a workspace. Text comes back as is; other bytes as base64 (see `encoding`). \
+        Large files: read a window with offset and length.")]
+    async fn read_file(&self, Parameters(a): Parameters<ReadFileArgs>) -> ToolResult {
+        let v = self.vessel(&a.vessel_id).await?;
+        let max = self.state.options.max_read;
+        let want = a.length.unwrap_or(max).min(max);
+        let f = v.open_file(&a.path, OpenFlags::O_RDONLY, 0).map_err(failure)?;
+        let size = f.stat().map_err(failure)?.size;
+        let mut data = vec![0u8; usize::try_from(want.min(size.saturating_sub(a.offset))).unwrap_or(0)];
+        let mut got = 0;
+        while got < data.len() {
+            let n = f.read_at(&mut data[got..], a.offset + got as u64).map_err(failure)?;
+            if n == 0 {
+                break;
+            }
+            got += n;
+        }
+        data.truncate(got);
+        let (encoding, content) = match (a.encoding, String::from_utf8(data)) {
+            (Some(Encoding::Base64), Ok(s)) => ("base64", base64::engine::general_purpose::STANDARD.encode(s)),
+            (Some(Encoding::Base64) | None, Err(e)) => {
+                ("base64", base64::engine::general_purpose::STANDARD.encode(e.into_bytes()))
+            }
+            (Some(Encoding::Text), Err(e)) => {
+                return Err(invalid(format!(
+                    "{} is not UTF-8 text (at byte {}): read it with encoding base64",
+                    a.path,
+                    a.offset + e.utf8_error().valid_up_to() as u64
+                )));
+            }
+            (_, Ok(s)) => ("text", s),
+        };
+        let end = a.offset + got as u64;
+        ok(json!({ "path": a.path, "size": size, "offset": a.offset, "length": got, "encoding": encoding,
+                   "content": content, "more": end < size }))
+    }
+
+    #[tool(description = "Create or replace a file of a workspace (missing parent directories are created). \
+        Content is text, or base64 with encoding base64.")]
+    async fn write_file(&self, Parameters(a): Parameters<WriteFileArgs>) -> ToolResult {
+        let data = match a.encoding {
+            Some(Encoding::Base64) => base64::engine::general_purpose::STANDARD
+                .decode(a.content.as_bytes())
+                .map_err(|e| invalid(format!("content is not base64: {e}")))?,
+            _ => a.content.into_bytes(),
+        };
+        let mode = match a.mode.as_deref() {
+            None => 0o644,
+            Some(m) => match u32::from_str_radix(m, 8) {
+                Ok(b) if b <= 0o7777 => b,
+                _ => return Err(invalid(format!("mode {m:?} is not octal permission bits such as 644"))),
+            },
+        };
+        let v = self.vessel(&a.vessel_id).await?;
+        if let Some((parent, _)) = a.path.trim_end_matches('/').rsplit_once('/')
+            && !parent.is_empty()
+        {
+            v.make_dir_all(parent, 0o755).map_err(failure)?;
+        }
+        v.write_file(&a.path, &data, mode).map_err(failure)?;
+        ok(json!({ "path": a.path, "bytes": data.len() }))
+    }
+
+    #[tool(description = "List a directory of a workspace: each entry's name, type, size, mode (octal), owner \
+        and modification time. Symlinks are listed, not followed.")]
+    async fn list_dir(&self, Parameters(a): Parameters<PathArgs>) -> ToolResult {
+        let v = self.vessel(&a.vessel_id).await?;
+        let entries = v.read_dir(&a.path).map_err(failure)?;
+        ok(json!({ "path": a.path, "entries": entries.iter().map(info_json).collect::<Vec<_>>() }))
+    }
+
+    #[tool(description = "A file's metadata in a workspace (following symlinks inside it): type, size, mode, \
+        owner, modification time.")]
+    async fn stat(&self, Parameters(a): Parameters<PathArgs>) -> ToolResult {
+        let v = self.vessel(&a.vessel_id).await?;
+        ok(info_json(&v.stat(&a.path).map_err(failure)?))
+    }
+
+    #[tool(description = "Delete a file, symlink or empty directory of a workspace; a directory with its \
+        contents with recursive true.")]
+    async fn delete_file(&self, Parameters(a): Parameters<DeleteFileArgs>) -> ToolResult {
+        let v = self.vessel(&a.vessel_id).await?;
+        if a.recursive {
+            delete_tree(&v, &a.path).map_err(failure)?;
+        } else {
+            v.delete_file(&a.path).map_err(failure)?;
+        }
+        ok(json!({ "deleted": a.path }))
+    }
+
+    #[tool(description = "Move or rename a file or directory within a workspace.")]
+    async fn move_file(&self, Parameters(a): Parameters<MoveFileArgs>) -> ToolResult {
+        let v = self.vessel(&a.vessel_id).await?;
+        v.rename_file(&a.from, &a.to).map_err(failure)?;
+        ok(json!({ "from": a.from, "to": a.to }))
+    }
+
+    #[tool(description = "Snapshot a workspace's files as they are now (durable; costs what changed since the \
+        last snapshot). Returns the snapshot_id to restore later. Snapshot before risky steps.")]
+    async fn create_snapshot(&self, Parameters(a): Parameters<CreateSnapshotArgs>) -> ToolResult {
+        let v = self.vessel(&a.vessel_id).await?;
+        let s = v.create_snapshot(&a.message).await.map_err(failure)?;
+        ok(json!({ "snapshot_id": s.id.as_str(), "parent_id": s.parent_id.as_ref().map(|p| p.as_str()),
+                   "message": s.message, "size": s.size }))
+    }
+
+    #[tool(description = "A workspace's snapshots as a tree (each with its parent, message, size and time), and \
+        which one is current.")]
+    async fn list_snapshots(&self, Parameters(a): Parameters<VesselArgs>) -> ToolResult {
+        let v = self.vessel(&a.vessel_id).await?;
+        let m = v.manifest();
+        let current = m.current_snapshot_id.clone();
+        let mut tree = String::new();
+        let mut list = Vec::new();
+        for (depth, s) in m.tree() {
+            let here = current.as_ref() == Some(&s.id);
+            tree.push_str(&format!(
+                "{}{} {:?}{}\n",
+                "  ".repeat(depth),
+                s.id,
+                s.message,
+                if here { "  <- current" } else { "" }
+            ));
+            list.push(json!({ "snapshot_id": s.id.as_str(), "parent_id": s.parent_id.as_ref().map(|p| p.as_str()),
+                              "message": s.message, "size": s.size, "created": s.create_time.to_rfc3339(),
+                              "depth": depth, "current": here }));
+        }
+        ok(json!({ "current_snapshot_id": current.as_ref().map(|s| s.as_str()), "tree": tree, "snapshots": list }))
+    }
+
+    #[tool(description = "Put a workspace's files back to a snapshot's state; changes since the current snapshot \
+        are dropped. The snapshot becomes current, and later snapshots branch from it.")]
+    async fn restore_snapshot(&self, Parameters(a): Parameters<SnapshotArgs>) -> ToolResult {
+        let id = SnapshotId::new(&a.snapshot_id).map_err(|e| failure(VesselError::from(e)))?;
+        let v = self.vessel(&a.vessel_id).await?;
+        v.restore_snapshot(&id).await.map_err(failure)?;
+        ok(json!({ "vessel_id": a.vessel_id, "current_snapshot_id": a.snapshot_id }))
+    }
+
+    #[tool(description = "Delete a snapshot that is neither current nor the parent of another.")]
+    async fn delete_snapshot(&self, Parameters(a): Parameters<SnapshotArgs>) -> ToolResult {
+        let id = SnapshotId::new(&a.snapshot_id).map_err(|e| failure(VesselError::from(e)))?;
+        let v = self.vessel(&a.vessel_id).await?;
+        v.delete_snapshot(&id).await.map_err(failure)?;
+        ok(json!({ "deleted": a.snapshot_id }))
+    }
+}
+
+#[tool_handler(router = self.tool_router)]
+impl ServerHandler for Tools {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+            .with_server_info(Implementation::new("vessel", env!("CARGO_PKG_VERSION")))
+            .with_instructions(
+                "vessel gives you Linux workspaces (containers from OCI images) with cheap snapshots. \
+                 create_vessel, then exec commands and use the file tools in it; create_snapshot before a risky \
+                 step and restore_snapshot when it went wrong. Paths are inside the workspace; relative ones \
+                 start at its work dir.",
+            )
+    }
+}
+
+/// Deletes `path` and, for a directory, everything under it, through the
+/// vessel's confined file API (symlinks are removed, never followed).
+fn delete_tree(v: &Vessel, path: &str) -> vessel::Result<()> {
+    let info = v.read_dir(path);
+    if let Ok(entries) = info {
+        for e in entries {
+            let child = format!("{}/{}", path.trim_end_matches('/'), e.name);
+            if e.is_dir() { delete_tree(v, &child)? } else { v.delete_file(&child)? }
+        }
+    }
+    v.delete_file(path)
+}
+
+/// Output kept for the model: the first and the last `cap / 2` bytes, and
+/// the count of everything, so 100 MB of output costs `cap` of memory.
+struct Capture {
+    head: Vec<u8>,
+    tail: Vec<u8>,
+    half: usize,
+    total: u64,
+}
+
+impl Capture {
+    fn new(cap: usize) -> Self {
+        Self { head: Vec::new(), tail: Vec::new(), half: cap / 2, total: 0 }
+    }
+
+    /// The last bytes kept, at most `half` (`tail` runs up to twice that).
+    fn end(&self) -> &[u8] {
+        &self.tail[self.tail.len().saturating_sub(self.half)..]
+    }
+
+    fn truncated(&self) -> bool {
+        self.total > (self.head.len() + self.end().len()) as u64
+    }
+
+    fn text(&self) -> String {
+        let mut s = String::from_utf8_lossy(&self.head).into_owned();
+        if self.truncated() {
+            s.push_str(&format!(
+                "\n[vessel: output truncated: {} bytes in all; the first {} and the last {} are shown]\n",
+                self.total,
+                self.head.len(),
+                self.end().len()
+            ));
+        }
+        s.push_str(&String::from_utf8_lossy(self.end()));
+        s
+    }
+
+    fn keep(&mut self, mut data: &[u8]) {
+        self.total += data.len() as u64;
+        let room = self.half.saturating_sub(self.head.len());
+        let n = room.min(data.len());
+        self.head.extend_from_slice(&data[..n]);
+        data = &data[n..];
+        if data.is_empty() {
+            return;
+        }
+        if data.len() >= self.half {
+            self.tail.clear();
+            self.tail.extend_from_slice(&data[data.len() - self.half..]);
+        } else {
+            self.tail.extend_from_slice(data);
+            // Trim in batches: amortised O(1) per byte.
+            if self.tail.len() > 2 * self.half.max(1) {
+                let cut = self.tail.len() - self.half;
+                self.tail.drain(..cut);
+            }
+        }
+    }
+}
+
+impl AsyncWrite for Capture {
+    fn poll_write(mut self: Pin<&mut Self>, _: &mut TaskContext<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        self.keep(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(self: Pin<&mut Self>, _: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capture_keeps_the_start_and_the_end() {
+        let mut c = Capture::new(8);
+        for chunk in [&b"abc"[..], b"defgh", b"ijklmnop", b"qr"] {
+            c.keep(chunk);
+        }
+        assert_eq!(c.total, 18);
+        assert_eq!((c.head.as_slice(), c.end()), (&b"abcd"[..], &b"opqr"[..]));
+        assert!(c.text().starts_with("abcd\n[vessel: output truncated: 18 bytes in all"));
+        assert!(c.text().ends_with("]\nopqr"));
+        let mut small = Capture::new(8);
+        small.keep(b"hello");
+        assert_eq!(small.text(), "hello");
+        assert!(!small.truncated());
+    }
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(same_secret(b"abcdef", b"abcdef"));
+        assert!(!same_secret(b"abcdef", b"abcdeg"));
+        assert!(!same_secret(b"abc", b"abcdef"));
+        assert_eq!(random_token().len(), 64);
+    }
+}
