@@ -1,3 +1,6 @@
+//! The core's error: a domain value (id, image reference, limit) that does
+//! not validate. It carries the rejected input, for the caller's message.
+
 use std::fmt;
 
 /// Errors raised while validating domain values.

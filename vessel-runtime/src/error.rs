@@ -1,3 +1,6 @@
+//! The runtime layer's error: a backend that cannot run here, a container
+//! that could not start (classified as docker classifies it), or the OS.
+
 use std::io;
 use std::path::PathBuf;
 

@@ -1,3 +1,6 @@
+//! The snapshot engine's error: I/O with the path it was about, a layer
+//! refused as hostile or malformed (with where and why), or a bad cache key.
+
 use std::io;
 use std::path::PathBuf;
 

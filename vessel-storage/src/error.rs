@@ -1,3 +1,6 @@
+//! The storage layer's error: what is missing, corrupt or invalid, by name,
+//! with a [`kind`](StorageError::kind) callers branch on.
+
 use std::fmt;
 use std::io;
 use std::path::PathBuf;

@@ -27,7 +27,7 @@
 mod compressed;
 mod error;
 mod local;
-mod pipe;
+pub mod pipe;
 
 use std::fmt;
 use std::sync::Arc;

@@ -150,13 +150,16 @@ impl LocalStorage {
     }
 }
 
-/// Runs blocking filesystem work off the async workers.
+/// Runs blocking filesystem work off the async workers; a panic in it is
+/// re-raised in the caller, as if it had run inline.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
 ) -> Result<T, StorageError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| StorageError::io("run blocking task", PathBuf::new())(io::Error::other(e)))?
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => Err(StorageError::io("run blocking task", PathBuf::new())(io::Error::other(e))),
+    }
 }
 
 /// Removes its temp file on drop unless committed, so an error or a dropped

@@ -4,7 +4,9 @@
 //! `tokio::io::duplex` turns a writer that went away into a clean EOF, which
 //! would let a storage commit a truncated blob when a compressor fails
 //! half-way. Here a stream ends cleanly only if the writer said so with
-//! [`PipeWriter::finish`]; a failed or dropped writer makes the reader fail.
+//! [`PipeWriter::finish`]; a failed or dropped writer (also one dropped by
+//! a panic) makes the reader fail. The facade streams snapshots through it
+//! too, so no layer of vessel can store a truncated blob as complete.
 
 use std::io::{self, Read, Write};
 use std::pin::Pin;
@@ -17,7 +19,7 @@ use tokio::sync::mpsc;
 /// Chunks in flight; with chunks of at most [`CHUNK`] this bounds the pipe's memory.
 const DEPTH: usize = 8;
 /// The size the pipe's users read and write in.
-pub(crate) const CHUNK: usize = 256 * 1024;
+pub const CHUNK: usize = 256 * 1024;
 
 enum Msg {
     Data(Bytes),
@@ -25,7 +27,8 @@ enum Msg {
     Fail(io::Error),
 }
 
-pub(crate) fn pipe() -> (PipeWriter, PipeReader) {
+/// A new pipe: write at one end (async or blocking), read at the other.
+pub fn pipe() -> (PipeWriter, PipeReader) {
     let (tx, rx) = mpsc::channel(DEPTH);
     (PipeWriter { tx: Some(tx) }, PipeReader { rx, cur: Bytes::new(), state: State::Open })
 }
@@ -34,8 +37,9 @@ fn reader_gone() -> io::Error {
     io::Error::new(io::ErrorKind::BrokenPipe, "the pipe's reader went away")
 }
 
+/// The writing end; see the module docs for how a stream ends.
 #[derive(Debug)]
-pub(crate) struct PipeWriter {
+pub struct PipeWriter {
     tx: Option<mpsc::Sender<Msg>>,
 }
 
@@ -45,24 +49,24 @@ impl PipeWriter {
     }
 
     /// Sends one chunk (async side).
-    pub(crate) async fn send(&mut self, data: Bytes) -> io::Result<()> {
+    pub async fn send(&mut self, data: Bytes) -> io::Result<()> {
         self.sender()?.send(Msg::Data(data)).await.map_err(|_| reader_gone())
     }
 
     /// Ends the stream cleanly (async side).
-    pub(crate) async fn finish(mut self) -> io::Result<()> {
+    pub async fn finish(mut self) -> io::Result<()> {
         let tx = self.tx.take().ok_or_else(reader_gone)?;
         tx.send(Msg::End).await.map_err(|_| reader_gone())
     }
 
     /// Ends the stream cleanly (blocking side).
-    pub(crate) fn finish_blocking(mut self) -> io::Result<()> {
+    pub fn finish_blocking(mut self) -> io::Result<()> {
         let tx = self.tx.take().ok_or_else(reader_gone)?;
         tx.blocking_send(Msg::End).map_err(|_| reader_gone())
     }
 
     /// Ends the stream with an error the reader will see (either side; never blocks).
-    pub(crate) fn fail(mut self, err: io::Error) {
+    pub fn fail(mut self, err: io::Error) {
         if let Some(tx) = self.tx.take() {
             // If the channel is full the message is lost, but dropping the
             // sender below still fails the reader (UnexpectedEof).
@@ -94,8 +98,9 @@ enum State {
     Failed(io::ErrorKind, String),
 }
 
+/// The reading end: a clean end only after [`PipeWriter::finish`].
 #[derive(Debug)]
-pub(crate) struct PipeReader {
+pub struct PipeReader {
     rx: mpsc::Receiver<Msg>,
     cur: Bytes,
     state: State,

@@ -1,3 +1,6 @@
+//! The facade's error: one type over the layers' errors (kept as sources),
+//! with a [`kind`](VesselError::kind) callers branch on.
+
 use std::io;
 use std::path::PathBuf;
 

@@ -85,7 +85,7 @@ impl Shared {
         let (cache, holder) = (self.cache.clone(), vessel.to_string());
         let mnt = work.join(format!("flatten-{:016x}", rand::random::<u64>()));
         tracing::info!(%vessel, ?key, layers = lowers.len(), "flattening a deep snapshot chain");
-        tokio::task::spawn_blocking(move || {
+        crate::task::blocking(move || {
             fs::create_dir_all(&mnt).map_err(VesselError::io("create", &mnt))?;
             let top_first: Vec<&Path> = lowers.iter().rev().map(PathBuf::as_path).collect();
             let mount = OverlayMount::mount(&mnt, &top_first, None)?;
@@ -95,7 +95,7 @@ impl Shared {
             let opts = DiffOptions { allow_devices: true };
             let producer = std::thread::spawn(move || write_diff_with(&src, writer, opts).map(drop));
             let made = cache.get_or_unpack(&key, &holder, None, || Ok(reader));
-            let produced = producer.join().map_err(|_| VesselError::InvalidInput("flattening panicked".into()))?;
+            let produced = producer.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
             let unmounted = mount.unmount();
             let _ = fs::remove_dir(&mnt);
             let path = made?;
@@ -108,8 +108,7 @@ impl Shared {
             unmounted?;
             Ok(path)
         })
-        .await
-        .map_err(|e| VesselError::InvalidInput(format!("flattening panicked: {e}")))?
+        .await?
     }
 }
 

@@ -42,6 +42,7 @@ mod layers;
 mod limits;
 mod manager;
 pub mod registry;
+mod task;
 mod user;
 mod vessel;
 

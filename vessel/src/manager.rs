@@ -162,15 +162,18 @@ impl Shared {
             Err(e) => return Err(e.into()),
         };
         let (cache, holder, name) = (self.cache.clone(), holder.to_string(), reference.as_str().to_owned());
-        let imported = tokio::task::spawn_blocking(move || {
+        let imported = crate::task::blocking(move || {
             let reader = tokio_util::io::SyncIoBridge::new(reader);
             import_archive(reader, &cache, &holder, Some(&name))
         })
-        .await
-        .map_err(|e| VesselError::InvalidInput(format!("image import panicked: {e}")))?;
+        .await?;
         if let Some(export) = export {
             // The exporter's own error explains a truncated archive best.
-            export.await.map_err(|e| VesselError::InvalidInput(format!("image export panicked: {e}")))??;
+            match export.await {
+                Ok(r) => drop(r?),
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(e) => return Err(VesselError::io("export the image", Path::new(""))(std::io::Error::other(e))),
+            }
         }
         Ok(imported?)
     }
@@ -214,13 +217,12 @@ impl Shared {
         // it unpacks nothing even after its last vessel is gone. What an
         // earlier import of this reference held is let go first.
         let holder = image_holder(reference);
-        let image = tokio::task::spawn_blocking(move || {
+        let image = crate::task::blocking(move || {
             cache.release_all(&holder)?;
             let file = fs::File::open(&p).map_err(VesselError::io("open", &p))?;
             import_archive(std::io::BufReader::new(file), &cache, &holder, Some(&name)).map_err(VesselError::from)
         })
-        .await
-        .map_err(|e| VesselError::InvalidInput(format!("image check panicked: {e}")))??;
+        .await??;
         // The summary goes first and comes last: never one of another archive.
         self.storage.delete_image_index(reference).await?;
         let file = tokio::fs::File::open(path).await.map_err(VesselError::io("open", path))?;
@@ -259,12 +261,11 @@ impl Shared {
         }
         let blob = self.storage.load_snapshot(vessel, id).await?;
         let (cache, holder, checksum) = (self.cache.clone(), vessel.to_string(), checksum.to_owned());
-        tokio::task::spawn_blocking(move || {
+        crate::task::blocking(move || {
             let reader = tokio_util::io::SyncIoBridge::new(blob);
             cache.get_or_unpack(&key, &holder, Some(&checksum), || Ok(reader))
         })
-        .await
-        .map_err(|e| VesselError::InvalidInput(format!("snapshot fetch panicked: {e}")))?
+        .await?
         .map_err(VesselError::from)
     }
 }

@@ -367,9 +367,8 @@ pub(crate) async fn pull_to_archive(
     let (arch_path, manifest, reference_owned) = (archive.clone(), bytes.to_vec(), reference.to_owned());
     let mdigest = manifest_digest.clone();
     let tag = r.tag().unwrap_or("latest").to_owned();
-    tokio::task::spawn_blocking(move || write_layout(&arch_path, &manifest, &mdigest, &reference_owned, &tag, &files))
-        .await
-        .map_err(|e| VesselError::InvalidInput(format!("writing the pulled image panicked: {e}")))??;
+    crate::task::blocking(move || write_layout(&arch_path, &manifest, &mdigest, &reference_owned, &tag, &files))
+        .await??;
     Ok((archive, PulledImage { reference: reference.to_owned(), manifest_digest, bytes: done, layers: layers.len() }))
 }
 

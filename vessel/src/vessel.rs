@@ -11,8 +11,6 @@ use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
-use futures::StreamExt;
 use nix::fcntl::{Flock, OFlag};
 use tokio::sync::RwLock;
 use vessel_core::{ExecOptions, ExecResult, SnapshotId, SnapshotManifest, VesselId, VesselManifest};
@@ -280,34 +278,6 @@ fn mount_at(
     })
 }
 
-/// A `Write` that sends 1 MiB chunks to an async reader (the storage).
-struct ChanWriter {
-    tx: tokio::sync::mpsc::Sender<io::Result<Bytes>>,
-    buf: Vec<u8>,
-}
-
-impl ChanWriter {
-    fn send(&mut self) -> io::Result<()> {
-        let chunk = Bytes::from(std::mem::take(&mut self.buf));
-        self.tx
-            .blocking_send(Ok(chunk))
-            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "storage stopped reading"))
-    }
-}
-
-impl io::Write for ChanWriter {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        self.buf.extend_from_slice(data);
-        if self.buf.len() >= 1 << 20 {
-            self.send()?;
-        }
-        Ok(data.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
 impl Vessel {
     pub(crate) fn from_inner(inner: Arc<Inner>) -> Self {
         Self { inner }
@@ -521,24 +491,24 @@ impl Vessel {
         }
         let sid = shared.ids.snapshot_id();
         let upper = upper_dir(&inner.dir);
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(4);
-        let err_tx = tx.clone();
+        // A diff that fails or panics drops the writer: storage then sees
+        // an error, never the clean end of a truncated stream.
+        let (writer, reader) = vessel_storage::pipe::pipe();
         let diff_upper = upper.clone();
-        let diff = tokio::task::spawn_blocking(move || {
-            let result = write_diff(&diff_upper, ChanWriter { tx, buf: Vec::new() }).and_then(|(mut w, stats)| {
-                w.send().map(|()| stats).map_err(|e| vessel_snapshot::SnapshotError::Stream("snapshot", e))
-            });
-            if let Err(e) = &result {
-                // The storage must see an error, never a clean end of a truncated stream.
-                let _ = err_tx.blocking_send(Err(io::Error::other(e.to_string())));
-            }
-            result
+        let diff = crate::task::blocking(move || {
+            let (w, stats) =
+                write_diff(&diff_upper, io::BufWriter::with_capacity(vessel_storage::pipe::CHUNK, writer))?;
+            let w = w.into_inner().map_err(|e| vessel_snapshot::SnapshotError::Stream("snapshot", e.into_error()))?;
+            w.finish_blocking().map_err(|e| vessel_snapshot::SnapshotError::Stream("snapshot", e))?;
+            Ok::<_, vessel_snapshot::SnapshotError>(stats)
         });
-        let stream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed();
-        let reader = tokio_util::io::StreamReader::new(stream);
         let (saved, stats) = tokio::join!(shared.storage.save_snapshot(&inner.id, &sid, Box::new(reader)), diff);
-        let stats = stats.map_err(|e| VesselError::InvalidInput(format!("diff panicked: {e}")))??;
-        saved?;
+        let stats = match (saved, stats?) {
+            (Ok(()), Ok(stats)) => stats,
+            // The storage's error says more than the diff's broken pipe.
+            (Err(e), Ok(_) | Err(vessel_snapshot::SnapshotError::Stream(..))) => return Err(e.into()),
+            (_, Err(e)) => return Err(e.into()),
+        };
         let key = LayerKey::snapshot(inner.id.clone(), sid.clone(), &stats.digest)?;
         let ovl = inner.dir.join("ovl");
         if inner.bounds.disk.is_some() {

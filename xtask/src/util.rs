@@ -1,3 +1,5 @@
+//! Paths of the checkout and running commands with their output shown.
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
