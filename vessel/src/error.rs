@@ -197,6 +197,11 @@ impl VesselError {
                 vessel_snapshot::SnapshotErrorKind::NotFound => K::NotFound,
                 _ => K::Io,
             },
+            // As a shell's 127 and 126: the command is missing, or not a program.
+            Self::Runtime(vessel_runtime::RuntimeError::Exec { failure, .. }) => match failure {
+                vessel_runtime::ExecFailure::NotFound => K::NotFound,
+                _ => K::InvalidInput,
+            },
             Self::Runtime(e) => match e.kind() {
                 vessel_runtime::RuntimeErrorKind::Unavailable => K::Unavailable,
                 vessel_runtime::RuntimeErrorKind::InvalidRequest => K::InvalidInput,

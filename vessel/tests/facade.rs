@@ -484,6 +484,15 @@ async fn exec_semantics(w: Arc<World>) -> Result<()> {
         res.exit_code == 0 && out.starts_with("bar\n") && out.contains("/bin") && out.ends_with("/tmp\n"),
         "{out:?}"
     );
+    // A missing program is NotFound (a shell's 127), a file that is not
+    // one InvalidInput (126).
+    for (argv, kind) in [("no-such-program", VesselErrorKind::NotFound), ("/etc/passwd", VesselErrorKind::InvalidInput)]
+    {
+        match v.exec(ExecOptions { command: vec![argv.into()], ..Default::default() }).await {
+            Err(e) if e.kind() == kind => {}
+            other => return Err(anyhow!("exec {argv}: {other:?}")),
+        }
+    }
     // persist_result false (the default) discards, true keeps.
     let (code, ..) = run(&v, "echo gone > t; rm -rf /bin/ls", false).await?;
     ensure!(code == 0 && v.stat("t").is_err() && v.stat("/bin/ls").is_ok(), "a throwaway exec left changes");

@@ -112,7 +112,7 @@ async def main():
             r = await call("exec", vessel_id="0000000000000000", command=["true"])
             check(r.is_error and r.content[0].text.startswith("NotFound"), f"unknown vessel: {r.content}")
             r = await call("exec", vessel_id=v, command=["no-such-program"])
-            check(r.is_error and "not found" in r.content[0].text, f"missing program: {r.content}")
+            check(r.is_error and r.content[0].text.startswith("NotFound"), f"missing program: {r.content}")
             r = await call("exec", vessel_id=v)
             check(r.is_error and r.content[0].text.startswith("InvalidInput"), f"no command: {r.content}")
             r = await call("read_file", vessel_id=v, path="bad\u0000path")
