@@ -151,16 +151,11 @@ pub fn cgroup_mounts() -> &'static [String] {
 }
 
 fn read_cgroup_mounts() -> Vec<String> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let info = procfs::process::Process::myself().and_then(|p| p.mountinfo()).map(|i| i.0).unwrap_or_default();
     let mut out: Vec<String> = info
-        .lines()
-        .filter_map(|l| {
-            let (pre, post) = l.split_once(" - ")?;
-            let fstype = post.split(' ').next()?;
-            let point = pre.split(' ').nth(4)?;
-            ((fstype == "cgroup" || fstype == "cgroup2") && point.starts_with("/sys/fs/cgroup/"))
-                .then(|| point.to_owned())
-        })
+        .into_iter()
+        .filter(|m| (m.fs_type == "cgroup" || m.fs_type == "cgroup2") && m.mount_point.starts_with("/sys/fs/cgroup/"))
+        .filter_map(|m| m.mount_point.to_str().map(str::to_owned))
         .collect();
     out.sort();
     out.dedup();

@@ -74,16 +74,11 @@ fn mkdirs(dirs: &[(&Path, u32)]) -> Result<()> {
     Ok(())
 }
 
-/// Mount points under `dir`, deepest first.
+/// Mount points at or under `dir`, deepest first (procfs decodes every
+/// octal escape of mountinfo, not only a space's).
 pub(crate) fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    let prefix = format!("{}/", dir.display());
-    let mut out: Vec<PathBuf> = fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .filter(|m| m.starts_with(&prefix) || *m == prefix.trim_end_matches('/'))
-        .map(|m| PathBuf::from(m.replace("\\040", " ")))
-        .collect();
+    let info = procfs::process::Process::myself().and_then(|p| p.mountinfo()).map(|i| i.0).unwrap_or_default();
+    let mut out: Vec<PathBuf> = info.into_iter().map(|m| m.mount_point).filter(|m| m.starts_with(dir)).collect();
     out.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
     out
 }
