@@ -255,6 +255,27 @@ fn parse_size(s: &str) -> std::result::Result<u64, String> {
     n.checked_mul(1 << shift).ok_or_else(|| format!("{s:?} is too large"))
 }
 
+/// A vessel's limits as `create` (and `vessel mcp`'s `create_vessel`) take
+/// them: bytes, CPUs, processes, bytes. Bad values are refused by
+/// `create_vessel_with` with the other limits (0 or NaN CPUs there too).
+fn vessel_options(memory: Option<u64>, cpus: Option<f64>, pids: Option<i64>, disk: Option<u64>) -> VesselOptions {
+    let mut opts = VesselOptions::new();
+    if let Some(m) = memory {
+        opts = opts.memory_bytes(i64::try_from(m).unwrap_or(i64::MAX));
+    }
+    if let Some(c) = cpus {
+        let us = if c.is_finite() { (c * 100_000.0).round() as i64 } else { 0 };
+        opts = opts.cpu_quota_us(us);
+    }
+    if let Some(p) = pids {
+        opts = opts.pids(p);
+    }
+    if let Some(d) = disk {
+        opts = opts.disk_bytes(d);
+    }
+    opts
+}
+
 /// Seconds (fractions allowed), more than zero.
 fn parse_timeout(s: &str) -> std::result::Result<Duration, String> {
     let secs: f64 = s.parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
@@ -359,19 +380,7 @@ async fn command(cli: &Cli, mgr: &Arc<Manager>) -> Result<ExitCode> {
         Command::Mcp(a) => {
             let transport = match a.http {
                 None => mcp::Transport::Stdio,
-                Some(addr) => {
-                    let token = match (&a.token_file, std::env::var("VESSEL_MCP_TOKEN")) {
-                        (Some(f), _) => mcp::read_token_file(f)?,
-                        (None, Ok(t)) if t.len() >= 16 => t,
-                        (None, Ok(_)) => bail!("VESSEL_MCP_TOKEN is shorter than 16 characters"),
-                        (None, Err(_)) => {
-                            let t = mcp::random_token();
-                            eprintln!("vessel mcp: token {t}");
-                            t
-                        }
-                    };
-                    mcp::Transport::Http { addr, token }
-                }
+                Some(addr) => mcp::Transport::Http { addr, token: mcp::token(a.token_file.as_deref())? },
             };
             let options = mcp::Options {
                 max_output: usize::try_from(a.max_output).unwrap_or(usize::MAX),
@@ -429,21 +438,7 @@ async fn command(cli: &Cli, mgr: &Arc<Manager>) -> Result<ExitCode> {
             }
         }
         Command::Create { image, work_dir, memory, cpus, pids, disk } => {
-            let mut opts = VesselOptions::new();
-            if let Some(m) = memory {
-                opts = opts.memory_bytes(i64::try_from(*m).unwrap_or(i64::MAX));
-            }
-            if let Some(c) = cpus {
-                // Checked with the other limits: 0 or NaN is refused there.
-                let us = if c.is_finite() { (c * 100_000.0).round() as i64 } else { 0 };
-                opts = opts.cpu_quota_us(us);
-            }
-            if let Some(p) = pids {
-                opts = opts.pids(*p);
-            }
-            if let Some(d) = disk {
-                opts = opts.disk_bytes(*d);
-            }
+            let opts = vessel_options(*memory, *cpus, *pids, *disk);
             let pb = spinner(format!("creating a vessel from {image}"));
             let v = mgr.create_vessel_with(image, work_dir, &opts).await?;
             // The initial state (image + work dir) is the vessel's first snapshot.

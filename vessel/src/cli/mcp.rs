@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
@@ -27,9 +27,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::io::AsyncWrite;
 use tokio_util::sync::CancellationToken;
-use vessel::{
-    ExecOptions, FileInfo, FileType, Manager, OpenFlags, SnapshotId, Vessel, VesselError, VesselManifest, VesselOptions,
-};
+use vessel::{ExecOptions, FileInfo, FileType, Manager, OpenFlags, SnapshotId, Vessel, VesselError, VesselManifest};
 
 /// What the server lets a call return and run.
 #[derive(Debug, Clone)]
@@ -140,21 +138,33 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// A token for `--http` when none was given: 256 random bits, hex.
-pub(crate) fn random_token() -> String {
+fn random_token() -> String {
     (0..4).map(|_| format!("{:016x}", rand::random::<u64>())).collect()
 }
 
-/// The token file's first line, refused when others may read the file.
-pub(crate) fn read_token_file(path: &PathBuf) -> Result<String> {
+/// The `--http` bearer token: the first line of `file` (refused when others
+/// may read it), else `VESSEL_MCP_TOKEN`, else a random one, printed to
+/// stderr. A given token must have at least 16 characters.
+pub(crate) fn token(file: Option<&Path>) -> Result<String> {
     use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path).with_context(|| format!("reading the token file {}", path.display()))?;
-    if meta.permissions().mode() & 0o077 != 0 {
-        bail!("the token file {} is readable by others: chmod 600 it", path.display());
-    }
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading the token file {}", path.display()))?;
-    let token = text.lines().next().unwrap_or("").trim().to_owned();
+    let (token, from) = match (file, std::env::var("VESSEL_MCP_TOKEN")) {
+        (Some(path), _) => {
+            let what = || format!("reading the token file {}", path.display());
+            if std::fs::metadata(path).with_context(what)?.permissions().mode() & 0o077 != 0 {
+                bail!("the token file {} is readable by others: chmod 600 it", path.display());
+            }
+            let text = std::fs::read_to_string(path).with_context(what)?;
+            (text.lines().next().unwrap_or("").trim().to_owned(), path.display().to_string())
+        }
+        (None, Ok(t)) => (t, "VESSEL_MCP_TOKEN".to_owned()),
+        (None, Err(_)) => {
+            let t = random_token();
+            eprintln!("vessel mcp: token {t}");
+            return Ok(t);
+        }
+    };
     if token.len() < 16 {
-        bail!("the token in {} is shorter than 16 characters", path.display());
+        bail!("the token in {from} is shorter than 16 characters");
     }
     Ok(token)
 }
@@ -207,15 +217,13 @@ impl Tools {
         Ok(v)
     }
 
+    /// Closes every vessel the server opened (the manager's are all its),
+    /// while the map still holds them, then lets the handles go.
     async fn close_all(&self) -> Result<()> {
-        let open: Vec<_> = self.state.open.lock().await.drain().collect();
-        let mut first = None;
-        for (id, v) in open {
-            if let Err(e) = v.close().await {
-                first.get_or_insert(anyhow::Error::new(e).context(format!("closing vessel {id}")));
-            }
-        }
-        first.map_or(Ok(()), Err)
+        let mut open = self.state.open.lock().await;
+        let closed = self.state.mgr.close().await.context("closing the vessels");
+        open.clear();
+        closed
     }
 }
 
@@ -391,20 +399,7 @@ impl Tools {
     #[tool(description = "Create a workspace (a vessel) from an image and open it. Returns its vessel_id, which \
         every other tool takes. The new vessel's first snapshot is its initial state.")]
     async fn create_vessel(&self, Parameters(a): Parameters<CreateVesselArgs>) -> ToolResult {
-        let mut opts = VesselOptions::new();
-        if let Some(m) = size_arg("memory", &a.memory)? {
-            opts = opts.memory_bytes(i64::try_from(m).unwrap_or(i64::MAX));
-        }
-        if let Some(c) = a.cpus {
-            let us = if c.is_finite() { (c * 100_000.0).round() as i64 } else { 0 };
-            opts = opts.cpu_quota_us(us);
-        }
-        if let Some(p) = a.pids {
-            opts = opts.pids(p);
-        }
-        if let Some(d) = size_arg("disk", &a.disk)? {
-            opts = opts.disk_bytes(d);
-        }
+        let opts = crate::vessel_options(size_arg("memory", &a.memory)?, a.cpus, a.pids, size_arg("disk", &a.disk)?);
         let v = self.state.mgr.create_vessel_with(&a.image, &a.work_dir, &opts).await.map_err(failure)?;
         let snap = match v.create_snapshot("create").await {
             Ok(s) => s,
