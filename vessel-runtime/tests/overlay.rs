@@ -5,6 +5,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use vessel_runtime::overlay::OverlayMount;
+use vessel_test_support::is_mount_point as mounted;
 
 fn root_or_skip(test: &str) -> bool {
     if nix::unistd::geteuid().is_root() {
@@ -13,11 +14,6 @@ fn root_or_skip(test: &str) -> bool {
     assert!(std::env::var_os("CI").is_none(), "{test} needs root, and CI runs as root");
     eprintln!("SKIPPED {test}: needs root to mount");
     false
-}
-
-fn mounted(p: &Path) -> bool {
-    let p = p.to_str().unwrap();
-    fs::read_to_string("/proc/self/mountinfo").unwrap().lines().any(|l| l.split_whitespace().nth(4) == Some(p))
 }
 
 #[test]

@@ -164,11 +164,7 @@ impl Shared {
         .await?;
         if let Some(export) = export {
             // The exporter's own error explains a truncated archive best.
-            match export.await {
-                Ok(r) => drop(r?),
-                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                Err(e) => return Err(VesselError::io("export the image", Path::new(""))(std::io::Error::other(e))),
-            }
+            crate::task::joined(export).await??;
         }
         Ok(imported?)
     }
