@@ -145,9 +145,36 @@ fn text(r: &CallToolResult) -> String {
     r.content.first().and_then(|c| c.as_text()).map(|t| t.text.clone()).unwrap_or_default()
 }
 
+/// What `vessel mcp --http` refuses at start, before it listens: an address
+/// beyond loopback, a token file others may read, a short token.
+fn refused_at_start(e: &Env, token: &str) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let start = |args: &[&str], file: Option<&Path>| {
+        let mut c = e.vessel();
+        c.arg("mcp").args(args).env("VESSEL_MCP_TOKEN", token).stdin(Stdio::null());
+        if let Some(f) = file {
+            c.arg("--token-file").arg(f);
+        }
+        c.output()
+    };
+    let out = start(&["--http", "0.0.0.0:0"], None)?;
+    let said = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.code() == Some(125) && said.contains("loopback addresses only"), "0.0.0.0: {out:?}");
+    let file = e.data.with_file_name("token");
+    for (content, mode, want) in [(token, 0o644, "chmod 600"), ("short", 0o600, "shorter than 16 characters")] {
+        std::fs::write(&file, format!("{content}\n"))?;
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode))?;
+        let out = start(&["--http", "127.0.0.1:0"], Some(&file))?;
+        let said = String::from_utf8_lossy(&out.stderr);
+        ensure!(out.status.code() == Some(125) && said.contains(want), "token file {mode:o}: {out:?}");
+    }
+    Ok(())
+}
+
 async fn http_session(e: &Env, image: &Path) -> Result<()> {
     e.import(image)?;
     let token = "test-token-0123456789abcdef";
+    refused_at_start(e, token)?;
     let (mut server, url) = start_http(e, token)?;
     let result = http_calls(&url, token).await;
     // SIGTERM: the server closes its vessels and exits cleanly.
