@@ -33,6 +33,32 @@ pub enum RuntimeError {
     /// Creating or starting the container failed (the backend's own message).
     #[error("container failed: {0}")]
     Container(String),
+    /// A call to the backend's daemon failed (containerd's gRPC status is the source).
+    #[error("{backend} {op}")]
+    Call {
+        /// Which backend.
+        backend: &'static str,
+        /// What was asked of it.
+        op: &'static str,
+        /// The daemon's answer (a `tonic::Status` for containerd).
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// An OCI runtime spec or image document could not be built or written.
+    #[error("OCI spec")]
+    Spec(#[source] oci_spec::OciSpecError),
+    /// An image blob (manifest, index) is not what its descriptor says.
+    #[error("image blob {digest}")]
+    Blob {
+        /// The blob's digest.
+        digest: String,
+        /// What oci-spec found wrong.
+        #[source]
+        source: oci_spec::OciSpecError,
+    },
+    /// Encoding a JSON document failed.
+    #[error("encode JSON")]
+    Json(#[source] serde_json::Error),
     /// The image is not in the backend's image store.
     #[error("image {0} not found")]
     ImageNotFound(String),
@@ -115,6 +141,8 @@ impl RuntimeError {
             Self::InvalidRequest(_) => RuntimeErrorKind::InvalidRequest,
             Self::Io { .. } => RuntimeErrorKind::Io,
             Self::Container(_) | Self::Exec { .. } => RuntimeErrorKind::Start,
+            Self::Call { .. } | Self::Blob { .. } | Self::Json(_) => RuntimeErrorKind::Io,
+            Self::Spec(_) => RuntimeErrorKind::InvalidRequest,
             Self::ImageNotFound(_) => RuntimeErrorKind::NotFound,
         }
     }

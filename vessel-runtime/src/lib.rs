@@ -9,8 +9,12 @@
 //!   seccomp semantics), built with `oci-spec`.
 //! - [`idmap`]: user namespaces and idmapped layers, how a container's ids
 //!   live on an unprivileged host range while layers keep its view.
-//! - `YoukiRuntime` (feature `youki`, default): youki's `libcontainer`, in-process.
-//! - `ContainerdRuntime` (feature `containerd`): a containerd daemon over gRPC.
+//! - [`connect`]: the runtime for a [`Backend`] choice, under every feature
+//!   set; a backend compiled out is a stub whose calls fail with a typed
+//!   `Unavailable` error naming its feature.
+//! - [`YoukiRuntime`] (feature `youki`, default): youki's `libcontainer`, in-process.
+//! - [`ContainerdRuntime`] (feature `containerd`): a containerd daemon over
+//!   gRPC, with its image store as an [`ImageStore`].
 //!
 //! # The libcontainer / tokio boundary
 //!
@@ -37,6 +41,7 @@
 #[cfg(any(feature = "youki", feature = "containerd"))]
 #[allow(unsafe_code)]
 mod child;
+pub mod backend;
 #[cfg(feature = "containerd")]
 mod containerd;
 mod error;
@@ -50,6 +55,7 @@ pub mod overlay;
 pub mod quota;
 mod seccomp;
 pub mod spec;
+mod stub;
 // libcontainer is driven through raw fds and a pre-exec hook: the one
 // place with unsafe code, each block justified.
 #[cfg(feature = "youki")]
@@ -58,15 +64,21 @@ mod youki;
 
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+pub use backend::{Backend, BackendConfig, ContainerdConfig, connect};
 #[cfg(feature = "containerd")]
-pub use containerd::{ContainerdConfig, ContainerdRuntime};
+pub use containerd::ContainerdRuntime;
 pub use error::{ExecFailure, RuntimeError, RuntimeErrorKind};
 pub use idmap::{IdMapping, UserNamespace};
 pub use oci_spec;
+#[cfg(not(feature = "containerd"))]
+pub use stub::containerd::ContainerdRuntime;
+#[cfg(not(feature = "youki"))]
+pub use stub::youki::YoukiRuntime;
 #[cfg(feature = "youki")]
 pub use youki::YoukiRuntime;
 
@@ -240,4 +252,22 @@ pub trait Runtime: Send + Sync + fmt::Debug {
     async fn remove_leftovers(&self) -> Result<usize, RuntimeError> {
         Ok(0)
     }
+
+    /// The backend's own image store, where it has one (containerd's):
+    /// images found there need no registry pull.
+    fn image_store(&self) -> Option<Arc<dyn ImageStore>> {
+        None
+    }
+}
+
+/// A backend's image store, as vessel reads it.
+#[async_trait]
+pub trait ImageStore: Send + Sync + fmt::Debug {
+    /// Whether `reference` names an image in the store.
+    async fn has_image(&self, reference: &str) -> Result<bool, RuntimeError>;
+
+    /// Writes image `reference` to `out` as an OCI image layout archive
+    /// (this platform's manifest only, tagged `reference`); returns its size.
+    async fn export_image(&self, reference: &str, out: &mut (dyn AsyncWrite + Send + Unpin))
+    -> Result<u64, RuntimeError>;
 }

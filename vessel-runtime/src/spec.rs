@@ -79,10 +79,6 @@ pub const DEFAULT_CAPABILITIES: [Capability; 14] = [
     Capability::AuditWrite,
 ];
 
-fn invalid(e: impl std::fmt::Display) -> RuntimeError {
-    RuntimeError::InvalidRequest(e.to_string())
-}
-
 /// Writes the container's `/etc/hosts`, `/etc/hostname` and
 /// `/etc/resolv.conf` into `dir`, to be bind-mounted by [`build`] (as docker
 /// does: the image's own files stay untouched).
@@ -111,7 +107,7 @@ fn bind(source: PathBuf, dest: PathBuf, access: &str) -> Result<oci_spec::runtim
         .source(source)
         .options(vec!["rbind".into(), access.into(), "nosuid".into(), "nodev".into()])
         .build()
-        .map_err(invalid)
+        .map_err(RuntimeError::Spec)
 }
 
 /// The device cgroup rules: deny all, then [`ALLOWED_DEVICES`].
@@ -122,7 +118,7 @@ fn device_rules() -> Result<Vec<LinuxDeviceCgroup>, RuntimeError> {
             .typ(LinuxDeviceType::A)
             .access("rwm")
             .build()
-            .map_err(invalid)?,
+            .map_err(RuntimeError::Spec)?,
     ];
     for &(typ, major, minor, access) in ALLOWED_DEVICES {
         let mut b = LinuxDeviceCgroupBuilder::default()
@@ -135,7 +131,7 @@ fn device_rules() -> Result<Vec<LinuxDeviceCgroup>, RuntimeError> {
         if let Some(m) = minor {
             b = b.minor(m);
         }
-        rules.push(b.build().map_err(invalid)?);
+        rules.push(b.build().map_err(RuntimeError::Spec)?);
     }
     Ok(rules)
 }
@@ -167,7 +163,7 @@ fn read_cgroup_mounts() -> Vec<String> {
 pub fn add_network_namespace(spec: &mut Spec) -> Result<(), RuntimeError> {
     let mut linux = spec.linux().clone().unwrap_or_default();
     let mut ns = linux.namespaces().clone().unwrap_or_default();
-    ns.push(LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::Network).build().map_err(invalid)?);
+    ns.push(LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::Network).build().map_err(RuntimeError::Spec)?);
     linux.set_namespaces(Some(ns));
     spec.set_linux(Some(linux));
     Ok(())
@@ -181,7 +177,7 @@ fn id_mappings(map: IdMapping) -> Result<Vec<oci_spec::runtime::LinuxIdMapping>,
             .host_id(map.host_id)
             .size(map.size)
             .build()
-            .map_err(invalid)?,
+            .map_err(RuntimeError::Spec)?,
     ])
 }
 
@@ -209,7 +205,7 @@ pub fn build(
         .inheritable(HashSet::new())
         .ambient(HashSet::new())
         .build()
-        .map_err(invalid)?;
+        .map_err(RuntimeError::Spec)?;
     let mut env = req.env.clone();
     if !env.iter().any(|e| e.starts_with("PATH=")) {
         env.push("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
@@ -221,7 +217,7 @@ pub fn build(
                 .height(u64::from(size.rows))
                 .width(u64::from(size.cols))
                 .build()
-                .map_err(invalid)?,
+                .map_err(RuntimeError::Spec)?,
         );
     }
     let process = process
@@ -235,17 +231,17 @@ pub fn build(
                 .gid(req.gid)
                 .additional_gids(req.additional_gids.clone())
                 .build()
-                .map_err(invalid)?,
+                .map_err(RuntimeError::Spec)?,
         )
         .capabilities(capabilities)
         .no_new_privileges(true)
         .build()
-        .map_err(invalid)?;
+        .map_err(RuntimeError::Spec)?;
 
     let mut spec = Spec::default();
     spec.set_process(Some(process));
     spec.set_hostname(Some(req.hostname.clone().unwrap_or_else(|| "vessel".into())));
-    spec.set_root(Some(RootBuilder::default().path(req.rootfs.clone()).readonly(false).build().map_err(invalid)?));
+    spec.set_root(Some(RootBuilder::default().path(req.rootfs.clone()).readonly(false).build().map_err(RuntimeError::Spec)?));
 
     let mut mounts = spec.mounts().clone().unwrap_or_default();
     if req.user_namespace.is_some() && req.network == Network::Host {
@@ -259,7 +255,7 @@ pub fn build(
                 .source("/sys")
                 .options(vec!["rbind".into(), "nosuid".into(), "noexec".into(), "nodev".into(), "ro".into()])
                 .build()
-                .map_err(invalid)?;
+                .map_err(RuntimeError::Spec)?;
         }
     }
     if let Some(dir) = etc_dir {
@@ -279,10 +275,10 @@ pub fn build(
     // a namespace the runtime creates has `lo` down.
     namespaces.retain(|n| n.typ() != LinuxNamespaceType::Network);
     if !namespaces.iter().any(|n| n.typ() == LinuxNamespaceType::Cgroup) {
-        namespaces.push(LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::Cgroup).build().map_err(invalid)?);
+        namespaces.push(LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::Cgroup).build().map_err(RuntimeError::Spec)?);
     }
     if let Some(map) = req.user_namespace {
-        namespaces.push(LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::User).build().map_err(invalid)?);
+        namespaces.push(LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::User).build().map_err(RuntimeError::Spec)?);
         linux.set_uid_mappings(Some(id_mappings(map)?));
         linux.set_gid_mappings(Some(id_mappings(map)?));
     }
@@ -296,15 +292,15 @@ pub fn build(
     let mut resources = LinuxResourcesBuilder::default();
     if let Some(m) = req.limits.memory_bytes {
         // No swap on top: the limit is the limit.
-        resources = resources.memory(LinuxMemoryBuilder::default().limit(m).swap(m).build().map_err(invalid)?);
+        resources = resources.memory(LinuxMemoryBuilder::default().limit(m).swap(m).build().map_err(RuntimeError::Spec)?);
     }
     if let Some(q) = req.limits.cpu_quota_us {
-        resources = resources.cpu(LinuxCpuBuilder::default().quota(q).period(100_000u64).build().map_err(invalid)?);
+        resources = resources.cpu(LinuxCpuBuilder::default().quota(q).period(100_000u64).build().map_err(RuntimeError::Spec)?);
     }
     if let Some(p) = req.limits.pids {
-        resources = resources.pids(LinuxPidsBuilder::default().limit(p).build().map_err(invalid)?);
+        resources = resources.pids(LinuxPidsBuilder::default().limit(p).build().map_err(RuntimeError::Spec)?);
     }
-    let mut built = resources.build().map_err(invalid)?;
+    let mut built = resources.build().map_err(RuntimeError::Spec)?;
     built.set_devices(Some(device_rules()?));
     linux.set_resources(Some(built));
     spec.set_linux(Some(linux));

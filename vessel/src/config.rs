@@ -7,22 +7,7 @@ use std::sync::Arc;
 use vessel_core::{IdGenerator, Limits, UniqueIdGenerator};
 use vessel_storage::Storage;
 
-/// Which container runtime runs a vessel's commands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Backend {
-    /// youki's libcontainer in-process (feature `youki`); no daemon.
-    Youki,
-    /// A containerd daemon (feature `containerd`).
-    Containerd,
-}
-
-impl Default for Backend {
-    /// youki when compiled in, else containerd.
-    fn default() -> Self {
-        if cfg!(feature = "youki") { Self::Youki } else { Self::Containerd }
-    }
-}
+pub use vessel_runtime::Backend;
 
 /// Configuration of a [`crate::Manager`]; `Default` gives the design's defaults.
 #[derive(Clone)]
@@ -149,17 +134,12 @@ pub(crate) fn data_home() -> PathBuf {
 
 impl Default for ManagerConfig {
     fn default() -> Self {
-        let rootless = !nix::unistd::geteuid().is_root();
-        let containerd_address = match std::env::var_os("XDG_RUNTIME_DIR") {
-            Some(dir) if rootless => PathBuf::from(dir).join("containerd/containerd.sock"),
-            _ => PathBuf::from("/run/containerd/containerd.sock"),
-        };
         Self {
             storage: None,
             mount_root: data_home().join("mounts"),
-            containerd_address,
+            containerd_address: vessel_runtime::ContainerdConfig::default_address(),
             namespace: "vessel".into(),
-            rootless,
+            rootless: !nix::unistd::geteuid().is_root(),
             id_generator: Arc::new(UniqueIdGenerator::new()),
             backend: Backend::default(),
             user_namespaces: true,
@@ -203,7 +183,9 @@ impl ManagerConfig {
         self
     }
 
-    /// Rootless mode (default: when not running as root).
+    /// Rootless mode (default: when not running as root). Not built yet:
+    /// a manager in rootless mode fails with [`crate::VesselError::RootlessUnsupported`]
+    /// rather than run half-isolated.
     pub fn rootless(mut self, rootless: bool) -> Self {
         self.rootless = rootless;
         self

@@ -96,9 +96,6 @@ pub enum VesselError {
     /// A `File` opened before a snapshot or restore remounted the vessel.
     #[error("file handle in vessel {0} is stale (a snapshot or restore remounted the vessel)")]
     StaleFile(VesselId),
-    /// The configured backend is not compiled in.
-    #[error("backend {0} is not enabled (cargo feature `{0}`)")]
-    BackendNotEnabled(&'static str),
     /// A command was empty or options contradict each other.
     #[error("invalid input: {0}")]
     InvalidInput(String),
@@ -109,6 +106,10 @@ pub enum VesselError {
         "vessel isolation is not supported on this host; ManagerConfig::user_namespaces(false) turns it off (unsafe for untrusted code)"
     )]
     IsolationUnsupported(#[source] RuntimeError),
+    /// Rootless mode (`ManagerConfig::rootless(true)`, the default for a
+    /// user other than root) is not supported yet.
+    #[error("rootless mode is not supported yet: run vessel as root, with ManagerConfig::rootless(false)")]
+    RootlessUnsupported,
     /// Pulling an image from a registry failed.
     #[error("cannot pull {reference}: {failure}")]
     Pull {
@@ -175,7 +176,9 @@ impl VesselError {
             Self::Core(_) | Self::InvalidPath { .. } | Self::InvalidInput(_) | Self::UnknownUser { .. } => {
                 K::InvalidInput
             }
-            Self::IsolationUnsupported(_) | Self::QuotaUnsupported { .. } => K::Unavailable,
+            Self::IsolationUnsupported(_) | Self::QuotaUnsupported { .. } | Self::RootlessUnsupported => {
+                K::Unavailable
+            }
             Self::Pull { failure, .. } => match failure {
                 crate::PullFailure::NotFound => K::NotFound,
                 crate::PullFailure::Unauthorized => K::Unauthorized,
@@ -218,7 +221,6 @@ impl VesselError {
             Self::VesselNotFound(_) | Self::SnapshotNotFound { .. } | Self::ImageNotFound(_) => K::NotFound,
             Self::SnapshotInUse { .. } | Self::Locked(_) | Self::Closed(_) | Self::StaleFile(_) => K::Conflict,
             Self::ImageChanged { .. } => K::Corrupt,
-            Self::BackendNotEnabled(_) => K::Unavailable,
         }
     }
 

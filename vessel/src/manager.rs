@@ -19,7 +19,7 @@ use vessel_snapshot::image::{Image, import_archive};
 use vessel_snapshot::{LayerCache, LayerKey};
 use vessel_storage::{BlobReader, CompressedStorage, LocalStorage, Storage, StorageErrorKind};
 
-use crate::config::{Backend, IdRanges, ManagerConfig};
+use crate::config::{IdRanges, ManagerConfig};
 use crate::error::{Result, VesselError};
 use crate::vessel::{Inner, Vessel};
 
@@ -32,8 +32,6 @@ pub(crate) struct Shared {
     pub(crate) storage: Arc<dyn Storage>,
     pub(crate) cache: LayerCache,
     pub(crate) runtime: Arc<dyn Runtime>,
-    #[cfg(feature = "containerd")]
-    pub(crate) containerd: Option<vessel_runtime::ContainerdRuntime>,
     pub(crate) ids: Arc<dyn IdGenerator>,
     pub(crate) root: PathBuf,
     /// Machine-wide vessel locks (not per mount root: two managers on one
@@ -172,17 +170,14 @@ impl Shared {
     /// `reference` streamed out of containerd's image store (containerd
     /// backend), with the job exporting it; `None` where it is not there.
     async fn containerd_export(&self, reference: &ImageRef) -> Result<Option<(BlobReader, ExportJob)>> {
-        #[cfg(feature = "containerd")]
-        if let Some(ctd) = &self.containerd
-            && ctd.has_image(reference.as_str()).await?
-        {
-            let (mut w, r) = tokio::io::duplex(1 << 20);
-            let (ctd, name) = (ctd.clone(), reference.as_str().to_owned());
-            let job = tokio::spawn(async move { ctd.export_image(&name, &mut w).await });
-            return Ok(Some((Box::new(r), job)));
+        let Some(store) = self.runtime.image_store() else { return Ok(None) };
+        if !store.has_image(reference.as_str()).await? {
+            return Ok(None);
         }
-        let _ = reference;
-        Ok(None)
+        let (mut w, r) = tokio::io::duplex(1 << 20);
+        let name = reference.as_str().to_owned();
+        let job = tokio::spawn(async move { store.export_image(&name, &mut w).await });
+        Ok(Some((Box::new(r), job)))
     }
 
     /// Pulls `reference` from its registry into storage (see [`crate::registry`]).
@@ -261,46 +256,6 @@ impl Shared {
     }
 }
 
-async fn runtime_for(config: &ManagerConfig, root: &Path) -> Result<(Arc<dyn Runtime>, Option<ContainerdHandle>)> {
-    match config.backend {
-        Backend::Youki => {
-            #[cfg(feature = "youki")]
-            {
-                let rt = vessel_runtime::YoukiRuntime::new(root.join("runtime/youki"));
-                rt.is_available()?;
-                Ok((Arc::new(rt), None))
-            }
-            #[cfg(not(feature = "youki"))]
-            {
-                let _ = root;
-                Err(VesselError::BackendNotEnabled("youki"))
-            }
-        }
-        Backend::Containerd => {
-            #[cfg(feature = "containerd")]
-            {
-                let rt = vessel_runtime::ContainerdRuntime::connect(vessel_runtime::ContainerdConfig {
-                    address: config.containerd_address.clone(),
-                    namespace: config.namespace.clone(),
-                    root: root.join("runtime/containerd"),
-                })
-                .await?;
-                Ok((Arc::new(rt.clone()), Some(rt)))
-            }
-            #[cfg(not(feature = "containerd"))]
-            {
-                let _ = root;
-                Err(VesselError::BackendNotEnabled("containerd"))
-            }
-        }
-    }
-}
-
-#[cfg(feature = "containerd")]
-type ContainerdHandle = vessel_runtime::ContainerdRuntime;
-#[cfg(not(feature = "containerd"))]
-type ContainerdHandle = std::convert::Infallible;
-
 /// A temporary file removed when dropped.
 struct SpoolFile(PathBuf);
 
@@ -343,6 +298,9 @@ impl Manager {
     /// the mount root (mounts and dirs of vessels nobody has open; with the
     /// containerd backend, containers of dead vessel processes).
     pub async fn new(config: ManagerConfig) -> Result<Self> {
+        if config.rootless {
+            return Err(VesselError::RootlessUnsupported);
+        }
         let root = config.mount_root.clone();
         let locks = lock_dir();
         mkdirs(&[
@@ -376,14 +334,16 @@ impl Manager {
             None => Arc::new(CompressedStorage::new(LocalStorage::new(crate::config::data_home().join("data"))?)),
         };
         let cache = LayerCache::open(root.join("layers"))?;
-        #[cfg_attr(not(feature = "containerd"), allow(unused_variables))]
-        let (runtime, containerd) = runtime_for(&config, &root).await?;
+        let backend = vessel_runtime::BackendConfig {
+            root: root.join("runtime"),
+            containerd_address: config.containerd_address.clone(),
+            containerd_namespace: config.namespace.clone(),
+        };
+        let runtime = vessel_runtime::connect(config.backend, &backend).await?;
         let shared = Shared {
             storage,
             cache,
             runtime,
-            #[cfg(feature = "containerd")]
-            containerd,
             ids: config.id_generator.clone(),
             root,
             locks,

@@ -162,6 +162,7 @@ fn main() {
         bad_limits_are_refused,
         disk_quota_bounds_what_a_vessel_writes,
         quotas_need_a_filesystem_that_enforces_them,
+        rootless_mode_is_refused_until_it_is_built,
         a_hundred_vessels_keep_the_host_responsive,
         images_pull_from_a_registry,
         registry_failures_are_typed_and_store_nothing,
@@ -1239,6 +1240,18 @@ async fn disk_quota_bounds_what_a_vessel_writes(w: Arc<World>) -> Result<()> {
     ensure!(code != 0 && err.contains("Disk quota exceeded"), "on host B: {code} {err}");
     host_b.close().await?;
     mgr.close().await?;
+    Ok(())
+}
+
+/// `ManagerConfig::rootless(true)` is a typed refusal that creates nothing,
+/// never a manager that runs half-isolated.
+async fn rootless_mode_is_refused_until_it_is_built(w: Arc<World>) -> Result<()> {
+    let root = w.base.join("rootless");
+    match Manager::new(w.config("unused").mount_root(&root).rootless(true)).await {
+        Err(e @ vessel::VesselError::RootlessUnsupported) => ensure!(e.kind() == VesselErrorKind::Unavailable),
+        other => return Err(anyhow!("rootless as root: {other:?}")),
+    }
+    ensure!(!root.exists(), "the refused manager created {}", root.display());
     Ok(())
 }
 

@@ -120,6 +120,9 @@ fn test() -> Result<()> {
             .args(["--", "-D", "warnings"]))?;
     }
     run(cargo(&root).args(["doc", "--workspace", "--no-deps", "--locked"]).env("RUSTDOCFLAGS", "-D warnings"))?;
+    // A backend compiled out must be a typed refusal, not a build error:
+    // the runtime's stubs are tested without default features.
+    run(cargo(&root).args(["test", "-p", "vessel-runtime", "--lib", "--locked", "--no-default-features"]))?;
     // Build the tests before starting the daemon, so it is up only while they run.
     run(cargo(&root).args(["test", "--workspace", "--locked", "--all-features", "--no-run"]))?;
     let containerd = containerd::Containerd::start()?;

@@ -7,53 +7,31 @@ use containerd_client::services::v1::content_client::ContentClient;
 use containerd_client::services::v1::images_client::ImagesClient;
 use containerd_client::services::v1::{GetImageRequest, ReadContentRequest};
 use containerd_client::tonic::Code;
-use serde_json::{Value, json};
+use oci_spec::image::{
+    Arch, Descriptor, DescriptorBuilder, Digest, ImageIndex, ImageIndexBuilder, ImageManifest, MediaType, Os,
+};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use super::{ContainerdRuntime, grpc};
-use crate::RuntimeError;
+use crate::{ImageStore, RuntimeError};
 
 /// Manifests and indexes are small; a bigger one is refused rather than buffered.
-const MAX_JSON_BLOB: i64 = 8 << 20;
-const INDEX_TYPES: [&str; 2] =
-    ["application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json"];
+const MAX_JSON_BLOB: u64 = 8 << 20;
+const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 
-/// A content descriptor, as containerd and the OCI spec write it.
-#[derive(Debug, Clone)]
-struct Desc {
-    media_type: String,
-    digest: String,
-    size: i64,
+/// A blob's member name in the layout (`blobs/sha256/<hex>`); oci-spec
+/// checked the digest's hex when it parsed it, so it never names another path.
+fn member(desc: &Descriptor) -> Result<String, RuntimeError> {
+    desc.as_digest_sha256()
+        .map(|hex| format!("blobs/sha256/{hex}"))
+        .ok_or_else(|| RuntimeError::Container(format!("unsupported digest {}", desc.digest())))
 }
 
-impl Desc {
-    fn from_json(v: &Value) -> Result<Self, RuntimeError> {
-        let bad = || RuntimeError::Container(format!("malformed descriptor {v}"));
-        Ok(Self {
-            media_type: v["mediaType"].as_str().unwrap_or_default().to_owned(),
-            digest: v["digest"].as_str().ok_or_else(bad)?.to_owned(),
-            size: v["size"].as_i64().ok_or_else(bad)?,
-        })
-    }
-
-    /// The blob's member name in the layout (`blobs/sha256/<hex>`); the
-    /// digest is checked so it can never name another path.
-    fn member(&self) -> Result<String, RuntimeError> {
-        match self.digest.strip_prefix("sha256:") {
-            Some(hex) if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) => {
-                Ok(format!("blobs/sha256/{hex}"))
-            }
-            _ => Err(RuntimeError::Container(format!("unsupported digest {:?}", self.digest))),
-        }
-    }
-}
-
-fn go_arch() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        other => other,
-    }
+/// A manifest or an index, as the descriptor's media type (or, for an
+/// untyped one, the blob itself) says.
+enum Target {
+    Manifest(Box<ImageManifest>),
+    Index(Box<ImageIndex>),
 }
 
 /// A tar header for a regular file `name` of `size` bytes.
@@ -74,9 +52,9 @@ fn padding(size: u64) -> usize {
     ((512 - size % 512) % 512) as usize
 }
 
-impl ContainerdRuntime {
-    /// Whether `reference` names an image in the namespace's image store.
-    pub async fn has_image(&self, reference: &str) -> Result<bool, RuntimeError> {
+#[async_trait::async_trait]
+impl ImageStore for ContainerdRuntime {
+    async fn has_image(&self, reference: &str) -> Result<bool, RuntimeError> {
         let get =
             ImagesClient::new(self.channel.clone()).get(self.request(GetImageRequest { name: reference.into() })).await;
         match get {
@@ -86,10 +64,7 @@ impl ContainerdRuntime {
         }
     }
 
-    /// Writes the image `reference` of the namespace's store to `out` as an
-    /// OCI image layout archive (this platform's manifest only, tagged
-    /// `reference`); returns the archive's size.
-    pub async fn export_image(
+    async fn export_image(
         &self,
         reference: &str,
         out: &mut (dyn AsyncWrite + Send + Unpin),
@@ -108,57 +83,69 @@ impl ContainerdRuntime {
             .image
             .and_then(|i| i.target)
             .ok_or_else(|| RuntimeError::Container(format!("image {reference} has no target")))?;
-        let mut desc = Desc { media_type: image.media_type, digest: image.digest, size: image.size };
-        let mut manifest = self.read_json(&desc).await?;
+        let digest: Digest = image
+            .digest
+            .parse()
+            .map_err(|e| RuntimeError::Container(format!("image {reference} target digest: {e}")))?;
+        let size = u64::try_from(image.size).map_err(|_| RuntimeError::Container("negative size".into()))?;
+        let mut desc = Descriptor::new(MediaType::from(image.media_type.as_str()), size, digest);
         // A multi-platform index leads to this platform's manifest (an
         // imported index may lack `platform`: then its first manifest).
+        let mut manifest = None;
         for _ in 0..4 {
-            if !INDEX_TYPES.contains(&desc.media_type.as_str()) && manifest.get("manifests").is_none() {
-                break;
+            match self.read_target(&desc).await? {
+                Target::Manifest(m) => {
+                    manifest = Some(m);
+                    break;
+                }
+                Target::Index(index) => {
+                    let list = index.manifests();
+                    let here = |d: &&Descriptor| {
+                        d.platform().as_ref().is_some_and(|p| *p.os() == Os::Linux && *p.architecture() == Arch::default())
+                    };
+                    desc = list
+                        .iter()
+                        .find(here)
+                        .or_else(|| list.iter().find(|d| d.platform().is_none()))
+                        .ok_or_else(|| {
+                            RuntimeError::Container(format!(
+                                "image {reference} has no manifest for linux/{}",
+                                Arch::default()
+                            ))
+                        })?
+                        .clone();
+                }
             }
-            let list = manifest["manifests"].as_array().cloned().unwrap_or_default();
-            let chosen = list
-                .iter()
-                .find(|m| m["platform"]["os"] == "linux" && m["platform"]["architecture"] == go_arch())
-                .or_else(|| list.iter().find(|m| m.get("platform").is_none()))
-                .ok_or_else(|| {
-                    RuntimeError::Container(format!("image {reference} has no manifest for linux/{}", go_arch()))
-                })?;
-            desc = Desc::from_json(chosen)?;
-            manifest = self.read_json(&desc).await?;
         }
-        let config = Desc::from_json(&manifest["config"])?;
-        let layers = manifest["layers"]
-            .as_array()
-            .ok_or_else(|| RuntimeError::Container(format!("manifest {} has no layers", desc.digest)))?
-            .iter()
-            .map(Desc::from_json)
-            .collect::<Result<Vec<_>, _>>()?;
-
-        let index = json!({
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.index.v1+json",
-            "manifests": [{
-                "mediaType": desc.media_type,
-                "digest": desc.digest,
-                "size": desc.size,
-                "annotations": { "org.opencontainers.image.ref.name": reference },
-            }],
-        });
+        let manifest =
+            manifest.ok_or_else(|| RuntimeError::Container(format!("image {reference}: indexes nested too deep")))?;
+        let tagged = DescriptorBuilder::default()
+            .media_type(desc.media_type().clone())
+            .digest(desc.digest().clone())
+            .size(desc.size())
+            .annotations([("org.opencontainers.image.ref.name".to_owned(), reference.to_owned())])
+            .build()
+            .map_err(RuntimeError::Spec)?;
+        let index = ImageIndexBuilder::default()
+            .schema_version(2u32)
+            .media_type(MediaType::ImageIndex)
+            .manifests(vec![tagged])
+            .build()
+            .map_err(RuntimeError::Spec)?;
         let io = |e: std::io::Error| RuntimeError::io("write image archive", "")(e);
         let mut written = 0u64;
         for (name, body) in [
             ("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec()),
-            ("index.json", serde_json::to_vec(&index).map_err(|e| RuntimeError::Container(e.to_string()))?),
+            ("index.json", serde_json::to_vec(&index).map_err(RuntimeError::Json)?),
         ] {
             out.write_all(&header(name, body.len() as u64)?).await.map_err(io)?;
             out.write_all(&body).await.map_err(io)?;
             out.write_all(&[0; 512][..padding(body.len() as u64)]).await.map_err(io)?;
             written += 512 + body.len() as u64 + padding(body.len() as u64) as u64;
         }
-        for blob in std::iter::once(&desc).chain(std::iter::once(&config)).chain(&layers) {
-            let size = u64::try_from(blob.size).map_err(|_| RuntimeError::Container("negative size".into()))?;
-            out.write_all(&header(&blob.member()?, size)?).await.map_err(io)?;
+        for blob in std::iter::once(&desc).chain(std::iter::once(manifest.config())).chain(manifest.layers()) {
+            let size = blob.size();
+            out.write_all(&header(&member(blob)?, size)?).await.map_err(io)?;
             self.copy_blob(blob, out).await?;
             out.write_all(&[0; 512][..padding(size)]).await.map_err(io)?;
             written += 512 + size + padding(size) as u64;
@@ -168,39 +155,55 @@ impl ContainerdRuntime {
         Ok(written + 1024)
     }
 
-    async fn read_json(&self, desc: &Desc) -> Result<Value, RuntimeError> {
-        if desc.size > MAX_JSON_BLOB {
+}
+
+impl ContainerdRuntime {
+    /// The manifest or index `desc` names, parsed by oci-spec.
+    async fn read_target(&self, desc: &Descriptor) -> Result<Target, RuntimeError> {
+        if desc.size() > MAX_JSON_BLOB {
             return Err(RuntimeError::Container(format!(
                 "{} is {} bytes, too big for a manifest",
-                desc.digest, desc.size
+                desc.digest(),
+                desc.size()
             )));
         }
         let mut buf = Vec::new();
         self.copy_blob(desc, &mut buf).await?;
-        serde_json::from_slice(&buf).map_err(|e| RuntimeError::Container(format!("blob {}: {e}", desc.digest)))
+        let index = || ImageIndex::from_reader(&buf[..]).map(|i| Target::Index(Box::new(i)));
+        let parsed = match desc.media_type() {
+            MediaType::ImageIndex => index(),
+            MediaType::Other(t) if t == DOCKER_LIST => index(),
+            _ => ImageManifest::from_reader(&buf[..]).map(|m| Target::Manifest(Box::new(m))).or_else(|e| index().map_err(|_| e)),
+        };
+        parsed.map_err(|source| RuntimeError::Blob { digest: desc.digest().to_string(), source })
     }
 
     /// Streams one blob out of the content store; exactly `desc.size` bytes
     /// or an error (digests are verified by the reader of the archive).
-    async fn copy_blob(&self, desc: &Desc, out: &mut (impl AsyncWrite + Unpin + ?Sized)) -> Result<(), RuntimeError> {
-        let read = ReadContentRequest { digest: desc.digest.clone(), offset: 0, size: 0 };
+    async fn copy_blob(
+        &self,
+        desc: &Descriptor,
+        out: &mut (impl AsyncWrite + Unpin + ?Sized),
+    ) -> Result<(), RuntimeError> {
+        let read = ReadContentRequest { digest: desc.digest().to_string(), offset: 0, size: 0 };
         let mut stream = ContentClient::new(self.channel.clone())
             .read(self.request(read))
             .await
             .map_err(grpc("read content"))?
             .into_inner();
-        let mut n = 0i64;
+        let mut n = 0u64;
         while let Some(chunk) = stream.message().await.map_err(grpc("read content"))? {
-            n += chunk.data.len() as i64;
-            if n > desc.size {
+            n += chunk.data.len() as u64;
+            if n > desc.size() {
                 break;
             }
             out.write_all(&chunk.data).await.map_err(RuntimeError::io("write image archive", ""))?;
         }
-        if n != desc.size {
+        if n != desc.size() {
             return Err(RuntimeError::Container(format!(
                 "blob {} has {n}+ bytes in containerd, its descriptor says {}",
-                desc.digest, desc.size
+                desc.digest(),
+                desc.size()
             )));
         }
         Ok(())

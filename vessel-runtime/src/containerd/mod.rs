@@ -36,35 +36,13 @@ use containerd_client::tonic::{Code, Request, Status};
 use nix::sys::stat::Mode;
 use tokio::net::unix::pipe;
 
-use crate::{Network, RunRequest, Runtime, RuntimeError, drain, spec};
+use crate::{ContainerdConfig, Network, RunRequest, Runtime, RuntimeError, drain, spec};
 
 /// containerd's type URL for an OCI runtime spec in an `Any`.
 const SPEC_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec";
 /// The shim every container runs under.
 const RUNC_SHIM: &str = "io.containerd.runc.v2";
 const BACKEND: &str = "containerd";
-
-/// Where to find containerd and where to keep per-run files.
-#[derive(Debug, Clone)]
-pub struct ContainerdConfig {
-    /// The daemon's gRPC socket.
-    pub address: PathBuf,
-    /// The containerd namespace vessel's containers and images live in.
-    pub namespace: String,
-    /// Per-run files (FIFOs, `/etc` files); containerd must reach it, so a local path.
-    pub root: PathBuf,
-}
-
-impl ContainerdConfig {
-    /// The default socket: containerd's system socket for root,
-    /// `$XDG_RUNTIME_DIR/containerd/containerd.sock` for other users (rootless containerd).
-    pub fn default_address() -> PathBuf {
-        match std::env::var_os("XDG_RUNTIME_DIR") {
-            Some(dir) if !nix::unistd::geteuid().is_root() => PathBuf::from(dir).join("containerd/containerd.sock"),
-            _ => PathBuf::from("/run/containerd/containerd.sock"),
-        }
-    }
-}
 
 /// Containers through a containerd daemon.
 #[derive(Debug, Clone)]
@@ -84,7 +62,7 @@ fn unavailable(reason: String) -> RuntimeError {
 
 /// A failed gRPC call, with what was being done.
 fn grpc(op: &'static str) -> impl FnOnce(Status) -> RuntimeError {
-    move |s| RuntimeError::Container(format!("containerd {op}: {}", s.message()))
+    move |s| RuntimeError::Call { backend: BACKEND, op, source: Box::new(s) }
 }
 
 impl ContainerdRuntime {
@@ -222,7 +200,7 @@ impl ContainerdRuntime {
             // runc brings `lo` up in a network namespace it creates.
             spec::add_network_namespace(&mut spec)?;
         }
-        let spec_json = serde_json::to_vec(&spec).map_err(|e| RuntimeError::Container(e.to_string()))?;
+        let spec_json = serde_json::to_vec(&spec).map_err(RuntimeError::Json)?;
 
         let tty = req.tty;
         let fifo = |name: &str| -> Result<PathBuf, RuntimeError> {
@@ -346,7 +324,7 @@ fn start_error(command: &str, s: Status) -> RuntimeError {
     let msg = s.message();
     match crate::error::start_failure(command, msg) {
         e @ RuntimeError::Exec { .. } if msg.contains("exec") => e,
-        _ => RuntimeError::Container(format!("containerd create task: {msg}")),
+        _ => grpc("create task")(s),
     }
 }
 
@@ -396,6 +374,10 @@ impl Runtime for ContainerdRuntime {
 
     async fn remove_leftovers(&self) -> Result<usize, RuntimeError> {
         ContainerdRuntime::remove_leftovers(self).await
+    }
+
+    fn image_store(&self) -> Option<Arc<dyn crate::ImageStore>> {
+        Some(Arc::new(self.clone()))
     }
 
     async fn run_outcome(&self, req: RunRequest<'_>) -> Result<crate::RunOutcome, RuntimeError> {

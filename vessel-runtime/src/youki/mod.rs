@@ -243,7 +243,7 @@ impl Runtime for YoukiRuntime {
             spec::add_network_namespace(&mut spec)?;
         }
         masked_eq_for_libcontainer(&mut spec);
-        spec.save(bundle.join("config.json")).map_err(|e| RuntimeError::Container(e.to_string()))?;
+        spec.save(bundle.join("config.json")).map_err(RuntimeError::Spec)?;
 
         let (life_r, life_w) = pipe()?;
         let (status_r, status_w) = pipe()?;
