@@ -38,10 +38,10 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 // fds placed for a re-executed child before exec: one justified block.
+pub mod backend;
 #[cfg(any(feature = "youki", feature = "containerd"))]
 #[allow(unsafe_code)]
 mod child;
-pub mod backend;
 #[cfg(feature = "containerd")]
 mod containerd;
 mod error;
@@ -268,6 +268,9 @@ pub trait ImageStore: Send + Sync + fmt::Debug {
 
     /// Writes image `reference` to `out` as an OCI image layout archive
     /// (this platform's manifest only, tagged `reference`); returns its size.
-    async fn export_image(&self, reference: &str, out: &mut (dyn AsyncWrite + Send + Unpin))
-    -> Result<u64, RuntimeError>;
+    async fn export_image(
+        &self,
+        reference: &str,
+        out: &mut (dyn AsyncWrite + Send + Unpin),
+    ) -> Result<u64, RuntimeError>;
 }

@@ -241,7 +241,9 @@ pub fn build(
     let mut spec = Spec::default();
     spec.set_process(Some(process));
     spec.set_hostname(Some(req.hostname.clone().unwrap_or_else(|| "vessel".into())));
-    spec.set_root(Some(RootBuilder::default().path(req.rootfs.clone()).readonly(false).build().map_err(RuntimeError::Spec)?));
+    spec.set_root(Some(
+        RootBuilder::default().path(req.rootfs.clone()).readonly(false).build().map_err(RuntimeError::Spec)?,
+    ));
 
     let mut mounts = spec.mounts().clone().unwrap_or_default();
     if req.user_namespace.is_some() && req.network == Network::Host {
@@ -275,10 +277,13 @@ pub fn build(
     // a namespace the runtime creates has `lo` down.
     namespaces.retain(|n| n.typ() != LinuxNamespaceType::Network);
     if !namespaces.iter().any(|n| n.typ() == LinuxNamespaceType::Cgroup) {
-        namespaces.push(LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::Cgroup).build().map_err(RuntimeError::Spec)?);
+        namespaces.push(
+            LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::Cgroup).build().map_err(RuntimeError::Spec)?,
+        );
     }
     if let Some(map) = req.user_namespace {
-        namespaces.push(LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::User).build().map_err(RuntimeError::Spec)?);
+        namespaces
+            .push(LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::User).build().map_err(RuntimeError::Spec)?);
         linux.set_uid_mappings(Some(id_mappings(map)?));
         linux.set_gid_mappings(Some(id_mappings(map)?));
     }
@@ -292,10 +297,12 @@ pub fn build(
     let mut resources = LinuxResourcesBuilder::default();
     if let Some(m) = req.limits.memory_bytes {
         // No swap on top: the limit is the limit.
-        resources = resources.memory(LinuxMemoryBuilder::default().limit(m).swap(m).build().map_err(RuntimeError::Spec)?);
+        resources =
+            resources.memory(LinuxMemoryBuilder::default().limit(m).swap(m).build().map_err(RuntimeError::Spec)?);
     }
     if let Some(q) = req.limits.cpu_quota_us {
-        resources = resources.cpu(LinuxCpuBuilder::default().quota(q).period(100_000u64).build().map_err(RuntimeError::Spec)?);
+        resources =
+            resources.cpu(LinuxCpuBuilder::default().quota(q).period(100_000u64).build().map_err(RuntimeError::Spec)?);
     }
     if let Some(p) = req.limits.pids {
         resources = resources.pids(LinuxPidsBuilder::default().limit(p).build().map_err(RuntimeError::Spec)?);

@@ -65,7 +65,7 @@ pub struct Image {
 /// [`SnapshotError::ImageNotInArchive`]; an archive of one image is that
 /// image, whatever it calls itself (the caller names it). Without a
 /// reference: the first for this platform.
-pub fn import_archive(
+pub fn unpack_image(
     archive: impl Read,
     cache: &LayerCache,
     holder: &str,

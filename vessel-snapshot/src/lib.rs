@@ -12,7 +12,7 @@
 //!   with their holes: a snapshot costs what was written.
 //! - [`LayerCache`]: unpacked layers shared by every vessel on a host.
 //! - [`image`]: docker-save and OCI image-layout archives into the cache
-//!   ([`image::import_archive`]).
+//!   ([`image::unpack_image`]).
 //!
 //! Everything here is synchronous, blocking filesystem work: async callers
 //! run it on a blocking thread.

@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 
 use common::*;
-use vessel_snapshot::image::import_archive;
+use vessel_snapshot::image::unpack_image;
 use vessel_snapshot::{LayerCache, SnapshotErrorKind};
 
 fn image_dir(test: &str) -> Option<PathBuf> {
@@ -33,9 +33,8 @@ fn imports_both_formats_to_the_same_layer() {
     let Some(dir) = image_dir("imports_both_formats_to_the_same_layer") else { return };
     let tmp = tempfile::tempdir().unwrap();
     let cache = LayerCache::open(tmp.path()).unwrap();
-    let oci =
-        import_archive(&archive(&dir, "busybox-oci.tar")[..], &cache, "v1", Some("local/busybox:latest")).unwrap();
-    let docker = import_archive(&archive(&dir, "busybox-docker.tar")[..], &cache, "v2", None).unwrap();
+    let oci = unpack_image(&archive(&dir, "busybox-oci.tar")[..], &cache, "v1", Some("local/busybox:latest")).unwrap();
+    let docker = unpack_image(&archive(&dir, "busybox-docker.tar")[..], &cache, "v2", None).unwrap();
     assert_eq!(oci.layers.len(), 1);
     assert_eq!(oci.layers, docker.layers, "same diff id, same cached layer");
     assert_eq!(oci.config_digest, docker.config_digest);
@@ -81,7 +80,7 @@ fn imports_gzip_and_zstd_archives() {
     for (what, bytes) in [("gzip", gz), ("zstd", zst)] {
         let tmp = tempfile::tempdir().unwrap();
         let cache = LayerCache::open(tmp.path()).unwrap();
-        let img = import_archive(&bytes[..], &cache, "v", None).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let img = unpack_image(&bytes[..], &cache, "v", None).unwrap_or_else(|e| panic!("{what}: {e}"));
         assert!(img.layers[0].path.join("bin/busybox").is_file(), "{what}");
     }
 }
@@ -144,7 +143,7 @@ fn tampered_archives_are_refused() {
     for (case, bytes) in cases {
         let tmp = tempfile::tempdir().unwrap();
         let cache = LayerCache::open(tmp.path()).unwrap();
-        let e = import_archive(&bytes[..], &cache, "v", None).expect_err(case);
+        let e = unpack_image(&bytes[..], &cache, "v", None).expect_err(case);
         assert_eq!(e.kind(), SnapshotErrorKind::InvalidData, "{case}: {e}");
         let left: Vec<_> =
             std::fs::read_dir(tmp.path().join("layers")).unwrap().map(|e| e.unwrap().file_name()).collect();
@@ -174,12 +173,12 @@ fn a_missing_reference_is_not_found() {
         },
     );
     for wanted in ["local/busybox:latest", "local/other:v2"] {
-        import_archive(&two[..], &cache, "v", Some(wanted)).unwrap_or_else(|e| panic!("{wanted}: {e}"));
+        unpack_image(&two[..], &cache, "v", Some(wanted)).unwrap_or_else(|e| panic!("{wanted}: {e}"));
     }
-    let e = import_archive(&two[..], &cache, "v", Some("local/absent:latest")).unwrap_err();
+    let e = unpack_image(&two[..], &cache, "v", Some("local/absent:latest")).unwrap_err();
     assert_eq!(e.kind(), SnapshotErrorKind::NotFound, "{e}");
     assert!(e.to_string().contains("local/absent:latest"), "{e}");
     // One image, whatever the reference.
-    import_archive(&archive(&dir, "busybox-oci.tar")[..], &cache, "v", Some("local/renamed:x")).unwrap();
-    import_archive(&archive(&dir, "busybox-docker.tar")[..], &cache, "v", Some("local/renamed:x")).unwrap();
+    unpack_image(&archive(&dir, "busybox-oci.tar")[..], &cache, "v", Some("local/renamed:x")).unwrap();
+    unpack_image(&archive(&dir, "busybox-docker.tar")[..], &cache, "v", Some("local/renamed:x")).unwrap();
 }

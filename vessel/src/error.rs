@@ -176,9 +176,7 @@ impl VesselError {
             Self::Core(_) | Self::InvalidPath { .. } | Self::InvalidInput(_) | Self::UnknownUser { .. } => {
                 K::InvalidInput
             }
-            Self::IsolationUnsupported(_) | Self::QuotaUnsupported { .. } | Self::RootlessUnsupported => {
-                K::Unavailable
-            }
+            Self::IsolationUnsupported(_) | Self::QuotaUnsupported { .. } | Self::RootlessUnsupported => K::Unavailable,
             Self::Pull { failure, .. } => match failure {
                 crate::PullFailure::NotFound => K::NotFound,
                 crate::PullFailure::Unauthorized => K::Unauthorized,

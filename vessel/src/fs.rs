@@ -197,18 +197,13 @@ impl Gate {
         }
     }
 
-    /// Ends a freeze: with a new root (a remount) old `File`s go stale;
-    /// with `None` the vessel is closed for good.
-    pub(crate) fn thaw(&self, root: Option<OwnedFd>, remounted: bool) {
+    /// Ends a freeze after a remount: `File`s opened before it go stale,
+    /// and paths resolve in `root` from now on (`None`: the vessel is gone,
+    /// every call fails).
+    pub(crate) fn thaw_remounted(&self, root: Option<OwnedFd>) {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if remounted {
-            s.generation += 1;
-        }
-        match root {
-            Some(r) => s.root = Some(Arc::new(r)),
-            None if remounted => s.root = None,
-            None => {}
-        }
+        s.generation += 1;
+        s.root = root.map(Arc::new);
         s.busy = false;
         self.changed.notify_all();
     }

@@ -18,7 +18,7 @@ use vessel_runtime::overlay::OverlayMount;
 use vessel_snapshot::{DiffOptions, LayerKey, write_diff_with};
 
 use crate::error::{Result, VesselError};
-use crate::manager::Shared;
+use crate::manager::ManagerState;
 
 /// The cache key of the flat layer of `chain` (root first, non-empty):
 /// bound to every checksum in it.
@@ -30,7 +30,7 @@ pub(crate) fn flat_key(chain: &[&SnapshotManifest]) -> LayerKey {
 /// How many snapshots one flat layer step covers.
 pub(crate) const FLATTEN_EVERY: usize = 32;
 
-impl Shared {
+impl ManagerState {
     /// The lower layers, bottom first, of a vessel at snapshot `current`
     /// (`None`: the bare image), fetching and flattening as needed; `work`
     /// is a directory for temporary mount points.

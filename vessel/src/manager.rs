@@ -15,20 +15,20 @@ use std::sync::{Arc, Mutex, Weak};
 use nix::fcntl::{Flock, FlockArg};
 use vessel_core::{IdGenerator, ImageRef, SnapshotId, VesselId, VesselManifest};
 use vessel_runtime::{Runtime, UserNamespace};
-use vessel_snapshot::image::{Image, import_archive};
+use vessel_snapshot::image::{Image, unpack_image};
 use vessel_snapshot::{LayerCache, LayerKey};
 use vessel_storage::{BlobReader, CompressedStorage, LocalStorage, Storage, StorageErrorKind};
 
 use crate::config::{IdRanges, ManagerConfig};
 use crate::error::{Result, VesselError};
-use crate::vessel::{Inner, Vessel};
+use crate::vessel::{OpenVessel, Vessel};
 
 /// Labels pinning a vessel's base image (a moved tag cannot change it).
 pub(crate) const IMAGE_CONFIG_LABEL: &str = "vessel.image.config-digest";
 pub(crate) const IMAGE_MANIFEST_LABEL: &str = "vessel.image.manifest-digest";
 
 /// What every vessel of a manager shares.
-pub(crate) struct Shared {
+pub(crate) struct ManagerState {
     pub(crate) storage: Arc<dyn Storage>,
     pub(crate) cache: LayerCache,
     pub(crate) runtime: Arc<dyn Runtime>,
@@ -37,7 +37,7 @@ pub(crate) struct Shared {
     /// Machine-wide vessel locks (not per mount root: two managers on one
     /// machine with different mount roots still exclude each other).
     pub(crate) locks: PathBuf,
-    pub(crate) open: Mutex<HashMap<VesselId, Weak<Inner>>>,
+    pub(crate) open: Mutex<HashMap<VesselId, Weak<OpenVessel>>>,
     /// Run containers in user namespaces from this pool (`None`: host ids).
     pub(crate) id_ranges: Option<IdRanges>,
     /// Limits of vessels created without their own.
@@ -48,16 +48,16 @@ pub(crate) struct Shared {
     pub(crate) registries: crate::registry::Registries,
 }
 
-impl std::fmt::Debug for Shared {
+impl std::fmt::Debug for ManagerState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared").field("root", &self.root).field("runtime", &self.runtime).finish_non_exhaustive()
+        f.debug_struct("ManagerState").field("root", &self.root).field("runtime", &self.runtime).finish_non_exhaustive()
     }
 }
 
 /// Creates, opens and deletes vessels; one per host and storage is typical.
 #[derive(Debug)]
 pub struct Manager {
-    shared: Arc<Shared>,
+    state: Arc<ManagerState>,
 }
 
 /// Creates each dir with its mode: 0711 where containers must traverse
@@ -93,7 +93,7 @@ pub(crate) fn scrub(dir: &Path) -> Result<()> {
     }
 }
 
-impl Shared {
+impl ManagerState {
     pub(crate) fn vessel_dir(&self, id: &VesselId) -> PathBuf {
         self.root.join("vessels").join(id.as_str())
     }
@@ -134,7 +134,7 @@ impl Shared {
 
     /// Imports `reference` into the layer cache for `holder`: from storage,
     /// or (containerd backend) from containerd's image store.
-    pub(crate) async fn import_image(&self, reference: &ImageRef, holder: &VesselId) -> Result<Image> {
+    pub(crate) async fn image_layers(&self, reference: &ImageRef, holder: &VesselId) -> Result<Image> {
         if let Some(image) = self.cached_image(reference, holder).await {
             return Ok(image);
         }
@@ -157,7 +157,7 @@ impl Shared {
         let (cache, holder, name) = (self.cache.clone(), holder.to_string(), reference.as_str().to_owned());
         let imported = crate::task::blocking(move || {
             let reader = tokio_util::io::SyncIoBridge::new(reader);
-            import_archive(reader, &cache, &holder, Some(&name))
+            unpack_image(reader, &cache, &holder, Some(&name))
         })
         .await?;
         if let Some(export) = export {
@@ -190,13 +190,13 @@ impl Shared {
         fs::create_dir(&spool.0).map_err(VesselError::io("create", &spool.0))?;
         let (archive, pulled) =
             crate::registry::pull_to_archive(&self.registries, reference.as_str(), &spool.0, progress).await?;
-        self.import_file(reference, &archive).await?;
+        self.store_image_file(reference, &archive).await?;
         Ok(pulled)
     }
 
     /// Checks the image archive at `path` (every digest verified, its layers
     /// unpacked into the cache) and stores it as `reference`.
-    pub(crate) async fn import_file(&self, reference: &ImageRef, path: &Path) -> Result<()> {
+    pub(crate) async fn store_image_file(&self, reference: &ImageRef, path: &Path) -> Result<()> {
         let (cache, name, p) = (self.cache.clone(), reference.as_str().to_owned(), path.to_path_buf());
         // The image holds its layers in this host's cache (as docker keeps
         // an image's layers until it is removed), so creating vessels from
@@ -206,7 +206,7 @@ impl Shared {
         let image = crate::task::blocking(move || {
             cache.release_all(&holder)?;
             let file = fs::File::open(&p).map_err(VesselError::io("open", &p))?;
-            import_archive(std::io::BufReader::new(file), &cache, &holder, Some(&name)).map_err(VesselError::from)
+            unpack_image(std::io::BufReader::new(file), &cache, &holder, Some(&name)).map_err(VesselError::from)
         })
         .await??;
         // The summary goes first and comes last: never one of another archive.
@@ -340,7 +340,7 @@ impl Manager {
             containerd_namespace: config.namespace.clone(),
         };
         let runtime = vessel_runtime::connect(config.backend, &backend).await?;
-        let shared = Shared {
+        let state = ManagerState {
             storage,
             cache,
             runtime,
@@ -353,8 +353,8 @@ impl Manager {
             disk_quota: config.disk_quota,
             registries: config.registries.clone(),
         };
-        let mgr = Self { shared: Arc::new(shared) };
-        let containers = mgr.shared.runtime.remove_leftovers().await?;
+        let mgr = Self { state: Arc::new(state) };
+        let containers = mgr.state.runtime.remove_leftovers().await?;
         if containers > 0 {
             tracing::info!(containers, "removed containers left by dead vessel processes");
         }
@@ -365,10 +365,10 @@ impl Manager {
     /// Removes vessel dirs (and their mounts) whose lock nobody holds.
     fn remove_stale(&self) -> Result<usize> {
         let mut removed = 0;
-        let dir = self.shared.root.join("vessels");
+        let dir = self.state.root.join("vessels");
         for e in fs::read_dir(&dir).map_err(VesselError::io("read", &dir))?.flatten() {
             let Ok(id) = VesselId::new(&e.file_name().to_string_lossy()) else { continue };
-            if let Ok(_lock) = self.shared.lock(&id) {
+            if let Ok(_lock) = self.state.lock(&id) {
                 tracing::info!(%id, "removing a vessel mount left by a dead process");
                 scrub(&e.path())?;
                 removed += 1;
@@ -379,12 +379,12 @@ impl Manager {
 
     /// The backend's name (`youki`, `containerd`).
     pub fn backend(&self) -> &'static str {
-        self.shared.runtime.name()
+        self.state.runtime.name()
     }
 
     /// The storage this manager uses.
     pub fn storage(&self) -> &Arc<dyn Storage> {
-        &self.shared.storage
+        &self.state.storage
     }
 
     /// Creates a vessel from `image_ref` (from storage, or containerd's
@@ -411,14 +411,14 @@ impl Manager {
     ) -> Result<Vessel> {
         let mut option_labels = BTreeMap::new();
         crate::limits::label_options(opts, &mut option_labels)?;
-        if opts.disk_bytes.is_some() && self.shared.disk_quota.is_none() {
+        if opts.disk_bytes.is_some() && self.state.disk_quota.is_none() {
             return Err(VesselError::InvalidInput("a disk quota was asked for, but this manager runs without".into()));
         }
         let reference = ImageRef::new(image_ref)?;
         let given = work_dir.to_owned();
-        let id = self.shared.ids.vessel_id();
-        let lock = self.shared.lock(&id)?;
-        let image = match self.shared.import_image(&reference, &id).await {
+        let id = self.state.ids.vessel_id();
+        let lock = self.state.lock(&id)?;
+        let image = match self.state.image_layers(&reference, &id).await {
             Ok(i) => i,
             Err(e) => {
                 self.release_layers(&id);
@@ -445,18 +445,18 @@ impl Manager {
             labels,
             snapshots: Vec::new(),
         };
-        let vessel = Inner::start(self.shared.clone(), manifest, &image, lock).await;
+        let vessel = OpenVessel::start(self.state.clone(), manifest, &image, lock).await;
         let vessel = match vessel {
             Ok(v) => v,
             Err(e) => {
                 // Nothing of a vessel that failed to start stays.
-                let _ = scrub(&self.shared.vessel_dir(&id));
+                let _ = scrub(&self.state.vessel_dir(&id));
                 self.release_layers(&id);
                 return Err(e);
             }
         };
         // With what starting it pinned (the resolved user).
-        if let Err(e) = self.shared.storage.save_vessel_manifest(&vessel.manifest()).await {
+        if let Err(e) = self.state.storage.save_vessel_manifest(&vessel.manifest()).await {
             let _ = vessel.close().await;
             self.release_layers(&id);
             return Err(e.into());
@@ -464,8 +464,8 @@ impl Manager {
         Ok(self.register(vessel))
     }
 
-    fn register(&self, inner: Arc<Inner>) -> Vessel {
-        let mut open = self.shared.open.lock().unwrap_or_else(|e| e.into_inner());
+    fn register(&self, inner: Arc<OpenVessel>) -> Vessel {
+        let mut open = self.state.open.lock().unwrap_or_else(|e| e.into_inner());
         open.retain(|_, w| w.strong_count() > 0);
         open.insert(inner.id.clone(), Arc::downgrade(&inner));
         Vessel::from_inner(inner)
@@ -474,14 +474,14 @@ impl Manager {
     /// Drops every reference `id` has in this host's layer cache (image and
     /// snapshot layers) and removes the layers nobody holds any more.
     fn release_layers(&self, id: &VesselId) {
-        if let Err(e) = self.shared.cache.release_all(id.as_str()).and_then(|_| self.shared.cache.gc()) {
+        if let Err(e) = self.state.cache.release_all(id.as_str()).and_then(|_| self.state.cache.gc()) {
             tracing::warn!(%id, error = %e, "could not release cached layers");
         }
     }
 
     /// `id`'s manifest, or `VesselNotFound`.
     async fn load_manifest(&self, id: &VesselId) -> Result<VesselManifest> {
-        match self.shared.storage.load_vessel_manifest(id).await {
+        match self.state.storage.load_vessel_manifest(id).await {
             Err(e) if e.kind() == StorageErrorKind::NotFound => Err(VesselError::VesselNotFound(id.clone())),
             r => Ok(r?),
         }
@@ -492,22 +492,22 @@ impl Manager {
     /// layers this host lacks.
     pub async fn open_vessel(&self, id: &str) -> Result<Vessel> {
         let id = VesselId::new(id)?;
-        let lock = self.shared.lock(&id)?;
+        let lock = self.state.lock(&id)?;
         let manifest = self.load_manifest(&id).await?;
         let opened = self.start_vessel(manifest, lock).await;
         if opened.is_err() {
             // What was fetched, retained or mounted for this open only.
-            let _ = scrub(&self.shared.vessel_dir(&id));
+            let _ = scrub(&self.state.vessel_dir(&id));
             self.release_layers(&id);
         }
         Ok(self.register(opened?))
     }
 
-    async fn start_vessel(&self, manifest: VesselManifest, lock: Flock<fs::File>) -> Result<Arc<Inner>> {
+    async fn start_vessel(&self, manifest: VesselManifest, lock: Flock<fs::File>) -> Result<Arc<OpenVessel>> {
         let id = manifest.id.clone();
         // Remains of an earlier session of this vessel on this host.
-        scrub(&self.shared.vessel_dir(&id))?;
-        let image = self.shared.import_image(&manifest.base_image_ref, &id).await?;
+        scrub(&self.state.vessel_dir(&id))?;
+        let image = self.state.image_layers(&manifest.base_image_ref, &id).await?;
         if let Some(pinned) = manifest.labels.get(IMAGE_CONFIG_LABEL)
             && *pinned != image.config_digest
         {
@@ -517,7 +517,7 @@ impl Manager {
                 found: image.config_digest,
             });
         }
-        Inner::start(self.shared.clone(), manifest, &image, lock).await
+        OpenVessel::start(self.state.clone(), manifest, &image, lock).await
     }
 
     /// Deletes a vessel: its snapshots and manifest from storage, its layers
@@ -525,14 +525,14 @@ impl Manager {
     /// first; one in another process makes this fail ([`VesselError::Locked`]).
     pub async fn delete_vessel(&self, id: &str) -> Result<()> {
         let id = VesselId::new(id)?;
-        let open = self.shared.open.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        let open = self.state.open.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
         if let Some(inner) = open.and_then(|w| w.upgrade()) {
             inner.close().await?;
         }
-        let _lock = self.shared.lock(&id)?;
+        let _lock = self.state.lock(&id)?;
         self.load_manifest(&id).await?;
-        scrub(&self.shared.vessel_dir(&id))?;
-        self.shared.storage.delete_vessel(&id).await?;
+        scrub(&self.state.vessel_dir(&id))?;
+        self.state.storage.delete_vessel(&id).await?;
         self.release_layers(&id);
         Ok(())
     }
@@ -540,8 +540,8 @@ impl Manager {
     /// The vessels in storage.
     pub async fn list_vessels(&self) -> Result<Vec<VesselManifest>> {
         let mut out = Vec::new();
-        for id in self.shared.storage.list_vessels().await? {
-            match self.shared.storage.load_vessel_manifest(&id).await {
+        for id in self.state.storage.list_vessels().await? {
+            match self.state.storage.load_vessel_manifest(&id).await {
                 Ok(m) => out.push(m),
                 // Deleted meanwhile.
                 Err(e) if e.kind() == StorageErrorKind::NotFound => {}
@@ -558,13 +558,13 @@ impl Manager {
     /// under the mount root, checked from there, and streamed into storage.
     pub async fn import_image(&self, image_ref: &str, mut archive: BlobReader) -> Result<()> {
         let reference = ImageRef::new(image_ref)?;
-        let spool = SpoolFile(self.shared.root.join(format!(".import-{:016x}.tmp", rand::random::<u64>())));
+        let spool = SpoolFile(self.state.root.join(format!(".import-{:016x}.tmp", rand::random::<u64>())));
         {
             let mut f = tokio::fs::File::create(&spool.0).await.map_err(VesselError::io("create", &spool.0))?;
             tokio::io::copy(&mut archive, &mut f).await.map_err(VesselError::io("read image archive", image_ref))?;
             f.sync_all().await.map_err(VesselError::io("sync", &spool.0))?;
         }
-        self.shared.import_file(&reference, &spool.0).await
+        self.state.store_image_file(&reference, &spool.0).await
     }
 
     /// Pulls `reference` from its registry (e.g. `localhost:5000/team/app:v1`,
@@ -583,12 +583,12 @@ impl Manager {
         progress: impl Fn(crate::PullProgress) + Send + Sync + 'static,
     ) -> Result<crate::PulledImage> {
         let reference = ImageRef::new(reference)?;
-        self.shared.pull(&reference, std::sync::Arc::new(progress)).await
+        self.state.pull(&reference, std::sync::Arc::new(progress)).await
     }
 
     /// Closes every vessel this manager has open.
     pub async fn close(&self) -> Result<()> {
-        let open: Vec<_> = self.shared.open.lock().unwrap_or_else(|e| e.into_inner()).drain().collect();
+        let open: Vec<_> = self.state.open.lock().unwrap_or_else(|e| e.into_inner()).drain().collect();
         for (_, w) in open {
             if let Some(inner) = w.upgrade() {
                 inner.close().await?;

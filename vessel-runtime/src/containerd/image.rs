@@ -101,7 +101,9 @@ impl ImageStore for ContainerdRuntime {
                 Target::Index(index) => {
                     let list = index.manifests();
                     let here = |d: &&Descriptor| {
-                        d.platform().as_ref().is_some_and(|p| *p.os() == Os::Linux && *p.architecture() == Arch::default())
+                        d.platform()
+                            .as_ref()
+                            .is_some_and(|p| *p.os() == Os::Linux && *p.architecture() == Arch::default())
                     };
                     desc = list
                         .iter()
@@ -154,7 +156,6 @@ impl ImageStore for ContainerdRuntime {
         out.flush().await.map_err(io)?;
         Ok(written + 1024)
     }
-
 }
 
 impl ContainerdRuntime {
@@ -173,7 +174,9 @@ impl ContainerdRuntime {
         let parsed = match desc.media_type() {
             MediaType::ImageIndex => index(),
             MediaType::Other(t) if t == DOCKER_LIST => index(),
-            _ => ImageManifest::from_reader(&buf[..]).map(|m| Target::Manifest(Box::new(m))).or_else(|e| index().map_err(|_| e)),
+            _ => ImageManifest::from_reader(&buf[..])
+                .map(|m| Target::Manifest(Box::new(m)))
+                .or_else(|e| index().map_err(|_| e)),
         };
         parsed.map_err(|source| RuntimeError::Blob { digest: desc.digest().to_string(), source })
     }

@@ -5,23 +5,17 @@
 //! (`write`, `exec --persist`) commit a snapshot of their change; `exec`
 //! without `--persist` changes nothing.
 
-use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
-use std::sync::Arc;
-
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use indicatif::{ProgressBar, ProgressStyle};
-use tokio::io::AsyncRead;
+mod commands;
 mod mcp;
 
-use vessel::{
-    Backend, CompressedStorage, ExecOptions, LocalStorage, Manager, ManagerConfig, SnapshotId, SnapshotManifest,
-    Vessel, VesselManifest, VesselOptions,
-};
+use vessel::{Backend, CompressedStorage, LocalStorage, Manager, ManagerConfig, VesselOptions};
 
 #[derive(Debug, Parser)]
 #[command(name = "vessel", version, about = "Containerized, snapshotting workspaces for AI agents")]
@@ -64,53 +58,11 @@ enum Command {
     #[command(subcommand)]
     Image(ImageCommand),
     /// Create a vessel from an image; prints its id.
-    Create {
-        /// Image reference, e.g. local/busybox:latest.
-        image: String,
-        /// Default directory for relative paths and commands.
-        #[arg(long, default_value = "/work")]
-        work_dir: String,
-        /// Memory of each command (bytes, or with k/m/g/t), e.g. 512m.
-        #[arg(long, value_parser = parse_size)]
-        memory: Option<u64>,
-        /// CPUs of each command, e.g. 0.5.
-        #[arg(long)]
-        cpus: Option<f64>,
-        /// Processes and threads of each command.
-        #[arg(long)]
-        pids: Option<i64>,
-        /// What the vessel may write to disk (bytes, or with k/m/g/t), e.g. 2g.
-        #[arg(long, value_parser = parse_size)]
-        disk: Option<u64>,
-    },
+    Create(CreateArgs),
     /// List vessels.
     Ls,
     /// Run a command in a vessel; exits with its exit code.
-    Exec {
-        /// Run on a terminal (stdin attached).
-        #[arg(short = 't', long)]
-        tty: bool,
-        /// Attach stdin.
-        #[arg(short = 'i', long)]
-        interactive: bool,
-        /// Keep the command's changes (committed as a snapshot).
-        #[arg(long)]
-        persist: bool,
-        /// Working directory inside the vessel.
-        #[arg(short = 'w', long)]
-        work_dir: Option<String>,
-        /// `KEY=VALUE` environment (repeatable).
-        #[arg(short = 'e', long = "env")]
-        env: Vec<String>,
-        /// Kill the command after this many seconds (exit 137, `timed_out` in --json).
-        #[arg(long, value_parser = parse_timeout)]
-        timeout: Option<Duration>,
-        /// Vessel id.
-        id: String,
-        /// The command and its arguments (after `--`).
-        #[arg(last = true, required = true)]
-        command: Vec<String>,
-    },
+    Exec(ExecArgs),
     /// Print a file of a vessel to stdout.
     Read {
         /// Vessel id.
@@ -187,6 +139,56 @@ enum ImageCommand {
     },
     /// List the images in storage.
     Ls,
+}
+
+/// `vessel create`'s arguments.
+#[derive(Debug, clap::Args)]
+struct CreateArgs {
+    /// Image reference, e.g. local/busybox:latest.
+    pub(crate) image: String,
+    /// Default directory for relative paths and commands.
+    #[arg(long, default_value = "/work")]
+    pub(crate) work_dir: String,
+    /// Memory of each command (bytes, or with k/m/g/t), e.g. 512m.
+    #[arg(long, value_parser = parse_size)]
+    pub(crate) memory: Option<u64>,
+    /// CPUs of each command, e.g. 0.5.
+    #[arg(long)]
+    pub(crate) cpus: Option<f64>,
+    /// Processes and threads of each command.
+    #[arg(long)]
+    pub(crate) pids: Option<i64>,
+    /// What the vessel may write to disk (bytes, or with k/m/g/t), e.g. 2g.
+    #[arg(long, value_parser = parse_size)]
+    pub(crate) disk: Option<u64>,
+}
+
+/// `vessel exec`'s arguments.
+#[derive(Debug, clap::Args)]
+struct ExecArgs {
+    /// Run on a terminal (stdin attached).
+    #[arg(short = 't', long)]
+    pub(crate) tty: bool,
+    /// Attach stdin.
+    #[arg(short = 'i', long)]
+    pub(crate) interactive: bool,
+    /// Keep the command's changes (committed as a snapshot).
+    #[arg(long)]
+    pub(crate) persist: bool,
+    /// Working directory inside the vessel.
+    #[arg(short = 'w', long)]
+    pub(crate) work_dir: Option<String>,
+    /// `KEY=VALUE` environment (repeatable).
+    #[arg(short = 'e', long = "env")]
+    pub(crate) env: Vec<String>,
+    /// Kill the command after this many seconds (exit 137, `timed_out` in --json).
+    #[arg(long, value_parser = parse_timeout)]
+    pub(crate) timeout: Option<Duration>,
+    /// Vessel id.
+    pub(crate) id: String,
+    /// The command and its arguments (after `--`).
+    #[arg(last = true, required = true)]
+    pub(crate) command: Vec<String>,
 }
 
 /// `vessel mcp`'s options.
@@ -285,18 +287,6 @@ fn parse_timeout(s: &str) -> std::result::Result<Duration, String> {
     Duration::try_from_secs_f64(secs).map_err(|e| e.to_string())
 }
 
-fn spinner(msg: String) -> ProgressBar {
-    let pb = ProgressBar::new_spinner().with_message(msg);
-    pb.set_style(ProgressStyle::with_template("{spinner} {msg} ({elapsed})").expect("a valid template"));
-    pb.enable_steady_tick(Duration::from_millis(100));
-    pb
-}
-
-fn print_json(v: &impl serde::Serialize) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
-    Ok(())
-}
-
 async fn manager(cli: &Cli) -> Result<Manager> {
     let mut config = ManagerConfig::default().namespace(cli.namespace.clone());
     if let Some(data) = &cli.data {
@@ -331,26 +321,6 @@ async fn manager(cli: &Cli) -> Result<Manager> {
     Ok(Manager::new(config).await?)
 }
 
-/// A reader of `file` that moves a progress bar.
-struct Progress<R> {
-    inner: R,
-    bar: ProgressBar,
-}
-
-impl<R: AsyncRead + Unpin> AsyncRead for Progress<R> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        self.bar.inc(n as u64);
-        r
-    }
-}
-
 async fn run(cli: Cli) -> Result<ExitCode> {
     let mgr = Arc::new(manager(&cli).await?);
     let result = command(&cli, &mgr).await;
@@ -358,223 +328,37 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     result
 }
 
-async fn open(mgr: &Manager, id: &str) -> Result<Vessel> {
-    let pb = spinner(format!("opening vessel {id}"));
-    let v = mgr.open_vessel(id).await.with_context(|| format!("cannot open vessel {id}"));
-    pb.finish_and_clear();
-    v
-}
-
-async fn commit(v: &Vessel, message: String, json: bool) -> Result<SnapshotManifest> {
-    let pb = spinner(format!("snapshot {message:?}"));
-    let snap = v.create_snapshot(&message).await?;
-    pb.finish_and_clear();
-    if !json {
-        eprintln!("snapshot {} ({} B)", snap.id, snap.size);
-    }
-    Ok(snap)
-}
-
 async fn command(cli: &Cli, mgr: &Arc<Manager>) -> Result<ExitCode> {
+    let json = cli.json;
     match &cli.command {
-        Command::Mcp(a) => {
-            let transport = match a.http {
-                None => mcp::Transport::Stdio,
-                Some(addr) => mcp::Transport::Http { addr, token: mcp::token(a.token_file.as_deref())? },
-            };
-            let options = mcp::Options {
-                max_output: usize::try_from(a.max_output).unwrap_or(usize::MAX),
-                max_read: a.max_read,
-                exec_timeout: a.exec_timeout,
-            };
-            mcp::serve(mgr.clone(), options, transport).await?;
-        }
-        Command::Image(ImageCommand::Pull { reference, .. }) => {
-            let bar = ProgressBar::new(0).with_message(format!("pulling {reference}"));
-            bar.set_style(
-                ProgressStyle::with_template("{msg} {bar:30} {bytes}/{total_bytes} ({bytes_per_sec})")
-                    .expect("a valid template"),
-            );
-            let b = bar.clone();
-            let pulled = mgr
-                .pull_image_with(reference, move |p| {
-                    b.set_length(p.total);
-                    b.set_position(p.done);
-                })
-                .await?;
-            bar.finish_and_clear();
-            if cli.json {
-                print_json(&serde_json::json!({
-                    "reference": pulled.reference, "manifest_digest": pulled.manifest_digest,
-                    "bytes": pulled.bytes, "layers": pulled.layers,
-                }))?;
-            } else {
-                println!("{reference}");
-            }
-        }
+        Command::Mcp(a) => serve_mcp(mgr, a).await?,
+        Command::Image(ImageCommand::Pull { reference, .. }) => commands::image_pull(mgr, reference, json).await?,
         Command::Image(ImageCommand::Import { archive, reference }) => {
-            let file =
-                tokio::fs::File::open(archive).await.with_context(|| format!("opening {}", archive.display()))?;
-            let size = file.metadata().await?.len();
-            let bar = ProgressBar::new(size).with_message(format!("importing {reference}"));
-            bar.set_style(
-                ProgressStyle::with_template("{msg} {bar:30} {bytes}/{total_bytes} ({bytes_per_sec})")
-                    .expect("a valid template"),
-            );
-            mgr.import_image(reference, Box::new(Progress { inner: file, bar: bar.clone() })).await?;
-            bar.finish_and_clear();
-            if cli.json {
-                print_json(&serde_json::json!({ "reference": reference, "bytes": size }))?;
-            } else {
-                println!("{reference}");
-            }
+            commands::image_import(mgr, archive, reference, json).await?
         }
-        Command::Image(ImageCommand::Ls) => {
-            let images: Vec<String> = mgr.storage().list_images().await?.iter().map(|i| i.to_string()).collect();
-            if cli.json {
-                print_json(&images)?;
-            } else {
-                images.iter().for_each(|i| println!("{i}"));
-            }
-        }
-        Command::Create { image, work_dir, memory, cpus, pids, disk } => {
-            let opts = vessel_options(*memory, *cpus, *pids, *disk);
-            let pb = spinner(format!("creating a vessel from {image}"));
-            let v = mgr.create_vessel_with(image, work_dir, &opts).await?;
-            // The initial state (image + work dir) is the vessel's first snapshot.
-            v.create_snapshot("create").await?;
-            pb.finish_and_clear();
-            if cli.json {
-                print_json(&v.manifest())?;
-            } else {
-                println!("{}", v.id());
-            }
-            v.close().await?;
-        }
-        Command::Ls => {
-            let vessels = mgr.list_vessels().await?;
-            if cli.json {
-                print_json(&vessels)?;
-            } else {
-                println!("{:<18} {:<30} {:<18} {:>9}  UPDATED", "ID", "IMAGE", "CURRENT", "SNAPSHOTS");
-                for m in vessels {
-                    println!(
-                        "{:<18} {:<30} {:<18} {:>9}  {}",
-                        m.id.as_str(),
-                        m.base_image_ref.as_str(),
-                        m.current_snapshot_id.as_ref().map_or("-", |s| s.as_str()),
-                        m.snapshots.len(),
-                        m.update_time.format("%Y-%m-%d %H:%M:%S")
-                    );
-                }
-            }
-        }
-        Command::Exec { tty, interactive, persist, work_dir, env, timeout, id, command } => {
-            let v = open(mgr, id).await?;
-            let stdin: Option<Box<dyn AsyncRead + Send + Unpin>> =
-                (*tty || *interactive).then(|| Box::new(tokio::io::stdin()) as _);
-            let res = v
-                .exec(ExecOptions {
-                    command: command.clone(),
-                    work_dir: work_dir.clone(),
-                    env: env.clone(),
-                    stdin,
-                    stdout: Some(Box::new(tokio::io::stdout())),
-                    stderr: Some(Box::new(tokio::io::stderr())),
-                    tty: *tty,
-                    persist_result: *persist,
-                    timeout: *timeout,
-                    ..Default::default()
-                })
-                .await?;
-            if *persist {
-                commit(&v, format!("exec {}", command.join(" ")), cli.json).await?;
-            }
-            v.close().await?;
-            if cli.json {
-                print_json(
-                    &serde_json::json!({ "exit_code": res.exit_code, "timed_out": res.timed_out, "oom_killed": res.oom_killed }),
-                )?;
-            }
-            return Ok(ExitCode::from(u8::try_from(res.exit_code).unwrap_or(255)));
-        }
-        Command::Read { id, path } => {
-            let v = open(mgr, id).await?;
-            let data = v.read_file(path);
-            v.close().await?;
-            std::io::stdout().write_all(&data?)?;
-        }
-        Command::Write { id, path, mode } => {
-            let mode = u32::from_str_radix(mode, 8).with_context(|| format!("--mode {mode:?} is not octal"))?;
-            let mut data = Vec::new();
-            if std::io::stdin().is_terminal() {
-                bail!("write reads the file's content from stdin: pipe or redirect it");
-            }
-            std::io::stdin().read_to_end(&mut data)?;
-            let v = open(mgr, id).await?;
-            v.write_file(path, &data, mode)?;
-            let snap = commit(&v, format!("write {path}"), cli.json).await?;
-            v.close().await?;
-            if cli.json {
-                print_json(&snap)?;
-            }
-        }
-        Command::Snapshot { id, message } => {
-            let v = open(mgr, id).await?;
-            let snap = commit(&v, message.clone(), true).await?;
-            v.close().await?;
-            if cli.json {
-                print_json(&snap)?;
-            } else {
-                println!("{}", snap.id);
-            }
-        }
-        Command::Snapshots { id } => {
-            let v = open(mgr, id).await?;
-            let m = v.manifest();
-            v.close().await?;
-            if cli.json {
-                print_json(&m.snapshots)?;
-            } else {
-                print_tree(&m);
-            }
-        }
-        Command::Restore { id, snapshot } => {
-            let snapshot = SnapshotId::new(snapshot)?;
-            let v = open(mgr, id).await?;
-            let pb = spinner(format!("restoring {snapshot}"));
-            let restored = v.restore_snapshot(&snapshot).await;
-            pb.finish_and_clear();
-            v.close().await?;
-            restored?;
-            if cli.json {
-                print_json(&serde_json::json!({ "id": id, "currentSnapshotId": snapshot }))?;
-            }
-        }
-        Command::Rm { id, snapshot: Some(snapshot) } => {
-            let snapshot = SnapshotId::new(snapshot)?;
-            let v = open(mgr, id).await?;
-            let deleted = v.delete_snapshot(&snapshot).await;
-            v.close().await?;
-            deleted?;
-        }
-        Command::Rm { id, snapshot: None } => {
-            mgr.delete_vessel(id).await?;
-        }
+        Command::Image(ImageCommand::Ls) => commands::image_ls(mgr, json).await?,
+        Command::Create(a) => commands::create(mgr, a, json).await?,
+        Command::Ls => commands::ls(mgr, json).await?,
+        Command::Exec(a) => return commands::exec(mgr, a, json).await,
+        Command::Read { id, path } => commands::read(mgr, id, path).await?,
+        Command::Write { id, path, mode } => commands::write(mgr, id, path, mode, json).await?,
+        Command::Snapshot { id, message } => commands::snapshot(mgr, id, message, json).await?,
+        Command::Snapshots { id } => commands::snapshots(mgr, id, json).await?,
+        Command::Restore { id, snapshot } => commands::restore(mgr, id, snapshot, json).await?,
+        Command::Rm { id, snapshot } => commands::rm(mgr, id, snapshot.as_deref()).await?,
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_tree(m: &VesselManifest) {
-    for (depth, s) in m.tree() {
-        let current = if m.current_snapshot_id.as_ref() == Some(&s.id) { "  <- current" } else { "" };
-        println!(
-            "{}{} {} {:?} ({} B){current}",
-            "  ".repeat(depth),
-            s.id,
-            s.create_time.format("%Y-%m-%d %H:%M:%S"),
-            s.message,
-            s.size
-        );
-    }
+async fn serve_mcp(mgr: &Arc<Manager>, a: &McpArgs) -> Result<()> {
+    let transport = match a.http {
+        None => mcp::Transport::Stdio,
+        Some(addr) => mcp::Transport::Http { addr, token: mcp::token(a.token_file.as_deref())? },
+    };
+    let options = mcp::Options {
+        max_output: usize::try_from(a.max_output).unwrap_or(usize::MAX),
+        max_read: a.max_read,
+        exec_timeout: a.exec_timeout,
+    };
+    mcp::serve(mgr.clone(), options, transport).await
 }

@@ -1,0 +1,264 @@
+//! One function per subcommand. Each opens the vessel it needs through
+//! [`with_vessel`], which closes it again whatever the command's outcome.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio::io::AsyncRead;
+use vessel::{ExecOptions, Manager, SnapshotId, SnapshotManifest, Vessel, VesselManifest};
+
+use crate::{CreateArgs, ExecArgs};
+
+/// Opens vessel `id`, runs `f` on it and closes it, however `f` ended (its
+/// error wins over one of closing).
+async fn with_vessel<T>(mgr: &Manager, id: &str, f: impl AsyncFnOnce(&Vessel) -> Result<T>) -> Result<T> {
+    let pb = spinner(format!("opening vessel {id}"));
+    let opened = mgr.open_vessel(id).await.with_context(|| format!("cannot open vessel {id}"));
+    pb.finish_and_clear();
+    let v = opened?;
+    let result = f(&v).await;
+    let closed = v.close().await;
+    let value = result?;
+    closed?;
+    Ok(value)
+}
+
+fn spinner(msg: String) -> ProgressBar {
+    let pb = ProgressBar::new_spinner().with_message(msg);
+    pb.set_style(ProgressStyle::with_template("{spinner} {msg} ({elapsed})").expect("a valid template"));
+    pb.enable_steady_tick(Duration::from_millis(100));
+    pb
+}
+
+fn bytes_bar(len: u64, msg: String) -> ProgressBar {
+    let bar = ProgressBar::new(len).with_message(msg);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} {bar:30} {bytes}/{total_bytes} ({bytes_per_sec})")
+            .expect("a valid template"),
+    );
+    bar
+}
+
+fn print_json(v: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// Snapshots `v`; unless `quiet`, says so on stderr.
+async fn commit(v: &Vessel, message: String, quiet: bool) -> Result<SnapshotManifest> {
+    let pb = spinner(format!("snapshot {message:?}"));
+    let snap = v.create_snapshot(&message).await;
+    pb.finish_and_clear();
+    let snap = snap?;
+    if !quiet {
+        eprintln!("snapshot {} ({} B)", snap.id, snap.size);
+    }
+    Ok(snap)
+}
+
+pub(crate) async fn image_pull(mgr: &Manager, reference: &str, json: bool) -> Result<()> {
+    let bar = bytes_bar(0, format!("pulling {reference}"));
+    let b = bar.clone();
+    let pulled = mgr
+        .pull_image_with(reference, move |p| {
+            b.set_length(p.total);
+            b.set_position(p.done);
+        })
+        .await;
+    bar.finish_and_clear();
+    let pulled = pulled?;
+    if json {
+        print_json(&serde_json::json!({
+            "reference": pulled.reference, "manifest_digest": pulled.manifest_digest,
+            "bytes": pulled.bytes, "layers": pulled.layers,
+        }))
+    } else {
+        println!("{reference}");
+        Ok(())
+    }
+}
+
+pub(crate) async fn image_import(mgr: &Manager, archive: &Path, reference: &str, json: bool) -> Result<()> {
+    let file = tokio::fs::File::open(archive).await.with_context(|| format!("opening {}", archive.display()))?;
+    let size = file.metadata().await?.len();
+    let bar = bytes_bar(size, format!("importing {reference}"));
+    let imported = mgr.import_image(reference, Box::new(bar.wrap_async_read(file))).await;
+    bar.finish_and_clear();
+    imported?;
+    if json {
+        print_json(&serde_json::json!({ "reference": reference, "bytes": size }))
+    } else {
+        println!("{reference}");
+        Ok(())
+    }
+}
+
+pub(crate) async fn image_ls(mgr: &Manager, json: bool) -> Result<()> {
+    let images: Vec<String> = mgr.storage().list_images().await?.iter().map(|i| i.to_string()).collect();
+    if json {
+        return print_json(&images);
+    }
+    images.iter().for_each(|i| println!("{i}"));
+    Ok(())
+}
+
+pub(crate) async fn create(mgr: &Manager, a: &CreateArgs, json: bool) -> Result<()> {
+    let opts = crate::vessel_options(a.memory, a.cpus, a.pids, a.disk);
+    let pb = spinner(format!("creating a vessel from {}", a.image));
+    let created = mgr.create_vessel_with(&a.image, &a.work_dir, &opts).await;
+    let v = match created {
+        Ok(v) => v,
+        Err(e) => {
+            pb.finish_and_clear();
+            return Err(e.into());
+        }
+    };
+    // The initial state (image + work dir) is the vessel's first snapshot.
+    let first = v.create_snapshot("create").await;
+    pb.finish_and_clear();
+    let closed = v.close().await;
+    first?;
+    closed?;
+    if json {
+        print_json(&v.manifest())
+    } else {
+        println!("{}", v.id());
+        Ok(())
+    }
+}
+
+pub(crate) async fn ls(mgr: &Manager, json: bool) -> Result<()> {
+    let vessels = mgr.list_vessels().await?;
+    if json {
+        return print_json(&vessels);
+    }
+    println!("{:<18} {:<30} {:<18} {:>9}  UPDATED", "ID", "IMAGE", "CURRENT", "SNAPSHOTS");
+    for m in vessels {
+        println!(
+            "{:<18} {:<30} {:<18} {:>9}  {}",
+            m.id.as_str(),
+            m.base_image_ref.as_str(),
+            m.current_snapshot_id.as_ref().map_or("-", |s| s.as_str()),
+            m.snapshots.len(),
+            m.update_time.format("%Y-%m-%d %H:%M:%S")
+        );
+    }
+    Ok(())
+}
+
+pub(crate) async fn exec(mgr: &Manager, a: &ExecArgs, json: bool) -> Result<ExitCode> {
+    let res = with_vessel(mgr, &a.id, async |v| {
+        let stdin: Option<Box<dyn AsyncRead + Send + Unpin>> =
+            (a.tty || a.interactive).then(|| Box::new(tokio::io::stdin()) as _);
+        let res = v
+            .exec(ExecOptions {
+                command: a.command.clone(),
+                work_dir: a.work_dir.clone(),
+                env: a.env.clone(),
+                stdin,
+                stdout: Some(Box::new(tokio::io::stdout())),
+                stderr: Some(Box::new(tokio::io::stderr())),
+                tty: a.tty,
+                persist_result: a.persist,
+                timeout: a.timeout,
+                ..Default::default()
+            })
+            .await?;
+        if a.persist {
+            commit(v, format!("exec {}", a.command.join(" ")), json).await?;
+        }
+        Ok(res)
+    })
+    .await?;
+    if json {
+        print_json(
+            &serde_json::json!({ "exit_code": res.exit_code, "timed_out": res.timed_out, "oom_killed": res.oom_killed }),
+        )?;
+    }
+    Ok(ExitCode::from(u8::try_from(res.exit_code).unwrap_or(255)))
+}
+
+pub(crate) async fn read(mgr: &Manager, id: &str, path: &str) -> Result<()> {
+    let data = with_vessel(mgr, id, async |v| Ok(v.read_file(path)?)).await?;
+    std::io::stdout().write_all(&data)?;
+    Ok(())
+}
+
+pub(crate) async fn write(mgr: &Manager, id: &str, path: &str, mode: &str, json: bool) -> Result<()> {
+    let mode = u32::from_str_radix(mode, 8).with_context(|| format!("--mode {mode:?} is not octal"))?;
+    if std::io::stdin().is_terminal() {
+        bail!("write reads the file's content from stdin: pipe or redirect it");
+    }
+    let mut data = Vec::new();
+    std::io::stdin().read_to_end(&mut data)?;
+    let snap = with_vessel(mgr, id, async |v| {
+        v.write_file(path, &data, mode)?;
+        commit(v, format!("write {path}"), json).await
+    })
+    .await?;
+    if json {
+        print_json(&snap)?;
+    }
+    Ok(())
+}
+
+pub(crate) async fn snapshot(mgr: &Manager, id: &str, message: &str, json: bool) -> Result<()> {
+    let snap = with_vessel(mgr, id, async |v| commit(v, message.to_owned(), true).await).await?;
+    if json {
+        return print_json(&snap);
+    }
+    println!("{}", snap.id);
+    Ok(())
+}
+
+pub(crate) async fn snapshots(mgr: &Manager, id: &str, json: bool) -> Result<()> {
+    let m = with_vessel(mgr, id, async |v| Ok(v.manifest())).await?;
+    if json {
+        return print_json(&m.snapshots);
+    }
+    print_tree(&m);
+    Ok(())
+}
+
+pub(crate) async fn restore(mgr: &Manager, id: &str, snapshot: &str, json: bool) -> Result<()> {
+    let snapshot = SnapshotId::new(snapshot)?;
+    with_vessel(mgr, id, async |v| {
+        let pb = spinner(format!("restoring {snapshot}"));
+        let restored = v.restore_snapshot(&snapshot).await;
+        pb.finish_and_clear();
+        Ok(restored?)
+    })
+    .await?;
+    if json {
+        print_json(&serde_json::json!({ "id": id, "currentSnapshotId": snapshot }))?;
+    }
+    Ok(())
+}
+
+pub(crate) async fn rm(mgr: &Manager, id: &str, snapshot: Option<&str>) -> Result<()> {
+    match snapshot {
+        Some(snapshot) => {
+            let snapshot = SnapshotId::new(snapshot)?;
+            with_vessel(mgr, id, async |v| Ok(v.delete_snapshot(&snapshot).await?)).await
+        }
+        None => Ok(mgr.delete_vessel(id).await?),
+    }
+}
+
+fn print_tree(m: &VesselManifest) {
+    for (depth, s) in m.tree() {
+        let current = if m.current_snapshot_id.as_ref() == Some(&s.id) { "  <- current" } else { "" };
+        println!(
+            "{}{} {} {:?} ({} B){current}",
+            "  ".repeat(depth),
+            s.id,
+            s.create_time.format("%Y-%m-%d %H:%M:%S"),
+            s.message,
+            s.size
+        );
+    }
+}

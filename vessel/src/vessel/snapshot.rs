@@ -1,0 +1,192 @@
+//! A vessel's snapshots: sealing the upper dir as a layer, restoring and
+//! deleting, under the exclusive state lock.
+
+use std::io;
+
+use vessel_core::{SnapshotId, SnapshotManifest};
+use vessel_snapshot::{LayerKey, write_diff};
+
+use super::{MountState, Upper, Vessel, open_root, upper_dir};
+use crate::error::{Result, VesselError};
+
+impl Vessel {
+    /// Seals the changes since the current snapshot as a new snapshot (its
+    /// parent: the current one) and makes it current. Waits for running
+    /// execs; costs what changed, not the workspace's size.
+    pub async fn create_snapshot(&self, message: &str) -> Result<SnapshotManifest> {
+        let inner = &self.inner;
+        let mut state = inner.state.write().await;
+        if state.closed {
+            return Err(VesselError::Closed(inner.id.clone()));
+        }
+        inner.freeze().await;
+        let result = self.snapshot_locked(&mut state, message).await;
+        if state.mount.is_none() {
+            // Failed before the new mount: back to the previous state.
+            match inner.mount(&state.lowers, Upper::Keep) {
+                Ok(m) => state.mount = Some(m),
+                Err(e) => tracing::error!(id = %inner.id, error = %e, "could not remount after a failed snapshot"),
+            }
+        }
+        let root = open_root(&inner.dir.join("rootfs")).ok();
+        inner.gate.thaw_remounted(root);
+        result
+    }
+
+    async fn snapshot_locked(&self, state: &mut MountState, message: &str) -> Result<SnapshotManifest> {
+        let inner = &self.inner;
+        let manager = &inner.manager;
+        if let Some(m) = state.mount.take() {
+            m.unmount()?;
+        }
+        let sid = manager.ids.snapshot_id();
+        let upper = upper_dir(&inner.dir);
+        // A diff that fails or panics drops the writer: storage then sees
+        // an error, never the clean end of a truncated stream.
+        let (writer, reader) = vessel_storage::pipe::pipe();
+        let diff_upper = upper.clone();
+        let diff = crate::task::blocking(move || {
+            let (w, stats) =
+                write_diff(&diff_upper, io::BufWriter::with_capacity(vessel_storage::pipe::CHUNK, writer))?;
+            let w = w.into_inner().map_err(|e| vessel_snapshot::SnapshotError::Stream("snapshot", e.into_error()))?;
+            w.finish_blocking().map_err(|e| vessel_snapshot::SnapshotError::Stream("snapshot", e))?;
+            Ok::<_, vessel_snapshot::SnapshotError>(stats)
+        });
+        let (saved, stats) = tokio::join!(manager.storage.save_snapshot(&inner.id, &sid, Box::new(reader)), diff);
+        let stats = match (saved, stats?) {
+            (Ok(()), Ok(stats)) => stats,
+            // The storage's error says more than the diff's broken pipe.
+            (Err(e), Ok(_) | Err(vessel_snapshot::SnapshotError::Stream(..))) => return Err(e.into()),
+            (_, Err(e)) => return Err(e.into()),
+        };
+        let key = LayerKey::snapshot(inner.id.clone(), sid.clone(), &stats.digest)?;
+        let ovl = inner.dir.join("ovl");
+        if inner.bounds.disk.is_some() {
+            // Sealed, it becomes a shared read-only layer: no longer the
+            // vessel's to be bounded (and a full quota would refuse even
+            // the renames that move it into the cache).
+            vessel_runtime::quota::set_limit(&ovl, 0).map_err(VesselError::io("lift the quota of", &ovl))?;
+        }
+        let layer = manager.cache.adopt(&key, inner.id.as_str(), &ovl)?;
+
+        let mut manifest = inner.manifest();
+        let snap = SnapshotManifest {
+            id: sid.clone(),
+            vessel_id: inner.id.clone(),
+            parent_id: manifest.current_snapshot_id.clone(),
+            message: message.into(),
+            checksum: stats.digest,
+            size: i64::try_from(stats.size).unwrap_or(i64::MAX),
+            create_time: chrono::Utc::now(),
+            labels: Default::default(),
+        };
+        manifest.snapshots.push(snap.clone());
+        manifest.current_snapshot_id = Some(sid.clone());
+        manifest.update_time = snap.create_time;
+        if let Err(e) = manager.storage.save_vessel_manifest(&manifest).await {
+            // Not committed: the sealed upper goes back to being the upper.
+            let _ = manager.cache.unadopt(&key, inner.id.as_str(), &ovl);
+            if let Some(bytes) = inner.bounds.disk {
+                let _ = vessel_runtime::quota::set_limit(&ovl, bytes);
+            }
+            let _ = manager.storage.delete_snapshot(&inner.id, &sid).await;
+            return Err(e.into());
+        }
+        let lowers = match manager.lowers(&inner.id, &manifest, Some(&sid), &inner.image_layers, &inner.dir).await {
+            Ok(l) => l,
+            Err(e) => {
+                // The snapshot is committed; only a flattening failed.
+                tracing::warn!(id = %inner.id, error = %e, "mounting the new snapshot on the unflattened chain");
+                state.lowers.iter().cloned().chain([layer]).collect()
+            }
+        };
+        *inner.manifest.lock().unwrap_or_else(|e| e.into_inner()) = manifest;
+        state.mount = Some(inner.mount(&lowers, Upper::Fresh)?);
+        state.lowers = lowers;
+        Ok(snap)
+    }
+
+    /// Makes snapshot `id`'s state the vessel's, dropping uncommitted
+    /// changes; later snapshots take it as parent (history is a tree). A
+    /// cached chain is remounted, not copied.
+    pub async fn restore_snapshot(&self, id: &SnapshotId) -> Result<()> {
+        let inner = &self.inner;
+        let mut state = inner.state.write().await;
+        if state.closed {
+            return Err(VesselError::Closed(inner.id.clone()));
+        }
+        // Read under the lock: a snapshot that just finished is in it.
+        let manifest = inner.manifest();
+        if manifest.snapshot(id).is_none() {
+            return Err(VesselError::SnapshotNotFound { vessel: inner.id.clone(), snapshot: id.clone() });
+        }
+        // Fetch (and flatten) what this host lacks before touching the mount.
+        let lowers = inner.manager.lowers(&inner.id, &manifest, Some(id), &inner.image_layers, &inner.dir).await?;
+        let mut updated = manifest.clone();
+        updated.current_snapshot_id = Some(id.clone());
+        updated.update_time = chrono::Utc::now();
+        inner.manager.storage.save_vessel_manifest(&updated).await?;
+        inner.freeze().await;
+        let remounted = (|| {
+            if let Some(m) = state.mount.take() {
+                m.unmount()?;
+            }
+            state.mount = Some(inner.mount(&lowers, Upper::Fresh)?);
+            Ok::<_, VesselError>(())
+        })();
+        if remounted.is_ok() {
+            state.lowers = lowers;
+            *inner.manifest.lock().unwrap_or_else(|e| e.into_inner()) = updated;
+        } else {
+            // Back to the previous snapshot, in storage and on the mount.
+            if let Err(e) = inner.manager.storage.save_vessel_manifest(&manifest).await {
+                tracing::error!(id = %inner.id, error = %e, "could not put the manifest back after a failed restore");
+            }
+            if state.mount.is_none()
+                && let Ok(m) = inner.mount(&state.lowers, Upper::Keep)
+            {
+                state.mount = Some(m);
+            }
+        }
+        inner.gate.thaw_remounted(open_root(&inner.dir.join("rootfs")).ok());
+        remounted
+    }
+
+    /// Deletes a snapshot that is neither current nor a parent.
+    pub async fn delete_snapshot(&self, id: &SnapshotId) -> Result<()> {
+        let inner = &self.inner;
+        let _state = inner.state.write().await;
+        let mut manifest = inner.manifest();
+        if manifest.snapshot(id).is_none() {
+            return Err(VesselError::SnapshotNotFound { vessel: inner.id.clone(), snapshot: id.clone() });
+        }
+        if manifest.current_snapshot_id.as_ref() == Some(id) {
+            return Err(VesselError::SnapshotInUse { snapshot: id.clone(), reason: "it is the current snapshot" });
+        }
+        if manifest.snapshots.iter().any(|s| s.parent_id.as_ref() == Some(id)) {
+            return Err(VesselError::SnapshotInUse { snapshot: id.clone(), reason: "it is the parent of another" });
+        }
+        // Its cached layers: its own, and the flat layer its chain would have.
+        let doomed = {
+            let mut chain = manifest.chain(id);
+            chain.reverse();
+            let checksum = chain.last().map(|s| s.checksum.as_str()).unwrap_or_default();
+            [crate::layers::flat_key(&chain), LayerKey::snapshot(inner.id.clone(), id.clone(), checksum)?]
+        };
+        manifest.snapshots.retain(|s| &s.id != id);
+        manifest.update_time = chrono::Utc::now();
+        inner.manager.storage.save_vessel_manifest(&manifest).await?;
+        *inner.manifest.lock().unwrap_or_else(|e| e.into_inner()) = manifest;
+        inner.manager.storage.delete_snapshot(&inner.id, id).await?;
+        for key in doomed {
+            inner.manager.cache.release(&key, inner.id.as_str())?;
+        }
+        inner.manager.cache.gc()?;
+        Ok(())
+    }
+
+    /// The vessel's snapshots, oldest first.
+    pub fn list_snapshots(&self) -> Vec<SnapshotManifest> {
+        self.inner.manifest().snapshots
+    }
+}
