@@ -30,4 +30,3 @@ pub use apply::{ApplyMode, ApplyOptions, apply_layer};
 pub use cache::{LayerCache, LayerKey};
 pub use diff::{DiffOptions, DiffStats, write_diff, write_diff_with};
 pub use error::{SnapshotError, SnapshotErrorKind};
-pub use vessel_core as core;
