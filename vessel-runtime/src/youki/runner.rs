@@ -115,12 +115,12 @@ fn fail(e: impl std::fmt::Display) -> Failure {
 }
 
 fn run() -> Result<(i32, bool), Failure> {
-    // SAFETY: fds 3 and 4 were placed by the parent for this process alone;
-    // marking them close-on-exec keeps them out of the container.
-    unsafe {
-        nix::libc::fcntl(LIFELINE_FD, nix::libc::F_SETFD, nix::libc::FD_CLOEXEC);
-        nix::libc::fcntl(STATUS_FD, nix::libc::F_SETFD, nix::libc::FD_CLOEXEC);
-        nix::libc::fcntl(LOCK_FD, nix::libc::F_SETFD, nix::libc::FD_CLOEXEC);
+    // Close-on-exec keeps the parent's fds out of the container.
+    for fd in [LIFELINE_FD, STATUS_FD, LOCK_FD] {
+        // SAFETY: the parent placed these fds for this process alone; they
+        // stay open for its whole life (owned below or by `maybe_run`).
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::CLOEXEC).map_err(fail)?;
     }
     // SAFETY: as above, LIFELINE_FD is this process's and is owned once, here.
     let lifeline = unsafe { OwnedFd::from_raw_fd(LIFELINE_FD) };
@@ -297,10 +297,8 @@ fn cleanup() -> Result<(), Failure> {
 /// A pidfd for `pid`: readable when it exits. (No signal mask games: a
 /// blocked SIGCHLD would be inherited by the container's processes.)
 fn pidfd(pid: Pid) -> Option<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, pid.as_raw(), 0) };
-    // SAFETY: a non-negative return is a fresh fd that nothing else owns.
-    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    let pid = rustix::process::Pid::from_raw(pid.as_raw())?;
+    rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
 }
 
 /// Waits for the init process; if the lifeline breaks first, kills
@@ -384,14 +382,13 @@ fn receive_master(listener: &std::os::unix::net::UnixListener, size: &str) -> st
     // SAFETY: SCM_RIGHTS handed this process a fresh fd that nothing else owns.
     let master = unsafe { OwnedFd::from_raw_fd(fd) };
     let (rows, cols) = size.split_once(',').unwrap_or(("24", "80"));
-    // SAFETY: winsize is plain old data; all-zero is valid.
-    let mut ws: nix::libc::winsize = unsafe { std::mem::zeroed() };
-    ws.ws_row = rows.parse().unwrap_or(24);
-    ws.ws_col = cols.parse().unwrap_or(80);
-    // SAFETY: TIOCSWINSZ reads a valid winsize through a pty master fd we own.
-    if unsafe { nix::libc::ioctl(master.as_raw_fd(), nix::libc::TIOCSWINSZ, &ws) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    let ws = rustix::termios::Winsize {
+        ws_row: rows.parse().unwrap_or(24),
+        ws_col: cols.parse().unwrap_or(80),
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    rustix::termios::tcsetwinsize(&master, ws)?;
     Ok(master)
 }
 

@@ -112,23 +112,23 @@ pub fn apply_layer(layer: impl Read + Send, target: &Path, opts: &ApplyOptions) 
         }
         _ => {}
     }
-    let scratch = ScratchDir::new(parent, name)?;
-    let stats = unpack::unpack(layer, &scratch.path, opts)?;
+    let scratch = scratch_dir(parent, name)?;
+    let stats = unpack::unpack(layer, scratch.path(), opts)?;
     match opts.mode {
         ApplyMode::Overlay => {
             // Durable before it is visible: the layer's data and metadata
             // reach the disk (one syncfs, not an fsync per file), then the
             // rename, then the directory that holds it. A crash can never
             // leave a complete-looking but half-written layer to be trusted.
-            let dir = open_dir(&scratch.path)?;
-            nix::unistd::syncfs(&dir).map_err(|e| SnapshotError::io("sync", &scratch.path)(e.into()))?;
-            fs::rename(&scratch.path, target).map_err(SnapshotError::io("rename into", target))?;
-            scratch.disarm();
+            let dir = open_dir(scratch.path())?;
+            nix::unistd::syncfs(&dir).map_err(|e| SnapshotError::io("sync", scratch.path())(e.into()))?;
+            fs::rename(scratch.path(), target).map_err(SnapshotError::io("rename into", target))?;
+            let _moved = scratch.keep();
             let parent_dir = open_dir(parent)?;
             nix::unistd::fsync(&parent_dir).map_err(|e| SnapshotError::io("sync", parent)(e.into()))?;
         }
         ApplyMode::Merged => {
-            let src = open_dir(&scratch.path)?;
+            let src = open_dir(scratch.path())?;
             let dst = open_dir(target)?;
             merge::merge_dir(&src, &dst, target)?;
         }
@@ -136,36 +136,22 @@ pub fn apply_layer(layer: impl Read + Send, target: &Path, opts: &ApplyOptions) 
     Ok(stats)
 }
 
-/// A directory beside the target, removed on drop unless disarmed.
-struct ScratchDir {
-    path: PathBuf,
-    armed: bool,
-}
-
-impl ScratchDir {
-    fn new(parent: &Path, name: &OsStr) -> Result<Self, SnapshotError> {
-        let mut n = OsString::from(".");
-        n.push(name);
-        n.push(format!(".apply-{:016x}", rand::random::<u64>()));
-        let path = parent.join(n);
-        fs::create_dir(&path).map_err(SnapshotError::io("create directory", &path))?;
-        Ok(Self { path, armed: true })
-    }
-
-    fn disarm(mut self) {
-        self.armed = false;
-    }
-}
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        if self.armed
-            && let Err(e) = fs::remove_dir_all(&self.path)
-            && e.kind() != io::ErrorKind::NotFound
-        {
-            tracing::warn!(path = %self.path.display(), error = %e, "could not remove scratch directory");
-        }
-    }
+/// A scratch directory beside the target (`.NAME.apply-*`, the name the
+/// cache's startup sweep knows), removed on drop unless kept.
+fn scratch_dir(parent: &Path, name: &OsStr) -> Result<tempfile::TempDir, SnapshotError> {
+    let mut prefix = OsString::from(".");
+    prefix.push(name);
+    prefix.push(".apply-");
+    let dir = tempfile::Builder::new()
+        .prefix(&prefix)
+        .tempdir_in(parent)
+        .map_err(SnapshotError::io("create directory", parent))?;
+    // tempfile makes it 0700; a layer without a root entry keeps the mode
+    // `mkdir` would give it, so non-root users in a container can traverse `/`.
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755))
+        .map_err(SnapshotError::io("chmod", dir.path()))?;
+    Ok(dir)
 }
 
 fn open_dir(path: &Path) -> Result<OwnedFd, SnapshotError> {
