@@ -24,15 +24,36 @@ pub fn skip(suite: &str, why: &str) {
 /// the process is root, as suites that mount and run containers need;
 /// `None` after [`skip`] otherwise.
 pub fn root_with_test_image(suite: &str) -> Option<PathBuf> {
-    let Some(dir) = std::env::var_os("VESSEL_TEST_IMAGE_DIR").map(PathBuf::from) else {
-        skip(suite, "VESSEL_TEST_IMAGE_DIR is unset; run `cargo xtask test`");
-        return None;
-    };
-    if !nix::unistd::geteuid().is_root() {
-        skip(suite, "it mounts overlays and runs containers; run as root");
-        return None;
+    let dir = env_path(suite, "VESSEL_TEST_IMAGE_DIR")?;
+    have_root(suite, "it mounts overlays and runs containers").then_some(dir)
+}
+
+/// Whether the process is root, as `why` needs; otherwise [`skip`]s.
+pub fn have_root(suite: &str, why: &str) -> bool {
+    let root = nix::unistd::geteuid().is_root();
+    if !root {
+        skip(suite, &format!("{why}; run as root"));
     }
-    Some(dir)
+    root
+}
+
+/// A path the whole suite needs from `var` (set by `cargo xtask test`);
+/// `None` after [`skip`] otherwise.
+pub fn env_path(suite: &str, var: &str) -> Option<PathBuf> {
+    let v = std::env::var_os(var).map(PathBuf::from);
+    if v.is_none() {
+        skip(suite, &format!("{var} is unset; run `cargo xtask test`"));
+    }
+    v
+}
+
+/// Whether `tool --version` runs; otherwise [`skip`]s.
+pub fn have_tool(suite: &str, tool: &str) -> bool {
+    let ok = std::process::Command::new(tool).arg("--version").output().is_ok_and(|o| o.status.success());
+    if !ok {
+        skip(suite, &format!("{tool} is missing"));
+    }
+    ok
 }
 
 /// An environment variable a part of a suite needs: `None` (after a note)

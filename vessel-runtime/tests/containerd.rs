@@ -54,17 +54,8 @@ impl Env {
 }
 
 fn env() -> Option<Env> {
-    let ci = std::env::var_os("CI").is_some();
-    let Some(address) = std::env::var_os("VESSEL_CONTAINERD_ADDRESS").map(PathBuf::from) else {
-        assert!(!ci, "VESSEL_CONTAINERD_ADDRESS is unset under CI: run `cargo xtask test`");
-        eprintln!("SKIPPED containerd conformance: VESSEL_CONTAINERD_ADDRESS is unset; run `cargo xtask test`");
-        return None;
-    };
-    let Some(image_dir) = std::env::var_os("VESSEL_TEST_IMAGE_DIR").map(PathBuf::from) else {
-        assert!(!ci, "VESSEL_TEST_IMAGE_DIR is unset under CI");
-        eprintln!("SKIPPED containerd conformance: VESSEL_TEST_IMAGE_DIR is unset; run `cargo xtask test`");
-        return None;
-    };
+    let address = vessel_test_support::env_path("containerd conformance", "VESSEL_CONTAINERD_ADDRESS")?;
+    let image_dir = vessel_test_support::env_path("containerd conformance", "VESSEL_TEST_IMAGE_DIR")?;
     let namespace =
         std::env::var("VESSEL_TEST_NAMESPACE").unwrap_or_else(|_| format!("vessel-test-{}", std::process::id()));
     Some(Env { address, namespace, image_dir, dir: tempfile::tempdir().unwrap() })

@@ -29,14 +29,7 @@ impl Ctr {
         if !have_root(test) {
             return None;
         }
-        let address = match std::env::var_os("VESSEL_CONTAINERD_ADDRESS") {
-            Some(a) => PathBuf::from(a),
-            None if std::env::var_os("CI").is_some() => panic!("{test}: VESSEL_CONTAINERD_ADDRESS is unset under CI"),
-            None => {
-                eprintln!("SKIPPED {test}: no containerd; `cargo xtask test` starts a private one");
-                return None;
-            }
-        };
+        let address = vessel_test_support::env_path(test, "VESSEL_CONTAINERD_ADDRESS")?;
         let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         Some(Self { address, namespace: format!("vessel-interop-{}-{test}", std::process::id()), _serial: serial })
     }

@@ -14,14 +14,7 @@ fn image_dir(test: &str) -> Option<PathBuf> {
     if !have_root(test) {
         return None;
     }
-    match std::env::var_os("VESSEL_TEST_IMAGE_DIR") {
-        Some(d) => Some(PathBuf::from(d)),
-        None if std::env::var_os("CI").is_some() => panic!("{test}: VESSEL_TEST_IMAGE_DIR is unset under CI"),
-        None => {
-            eprintln!("SKIPPED {test}: VESSEL_TEST_IMAGE_DIR is unset; run `cargo xtask test` or `cargo xtask image`");
-            None
-        }
-    }
+    vessel_test_support::env_path(test, "VESSEL_TEST_IMAGE_DIR")
 }
 
 fn archive(dir: &std::path::Path, name: &str) -> Vec<u8> {

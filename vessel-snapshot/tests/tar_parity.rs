@@ -98,14 +98,7 @@ fn need_tools(test: &str) -> bool {
     if !have_root(test) {
         return false;
     }
-    for tool in ["tar", "python3"] {
-        if Command::new(tool).arg("--version").output().is_err() {
-            assert!(std::env::var_os("CI").is_none(), "{test}: {tool} is missing under CI");
-            eprintln!("SKIPPED {test}: no {tool}");
-            return false;
-        }
-    }
-    true
+    ["tar", "python3"].iter().all(|tool| vessel_test_support::have_tool(test, tool))
 }
 
 /// A tree with what layer formats must carry: long and non-ASCII names,
@@ -200,7 +193,7 @@ fn layers_made_by_real_tools_apply_to_their_tree() {
         blob(layers.last().unwrap()["digest"].as_str().unwrap())
     };
     let have_umoci = Command::new("umoci").arg("--version").output().is_ok();
-    assert!(have_umoci || std::env::var_os("CI").is_none(), "umoci is missing under CI");
+    assert!(have_umoci || !vessel_test_support::ci(), "umoci is missing under CI");
     let mut layers: Vec<(&str, Vec<u8>, bool, bool)> = vec![
         // (maker, layer, carries xattrs, keeps holes)
         ("GNU tar --format=gnu", gnu(&["--format=gnu"]), false, false),

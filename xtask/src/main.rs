@@ -9,6 +9,7 @@ mod image;
 mod python;
 mod quotafs;
 mod registry;
+mod upkeep;
 mod util;
 
 use anyhow::{Context, Result, bail};
@@ -20,7 +21,8 @@ const USAGE: &str = "usage: cargo xtask <command>
 commands:
   setup   install the system packages the tests need (apt-get, as root)
   image   build the test image local/busybox:latest (docker-save and OCI archives + a storage dir)
-  test    setup, image, fmt --check, clippy -D warnings, doc, and every test
+  test    setup, image, fmt --check, clippy -D warnings, doc, upkeep checks
+          (cargo deny, cargo machete, rust-version) and every test
           (against a private containerd it starts and stops)
   bench   run the criterion benches (extra args go to cargo bench)
   demo    setup, image, then the main job: a short agent-like session on a real workspace";
@@ -119,7 +121,10 @@ fn test() -> Result<()> {
             .args(*features)
             .args(["--", "-D", "warnings"]))?;
     }
-    run(cargo(&root).args(["doc", "--workspace", "--no-deps", "--locked"]).env("RUSTDOCFLAGS", "-D warnings"))?;
+    run(cargo(&root)
+        .args(["doc", "--workspace", "--no-deps", "--locked", "--all-features"])
+        .env("RUSTDOCFLAGS", "-D warnings"))?;
+    upkeep::check(&root)?;
     // A backend compiled out must be a typed refusal, not a build error:
     // the runtime's stubs are tested without default features.
     run(cargo(&root).args(["test", "-p", "vessel-runtime", "--lib", "--locked", "--no-default-features"]))?;

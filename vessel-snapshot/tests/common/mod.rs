@@ -16,14 +16,7 @@ use sha2::{Digest, Sha256};
 
 /// Whether the test may run; without root it explains itself (and fails under CI).
 pub fn have_root(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("{test} needs root, and CI runs as root");
-    }
-    eprintln!("SKIPPED {test}: needs root for overlay mounts, xattrs and chown");
-    false
+    vessel_test_support::have_root(test, "it needs overlay mounts, xattrs and chown")
 }
 
 /// A real overlay mount, unmounted on drop.

@@ -1,0 +1,65 @@
+//! Upkeep checks, as well-kept Rust projects run them: licenses, bans and
+//! sources of every dependency (`cargo deny`; advisories need the network,
+//! so they are left out), unused dependencies (`cargo machete`), and the
+//! build at the declared `rust-version`.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Result, bail};
+
+use crate::util::{cargo, output, run};
+
+/// The tools, pinned: installed from crates.io when missing.
+const TOOLS: &[(&str, &str, &str)] = &[("cargo-deny", "0.19.0", "deny"), ("cargo-machete", "0.9.1", "machete")];
+
+/// Installs the pinned tools that are missing (or at another version).
+fn install_tools(root: &Path) -> Result<()> {
+    for (krate, version, sub) in TOOLS {
+        let have = cargo(root).args([sub, "--version"]).output().ok().filter(|o| o.status.success());
+        let have = have.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+        if have.split_whitespace().any(|w| w == *version) {
+            continue;
+        }
+        run(cargo(root).args(["install", "--locked", "--quiet", krate, "--version", version]))?;
+    }
+    Ok(())
+}
+
+/// The workspace's declared `rust-version`.
+fn declared_rust_version(root: &Path) -> Result<String> {
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml"))?;
+    let line = manifest.lines().find(|l| l.trim_start().starts_with("rust-version"));
+    match line.and_then(|l| l.split('"').nth(1)) {
+        Some(v) => Ok(v.to_owned()),
+        None => bail!("the workspace Cargo.toml declares no rust-version"),
+    }
+}
+
+/// The build at the declared `rust-version`: the toolchain every other
+/// check builds with must be that version (this machine has one Rust
+/// toolchain and can fetch no other), so the workspace's clippy, doc and
+/// test builds are the MSRV build; a toolchain of another version fails
+/// here instead of passing unchecked.
+fn rust_version(root: &Path) -> Result<()> {
+    let declared = declared_rust_version(root)?;
+    let rustc = output(Command::new(std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into())).arg("--version"))?;
+    let actual = rustc.split_whitespace().nth(1).unwrap_or_default();
+    let same = actual == declared || actual.strip_suffix(".0") == Some(declared.as_str());
+    if !same {
+        bail!(
+            "the workspace declares rust-version {declared}, but the toolchain is {actual}: \
+             build with {declared} (rustup toolchain install {declared}) or change the declaration"
+        );
+    }
+    println!("upkeep: rustc {actual} is the declared rust-version {declared}");
+    Ok(())
+}
+
+pub(crate) fn check(root: &Path) -> Result<()> {
+    rust_version(root)?;
+    install_tools(root)?;
+    run(cargo(root).args(["deny", "--all-features", "--locked", "check", "licenses", "bans", "sources"]))?;
+    run(cargo(root).args(["machete"]))?;
+    Ok(())
+}
