@@ -11,7 +11,7 @@ use anyhow::{Result, bail};
 use crate::util::{cargo, output, run};
 
 /// The tools, pinned: installed from crates.io when missing.
-const TOOLS: &[(&str, &str, &str)] = &[("cargo-deny", "0.19.0", "deny"), ("cargo-machete", "0.9.1", "machete")];
+const TOOLS: &[(&str, &str, &str)] = &[("cargo-deny", "0.20.2", "deny"), ("cargo-machete", "0.9.2", "machete")];
 
 /// Installs the pinned tools that are missing (or at another version).
 fn install_tools(root: &Path) -> Result<()> {
