@@ -11,12 +11,24 @@ use anyhow::{Result, bail};
 use crate::util::{cargo, output, run};
 
 /// The tools, pinned: installed from crates.io when missing.
-const TOOLS: &[(&str, &str, &str)] = &[("cargo-deny", "0.20.2", "deny"), ("cargo-machete", "0.9.2", "machete")];
+const TOOLS: &[(&str, &str)] = &[("cargo-deny", "0.20.2"), ("cargo-machete", "0.9.2")];
+
+/// An installed tool: run as its own binary, not as `cargo <sub>` (the
+/// toolchain's cargo, which xtask runs under, passes the subcommand's name
+/// on as an argument that cargo-machete takes for a directory).
+fn tool(krate: &str) -> Command {
+    let home = std::env::var_os("CARGO_HOME").map(std::path::PathBuf::from);
+    let home = home.or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")));
+    match home.map(|h| h.join("bin").join(krate)).filter(|p| p.exists()) {
+        Some(path) => Command::new(path),
+        None => Command::new(krate),
+    }
+}
 
 /// Installs the pinned tools that are missing (or at another version).
 fn install_tools(root: &Path) -> Result<()> {
-    for (krate, version, sub) in TOOLS {
-        let have = cargo(root).args([sub, "--version"]).output().ok().filter(|o| o.status.success());
+    for (krate, version) in TOOLS {
+        let have = tool(krate).arg("--version").output().ok().filter(|o| o.status.success());
         let have = have.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
         if have.split_whitespace().any(|w| w == *version) {
             continue;
@@ -59,7 +71,14 @@ fn rust_version(root: &Path) -> Result<()> {
 pub(crate) fn check(root: &Path) -> Result<()> {
     rust_version(root)?;
     install_tools(root)?;
-    run(cargo(root).args(["deny", "--all-features", "--locked", "check", "licenses", "bans", "sources"]))?;
-    run(cargo(root).args(["machete"]))?;
+    run(tool("cargo-deny").current_dir(root).args([
+        "--all-features",
+        "--locked",
+        "check",
+        "licenses",
+        "bans",
+        "sources",
+    ]))?;
+    run(tool("cargo-machete").arg(root))?;
     Ok(())
 }
