@@ -4,7 +4,7 @@
 //! every call is a typed [`RuntimeError::Unavailable`] naming the feature,
 //! so callers need no `cfg` of their own.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::{ContainerdRuntime, Runtime, RuntimeError, YoukiRuntime};
@@ -21,7 +21,7 @@ pub enum Backend {
 
 impl Backend {
     /// The backend's name, as [`Runtime::name`] gives it.
-    pub fn name(self) -> &'static str {
+    pub const fn name(self) -> &'static str {
         match self {
             Self::Youki => "youki",
             Self::Containerd => "containerd",
@@ -80,7 +80,7 @@ impl BackendConfig {
     }
 
     fn dir(&self, backend: Backend) -> PathBuf {
-        Path::new(&self.root).join(backend.name())
+        self.root.join(backend.name())
     }
 }
 

@@ -42,7 +42,7 @@ use crate::{ContainerdConfig, Network, RunRequest, Runtime, RuntimeError, drain,
 const SPEC_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec";
 /// The shim every container runs under.
 const RUNC_SHIM: &str = "io.containerd.runc.v2";
-const BACKEND: &str = "containerd";
+const BACKEND: &str = crate::Backend::Containerd.name();
 
 /// Containers through a containerd daemon.
 #[derive(Debug, Clone)]

@@ -197,11 +197,13 @@ fn masked_eq_for_libcontainer(spec: &mut oci_spec::runtime::Spec) {
 #[async_trait]
 impl Runtime for YoukiRuntime {
     fn name(&self) -> &'static str {
-        "youki"
+        crate::Backend::Youki.name()
     }
 
     fn is_available(&self) -> Result<(), RuntimeError> {
-        let unavailable = |reason: &str| Err(RuntimeError::Unavailable { backend: "youki", reason: reason.into() });
+        let unavailable = |reason: &str| {
+            Err(RuntimeError::Unavailable { backend: crate::Backend::Youki.name(), reason: reason.into() })
+        };
         if !nix::unistd::geteuid().is_root() {
             return unavailable("it needs root (rootless mode is not built yet)");
         }
