@@ -9,7 +9,7 @@ use tokio_util::io::SyncIoBridge;
 use vessel_core::{ImageRef, SnapshotId, VesselId, VesselManifest};
 
 use crate::pipe::{CHUNK, PipeWriter, pipe};
-use crate::{BlobEncoding, BlobReader, Storage, StorageError};
+use crate::{BlobEncoding, BlobReader, HostId, Record, RecordKey, Storage, StorageError, Version, WriteIf};
 
 const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
@@ -202,6 +202,34 @@ impl<S: Storage> Storage for CompressedStorage<S> {
 
     async fn load_vessel_manifest(&self, id: &VesselId) -> Result<VesselManifest, StorageError> {
         self.inner.load_vessel_manifest(id).await
+    }
+
+    async fn load_vessel_manifest_versioned(&self, id: &VesselId) -> Result<(VesselManifest, Version), StorageError> {
+        self.inner.load_vessel_manifest_versioned(id).await
+    }
+
+    async fn save_vessel_manifest_if(
+        &self,
+        manifest: &VesselManifest,
+        cond: &WriteIf,
+    ) -> Result<Version, StorageError> {
+        self.inner.save_vessel_manifest_if(manifest, cond).await
+    }
+
+    async fn load_record(&self, key: &RecordKey) -> Result<Option<Record>, StorageError> {
+        self.inner.load_record(key).await
+    }
+
+    async fn save_record(&self, key: &RecordKey, data: Vec<u8>, cond: &WriteIf) -> Result<Version, StorageError> {
+        self.inner.save_record(key, data, cond).await
+    }
+
+    async fn delete_record(&self, key: &RecordKey) -> Result<(), StorageError> {
+        self.inner.delete_record(key).await
+    }
+
+    async fn list_hosts(&self) -> Result<Vec<HostId>, StorageError> {
+        self.inner.list_hosts().await
     }
 
     async fn list_vessels(&self) -> Result<Vec<VesselId>, StorageError> {

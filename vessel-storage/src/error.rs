@@ -7,6 +7,9 @@ use std::path::PathBuf;
 
 use vessel_core::{CoreError, ImageRef, SnapshotId, VesselId};
 
+/// The boxed error of a remote store (an `object_store::Error`).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 /// Errors of the storage layer.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -59,6 +62,72 @@ pub enum StorageError {
         #[source]
         source: io::Error,
     },
+    /// A conditional write found the object changed (or present, or gone)
+    /// since it was read: another host wrote it.
+    #[error("{what} was changed by another writer")]
+    Conflict {
+        /// What was to be written (`manifest of vessel …`).
+        what: String,
+    },
+    /// The vessel is open on another host whose lease is live.
+    #[error("vessel {vessel} is open on host {holder} ({host}), whose lease runs until {expires_at}")]
+    Busy {
+        /// The vessel.
+        vessel: VesselId,
+        /// The holder's host name.
+        holder: String,
+        /// The holder's host id.
+        host: crate::HostId,
+        /// When the holder's lease expires unless renewed.
+        expires_at: chrono::DateTime<chrono::Utc>,
+    },
+    /// The storage URL is malformed or names an unknown scheme.
+    #[error("invalid storage URL {url:?}: {reason}")]
+    InvalidUrl {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The URL's scheme needs a cargo feature this build lacks.
+    #[error("storage URL scheme {scheme}:// needs vessel built with feature `{feature}`")]
+    NotCompiled {
+        /// The scheme.
+        scheme: String,
+        /// The feature that provides it.
+        feature: &'static str,
+    },
+    /// The bucket (or container) the URL names does not exist.
+    #[error("bucket of {url} does not exist")]
+    NoSuchBucket {
+        /// The storage URL.
+        url: String,
+        /// The store's error.
+        #[source]
+        source: BoxError,
+    },
+    /// The store refused the credentials.
+    #[error("{op} {key}: access denied")]
+    Denied {
+        /// What was being done.
+        op: &'static str,
+        /// The object key.
+        key: String,
+        /// The store's error.
+        #[source]
+        source: BoxError,
+    },
+    /// A remote store's request failed (after its retries).
+    #[error("{op} {key}")]
+    Remote {
+        /// What was being done (`put`, `get`, `list`, …).
+        op: &'static str,
+        /// The object key or prefix.
+        key: String,
+        /// The store's error.
+        #[source]
+        source: BoxError,
+    },
 }
 
 /// Coarse classification of [`StorageError`].
@@ -75,6 +144,12 @@ pub enum StorageErrorKind {
     Source,
     /// Stored data failed validation.
     Corrupt,
+    /// A conditional write lost to another writer.
+    Conflict,
+    /// The vessel is held by another live host.
+    Busy,
+    /// The store refused the credentials.
+    Denied,
 }
 
 impl StorageError {
@@ -84,8 +159,14 @@ impl StorageError {
             Self::VesselNotFound(_) | Self::SnapshotNotFound { .. } | Self::ImageNotFound(_) => {
                 StorageErrorKind::NotFound
             }
-            Self::Invalid(_) => StorageErrorKind::InvalidInput,
-            Self::Io { .. } | Self::Codec { .. } => StorageErrorKind::Io,
+            // A missing bucket is the URL's fault, never a "vessel not found".
+            Self::Invalid(_) | Self::InvalidUrl { .. } | Self::NotCompiled { .. } | Self::NoSuchBucket { .. } => {
+                StorageErrorKind::InvalidInput
+            }
+            Self::Io { .. } | Self::Codec { .. } | Self::Remote { .. } => StorageErrorKind::Io,
+            Self::Conflict { .. } => StorageErrorKind::Conflict,
+            Self::Busy { .. } => StorageErrorKind::Busy,
+            Self::Denied { .. } => StorageErrorKind::Denied,
             Self::Source(_) => StorageErrorKind::Source,
             Self::Corrupt { .. } => StorageErrorKind::Corrupt,
         }
@@ -110,6 +191,9 @@ impl fmt::Display for StorageErrorKind {
             Self::Io => "I/O error",
             Self::Source => "source stream failed",
             Self::Corrupt => "corrupt data",
+            Self::Conflict => "conflicting write",
+            Self::Busy => "held by another host",
+            Self::Denied => "access denied",
         })
     }
 }

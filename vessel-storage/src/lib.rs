@@ -26,8 +26,13 @@
 
 mod compressed;
 mod error;
+pub mod lease;
 mod local;
+#[cfg(feature = "object-store")]
+mod object;
 pub mod pipe;
+mod record;
+mod url;
 
 use std::fmt;
 use std::sync::Arc;
@@ -36,8 +41,12 @@ use async_trait::async_trait;
 use tokio::io::AsyncRead;
 
 pub use compressed::CompressedStorage;
-pub use error::{StorageError, StorageErrorKind};
+pub use error::{BoxError, StorageError, StorageErrorKind};
 pub use local::LocalStorage;
+#[cfg(feature = "object-store")]
+pub use object::ObjectStorage;
+pub use record::{HostId, Record, RecordKey, Version, WriteIf};
+pub use url::open_url;
 pub use vessel_core::{ImageRef, SnapshotId, VesselId, VesselManifest};
 
 /// A stream of blob bytes handed to or returned by a [`Storage`].
@@ -81,14 +90,40 @@ impl BlobEncoding {
 /// - a load of something absent is a `NotFound` error naming it;
 /// - deletes are idempotent: deleting what is absent succeeds, so an
 ///   interrupted delete can simply be retried;
-/// - blobs stream in both directions with bounded memory.
+/// - blobs stream in both directions with bounded memory;
+/// - conditional writes (manifests, [`Record`]s) are linearizable: of two
+///   writers that read the same version, one wins and the other gets
+///   `Conflict`, across processes and hosts sharing the storage.
 #[async_trait]
 pub trait Storage: Send + Sync + fmt::Debug {
-    /// Writes (or replaces) the manifest of `manifest.id`.
+    /// Writes (or replaces) the manifest of `manifest.id`, unconditionally.
     async fn save_vessel_manifest(&self, manifest: &VesselManifest) -> Result<(), StorageError>;
 
     /// Reads the manifest of vessel `id`; `Corrupt` if it does not parse or names another vessel.
-    async fn load_vessel_manifest(&self, id: &VesselId) -> Result<VesselManifest, StorageError>;
+    async fn load_vessel_manifest(&self, id: &VesselId) -> Result<VesselManifest, StorageError> {
+        Ok(self.load_vessel_manifest_versioned(id).await?.0)
+    }
+
+    /// [`Storage::load_vessel_manifest`], with the version it was read at.
+    async fn load_vessel_manifest_versioned(&self, id: &VesselId) -> Result<(VesselManifest, Version), StorageError>;
+
+    /// Writes the manifest of `manifest.id` only if `cond` holds (the
+    /// fencing of commits: a host writes over the version it read);
+    /// `Conflict` otherwise, and nothing changes. Returns the new version.
+    async fn save_vessel_manifest_if(&self, manifest: &VesselManifest, cond: &WriteIf)
+    -> Result<Version, StorageError>;
+
+    /// A coordination record, or `None` when absent.
+    async fn load_record(&self, key: &RecordKey) -> Result<Option<Record>, StorageError>;
+
+    /// Writes a record only if `cond` holds; `Conflict` otherwise. Returns the new version.
+    async fn save_record(&self, key: &RecordKey, data: Vec<u8>, cond: &WriteIf) -> Result<Version, StorageError>;
+
+    /// Removes a record (absent is fine).
+    async fn delete_record(&self, key: &RecordKey) -> Result<(), StorageError>;
+
+    /// The hosts that have a heartbeat record, sorted.
+    async fn list_hosts(&self) -> Result<Vec<HostId>, StorageError>;
 
     /// The ids of all vessels that have a manifest, sorted.
     async fn list_vessels(&self) -> Result<Vec<VesselId>, StorageError>;
@@ -155,6 +190,27 @@ macro_rules! forward_storage {
             }
             async fn load_vessel_manifest(&self, id: &VesselId) -> Result<VesselManifest, StorageError> {
                 (**self).load_vessel_manifest(id).await
+            }
+            async fn load_vessel_manifest_versioned(
+                &self,
+                id: &VesselId,
+            ) -> Result<(VesselManifest, Version), StorageError> {
+                (**self).load_vessel_manifest_versioned(id).await
+            }
+            async fn save_vessel_manifest_if(&self, m: &VesselManifest, c: &WriteIf) -> Result<Version, StorageError> {
+                (**self).save_vessel_manifest_if(m, c).await
+            }
+            async fn load_record(&self, key: &RecordKey) -> Result<Option<Record>, StorageError> {
+                (**self).load_record(key).await
+            }
+            async fn save_record(&self, key: &RecordKey, data: Vec<u8>, c: &WriteIf) -> Result<Version, StorageError> {
+                (**self).save_record(key, data, c).await
+            }
+            async fn delete_record(&self, key: &RecordKey) -> Result<(), StorageError> {
+                (**self).delete_record(key).await
+            }
+            async fn list_hosts(&self) -> Result<Vec<HostId>, StorageError> {
+                (**self).list_hosts().await
             }
             async fn list_vessels(&self) -> Result<Vec<VesselId>, StorageError> {
                 (**self).list_vessels().await

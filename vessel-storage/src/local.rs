@@ -4,6 +4,8 @@
 //! <root>/vessels/<vessel-id>/vessel.dat                      manifest (JSON)
 //! <root>/vessels/<vessel-id>/snapshots/<snapshot-id>.tar[.gz|.zst]
 //! <root>/images/<image-ref>.tar[.gz|.zst]                    `/` in refs nests
+//! <root>/leases/hosts/<host-id>.json, leases/vessels/<id>.json  (see `lease`)
+//! <root>/leases/.lock                                        conditional writes
 //! <root>/.tmp/                                               in-flight writes
 //! ```
 //!
@@ -14,6 +16,11 @@
 //! temp file, so a new `LocalStorage` can tell leftovers of a crashed process
 //! (unlocked) from another process's write in progress (locked) and remove
 //! only the former.
+//!
+//! Conditional writes (manifests, lease records) read, compare and replace
+//! under an exclusive `flock` on `leases/.lock`, so they are linearizable
+//! among all processes sharing the directory; a version is the sha256 of
+//! the stored bytes.
 
 use std::fs;
 use std::io;
@@ -25,7 +32,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::{debug, warn};
 use vessel_core::{ImageRef, SnapshotId, VesselId, VesselManifest};
 
-use crate::{BlobEncoding, BlobReader, Storage, StorageError};
+use crate::record::{CLAIMS, HOSTS};
+use crate::{BlobEncoding, BlobReader, HostId, Record, RecordKey, Storage, StorageError, Version, WriteIf};
 
 const MANIFEST: &str = "vessel.dat";
 const TMP: &str = ".tmp";
@@ -57,7 +65,7 @@ impl LocalStorage {
             fs::create_dir_all(&root).map_err(StorageError::io("create directory", &root))?;
             fs::set_permissions(&root, fs::Permissions::from_mode(0o700)).map_err(StorageError::io("chmod", &root))?;
         }
-        for dir in [root.join("vessels"), root.join("images"), root.join(TMP)] {
+        for dir in [root.join("vessels"), root.join("images"), root.join(TMP), root.join(HOSTS), root.join(CLAIMS)] {
             fs::create_dir_all(&dir).map_err(StorageError::io("create directory", &dir))?;
             fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).map_err(StorageError::io("chmod", &dir))?;
         }
@@ -97,6 +105,43 @@ impl LocalStorage {
         // ImageRef's grammar admits no empty, `.` or `..` component, so the
         // joined path stays under images/.
         self.root.join("images").join(format!("{image}{}", enc.extension()))
+    }
+
+    fn record_path(&self, key: &RecordKey) -> PathBuf {
+        self.root.join(key.path())
+    }
+
+    /// Reads, checks `cond` against and replaces `dest` under the storage's
+    /// CAS lock; `what` names it in a `Conflict`.
+    async fn write_if(
+        &self,
+        dest: PathBuf,
+        data: Vec<u8>,
+        cond: Option<WriteIf>,
+        what: String,
+    ) -> Result<Version, StorageError> {
+        let lock = self.root.join("leases/.lock");
+        let tmp_dir = self.tmp_dir();
+        blocking(move || {
+            let lock = fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&lock)
+                .map_err(StorageError::io("open", &lock))?;
+            lock.lock().map_err(StorageError::io("lock", "leases/.lock"))?;
+            if let Some(cond) = cond {
+                let current = read_if_present(&dest)?.map(|b| Version::of_bytes(&b));
+                if !cond.holds(current.as_ref()) {
+                    return Err(StorageError::Conflict { what });
+                }
+            }
+            let (mut file, guard) = create_temp(&tmp_dir, dest)?;
+            io::Write::write_all(&mut file, &data).map_err(StorageError::io("write", &guard.path))?;
+            guard.commit(file, &[])?;
+            Ok(Version::of_bytes(&data))
+        })
+        .await
     }
 
     /// The encodings to look for on load: ours first, so after a crash
@@ -211,6 +256,31 @@ fn create_temp(tmp_dir: &Path, dest: PathBuf) -> Result<(fs::File, TempGuard), S
     Ok((file, guard))
 }
 
+fn read_if_present(path: &Path) -> Result<Option<Vec<u8>>, StorageError> {
+    match fs::read(path) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(StorageError::io("read", path)(e)),
+    }
+}
+
+fn manifest_json(manifest: &VesselManifest) -> Result<Vec<u8>, StorageError> {
+    serde_json::to_vec(manifest).map_err(|e| StorageError::Corrupt {
+        what: format!("manifest of vessel {}", manifest.id),
+        reason: e.to_string(),
+    })
+}
+
+/// Parses a stored manifest, which must name `id`.
+pub(crate) fn parse_manifest(id: &VesselId, bytes: &[u8]) -> Result<VesselManifest, StorageError> {
+    let corrupt = |reason: String| StorageError::Corrupt { what: format!("manifest of vessel {id}"), reason };
+    let manifest: VesselManifest = serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
+    if &manifest.id != id {
+        return Err(corrupt(format!("it names vessel {}", manifest.id)));
+    }
+    Ok(manifest)
+}
+
 fn sweep_tmp_file(path: &Path) -> io::Result<()> {
     let file = match fs::File::open(path) {
         Ok(f) => f,
@@ -286,15 +356,12 @@ async fn open_first(paths: impl IntoIterator<Item = PathBuf>) -> Result<Option<t
 #[async_trait]
 impl Storage for LocalStorage {
     async fn save_vessel_manifest(&self, manifest: &VesselManifest) -> Result<(), StorageError> {
-        let json = serde_json::to_vec(manifest).map_err(|e| StorageError::Corrupt {
-            what: format!("manifest of vessel {}", manifest.id),
-            reason: e.to_string(),
-        })?;
-        let dest = self.manifest_path(&manifest.id);
-        self.write_atomic(dest, Vec::new(), Box::new(io::Cursor::new(json))).await
+        // Under the CAS lock too, so it is ordered with conditional writes.
+        let what = format!("manifest of vessel {}", manifest.id);
+        self.write_if(self.manifest_path(&manifest.id), manifest_json(manifest)?, None, what).await.map(drop)
     }
 
-    async fn load_vessel_manifest(&self, id: &VesselId) -> Result<VesselManifest, StorageError> {
+    async fn load_vessel_manifest_versioned(&self, id: &VesselId) -> Result<(VesselManifest, Version), StorageError> {
         let path = self.manifest_path(id);
         let bytes = match tokio::fs::read(&path).await {
             Ok(b) => b,
@@ -303,12 +370,49 @@ impl Storage for LocalStorage {
             }
             Err(e) => return Err(StorageError::io("read", &path)(e)),
         };
-        let corrupt = |reason: String| StorageError::Corrupt { what: format!("manifest of vessel {id}"), reason };
-        let manifest: VesselManifest = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
-        if &manifest.id != id {
-            return Err(corrupt(format!("it names vessel {}", manifest.id)));
-        }
-        Ok(manifest)
+        Ok((parse_manifest(id, &bytes)?, Version::of_bytes(&bytes)))
+    }
+
+    async fn save_vessel_manifest_if(
+        &self,
+        manifest: &VesselManifest,
+        cond: &WriteIf,
+    ) -> Result<Version, StorageError> {
+        let what = format!("manifest of vessel {}", manifest.id);
+        self.write_if(self.manifest_path(&manifest.id), manifest_json(manifest)?, Some(cond.clone()), what).await
+    }
+
+    async fn load_record(&self, key: &RecordKey) -> Result<Option<Record>, StorageError> {
+        let path = self.record_path(key);
+        Ok(blocking(move || read_if_present(&path))
+            .await?
+            .map(|data| Record { version: Version::of_bytes(&data), data }))
+    }
+
+    async fn save_record(&self, key: &RecordKey, data: Vec<u8>, cond: &WriteIf) -> Result<Version, StorageError> {
+        self.write_if(self.record_path(key), data, Some(cond.clone()), key.to_string()).await
+    }
+
+    async fn delete_record(&self, key: &RecordKey) -> Result<(), StorageError> {
+        let p = self.record_path(key);
+        blocking(move || remove_file_if_present(&p).map_err(StorageError::io("remove", &p))).await
+    }
+
+    async fn list_hosts(&self) -> Result<Vec<HostId>, StorageError> {
+        let dir = self.root.join(HOSTS);
+        blocking(move || {
+            let mut out = Vec::new();
+            for entry in fs::read_dir(&dir).map_err(StorageError::io("read directory", &dir))? {
+                let entry = entry.map_err(StorageError::io("read directory", &dir))?;
+                let name = entry.file_name();
+                if let Some(h) = name.to_str().and_then(|n| n.strip_suffix(".json")).and_then(|n| HostId::new(n).ok()) {
+                    out.push(h);
+                }
+            }
+            out.sort();
+            Ok(out)
+        })
+        .await
     }
 
     async fn list_vessels(&self) -> Result<Vec<VesselId>, StorageError> {

@@ -10,9 +10,41 @@ use std::time::Duration;
 
 use chrono::Utc;
 use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
-use vessel_storage::{BlobReader, ImageRef, SnapshotId, Storage, StorageErrorKind, VesselId, VesselManifest};
+use vessel_storage::{
+    BlobReader, ImageRef, RecordKey, SnapshotId, Storage, StorageErrorKind, VesselId, VesselManifest, WriteIf,
+};
 
 pub type TestResult = anyhow::Result<()>;
+
+/// Reaches under a storage's API to its bytes, as a crash, an old
+/// version or an attacker would.
+#[async_trait::async_trait]
+pub trait Raw: Send + Sync {
+    /// Writes `data` at `rel` (a `/`-separated path in the layout).
+    async fn put(&self, rel: &str, data: Vec<u8>) -> anyhow::Result<()>;
+    /// Whether something is stored at `rel`.
+    async fn exists(&self, rel: &str) -> anyhow::Result<bool>;
+    /// What a failed or cancelled write left outside the committed layout.
+    async fn strays(&self) -> anyhow::Result<Vec<String>>;
+}
+
+/// A [`Raw`] over a `LocalStorage` directory.
+pub struct LocalRaw(pub PathBuf);
+
+#[async_trait::async_trait]
+impl Raw for LocalRaw {
+    async fn put(&self, rel: &str, data: Vec<u8>) -> anyhow::Result<()> {
+        let p = self.0.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap())?;
+        Ok(std::fs::write(p, data)?)
+    }
+    async fn exists(&self, rel: &str) -> anyhow::Result<bool> {
+        Ok(self.0.join(rel).exists())
+    }
+    async fn strays(&self) -> anyhow::Result<Vec<String>> {
+        Ok(stray_files(&self.0).into_iter().map(|p| p.display().to_string()).collect())
+    }
+}
 
 pub fn vid(n: u64) -> VesselId {
     VesselId::from_u64(n)
@@ -124,7 +156,7 @@ pub fn stray_files(root: &Path) -> Vec<PathBuf> {
     out
 }
 
-pub async fn manifest_round_trip(s: &dyn Storage, _root: &Path) -> TestResult {
+pub async fn manifest_round_trip(s: &dyn Storage, _raw: &dyn Raw) -> TestResult {
     let id = vid(1);
     let mut m = manifest(&id, "/work");
     s.save_vessel_manifest(&m).await?;
@@ -138,7 +170,7 @@ pub async fn manifest_round_trip(s: &dyn Storage, _root: &Path) -> TestResult {
     Ok(())
 }
 
-pub async fn not_found_names_what_is_missing(s: &dyn Storage, _root: &Path) -> TestResult {
+pub async fn not_found_names_what_is_missing(s: &dyn Storage, _raw: &dyn Raw) -> TestResult {
     let e = s.load_vessel_manifest(&vid(0xabc)).await.unwrap_err();
     assert_eq!(e.kind(), StorageErrorKind::NotFound);
     assert!(e.to_string().contains("0000000000000abc"), "{e}");
@@ -159,7 +191,7 @@ pub async fn not_found_names_what_is_missing(s: &dyn Storage, _root: &Path) -> T
     Ok(())
 }
 
-pub async fn snapshot_round_trip(s: &dyn Storage, _root: &Path) -> TestResult {
+pub async fn snapshot_round_trip(s: &dyn Storage, _raw: &dyn Raw) -> TestResult {
     let (v, a, b) = (vid(1), sid(10), sid(11));
     let data_a = pattern(1, 3 << 20);
     let data_b = pattern(2, 100);
@@ -175,7 +207,7 @@ pub async fn snapshot_round_trip(s: &dyn Storage, _root: &Path) -> TestResult {
     Ok(())
 }
 
-pub async fn delete_semantics(s: &dyn Storage, _root: &Path) -> TestResult {
+pub async fn delete_semantics(s: &dyn Storage, _raw: &dyn Raw) -> TestResult {
     let (v, w) = (vid(1), vid(2));
     for id in [&v, &w] {
         s.save_vessel_manifest(&manifest(id, "/")).await?;
@@ -197,7 +229,7 @@ pub async fn delete_semantics(s: &dyn Storage, _root: &Path) -> TestResult {
     Ok(())
 }
 
-pub async fn images_round_trip(s: &dyn Storage, _root: &Path) -> TestResult {
+pub async fn images_round_trip(s: &dyn Storage, _raw: &dyn Raw) -> TestResult {
     let refs = ["local/busybox:latest", "localhost:5000/a/b_c:v1.2", "plain"];
     for (i, r) in refs.iter().enumerate() {
         s.save_image(&ImageRef::new(r)?, blob(pattern(i as u64, 70_000))).await?;
@@ -221,7 +253,7 @@ pub async fn images_round_trip(s: &dyn Storage, _root: &Path) -> TestResult {
     Ok(())
 }
 
-pub async fn failed_write_leaves_old_data(s: &dyn Storage, root: &Path) -> TestResult {
+pub async fn failed_write_leaves_old_data(s: &dyn Storage, raw: &dyn Raw) -> TestResult {
     let (v, a) = (vid(1), sid(1));
     let old = pattern(1, 2 << 20);
     s.save_snapshot(&v, &a, blob(old.clone())).await?;
@@ -235,11 +267,11 @@ pub async fn failed_write_leaves_old_data(s: &dyn Storage, root: &Path) -> TestR
     let img = ImageRef::new("x/y:z")?;
     assert!(s.save_image(&img, FailingReader::boxed(vec![1; 10])).await.is_err());
     assert!(s.load_image(&img).await.err().unwrap().is_not_found());
-    assert_eq!(stray_files(root), Vec::<PathBuf>::new());
+    assert_eq!(raw.strays().await?, Vec::<String>::new());
     Ok(())
 }
 
-pub async fn cancelled_write_leaves_old_data(s: &dyn Storage, root: &Path) -> TestResult {
+pub async fn cancelled_write_leaves_old_data(s: &dyn Storage, raw: &dyn Raw) -> TestResult {
     let (v, a) = (vid(1), sid(1));
     let old = pattern(1, 1 << 20);
     s.save_snapshot(&v, &a, blob(old.clone())).await?;
@@ -248,14 +280,14 @@ pub async fn cancelled_write_leaves_old_data(s: &dyn Storage, root: &Path) -> Te
     assert_eq!(read_all(s.load_snapshot(&v, &a).await?).await?, old);
     // Cleanup of a dropped save may finish on the blocking pool just after the drop.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while !stray_files(root).is_empty() && tokio::time::Instant::now() < deadline {
+    while !raw.strays().await?.is_empty() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(stray_files(root), Vec::<PathBuf>::new());
+    assert_eq!(raw.strays().await?, Vec::<String>::new());
     Ok(())
 }
 
-pub async fn concurrent_writers(s: &dyn Storage, _root: &Path) -> TestResult {
+pub async fn concurrent_writers(s: &dyn Storage, _raw: &dyn Raw) -> TestResult {
     let tasks = (0..16u64).map(|i| async move {
         let id = vid(100 + i);
         let mut m = manifest(&id, &format!("/w{i}"));
@@ -283,16 +315,16 @@ pub async fn concurrent_writers(s: &dyn Storage, _root: &Path) -> TestResult {
     Ok(())
 }
 
-pub async fn corrupt_manifest_is_a_typed_error(s: &dyn Storage, root: &Path) -> TestResult {
+pub async fn corrupt_manifest_is_a_typed_error(s: &dyn Storage, raw: &dyn Raw) -> TestResult {
     let id = vid(5);
     s.save_vessel_manifest(&manifest(&id, "/")).await?;
-    let path = root.join("vessels").join(id.as_str()).join("vessel.dat");
-    std::fs::write(&path, b"{\"id\": \"00000000000")?;
+    let path = format!("vessels/{id}/vessel.dat");
+    raw.put(&path, b"{\"id\": \"00000000000".to_vec()).await?;
     let e = s.load_vessel_manifest(&id).await.unwrap_err();
     assert_eq!(e.kind(), StorageErrorKind::Corrupt, "{e}");
     // A manifest copied under another vessel's name is corrupt too.
     let other = serde_json::to_vec(&manifest(&vid(6), "/"))?;
-    std::fs::write(&path, other)?;
+    raw.put(&path, other).await?;
     let e = s.load_vessel_manifest(&id).await.unwrap_err();
     assert_eq!(e.kind(), StorageErrorKind::Corrupt);
     assert!(e.to_string().contains("0000000000000006"), "{e}");
@@ -301,26 +333,26 @@ pub async fn corrupt_manifest_is_a_typed_error(s: &dyn Storage, root: &Path) -> 
 
 /// A data directory exactly as the Go original writes it with compression on:
 /// gzip `.tar.gz` blobs and a manifest with Go's JSON quirks.
-pub async fn reads_the_go_layout(s: &dyn Storage, root: &Path, decodes: bool) -> TestResult {
+pub async fn reads_the_go_layout(s: &dyn Storage, raw: &dyn Raw, decodes: bool) -> TestResult {
     use flate2::{Compression, write::GzEncoder};
     use std::io::Write;
     let id = "0a1b2c3d4e5f6071";
     let snap = "00000a1b2c3d4e5f";
-    let vdir = root.join("vessels").join(id);
-    std::fs::create_dir_all(vdir.join("snapshots"))?;
-    std::fs::write(
-        vdir.join("vessel.dat"),
+    let vdir = format!("vessels/{id}");
+    raw.put(
+        &format!("{vdir}/vessel.dat"),
         format!(
             r#"{{"id":"{id}","baseImageRef":"local/busybox:latest","currentSnapshotId":"{snap}","workDir":"/workspace","createTime":"2025-03-01T10:11:12.123456789+08:00","updateTime":"2025-03-01T10:20:00.5+08:00","labels":null,"snapshots":[{{"id":"{snap}","vesselId":"{id}","parentId":"","message":"m","checksum":"sha256:00","size":3,"createTime":"2025-03-01T10:15:00Z","labels":null}}]}}"#
-        ),
-    )?;
+        )
+        .into_bytes(),
+    )
+    .await?;
     let tar = pattern(9, 200_000);
     let mut gz = GzEncoder::new(Vec::new(), Compression::default());
     gz.write_all(&tar)?;
     let gz = gz.finish()?;
-    std::fs::write(vdir.join("snapshots").join(format!("{snap}.tar.gz")), &gz)?;
-    std::fs::create_dir_all(root.join("images/local"))?;
-    std::fs::write(root.join("images/local/busybox:latest.tar.gz"), &gz)?;
+    raw.put(&format!("{vdir}/snapshots/{snap}.tar.gz"), gz.clone()).await?;
+    raw.put("images/local/busybox:latest.tar.gz", gz.clone()).await?;
 
     let vid = VesselId::new(id)?;
     assert!(s.list_vessels().await?.contains(&vid));
@@ -332,6 +364,67 @@ pub async fn reads_the_go_layout(s: &dyn Storage, root: &Path, decodes: bool) ->
     let got = read_all(s.load_image(&ImageRef::new("local/busybox:latest")?).await?).await?;
     assert!(got == want, "image bytes differ");
     s.delete_snapshot(&vid, &SnapshotId::new(snap)?).await?;
-    assert!(!vdir.join("snapshots").join(format!("{snap}.tar.gz")).exists(), "deletes Go-named blobs too");
+    assert!(!raw.exists(&format!("{vdir}/snapshots/{snap}.tar.gz")).await?, "deletes Go-named blobs too");
+    Ok(())
+}
+
+/// Conditional writes: create-if-absent and update-if-version, for
+/// manifests and records; the loser of a race gets `Conflict` and changes nothing.
+pub async fn conditional_writes(s: &dyn Storage, _raw: &dyn Raw) -> TestResult {
+    let id = vid(3);
+    let m = manifest(&id, "/a");
+    let v1 = s.save_vessel_manifest_if(&m, &WriteIf::Absent).await?;
+    let e = s.save_vessel_manifest_if(&manifest(&id, "/b"), &WriteIf::Absent).await.unwrap_err();
+    assert_eq!(e.kind(), StorageErrorKind::Conflict, "{e}");
+    let (read, rv) = s.load_vessel_manifest_versioned(&id).await?;
+    assert_eq!((read, &rv), (m.clone(), &v1));
+    let mut m2 = m.clone();
+    m2.work_dir = "/c".into();
+    let v2 = s.save_vessel_manifest_if(&m2, &WriteIf::Matches(v1.clone())).await?;
+    assert_ne!(v1, v2);
+    // A writer holding the old version loses, and nothing changes.
+    let e = s.save_vessel_manifest_if(&manifest(&id, "/stale"), &WriteIf::Matches(v1.clone())).await.unwrap_err();
+    assert_eq!(e.kind(), StorageErrorKind::Conflict);
+    assert_eq!(s.load_vessel_manifest(&id).await?.work_dir, "/c");
+    // Update of something absent is a conflict too.
+    let e = s.save_vessel_manifest_if(&manifest(&vid(4), "/"), &WriteIf::Matches(v2.clone())).await.unwrap_err();
+    assert_eq!(e.kind(), StorageErrorKind::Conflict);
+    assert!(s.load_vessel_manifest(&vid(4)).await.unwrap_err().is_not_found());
+
+    let key = RecordKey::Claim(id.clone());
+    assert_eq!(s.load_record(&key).await?, None);
+    let r1 = s.save_record(&key, b"one".to_vec(), &WriteIf::Absent).await?;
+    assert_eq!(
+        s.save_record(&key, b"x".to_vec(), &WriteIf::Absent).await.unwrap_err().kind(),
+        StorageErrorKind::Conflict
+    );
+    let got = s.load_record(&key).await?.unwrap();
+    assert_eq!((got.data.as_slice(), &got.version), (&b"one"[..], &r1));
+    let r2 = s.save_record(&key, b"two".to_vec(), &WriteIf::Matches(r1.clone())).await?;
+    let e = s.save_record(&key, b"three".to_vec(), &WriteIf::Matches(r1)).await.unwrap_err();
+    assert_eq!(e.kind(), StorageErrorKind::Conflict);
+    assert_eq!(s.load_record(&key).await?.unwrap().version, r2);
+    s.delete_record(&key).await?;
+    s.delete_record(&key).await?;
+    assert_eq!(s.load_record(&key).await?, None);
+    let host = vessel_storage::HostId::new("00000000000000aa")?;
+    s.save_record(&RecordKey::Host(host.clone()), b"{}".to_vec(), &WriteIf::Absent).await?;
+    assert_eq!(s.list_hosts().await?, [host]);
+    Ok(())
+}
+
+/// Of many writers racing from one version, exactly one wins.
+pub async fn one_conditional_writer_wins(s: &dyn Storage, _raw: &dyn Raw) -> TestResult {
+    let key = RecordKey::Claim(vid(9));
+    let v = s.save_record(&key, b"0".to_vec(), &WriteIf::Absent).await?;
+    let tries = (0..8u8).map(|i| {
+        let v = v.clone();
+        let key = key.clone();
+        async move { s.save_record(&key, vec![b'a' + i], &WriteIf::Matches(v)).await }
+    });
+    let results = futures::future::join_all(tries).await;
+    let won: Vec<_> = results.iter().filter(|r| r.is_ok()).collect();
+    assert_eq!(won.len(), 1, "{results:?}");
+    assert!(results.iter().filter_map(|r| r.as_ref().err()).all(|e| e.kind() == StorageErrorKind::Conflict));
     Ok(())
 }
