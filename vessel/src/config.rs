@@ -24,6 +24,7 @@ pub struct ManagerConfig {
     pub(crate) limits: Limits,
     pub(crate) disk_quota: Option<u64>,
     pub(crate) registries: crate::registry::Registries,
+    pub(crate) lease: vessel_storage::lease::LeaseConfig,
 }
 
 /// What a vessel may write to the host's disk unless told otherwise: 10 GiB.
@@ -120,6 +121,7 @@ impl fmt::Debug for ManagerConfig {
             .field("limits", &self.limits)
             .field("disk_quota", &self.disk_quota)
             .field("registries", &self.registries)
+            .field("lease", &self.lease)
             .finish_non_exhaustive()
     }
 }
@@ -147,6 +149,7 @@ impl Default for ManagerConfig {
             limits: Limits::sandbox(),
             disk_quota: Some(DEFAULT_DISK_QUOTA),
             registries: Default::default(),
+            lease: Default::default(),
         }
     }
 }
@@ -162,6 +165,21 @@ impl ManagerConfig {
     /// The same, already shared.
     pub fn shared_storage(mut self, storage: Arc<dyn Storage>) -> Self {
         self.storage = Some(storage);
+        self
+    }
+
+    /// How long this host's lease on the vessels it opens outlives its last
+    /// renewal (default 30 s; renewed every third of it). A host that dies
+    /// holds its vessels this long; another host then takes them over.
+    pub fn lease_ttl(mut self, ttl: std::time::Duration) -> Self {
+        self.lease.ttl = ttl;
+        self
+    }
+
+    /// The name other hosts see on the vessels this one holds (default:
+    /// the machine's host name).
+    pub fn host_name(mut self, name: impl Into<String>) -> Self {
+        self.lease.host_name = name.into();
         self
     }
 

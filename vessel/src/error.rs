@@ -90,6 +90,24 @@ pub enum VesselError {
     /// Another process (or another handle in this one) has the vessel open.
     #[error("vessel {0} is open elsewhere")]
     Locked(VesselId),
+    /// Another host has the vessel open and its lease is live.
+    #[error("vessel {vessel} is open on host {holder}; its lease runs until {expires_at} unless renewed")]
+    Busy {
+        /// The vessel.
+        vessel: VesselId,
+        /// The holder's host name.
+        holder: String,
+        /// The holder's host id.
+        host: vessel_storage::HostId,
+        /// When the holder's lease expires unless renewed.
+        expires_at: chrono::DateTime<chrono::Utc>,
+    },
+    /// This host lost its lease on the vessel (another took it over, e.g.
+    /// after this process was paused past its TTL): nothing it does is
+    /// committed any more. Close the vessel; reopening it is refused while
+    /// the new holder lives.
+    #[error("vessel {0}: this host's lease was taken over; the change was not committed")]
+    LeaseLost(VesselId),
     /// The vessel (or its manager) was closed, or the vessel deleted.
     #[error("vessel {0} is closed")]
     Closed(VesselId),
@@ -164,7 +182,7 @@ pub enum VesselErrorKind {
     Unavailable,
     /// The vessel's disk quota (or the disk) is full: `EDQUOT`/`ENOSPC`.
     QuotaExceeded,
-    /// A registry refused the credentials.
+    /// A registry or the storage refused the credentials.
     Unauthorized,
 }
 
@@ -189,6 +207,8 @@ impl VesselError {
                 vessel_storage::StorageErrorKind::NotFound => K::NotFound,
                 vessel_storage::StorageErrorKind::Corrupt => K::Corrupt,
                 vessel_storage::StorageErrorKind::InvalidInput => K::InvalidInput,
+                vessel_storage::StorageErrorKind::Conflict | vessel_storage::StorageErrorKind::Busy => K::Conflict,
+                vessel_storage::StorageErrorKind::Denied => K::Unauthorized,
                 _ => K::Io,
             },
             Self::Snapshot(e) => match e.kind() {
@@ -218,7 +238,16 @@ impl VesselError {
             Self::Io { .. } | Self::File { .. } => K::Io,
             Self::VesselNotFound(_) | Self::SnapshotNotFound { .. } | Self::ImageNotFound(_) => K::NotFound,
             Self::SnapshotInUse { .. } | Self::Locked(_) | Self::Closed(_) | Self::StaleFile(_) => K::Conflict,
+            Self::Busy { .. } | Self::LeaseLost(_) => K::Conflict,
             Self::ImageChanged { .. } => K::Corrupt,
+        }
+    }
+
+    /// A storage error of a lease: `Busy` as [`VesselError::Busy`].
+    pub(crate) fn lease(e: StorageError) -> Self {
+        match e {
+            StorageError::Busy { vessel, holder, host, expires_at } => Self::Busy { vessel, holder, host, expires_at },
+            e => Self::Storage(e),
         }
     }
 

@@ -57,9 +57,15 @@ pub use vessel_core::{
     CoreError, CoreErrorKind, ExecOptions, ExecResult, IdGenerator, ImageRef, Limits, SnapshotId, SnapshotManifest,
     UniqueIdGenerator, VesselId, VesselManifest,
 };
+pub use vessel_storage::lease::Holder;
 pub use vessel_storage::{
-    BlobEncoding, BlobReader, CompressedStorage, LocalStorage, Storage, StorageError, StorageErrorKind,
+    BlobEncoding, BlobReader, CompressedStorage, HostId, LocalStorage, Storage, StorageError, StorageErrorKind,
+    open_url,
 };
+
+/// The storage layer: backends (`ObjectStorage` with the `s3`, `gcs` and
+/// `azure` features), leases, conditional writes.
+pub use vessel_storage as storage;
 
 /// The snapshot engine: layer diffs, safe apply, layer cache, image archives.
 pub use vessel_snapshot as snapshot;

@@ -17,11 +17,16 @@ use vessel_core::{IdGenerator, ImageRef, SnapshotId, VesselId, VesselManifest};
 use vessel_runtime::{Runtime, UserNamespace};
 use vessel_snapshot::image::{Image, unpack_image};
 use vessel_snapshot::{LayerCache, LayerKey};
-use vessel_storage::{BlobReader, CompressedStorage, LocalStorage, Storage, StorageErrorKind};
+use vessel_storage::lease::{Claim, HostLease};
+use vessel_storage::{BlobReader, CompressedStorage, LocalStorage, RecordKey, Storage, StorageErrorKind, Version};
 
 use crate::config::{IdRanges, ManagerConfig};
 use crate::error::{Result, VesselError};
 use crate::vessel::{OpenVessel, Vessel};
+
+/// The host id of the vessel's holder when it last took the vessel over
+/// (the rewrite that fences off the previous holder's commits).
+pub(crate) const HOLDER_LABEL: &str = "vessel.lease.host";
 
 /// Labels pinning a vessel's base image (a moved tag cannot change it).
 pub(crate) const IMAGE_CONFIG_LABEL: &str = "vessel.image.config-digest";
@@ -46,6 +51,8 @@ pub(crate) struct ManagerState {
     pub(crate) disk_quota: Option<u64>,
     /// How to reach registries.
     pub(crate) registries: crate::registry::Registries,
+    /// This host's lease in storage: one heartbeat, a claim per open vessel.
+    pub(crate) lease: HostLease,
 }
 
 impl std::fmt::Debug for ManagerState {
@@ -130,6 +137,26 @@ impl ManagerState {
     /// Takes the vessel's lock, or says who has it.
     pub(crate) fn lock(&self, id: &VesselId) -> Result<Flock<fs::File>> {
         self.try_lock(&format!("{id}.lock"))?.ok_or_else(|| VesselError::Locked(id.clone()))
+    }
+
+    /// Takes the vessel's claim in storage, or says which host has it.
+    pub(crate) async fn claim(&self, id: &VesselId) -> Result<Claim> {
+        self.lease.claim(id).await.map_err(VesselError::lease)
+    }
+
+    /// Gives a claim back (a failure only delays the next holder until
+    /// this host's heartbeat ends).
+    pub(crate) async fn release(&self, claim: &Claim) {
+        if let Err(e) = self.lease.release(claim).await {
+            tracing::warn!(vessel = %claim.vessel(), error = %e, "could not release the vessel's claim");
+        }
+    }
+
+    /// Removes the claim record of a vessel that does not (or no longer) exist.
+    async fn forget_claim(&self, id: &VesselId) {
+        if let Err(e) = self.storage.delete_record(&RecordKey::Claim(id.clone())).await {
+            tracing::warn!(vessel = %id, error = %e, "could not remove the vessel's claim");
+        }
     }
 
     /// Imports `reference` into the layer cache for `holder`: from storage,
@@ -340,6 +367,10 @@ impl Manager {
             containerd_namespace: config.namespace.clone(),
         };
         let runtime = vessel_runtime::connect(config.backend, &backend).await?;
+        if config.lease.ttl < std::time::Duration::from_secs(1) {
+            return Err(VesselError::InvalidInput("the lease TTL must be at least 1 s".into()));
+        }
+        let lease = HostLease::start(storage.clone(), config.lease.clone()).await?;
         let state = ManagerState {
             storage,
             cache,
@@ -352,6 +383,7 @@ impl Manager {
             limits: config.limits,
             disk_quota: config.disk_quota,
             registries: config.registries.clone(),
+            lease,
         };
         let mgr = Self { state: Arc::new(state) };
         let containers = mgr.state.runtime.remove_leftovers().await?;
@@ -418,10 +450,12 @@ impl Manager {
         let given = work_dir.to_owned();
         let id = self.state.ids.vessel_id();
         let lock = self.state.lock(&id)?;
+        let claim = self.state.claim(&id).await?;
         let image = match self.state.image_layers(&reference, &id).await {
             Ok(i) => i,
             Err(e) => {
                 self.release_layers(&id);
+                self.state.forget_claim(&id).await;
                 return Err(e);
             }
         };
@@ -435,6 +469,7 @@ impl Manager {
             labels.insert(IMAGE_MANIFEST_LABEL.into(), m.clone());
         }
         labels.extend(option_labels);
+        labels.insert(HOLDER_LABEL.into(), self.state.lease.id().to_string());
         let manifest = VesselManifest {
             id: id.clone(),
             base_image_ref: reference,
@@ -445,21 +480,23 @@ impl Manager {
             labels,
             snapshots: Vec::new(),
         };
-        let vessel = OpenVessel::start(self.state.clone(), manifest, &image, lock).await;
+        let vessel = OpenVessel::start(self.state.clone(), manifest, &image, lock, claim, None).await;
         let vessel = match vessel {
             Ok(v) => v,
             Err(e) => {
                 // Nothing of a vessel that failed to start stays.
                 let _ = scrub(&self.state.vessel_dir(&id));
                 self.release_layers(&id);
+                self.state.forget_claim(&id).await;
                 return Err(e);
             }
         };
-        // With what starting it pinned (the resolved user).
-        if let Err(e) = self.state.storage.save_vessel_manifest(&vessel.manifest()).await {
+        // With what starting it pinned (the resolved user); create-if-absent.
+        if let Err(e) = vessel.commit_manifest(&vessel.manifest()).await {
             let _ = vessel.close().await;
             self.release_layers(&id);
-            return Err(e.into());
+            self.state.forget_claim(&id).await;
+            return Err(e);
         }
         Ok(self.register(vessel))
     }
@@ -490,20 +527,51 @@ impl Manager {
     /// Opens a vessel at its current snapshot's state (uncommitted changes
     /// of an earlier session are not durable), fetching and verifying the
     /// layers this host lacks.
+    ///
+    /// A vessel is open on one host at a time: another host's live claim
+    /// on it is [`VesselError::Busy`]; a dead host's is taken over, and the
+    /// manifest rewritten so that host can commit nothing more.
     pub async fn open_vessel(&self, id: &str) -> Result<Vessel> {
         let id = VesselId::new(id)?;
         let lock = self.state.lock(&id)?;
-        let manifest = self.load_manifest(&id).await?;
-        let opened = self.start_vessel(manifest, lock).await;
+        let claim = self.state.claim(&id).await?;
+        let loaded = match self.state.storage.load_vessel_manifest_versioned(&id).await {
+            Err(e) if e.kind() == StorageErrorKind::NotFound => {
+                self.state.forget_claim(&id).await;
+                return Err(VesselError::VesselNotFound(id));
+            }
+            r => r,
+        };
+        let opened = match loaded {
+            Ok((manifest, version)) => self.start_vessel(manifest, version, lock, claim.clone()).await,
+            Err(e) => Err(e.into()),
+        };
         if opened.is_err() {
             // What was fetched, retained or mounted for this open only.
             let _ = scrub(&self.state.vessel_dir(&id));
             self.release_layers(&id);
+            self.state.release(&claim).await;
         }
         Ok(self.register(opened?))
     }
 
-    async fn start_vessel(&self, manifest: VesselManifest, lock: Flock<fs::File>) -> Result<Arc<OpenVessel>> {
+    async fn start_vessel(
+        &self,
+        mut manifest: VesselManifest,
+        mut version: Version,
+        lock: Flock<fs::File>,
+        claim: Claim,
+    ) -> Result<Arc<OpenVessel>> {
+        if claim.took_over() {
+            // Fencing: the dead holder wrote over the version it read; from
+            // this write on, it cannot.
+            manifest.labels.insert(HOLDER_LABEL.into(), self.state.lease.id().to_string());
+            version = self
+                .state
+                .storage
+                .save_vessel_manifest_if(&manifest, &vessel_storage::WriteIf::Matches(version))
+                .await?;
+        }
         let id = manifest.id.clone();
         // Remains of an earlier session of this vessel on this host.
         scrub(&self.state.vessel_dir(&id))?;
@@ -517,7 +585,7 @@ impl Manager {
                 found: image.config_digest,
             });
         }
-        OpenVessel::start(self.state.clone(), manifest, &image, lock).await
+        OpenVessel::start(self.state.clone(), manifest, &image, lock, claim, Some(version)).await
     }
 
     /// Deletes a vessel: its snapshots and manifest from storage, its layers
@@ -530,11 +598,38 @@ impl Manager {
             inner.close().await?;
         }
         let _lock = self.state.lock(&id)?;
-        self.load_manifest(&id).await?;
-        scrub(&self.state.vessel_dir(&id))?;
-        self.state.storage.delete_vessel(&id).await?;
+        let claim = self.state.claim(&id).await?;
+        if let Err(e) = self.load_manifest(&id).await {
+            match e.kind() {
+                crate::VesselErrorKind::NotFound => self.state.forget_claim(&id).await,
+                _ => self.state.release(&claim).await,
+            }
+            return Err(e);
+        }
+        let deleted = async {
+            scrub(&self.state.vessel_dir(&id))?;
+            self.state.storage.delete_vessel(&id).await?;
+            Ok::<_, VesselError>(())
+        }
+        .await;
+        if let Err(e) = deleted {
+            self.state.release(&claim).await;
+            return Err(e);
+        }
+        self.state.forget_claim(&id).await;
         self.release_layers(&id);
         Ok(())
+    }
+
+    /// Which host holds vessel `id` open, if any (`live: false`: its host
+    /// died and the next opener takes it over).
+    pub async fn vessel_holder(&self, id: &VesselId) -> Result<Option<vessel_storage::lease::Holder>> {
+        Ok(self.state.lease.holder(id).await?)
+    }
+
+    /// This manager's host id, as other hosts see it in a vessel's holder.
+    pub fn host_id(&self) -> &vessel_storage::HostId {
+        self.state.lease.id()
     }
 
     /// The vessels in storage.
@@ -586,7 +681,8 @@ impl Manager {
         self.state.pull(&reference, std::sync::Arc::new(progress)).await
     }
 
-    /// Closes every vessel this manager has open.
+    /// Closes every vessel this manager has open and ends its lease (a
+    /// later open takes a new one).
     pub async fn close(&self) -> Result<()> {
         let open: Vec<_> = self.state.open.lock().unwrap_or_else(|e| e.into_inner()).drain().collect();
         for (_, w) in open {
@@ -594,6 +690,7 @@ impl Manager {
                 inner.close().await?;
             }
         }
+        self.state.lease.end().await?;
         Ok(())
     }
 }

@@ -9,6 +9,7 @@ mod image;
 mod python;
 mod quotafs;
 mod registry;
+mod s3;
 mod upkeep;
 mod util;
 
@@ -133,14 +134,17 @@ fn test() -> Result<()> {
     let containerd = containerd::Containerd::start()?;
     let quota = quotafs::QuotaFs::start()?;
     let registries = registry::Registries::start()?;
-    let mcp_python = python::mcp_sdk(&root)?;
+    let python = python::venv(&root)?;
+    let s3 = s3::S3Server::start(&python)?;
     run(cargo(&root)
         .args(["test", "--workspace", "--locked", "--all-features"])
-        .env("VESSEL_MCP_PYTHON", &mcp_python)
+        .env("VESSEL_MCP_PYTHON", &python)
+        .envs(s3.env())
         .env("VESSEL_TEST_IMAGE_DIR", &image.dir)
         .env("VESSEL_CONTAINERD_ADDRESS", &containerd.address)
         .env("TMPDIR", &quota.tmp)
         .envs(registries.env()))?;
+    drop(s3);
     drop(registries);
     drop(quota);
     drop(containerd);

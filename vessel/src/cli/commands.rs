@@ -133,18 +133,36 @@ pub(crate) async fn create(mgr: &Manager, a: &CreateArgs, json: bool) -> Result<
 
 pub(crate) async fn ls(mgr: &Manager, json: bool) -> Result<()> {
     let vessels = mgr.list_vessels().await?;
-    if json {
-        return print_json(&vessels);
+    let mut holders = Vec::with_capacity(vessels.len());
+    for m in &vessels {
+        holders.push(mgr.vessel_holder(&m.id).await?.filter(|h| h.live));
     }
-    println!("{:<18} {:<30} {:<18} {:>9}  UPDATED", "ID", "IMAGE", "CURRENT", "SNAPSHOTS");
-    for m in vessels {
+    if json {
+        // Each manifest, with `holder` beside it (null: nobody has it open).
+        let rows: Vec<serde_json::Value> = vessels
+            .iter()
+            .zip(&holders)
+            .map(|(m, h)| {
+                let mut v = serde_json::to_value(m).unwrap_or_default();
+                v["holder"] = h.as_ref().map_or(
+                    serde_json::Value::Null,
+                    |h| serde_json::json!({"host": h.host.as_str(), "name": h.name, "expiresAt": h.expires_at}),
+                );
+                v
+            })
+            .collect();
+        return print_json(&rows);
+    }
+    println!("{:<18} {:<30} {:<18} {:>9}  {:<19}  HOLDER", "ID", "IMAGE", "CURRENT", "SNAPSHOTS", "UPDATED");
+    for (m, h) in vessels.iter().zip(&holders) {
         println!(
-            "{:<18} {:<30} {:<18} {:>9}  {}",
+            "{:<18} {:<30} {:<18} {:>9}  {:<19}  {}",
             m.id.as_str(),
             m.base_image_ref.as_str(),
             m.current_snapshot_id.as_ref().map_or("-", |s| s.as_str()),
             m.snapshots.len(),
-            m.update_time.format("%Y-%m-%d %H:%M:%S")
+            m.update_time.format("%Y-%m-%d %H:%M:%S"),
+            h.as_ref().map_or_else(|| "-".to_owned(), |h| format!("{} ({})", h.name, h.host)),
         );
     }
     Ok(())

@@ -21,8 +21,19 @@ use vessel::{Backend, CompressedStorage, LocalStorage, Manager, ManagerConfig, V
 #[command(name = "vessel", version, about = "Containerized, snapshotting workspaces for AI agents")]
 struct Cli {
     /// Storage directory (manifests, snapshots, images; default ~/.local/share/vessel/data).
-    #[arg(long, global = true, env = "VESSEL_DATA")]
+    #[arg(long, global = true, env = "VESSEL_DATA", conflicts_with = "storage")]
     data: Option<PathBuf>,
+    /// Storage URL: `s3://bucket/prefix` (AWS_* variables; AWS_ENDPOINT_URL
+    /// for an S3-compatible server), `gs://…`, `az://…`, `file:///dir`.
+    /// Hosts sharing it share vessels, one host at a time per vessel.
+    #[arg(long, global = true, env = "VESSEL_STORAGE")]
+    storage: Option<String>,
+    /// The name other hosts see on the vessels this one holds (default: the host name).
+    #[arg(long, global = true, env = "VESSEL_HOST_NAME")]
+    host_name: Option<String>,
+    /// Seconds this host's lease outlives its last renewal (default 30).
+    #[arg(long, global = true, env = "VESSEL_LEASE_TTL", value_parser = parse_timeout)]
+    lease_ttl: Option<Duration>,
     /// This host's mount root (mounts, layer cache).
     #[arg(long, global = true, env = "VESSEL_MOUNT_ROOT")]
     mount_root: Option<PathBuf>,
@@ -292,6 +303,15 @@ async fn manager(cli: &Cli) -> Result<Manager> {
     if let Some(data) = &cli.data {
         let local = LocalStorage::new(data).with_context(|| format!("opening the storage at {}", data.display()))?;
         config = config.storage(CompressedStorage::new(local));
+    }
+    if let Some(url) = &cli.storage {
+        config = config.shared_storage(vessel::open_url(url).await?);
+    }
+    if let Some(name) = &cli.host_name {
+        config = config.host_name(name.clone());
+    }
+    if let Some(ttl) = cli.lease_ttl {
+        config = config.lease_ttl(ttl);
     }
     config = config.backend(match cli.backend {
         BackendArg::Youki => Backend::Youki,

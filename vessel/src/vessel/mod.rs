@@ -55,6 +55,11 @@ pub(crate) struct OpenVessel {
     /// Its commands' limits and its disk quota.
     bounds: crate::limits::Bounds,
     lock: Mutex<Option<Held>>,
+    /// This host's claim on the vessel in storage.
+    claim: vessel_storage::lease::Claim,
+    /// The version of the manifest this host last read or wrote (`None`:
+    /// not yet stored): every commit writes over it, or fails.
+    version: Mutex<Option<vessel_storage::Version>>,
 }
 
 /// The vessel lock, then the lock on its host id range: held while open.
@@ -90,6 +95,8 @@ impl OpenVessel {
         manifest: VesselManifest,
         image: &Image,
         lock: Flock<fs::File>,
+        claim: vessel_storage::lease::Claim,
+        version: Option<vessel_storage::Version>,
     ) -> Result<Arc<Self>> {
         let id = manifest.id.clone();
         let mut manifest = manifest;
@@ -151,6 +158,8 @@ impl OpenVessel {
             image_layers,
             bounds,
             lock: Mutex::new(Some((lock, ids_lock))),
+            claim,
+            version: Mutex::new(version),
         };
         Ok(Arc::new(inner))
     }
@@ -162,6 +171,23 @@ impl OpenVessel {
 
     pub(crate) fn manifest(&self) -> VesselManifest {
         self.manifest.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Writes `manifest` to storage over the version this host holds (the
+    /// fence): [`VesselError::LeaseLost`] if another host has written
+    /// since, and nothing changes.
+    pub(crate) async fn commit_manifest(&self, manifest: &VesselManifest) -> Result<()> {
+        use vessel_storage::{StorageErrorKind, WriteIf};
+        let lost = |e: vessel_storage::StorageError| match e.kind() {
+            StorageErrorKind::Conflict => VesselError::LeaseLost(self.id.clone()),
+            _ => e.into(),
+        };
+        self.manager.lease.verify(&self.claim).await.map_err(lost)?;
+        let held = self.version.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let cond = held.map_or(WriteIf::Absent, WriteIf::Matches);
+        let v = self.manager.storage.save_vessel_manifest_if(manifest, &cond).await.map_err(lost)?;
+        *self.version.lock().unwrap_or_else(|e| e.into_inner()) = Some(v);
+        Ok(())
     }
 
     async fn freeze(&self) {
@@ -180,6 +206,7 @@ impl OpenVessel {
         let unmounted = state.mount.take().map(OverlayMount::unmount).transpose();
         self.gate.thaw_remounted(None);
         let scrubbed = crate::manager::scrub(&self.dir);
+        self.manager.release(&self.claim).await;
         self.lock.lock().unwrap_or_else(|e| e.into_inner()).take();
         unmounted?;
         scrubbed

@@ -83,14 +83,14 @@ impl Vessel {
         manifest.snapshots.push(snap.clone());
         manifest.current_snapshot_id = Some(sid.clone());
         manifest.update_time = snap.create_time;
-        if let Err(e) = manager.storage.save_vessel_manifest(&manifest).await {
+        if let Err(e) = inner.commit_manifest(&manifest).await {
             // Not committed: the sealed upper goes back to being the upper.
             let _ = manager.cache.unadopt(&key, inner.id.as_str(), &ovl);
             if let Some(bytes) = inner.bounds.disk {
                 let _ = vessel_runtime::quota::set_limit(&ovl, bytes);
             }
             let _ = manager.storage.delete_snapshot(&inner.id, &sid).await;
-            return Err(e.into());
+            return Err(e);
         }
         let lowers = match manager.lowers(&inner.id, &manifest, Some(&sid), &inner.image_layers, &inner.dir).await {
             Ok(l) => l,
@@ -125,7 +125,7 @@ impl Vessel {
         let mut updated = manifest.clone();
         updated.current_snapshot_id = Some(id.clone());
         updated.update_time = chrono::Utc::now();
-        inner.manager.storage.save_vessel_manifest(&updated).await?;
+        inner.commit_manifest(&updated).await?;
         inner.freeze().await;
         let remounted = (|| {
             if let Some(m) = state.mount.take() {
@@ -139,7 +139,7 @@ impl Vessel {
             *inner.manifest.lock().unwrap_or_else(|e| e.into_inner()) = updated;
         } else {
             // Back to the previous snapshot, in storage and on the mount.
-            if let Err(e) = inner.manager.storage.save_vessel_manifest(&manifest).await {
+            if let Err(e) = inner.commit_manifest(&manifest).await {
                 tracing::error!(id = %inner.id, error = %e, "could not put the manifest back after a failed restore");
             }
             if state.mount.is_none()
@@ -175,7 +175,7 @@ impl Vessel {
         };
         manifest.snapshots.retain(|s| &s.id != id);
         manifest.update_time = chrono::Utc::now();
-        inner.manager.storage.save_vessel_manifest(&manifest).await?;
+        inner.commit_manifest(&manifest).await?;
         *inner.manifest.lock().unwrap_or_else(|e| e.into_inner()) = manifest;
         inner.manager.storage.delete_snapshot(&inner.id, id).await?;
         for key in doomed {
