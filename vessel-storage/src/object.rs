@@ -100,6 +100,9 @@ fn map_err(
 ) -> impl FnOnce(object_store::Error) -> StorageError {
     let key = key.to_string();
     move |e| match e {
+        e if service_code(&e).is_some_and(|c| DENIED.contains(&c.as_str())) => {
+            StorageError::Denied { op, key, source: Box::new(e) }
+        }
         object_store::Error::NotFound { .. } => absent(),
         object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. } => {
             StorageError::Conflict { what: key }
@@ -109,6 +112,26 @@ fn map_err(
         }
         e => StorageError::Remote { op, key, source: Box::new(e) },
     }
+}
+
+/// The service's error codes that mean "these credentials are refused"
+/// (S3's, and Azure's), whatever HTTP status the store sent them with.
+const DENIED: [&str; 6] = [
+    "AccessDenied",
+    "SignatureDoesNotMatch",
+    "InvalidAccessKeyId",
+    "InvalidToken",
+    "AuthenticationFailed",
+    "AuthorizationFailure",
+];
+
+/// The error code in the service's XML error body (`<Code>…</Code>`), which
+/// `object_store` keeps only inside its message (its status type is private).
+fn service_code(e: &object_store::Error) -> Option<String> {
+    let text = format!("{e:?}");
+    let start = text.find("<Code>")? + "<Code>".len();
+    let len = text[start..].find("</Code>")?;
+    Some(text[start..start + len].to_owned())
 }
 
 fn remote(op: &'static str, key: &Path) -> impl FnOnce(object_store::Error) -> StorageError {
@@ -146,15 +169,27 @@ impl ObjectStorage {
     /// etc. Checks with one LIST that the bucket exists and the credentials
     /// are accepted, before anything is written.
     pub async fn connect(url: &str) -> Result<Self, StorageError> {
+        Self::connect_with(url, &[]).await
+    }
+
+    /// [`ObjectStorage::connect`] with configuration that overrides the
+    /// environment, as `object_store` keys (`aws_access_key_id`,
+    /// `aws_secret_access_key`, `aws_endpoint`, `google_service_account`, …).
+    pub async fn connect_with(url: &str, options: &[(&str, &str)]) -> Result<Self, StorageError> {
         let (scheme, bucket_url, prefix) = split_url(url)?;
         #[cfg(feature = "cloud")]
         let invalid = |e: object_store::Error| StorageError::InvalidUrl { url: url.to_owned(), reason: e.to_string() };
         #[cfg(not(feature = "cloud"))]
-        let _ = bucket_url;
+        let _ = (bucket_url, options);
         let store: Arc<dyn ObjectStore> = match scheme {
             #[cfg(feature = "s3")]
             "s3" | "s3a" => Arc::new(
-                object_store::aws::AmazonS3Builder::from_env()
+                options
+                    .iter()
+                    .try_fold(object_store::aws::AmazonS3Builder::from_env(), |b, (k, v)| {
+                        Ok::<_, object_store::Error>(b.with_config(k.parse()?, *v))
+                    })
+                    .map_err(invalid)?
                     .with_url(bucket_url)
                     .with_retry(retry())
                     .with_client_options(client("AWS"))
@@ -163,7 +198,12 @@ impl ObjectStorage {
             ),
             #[cfg(feature = "gcs")]
             "gs" => Arc::new(
-                object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                options
+                    .iter()
+                    .try_fold(object_store::gcp::GoogleCloudStorageBuilder::from_env(), |b, (k, v)| {
+                        Ok::<_, object_store::Error>(b.with_config(k.parse()?, *v))
+                    })
+                    .map_err(invalid)?
                     .with_url(bucket_url)
                     .with_retry(retry())
                     .with_client_options(client("GOOGLE"))
@@ -172,7 +212,12 @@ impl ObjectStorage {
             ),
             #[cfg(feature = "azure")]
             "az" | "azure" | "abfs" | "abfss" | "adl" => Arc::new(
-                object_store::azure::MicrosoftAzureBuilder::from_env()
+                options
+                    .iter()
+                    .try_fold(object_store::azure::MicrosoftAzureBuilder::from_env(), |b, (k, v)| {
+                        Ok::<_, object_store::Error>(b.with_config(k.parse()?, *v))
+                    })
+                    .map_err(invalid)?
                     .with_url(bucket_url)
                     .with_retry(retry())
                     .with_client_options(client("AZURE"))
@@ -231,8 +276,8 @@ impl ObjectStorage {
             Err(e @ object_store::Error::NotFound { .. }) => {
                 Err(StorageError::NoSuchBucket { url, source: Box::new(e) })
             }
-            // S3 reports a missing bucket as a generic 404 on LIST.
-            Err(e) if e.to_string().contains("NoSuchBucket") => {
+            // S3 reports a missing bucket as a generic error on LIST.
+            Err(e) if service_code(&e).is_some_and(|c| c == "NoSuchBucket" || c == "ContainerNotFound") => {
                 Err(StorageError::NoSuchBucket { url, source: Box::new(e) })
             }
             Err(e) => Err(remote("list", &root)(e)),
