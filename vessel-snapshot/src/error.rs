@@ -90,6 +90,11 @@ impl SnapshotError {
     /// The error's kind.
     pub fn kind(&self) -> SnapshotErrorKind {
         match self {
+            // A stream that ends early or does not decode is bad data (a
+            // truncated or tampered blob), not a failing disk or network.
+            Self::Stream(_, e) if matches!(e.kind(), io::ErrorKind::InvalidData | io::ErrorKind::UnexpectedEof) => {
+                SnapshotErrorKind::InvalidData
+            }
             Self::Io { .. } | Self::Stream(..) => SnapshotErrorKind::Io,
             Self::UnsupportedOverlayFeature { .. } | Self::Changed { .. } | Self::DeviceNode { .. } => {
                 SnapshotErrorKind::Unsupported

@@ -3,9 +3,11 @@
 //! Host layout under the mount root: `layers/` (the layer cache, shared by
 //! all vessels), `vessels/<id>/` (an open vessel's rootfs mount, upper and
 //! work dirs, throwaway exec mounts), `runtime/` (the backend's run files).
-//! A vessel is open in one handle of one process at a time: a flock on
-//! `/run/vessel/locks/<id>.lock`, machine-wide. Only the current snapshot's state is durable; a vessel dir whose
-//! lock nobody holds is a crashed process's and is removed on startup.
+//! A vessel is open in one handle at a time: across hosts (and processes)
+//! sharing a storage by its claim in storage (see `vessel_storage::lease`),
+//! within a mount root by a flock on `locks/<id>.lock`. Only the current
+//! snapshot's state is durable; a vessel dir whose lock nobody holds is a
+//! crashed process's and is removed on startup.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -39,9 +41,11 @@ pub(crate) struct ManagerState {
     pub(crate) runtime: Arc<dyn Runtime>,
     pub(crate) ids: Arc<dyn IdGenerator>,
     pub(crate) root: PathBuf,
-    /// Machine-wide vessel locks (not per mount root: two managers on one
-    /// machine with different mount roots still exclude each other).
+    /// Machine-wide locks of host id ranges (ids are the machine's, whatever the mount root).
     pub(crate) locks: PathBuf,
+    /// This mount root's vessel locks (other mount roots are other hosts,
+    /// excluded by the vessel's claim in storage).
+    pub(crate) vessel_locks: PathBuf,
     pub(crate) open: Mutex<HashMap<VesselId, Weak<OpenVessel>>>,
     /// Run containers in user namespaces from this pool (`None`: host ids).
     pub(crate) id_ranges: Option<IdRanges>,
@@ -115,28 +119,16 @@ impl ManagerState {
         for k in 0..u64::from(ranges.count) {
             let slot = ((start + k) % u64::from(ranges.count)) as u32;
             let mapping = ranges.mapping(slot)?;
-            if let Some(lock) = self.try_lock(&format!("ids-{}.lock", mapping.host_id))? {
+            if let Some(lock) = try_lock(&self.locks.join(format!("ids-{}.lock", mapping.host_id)))? {
                 return Ok(Some((UserNamespace::new(mapping)?, lock)));
             }
         }
         Err(VesselError::IdRangesExhausted(ranges.count))
     }
 
-    /// The machine-wide lock file `name`, locked, or `None` when another holds it.
-    fn try_lock(&self, name: &str) -> Result<Option<Flock<fs::File>>> {
-        let p = self.locks.join(name);
-        let f = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&p)
-            .map_err(VesselError::io("open lock", &p))?;
-        Ok(Flock::lock(f, FlockArg::LockExclusiveNonblock).ok())
-    }
-
-    /// Takes the vessel's lock, or says who has it.
+    /// Takes the vessel's lock in this mount root, or says who has it.
     pub(crate) fn lock(&self, id: &VesselId) -> Result<Flock<fs::File>> {
-        self.try_lock(&format!("{id}.lock"))?.ok_or_else(|| VesselError::Locked(id.clone()))
+        try_lock(&self.vessel_locks.join(format!("{id}.lock")))?.ok_or_else(|| VesselError::Locked(id.clone()))
     }
 
     /// Takes the vessel's claim in storage, or says which host has it.
@@ -292,6 +284,17 @@ impl Drop for SpoolFile {
     }
 }
 
+/// The lock file `p`, locked, or `None` when another holds it.
+fn try_lock(p: &Path) -> Result<Option<Flock<fs::File>>> {
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(p)
+        .map_err(VesselError::io("open lock", p))?;
+    Ok(Flock::lock(f, FlockArg::LockExclusiveNonblock).ok())
+}
+
 /// `/run/vessel/locks` for root, `$XDG_RUNTIME_DIR/vessel/locks` otherwise:
 /// a tmpfs, so a reboot (which ends every holder) clears it.
 fn lock_dir() -> PathBuf {
@@ -335,6 +338,7 @@ impl Manager {
             (&root.join("vessels"), 0o711),
             (&root.join("runtime"), 0o711),
             (&root.join("layers"), 0o700),
+            (&root.join("locks"), 0o700),
             (&locks, 0o700),
         ])?;
         if config.id_ranges.count == 0 {
@@ -376,6 +380,7 @@ impl Manager {
             cache,
             runtime,
             ids: config.id_generator.clone(),
+            vessel_locks: root.join("locks"),
             root,
             locks,
             open: Mutex::new(HashMap::new()),

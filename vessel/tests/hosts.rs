@@ -1,0 +1,477 @@
+//! Many hosts, one store: each "host" is a separate process (this test
+//! binary re-run as an agent that takes commands on stdin) with its own
+//! mount root, all on one bucket of the real S3 server `cargo xtask test`
+//! starts. Covered: a vessel moving between hosts with its tree exact;
+//! `Busy` while another host holds it; takeover after `kill -9` once the
+//! TTL passed; a paused host that lost its lease cannot commit; the server
+//! going away in the middle of a snapshot upload; truncated and tampered
+//! objects refused as corrupt. After all cases nothing is left mounted.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use libtest_mimic::{Arguments, Failed, Trial};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use vessel::{ExecOptions, Manager, ManagerConfig, Storage};
+use vessel_test_support as support;
+
+static TOKIO: LazyLock<tokio::runtime::Runtime> =
+    LazyLock::new(|| tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap());
+
+const AGENT: &str = "VESSEL_HOST_AGENT";
+const IMAGE: &str = "local/busybox:latest";
+/// Short, so takeovers happen within the test; renewals every third of it.
+const TTL_MS: u64 = 2000;
+
+/// The tree under /work as `stat` and `md5sum` see it: names, types,
+/// modes, owners, sizes, link targets, contents.
+const TREE: &str = "cd /work && find . | sort | while read f; do stat -c '%n %F %a %u:%g %s %N' \"$f\"; done; \
+                    find . -type f | sort | xargs -r md5sum";
+
+// ---------------------------------------------------------------- agent
+
+/// The agent: one host. Commands, one per line; replies `ok …` or `err <kind> <message>`.
+fn agent() -> ! {
+    let env = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k} unset"));
+    let config = ManagerConfig::default()
+        .shared_storage(TOKIO.block_on(vessel::open_url(&env("VESSEL_AGENT_STORAGE"))).expect("storage"))
+        .mount_root(env("VESSEL_AGENT_ROOT"))
+        .host_name(env("VESSEL_AGENT_NAME"))
+        .lease_ttl(Duration::from_millis(TTL_MS))
+        .disk_quota(None)
+        .namespace("vessel-hosts");
+    let mgr = TOKIO.block_on(Manager::new(config)).expect("manager");
+    let mut vessel: Option<vessel::Vessel> = None;
+    let stdout = std::io::stdout();
+    for line in std::io::stdin().lock().lines() {
+        let line = line.expect("stdin");
+        let (cmd, arg) = line.split_once(' ').unwrap_or((&line, ""));
+        let reply: std::result::Result<String, vessel::VesselError> = TOKIO.block_on(async {
+            match cmd {
+                "create" => {
+                    let v = mgr.create_vessel(IMAGE, "/work").await?;
+                    let id = v.id().to_string();
+                    vessel = Some(v);
+                    Ok(id)
+                }
+                "open" => {
+                    vessel = Some(mgr.open_vessel(arg).await?);
+                    Ok(String::new())
+                }
+                "sh" => {
+                    let v = vessel.as_ref().expect("no vessel open");
+                    let mut out = Vec::new();
+                    let res = v
+                        .exec(ExecOptions {
+                            command: vec!["sh".into(), "-c".into(), arg.into()],
+                            stdout: Some(Box::new(&mut out)),
+                            persist_result: true,
+                            ..Default::default()
+                        })
+                        .await?;
+                    use base64::Engine;
+                    Ok(format!("{} {}", res.exit_code, base64::engine::general_purpose::STANDARD.encode(&out)))
+                }
+                "snapshot" => {
+                    Ok(vessel.as_ref().expect("no vessel open").create_snapshot("step").await?.id.to_string())
+                }
+                "close" => {
+                    if let Some(v) = vessel.take() {
+                        v.close().await?;
+                    }
+                    Ok(String::new())
+                }
+                "holder" => {
+                    let id = vessel::VesselId::new(arg)?;
+                    Ok(mgr.vessel_holder(&id).await?.filter(|h| h.live).map_or("-".into(), |h| h.name))
+                }
+                "quit" => {
+                    mgr.close().await?;
+                    std::process::exit(0)
+                }
+                other => panic!("unknown agent command {other}"),
+            }
+        });
+        let mut out = stdout.lock();
+        match reply {
+            Ok(s) => writeln!(out, "ok {s}"),
+            Err(e) => writeln!(out, "err {:?} {}", e.kind(), format!("{e:#}").replace('\n', " ")),
+        }
+        .and_then(|()| out.flush())
+        .expect("stdout");
+    }
+    std::process::exit(0)
+}
+
+/// A running agent process.
+struct Host {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Host {
+    fn start(world: &World, name: &str, endpoint: Option<&str>) -> Result<Self> {
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.env(AGENT, "1")
+            .env("VESSEL_AGENT_STORAGE", &world.url)
+            .env("VESSEL_AGENT_ROOT", world.base.join(name))
+            .env("VESSEL_AGENT_NAME", name)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        if let Some(e) = endpoint {
+            cmd.env("AWS_ENDPOINT_URL", e);
+        }
+        let mut child = cmd.spawn()?;
+        let stdin = child.stdin.take().context("stdin")?;
+        let stdout = BufReader::new(child.stdout.take().context("stdout")?);
+        Ok(Self { child, stdin, stdout })
+    }
+
+    /// Sends one command; `Ok(reply)` for `ok reply`, `Err` with the whole line otherwise.
+    fn call(&mut self, cmd: &str) -> Result<std::result::Result<String, String>> {
+        writeln!(self.stdin, "{cmd}")?;
+        self.stdin.flush()?;
+        let mut line = String::new();
+        self.stdout.read_line(&mut line)?;
+        ensure!(!line.is_empty(), "agent died on {cmd:?}");
+        let line = line.trim_end().to_owned();
+        Ok(match line.strip_prefix("ok") {
+            Some(rest) => Ok(rest.trim_start().to_owned()),
+            None => Err(line),
+        })
+    }
+
+    fn ok(&mut self, cmd: &str) -> Result<String> {
+        self.call(cmd)?.map_err(|e| anyhow::anyhow!("{cmd:?}: {e}"))
+    }
+
+    /// Runs a script, persisting; its stdout, after checking it exited 0.
+    fn sh(&mut self, script: &str) -> Result<String> {
+        use base64::Engine;
+        let reply = self.ok(&format!("sh {script}"))?;
+        let (code, out) = reply.split_once(' ').unwrap_or((&reply, ""));
+        let out = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(out)?)?;
+        ensure!(code == "0", "{script:?} exited {code}: {out}");
+        Ok(out)
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) -> Result<()> {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig)?;
+        Ok(())
+    }
+
+    fn quit(mut self) -> Result<()> {
+        self.ok("quit").ok();
+        let status = self.child.wait()?;
+        ensure!(status.success(), "agent exited {status}");
+        Ok(())
+    }
+
+    fn kill(mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------- world
+
+/// One case's bucket prefix (holding the test image) and mount roots' base.
+struct World {
+    url: String,
+    base: PathBuf,
+    storage: vessel::storage::ObjectStorage,
+}
+
+impl World {
+    fn new(base_url: &str, tmp: &Path, image_dir: &Path, case: &str) -> Result<Self> {
+        let url = format!("{base_url}/hosts-{case}-{:016x}", rand::random::<u64>());
+        let base = tmp.join(case);
+        std::fs::create_dir_all(&base)?;
+        let storage = TOKIO.block_on(async {
+            let compressed = vessel::open_url(&url).await?;
+            let src = vessel::LocalStorage::new(image_dir.join("storage"))?;
+            let r = vessel::ImageRef::new(IMAGE)?;
+            let mut data = Vec::new();
+            src.load_image(&r).await?.read_to_end(&mut data).await?;
+            compressed.save_image(&r, Box::new(std::io::Cursor::new(data))).await?;
+            anyhow::Ok(vessel::storage::ObjectStorage::connect(&url).await?)
+        })?;
+        Ok(Self { url, base, storage })
+    }
+
+    /// The keys of the vessel's stored snapshots.
+    fn snapshot_keys(&self, id: &str) -> Result<Vec<String>> {
+        use futures::TryStreamExt;
+        let prefix = self.storage.key(&format!("vessels/{id}/snapshots"));
+        let keys: Vec<_> = TOKIO.block_on(self.storage.store().list(Some(&prefix)).try_collect::<Vec<_>>())?;
+        let mut out: Vec<String> = keys.into_iter().map(|m| m.location.to_string()).collect();
+        out.sort();
+        Ok(out)
+    }
+}
+
+// ---------------------------------------------------------------- cases
+
+fn two_hosts_share_a_vessel(w: &World) -> Result<()> {
+    let mut a = Host::start(w, "host-a", None)?;
+    let id = a.ok("create")?;
+    a.sh("mkdir -p /work/d && echo one > /work/d/f && chmod 640 /work/d/f && ln -s d/f /work/l && touch /work/gone")?;
+    a.ok("snapshot")?;
+    let tree_a = a.sh(TREE)?;
+    a.ok("close")?;
+
+    let mut b = Host::start(w, "host-b", None)?;
+    b.ok(&format!("open {id}"))?;
+    ensure!(b.sh(TREE)? == tree_a, "host B sees another tree than A committed");
+    ensure!(a.ok(&format!("holder {id}"))? == "host-b", "A sees B as the holder");
+    b.sh("rm /work/gone && echo two >> /work/d/f && mkdir /work/e && touch /work/e/x && chown 7:8 /work/e/x && chmod 4755 /work/e/x")?;
+    b.ok("snapshot")?;
+    let tree_b = b.sh(TREE)?;
+    ensure!(tree_b != tree_a);
+    b.ok("close")?;
+    ensure!(a.ok(&format!("holder {id}"))? == "-", "nobody holds a closed vessel");
+
+    a.ok(&format!("open {id}"))?;
+    ensure!(a.sh(TREE)? == tree_b, "back on A, the tree is not what B committed");
+    a.ok("close")?;
+    a.quit()?;
+    b.quit()
+}
+
+fn busy_until_a_killed_host_expires(w: &World) -> Result<()> {
+    let mut a = Host::start(w, "host-a", None)?;
+    let id = a.ok("create")?;
+    a.sh("echo from-a > /work/a")?;
+    a.ok("snapshot")?;
+    let mut b = Host::start(w, "host-b", None)?;
+    let e = b.call(&format!("open {id}"))?.expect_err("a second open must be refused");
+    ensure!(e.starts_with("err Conflict") && e.contains("open on host host-a"), "{e}");
+    a.kill()?;
+    // Dead, but its heartbeat is fresh: still busy.
+    let e = b.call(&format!("open {id}"))?.expect_err("busy until the TTL");
+    ensure!(e.contains("host-a"), "{e}");
+    std::thread::sleep(Duration::from_millis(TTL_MS + 500));
+    b.ok(&format!("open {id}"))?;
+    ensure!(b.sh("cat /work/a")? == "from-a\n");
+    b.ok("close")?;
+    b.quit()?;
+    // What the killed host left mounted is removed when it starts again.
+    Host::start(w, "host-a", None)?.quit()?;
+    let left = support::mounts_under(&w.base);
+    ensure!(left.is_empty(), "left mounted: {left:?}");
+    Ok(())
+}
+
+fn a_paused_host_cannot_commit(w: &World) -> Result<()> {
+    let mut a = Host::start(w, "host-a", None)?;
+    let id = a.ok("create")?;
+    a.sh("echo a > /work/a")?;
+    let s1 = a.ok("snapshot")?;
+    a.sh("echo stale > /work/stale")?;
+    a.signal(nix::sys::signal::Signal::SIGSTOP)?;
+    std::thread::sleep(Duration::from_millis(TTL_MS + 500));
+    let mut b = Host::start(w, "host-b", None)?;
+    b.ok(&format!("open {id}"))?;
+    b.sh("echo b > /work/b")?;
+    let s2 = b.ok("snapshot")?;
+    a.signal(nix::sys::signal::Signal::SIGCONT)?;
+    let e = a.call("snapshot")?.expect_err("a host that lost its lease must not commit");
+    ensure!(e.starts_with("err Conflict") && e.contains("lease was taken over"), "{e}");
+    a.ok("close")?;
+    // Storage holds exactly B's history: A's failed snapshot left no blob.
+    let keys = w.snapshot_keys(&id)?;
+    ensure!(keys.len() == 2 && [&s1, &s2].iter().all(|s| keys.iter().any(|k| k.contains(s.as_str()))), "{keys:?}");
+    ensure!(b.sh("cat /work/a /work/b; test ! -e /work/stale")? == "a\nb\n");
+    b.ok("close")?;
+    a.quit()?;
+    b.quit()
+}
+
+fn the_server_going_away_mid_upload(w: &World) -> Result<()> {
+    let upstream = std::env::var("AWS_ENDPOINT_URL")?;
+    let proxy = TOKIO.block_on(Proxy::start(upstream.trim_start_matches("http://")))?;
+    let mut a = Host::start(w, "host-a", Some(&format!("http://{}", proxy.addr)))?;
+    let id = a.ok("create")?;
+    a.sh("head -c 40000000 /dev/urandom > /work/big && md5sum /work/big > /work/big.md5")?;
+    // Cut every connection once 12 MB of the upload went through, and refuse new ones.
+    proxy.cut_after(proxy.sent() + (12 << 20));
+    let e = a.call("snapshot")?.expect_err("a snapshot to a server that went away must fail");
+    ensure!(e.starts_with("err Io"), "{e}");
+    proxy.restore();
+    ensure!(w.snapshot_keys(&id)?.is_empty(), "nothing is committed");
+    // The vessel still works and still has its changes; now the snapshot lands.
+    a.sh("md5sum -c /work/big.md5")?;
+    a.ok("snapshot")?;
+    a.ok("close")?;
+    a.quit()?;
+    let mut b = Host::start(w, "host-b", None)?;
+    b.ok(&format!("open {id}"))?;
+    b.sh("md5sum -c /work/big.md5")?;
+    b.ok("close")?;
+    b.quit()
+}
+
+fn truncated_and_tampered_objects_are_corrupt(w: &World) -> Result<()> {
+    use object_store::{ObjectStoreExt, PutPayload};
+    let mut a = Host::start(w, "host-a", None)?;
+    let id = a.ok("create")?;
+    a.sh("seq 1 200000 > /work/n")?;
+    a.ok("snapshot")?;
+    a.ok("close")?;
+    a.quit()?;
+    let key = object_store::path::Path::from(w.snapshot_keys(&id)?.pop().context("no snapshot stored")?);
+    let store = w.storage.store().clone();
+    let original = TOKIO.block_on(async { store.get(&key).await?.bytes().await })?;
+    let mut tampered = original.to_vec();
+    let mid = tampered.len() / 2;
+    tampered[mid] ^= 0x40;
+    for (what, bytes) in [("truncated", original[..original.len() / 2].to_vec()), ("tampered", tampered)] {
+        TOKIO.block_on(store.put(&key, PutPayload::from(bytes)))?;
+        // A new host each time: nothing cached.
+        let mut b = Host::start(w, &format!("host-{what}"), None)?;
+        let e = b.call(&format!("open {id}"))?.expect_err("a damaged snapshot must be refused");
+        ensure!(e.starts_with("err Corrupt"), "{what}: {e}");
+        b.quit()?;
+    }
+    TOKIO.block_on(store.put(&key, PutPayload::from(original)))?;
+    let mut b = Host::start(w, "host-c", None)?;
+    b.ok(&format!("open {id}"))?;
+    ensure!(b.sh("tail -n 1 /work/n")? == "200000\n");
+    b.ok("close")?;
+    b.quit()
+}
+
+// ---------------------------------------------------------------- proxy
+
+/// A TCP relay in front of the S3 server that can drop every connection
+/// and refuse new ones, as a server that went away (the server keeps its data).
+struct Proxy {
+    addr: std::net::SocketAddr,
+    sent: Arc<AtomicU64>,
+    limit: Arc<AtomicU64>,
+    cut: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Proxy {
+    async fn start(upstream: &str) -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let me = Self {
+            addr: listener.local_addr()?,
+            sent: Arc::default(),
+            limit: Arc::new(AtomicU64::new(u64::MAX)),
+            cut: Arc::default(),
+            conns: Arc::default(),
+        };
+        let (sent, limit, cut, conns, upstream) =
+            (me.sent.clone(), me.limit.clone(), me.cut.clone(), me.conns.clone(), upstream.to_owned());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                if cut.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let (sent, limit, cut, upstream) = (sent.clone(), limit.clone(), cut.clone(), upstream.clone());
+                let all = conns.clone();
+                let task = tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else { return };
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let up = async {
+                        let mut buf = vec![0u8; 64 << 10];
+                        loop {
+                            let n = cr.read(&mut buf).await.unwrap_or(0);
+                            if n == 0 || sw.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                            if sent.fetch_add(n as u64, Ordering::SeqCst) + n as u64 >= limit.load(Ordering::SeqCst) {
+                                cut.store(true, Ordering::SeqCst);
+                                break;
+                            }
+                        }
+                    };
+                    let down = async {
+                        let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                    };
+                    tokio::select! { _ = up => {}, _ = down => {} }
+                });
+                let mut all = all.lock().unwrap();
+                all.retain(|t| !t.is_finished());
+                all.push(task);
+            }
+        });
+        // A watcher that drops every connection the moment the cut is made.
+        let (cut, conns) = (me.cut.clone(), me.conns.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                if cut.load(Ordering::SeqCst) {
+                    for t in conns.lock().unwrap().drain(..) {
+                        t.abort();
+                    }
+                }
+            }
+        });
+        Ok(me)
+    }
+
+    fn sent(&self) -> u64 {
+        self.sent.load(Ordering::SeqCst)
+    }
+
+    fn cut_after(&self, bytes: u64) {
+        self.limit.store(bytes, Ordering::SeqCst);
+    }
+
+    fn restore(&self) {
+        self.limit.store(u64::MAX, Ordering::SeqCst);
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+// ---------------------------------------------------------------- main
+
+fn main() {
+    vessel::runtime::init();
+    if std::env::var_os(AGENT).is_some() {
+        agent();
+    }
+    let args = Arguments::from_args();
+    let Some(image_dir) = support::root_with_test_image("hosts") else { return };
+    let Some(base_url) = support::env_path("hosts", "VESSEL_S3_URL") else { return };
+    let base_url = base_url.to_string_lossy().into_owned();
+    let tmp = Arc::new(tempfile::tempdir().unwrap());
+    type Case = fn(&World) -> Result<()>;
+    let cases: Vec<(&str, Case)> = vec![
+        ("two_hosts_share_a_vessel", two_hosts_share_a_vessel),
+        ("busy_until_a_killed_host_expires", busy_until_a_killed_host_expires),
+        ("a_paused_host_cannot_commit", a_paused_host_cannot_commit),
+        ("the_server_going_away_mid_upload", the_server_going_away_mid_upload),
+        ("truncated_and_tampered_objects_are_corrupt", truncated_and_tampered_objects_are_corrupt),
+    ];
+    let trials = cases
+        .into_iter()
+        .map(|(name, case)| {
+            let (tmp, image_dir, base_url) = (tmp.clone(), image_dir.clone(), base_url.clone());
+            Trial::test(name, move || {
+                let world =
+                    World::new(&base_url, tmp.path(), &image_dir, name).map_err(|e| Failed::from(format!("{e:#}")))?;
+                case(&world).map_err(|e| Failed::from(format!("{e:#}")))
+            })
+        })
+        .collect();
+    let conclusion = libtest_mimic::run(&args, trials);
+    let left = support::mounts_under(tmp.path());
+    if !left.is_empty() {
+        eprintln!("leak check: left mounted: {left:?}");
+        std::process::exit(1);
+    }
+    eprintln!("leak check: nothing left mounted");
+    conclusion.exit();
+}
