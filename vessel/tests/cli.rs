@@ -87,6 +87,13 @@ fn main() {
     trials.push(Trial::test("a_2_gib_image_imports_in_bounded_memory", move || {
         a_2_gib_image_imports_in_bounded_memory(&big, &scratch).map_err(|e| Failed::from(format!("{e:#}")))
     }));
+    if let Some(url) = support::required_env("cli", "VESSEL_S3_URL") {
+        let (dir, image) = (tmp.path().join("s3"), image_dir.join("busybox-oci.tar"));
+        let url = format!("{}/cli-{:016x}", url.to_string_lossy(), std::process::id());
+        trials.push(Trial::test("storage_by_url", move || {
+            storage_by_url(&url, &dir, &image).map_err(|e| Failed::from(format!("{e:#}")))
+        }));
+    }
     let conclusion = libtest_mimic::run(&args, trials);
     let leaks = [("mounts", support::shown(support::mounts_under(tmp.path())))];
     support::finish(&tmp.keep(), &leaks, conclusion)
@@ -322,5 +329,68 @@ fn a_2_gib_image_imports_in_bounded_memory(s: &Session, scratch: &Path) -> Resul
     let images: Vec<String> = serde_json::from_str(&s.ok(&["image", "ls", "--json"], None)?)?;
     ensure!(images == ["local/big:latest"], "{images:?}");
     std::fs::remove_dir_all(scratch)?;
+    Ok(())
+}
+
+/// `--storage URL` (here the tests' S3 server): a session on it, `ls`
+/// naming the host that holds a vessel, and bad URLs, a missing bucket and
+/// refused credentials failing before anything is created.
+fn storage_by_url(url: &str, dir: &Path, image: &Path) -> Result<()> {
+    let run = |storage: &str, mounts: &Path, args: &[&str], env: &[(&str, &str)]| -> Result<Output> {
+        Ok(Command::new(env!("CARGO_BIN_EXE_vessel"))
+            .args(["--storage", storage, "--mount-root"])
+            .arg(mounts)
+            .args(["--no-disk-quota", "--host-name", "cli-host"])
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .output()?)
+    };
+    let ok = |args: &[&str]| -> Result<String> {
+        let out = run(url, &dir.join("mounts"), args, &[])?;
+        ensure!(out.status.success(), "vessel {args:?}: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+        Ok(String::from_utf8(out.stdout)?)
+    };
+    ok(&["image", "import", image.to_str().context("utf-8")?, "local/busybox:latest"])?;
+    let id = ok(&["create", "local/busybox:latest"])?.trim().to_owned();
+    ok(&["exec", "--persist", &id, "--", "sh", "-c", "echo kept > /kept"])?;
+    ok(&["snapshot", &id, "-m", "one"])?;
+    ensure!(ok(&["read", &id, "/kept"])? == "kept\n");
+    // While a command runs, the vessel is held, by this host name.
+    let mut held = Command::new(env!("CARGO_BIN_EXE_vessel"))
+        .args(["--storage", url, "--mount-root"])
+        .arg(dir.join("mounts"))
+        .args(["--no-disk-quota", "--host-name", "cli-host", "exec", &id, "--", "sleep", "30"])
+        .stdin(Stdio::null())
+        .spawn()?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let ls = loop {
+        let ls = ok(&["ls"])?;
+        if ls.contains("cli-host") || std::time::Instant::now() > deadline {
+            break ls;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    ensure!(ls.lines().nth(1).is_some_and(|l| l.contains(&id) && l.contains("cli-host")), "{ls}");
+    let busy = run(url, &dir.join("mounts-b"), &["exec", &id, "--", "true"], &[])?;
+    ensure!(!busy.status.success() && String::from_utf8_lossy(&busy.stderr).contains("cli-host"), "{busy:?}");
+    held.kill()?;
+    held.wait()?;
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&ok(&["ls", "--json"])?)?;
+    ensure!(rows.len() == 1 && rows[0]["id"] == id.as_str(), "{rows:?}");
+
+    let never = dir.join("never-created");
+    let bad: [(&str, &[(&str, &str)], &str); 4] = [
+        ("ftp://host/x", &[], "unknown scheme"),
+        ("s3://no-such-bucket-vessel-cli/p", &[], "does not exist"),
+        (url, &[("AWS_SECRET_ACCESS_KEY", "wrong")], "access denied"),
+        ("relative/dir", &[], "invalid storage URL"),
+    ];
+    for (storage, env, says) in bad {
+        let out = run(storage, &never, &["ls"], env)?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(!out.status.success() && err.contains(says), "{storage}: {err}");
+        ensure!(!never.exists(), "{storage}: the mount root was created");
+    }
     Ok(())
 }
