@@ -501,9 +501,9 @@ impl Storage for ObjectStorage {
         snapshot: &SnapshotId,
         data: BlobReader,
     ) -> Result<(), StorageError> {
-        self.upload(&self.snapshot_key(vessel, snapshot, self.encoding), data).await?;
-        let siblings = self.load_order().skip(1).map(|e| self.snapshot_key(vessel, snapshot, e)).collect();
-        self.delete_all(siblings).await
+        // Snapshot ids are never reused, so no blob of another encoding can
+        // be beside it (a request per snapshot saved; images do check).
+        self.upload(&self.snapshot_key(vessel, snapshot, self.encoding), data).await
     }
 
     async fn load_snapshot(&self, vessel: &VesselId, snapshot: &SnapshotId) -> Result<BlobReader, StorageError> {

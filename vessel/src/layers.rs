@@ -27,6 +27,9 @@ pub(crate) fn flat_key(chain: &[&SnapshotManifest]) -> LayerKey {
     LayerKey::flat(top, chain.iter().map(|s| s.checksum.as_str()))
 }
 
+/// How many missing layers are fetched at once.
+const FETCH_AT_ONCE: usize = 4;
+
 /// How many snapshots one flat layer step covers.
 pub(crate) const FLATTEN_EVERY: usize = 32;
 
@@ -46,8 +49,18 @@ impl ManagerState {
         chain.reverse();
         let k = if chain.len() >= 2 * FLATTEN_EVERY { chain.len() / FLATTEN_EVERY * FLATTEN_EVERY } else { 0 };
         let mut out = if k == 0 { image.to_vec() } else { vec![self.flat(vessel, &chain[..k], image, work).await?] };
-        for s in &chain[k..] {
-            out.push(self.snapshot_layer(vessel, &s.id, &s.checksum).await?);
+        out.extend(self.snapshot_layers(vessel, &chain[k..]).await?);
+        Ok(out)
+    }
+
+    /// The cached layers of `snapshots`, in order: those this host lacks
+    /// are fetched, verified and unpacked [`FETCH_AT_ONCE`] at a time (an
+    /// object store serves parallel GETs; applying is per-layer CPU work).
+    async fn snapshot_layers(&self, vessel: &VesselId, snapshots: &[&SnapshotManifest]) -> Result<Vec<PathBuf>> {
+        let mut out = Vec::with_capacity(snapshots.len());
+        for batch in snapshots.chunks(FETCH_AT_ONCE) {
+            let fetches: Vec<_> = batch.iter().map(|s| self.snapshot_layer(vessel, &s.id, &s.checksum)).collect();
+            out.extend(futures::future::try_join_all(fetches).await?);
         }
         Ok(out)
     }
@@ -69,9 +82,7 @@ impl ManagerState {
         }
         let mut below = if j == 0 { image.to_vec() } else { vec![self.cache.path(&key_at(j))] };
         while j < chain.len() {
-            for s in &chain[j..j + FLATTEN_EVERY] {
-                below.push(self.snapshot_layer(vessel, &s.id, &s.checksum).await?);
-            }
+            below.extend(self.snapshot_layers(vessel, &chain[j..j + FLATTEN_EVERY]).await?);
             j += FLATTEN_EVERY;
             below = vec![self.build_flat(vessel, key_at(j), below, work).await?];
         }

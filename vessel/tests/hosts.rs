@@ -47,6 +47,7 @@ fn agent() -> ! {
         .namespace("vessel-hosts");
     let mgr = TOKIO.block_on(Manager::new(config)).expect("manager");
     let mut vessel: Option<vessel::Vessel> = None;
+    let mut many: Vec<vessel::Vessel> = Vec::new();
     let stdout = std::io::stdout();
     for line in std::io::stdin().lock().lines() {
         let line = line.expect("stdin");
@@ -80,6 +81,17 @@ fn agent() -> ! {
                 "snapshot" => {
                     Ok(vessel.as_ref().expect("no vessel open").create_snapshot("step").await?.id.to_string())
                 }
+                "restore" => {
+                    let sid = vessel::SnapshotId::new(arg)?;
+                    vessel.as_ref().expect("no vessel open").restore_snapshot(&sid).await?;
+                    Ok(String::new())
+                }
+                "create-many" => {
+                    for _ in 0..arg.parse::<usize>().expect("a count") {
+                        many.push(mgr.create_vessel(IMAGE, "/work").await?);
+                    }
+                    Ok(String::new())
+                }
                 "close" => {
                     if let Some(v) = vessel.take() {
                         v.close().await?;
@@ -105,6 +117,9 @@ fn agent() -> ! {
         .and_then(|()| out.flush())
         .expect("stdout");
     }
+    // The test dropped us (a failed case): leave nothing mounted.
+    drop((vessel, many));
+    let _ = TOKIO.block_on(mgr.close());
     std::process::exit(0)
 }
 
@@ -195,12 +210,18 @@ impl World {
         let base = tmp.join(case);
         std::fs::create_dir_all(&base)?;
         let storage = TOKIO.block_on(async {
-            let compressed = vessel::open_url(&url).await?;
+            // Imported as a user would, so its summary is stored beside it.
+            let config = ManagerConfig::default()
+                .shared_storage(vessel::open_url(&url).await?)
+                .mount_root(base.join("importer"))
+                .disk_quota(None);
+            let mgr = Manager::new(config).await?;
             let src = vessel::LocalStorage::new(image_dir.join("storage"))?;
             let r = vessel::ImageRef::new(IMAGE)?;
             let mut data = Vec::new();
             src.load_image(&r).await?.read_to_end(&mut data).await?;
-            compressed.save_image(&r, Box::new(std::io::Cursor::new(data))).await?;
+            mgr.import_image(IMAGE, Box::new(std::io::Cursor::new(data))).await?;
+            mgr.close().await?;
             anyhow::Ok(vessel::storage::ObjectStorage::connect(&url).await?)
         })?;
         Ok(Self { url, base, storage })
@@ -348,6 +369,70 @@ fn truncated_and_tampered_objects_are_corrupt(w: &World) -> Result<()> {
     b.quit()
 }
 
+/// What each operation costs in object-store requests, counted on the
+/// wire between a host and the server; and that an idle host's cost does
+/// not grow with the vessels it holds open.
+fn request_costs(w: &World) -> Result<()> {
+    let upstream = std::env::var("AWS_ENDPOINT_URL")?;
+    let proxy = TOKIO.block_on(Proxy::start(upstream.trim_start_matches("http://")))?;
+    let endpoint = format!("http://{}", proxy.addr);
+    let mut table = Vec::new();
+    let mut count = |what: &str, proxy: &Proxy| {
+        let reqs = proxy.take_requests();
+        let mut by_method = std::collections::BTreeMap::<String, usize>::new();
+        for r in &reqs {
+            *by_method.entry(r.split(' ').next().unwrap_or_default().to_owned()).or_default() += 1;
+        }
+        table.push(format!("{what:<34} {:>3}  {by_method:?}", reqs.len()));
+        reqs
+    };
+    let mut a = Host::start(w, "host-a", Some(&endpoint))?;
+    a.ok("holder 0000000000000000")?; // waits until the host is up
+    count("host start (connect, heartbeat)", &proxy);
+    let id = a.ok("create")?;
+    count("create (new host: image fetched)", &proxy);
+    a.sh("echo 1 > /work/f")?;
+    count("exec", &proxy);
+    let s1 = a.ok("snapshot")?;
+    count("snapshot (small change)", &proxy);
+    a.sh("echo 2 > /work/f")?;
+    a.ok("snapshot")?;
+    proxy.take_requests();
+    a.ok(&format!("restore {s1}"))?;
+    count("restore (cached)", &proxy);
+    a.ok("close")?;
+    let closed = count("close", &proxy);
+    ensure!(closed.len() == 1 && closed[0].starts_with("PUT"), "close is one conditional PUT: {closed:?}");
+    a.ok(&format!("open {id}"))?;
+    let open = count("open (same host, layers cached)", &proxy);
+    ensure!(open.len() <= 4, "{open:?}");
+    a.ok("close")?;
+    proxy.take_requests();
+    let mut b = Host::start(w, "host-b", Some(&endpoint))?;
+    b.ok("holder 0000000000000000")?;
+    proxy.take_requests();
+    b.ok(&format!("open {id}"))?;
+    count("open (new host: image + 1 layer)", &proxy);
+    b.ok("close")?;
+    b.quit()?;
+    proxy.take_requests();
+    // Idle for 3 TTLs with 1 vessel open, then with 20.
+    let mut idle = Vec::new();
+    for n in [1usize, 19] {
+        a.ok(&format!("create-many {n}"))?;
+        proxy.take_requests();
+        std::thread::sleep(Duration::from_millis(3 * TTL_MS));
+        let reqs = count(&format!("3 TTLs idle, {} open", if n == 1 { 1 } else { 20 }), &proxy);
+        ensure!(reqs.iter().all(|r| r.starts_with("PUT") && r.contains("leases/hosts")), "{reqs:?}");
+        idle.push(reqs.len());
+    }
+    ensure!(idle[1] <= idle[0] + 1 && idle[1] <= 10, "idle cost grew with open vessels: {idle:?}");
+    a.quit()?;
+    count("quit (20 closes, heartbeat removed)", &proxy);
+    eprintln!("object-store requests per operation (TTL {TTL_MS} ms):\n  {}", table.join("\n  "));
+    Ok(())
+}
+
 // ---------------------------------------------------------------- proxy
 
 /// A TCP relay in front of the S3 server that can drop every connection
@@ -358,6 +443,46 @@ struct Proxy {
     limit: Arc<AtomicU64>,
     cut: Arc<AtomicBool>,
     conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    /// `METHOD path?query` of every request relayed, in order.
+    requests: Arc<Mutex<Vec<String>>>,
+}
+
+/// Follows HTTP/1.1 requests in a client's byte stream (bodies sized by
+/// `Content-Length`, as object_store sends them) and logs each request line.
+#[derive(Default)]
+struct RequestParser {
+    head: Vec<u8>,
+    body_left: usize,
+}
+
+impl RequestParser {
+    fn feed(&mut self, mut data: &[u8], log: &Mutex<Vec<String>>) {
+        while !data.is_empty() {
+            if self.body_left > 0 {
+                let n = self.body_left.min(data.len());
+                self.body_left -= n;
+                data = &data[n..];
+                continue;
+            }
+            self.head.push(data[0]);
+            data = &data[1..];
+            if self.head.ends_with(b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&self.head).into_owned();
+                self.head.clear();
+                let line = head.lines().next().unwrap_or_default();
+                let mut parts = line.split(' ');
+                let (method, target) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+                log.lock().unwrap().push(format!("{method} {target}"));
+                self.body_left = head
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse().ok())?
+                    })
+                    .unwrap_or(0);
+            }
+        }
+    }
 }
 
 impl Proxy {
@@ -369,15 +494,18 @@ impl Proxy {
             limit: Arc::new(AtomicU64::new(u64::MAX)),
             cut: Arc::default(),
             conns: Arc::default(),
+            requests: Arc::default(),
         };
         let (sent, limit, cut, conns, upstream) =
             (me.sent.clone(), me.limit.clone(), me.cut.clone(), me.conns.clone(), upstream.to_owned());
+        let requests = me.requests.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 if cut.load(Ordering::SeqCst) {
                     continue;
                 }
                 let (sent, limit, cut, upstream) = (sent.clone(), limit.clone(), cut.clone(), upstream.clone());
+                let requests = requests.clone();
                 let all = conns.clone();
                 let task = tokio::spawn(async move {
                     let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else { return };
@@ -385,8 +513,10 @@ impl Proxy {
                     let (mut sr, mut sw) = server.into_split();
                     let up = async {
                         let mut buf = vec![0u8; 64 << 10];
+                        let mut parser = RequestParser::default();
                         loop {
                             let n = cr.read(&mut buf).await.unwrap_or(0);
+                            parser.feed(&buf[..n], &requests);
                             if n == 0 || sw.write_all(&buf[..n]).await.is_err() {
                                 break;
                             }
@@ -419,6 +549,11 @@ impl Proxy {
             }
         });
         Ok(me)
+    }
+
+    /// The requests relayed since the last call.
+    fn take_requests(&self) -> Vec<String> {
+        std::mem::take(&mut *self.requests.lock().unwrap())
     }
 
     fn sent(&self) -> u64 {
@@ -454,6 +589,7 @@ fn main() {
         ("a_paused_host_cannot_commit", a_paused_host_cannot_commit),
         ("the_server_going_away_mid_upload", the_server_going_away_mid_upload),
         ("truncated_and_tampered_objects_are_corrupt", truncated_and_tampered_objects_are_corrupt),
+        ("request_costs", request_costs),
     ];
     let trials = cases
         .into_iter()

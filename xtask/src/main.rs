@@ -161,13 +161,16 @@ fn bench(rest: &[String]) -> Result<()> {
     let containerd = containerd::Containerd::start()?;
     let quota = quotafs::QuotaFs::start()?;
     let registries = registry::Registries::start()?;
+    let s3 = s3::S3Server::start(&python::venv(&root)?)?;
     run(cargo(&root)
         .args(["bench", "-p", "vessel-benches"])
         .args(rest)
+        .envs(s3.env())
         .env("VESSEL_TEST_IMAGE_DIR", &image.dir)
         .env("VESSEL_CONTAINERD_ADDRESS", &containerd.address)
         .env("TMPDIR", &quota.tmp)
         .envs(registries.env()))?;
+    drop(s3);
     drop(registries);
     drop(quota);
     drop(containerd);
