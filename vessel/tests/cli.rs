@@ -380,7 +380,9 @@ fn storage_by_url(url: &str, dir: &Path, image: &Path) -> Result<()> {
     ensure!(rows.len() == 1 && rows[0]["id"] == id.as_str(), "{rows:?}");
 
     let never = dir.join("never-created");
-    let bad: [(&str, &[(&str, &str)], &str); 4] = [
+    // (storage URL, environment, what the error says)
+    type Bad<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+    let bad: [Bad<'_>; 4] = [
         ("ftp://host/x", &[], "unknown scheme"),
         ("s3://no-such-bucket-vessel-cli/p", &[], "does not exist"),
         (url, &[("AWS_SECRET_ACCESS_KEY", "wrong")], "access denied"),
