@@ -3,9 +3,22 @@
 //!
 //! ```text
 //! <root>/layers/<key>/fs/       an unpacked layer (never modified once there)
+//! <root>/layers/<key>/synced    present once the layer is known to be on disk
 //! <root>/refs/<key>/<holder>    one empty file per holder (e.g. a vessel id)
 //! <root>/locks/<key>            flock: population, references and GC of <key>
+//! <root>/boot                   the boot id of the last `open`
 //! ```
+//!
+//! Durability is deferred for what can be fetched again. A layer unpacked
+//! from storage is published without waiting for the disk (a `syncfs` of
+//! hundreds of MB would cost an open as much as the fetch): a process that
+//! dies loses nothing the kernel holds, and only a crash of the machine
+//! can tear it. So [`LayerCache::open`] compares the boot id with the one
+//! it recorded last time: after a reboot, layers not marked `synced` are
+//! removed (they are fetched again when needed); on the same boot, one
+//! `syncfs` makes the unmarked ones durable and they are marked. A sealed
+//! upper dir ([`LayerCache::adopt`]) is treated alike: it is adopted for a
+//! snapshot whose blob is in storage, so it too can be fetched again.
 //!
 //! A layer appears at `layers/<key>` by a single rename of a complete,
 //! verified directory, so readers never see a partial layer. The tree is
@@ -24,6 +37,27 @@ use std::path::{Path, PathBuf};
 use vessel_core::{SnapshotId, VesselId};
 
 use crate::{ApplyMode, ApplyOptions, SnapshotError, apply_layer};
+
+/// The marker of a layer known to be on disk.
+const SYNCED: &str = "synced";
+
+/// This boot's id (`unknown` where the kernel has none: every open is then a reboot).
+fn boot_id() -> String {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id").map_or_else(|_| "unknown".into(), |s| s.trim().to_owned())
+}
+
+/// Marks `entries` durable (a lost marker only means a refetch after a reboot).
+fn mark_synced(entries: &[PathBuf]) -> Result<(), SnapshotError> {
+    for e in entries {
+        let m = e.join(SYNCED);
+        match File::create(&m) {
+            // Collected meanwhile.
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            r => drop(r.map_err(SnapshotError::io("create", &m))?),
+        }
+    }
+    Ok(())
+}
 
 /// What a cached layer is keyed by.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -135,6 +169,8 @@ fn valid_holder(holder: &str) -> bool {
 impl LayerCache {
     /// Opens (creating) a cache and removes scratch directories that crashed
     /// populations left behind.
+    /// After a reboot, drops the layers that were never made durable; on
+    /// the same boot, makes them durable (see the module docs).
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, SnapshotError> {
         let root = root.into();
         for d in ["layers", "refs", "locks"] {
@@ -143,7 +179,68 @@ impl LayerCache {
         }
         let cache = Self { root };
         cache.sweep()?;
+        cache.settle()?;
         Ok(cache)
+    }
+
+    /// The published entries not marked `synced` (names under `layers/`).
+    fn unsynced(&self) -> Result<Vec<PathBuf>, SnapshotError> {
+        let layers = self.root.join("layers");
+        let mut out = Vec::new();
+        for e in fs::read_dir(&layers).map_err(SnapshotError::io("read directory", &layers))? {
+            let e = e.map_err(SnapshotError::io("read directory", &layers))?;
+            if e.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
+            let p = e.path();
+            if p.join("fs").is_dir() && !p.join(SYNCED).exists() {
+                out.push(p);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The reboot check and the deferred sync of [`LayerCache::open`].
+    fn settle(&self) -> Result<(), SnapshotError> {
+        let boot_file = self.root.join("boot");
+        let now = boot_id();
+        let recorded = fs::read_to_string(&boot_file).ok();
+        let unsynced = self.unsynced()?;
+        match recorded.as_deref() {
+            // A cache from before deferred durability: its layers were all synced.
+            None => mark_synced(&unsynced)?,
+            Some(b) if b.trim() != now => {
+                for p in unsynced {
+                    let Some(key) = p.file_name().and_then(|n| n.to_str()) else { continue };
+                    let _lock = self.lock_name(key)?;
+                    tracing::info!(path = %p.display(), "dropping a cached layer a reboot may have torn");
+                    // Renamed away first (as `gc` does): a crash while removing
+                    // never leaves a part of it to be marked synced later.
+                    let doomed = self.root.join("layers").join(format!(".{key}.gc-{:016x}", rand::random::<u64>()));
+                    fs::rename(&p, &doomed).map_err(SnapshotError::io("rename", &p))?;
+                    fs::remove_dir_all(&doomed).map_err(SnapshotError::io("remove", &doomed))?;
+                }
+            }
+            Some(_) if !unsynced.is_empty() => {
+                // Listed before the sync: everything listed was published before it.
+                let d = File::open(&self.root).map_err(SnapshotError::io("open", &self.root))?;
+                nix::unistd::syncfs(&d).map_err(|e| SnapshotError::io("sync", &self.root)(e.into()))?;
+                mark_synced(&unsynced)?;
+            }
+            Some(_) => {}
+        }
+        if recorded.as_deref().map(str::trim) != Some(now.as_str()) {
+            let tmp = self.root.join(format!(".boot-{:016x}", rand::random::<u64>()));
+            let write = || -> io::Result<()> {
+                let mut f = File::create(&tmp)?;
+                io::Write::write_all(&mut f, now.as_bytes())?;
+                f.sync_all()?;
+                fs::rename(&tmp, &boot_file)?;
+                File::open(&self.root)?.sync_all()
+            };
+            write().map_err(SnapshotError::io("write", &boot_file))?;
+        }
+        Ok(())
     }
 
     /// The cache's root directory.
@@ -161,13 +258,11 @@ impl LayerCache {
         self.root.join("layers").join(key.dir_name())
     }
 
-    /// Publishes `dir` (holding the layer as `fs/`) as `key`'s entry:
-    /// renamed into place, then the directory holding it synced.
+    /// Publishes `dir` (holding the layer as `fs/`) as `key`'s entry, by
+    /// one rename (durable later: see the module docs).
     fn publish(&self, key: &LayerKey, dir: &Path) -> Result<(), SnapshotError> {
         let entry = self.entry(key);
-        fs::rename(dir, &entry).map_err(SnapshotError::io("move into cache", &entry))?;
-        let layers = self.root.join("layers");
-        File::open(&layers).and_then(|d| d.sync_all()).map_err(SnapshotError::io("sync", &layers))
+        fs::rename(dir, &entry).map_err(SnapshotError::io("move into cache", &entry))
     }
 
     /// Whether `key` is cached.
@@ -238,7 +333,8 @@ impl LayerCache {
             // here from layers already on this host); never in snapshots
             // fetched from storage.
             let devices = matches!(key, LayerKey::DiffId(_) | LayerKey::Flat(..));
-            let mut opts = ApplyOptions::new(ApplyMode::Overlay).allow_devices(devices);
+            // Not synced here: its source can be read again (see the module docs).
+            let mut opts = ApplyOptions::new(ApplyMode::Overlay).allow_devices(devices).durable(false);
             if let Some(d) = expected_digest {
                 opts = opts.expect_digest(d);
             }
@@ -274,13 +370,9 @@ impl LayerCache {
         if path.is_dir() {
             fs::remove_dir_all(ovl).map_err(SnapshotError::io("remove", ovl))?;
         } else {
-            // What a command wrote sits in the page cache: on the disk
-            // before the layer is visible (one syncfs, as an apply does),
-            // then the rename, then the directory that holds it. A crash
-            // never leaves a cached layer with torn files behind a
-            // committed snapshot.
-            let d = File::open(ovl).map_err(SnapshotError::io("open", ovl))?;
-            nix::unistd::syncfs(&d).map_err(|e| SnapshotError::io("sync", ovl)(e.into()))?;
+            // Not synced (see the module docs): it is adopted only for a
+            // snapshot whose blob storage holds; a reboot before the sync
+            // drops it and it is fetched again.
             let work = ovl.join("work");
             match fs::remove_dir_all(&work) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(SnapshotError::io("remove", &work)(e)),

@@ -152,6 +152,7 @@ fn adopt_moves_a_sealed_upper_in() {
     .unwrap();
     let path = cache.adopt(&key, "v1", &ovl).unwrap();
     assert!(!ovl.exists());
+    assert!(!path.parent().unwrap().join("synced").exists(), "synced later, as a fetched layer");
     assert_same(&expected, &scan(&path), "adopted layer");
     // Undone (a commit that failed): back as it was, no reference left.
     cache.unadopt(&key, "v1", &ovl).unwrap();
@@ -190,4 +191,42 @@ fn open_sweeps_leftovers_of_dead_processes_only() {
     LayerCache::open(dir.path()).unwrap();
     assert!(!live.exists());
     drop(cache);
+}
+
+/// A fetched layer is published without a sync: a later open on the same
+/// boot syncs and marks it; an open after a reboot drops it unless marked
+/// (it may be torn), keeping synced layers and sealed uppers.
+#[test]
+fn unsynced_layers_are_dropped_after_a_reboot_only() {
+    if !have_root("unsynced_layers_are_dropped_after_a_reboot_only") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cache = LayerCache::open(dir.path()).unwrap();
+    let (a, da) = layer(11);
+    let (b, db) = layer(12);
+    let (ka, kb) = (LayerKey::diff_id(&da).unwrap(), LayerKey::diff_id(&db).unwrap());
+    cache.get_or_unpack(&ka, "v", Some(&da), || Ok(&a[..])).unwrap();
+    let entry = |k: &LayerKey| cache.path(k).parent().unwrap().to_path_buf();
+    assert!(!entry(&ka).join("synced").exists(), "published before any sync");
+    // Reopened on the same boot: synced and marked.
+    let cache = LayerCache::open(dir.path()).unwrap();
+    assert!(entry(&ka).join("synced").exists());
+    cache.get_or_unpack(&kb, "v", Some(&db), || Ok(&b[..])).unwrap();
+    assert!(!entry(&kb).join("synced").exists());
+    // As if the machine rebooted before b reached the disk.
+    fs::write(dir.path().join("boot"), "another-boot").unwrap();
+    let cache = LayerCache::open(dir.path()).unwrap();
+    assert!(cache.contains(&ka), "a synced layer survives a reboot");
+    assert!(!cache.contains(&kb), "an unsynced one is dropped");
+    // Fetched again when needed, and the reference still counts.
+    cache.get_or_unpack(&kb, "v", Some(&db), || Ok(&b[..])).unwrap();
+    assert!(cache.contains(&kb));
+    assert_eq!(cache.holders(&kb).unwrap(), ["v"]);
+    // A cache from before deferred durability (no boot record): all its
+    // layers were synced when made, so they are kept and marked.
+    fs::remove_dir_all(entry(&kb).join("synced")).ok();
+    fs::remove_file(dir.path().join("boot")).unwrap();
+    let cache = LayerCache::open(dir.path()).unwrap();
+    assert!(cache.contains(&kb) && entry(&kb).join("synced").exists());
 }

@@ -75,12 +75,16 @@ pub struct ApplyOptions {
     pub expected_digest: Option<String>,
     /// Whether character and block device entries may be created.
     pub allow_devices: bool,
+    /// Overlay form: whether the layer is on the disk (one `syncfs`) before
+    /// it appears at the target. A caller that can tell a torn layer after
+    /// a crash (the layer cache, by boot id) turns this off.
+    pub durable: bool,
 }
 
 impl ApplyOptions {
     /// Options for `mode`, no digest check, no devices.
     pub fn new(mode: ApplyMode) -> Self {
-        Self { mode, expected_digest: None, allow_devices: false }
+        Self { mode, expected_digest: None, allow_devices: false, durable: true }
     }
 
     /// Requires the uncompressed tar to hash to `digest`.
@@ -92,6 +96,12 @@ impl ApplyOptions {
     /// Allows device nodes (image layers may carry `/dev` entries).
     pub fn allow_devices(mut self, allow: bool) -> Self {
         self.allow_devices = allow;
+        self
+    }
+
+    /// Whether an overlay-form layer is synced to disk before it appears (default: yes).
+    pub fn durable(mut self, durable: bool) -> Self {
+        self.durable = durable;
         self
     }
 }
@@ -120,12 +130,16 @@ pub fn apply_layer(layer: impl Read + Send, target: &Path, opts: &ApplyOptions) 
             // reach the disk (one syncfs, not an fsync per file), then the
             // rename, then the directory that holds it. A crash can never
             // leave a complete-looking but half-written layer to be trusted.
-            let dir = open_dir(scratch.path())?;
-            nix::unistd::syncfs(&dir).map_err(|e| SnapshotError::io("sync", scratch.path())(e.into()))?;
+            if opts.durable {
+                let dir = open_dir(scratch.path())?;
+                nix::unistd::syncfs(&dir).map_err(|e| SnapshotError::io("sync", scratch.path())(e.into()))?;
+            }
             fs::rename(scratch.path(), target).map_err(SnapshotError::io("rename into", target))?;
             let _moved = scratch.keep();
-            let parent_dir = open_dir(parent)?;
-            nix::unistd::fsync(&parent_dir).map_err(|e| SnapshotError::io("sync", parent)(e.into()))?;
+            if opts.durable {
+                let parent_dir = open_dir(parent)?;
+                nix::unistd::fsync(&parent_dir).map_err(|e| SnapshotError::io("sync", parent)(e.into()))?;
+            }
         }
         ApplyMode::Merged => {
             let src = open_dir(scratch.path())?;
