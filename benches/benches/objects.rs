@@ -7,7 +7,10 @@
 //! - `open-new-host/<storage>`: open on a host with an empty cache (claim,
 //!   manifest, image and layer fetch, verify, unpack, mount);
 //! - `baseline-get-zstd-tar-x`: the same snapshot object fetched with one
-//!   plain GET (object_store, as vessel's) and unpacked by `zstd -d | tar -x`.
+//!   plain GET (object_store, as vessel's) and unpacked by `zstd -d | tar -x`;
+//! - `baseline-tar-c-zstd-put`: the tree packed by `tar -c | zstd -1 -T2`
+//!   and uploaded with object_store's multipart `BufWriter` (the snapshot's
+//!   work without vessel: the same level and threads).
 //!
 //! Needs root, the test image, a btrfs `TMPDIR` and `VESSEL_S3_URL` with
 //! the `AWS_*` variables.
@@ -165,6 +168,34 @@ fn main() {
                 assert!(child.wait().unwrap().success());
                 total += t.elapsed();
                 std::fs::remove_dir_all(&out).unwrap();
+            }
+            total
+        })
+    });
+    let tar_tree = tree.clone();
+    g.bench_function("baseline-tar-c-zstd-put", |b| {
+        b.iter_custom(|n| {
+            let mut total = Duration::ZERO;
+            for i in 0..n {
+                let key = store.key(&format!("baseline/{i}.tar.zst"));
+                let t = Instant::now();
+                let mut child = std::process::Command::new("sh")
+                    .arg("-c")
+                    .arg(format!("tar -C {} -c . | zstd -1 -T2 -q -c", tar_tree.display()))
+                    .stdout(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap();
+                let stdout = child.stdout.take().unwrap();
+                rt.block_on(async {
+                    use tokio::io::AsyncWriteExt;
+                    let mut out = tokio::process::ChildStdout::from_std(stdout).unwrap();
+                    let mut w = object_store::buffered::BufWriter::new(store.store().clone(), key.clone());
+                    tokio::io::copy(&mut out, &mut w).await.unwrap();
+                    w.shutdown().await.unwrap();
+                });
+                assert!(child.wait().unwrap().success());
+                total += t.elapsed();
+                rt.block_on(store.store().delete(&key)).unwrap();
             }
             total
         })
