@@ -264,16 +264,20 @@ fn read_if_present(path: &Path) -> Result<Option<Vec<u8>>, StorageError> {
     }
 }
 
-fn manifest_json(manifest: &VesselManifest) -> Result<Vec<u8>, StorageError> {
-    serde_json::to_vec(manifest).map_err(|e| StorageError::Corrupt {
-        what: format!("manifest of vessel {}", manifest.id),
-        reason: e.to_string(),
-    })
+/// How errors name a vessel's manifest.
+pub(crate) fn manifest_name(id: &VesselId) -> String {
+    format!("manifest of vessel {id}")
+}
+
+/// A manifest as stored (JSON), for every backend.
+pub(crate) fn manifest_json(manifest: &VesselManifest) -> Result<Vec<u8>, StorageError> {
+    serde_json::to_vec(manifest)
+        .map_err(|e| StorageError::Corrupt { what: manifest_name(&manifest.id), reason: e.to_string() })
 }
 
 /// Parses a stored manifest, which must name `id`.
 pub(crate) fn parse_manifest(id: &VesselId, bytes: &[u8]) -> Result<VesselManifest, StorageError> {
-    let corrupt = |reason: String| StorageError::Corrupt { what: format!("manifest of vessel {id}"), reason };
+    let corrupt = |reason: String| StorageError::Corrupt { what: manifest_name(id), reason };
     let manifest: VesselManifest = serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
     if &manifest.id != id {
         return Err(corrupt(format!("it names vessel {}", manifest.id)));
@@ -357,7 +361,7 @@ async fn open_first(paths: impl IntoIterator<Item = PathBuf>) -> Result<Option<t
 impl Storage for LocalStorage {
     async fn save_vessel_manifest(&self, manifest: &VesselManifest) -> Result<(), StorageError> {
         // Under the CAS lock too, so it is ordered with conditional writes.
-        let what = format!("manifest of vessel {}", manifest.id);
+        let what = manifest_name(&manifest.id);
         self.write_if(self.manifest_path(&manifest.id), manifest_json(manifest)?, None, what).await.map(drop)
     }
 
@@ -378,7 +382,7 @@ impl Storage for LocalStorage {
         manifest: &VesselManifest,
         cond: &WriteIf,
     ) -> Result<Version, StorageError> {
-        let what = format!("manifest of vessel {}", manifest.id);
+        let what = manifest_name(&manifest.id);
         self.write_if(self.manifest_path(&manifest.id), manifest_json(manifest)?, Some(cond.clone()), what).await
     }
 

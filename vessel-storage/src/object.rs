@@ -23,7 +23,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
 use tokio::io::AsyncReadExt;
 use vessel_core::{ImageRef, SnapshotId, VesselId, VesselManifest};
 
-use crate::local::parse_manifest;
+use crate::local::{manifest_json, manifest_name, parse_manifest};
 use crate::record::HOSTS;
 use crate::{BlobEncoding, BlobReader, HostId, Record, RecordKey, Storage, StorageError, Version, WriteIf};
 
@@ -181,49 +181,33 @@ impl ObjectStorage {
         let invalid = |e: object_store::Error| StorageError::InvalidUrl { url: url.to_owned(), reason: e.to_string() };
         #[cfg(not(feature = "cloud"))]
         let _ = (bucket_url, options);
+        // Each store's builder: its environment, then `options` over it,
+        // the bucket, our retries and timeouts (`env`: its variables' prefix).
+        #[cfg(feature = "cloud")]
+        macro_rules! cloud {
+            ($builder:ty, $env:literal) => {
+                Arc::new(
+                    options
+                        .iter()
+                        .try_fold(<$builder>::from_env(), |b, (k, v)| {
+                            Ok::<_, object_store::Error>(b.with_config(k.parse()?, *v))
+                        })
+                        .map_err(invalid)?
+                        .with_url(bucket_url)
+                        .with_retry(retry())
+                        .with_client_options(client($env))
+                        .build()
+                        .map_err(invalid)?,
+                )
+            };
+        }
         let store: Arc<dyn ObjectStore> = match scheme {
             #[cfg(feature = "s3")]
-            "s3" | "s3a" => Arc::new(
-                options
-                    .iter()
-                    .try_fold(object_store::aws::AmazonS3Builder::from_env(), |b, (k, v)| {
-                        Ok::<_, object_store::Error>(b.with_config(k.parse()?, *v))
-                    })
-                    .map_err(invalid)?
-                    .with_url(bucket_url)
-                    .with_retry(retry())
-                    .with_client_options(client("AWS"))
-                    .build()
-                    .map_err(invalid)?,
-            ),
+            "s3" | "s3a" => cloud!(object_store::aws::AmazonS3Builder, "AWS"),
             #[cfg(feature = "gcs")]
-            "gs" => Arc::new(
-                options
-                    .iter()
-                    .try_fold(object_store::gcp::GoogleCloudStorageBuilder::from_env(), |b, (k, v)| {
-                        Ok::<_, object_store::Error>(b.with_config(k.parse()?, *v))
-                    })
-                    .map_err(invalid)?
-                    .with_url(bucket_url)
-                    .with_retry(retry())
-                    .with_client_options(client("GOOGLE"))
-                    .build()
-                    .map_err(invalid)?,
-            ),
+            "gs" => cloud!(object_store::gcp::GoogleCloudStorageBuilder, "GOOGLE"),
             #[cfg(feature = "azure")]
-            "az" | "azure" | "abfs" | "abfss" | "adl" => Arc::new(
-                options
-                    .iter()
-                    .try_fold(object_store::azure::MicrosoftAzureBuilder::from_env(), |b, (k, v)| {
-                        Ok::<_, object_store::Error>(b.with_config(k.parse()?, *v))
-                    })
-                    .map_err(invalid)?
-                    .with_url(bucket_url)
-                    .with_retry(retry())
-                    .with_client_options(client("AZURE"))
-                    .build()
-                    .map_err(invalid)?,
-            ),
+            "az" | "azure" | "abfs" | "abfss" | "adl" => cloud!(object_store::azure::MicrosoftAzureBuilder, "AZURE"),
             "memory" => Arc::new(object_store::memory::InMemory::new()),
             #[cfg(not(feature = "s3"))]
             "s3" | "s3a" => return Err(StorageError::NotCompiled { scheme: scheme.into(), feature: "s3" }),
@@ -407,11 +391,7 @@ async fn read_up_to(data: &mut BlobReader, limit: usize) -> Result<Vec<u8>, Stor
 impl Storage for ObjectStorage {
     async fn save_vessel_manifest(&self, manifest: &VesselManifest) -> Result<(), StorageError> {
         let key = self.manifest_key(&manifest.id);
-        let json = serde_json::to_vec(manifest).map_err(|e| StorageError::Corrupt {
-            what: format!("manifest of vessel {}", manifest.id),
-            reason: e.to_string(),
-        })?;
-        self.store.put(&key, PutPayload::from(json)).await.map_err(remote("put", &key))?;
+        self.store.put(&key, PutPayload::from(manifest_json(manifest)?)).await.map_err(remote("put", &key))?;
         Ok(())
     }
 
@@ -427,10 +407,8 @@ impl Storage for ObjectStorage {
         manifest: &VesselManifest,
         cond: &WriteIf,
     ) -> Result<Version, StorageError> {
-        let what = format!("manifest of vessel {}", manifest.id);
-        let json = serde_json::to_vec(manifest)
-            .map_err(|e| StorageError::Corrupt { what: what.clone(), reason: e.to_string() })?;
-        self.put_if(&self.manifest_key(&manifest.id), json, cond, what).await
+        let what = manifest_name(&manifest.id);
+        self.put_if(&self.manifest_key(&manifest.id), manifest_json(manifest)?, cond, what).await
     }
 
     async fn load_record(&self, key: &RecordKey) -> Result<Option<Record>, StorageError> {
