@@ -28,13 +28,23 @@ pub fn root_with_test_image(suite: &str) -> Option<PathBuf> {
     have_root(suite, "it mounts overlays and runs containers").then_some(dir)
 }
 
-/// Whether the process is root, as `why` needs; otherwise [`skip`]s.
+/// Whether the process is root or in vessel's rootless mode, as `why`
+/// needs; otherwise [`skip`]s.
 pub fn have_root(suite: &str, why: &str) -> bool {
-    let root = nix::unistd::geteuid().is_root();
+    let root = nix::unistd::geteuid().is_root() || in_rootless_namespace();
     if !root {
-        skip(suite, &format!("{why}; run as root"));
+        skip(suite, &format!("{why}; run as root, or rootless as a user with subordinate ids"));
     }
     root
+}
+
+/// Whether the process is in a user namespace that maps container ids
+/// `0..65536` from 0, as vessel's rootless mode makes (read the same way).
+pub fn in_rootless_namespace() -> bool {
+    let Ok(map) = std::fs::read_to_string("/proc/self/uid_map") else { return false };
+    let lines: Vec<Vec<&str>> = map.lines().map(|l| l.split_whitespace().collect()).collect();
+    lines != [["0", "0", "4294967295"]]
+        && lines.iter().any(|l| l.first() == Some(&"0") && l.get(2).and_then(|n| n.parse::<u32>().ok()) >= Some(65536))
 }
 
 /// A path the whole suite needs from `var` (set by `cargo xtask test`);

@@ -93,6 +93,13 @@ pub async fn connect(backend: Backend, config: &BackendConfig) -> Result<Arc<dyn
             rt.is_available()?;
             Ok(Arc::new(rt))
         }
+        Backend::Containerd if crate::rootless::mode().is_rootless() => Err(RuntimeError::Unavailable {
+            backend: backend.name(),
+            reason: "not in rootless mode: a rootless containerd (rootlesskit) runs in a user and mount namespace of \
+                     its own, where the overlay this process mounts for a vessel does not exist and its ids mean \
+                     other host ids; use the youki backend rootless"
+                .into(),
+        }),
         Backend::Containerd => {
             let rt = ContainerdRuntime::connect(ContainerdConfig {
                 address: config.containerd_address.clone(),

@@ -101,6 +101,12 @@ extern "C" fn hold(_: *mut libc::c_void) -> libc::c_int {
     }
 }
 
+impl std::os::fd::AsFd for UserNamespace {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
 impl UserNamespace {
     /// A new user namespace mapping container `0..size` to `mapping`'s host range.
     pub fn new(mapping: IdMapping) -> Result<Self, RuntimeError> {
@@ -204,10 +210,12 @@ impl Drop for FsIds {
 }
 
 /// Runs `f` on this thread with fsuid `uid` and fsgid `gid`, keeping the
-/// thread's capabilities, then restores both. For a process that is not
-/// root, or with ids 0, it just runs `f`.
+/// thread's capabilities, then restores both. For a process without
+/// `CAP_SETUID` (in its user namespace), or with its own ids, it just runs `f`.
 pub fn as_host_ids<T>(uid: u32, gid: u32, f: impl FnOnce() -> T) -> T {
-    if (uid == 0 && gid == 0) || !nix::unistd::geteuid().is_root() {
+    let own = (nix::unistd::geteuid().as_raw(), nix::unistd::getegid().as_raw());
+    let privileged = own.0 == 0 || crate::rootless::mode().is_rootless();
+    if (uid, gid) == own || !privileged {
         return f();
     }
     // Without NO_SETUID_FIXUP, a non-zero fsuid drops the fs capabilities
@@ -227,6 +235,9 @@ pub fn as_host_ids<T>(uid: u32, gid: u32, f: impl FnOnce() -> T) -> T {
 /// idmapped layers that is writable with the mapped root's fsuid. Makes
 /// and removes a small test tree under `dir`.
 pub fn probe(dir: &Path) -> Result<(), RuntimeError> {
+    if crate::rootless::mode().is_rootless() {
+        return probe_rootless(dir);
+    }
     let unsupported = |what: &str, e: &dyn std::fmt::Display| RuntimeError::Unavailable {
         backend: "userns",
         reason: format!("{what}: {e} (user namespaces with idmapped overlay layers need Linux 6.8 or later)"),
@@ -256,6 +267,40 @@ pub fn probe(dir: &Path) -> Result<(), RuntimeError> {
             Err(e) => Err(unsupported("reading the idmapped upper", &e)),
         }
     })();
+    let _ = fs::remove_dir_all(&base);
+    result
+}
+
+/// [`probe`] in rootless mode: an overlay (with `userxattr`) in the
+/// process's own namespaces, written as container root.
+fn probe_rootless(dir: &Path) -> Result<(), RuntimeError> {
+    let unsupported = |what: &str, e: &dyn std::fmt::Display| RuntimeError::Unavailable {
+        backend: "rootless",
+        reason: format!(
+            "{what}: {e} (rootless vessels need overlayfs with `userxattr` in a user namespace, Linux 5.11 or later)"
+        ),
+    };
+    let base = dir.join(format!(".probe-{:016x}", rand::random::<u64>()));
+    let result = as_host_ids(0, 0, || {
+        for d in ["lower", "upper", "work", "mnt"] {
+            fs::create_dir_all(base.join(d)).map_err(RuntimeError::io("create", base.join(d)))?;
+        }
+        let mount = crate::overlay::OverlayMount::mount(
+            &base.join("mnt"),
+            &[&base.join("lower")],
+            Some((&base.join("upper"), &base.join("work"))),
+        )
+        .map_err(|e| unsupported("mounting an overlay", &e))?;
+        let wrote = fs::write(base.join("mnt/probe"), b"x");
+        let owner = fs::metadata(base.join("upper/probe")).map(|m| std::os::unix::fs::MetadataExt::uid(&m));
+        mount.unmount()?;
+        wrote.map_err(|e| unsupported("writing through the overlay", &e))?;
+        match owner {
+            Ok(0) => Ok(()),
+            Ok(uid) => Err(unsupported("the upper stored the wrong owner", &uid)),
+            Err(e) => Err(unsupported("reading the upper", &e)),
+        }
+    });
     let _ = fs::remove_dir_all(&base);
     result
 }

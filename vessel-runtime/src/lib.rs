@@ -50,6 +50,9 @@ mod error;
 #[allow(unsafe_code)]
 pub mod idmap;
 pub mod overlay;
+// Entering rootless mode: a fork while the process has one thread.
+#[allow(unsafe_code)]
+pub mod rootless;
 // Project quotas: quotactl_fd and the fsxattr ioctls, which no crate wraps.
 #[allow(unsafe_code)]
 pub mod quota;
@@ -96,10 +99,14 @@ async fn drain(
 }
 
 /// Must be the first call in `main` of any program that uses a backend (see
-/// the crate docs): in a youki runner or a containerd watchdog (both
+/// the crate docs): in rootless mode it moves the process into its user
+/// namespace (see [`rootless`]); in a youki runner or a containerd watchdog (both
 /// re-executions of the program) it does that job and exits; otherwise it
 /// returns at once.
 pub fn init() {
+    // First: runners and watchdogs are children of a rootless process and
+    // inherit its namespaces (this is then a no-op for them).
+    rootless::maybe_enter();
     #[cfg(feature = "youki")]
     youki::runner::maybe_run();
     #[cfg(feature = "containerd")]
@@ -251,6 +258,13 @@ pub trait Runtime: Send + Sync + fmt::Debug {
     /// live runs are never touched. A new vessel `Manager` calls it.
     async fn remove_leftovers(&self) -> Result<usize, RuntimeError> {
         Ok(0)
+    }
+
+    /// Why this backend cannot apply [`Limits`] (memory, CPU, processes)
+    /// here, if it cannot: rootless without a usable cgroup. Callers report
+    /// it; it is never silent.
+    fn limits_unavailable(&self) -> Option<String> {
+        None
     }
 
     /// The backend's own image store, where it has one (containerd's):

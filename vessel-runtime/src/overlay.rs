@@ -21,6 +21,19 @@ use crate::RuntimeError;
 /// The kernel's maximum overlay stack depth (`OVL_MAX_STACK`).
 pub const MAX_LOWERS: usize = 500;
 
+/// The options every vessel overlay has. In rootless mode overlay keeps its
+/// bookkeeping in `user.overlay.*` (`userxattr`: `trusted.*` needs host
+/// privilege), where `redirect_dir=off` is refused; `nofollow` neither
+/// makes nor follows redirects either.
+fn fixed_options() -> Vec<(&'static str, &'static str)> {
+    let redirect = if crate::rootless::in_user_namespace() { "nofollow" } else { "off" };
+    let mut v = vec![("redirect_dir", redirect), ("metacopy", "off"), ("index", "off")];
+    if crate::rootless::in_user_namespace() {
+        v.insert(0, ("userxattr", ""));
+    }
+    v
+}
+
 /// Refuses an empty lower list or one deeper than the kernel stacks.
 fn check_lowers(lowers: &[&Path]) -> Result<(), RuntimeError> {
     if lowers.is_empty() || lowers.len() > MAX_LOWERS {
@@ -58,7 +71,9 @@ impl OverlayMount {
                 held_upper[1].as_raw_fd()
             ));
         }
-        opts.push_str(",redirect_dir=off,metacopy=off,index=off");
+        for (k, v) in fixed_options() {
+            opts.push_str(&format!(",{k}{}{v}", if v.is_empty() { "" } else { "=" }));
+        }
         let flags = if upper.is_some() { MsFlags::empty() } else { MsFlags::MS_RDONLY };
         // overlayfs writes the upper with its mounter's credentials: without
         // CAP_SYS_RESOURCE, or writes through it would ignore disk quotas.
@@ -81,8 +96,8 @@ impl OverlayMount {
         userns: &crate::idmap::UserNamespace,
     ) -> Result<Self, RuntimeError> {
         use rustix::mount::{
-            FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags, fsconfig_create, fsconfig_set_string, fsmount,
-            fsopen, move_mount,
+            FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags, fsconfig_create, fsconfig_set_flag,
+            fsconfig_set_string, fsmount, fsopen, move_mount,
         };
         check_lowers(lowers)?;
         let held: Vec<_> = lowers.iter().map(|l| userns.idmapped_clone(l)).collect::<Result<_, _>>()?;
@@ -112,8 +127,9 @@ impl OverlayMount {
         let base = crate::idmap::fd_path(&ovl_fd);
         fsconfig_set_string(&fs, "upperdir", format!("{base}/upper")).map_err(|e| fail("set overlay upper at", e))?;
         fsconfig_set_string(&fs, "workdir", format!("{base}/work")).map_err(|e| fail("set overlay work at", e))?;
-        for (k, v) in [("redirect_dir", "off"), ("metacopy", "off"), ("index", "off")] {
-            fsconfig_set_string(&fs, k, v).map_err(|e| fail("set overlay option at", e))?;
+        for (k, v) in fixed_options() {
+            let set = if v.is_empty() { fsconfig_set_flag(&fs, k) } else { fsconfig_set_string(&fs, k, v) };
+            set.map_err(|e| fail("set overlay option at", e))?;
         }
         // Creation is where overlayfs takes its mounter's credentials.
         // Without CAP_SYS_RESOURCE, as in `mount`: quotas hold.

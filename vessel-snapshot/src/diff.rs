@@ -14,7 +14,12 @@
 //!   `userxattr`) and is not archived; every other xattr is, as PAX
 //!   `SCHILY.xattr.*`. `user.overlay.*` included: on such a mount it is a
 //!   container's own data (anyone may set it), and reading it as a marker
-//!   would let a command forge an opaque directory or a whiteout;
+//!   would let a command forge an opaque directory or a whiteout. Rootless
+//!   (in a user namespace, mounts with `userxattr`) it is the other way
+//!   round: `user.overlay.*` is the bookkeeping, and what a container sets
+//!   as `user.overlay.X` overlay stores escaped, `user.overlay.overlay.X`
+//!   (Linux 6.7), archived unescaped as the data it is; `trusted.*` is
+//!   invisible there;
 //! - another device node cannot be archived: [`write_diff`] refuses it
 //!   ([`SnapshotError::DeviceNode`]) before the layer is complete, so no
 //!   snapshot holds a host device (flattening, which copies image layers
@@ -27,7 +32,7 @@ use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs::{self, File, Metadata};
 use std::io::{self, BufWriter, Read, Write};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::Path;
 
@@ -49,8 +54,6 @@ pub struct DiffStats {
 
 pub(crate) const WHITEOUT_PREFIX: &str = ".wh.";
 pub(crate) const OPAQUE_MARKER: &str = ".wh..wh..opq";
-/// The xattr namespace of overlay's bookkeeping on vessel's mounts.
-const OVERLAY_XATTR_PREFIX: &[u8] = b"trusted.overlay.";
 
 /// How to diff: what [`write_diff`] assumes, unless told otherwise.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -172,7 +175,16 @@ fn xattrs(path: &Path) -> Result<(Xattrs, OverlayMarks), SnapshotError> {
         let value = xattr::get(path, &name).map_err(SnapshotError::io("read xattr of", path))?;
         let value = value.unwrap_or_default();
         let raw = name.as_bytes();
-        if let Some(own) = raw.strip_prefix(OVERLAY_XATTR_PREFIX) {
+        let prefix = crate::overlay_xattr_prefix().as_bytes();
+        if let Some(own) = raw.strip_prefix(prefix) {
+            if let Some(escaped) = own.strip_prefix(b"overlay.").filter(|_| prefix.starts_with(b"user.")) {
+                // Rootless: what a container set as `user.overlay.X`,
+                // which overlay stored escaped; data, archived as set.
+                let mut name = prefix.to_vec();
+                name.extend_from_slice(escaped);
+                out.push((OsString::from_vec(name), value));
+                continue;
+            }
             match own {
                 b"opaque" => marks.opaque = value == b"y",
                 b"whiteout" => marks.whiteout = true,

@@ -26,6 +26,25 @@ mod error;
 pub mod image;
 mod tar_reader;
 
+/// Where overlay keeps its bookkeeping on this process's mounts:
+/// `trusted.overlay.` as root, `user.overlay.` in a user namespace
+/// (rootless vessels mount with `userxattr`; `trusted.*` needs host
+/// privilege). Layers never carry either (see `diff` and `apply`).
+pub fn overlay_xattr_prefix() -> &'static str {
+    static PREFIX: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+    PREFIX.get_or_init(|| {
+        let initial = std::fs::read_to_string("/proc/self/uid_map")
+            .is_ok_and(|m| m.split_whitespace().collect::<Vec<_>>() == ["0", "0", "4294967295"]);
+        if initial { "trusted.overlay." } else { "user.overlay." }
+    })
+}
+
+/// The opaque-directory marker of this process's overlays.
+pub(crate) fn opaque_xattr() -> &'static str {
+    static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| format!("{}opaque", overlay_xattr_prefix()))
+}
+
 pub use apply::{ApplyMode, ApplyOptions, apply_layer};
 pub use cache::{LayerCache, LayerKey};
 pub use diff::{DiffOptions, DiffStats, write_diff, write_diff_with};

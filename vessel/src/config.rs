@@ -16,7 +16,7 @@ pub struct ManagerConfig {
     pub(crate) mount_root: PathBuf,
     pub(crate) containerd_address: PathBuf,
     pub(crate) namespace: String,
-    pub(crate) rootless: bool,
+    pub(crate) rootless: Option<bool>,
     pub(crate) id_generator: Arc<dyn IdGenerator>,
     pub(crate) backend: Backend,
     pub(crate) user_namespaces: bool,
@@ -141,7 +141,7 @@ impl Default for ManagerConfig {
             mount_root: data_home().join("mounts"),
             containerd_address: vessel_runtime::ContainerdConfig::default_address(),
             namespace: "vessel".into(),
-            rootless: !nix::unistd::geteuid().is_root(),
+            rootless: None,
             id_generator: Arc::new(UniqueIdGenerator::new()),
             backend: Backend::default(),
             user_namespaces: true,
@@ -201,11 +201,15 @@ impl ManagerConfig {
         self
     }
 
-    /// Rootless mode (default: when not running as root). Not built yet:
-    /// a manager in rootless mode fails with [`crate::VesselError::RootlessUnsupported`]
-    /// rather than run half-isolated.
+    /// Rootless mode: vessels run with the user's subordinate ids, in the
+    /// process's own user namespace (see `vessel_runtime::rootless`). The
+    /// mode is the process's, chosen in `vessel::runtime::init()`: rootless
+    /// for every user but root, and for root with `VESSEL_ROOTLESS=1` (for
+    /// tests). The default is that mode; asking for the other is
+    /// [`crate::VesselError::RootlessMismatch`], and rootless where it
+    /// cannot be entered is [`crate::VesselError::RootlessUnavailable`].
     pub fn rootless(mut self, rootless: bool) -> Self {
-        self.rootless = rootless;
+        self.rootless = Some(rootless);
         self
     }
 

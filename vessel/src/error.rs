@@ -124,10 +124,15 @@ pub enum VesselError {
         "vessel isolation is not supported on this host; ManagerConfig::user_namespaces(false) turns it off (unsafe for untrusted code)"
     )]
     IsolationUnsupported(#[source] RuntimeError),
-    /// Rootless mode (`ManagerConfig::rootless(true)`, the default for a
-    /// user other than root) is not supported yet.
-    #[error("rootless mode is not supported yet: run vessel as root, with ManagerConfig::rootless(false)")]
-    RootlessUnsupported,
+    /// Rootless mode (the default for a user other than root) cannot run
+    /// here: no subordinate ids, no `newuidmap`, no user namespaces, or the
+    /// program did not call `vessel::runtime::init()` first in `main`.
+    #[error("rootless mode is unavailable: {0}")]
+    RootlessUnavailable(String),
+    /// `ManagerConfig::rootless` asks for the mode this process is not in
+    /// (the mode is chosen once, in `vessel::runtime::init()`).
+    #[error("{0}")]
+    RootlessMismatch(String),
     /// Pulling an image from a registry failed.
     #[error("cannot pull {reference}: {failure}")]
     Pull {
@@ -194,7 +199,10 @@ impl VesselError {
             Self::Core(_) | Self::InvalidPath { .. } | Self::InvalidInput(_) | Self::UnknownUser { .. } => {
                 K::InvalidInput
             }
-            Self::IsolationUnsupported(_) | Self::QuotaUnsupported { .. } | Self::RootlessUnsupported => K::Unavailable,
+            Self::IsolationUnsupported(_)
+            | Self::QuotaUnsupported { .. }
+            | Self::RootlessUnavailable(_)
+            | Self::RootlessMismatch(_) => K::Unavailable,
             Self::Pull { failure, .. } => match failure {
                 crate::PullFailure::NotFound => K::NotFound,
                 crate::PullFailure::Unauthorized => K::Unauthorized,

@@ -49,6 +49,7 @@ mod vessel;
 pub use config::{Backend, DEFAULT_DISK_QUOTA, IdRanges, ManagerConfig, VesselOptions};
 pub use error::{Result, VesselError, VesselErrorKind};
 pub use fs::{File, FileInfo, FileType, OVERFLOW_ID, OpenFlags};
+pub use limits::{Limit, UnavailableLimit};
 pub use manager::Manager;
 pub use registry::{PullFailure, PullProgress, PulledImage, RegistryAuth};
 pub use vessel::Vessel;

@@ -19,6 +19,29 @@ const NONE: &str = "none";
 /// The smallest and largest disk quota: 1 MiB, 1 PiB.
 const DISK_RANGE: (u64, u64) = (1 << 20, 1 << 50);
 
+/// A limit a vessel can have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Limit {
+    /// Memory of each command ([`Limits::memory_bytes`]).
+    Memory,
+    /// CPU of each command ([`Limits::cpu_quota_us`]).
+    Cpu,
+    /// Processes of each command ([`Limits::pids`]).
+    Pids,
+    /// What the vessel may write to disk ([`crate::VesselOptions::disk_bytes`]).
+    Disk,
+}
+
+/// A limit this host cannot apply ([`crate::Manager::unavailable_limits`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnavailableLimit {
+    /// Which.
+    pub limit: Limit,
+    /// Why not.
+    pub reason: String,
+}
+
 /// What a vessel's commands run under.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Bounds {

@@ -47,8 +47,10 @@ pub(crate) struct ManagerState {
     /// excluded by the vessel's claim in storage).
     pub(crate) vessel_locks: PathBuf,
     pub(crate) open: Mutex<HashMap<VesselId, Weak<OpenVessel>>>,
-    /// Run containers in user namespaces from this pool (`None`: host ids).
-    pub(crate) id_ranges: Option<IdRanges>,
+    /// Where vessels' container ids live on this host.
+    pub(crate) id_source: Ids,
+    /// Limits this host cannot apply, and why (reported, never silent).
+    pub(crate) unavailable: Vec<crate::UnavailableLimit>,
     /// Limits of vessels created without their own.
     pub(crate) limits: vessel_core::Limits,
     /// Disk quota of vessels created without their own; `None`: quotas off.
@@ -104,6 +106,27 @@ pub(crate) fn scrub(dir: &Path) -> Result<()> {
     }
 }
 
+/// Where vessels' container ids live on this host.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Ids {
+    /// Container ids are host ids (no user namespace; unsafe).
+    Host,
+    /// One slice of this pool per open vessel, over idmapped layers.
+    Pool(IdRanges),
+    /// Rootless: the process's namespace's container ids, shared by all
+    /// of this user's vessels (see `vessel_runtime::rootless`).
+    Rootless,
+}
+
+/// A vessel's ids while it is open.
+pub(crate) struct VesselIds {
+    pub(crate) mapping: vessel_runtime::IdMapping,
+    /// The namespace its layers are idmapped through (rootful only).
+    pub(crate) userns: Option<UserNamespace>,
+    /// The lock on its slice of the pool (rootful only).
+    pub(crate) lock: Option<Flock<fs::File>>,
+}
+
 impl ManagerState {
     pub(crate) fn vessel_dir(&self, id: &VesselId) -> PathBuf {
         self.root.join("vessels").join(id.as_str())
@@ -113,14 +136,22 @@ impl ManagerState {
     /// on `locks/ids-<first host id>.lock`, machine-wide) until the lock
     /// is dropped; `None` without user namespaces. The search starts at a
     /// slot derived from the id, so a vessel usually gets the same range.
-    pub(crate) fn take_ids(&self, id: &VesselId) -> Result<Option<(UserNamespace, Flock<fs::File>)>> {
-        let Some(ranges) = self.id_ranges else { return Ok(None) };
+    pub(crate) fn take_ids(&self, id: &VesselId) -> Result<Option<VesselIds>> {
+        let ranges = match self.id_source {
+            Ids::Host => return Ok(None),
+            Ids::Rootless => {
+                let mapping = vessel_runtime::rootless::container_mapping();
+                return Ok(Some(VesselIds { mapping, userns: None, lock: None }));
+            }
+            Ids::Pool(r) => r,
+        };
         let start = u64::from_str_radix(id.as_str(), 16).unwrap_or(0) % u64::from(ranges.count.max(1));
         for k in 0..u64::from(ranges.count) {
             let slot = ((start + k) % u64::from(ranges.count)) as u32;
             let mapping = ranges.mapping(slot)?;
             if let Some(lock) = try_lock(&self.locks.join(format!("ids-{}.lock", mapping.host_id)))? {
-                return Ok(Some((UserNamespace::new(mapping)?, lock)));
+                let userns = Some(UserNamespace::new(mapping)?);
+                return Ok(Some(VesselIds { mapping, userns, lock: Some(lock) }));
             }
         }
         Err(VesselError::IdRangesExhausted(ranges.count))
@@ -295,12 +326,50 @@ fn try_lock(p: &Path) -> Result<Option<Flock<fs::File>>> {
     Ok(Flock::lock(f, FlockArg::LockExclusiveNonblock).ok())
 }
 
-/// `/run/vessel/locks` for root, `$XDG_RUNTIME_DIR/vessel/locks` otherwise:
-/// a tmpfs, so a reboot (which ends every holder) clears it.
-fn lock_dir() -> PathBuf {
-    match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(d) if !nix::unistd::geteuid().is_root() => PathBuf::from(d).join("vessel/locks"),
-        _ => PathBuf::from("/run/vessel/locks"),
+/// `/run/vessel/locks` for root, `$XDG_RUNTIME_DIR/vessel/locks` rootless:
+/// a tmpfs, so a reboot (which ends every holder) clears it. Without
+/// `XDG_RUNTIME_DIR` (no login session), `/tmp/vessel-<uid>`, as podman
+/// falls back, checked to be this user's own.
+fn lock_dir(rootless: bool) -> Result<PathBuf> {
+    if !rootless {
+        return Ok(PathBuf::from("/run/vessel/locks"));
+    }
+    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| Path::new(d).is_absolute()) {
+        return Ok(PathBuf::from(d).join("vessel/locks"));
+    }
+    let base = std::env::temp_dir().join(format!("vessel-{}", vessel_runtime::rootless::host_uid()));
+    match fs::create_dir(&base) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(VesselError::io("create", &base)(e)),
+        _ => {}
+    }
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let meta = fs::symlink_metadata(&base).map_err(VesselError::io("stat", &base))?;
+    if !meta.is_dir() || meta.uid() != nix::unistd::geteuid().as_raw() {
+        return Err(VesselError::InvalidInput(format!(
+            "{} is not this user's own directory: set XDG_RUNTIME_DIR",
+            base.display()
+        )));
+    }
+    fs::set_permissions(&base, fs::Permissions::from_mode(0o700)).map_err(VesselError::io("chmod", &base))?;
+    Ok(base.join("locks"))
+}
+
+/// The mode `config` asks for, checked against the process's.
+fn resolve_mode(config: &ManagerConfig) -> Result<bool> {
+    use vessel_runtime::rootless::Mode;
+    match (config.rootless, vessel_runtime::rootless::mode()) {
+        (None | Some(false), Mode::Rootful) => Ok(false),
+        (None | Some(true), Mode::Rootless) => Ok(true),
+        (None | Some(true), Mode::Unavailable(why)) => Err(VesselError::RootlessUnavailable(why.clone())),
+        (Some(true), Mode::Rootful) => Err(VesselError::RootlessMismatch(
+            "rootless mode was asked for, but this process runs as root outside it: set VESSEL_ROOTLESS=1 before vessel::runtime::init()".into(),
+        )),
+        (Some(false), Mode::Rootless) => Err(VesselError::RootlessMismatch(
+            "rootful mode was asked for, but this process is in rootless mode (it needs root, with VESSEL_ROOTLESS unset or 0)".into(),
+        )),
+        (Some(false), Mode::Unavailable(_)) => {
+            Err(VesselError::RootlessMismatch("rootful mode was asked for, but it needs root".into()))
+        }
     }
 }
 
@@ -328,11 +397,14 @@ impl Manager {
     /// the mount root (mounts and dirs of vessels nobody has open; with the
     /// containerd backend, containers of dead vessel processes).
     pub async fn new(config: ManagerConfig) -> Result<Self> {
-        if config.rootless {
-            return Err(VesselError::RootlessUnsupported);
+        let rootless = resolve_mode(&config)?;
+        if rootless && !config.user_namespaces {
+            return Err(VesselError::InvalidInput(
+                "rootless vessels always run in a user namespace (user_namespaces(false) is for root)".into(),
+            ));
         }
         let root = config.mount_root.clone();
-        let locks = lock_dir();
+        let locks = lock_dir(rootless)?;
         mkdirs(&[
             (&root, 0o711),
             (&root.join("vessels"), 0o711),
@@ -353,7 +425,17 @@ impl Manager {
             tracing::warn!("user namespaces are off: container root is host root (unsafe for untrusted code)");
         }
         config.limits.validate()?;
-        if let Some(bytes) = config.disk_quota {
+        let mut unavailable = Vec::new();
+        let mut disk_quota = config.disk_quota;
+        if rootless && disk_quota.is_some() {
+            // btrfs qgroups need host privilege: no mechanism is left.
+            disk_quota = None;
+            unavailable.push(crate::UnavailableLimit {
+                limit: crate::Limit::Disk,
+                reason: "rootless: disk quotas are btrfs qgroups, which need host privilege".into(),
+            });
+        }
+        if let Some(bytes) = disk_quota {
             crate::limits::check_disk(bytes)?;
             // A real trial: a write past a quota under the mount root is refused.
             let vessels = root.join("vessels");
@@ -371,6 +453,14 @@ impl Manager {
             containerd_namespace: config.namespace.clone(),
         };
         let runtime = vessel_runtime::connect(config.backend, &backend).await?;
+        if let Some(reason) = runtime.limits_unavailable() {
+            for limit in [crate::Limit::Memory, crate::Limit::Cpu, crate::Limit::Pids] {
+                unavailable.push(crate::UnavailableLimit { limit, reason: reason.clone() });
+            }
+        }
+        for u in &unavailable {
+            tracing::warn!(limit = ?u.limit, reason = %u.reason, "a vessel limit is not applied on this host");
+        }
         if config.lease.ttl < std::time::Duration::from_secs(1) {
             return Err(VesselError::InvalidInput("the lease TTL must be at least 1 s".into()));
         }
@@ -384,9 +474,14 @@ impl Manager {
             root,
             locks,
             open: Mutex::new(HashMap::new()),
-            id_ranges: config.user_namespaces.then_some(config.id_ranges),
+            id_source: match (rootless, config.user_namespaces) {
+                (true, _) => Ids::Rootless,
+                (false, true) => Ids::Pool(config.id_ranges),
+                (false, false) => Ids::Host,
+            },
+            unavailable,
             limits: config.limits,
-            disk_quota: config.disk_quota,
+            disk_quota,
             registries: config.registries.clone(),
             lease,
         };
@@ -417,6 +512,18 @@ impl Manager {
     /// The backend's name (`youki`, `containerd`).
     pub fn backend(&self) -> &'static str {
         self.state.runtime.name()
+    }
+
+    /// Whether this manager runs vessels rootless.
+    pub fn is_rootless(&self) -> bool {
+        matches!(self.state.id_source, Ids::Rootless)
+    }
+
+    /// The limits this host cannot apply, and why: vessels run without
+    /// them (rootless without a usable cgroup, or without disk quotas).
+    /// Empty when every limit holds.
+    pub fn unavailable_limits(&self) -> &[crate::UnavailableLimit] {
+        &self.state.unavailable
     }
 
     /// The storage this manager uses.

@@ -116,7 +116,9 @@ fn main() {
     #[cfg(feature = "youki")]
     worlds.push(World { backend: Backend::Youki, base: tmp.path().join("youki"), address: None });
     #[cfg(feature = "containerd")]
-    if let Some(a) = support::required_env("facade", "VESSEL_CONTAINERD_ADDRESS") {
+    if vessel::runtime::rootless::mode().is_rootless() {
+        // containerd rootless is a typed refusal (rootless_mode_follows_the_process).
+    } else if let Some(a) = support::required_env("facade", "VESSEL_CONTAINERD_ADDRESS") {
         worlds.push(World {
             backend: Backend::Containerd,
             base: tmp.path().join("containerd"),
@@ -162,16 +164,31 @@ fn main() {
         bad_limits_are_refused,
         disk_quota_bounds_what_a_vessel_writes,
         quotas_need_a_filesystem_that_enforces_them,
-        rootless_mode_is_refused_until_it_is_built,
+        rootless_mode_follows_the_process,
         a_hundred_vessels_keep_the_host_responsive,
         images_pull_from_a_registry,
         registry_failures_are_typed_and_store_nothing,
         create_from_a_cached_image_reads_no_archive,
     ];
+    // Rootless, the cases of what needs host privilege (disk quotas, cgroup
+    // limits) or another process's help (containerd, registries) do not
+    // apply: their mechanisms are reported unavailable instead.
+    const ROOTFUL_ONLY: &[&str] = &[
+        "image_from_the_containerd_store",
+        "runaway_commands_are_contained",
+        "cpu_quota_is_enforced",
+        "exec_limits_narrow_the_vessels",
+        "disk_quota_bounds_what_a_vessel_writes",
+        "quotas_need_a_filesystem_that_enforces_them",
+        "a_hundred_vessels_keep_the_host_responsive",
+        "images_pull_from_a_registry",
+        "registry_failures_are_typed_and_store_nothing",
+    ];
+    let rootless = vessel::runtime::rootless::mode().is_rootless();
     let mut trials = Vec::new();
     for w in &worlds {
-        let prefix = format!("{:?}", w.backend).to_lowercase();
-        for (name, case) in &cases {
+        let prefix = format!("{}{:?}", if rootless { "rootless::" } else { "" }, w.backend).to_lowercase();
+        for (name, case) in cases.iter().filter(|(n, _)| !rootless || !ROOTFUL_ONLY.contains(n)) {
             let (w, case) = (w.clone(), *case);
             trials.push(Trial::test(format!("{prefix}::{name}"), move || {
                 TOKIO.block_on(case(w)).map_err(|e| Failed::from(format!("{e:#}")))
@@ -380,13 +397,22 @@ async fn path_security(w: Arc<World>) -> Result<()> {
             )
         })
     };
-    dev("blk", nix::sys::stat::SFlag::S_IFBLK, 7, 0)?;
-    dev("chr", nix::sys::stat::SFlag::S_IFCHR, 1, 3)?;
+    let rootless = vessel::runtime::rootless::mode().is_rootless();
+    let nodes: &[&str] = if rootless {
+        // Rootless, nobody can make a device node (nor could a container).
+        ensure!(dev("blk", nix::sys::stat::SFlag::S_IFBLK, 7, 0) == Err(nix::errno::Errno::EPERM));
+        ensure!(dev("chr", nix::sys::stat::SFlag::S_IFCHR, 1, 3) == Err(nix::errno::Errno::EPERM));
+        &["fifo"]
+    } else {
+        dev("blk", nix::sys::stat::SFlag::S_IFBLK, 7, 0)?;
+        dev("chr", nix::sys::stat::SFlag::S_IFCHR, 1, 3)?;
+        &["blk", "chr", "fifo"]
+    };
     vessel::runtime::idmap::as_host_ids(root_id, root_id, || {
         nix::unistd::mkfifo(&work.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o666))
     })?;
     let v = Arc::new(v);
-    for name in ["blk", "chr", "fifo"] {
+    for &name in nodes {
         let vc = v.clone();
         let tries = tokio::task::spawn_blocking(move || {
             [
@@ -658,27 +684,46 @@ async fn reopen_on_a_new_host(w: Arc<World>) -> Result<()> {
     // refusal, nothing committed.
     let host = v.id_mapping().map_or(0, |m| m.host_id);
     let null = v.rootfs().join("work/null");
-    vessel::runtime::idmap::as_host_ids(host, host, || -> Result<()> {
-        xattr::set(v.rootfs().join("work/od"), "user.overlay.opaque", b"y")?;
-        xattr::set(v.rootfs().join("work/od/a"), "user.overlay.redirect", b"/etc")?;
-        xattr::set(v.rootfs().join("work/od/a"), "trusted.vessel-test", b"t")?;
-        use nix::sys::stat::{Mode, SFlag, makedev, mknod};
-        mknod(&null, SFlag::S_IFCHR, Mode::from_bits_truncate(0o666), makedev(1, 3))?;
-        Ok(())
-    })?;
-    let before = v.manifest();
-    match v.create_snapshot("with a device").await {
-        Err(e) if e.kind() == VesselErrorKind::InvalidInput && e.to_string().contains("device node") => {}
-        other => return Err(anyhow!("snapshot of a device node: {other:?}")),
+    let rootless = vessel::runtime::rootless::mode().is_rootless();
+    if rootless {
+        // Rootless, `user.overlay.*` set through the mount is data too
+        // (overlay stores it escaped), `trusted.*` needs host root, and no
+        // device node can be made at all: refused at the source.
+        vessel::runtime::idmap::as_host_ids(host, host, || -> Result<()> {
+            xattr::set(v.rootfs().join("work/od"), "user.overlay.opaque", b"y")?;
+            xattr::set(v.rootfs().join("work/od/a"), "user.overlay.redirect", b"/etc")?;
+            ensure!(xattr::set(v.rootfs().join("work/od/a"), "trusted.vessel-test", b"t").is_err());
+            use nix::sys::stat::{Mode, SFlag, makedev, mknod};
+            let made = mknod(&null, SFlag::S_IFCHR, Mode::from_bits_truncate(0o666), makedev(1, 3));
+            ensure!(made == Err(nix::errno::Errno::EPERM), "mknod rootless: {made:?}");
+            xattr::set(v.rootfs().join("work/od/a"), "user.vessel-test", b"t")?;
+            Ok(())
+        })?;
+    } else {
+        vessel::runtime::idmap::as_host_ids(host, host, || -> Result<()> {
+            xattr::set(v.rootfs().join("work/od"), "user.overlay.opaque", b"y")?;
+            xattr::set(v.rootfs().join("work/od/a"), "user.overlay.redirect", b"/etc")?;
+            xattr::set(v.rootfs().join("work/od/a"), "trusted.vessel-test", b"t")?;
+            use nix::sys::stat::{Mode, SFlag, makedev, mknod};
+            mknod(&null, SFlag::S_IFCHR, Mode::from_bits_truncate(0o666), makedev(1, 3))?;
+            Ok(())
+        })?;
+        let before = v.manifest();
+        match v.create_snapshot("with a device").await {
+            Err(e) if e.kind() == VesselErrorKind::InvalidInput && e.to_string().contains("device node") => {}
+            other => return Err(anyhow!("snapshot of a device node: {other:?}")),
+        }
+        ensure!(v.manifest().snapshots.len() == before.snapshots.len(), "a refused snapshot was committed");
+        std::fs::remove_file(&null)?;
     }
-    ensure!(v.manifest().snapshots.len() == before.snapshots.len(), "a refused snapshot was committed");
-    std::fs::remove_file(&null)?;
     let snap = v.create_snapshot("state").await?;
     let want = scan(&v.rootfs())?;
-    ensure!(
-        want.get("work/od/a").is_some_and(|a| a.contains("user.overlay.redirect") && a.contains("trusted.vessel-test")),
-        "{want:?}"
-    );
+    let marks = if rootless {
+        ["user.overlay.redirect", "user.vessel-test"]
+    } else {
+        ["user.overlay.redirect", "trusted.vessel-test"]
+    };
+    ensure!(want.get("work/od/a").is_some_and(|a| marks.iter().all(|m| a.contains(m))), "{want:?}");
     v.write_file("uncommitted", b"x", 0o644)?;
     let id = v.id().to_string();
     // Host B: its own mount root and cache, the same storage.
@@ -1243,16 +1288,44 @@ async fn disk_quota_bounds_what_a_vessel_writes(w: Arc<World>) -> Result<()> {
     Ok(())
 }
 
-/// `ManagerConfig::rootless(true)` is a typed refusal that creates nothing,
-/// never a manager that runs half-isolated.
-async fn rootless_mode_is_refused_until_it_is_built(w: Arc<World>) -> Result<()> {
-    let root = w.base.join("rootless");
-    match Manager::new(w.config("unused").mount_root(&root).rootless(true)).await {
-        Err(e @ vessel::VesselError::RootlessUnsupported) => ensure!(e.kind() == VesselErrorKind::Unavailable),
-        other => return Err(anyhow!("rootless as root: {other:?}")),
+/// `ManagerConfig::rootless` follows the process's mode (chosen in
+/// `vessel::runtime::init`): asking for the other mode is a typed refusal
+/// that creates nothing. Rootless, the limits that cannot hold are
+/// reported, and the containerd backend is a typed `Unavailable`.
+async fn rootless_mode_follows_the_process(w: Arc<World>) -> Result<()> {
+    let rootless = vessel::runtime::rootless::mode().is_rootless();
+    let root = w.base.join("mode-mismatch");
+    match Manager::new(w.config("unused").mount_root(&root).rootless(!rootless)).await {
+        Err(e @ vessel::VesselError::RootlessMismatch(_)) => ensure!(e.kind() == VesselErrorKind::Unavailable),
+        other => return Err(anyhow!("rootless({}) in a {} process: {other:?}", !rootless, mode_name(rootless))),
     }
     ensure!(!root.exists(), "the refused manager created {}", root.display());
+    let mgr = Manager::new(w.config("mode").rootless(rootless)).await?;
+    ensure!(mgr.is_rootless() == rootless);
+    let unavailable: Vec<vessel::Limit> = mgr.unavailable_limits().iter().map(|u| u.limit).collect();
+    if rootless {
+        use vessel::Limit::*;
+        ensure!(unavailable == [Disk, Memory, Cpu, Pids], "rootless unavailable limits: {unavailable:?}");
+        ensure!(mgr.unavailable_limits().iter().all(|u| u.reason.contains("rootless")));
+        // Asked for explicitly, a disk quota is refused, not dropped.
+        match mgr.create_vessel_with(IMAGE, "/work", &VesselOptions::new().disk_bytes(1 << 30)).await {
+            Err(e) if e.kind() == VesselErrorKind::InvalidInput => {}
+            other => return Err(anyhow!("a disk quota rootless: {other:?}")),
+        }
+        let containerd = Manager::new(w.config("mode-containerd").backend(Backend::Containerd)).await;
+        match containerd {
+            Err(e) if e.kind() == VesselErrorKind::Unavailable && e.to_string().contains("rootless") => {}
+            other => return Err(anyhow!("containerd rootless: {other:?}")),
+        }
+    } else {
+        ensure!(unavailable.is_empty(), "rootful unavailable limits: {unavailable:?}");
+    }
+    mgr.close().await?;
     Ok(())
+}
+
+fn mode_name(rootless: bool) -> &'static str {
+    if rootless { "rootless" } else { "rootful" }
 }
 
 /// With quotas on, a mount root that cannot enforce them is a typed error;

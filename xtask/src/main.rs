@@ -56,6 +56,8 @@ const PACKAGES: &[&str] = &[
     "libelf-dev",
     "zlib1g-dev",
     "make",
+    // Rootless mode: newuidmap/newgidmap map a user's subordinate ids.
+    "uidmap",
 ];
 
 /// Feature sets that clippy checks: every backend, and none (a disabled

@@ -44,6 +44,8 @@ pub(crate) const LIFELINE_FD: i32 = 3;
 pub(crate) const STATUS_FD: i32 = 4;
 /// In the runner: the run's liveness lock (see the module docs).
 pub(crate) const LOCK_FD: i32 = 5;
+/// In a rootless runner: the container's user namespace, to join.
+pub(crate) const JOIN_USERNS_FD: i32 = 6;
 
 /// Containers through youki's libcontainer, no daemon.
 #[derive(Debug, Clone)]
@@ -77,6 +79,12 @@ impl YoukiRuntime {
         ] {
             fs::create_dir_all(&dir).map_err(RuntimeError::io("create", &dir))?;
             fs::set_permissions(&dir, fs::Permissions::from_mode(mode)).map_err(RuntimeError::io("chmod", &dir))?;
+            if crate::rootless::mode().is_rootless() {
+                // The runner works in the container's namespace, where the
+                // user's own id is not mapped: its dirs are container root's.
+                nix::unistd::chown(&dir, Some(0.into()), Some(0.into()))
+                    .map_err(|e| RuntimeError::io("chown", &dir)(e.into()))?;
+            }
         }
         Ok(())
     }
@@ -84,6 +92,12 @@ impl YoukiRuntime {
     fn runner_command(&self) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new(&self.runner);
         cmd.env(RUNNER_ENV, "1").env(STATE_ENV, self.root.join("state"));
+        if crate::rootless::mode().is_rootless() {
+            // The rootless process keeps the user's own id (with every
+            // capability of its namespace, which an exec would drop): the
+            // runner is the namespace's root instead.
+            cmd.uid(0).gid(0);
+        }
         cmd
     }
 
@@ -194,6 +208,22 @@ fn masked_eq_for_libcontainer(spec: &mut oci_spec::runtime::Spec) {
     spec.set_linux(Some(linux));
 }
 
+/// A rootless run's spec: no user namespace of its own (the runner joins
+/// one, with the request's mapping) and no cgroup limits (no cgroup is the
+/// user's to write; [`Runtime::limits_unavailable`] says so).
+fn rootless_spec(spec: &mut oci_spec::runtime::Spec) {
+    use oci_spec::runtime::LinuxNamespaceType;
+    let Some(mut linux) = spec.linux().clone() else { return };
+    let mut ns = linux.namespaces().clone().unwrap_or_default();
+    // The runner makes the network namespace itself, once in the user one.
+    ns.retain(|n| n.typ() != LinuxNamespaceType::User && n.typ() != LinuxNamespaceType::Network);
+    linux.set_namespaces(Some(ns));
+    linux.set_uid_mappings(None);
+    linux.set_gid_mappings(None);
+    linux.set_resources(None);
+    spec.set_linux(Some(linux));
+}
+
 #[async_trait]
 impl Runtime for YoukiRuntime {
     fn name(&self) -> &'static str {
@@ -204,8 +234,11 @@ impl Runtime for YoukiRuntime {
         let unavailable = |reason: &str| {
             Err(RuntimeError::Unavailable { backend: crate::Backend::Youki.name(), reason: reason.into() })
         };
-        if !nix::unistd::geteuid().is_root() {
-            return unavailable("it needs root (rootless mode is not built yet)");
+        match crate::rootless::mode() {
+            crate::rootless::Mode::Rootful | crate::rootless::Mode::Rootless => {}
+            crate::rootless::Mode::Unavailable(why) => {
+                return unavailable(&format!("it needs root or rootless mode, which is unavailable: {why}"));
+            }
         }
         if !PathBuf::from("/sys/fs/cgroup").is_dir() {
             return unavailable("no cgroup filesystem at /sys/fs/cgroup");
@@ -218,6 +251,12 @@ impl Runtime for YoukiRuntime {
 
     async fn remove_leftovers(&self) -> Result<usize, RuntimeError> {
         YoukiRuntime::remove_leftovers(self).await
+    }
+
+    fn limits_unavailable(&self) -> Option<String> {
+        crate::rootless::mode().is_rootless().then(|| {
+            "rootless: no cgroup is delegated to this user that vessel can use, so memory, CPU and process limits are not applied".to_owned()
+        })
     }
 
     async fn run_outcome(&self, req: RunRequest<'_>) -> Result<crate::RunOutcome, RuntimeError> {
@@ -245,6 +284,17 @@ impl Runtime for YoukiRuntime {
             spec::add_network_namespace(&mut spec)?;
         }
         masked_eq_for_libcontainer(&mut spec);
+        let rootless = crate::rootless::mode().is_rootless();
+        // Rootless: the runner joins a user namespace made here (the
+        // runner may write no id map of its own for a range) and runs
+        // without cgroups (see `rootless_spec`).
+        let join = match req.user_namespace {
+            Some(map) if rootless => {
+                rootless_spec(&mut spec);
+                Some(crate::UserNamespace::new(map)?)
+            }
+            _ => None,
+        };
         spec.save(bundle.join("config.json")).map_err(RuntimeError::Spec)?;
 
         let (life_r, life_w) = pipe()?;
@@ -262,10 +312,12 @@ impl Runtime for YoukiRuntime {
         if userns {
             cmd.env(USERNS_ENV, "1");
         }
-        crate::child::hand_over(
-            &mut cmd,
-            &[(life_r.as_raw_fd(), LIFELINE_FD), (status_w.as_raw_fd(), STATUS_FD), (lock.as_raw_fd(), LOCK_FD)],
-        );
+        let mut fds =
+            vec![(life_r.as_raw_fd(), LIFELINE_FD), (status_w.as_raw_fd(), STATUS_FD), (lock.as_raw_fd(), LOCK_FD)];
+        if let Some(ns) = &join {
+            fds.push((std::os::fd::AsFd::as_fd(ns).as_raw_fd(), JOIN_USERNS_FD));
+        }
+        crate::child::hand_over(&mut cmd, &fds);
         if let Some(size) = req.tty {
             cmd.env(TTY_ENV, format!("{},{}", size.rows, size.cols));
         }

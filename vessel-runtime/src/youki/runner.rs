@@ -20,8 +20,8 @@ use nix::unistd::Pid;
 use serde_json::json;
 
 use super::{
-    BUNDLE_ENV, ID_ENV, LIFELINE_FD, LOCK_FD, MODE_ENV, NETWORK_ENV, RUNNER_ENV, STATE_ENV, STATUS_FD, TTY_ENV,
-    USERNS_ENV,
+    BUNDLE_ENV, ID_ENV, JOIN_USERNS_FD, LIFELINE_FD, LOCK_FD, MODE_ENV, NETWORK_ENV, RUNNER_ENV, STATE_ENV, STATUS_FD,
+    TTY_ENV, USERNS_ENV,
 };
 use crate::RuntimeError;
 
@@ -31,7 +31,7 @@ pub(crate) fn maybe_run() {
         return;
     }
     if std::env::var(MODE_ENV).as_deref() == Ok("cleanup") {
-        std::process::exit(match cleanup() {
+        std::process::exit(match without_cgroups().map_err(fail).and_then(|()| cleanup()) {
             Ok(()) => 0,
             Err((_, message)) => {
                 eprintln!("vessel runner cleanup: {message}");
@@ -110,6 +110,21 @@ fn env(name: &str) -> Result<String, Failure> {
     std::env::var(name).map_err(|_| ("container", format!("runner started without {name}")))
 }
 
+/// An error with its sources ("io error" alone tells nothing).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}
+
 fn fail(e: impl std::fmt::Display) -> Failure {
     ("container", e.to_string())
 }
@@ -128,10 +143,22 @@ fn run() -> Result<(i32, bool), Failure> {
     // long as this process lives, so it is owned here and never closed early.
     let _lock = unsafe { OwnedFd::from_raw_fd(LOCK_FD) };
     let stop = stop_signals().map_err(fail)?;
+    if crate::rootless::mode().is_rootless() {
+        // SAFETY: the parent placed the namespace fd here for this process
+        // alone; it is owned (and closed) once, here.
+        let ns = unsafe { OwnedFd::from_raw_fd(JOIN_USERNS_FD) };
+        // This process has one thread, as joining a user namespace requires.
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWUSER).map_err(fail)?;
+        without_cgroups().map_err(fail)?;
+    }
     let (bundle, state, id) = (PathBuf::from(env(BUNDLE_ENV)?), PathBuf::from(env(STATE_ENV)?), env(ID_ENV)?);
     let private_net = env(NETWORK_ENV)? != "host";
     let userns = std::env::var_os(USERNS_ENV).is_some();
-    if private_net && !userns {
+    // Rootless, this runner is already in the container's user namespace:
+    // a network namespace it makes is that namespace's, as it must be for
+    // the container to mount sysfs.
+    let joined = crate::rootless::mode().is_rootless();
+    if private_net && (!userns || joined) {
         // This runner serves one container, which shares its network
         // namespace: make it private, with loopback up. (With a user
         // namespace, libcontainer creates it inside, see below.)
@@ -160,19 +187,20 @@ fn run() -> Result<(i32, bool), Failure> {
         Ok(c) => c,
         Err(e) => {
             cleanup_cgroups(&id);
-            let message = e.to_string();
+            let message = chain(&e);
             let kind =
                 if message.contains("executable") || message.contains("not found") { "exec" } else { "container" };
             return Err((kind, message));
         }
     };
-    let code = match (private_net && userns).then(|| container_loopback_up(&container)) {
+    let code = match (private_net && userns && !joined).then(|| container_loopback_up(&container)) {
         Some(Err(e)) => Err(e),
         _ => supervise(&mut container, listener.as_ref(), tty.as_deref(), &lifeline, &stop),
     };
     // Read before the teardown removes the cgroup.
     let oom = crate::oom_kills(&format!("/vessel/{id}")) > 0;
     // One teardown for every outcome once the container exists.
+    kill_all(&mut container);
     let deleted = container.delete(true);
     cleanup_cgroups(&id);
     // The caller removes these too, unless a signal just ended it.
@@ -259,6 +287,11 @@ fn container_loopback_up(container: &libcontainer::container::Container) -> Resu
 fn kill_all(container: &mut libcontainer::container::Container) {
     if let Ok(sig) = libcontainer::signal::Signal::try_from(Signal::SIGKILL as i32) {
         let _ = container.kill(sig, true);
+    }
+    // libcontainer finds "all" through the cgroup, which a rootless
+    // container lacks: the end of its pid namespace's init ends them all.
+    if let Some(pid) = container.pid() {
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid.as_raw()), Signal::SIGKILL);
     }
 }
 
@@ -489,6 +522,27 @@ fn exit_code(status: WaitStatus) -> Option<i32> {
         WaitStatus::Signaled(_, sig, _) => Some(128 + sig as i32),
         _ => None,
     }
+}
+
+/// Rootless: shows libcontainer a cgroup2 tree of a cgroup namespace of
+/// this runner's own (mounted in a mount namespace of its own), so it
+/// takes the cgroup v2 path, where a cgroup this user may not create is
+/// skipped, not fatal (on the host's v1 controllers it would fail
+/// outright). The limits are then reported unavailable, not applied.
+fn without_cgroups() -> nix::Result<()> {
+    if !crate::rootless::mode().is_rootless() {
+        return Ok(());
+    }
+    use nix::mount::{MsFlags, mount};
+    use nix::sched::CloneFlags;
+    nix::sched::unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWCGROUP)?;
+    mount(
+        Some("cgroup2"),
+        "/sys/fs/cgroup",
+        Some("cgroup2"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
 }
 
 /// libcontainer leaves the per-container cgroup directories on some hosts

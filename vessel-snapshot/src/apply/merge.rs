@@ -15,7 +15,7 @@ use nix::sys::time::TimeSpec;
 use nix::unistd::{Gid, Uid};
 use xattr::FileExt;
 
-use super::{Existing, OPAQUE_XATTR, beneath, existing_at, proc_path, remove_at};
+use super::{Existing, beneath, existing_at, proc_path, remove_at};
 use crate::SnapshotError;
 
 pub(super) fn merge_dir(src: &OwnedFd, dst: &OwnedFd, shown: &Path) -> Result<(), SnapshotError> {
@@ -41,7 +41,7 @@ pub(super) fn merge_dir(src: &OwnedFd, dst: &OwnedFd, shown: &Path) -> Result<()
         let src_child = openat2(src, &*name, beneath(OFlag::O_RDONLY | OFlag::O_DIRECTORY))
             .map_err(|e| SnapshotError::io("open", &here)(e.into()))?;
         let opaque = File::from(src_child.try_clone().map_err(SnapshotError::io("dup", &here))?)
-            .get_xattr(OPAQUE_XATTR)
+            .get_xattr(crate::opaque_xattr())
             .map_err(SnapshotError::io("read xattr of", &here))?
             .is_some_and(|v| v == b"y");
         match existing_at(dst, &name).map_err(SnapshotError::io("stat", &here))? {
@@ -81,8 +81,11 @@ fn copy_dir_metadata(meta: &fs::Metadata, src: &File, dst: &File, shown: &Path) 
         .map_err(|e| SnapshotError::io("chown", shown)(e.into()))?;
     nix::sys::stat::fchmod(dst, Mode::from_bits_truncate(meta.mode() & 0o7777))
         .map_err(|e| SnapshotError::io("chmod", shown)(e.into()))?;
-    let wanted: Vec<OsString> =
-        src.list_xattr().map_err(SnapshotError::io("list xattrs of", shown))?.filter(|n| n != OPAQUE_XATTR).collect();
+    let wanted: Vec<OsString> = src
+        .list_xattr()
+        .map_err(SnapshotError::io("list xattrs of", shown))?
+        .filter(|n| n != crate::opaque_xattr())
+        .collect();
     for old in dst.list_xattr().map_err(SnapshotError::io("list xattrs of", shown))? {
         if !wanted.contains(&old) {
             dst.remove_xattr(&old).map_err(SnapshotError::io("remove xattr of", shown))?;

@@ -48,10 +48,24 @@ use sha2::{Digest, Sha256};
 use crate::SnapshotError;
 use crate::diff::DiffStats;
 
-const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
-/// Overlay's bookkeeping namespace on vessel's mounts; a layer may never
-/// set it (`user.overlay.*` is ordinary data there, see `diff`).
-const OVERLAY_XATTR_PREFIX: &str = "trusted.overlay.";
+/// Whether a layer's xattr `name` is overlay bookkeeping, which a layer
+/// may never set: `trusted.overlay.*` (on vessel's rootful mounts; host
+/// root's alone). `user.overlay.*` is ordinary data (see `diff`).
+pub(crate) fn is_overlay_xattr(name: &str) -> bool {
+    name.starts_with("trusted.overlay.")
+}
+
+/// The name a layer's xattr `name` has on disk. Rootless, overlay keeps
+/// its bookkeeping in `user.overlay.*`, so a layer's own `user.overlay.X`
+/// is stored escaped, as overlay itself stores what is set through it
+/// (`user.overlay.overlay.X`, Linux 6.7), and overlay shows it unescaped.
+pub(crate) fn on_disk_xattr(name: &str) -> std::borrow::Cow<'_, str> {
+    let prefix = crate::overlay_xattr_prefix();
+    match name.strip_prefix(prefix) {
+        Some(rest) if prefix.starts_with("user.") => format!("{prefix}overlay.{rest}").into(),
+        _ => name.into(),
+    }
+}
 
 /// What to make of a layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -19,8 +19,8 @@ use sha2::{Digest, Sha256};
 use xattr::FileExt;
 
 use super::{
-    ApplyOptions, DigestReader, Existing, OPAQUE_XATTR, OVERLAY_XATTR_PREFIX, beneath, components, existing_at,
-    open_dir, proc_path, remove_at, unsafe_entry,
+    ApplyOptions, DigestReader, Existing, beneath, components, existing_at, is_overlay_xattr, on_disk_xattr, open_dir,
+    proc_path, remove_at, unsafe_entry,
 };
 use crate::SnapshotError;
 use crate::codec::decompressed;
@@ -159,7 +159,7 @@ impl Unpacker<'_> {
             return Ok(());
         };
         for (x, _) in &e.xattrs {
-            if x.starts_with(OVERLAY_XATTR_PREFIX) {
+            if is_overlay_xattr(x) {
                 return Err(unsafe_entry(&raw, "sets an overlay-internal xattr"));
             }
         }
@@ -178,7 +178,9 @@ impl Unpacker<'_> {
                 let dir = self.parent(&raw, parents)?;
                 let fd = openat2(&dir, ".", beneath(OFlag::O_RDONLY | OFlag::O_DIRECTORY))
                     .map_err(|e| self.err("open", parents, e))?;
-                File::from(fd).set_xattr(OPAQUE_XATTR, b"y").map_err(|e| self.io("set opaque xattr on", parents, e))?;
+                File::from(fd)
+                    .set_xattr(crate::opaque_xattr(), b"y")
+                    .map_err(|e| self.io("set opaque xattr on", parents, e))?;
                 return Ok(());
             }
             let hidden = OsStr::from_bytes(hidden);
@@ -385,7 +387,7 @@ impl Unpacker<'_> {
         // After chown, which clears set-id bits.
         nix::sys::stat::fchmod(f, mode).map_err(|e| self.err("chmod", comps, e))?;
         for (k, v) in xattrs {
-            f.set_xattr(k, v).map_err(|e| self.io("set xattr on", comps, e))?;
+            f.set_xattr(&*on_disk_xattr(k), v).map_err(|e| self.io("set xattr on", comps, e))?;
         }
         Ok(())
     }
@@ -409,7 +411,7 @@ impl Unpacker<'_> {
         }
         for (k, v) in xattrs {
             // lsetxattr: never follows the final symlink.
-            xattr::set(proc_path(dir, name), k, v).map_err(|e| self.io("set xattr on", comps, e))?;
+            xattr::set(proc_path(dir, name), &*on_disk_xattr(k), v).map_err(|e| self.io("set xattr on", comps, e))?;
         }
         Ok(())
     }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use vessel_core::{ExecOptions, ExecResult};
 use vessel_runtime::overlay::OverlayMount;
-use vessel_runtime::{RunRequest, TtySize, UserNamespace};
+use vessel_runtime::{RunRequest, TtySize};
 
 use super::{Vessel, bounded_dir};
 use crate::error::{Result, VesselError};
@@ -104,7 +104,7 @@ impl Vessel {
             uid: inner.user.uid,
             gid: inner.user.gid,
             additional_gids: inner.user.additional_gids.clone(),
-            user_namespace: inner.userns.as_ref().map(UserNamespace::mapping),
+            user_namespace: inner.ids,
             tty: opts.tty.then_some(TtySize { rows: 24, cols: 80 }),
             stdin: opts.stdin,
             stdout: opts.stdout,

@@ -50,7 +50,9 @@ pub(crate) struct OpenVessel {
     /// The image's runtime defaults (`Env` is every command's base).
     image_config: vessel_snapshot::image::ImageConfig,
     user: crate::user::User,
-    /// The vessel's user namespace (`None`: host ids), for its mounts.
+    /// The vessel's ids on this host (`None`: host ids).
+    ids: Option<vessel_runtime::IdMapping>,
+    /// The namespace its layers are idmapped through (rootful with ids).
     userns: Option<UserNamespace>,
     /// Its commands' limits and its disk quota.
     bounds: crate::limits::Bounds,
@@ -106,16 +108,15 @@ impl OpenVessel {
             manager.disk_quota,
             manager.disk_quota.is_some(),
         )?;
-        let (userns, ids_lock) = match manager.take_ids(&id)? {
-            Some((ns, l)) => (Some(ns), Some(l)),
-            None => (None, None),
+        let (ids, userns, ids_lock) = match manager.take_ids(&id)? {
+            Some(v) => (Some(v.mapping), v.userns, v.lock),
+            None => (None, None, None),
         };
-        let ids = userns.as_ref().map(UserNamespace::mapping);
         let dir = manager.vessel_dir(&id);
         make_vessel_dir(&dir, ids)?;
         let image_layers: Vec<PathBuf> = image.layers.iter().map(|l| l.path.clone()).collect();
         let lowers = manager.lowers(&id, &manifest, manifest.current_snapshot_id.as_ref(), &image_layers, &dir).await?;
-        let mount = mount_at(&dir, &lowers, Upper::Fresh, userns.as_ref(), bounds.disk)?;
+        let mount = mount_at(&dir, &lowers, Upper::Fresh, ids, userns.as_ref(), bounds.disk)?;
         let root = open_root(&dir.join("rootfs"))?;
         let gate = Gate::new(id.clone(), root, ids);
         let user = {
@@ -154,6 +155,7 @@ impl OpenVessel {
             manifest: Mutex::new(manifest),
             image_config: image.config.clone(),
             user,
+            ids,
             userns,
             image_layers,
             bounds,
@@ -166,7 +168,7 @@ impl OpenVessel {
 
     /// Mounts the rootfs on `lowers` with the vessel's ids and disk quota.
     fn mount(&self, lowers: &[PathBuf], upper: Upper) -> Result<OverlayMount> {
-        mount_at(&self.dir, lowers, upper, self.userns.as_ref(), self.bounds.disk)
+        mount_at(&self.dir, lowers, upper, self.ids, self.userns.as_ref(), self.bounds.disk)
     }
 
     pub(crate) fn manifest(&self) -> VesselManifest {
@@ -255,8 +257,25 @@ fn bounded_dir(parent: &Path, name: &str, disk: Option<u64>) -> Result<PathBuf> 
 }
 
 /// Mounts the vessel's rootfs on `lowers` (bottom first), over idmapped
-/// layers with a user namespace.
+/// layers with a user namespace; rootless (ids without a namespace to map
+/// layers through), made as container root, so the upper's root is its.
 fn mount_at(
+    dir: &Path,
+    lowers: &[PathBuf],
+    upper: Upper,
+    ids: Option<vessel_runtime::IdMapping>,
+    userns: Option<&UserNamespace>,
+    disk: Option<u64>,
+) -> Result<OverlayMount> {
+    match (ids, userns) {
+        (Some(m), None) => {
+            vessel_runtime::idmap::as_host_ids(m.host_id, m.host_id, || mount_dirs(dir, lowers, upper, None, disk))
+        }
+        _ => mount_dirs(dir, lowers, upper, userns, disk),
+    }
+}
+
+fn mount_dirs(
     dir: &Path,
     lowers: &[PathBuf],
     upper: Upper,
