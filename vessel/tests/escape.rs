@@ -145,7 +145,15 @@ async fn probes_are_refused(w: Arc<World>) -> Result<()> {
     let v = mgr.create_vessel(IMAGE, "/work").await?;
     let before = v.list_snapshots().len();
     let got = probe(&w, &v).await?;
-    expect(&got, REFUSED)?;
+    if rootless() {
+        // Rootless there are no cgroup files to write at all: the
+        // container's cgroup2 tree is its own namespace's, with no limits.
+        let mut want: Vec<(&str, &str)> = REFUSED.iter().filter(|(k, _)| *k != "cgroup_write").copied().collect();
+        want.push(("cgroup_write", "EROFS|EACCES|absent"));
+        expect(&got, &want)?;
+    } else {
+        expect(&got, REFUSED)?;
+    }
     expect(&got, &[("mknod_chr", "EPERM"), ("open_chr", "skipped"), ("mknod_blk", "EPERM"), ("open_blk", "skipped")])?;
     // Nothing changed: the probe ran on a throwaway layer.
     ensure!(v.stat("/tmp/dev-chr").is_err() && v.list_snapshots().len() == before);
@@ -189,8 +197,15 @@ async fn vessels_run_under_their_own_host_ids(w: Arc<World>) -> Result<()> {
     let mgr = Manager::new(w.config("ids")).await?;
     let (a, b) = (mgr.create_vessel(IMAGE, "/").await?, mgr.create_vessel(IMAGE, "/").await?);
     let (ma, mb) = (a.id_mapping().context("a has no mapping")?, b.id_mapping().context("b has no mapping")?);
-    ensure!(ma.host_id >= 65536 && mb.host_id >= 65536, "{ma:?} {mb:?}");
-    ensure!(ma.host_id + ma.size <= mb.host_id || mb.host_id + mb.size <= ma.host_id, "overlap: {ma:?} {mb:?}");
+    if rootless() {
+        // Rootless, a user's vessels share its one subordinate range (ids
+        // of the process's namespace; see rootless_containers_never_hold_the_users_id).
+        let shared = vessel::runtime::rootless::container_mapping();
+        ensure!(ma == shared && mb == shared, "{ma:?} {mb:?}");
+    } else {
+        ensure!(ma.host_id >= 65536 && mb.host_id >= 65536, "{ma:?} {mb:?}");
+        ensure!(ma.host_id + ma.size <= mb.host_id || mb.host_id + mb.size <= ma.host_id, "overlap: {ma:?} {mb:?}");
+    }
     // A sleep of its own per backend (the worlds run side by side).
     let secs = if w.backend == Backend::Youki { "1.51" } else { "1.52" };
     let cmdline = format!("sleep\0{secs}\0");
@@ -213,6 +228,72 @@ async fn vessels_run_under_their_own_host_ids(w: Arc<World>) -> Result<()> {
     let info = a.stat("/mine")?;
     ensure!((info.uid, info.gid) == (1000, 50), "{info:?}");
     mgr.close().await?;
+    Ok(())
+}
+
+fn rootless() -> bool {
+    vessel::runtime::rootless::mode().is_rootless()
+}
+
+/// `/proc/<pid>/uid_map` (or `self`) as (inside, outside, count) lines.
+fn uid_map(pid: &str) -> Result<Vec<(u64, u64, u64)>> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/uid_map"))?;
+    text.lines()
+        .map(|l| {
+            let f: Vec<u64> = l.split_whitespace().map(str::parse).collect::<Result<_, _>>()?;
+            ensure!(f.len() == 3, "uid_map line {l:?}");
+            Ok((f[0], f[1], f[2]))
+        })
+        .collect()
+}
+
+/// Rootless, a container's ids are the user's subordinate ids only: its
+/// root is not the user, the user's own id is not mapped in it (a command
+/// cannot become the user, with setuid or by chown), and the user's own
+/// namespace, where the user's id is, is out of its reach.
+async fn rootless_containers_never_hold_the_users_id(w: Arc<World>) -> Result<()> {
+    if !rootless() {
+        // Rootful, vessels_run_under_their_own_host_ids covers the ids.
+        return Ok(());
+    }
+    let mgr = Manager::new(w.config("rootless-ids")).await?;
+    let v = mgr.create_vessel(IMAGE, "/").await?;
+    // This process's namespace: container ids, then the user at 65536.
+    let ours = uid_map("self")?;
+    let own = vessel::runtime::rootless::OWN_ID as u64;
+    let user = ours.iter().find(|l| l.0 == own).map(|l| l.1).context("the user is not mapped here")?;
+    ensure!(user == u64::from(vessel::runtime::rootless::host_uid()));
+    let sub = ours.iter().find(|l| l.0 == 0).context("no container ids here")?;
+    // Inside: one line, container 0..65536 onto our 0..65536, never 65536.
+    let (code, out, err) = run(&v, sh("cat /proc/self/uid_map /proc/self/gid_map"), false).await?;
+    ensure!(code == 0, "{err}");
+    let lines: Vec<Vec<&str>> = out.lines().map(|l| l.split_whitespace().collect()).collect();
+    ensure!(lines == [["0", "0", "65536"], ["0", "0", "65536"]], "the container's maps: {out:?}");
+    // So container root is the first subordinate id on the host, not the user.
+    ensure!(sub.1 != user && !(sub.1..sub.1 + sub.2).contains(&user), "the subordinate range holds the user: {ours:?}");
+    // A command tries to become the user's id, or give it a file.
+    let attack = "touch /f; chown 65536 /f 2>&1; echo chown=$?; \
+                  su -s /bin/sh 65536 -c id 2>/dev/null; echo su=$?; \
+                  cat /proc/1/uid_map >/dev/null; stat -c %u /f";
+    let (_, out, _) = run(&v, sh(attack), false).await?;
+    ensure!(out.contains("chown=1") && out.contains("su=1") && out.trim_end().ends_with('0'), "{out:?}");
+    ensure!(out.contains("Invalid argument"), "chown to the user's id: {out:?}");
+    mgr.close().await?;
+    Ok(())
+}
+
+/// Rootless, the unsafe mode (container root = host ids) does not exist:
+/// a typed refusal that creates nothing.
+async fn rootless_refuses_host_ids(w: Arc<World>) -> Result<()> {
+    if !rootless() {
+        return Ok(());
+    }
+    let root = w.base.join("rootless-host-ids");
+    match Manager::new(w.config("rootless-host-ids").user_namespaces(false)).await {
+        Err(e) if e.kind() == vessel::VesselErrorKind::InvalidInput => {}
+        other => return Err(anyhow::anyhow!("user_namespaces(false) rootless: {other:?}")),
+    }
+    ensure!(!root.exists(), "the refused manager created {}", root.display());
     Ok(())
 }
 
@@ -457,7 +538,9 @@ fn main() {
     #[cfg(feature = "youki")]
     worlds.push(World { backend: Backend::Youki, base: tmp.path().join("youki"), address: None, probe: probe.clone() });
     #[cfg(feature = "containerd")]
-    if let Some(a) = support::required_env("escape", "VESSEL_CONTAINERD_ADDRESS") {
+    if rootless() {
+        // containerd rootless is a typed refusal (the facade suite).
+    } else if let Some(a) = support::required_env("escape", "VESSEL_CONTAINERD_ADDRESS") {
         worlds.push(World {
             backend: Backend::Containerd,
             base: tmp.path().join("containerd"),
@@ -490,13 +573,18 @@ fn main() {
         user_overlay_xattrs_forge_nothing,
         device_nodes_are_refused_at_snapshot,
         forged_manifests_cannot_borrow_cached_layers,
+        rootless_containers_never_hold_the_users_id,
+        rootless_refuses_host_ids,
     ];
+    // The unsafe mode (no user namespace) exists as root only.
+    const ROOTFUL_ONLY: &[&str] = &["device_cgroup_without_user_namespaces", "device_nodes_are_refused_at_snapshot"];
     let worlds: Vec<Arc<World>> = worlds.into_iter().map(Arc::new).collect();
     let mut trials = Vec::new();
     for w in &worlds {
-        for (name, case) in &cases {
+        for (name, case) in cases.iter().filter(|(n, _)| !rootless() || !ROOTFUL_ONLY.contains(n)) {
             let (w, case) = (w.clone(), *case);
-            let label = format!("{}::{name}", if w.backend == Backend::Youki { "youki" } else { "containerd" });
+            let mode = if rootless() { "rootless::" } else { "" };
+            let label = format!("{mode}{}::{name}", if w.backend == Backend::Youki { "youki" } else { "containerd" });
             trials
                 .push(Trial::test(label, move || TOKIO.block_on(case(w)).map_err(|e| Failed::from(format!("{e:#}")))));
         }

@@ -120,6 +120,10 @@ pub(crate) async fn create(mgr: &Manager, a: &CreateArgs, json: bool) -> Result<
     // The initial state (image + work dir) is the vessel's first snapshot.
     let first = v.create_snapshot("create").await;
     pb.finish_and_clear();
+    // Never silent: what the vessel's limits will not do on this host.
+    for u in mgr.unavailable_limits() {
+        eprintln!("vessel: warning: the {:?} limit is not applied here: {}", u.limit, u.reason);
+    }
     let closed = v.close().await;
     first?;
     closed?;
