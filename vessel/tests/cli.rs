@@ -21,7 +21,7 @@ struct Session {
 
 impl Session {
     fn run(&self, args: &[&str], stdin: Option<&[u8]>) -> Result<Output> {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vessel"));
+        let mut cmd = Command::new(vessel_bin());
         cmd.arg("--data").arg(&self.data).arg("--mount-root").arg(&self.mounts).args([
             "--backend",
             self.backend,
@@ -48,6 +48,12 @@ impl Session {
         ensure!(out.status.success(), "vessel {args:?}: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
         Ok(String::from_utf8(out.stdout)?)
     }
+}
+
+/// The `vessel` binary: cargo's, or a copy an ordinary user can reach
+/// (`VESSEL_CLI_BIN`, for the rootless run).
+fn vessel_bin() -> std::ffi::OsString {
+    std::env::var_os("VESSEL_CLI_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_vessel").into())
 }
 
 fn main() {
@@ -332,17 +338,9 @@ fn a_2_gib_image_imports_in_bounded_memory(s: &Session, scratch: &Path) -> Resul
     ensure!(std::fs::metadata(&archive)?.len() > 2 << 30);
     let (data, mounts, archive_arg) =
         (s.data.display().to_string(), s.mounts.display().to_string(), archive.display().to_string());
-    let cmd = [
-        env!("CARGO_BIN_EXE_vessel"),
-        "--data",
-        &data,
-        "--mount-root",
-        &mounts,
-        "image",
-        "import",
-        &archive_arg,
-        "local/big:latest",
-    ];
+    let bin = vessel_bin().to_string_lossy().into_owned();
+    let cmd =
+        [bin.as_str(), "--data", &data, "--mount-root", &mounts, "image", "import", &archive_arg, "local/big:latest"];
     let script = "import resource, subprocess, sys\n\
                   r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL)\n\
                   print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n";
@@ -365,7 +363,7 @@ fn a_2_gib_image_imports_in_bounded_memory(s: &Session, scratch: &Path) -> Resul
 /// refused credentials failing before anything is created.
 fn storage_by_url(url: &str, dir: &Path, image: &Path) -> Result<()> {
     let run = |storage: &str, mounts: &Path, args: &[&str], env: &[(&str, &str)]| -> Result<Output> {
-        Ok(Command::new(env!("CARGO_BIN_EXE_vessel"))
+        Ok(Command::new(vessel_bin())
             .args(["--storage", storage, "--mount-root"])
             .arg(mounts)
             .args(["--no-disk-quota", "--host-name", "cli-host"])
@@ -385,7 +383,7 @@ fn storage_by_url(url: &str, dir: &Path, image: &Path) -> Result<()> {
     ok(&["snapshot", &id, "-m", "one"])?;
     ensure!(ok(&["read", &id, "/kept"])? == "kept\n");
     // While a command runs, the vessel is held, by this host name.
-    let mut held = Command::new(env!("CARGO_BIN_EXE_vessel"))
+    let mut held = Command::new(vessel_bin())
         .args(["--storage", url, "--mount-root"])
         .arg(dir.join("mounts"))
         .args(["--no-disk-quota", "--host-name", "cli-host", "exec", &id, "--", "sleep", "30"])

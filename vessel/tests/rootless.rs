@@ -55,7 +55,15 @@ fn agent() -> ! {
         .host_name(env("VESSEL_AGENT_NAME"))
         .disk_quota(None)
         .default_limits(vessel::Limits::default());
-    let mgr = TOKIO.block_on(Manager::new(config)).expect("manager");
+    let mgr = match TOKIO.block_on(Manager::new(config)) {
+        Ok(m) => m,
+        Err(e) => {
+            // Every command gets the reason (what a probe of a user
+            // without subordinate ids expects).
+            println!("err {:?} {}", e.kind(), format!("{e:#}").replace('\n', " "));
+            std::process::exit(0)
+        }
+    };
     let mut vessel: Option<vessel::Vessel> = None;
     let stdout = std::io::stdout();
     for line in std::io::stdin().lock().lines() {
@@ -154,7 +162,8 @@ struct World {
     storage_url: String,
     base: PathBuf,
     user: String,
-    uid: u32,
+    /// A copy of this binary the user can reach (the build dir may not be).
+    agent_exe: PathBuf,
 }
 
 struct Agent {
@@ -165,6 +174,14 @@ struct Agent {
 
 impl Agent {
     fn start(w: &World, mode: Mode, name: &str) -> Result<Self> {
+        let mut a = Self::spawn(w, mode, &w.user, name)?;
+        let want = if mode == Mode::Rootful { "rootful" } else { "rootless" };
+        let got = a.ok("mode")?;
+        ensure!(got == want, "{name}: a {mode:?} agent runs {got}");
+        Ok(a)
+    }
+
+    fn spawn(w: &World, mode: Mode, user: &str, name: &str) -> Result<Self> {
         let exe = std::env::current_exe()?;
         let root = w.base.join(name);
         std::fs::create_dir_all(&root)?;
@@ -184,15 +201,16 @@ impl Agent {
                 // The user's own dirs, as its login would have them.
                 let home = root.join("home");
                 std::fs::create_dir_all(&home)?;
+                let uid = nix::unistd::User::from_name(user)?.context("no such user")?.uid;
                 for d in [&root, &home] {
-                    nix::unistd::chown(d, Some(w.uid.into()), Some(w.uid.into()))?;
+                    nix::unistd::chown(d, Some(uid), None)?;
                 }
                 vars.push(("HOME".into(), home.display().to_string()));
                 vars.push(("TMPDIR".into(), home.display().to_string()));
                 let mut c = Command::new("runuser");
-                c.args(["-u", &w.user, "--", "env"]);
+                c.args(["-u", user, "--", "env"]);
                 c.args(vars.iter().map(|(k, v)| format!("{k}={v}")));
-                c.arg(&exe);
+                c.arg(&w.agent_exe);
                 c
             }
             Mode::Rootful | Mode::RootRootless => {
@@ -205,11 +223,7 @@ impl Agent {
         let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
         let stdin = child.stdin.take().context("stdin")?;
         let stdout = BufReader::new(child.stdout.take().context("stdout")?);
-        let mut a = Self { child, stdin: Some(stdin), stdout };
-        let want = if mode == Mode::Rootful { "rootful" } else { "rootless" };
-        let got = a.ok("mode")?;
-        ensure!(got == want, "{name}: a {mode:?} agent runs {got}");
-        Ok(a)
+        Ok(Self { child, stdin: Some(stdin), stdout })
     }
 
     fn ask(&mut self, line: &str) -> Result<std::result::Result<String, String>> {
@@ -235,8 +249,11 @@ impl Agent {
     fn sh(&mut self, script: &str) -> Result<String> {
         let r = self.ok(&format!("sh {script}"))?;
         let mut f = r.split(' ');
-        let (code, out, err) = (f.next().unwrap_or_default(), f.next().unwrap_or_default(), f.next().unwrap_or_default());
-        let text = |b: &str| -> Result<String> { Ok(String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b)?)?) };
+        let (code, out, err) =
+            (f.next().unwrap_or_default(), f.next().unwrap_or_default(), f.next().unwrap_or_default());
+        let text = |b: &str| -> Result<String> {
+            Ok(String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b)?)?)
+        };
         let (out, err) = (text(out)?, text(err)?);
         ensure!(code == "0", "{script:?} exited {code}: {out}{err}");
         Ok(out)
@@ -340,7 +357,10 @@ async fn the_same_change_is_the_same_layer_in_every_mode(w: Arc<World>) -> Resul
     let two = want[1].join("\n");
     ensure!(two.contains("w/x/.wh..wh..opq") && two.contains("w/.wh.soft"), "step two's layer:\n{two}");
     ensure!(want[0].iter().any(|e| e.starts_with("bin/.wh.vi ")), "step one's layer: {want:?}");
-    ensure!(want[0].iter().any(|e| e.starts_with("w/od/ ") && e.contains("SCHILY.xattr.user.overlay.opaque")), "{want:?}");
+    ensure!(
+        want[0].iter().any(|e| e.starts_with("w/od/ ") && e.contains("SCHILY.xattr.user.overlay.opaque")),
+        "{want:?}"
+    );
     ensure!(want[0].iter().any(|e| e.starts_with("w/hard ") && e.contains("owner 0000173:0000710")), "{want:?}");
     ensure!(tree.contains("./od/a") && tree.contains("./x/new") && !tree.contains("./x/2"), "{tree}");
     for (mode, got, got_tree) in &layers[1..] {
@@ -375,7 +395,11 @@ async fn a_vessel_moves_between_modes_exact(w: Arc<World>) -> Result<()> {
             a.ok(&format!("open {id}"))?;
             let got = a.sh(TREE)?;
             ensure!(got == tree, "hop {i} ({mode:?}) opened:\n{got}\nwant:\n{tree}");
-            let step = if i == 1 { STEP_TWO.to_owned() } else { format!("echo {i} > /w/hop-{i}; rm -f /w/hop-{}; echo ok", i - 1) };
+            let step = if i == 1 {
+                STEP_TWO.to_owned()
+            } else {
+                format!("echo {i} > /w/hop-{i}; rm -f /w/hop-{}; echo ok", i - 1)
+            };
             ensure!(a.sh(&step)? == "ok\n");
         }
         a.snapshot()?;
@@ -384,6 +408,21 @@ async fn a_vessel_moves_between_modes_exact(w: Arc<World>) -> Result<()> {
         a.quit()?;
     }
     ensure!(tree.contains("./hop-4") && !tree.contains("./hop-3") && tree.contains("./x/new"), "{tree}");
+    Ok(())
+}
+
+/// A user without subordinate ids (`VESSEL_NOSUB_USER`) cannot run
+/// rootless: a typed `Unavailable` that says what to add, and nothing made.
+async fn a_user_without_subordinate_ids_is_told_why(w: Arc<World>) -> Result<()> {
+    let Some(user) = support::required_env("rootless", "VESSEL_NOSUB_USER") else { return Ok(()) };
+    let mut a = Agent::spawn(&w, Mode::User, &user.to_string_lossy(), "nosub")?;
+    let reply = a.ask("mode")?;
+    let err = reply.err().context("a user without subordinate ids runs vessel")?;
+    ensure!(
+        err.starts_with("err Unavailable") && err.contains("/etc/subuid") && err.contains("--add-subuids"),
+        "{err}"
+    );
+    ensure!(!w.base.join("nosub/mounts").exists(), "the refused manager made its mount root");
     Ok(())
 }
 
@@ -409,7 +448,9 @@ fn main() {
         std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
     }
     let storage_url = format!("{}/rootless-{}", s3.to_string_lossy().trim_end_matches('/'), std::process::id());
-    let w = Arc::new(World { storage_url, base: tmp.path().to_path_buf(), user, uid });
+    let agent_exe = tmp.path().join("agent");
+    std::fs::copy(std::env::current_exe().unwrap(), &agent_exe).unwrap();
+    let w = Arc::new(World { storage_url, base: tmp.path().to_path_buf(), user, agent_exe });
     TOKIO.block_on(async {
         let src = vessel::LocalStorage::new(image_dir.join("storage")).unwrap();
         let r = vessel::ImageRef::new(IMAGE).unwrap();
@@ -420,8 +461,11 @@ fn main() {
     });
     type Case = fn(Arc<World>) -> std::pin::Pin<Box<dyn Future<Output = Result<()>> + Send>>;
     let cases: Vec<(&str, Case)> = vec![
-        ("the_same_change_is_the_same_layer_in_every_mode", |w| Box::pin(the_same_change_is_the_same_layer_in_every_mode(w))),
+        ("the_same_change_is_the_same_layer_in_every_mode", |w| {
+            Box::pin(the_same_change_is_the_same_layer_in_every_mode(w))
+        }),
         ("a_vessel_moves_between_modes_exact", |w| Box::pin(a_vessel_moves_between_modes_exact(w))),
+        ("a_user_without_subordinate_ids_is_told_why", |w| Box::pin(a_user_without_subordinate_ids_is_told_why(w))),
     ];
     let trials = cases
         .into_iter()

@@ -9,6 +9,7 @@ mod image;
 mod python;
 mod quotafs;
 mod registry;
+mod rootless;
 mod s3;
 mod upkeep;
 mod util;
@@ -138,14 +139,21 @@ fn test() -> Result<()> {
     let registries = registry::Registries::start()?;
     let python = python::venv(&root)?;
     let s3 = s3::S3Server::start(&python)?;
+    let user = rootless::TestUser::ensure()?;
     run(cargo(&root)
         .args(["test", "--workspace", "--locked", "--all-features"])
         .env("VESSEL_MCP_PYTHON", &python)
         .envs(s3.env())
+        .envs(user.env())
         .env("VESSEL_TEST_IMAGE_DIR", &image.dir)
         .env("VESSEL_CONTAINERD_ADDRESS", &containerd.address)
         .env("TMPDIR", &quota.tmp)
         .envs(registries.env()))?;
+    // Rootless: the facade's core cases, the CLI session and the escape
+    // probes again, as an ordinary user.
+    let executables = rootless::test_executables(&root, &["--workspace", "--locked", "--all-features"])?;
+    user.run_suites(&executables, &image.dir, &s3.env())?;
+    drop(user);
     drop(s3);
     drop(registries);
     drop(quota);
