@@ -128,7 +128,10 @@ struct Inner {
 /// [`HostLease::end`] or drop, and the claims it takes.
 pub struct HostLease {
     inner: Arc<Inner>,
-    heartbeat: Mutex<Option<JoinHandle<()>>>,
+    /// The renewal task and what tells it to stop: it stops between
+    /// renewals, never in the middle of one (a write cancelled half-way can
+    /// still land, after `end` removed the heartbeat).
+    heartbeat: Mutex<Option<(JoinHandle<()>, tokio::sync::watch::Sender<()>)>>,
 }
 
 impl std::fmt::Debug for HostLease {
@@ -235,16 +238,20 @@ impl HostLease {
     fn spawn_heartbeat(&self) {
         let inner = Arc::downgrade(&self.inner);
         let period = self.inner.ttl / 3;
+        let (stop, mut stopped) = tokio::sync::watch::channel(());
         let task = tokio::spawn(async move {
             loop {
-                tokio::time::sleep(period).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(period) => {}
+                    // Told to stop, or the lease is gone (the sender dropped).
+                    _ = stopped.changed() => return,
+                }
                 let Some(inner) = inner.upgrade() else { return };
                 inner.renew().await;
             }
         });
-        if let Some(old) = self.heartbeat.lock().unwrap_or_else(|e| e.into_inner()).replace(task) {
-            old.abort();
-        }
+        // An older task (the lease was ended and used again) stops on its own.
+        drop(self.heartbeat.lock().unwrap_or_else(|e| e.into_inner()).replace((task, stop)));
     }
 
     /// This host's id.
@@ -369,8 +376,12 @@ impl HostLease {
     /// Stops renewing and removes the heartbeat: claims this host still
     /// holds are dead at once. A later [`HostLease::claim`] starts anew.
     pub async fn end(&self) -> Result<(), StorageError> {
-        if let Some(task) = self.heartbeat.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            task.abort();
+        let running = self.heartbeat.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some((task, stop)) = running {
+            // Waits out a renewal in flight, which could otherwise write the
+            // heartbeat again after it is removed below.
+            let _ = stop.send(());
+            let _ = task.await;
         }
         let had = self.inner.state.lock().unwrap_or_else(|e| e.into_inner()).0.take();
         if had.is_some() {
@@ -382,9 +393,8 @@ impl HostLease {
 
 impl Drop for HostLease {
     fn drop(&mut self) {
-        if let Some(task) = self.heartbeat.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
-            task.abort();
-        }
+        // The renewal task stops when its sender goes.
+        drop(self.heartbeat.get_mut().unwrap_or_else(|e| e.into_inner()).take());
         // Best effort: without `end`, the heartbeat expires after its TTL.
         let ended = self.inner.state.lock().unwrap_or_else(|e| e.into_inner()).0.is_none();
         if !ended && let Ok(rt) = tokio::runtime::Handle::try_current() {
