@@ -152,7 +152,9 @@ fn test() -> Result<()> {
     // Rootless: the facade's core cases, the CLI session and the escape
     // probes again, as an ordinary user.
     let executables = rootless::test_executables(&root, &["--workspace", "--locked", "--all-features"])?;
-    user.run_suites(&executables, &image.dir, &s3.env())?;
+    let mut env = s3.env();
+    env.extend(registries.env());
+    user.run_suites(&executables, &image.dir, &env)?;
     drop(user);
     drop(s3);
     drop(registries);
