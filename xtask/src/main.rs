@@ -174,14 +174,18 @@ fn bench(rest: &[String]) -> Result<()> {
     let quota = quotafs::QuotaFs::start()?;
     let registries = registry::Registries::start()?;
     let s3 = s3::S3Server::start(&python::venv(&root)?)?;
+    // The rootless bench's agent runs as the test user.
+    let user = rootless::TestUser::ensure()?;
     run(cargo(&root)
         .args(["bench", "-p", "vessel-benches"])
         .args(rest)
         .envs(s3.env())
+        .envs(user.env())
         .env("VESSEL_TEST_IMAGE_DIR", &image.dir)
         .env("VESSEL_CONTAINERD_ADDRESS", &containerd.address)
         .env("TMPDIR", &quota.tmp)
         .envs(registries.env()))?;
+    drop(user);
     drop(s3);
     drop(registries);
     drop(quota);

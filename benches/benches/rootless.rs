@@ -1,0 +1,188 @@
+//! Rootless against rootful, in the same run: exec `true`, a 1-file
+//! snapshot and a restore. The mode is a process's (chosen in
+//! `vessel::runtime::init`), so each side is an agent process, this bench
+//! re-run: as root (rootful), and as the test user (rootless,
+//! `VESSEL_ROOTLESS_USER`, which `cargo xtask bench` creates). Each agent
+//! times the operations itself (no IPC in the timed region) and has the
+//! same setup: a vessel from the test image, local storage and mount root
+//! on `TMPDIR`, no limits and no disk quota (rootless has neither, so the
+//! rootful side does the same work: no cgroup, no qgroup).
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use criterion::Criterion;
+use vessel::{ExecOptions, LocalStorage, Manager, ManagerConfig};
+use vessel_benches::image_dir;
+
+const AGENT: &str = "VESSEL_BENCH_ROOTLESS_AGENT";
+const IMAGE: &str = "local/busybox:latest";
+
+/// Replies to `exec N`, `snapshot N`, `restore N` with the nanoseconds N
+/// of them took.
+fn agent() -> ! {
+    let env = |k: &str| PathBuf::from(std::env::var_os(k).unwrap_or_else(|| panic!("{k} unset")));
+    let (dir, archive) = (env("VESSEL_AGENT_DIR"), env("VESSEL_AGENT_IMAGE"));
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let config = ManagerConfig::default()
+        .storage(LocalStorage::new(dir.join("data")).unwrap())
+        .mount_root(dir.join("mounts"))
+        .disk_quota(None)
+        .default_limits(vessel::Limits::default());
+    let (mgr, v, snaps) = rt.block_on(async {
+        let mgr = Manager::new(config).await.unwrap();
+        let file = tokio::fs::File::open(&archive).await.unwrap();
+        mgr.import_image(IMAGE, Box::new(file)).await.unwrap();
+        let v = mgr.create_vessel(IMAGE, "/work").await.unwrap();
+        v.write_file("/work/a", b"a", 0o644).unwrap();
+        let a = v.create_snapshot("a").await.unwrap().id;
+        v.write_file("/work/b", b"b", 0o644).unwrap();
+        let b = v.create_snapshot("b").await.unwrap().id;
+        (mgr, v, [a, b])
+    });
+    println!("{}", if mgr.is_rootless() { "rootless" } else { "rootful" });
+    let mut k = 0u64;
+    for line in std::io::stdin().lock().lines() {
+        let line = line.unwrap();
+        let (op, n) = line.split_once(' ').unwrap_or((&line, "0"));
+        if op == "quit" {
+            rt.block_on(async {
+                v.close().await.unwrap();
+                mgr.close().await.unwrap();
+            });
+            std::process::exit(0)
+        }
+        let n: u64 = n.parse().unwrap();
+        let mut total = Duration::ZERO;
+        rt.block_on(async {
+            for _ in 0..n {
+                k += 1;
+                match op {
+                    "exec" => {
+                        let t = Instant::now();
+                        let opts =
+                            ExecOptions { command: vec!["true".into()], persist_result: true, ..Default::default() };
+                        let res = v.exec(opts).await.unwrap();
+                        total += t.elapsed();
+                        assert_eq!(res.exit_code, 0);
+                    }
+                    "snapshot" => {
+                        v.write_file(&format!("/work/f{k}"), b"one file", 0o644).unwrap();
+                        let t = Instant::now();
+                        v.create_snapshot("step").await.unwrap();
+                        total += t.elapsed();
+                    }
+                    "restore" => {
+                        let t = Instant::now();
+                        v.restore_snapshot(&snaps[(k % 2) as usize]).await.unwrap();
+                        total += t.elapsed();
+                    }
+                    other => panic!("unknown op {other}"),
+                }
+            }
+        });
+        println!("{}", total.as_nanos());
+        std::io::stdout().flush().unwrap();
+    }
+    std::process::exit(0)
+}
+
+struct Agent {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Agent {
+    /// Starts an agent as `user` (rootless) or as root (rootful) in `dir`.
+    fn start(exe: &Path, dir: &Path, archive: &Path, user: Option<&str>) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let vars = [
+            (AGENT.to_string(), "1".to_string()),
+            ("VESSEL_AGENT_DIR".into(), dir.display().to_string()),
+            ("VESSEL_AGENT_IMAGE".into(), archive.display().to_string()),
+            ("HOME".into(), dir.display().to_string()),
+            ("TMPDIR".into(), dir.display().to_string()),
+        ];
+        let mut cmd = match user {
+            Some(u) => {
+                let status = Command::new("chown").arg(format!("{u}:")).arg(dir).status().unwrap();
+                assert!(status.success());
+                let mut c = Command::new("runuser");
+                c.args(["-u", u, "--", "env"]).args(vars.iter().map(|(k, v)| format!("{k}={v}"))).arg(exe);
+                c
+            }
+            None => {
+                let mut c = Command::new(exe);
+                c.envs(vars.iter().map(|(k, v)| (k, v))).env("VESSEL_ROOTLESS", "0");
+                c
+            }
+        };
+        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut mode = String::new();
+        stdout.read_line(&mut mode).unwrap();
+        let want = if user.is_some() { "rootless" } else { "rootful" };
+        assert_eq!(mode.trim(), want, "the agent runs in the wrong mode");
+        Self { child, stdin, stdout }
+    }
+
+    fn time(&mut self, op: &str, n: u64) -> Duration {
+        writeln!(self.stdin, "{op} {n}").unwrap();
+        self.stdin.flush().unwrap();
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        Duration::from_nanos(line.trim().parse().expect("the agent's timing"))
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = writeln!(self.stdin, "quit");
+        let _ = self.stdin.flush();
+        let _ = self.child.wait();
+    }
+}
+
+fn main() {
+    vessel::runtime::init();
+    if std::env::var_os(AGENT).is_some() {
+        agent();
+    }
+    if !nix::unistd::geteuid().is_root() || vessel::runtime::rootless::mode().is_rootless() {
+        eprintln!("SKIPPED rootless bench: runs as root (it starts a rootful and a rootless agent)");
+        return;
+    }
+    let Some(user) = std::env::var("VESSEL_ROOTLESS_USER").ok() else {
+        eprintln!("SKIPPED rootless bench: VESSEL_ROOTLESS_USER is unset (run `cargo xtask bench`)");
+        return;
+    };
+    let source = image_dir().join("busybox-oci.tar");
+    assert!(source.is_file(), "no test image at {} (run `cargo xtask image`)", source.display());
+    let dir = tempfile::tempdir().unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    // Copies both agents can reach (the build dir may be under /root).
+    let (exe, archive) = (dir.path().join("agent"), dir.path().join("busybox-oci.tar"));
+    std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+    std::fs::copy(&source, &archive).unwrap();
+    let mut agents = [
+        ("rootful", Agent::start(&exe, &dir.path().join("rootful"), &archive, None)),
+        ("rootless", Agent::start(&exe, &dir.path().join("rootless"), &archive, Some(&user))),
+    ];
+    let mut c = Criterion::default().configure_from_args().sample_size(30).measurement_time(Duration::from_secs(8));
+    let mut g = c.benchmark_group("rootless");
+    for (op, what) in [("exec", "exec-true"), ("snapshot", "snapshot-1-file"), ("restore", "restore")] {
+        for (mode, agent) in agents.iter_mut() {
+            g.bench_function(format!("{mode}/{what}"), |b| b.iter_custom(|n| agent.time(op, n)));
+        }
+    }
+    g.finish();
+    drop(agents);
+    c.final_summary();
+}
