@@ -96,9 +96,19 @@ pub fn is_mount_point(path: &Path) -> bool {
 /// The cgroups vessel's containers left (`vessel-*` under any hierarchy's
 /// `vessel` dir, v1 or v2).
 pub fn leftover_cgroups() -> Vec<PathBuf> {
-    let mut roots: Vec<PathBuf> =
-        std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten().map(|e| e.path().join("vessel")).collect();
+    let hierarchies: Vec<PathBuf> =
+        std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten().map(|e| e.path()).collect();
+    let mut roots: Vec<PathBuf> = hierarchies.iter().map(|h| h.join("vessel")).collect();
     roots.push(PathBuf::from("/sys/fs/cgroup/vessel"));
+    // Rootless runs' cgroups, in subtrees delegated to users (`vessel-<uid>`).
+    for h in &hierarchies {
+        for e in std::fs::read_dir(h).into_iter().flatten().flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.strip_prefix("vessel-").is_some_and(|u| u.parse::<u32>().is_ok()) {
+                roots.push(e.path());
+            }
+        }
+    }
     roots
         .iter()
         .flat_map(|r| std::fs::read_dir(r).into_iter().flatten().flatten())

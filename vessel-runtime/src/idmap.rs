@@ -258,17 +258,28 @@ pub fn probe(dir: &Path) -> Result<(), RuntimeError> {
         .map_err(|e| unsupported("mounting an overlay over idmapped layers", &e))?;
         let host_root = ns.mapping().host_id;
         let wrote = as_host_ids(host_root, host_root, || fs::write(base.join("mnt/probe"), b"x"));
-        let owner = fs::metadata(base.join("ovl/upper/probe")).map(|m| std::os::unix::fs::MetadataExt::uid(&m));
-        mount.unmount()?;
-        wrote.map_err(|e| unsupported("writing through an idmapped overlay", &e))?;
-        match owner {
-            Ok(0) => Ok(()),
-            Ok(uid) => Err(unsupported("the idmapped upper stored the wrong owner", &uid)),
-            Err(e) => Err(unsupported("reading the idmapped upper", &e)),
-        }
+        verdict(mount, wrote, &base.join("ovl/upper/probe"), unsupported)
     })();
     let _ = fs::remove_dir_all(&base);
     result
+}
+
+/// A probe's end: unmounts, then the write through the overlay must have
+/// worked and landed in the upper (`stored`) as container root's.
+fn verdict(
+    mount: crate::overlay::OverlayMount,
+    wrote: std::io::Result<()>,
+    stored: &Path,
+    unsupported: impl Fn(&str, &dyn std::fmt::Display) -> RuntimeError,
+) -> Result<(), RuntimeError> {
+    let owner = fs::metadata(stored).map(|m| std::os::unix::fs::MetadataExt::uid(&m));
+    mount.unmount()?;
+    wrote.map_err(|e| unsupported("writing through the overlay", &e))?;
+    match owner {
+        Ok(0) => Ok(()),
+        Ok(uid) => Err(unsupported("the upper stored the wrong owner", &uid)),
+        Err(e) => Err(unsupported("reading the upper", &e)),
+    }
 }
 
 /// [`probe`] in rootless mode: an overlay (with `userxattr`) in the
@@ -292,14 +303,7 @@ fn probe_rootless(dir: &Path) -> Result<(), RuntimeError> {
         )
         .map_err(|e| unsupported("mounting an overlay", &e))?;
         let wrote = fs::write(base.join("mnt/probe"), b"x");
-        let owner = fs::metadata(base.join("upper/probe")).map(|m| std::os::unix::fs::MetadataExt::uid(&m));
-        mount.unmount()?;
-        wrote.map_err(|e| unsupported("writing through the overlay", &e))?;
-        match owner {
-            Ok(0) => Ok(()),
-            Ok(uid) => Err(unsupported("the upper stored the wrong owner", &uid)),
-            Err(e) => Err(unsupported("reading the upper", &e)),
-        }
+        verdict(mount, wrote, &base.join("upper/probe"), unsupported)
     });
     let _ = fs::remove_dir_all(&base);
     result

@@ -118,6 +118,70 @@ pub fn host_uid() -> u32 {
         .unwrap_or_else(|| nix::unistd::getuid().as_raw())
 }
 
+/// The controllers rootless limits use, in cgroup v1.
+pub(crate) const LIMIT_CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
+
+/// The mount point of cgroup v1 controller `name`.
+pub(crate) fn v1_mount(name: &str) -> Option<PathBuf> {
+    let info = procfs::process::Process::myself().and_then(|p| p.mountinfo()).ok()?;
+    info.0.into_iter().find(|m| m.fs_type == "cgroup" && m.super_options.contains_key(name)).map(|m| m.mount_point)
+}
+
+/// The name of the cgroup subtree delegated to this user on the memory,
+/// cpu and pids controllers of cgroup v1 (`vessel-<uid>`, made and chowned
+/// to the user by root, as `cgcreate -a user -t user` does), or why there
+/// is none. Rootless containers then get memory, CPU and process limits in it.
+pub fn delegated_cgroups() -> Result<String, String> {
+    use std::os::unix::fs::MetadataExt;
+    let name = format!("vessel-{}", host_uid());
+    let mut missing = Vec::new();
+    for c in LIMIT_CONTROLLERS {
+        let Some(m) = v1_mount(c) else {
+            return Err(format!(
+                "no cgroup v1 {c} controller (cgroup v2 delegation, a systemd user session's subtree, is not used yet)"
+            ));
+        };
+        let d = m.join(&name);
+        if !fs::metadata(&d).is_ok_and(|md| md.is_dir() && md.uid() == nix::unistd::geteuid().as_raw()) {
+            missing.push(d.display().to_string());
+        }
+    }
+    if missing.is_empty() {
+        Ok(name)
+    } else {
+        Err(format!("no cgroup is delegated to this user (root can make {} and chown them to it)", missing.join(", ")))
+    }
+}
+
+/// Removes run `id`'s cgroups under the delegated subtree `parent`; true
+/// when none is left (a cgroup whose processes are still dying is busy).
+pub(crate) fn remove_delegated(parent: &str, id: &str) -> bool {
+    let mut gone = true;
+    for c in LIMIT_CONTROLLERS {
+        if let Some(m) = v1_mount(c) {
+            let d = m.join(parent).join(id);
+            if fs::remove_dir(&d).is_err() && d.exists() {
+                gone = false;
+            }
+        }
+    }
+    gone
+}
+
+/// The run ids whose memory cgroup under the delegated subtree `parent`
+/// has no process and is older than `age`.
+pub(crate) fn stale_delegated_runs(parent: &str, age: std::time::Duration) -> Vec<String> {
+    let Some(m) = v1_mount("memory") else { return Vec::new() };
+    let Ok(entries) = fs::read_dir(m.join(parent)) else { return Vec::new() };
+    entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("vessel-"))
+        .filter(|e| e.metadata().ok().and_then(|md| md.modified().ok()).and_then(|t| t.elapsed().ok()) > Some(age))
+        .filter(|e| fs::read_to_string(e.path().join("cgroup.procs")).is_ok_and(|p| p.trim().is_empty()))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
 /// `/proc/self/uid_map` as (inside, outside, count) lines.
 fn read_uid_map() -> Option<Vec<(u32, u32, u32)>> {
     let text = fs::read_to_string("/proc/self/uid_map").ok()?;
@@ -205,7 +269,7 @@ fn enter() -> Result<(), String> {
     // process untouched); this process then joins it, which an unprivileged
     // user may do for a namespace it owns, and which grants every
     // capability in it.
-    let (ready_r, ready_w) = nix::unistd::pipe().map_err(|e| format!("pipe: {e}"))?;
+    let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
     // SAFETY: the process has one thread (maybe_enter's contract); the
     // child only calls async-signal-safe functions and never returns.
     let child = match unsafe { nix::unistd::fork() }.map_err(|e| format!("fork: {e}"))? {

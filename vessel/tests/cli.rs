@@ -138,15 +138,24 @@ fn a_whole_session(s: &Session, image: &Path) -> Result<()> {
     let out = s.run(&["exec", "--timeout", "0", &id, "--", "true"], None)?;
     ensure!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("more than 0"), "{out:?}");
     if vessel::runtime::rootless::mode().is_rootless() {
-        // Rootless: no cgroup or disk quota to enforce them. A disk quota
-        // asked for is refused; the other limits are said not to apply.
+        // Rootless: no disk quota; cgroup limits only in a subtree
+        // delegated to the user. A disk quota asked for is refused; limits
+        // that cannot hold are said not to apply.
         let out = s.run(&["create", "--disk", "32m", "local/busybox:latest"], None)?;
         let err = String::from_utf8_lossy(&out.stderr);
         ensure!(out.status.code() == Some(125) && err.contains("runs without"), "{out:?}");
         let out = s.run(&["create", "--memory", "48m", "local/busybox:latest"], None)?;
         let err = String::from_utf8_lossy(&out.stderr);
-        ensure!(out.status.success() && err.contains("Memory limit is not applied here: rootless"), "{out:?}");
-        s.ok(&["rm", String::from_utf8_lossy(&out.stdout).trim()], None)?;
+        let small = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        if vessel::runtime::rootless::delegated_cgroups().is_ok() {
+            ensure!(out.status.success() && !err.contains("Memory limit"), "{out:?}");
+            let out = s.run(&["--json", "exec", &small, "--", "tail", "/dev/zero"], None)?;
+            let said: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+            ensure!(out.status.code() == Some(137) && said["oom_killed"] == true, "{said}");
+        } else {
+            ensure!(out.status.success() && err.contains("Memory limit is not applied here: rootless"), "{out:?}");
+        }
+        s.ok(&["rm", &small], None)?;
     } else {
         // Limits at create: the memory hog is OOM-killed, --json says so; the
         // disk filler hits the quota; a bad limit is vessel's own error (125).

@@ -1,9 +1,10 @@
 //! Rootless runs: an ordinary test user with subordinate ids (as
 //! `useradd` gives every user on Debian), one without, and the suites that
 //! run as that user (their binaries and the test image copied where it can
-//! reach them: the checkout may be under root's home). After the suites, a
-//! leak check as root: no process of the user or its subordinate range is
-//! left, nothing is mounted under its dirs.
+//! reach them: the checkout may be under root's home), first with no cgroup
+//! of the user's, then with a cgroup v1 subtree delegated to it. After the
+//! suites, a leak check as root: no process of the user or its subordinate
+//! range is left, nothing is mounted under its dirs, no cgroup of a run.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -137,15 +138,62 @@ impl TestUser {
             env.push(("CI".into(), ci.to_string_lossy().into_owned()));
         }
         env.extend(extra_env.iter().map(|(k, v)| (k.to_string(), v.clone())));
-        for (name, exe) in copied.iter().filter(|(n, _)| n != "vessel") {
-            println!("rootless: the {name} suite as {USER}");
+        let suite = |name: &str, how: &str| -> Result<()> {
+            let (_, exe) = copied.iter().find(|(n, _)| n == name).context("suite")?;
+            println!("rootless: the {name} suite as {USER} ({how})");
             let mut cmd = Command::new("runuser");
             cmd.args(["-u", USER, "--", "env", "-i"]);
             cmd.args(env.iter().map(|(k, v)| format!("{k}={v}")));
             cmd.arg(exe).args(["--test-threads", "2"]);
-            run(&mut cmd)?;
+            run(&mut cmd)
+        };
+        // First with no cgroup of the user's (limits reported unavailable),
+        // then with a delegated subtree (limits enforced).
+        suite("facade", "no cgroup delegated")?;
+        let delegated = self.delegate()?;
+        let ran = (|| {
+            for name in SUITES {
+                suite(name, "a cgroup subtree delegated")?;
+            }
+            self.leak_check()
+        })();
+        self.undelegate(&delegated);
+        ran
+    }
+
+    /// The cgroup v1 memory, cpu and pids hierarchies' mount points.
+    fn controller_mounts() -> Result<Vec<PathBuf>> {
+        let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+        let mut out = Vec::new();
+        for c in ["memory", "cpu", "pids"] {
+            let m = info.lines().find_map(|l| {
+                let (pre, post) = l.split_once(" - ")?;
+                let mut post = post.split(' ');
+                let (fs, _, opts) = (post.next()?, post.next()?, post.next()?);
+                let point = pre.split(' ').nth(4)?;
+                (fs == "cgroup" && opts.split(',').any(|o| o == c)).then(|| PathBuf::from(point))
+            });
+            out.push(m.with_context(|| format!("no cgroup v1 {c} controller to delegate"))?);
         }
-        self.leak_check()
+        Ok(out)
+    }
+
+    /// Delegates `vessel-<uid>` in each to the user, as `cgcreate -a -t` does.
+    fn delegate(&self) -> Result<Vec<PathBuf>> {
+        let mut dirs = Vec::new();
+        for m in Self::controller_mounts()? {
+            let d = m.join(format!("vessel-{}", self.uid));
+            std::fs::create_dir_all(&d)?;
+            run(Command::new("chown").arg("-R").arg(format!("{}:{}", self.uid, self.uid)).arg(&d))?;
+            dirs.push(d);
+        }
+        Ok(dirs)
+    }
+
+    fn undelegate(&self, dirs: &[PathBuf]) {
+        for d in dirs {
+            let _ = std::fs::remove_dir(d);
+        }
     }
 
     /// As root: nothing of the user's is left running or mounted.
@@ -171,10 +219,21 @@ impl TestUser {
         let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
         let dir = self.dir.display().to_string();
         left.extend(mounts.lines().filter(|l| l.contains(&dir)).map(str::to_owned));
+        // No run's cgroup left in the user's delegated subtree.
+        for m in Self::controller_mounts()? {
+            let d = m.join(format!("vessel-{}", self.uid));
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                if e.path().is_dir() {
+                    left.push(format!("cgroup {}", e.path().display()));
+                }
+            }
+        }
         if !left.is_empty() {
             bail!("rootless leak check: left behind:\n{}", left.join("\n"));
         }
-        println!("rootless leak check (as root): no process of {USER} or its subordinate ids, nothing mounted");
+        println!(
+            "rootless leak check (as root): no process of {USER} or its subordinate ids, nothing mounted, no cgroup"
+        );
         Ok(())
     }
 }

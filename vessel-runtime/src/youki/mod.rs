@@ -36,6 +36,11 @@ pub(crate) const NETWORK_ENV: &str = "VESSEL_YOUKI_NETWORK";
 pub(crate) const TTY_ENV: &str = "VESSEL_YOUKI_TTY";
 /// Set when the container has its own user namespace.
 pub(crate) const USERNS_ENV: &str = "VESSEL_YOUKI_USERNS";
+/// Rootless with a delegated cgroup subtree: its name (see
+/// `rootless::delegated_cgroups`).
+pub(crate) const CGROUP_PARENT_ENV: &str = "VESSEL_YOUKI_CGROUP_PARENT";
+/// With it: `memory,cpu quota,pids`, each empty for none.
+pub(crate) const LIMITS_ENV: &str = "VESSEL_YOUKI_LIMITS";
 /// `run` (default) or `cleanup` (remove a container whose runner died).
 pub(crate) const MODE_ENV: &str = "VESSEL_YOUKI_MODE";
 /// In the runner: read end of the lifeline (EOF = caller gone).
@@ -116,6 +121,9 @@ impl YoukiRuntime {
             .map_err(RuntimeError::io("start cleanup runner", &self.runner))?;
         let _ = fs::remove_dir_all(self.root.join("bundles").join(id));
         let _ = fs::remove_file(lock_file(&self.root, id));
+        if let Some(parent) = delegated() {
+            let _ = crate::rootless::remove_delegated(&parent, id);
+        }
         if !status.success() {
             return Err(RuntimeError::Container(format!("cleaning up container {id} failed ({status})")));
         }
@@ -127,6 +135,14 @@ impl YoukiRuntime {
     /// Returns how many; live runs are never touched.
     pub async fn remove_leftovers(&self) -> Result<usize, RuntimeError> {
         let dir = self.root.join("runners");
+        // Rootless cgroups a killed process left: the user's subtree is
+        // shared by its managers, so only empty ones older than any run's
+        // setup (a runner moves its container in within milliseconds).
+        if let Some(parent) = delegated() {
+            for id in crate::rootless::stale_delegated_runs(&parent, std::time::Duration::from_secs(60)) {
+                let _ = crate::rootless::remove_delegated(&parent, &id);
+            }
+        }
         let Ok(entries) = fs::read_dir(&dir) else { return Ok(0) };
         let mut removed = 0;
         for e in entries.flatten() {
@@ -170,13 +186,36 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), RuntimeError> {
 struct BundleGuard {
     bundle: PathBuf,
     lock: PathBuf,
+    /// Rootless with delegated cgroups: (subtree, run id), whose cgroups
+    /// the runner makes and this side removes once it is gone.
+    cgroup: Option<(String, String)>,
 }
 
 impl Drop for BundleGuard {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.bundle);
         let _ = fs::remove_file(&self.lock);
+        if let Some((parent, id)) = self.cgroup.take()
+            && !crate::rootless::remove_delegated(&parent, &id)
+        {
+            // A cancelled run: the runner is still taking its container
+            // down. Removed once the processes are gone (or by the next
+            // `remove_leftovers`).
+            std::thread::spawn(move || {
+                for _ in 0..200 {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    if crate::rootless::remove_delegated(&parent, &id) {
+                        return;
+                    }
+                }
+            });
+        }
     }
+}
+
+/// The delegated cgroup subtree rootless runs use, if there is one.
+fn delegated() -> Option<String> {
+    crate::rootless::mode().is_rootless().then(|| crate::rootless::delegated_cgroups().ok()).flatten()
 }
 
 /// libcontainer 0.7 reads a `SCMP_CMP_MASKED_EQ` argument as
@@ -209,8 +248,10 @@ fn masked_eq_for_libcontainer(spec: &mut oci_spec::runtime::Spec) {
 }
 
 /// A rootless run's spec: no user namespace of its own (the runner joins
-/// one, with the request's mapping) and no cgroup limits (no cgroup is the
-/// user's to write; [`Runtime::limits_unavailable`] says so).
+/// one, with the request's mapping) and no cgroup resources for
+/// libcontainer (its cgroup v1 manager always writes device rules, which
+/// need host root). With a delegated subtree the runner applies the limits
+/// itself; without one there are none ([`Runtime::limits_unavailable`]).
 fn rootless_spec(spec: &mut oci_spec::runtime::Spec) {
     use oci_spec::runtime::LinuxNamespaceType;
     let Some(mut linux) = spec.linux().clone() else { return };
@@ -254,9 +295,10 @@ impl Runtime for YoukiRuntime {
     }
 
     fn limits_unavailable(&self) -> Option<String> {
-        crate::rootless::mode().is_rootless().then(|| {
-            "rootless: no cgroup is delegated to this user that vessel can use, so memory, CPU and process limits are not applied".to_owned()
-        })
+        if !crate::rootless::mode().is_rootless() {
+            return None;
+        }
+        crate::rootless::delegated_cgroups().err().map(|why| format!("rootless: {why}"))
     }
 
     async fn run_outcome(&self, req: RunRequest<'_>) -> Result<crate::RunOutcome, RuntimeError> {
@@ -265,7 +307,13 @@ impl Runtime for YoukiRuntime {
         let id = format!("vessel-{:016x}", rand::random::<u64>());
         let lock = self.take_lock(&id)?;
         let bundle = self.root.join("bundles").join(&id);
-        let _guard = BundleGuard { bundle: bundle.clone(), lock: lock_file(&self.root, &id) };
+        let rootless = crate::rootless::mode().is_rootless();
+        let parent = delegated();
+        let _guard = BundleGuard {
+            bundle: bundle.clone(),
+            lock: lock_file(&self.root, &id),
+            cgroup: parent.clone().map(|p| (p, id.clone())),
+        };
         fs::create_dir(&bundle).map_err(RuntimeError::io("create", &bundle))?;
         // Only the container's root (and host root) may enter the bundle,
         // whose files are bind-mounted into the container.
@@ -284,7 +332,6 @@ impl Runtime for YoukiRuntime {
             spec::add_network_namespace(&mut spec)?;
         }
         masked_eq_for_libcontainer(&mut spec);
-        let rootless = crate::rootless::mode().is_rootless();
         // Rootless: the runner joins a user namespace made here (the
         // runner may write no id map of its own for a range) and runs
         // without cgroups (see `rootless_spec`).
@@ -311,6 +358,12 @@ impl Runtime for YoukiRuntime {
             .stderr(Stdio::piped());
         if userns {
             cmd.env(USERNS_ENV, "1");
+        }
+        if let Some(p) = &parent {
+            let l = req.limits;
+            let show = |v: Option<i64>| v.map_or_else(String::new, |v| v.to_string());
+            cmd.env(CGROUP_PARENT_ENV, p)
+                .env(LIMITS_ENV, format!("{},{},{}", show(l.memory_bytes), show(l.cpu_quota_us), show(l.pids)));
         }
         let mut fds =
             vec![(life_r.as_raw_fd(), LIFELINE_FD), (status_w.as_raw_fd(), STATUS_FD), (lock.as_raw_fd(), LOCK_FD)];

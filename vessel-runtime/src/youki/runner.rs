@@ -20,8 +20,8 @@ use nix::unistd::Pid;
 use serde_json::json;
 
 use super::{
-    BUNDLE_ENV, ID_ENV, JOIN_USERNS_FD, LIFELINE_FD, LOCK_FD, MODE_ENV, NETWORK_ENV, RUNNER_ENV, STATE_ENV, STATUS_FD,
-    TTY_ENV, USERNS_ENV,
+    BUNDLE_ENV, CGROUP_PARENT_ENV, ID_ENV, JOIN_USERNS_FD, LIFELINE_FD, LIMITS_ENV, LOCK_FD, MODE_ENV, NETWORK_ENV,
+    RUNNER_ENV, STATE_ENV, STATUS_FD, TTY_ENV, USERNS_ENV,
 };
 use crate::RuntimeError;
 
@@ -143,7 +143,14 @@ fn run() -> Result<(i32, bool), Failure> {
     // long as this process lives, so it is owned here and never closed early.
     let _lock = unsafe { OwnedFd::from_raw_fd(LOCK_FD) };
     let stop = stop_signals().map_err(fail)?;
+    let (bundle, state, id) = (PathBuf::from(env(BUNDLE_ENV)?), PathBuf::from(env(STATE_ENV)?), env(ID_ENV)?);
+    let mut limited = None;
     if crate::rootless::mode().is_rootless() {
+        if let Ok(p) = std::env::var(CGROUP_PARENT_ENV) {
+            // Still in the process's namespace, where the user's subtree
+            // is writable: the run's cgroups, made as container root.
+            limited = Some(DelegatedCgroups::make(&p, &id, &env(LIMITS_ENV)?).map_err(fail)?);
+        }
         // SAFETY: the parent placed the namespace fd here for this process
         // alone; it is owned (and closed) once, here.
         let ns = unsafe { OwnedFd::from_raw_fd(JOIN_USERNS_FD) };
@@ -151,7 +158,6 @@ fn run() -> Result<(i32, bool), Failure> {
         nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWUSER).map_err(fail)?;
         without_cgroups().map_err(fail)?;
     }
-    let (bundle, state, id) = (PathBuf::from(env(BUNDLE_ENV)?), PathBuf::from(env(STATE_ENV)?), env(ID_ENV)?);
     let private_net = env(NETWORK_ENV)? != "host";
     let userns = std::env::var_os(USERNS_ENV).is_some();
     // Rootless, this runner is already in the container's user namespace:
@@ -193,12 +199,26 @@ fn run() -> Result<(i32, bool), Failure> {
             return Err((kind, message));
         }
     };
-    let code = match (private_net && userns && !joined).then(|| container_loopback_up(&container)) {
-        Some(Err(e)) => Err(e),
-        _ => supervise(&mut container, listener.as_ref(), tty.as_deref(), &lifeline, &stop),
+    // The created (not yet started) init into the run's cgroups: what it
+    // starts inherits them.
+    let entered = match (&limited, container.pid()) {
+        (Some(l), Some(pid)) => l.enter(pid.as_raw()).map_err(fail),
+        _ => Ok(()),
+    };
+    let code = match entered.and_then(|()| {
+        match (private_net && userns && !joined).then(|| container_loopback_up(&container)) {
+            Some(Err(e)) => Err(e),
+            _ => Ok(()),
+        }
+    }) {
+        Err(e) => Err(e),
+        Ok(()) => supervise(&mut container, listener.as_ref(), tty.as_deref(), &lifeline, &stop),
     };
     // Read before the teardown removes the cgroup.
-    let oom = crate::oom_kills(&format!("/vessel/{id}")) > 0;
+    let oom = match &limited {
+        Some(l) => l.oom_kills() > 0,
+        None => crate::oom_kills(&format!("/vessel/{id}")) > 0,
+    };
     // One teardown for every outcome once the container exists.
     kill_all(&mut container);
     let deleted = container.delete(true);
@@ -521,6 +541,74 @@ fn exit_code(status: WaitStatus) -> Option<i32> {
         WaitStatus::Exited(_, code) => Some(code),
         WaitStatus::Signaled(_, sig, _) => Some(128 + sig as i32),
         _ => None,
+    }
+}
+
+/// Rootless with a delegated subtree: run `id`'s memory, cpu and pids
+/// cgroups (v1), made and limited by the runner itself, held by dir fds so
+/// they stay reachable once `/sys/fs/cgroup` is hidden from libcontainer.
+/// The caller removes them after the run (see `rootless::remove_delegated`).
+struct DelegatedCgroups {
+    dirs: Vec<(&'static str, File)>,
+}
+
+impl DelegatedCgroups {
+    /// `limits`: `memory,cpu quota,pids`, each empty for none.
+    fn make(parent: &str, id: &str, limits: &str) -> std::io::Result<Self> {
+        let mut l = limits.split(',').map(|v| v.parse::<i64>().ok());
+        let (memory, cpu, pids) = (l.next().flatten(), l.next().flatten(), l.next().flatten());
+        let mut dirs = Vec::new();
+        for c in crate::rootless::LIMIT_CONTROLLERS {
+            let m = crate::rootless::v1_mount(c).ok_or_else(|| std::io::Error::other(format!("no {c} cgroup")))?;
+            let dir = m.join(parent).join(id);
+            std::fs::create_dir(&dir)?;
+            let write = |f: &str, v: String| std::fs::write(dir.join(f), v);
+            match c {
+                "memory" => {
+                    if let Some(b) = memory {
+                        write("memory.limit_in_bytes", b.to_string())?;
+                        // No swap on top, where swap is accounted.
+                        let swap = dir.join("memory.memsw.limit_in_bytes");
+                        if swap.exists() {
+                            std::fs::write(swap, b.to_string())?;
+                        }
+                    }
+                }
+                "cpu" => {
+                    if let Some(q) = cpu {
+                        write("cpu.cfs_period_us", "100000".into())?;
+                        write("cpu.cfs_quota_us", q.to_string())?;
+                    }
+                }
+                _ => {
+                    if let Some(p) = pids {
+                        write("pids.max", p.to_string())?;
+                    }
+                }
+            }
+            dirs.push((c, File::open(&dir)?));
+        }
+        Ok(Self { dirs })
+    }
+
+    fn file(dir: &File, name: &str) -> PathBuf {
+        use std::os::fd::AsRawFd;
+        PathBuf::from(format!("/proc/self/fd/{}/{name}", dir.as_raw_fd()))
+    }
+
+    /// Moves process `pid` into every one of them.
+    fn enter(&self, pid: i32) -> std::io::Result<()> {
+        for (_, d) in &self.dirs {
+            std::fs::write(Self::file(d, "cgroup.procs"), pid.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// How many processes the OOM killer killed in the memory cgroup.
+    fn oom_kills(&self) -> u64 {
+        let Some((_, d)) = self.dirs.iter().find(|(c, _)| *c == "memory") else { return 0 };
+        let text = std::fs::read_to_string(Self::file(d, "memory.oom_control")).unwrap_or_default();
+        text.lines().find_map(|l| l.strip_prefix("oom_kill ")?.trim().parse().ok()).unwrap_or(0)
     }
 }
 
