@@ -94,18 +94,21 @@ pub fn is_mount_point(path: &Path) -> bool {
 }
 
 /// The cgroups vessel's containers left (`vessel-*` under any hierarchy's
-/// `vessel` dir, v1 or v2).
+/// `vessel` dir, v1 or v2, and in the subtree delegated to this user).
 pub fn leftover_cgroups() -> Vec<PathBuf> {
     let hierarchies: Vec<PathBuf> =
         std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten().map(|e| e.path()).collect();
     let mut roots: Vec<PathBuf> = hierarchies.iter().map(|h| h.join("vessel")).collect();
     roots.push(PathBuf::from("/sys/fs/cgroup/vessel"));
-    // Rootless runs' cgroups, in subtrees delegated to users (`vessel-<uid>`).
+    // Rootless runs' cgroups, in the subtree delegated to this user
+    // (`vessel-<uid>`, the user's own; other users' runs are not this run's).
+    let me = nix::unistd::geteuid().as_raw();
     for h in &hierarchies {
         for e in std::fs::read_dir(h).into_iter().flatten().flatten() {
             let n = e.file_name().to_string_lossy().into_owned();
-            if n.strip_prefix("vessel-").is_some_and(|u| u.parse::<u32>().is_ok()) {
-                roots.push(e.path());
+            let mine = e.metadata().is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == me);
+            if mine && n.strip_prefix("vessel-").is_some_and(|u| u.parse::<u32>().is_ok()) {
+                roots.push(e.path().join("runs"));
             }
         }
     }

@@ -153,13 +153,16 @@ pub fn delegated_cgroups() -> Result<String, String> {
     }
 }
 
+/// The cgroup in a delegated subtree that holds the runs' cgroups.
+pub(crate) const RUNS_CGROUP: &str = "runs";
+
 /// Removes run `id`'s cgroups under the delegated subtree `parent`; true
 /// when none is left (a cgroup whose processes are still dying is busy).
 pub(crate) fn remove_delegated(parent: &str, id: &str) -> bool {
     let mut gone = true;
     for c in LIMIT_CONTROLLERS {
         if let Some(m) = v1_mount(c) {
-            let d = m.join(parent).join(id);
+            let d = m.join(parent).join(RUNS_CGROUP).join(id);
             if fs::remove_dir(&d).is_err() && d.exists() {
                 gone = false;
             }
@@ -172,7 +175,7 @@ pub(crate) fn remove_delegated(parent: &str, id: &str) -> bool {
 /// has no process and is older than `age`.
 pub(crate) fn stale_delegated_runs(parent: &str, age: std::time::Duration) -> Vec<String> {
     let Some(m) = v1_mount("memory") else { return Vec::new() };
-    let Ok(entries) = fs::read_dir(m.join(parent)) else { return Vec::new() };
+    let Ok(entries) = fs::read_dir(m.join(parent).join(RUNS_CGROUP)) else { return Vec::new() };
     entries
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().starts_with("vessel-"))

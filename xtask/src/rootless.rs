@@ -192,6 +192,7 @@ impl TestUser {
 
     fn undelegate(&self, dirs: &[PathBuf]) {
         for d in dirs {
+            let _ = std::fs::remove_dir(d.join("runs"));
             let _ = std::fs::remove_dir(d);
         }
     }
@@ -221,7 +222,7 @@ impl TestUser {
         left.extend(mounts.lines().filter(|l| l.contains(&dir)).map(str::to_owned));
         // No run's cgroup left in the user's delegated subtree.
         for m in Self::controller_mounts()? {
-            let d = m.join(format!("vessel-{}", self.uid));
+            let d = m.join(format!("vessel-{}", self.uid)).join("runs");
             for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
                 if e.path().is_dir() {
                     left.push(format!("cgroup {}", e.path().display()));

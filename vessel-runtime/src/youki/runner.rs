@@ -149,7 +149,12 @@ fn run() -> Result<(i32, bool), Failure> {
         if let Ok(p) = std::env::var(CGROUP_PARENT_ENV) {
             // Still in the process's namespace, where the user's subtree
             // is writable: the run's cgroups, made as container root.
-            limited = Some(DelegatedCgroups::make(&p, &id, &env(LIMITS_ENV)?).map_err(fail)?);
+            let l = DelegatedCgroups::make(&p, &id, &env(LIMITS_ENV)?).map_err(fail)?;
+            // The container's processes inherit them from this runner: it
+            // cannot move them in later once they run as a user not its
+            // own (cgroup v1 lets only root or the same uid move a task).
+            l.join().map_err(fail)?;
+            limited = Some(l);
         }
         // SAFETY: the parent placed the namespace fd here for this process
         // alone; it is owned (and closed) once, here.
@@ -189,7 +194,11 @@ fn run() -> Result<(i32, bool), Failure> {
         .with_stdin(dup(0)?)
         .with_stdout(dup(1)?)
         .with_stderr(dup(2)?);
-    let mut container = match builder.as_init(&bundle).with_systemd(false).build() {
+    let built = builder.as_init(&bundle).with_systemd(false).build();
+    // The runner itself leaves the run's cgroups: its memory and task are
+    // not the container's to pay for.
+    let left = limited.as_ref().map_or(Ok(()), DelegatedCgroups::leave);
+    let mut container = match built {
         Ok(c) => c,
         Err(e) => {
             cleanup_cgroups(&id);
@@ -199,13 +208,7 @@ fn run() -> Result<(i32, bool), Failure> {
             return Err((kind, message));
         }
     };
-    // The created (not yet started) init into the run's cgroups: what it
-    // starts inherits them.
-    let entered = match (&limited, container.pid()) {
-        (Some(l), Some(pid)) => l.enter(pid.as_raw()).map_err(fail),
-        _ => Ok(()),
-    };
-    let code = match entered.and_then(|()| {
+    let code = match left.map_err(fail).and_then(|()| {
         match (private_net && userns && !joined).then(|| container_loopback_up(&container)) {
             Some(Err(e)) => Err(e),
             _ => Ok(()),
@@ -547,9 +550,19 @@ fn exit_code(status: WaitStatus) -> Option<i32> {
 /// Rootless with a delegated subtree: run `id`'s memory, cpu and pids
 /// cgroups (v1), made and limited by the runner itself, held by dir fds so
 /// they stay reachable once `/sys/fs/cgroup` is hidden from libcontainer.
-/// The caller removes them after the run (see `rootless::remove_delegated`).
+/// They live in the subtree's `runs` cgroup, made by a runner as container
+/// root, so that the runner may still remove them once it is in the
+/// container's user namespace (the subtree itself is the user's, whose id
+/// is not mapped there); dropped, they are removed. The caller removes them
+/// too if the runner dies (see `rootless::remove_delegated`).
 struct DelegatedCgroups {
+    id: String,
     dirs: Vec<(&'static str, File)>,
+    /// `runs` in each.
+    runs: Vec<File>,
+    /// The subtree's own `cgroup.procs` in each, opened for writing while
+    /// the runner may (before it joins the container's user namespace).
+    parents: Vec<File>,
 }
 
 impl DelegatedCgroups {
@@ -557,10 +570,16 @@ impl DelegatedCgroups {
     fn make(parent: &str, id: &str, limits: &str) -> std::io::Result<Self> {
         let mut l = limits.split(',').map(|v| v.parse::<i64>().ok());
         let (memory, cpu, pids) = (l.next().flatten(), l.next().flatten(), l.next().flatten());
-        let mut dirs = Vec::new();
+        let mut this = Self { id: id.to_owned(), dirs: Vec::new(), runs: Vec::new(), parents: Vec::new() };
         for c in crate::rootless::LIMIT_CONTROLLERS {
             let m = crate::rootless::v1_mount(c).ok_or_else(|| std::io::Error::other(format!("no {c} cgroup")))?;
-            let dir = m.join(parent).join(id);
+            this.parents.push(std::fs::OpenOptions::new().write(true).open(m.join(parent).join("cgroup.procs"))?);
+            let runs = m.join(parent).join(crate::rootless::RUNS_CGROUP);
+            match std::fs::create_dir(&runs) {
+                Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+                _ => this.runs.push(File::open(&runs)?),
+            }
+            let dir = runs.join(id);
             std::fs::create_dir(&dir)?;
             let write = |f: &str, v: String| std::fs::write(dir.join(f), v);
             match c {
@@ -586,9 +605,9 @@ impl DelegatedCgroups {
                     }
                 }
             }
-            dirs.push((c, File::open(&dir)?));
+            this.dirs.push((c, File::open(&dir)?));
         }
-        Ok(Self { dirs })
+        Ok(this)
     }
 
     fn file(dir: &File, name: &str) -> PathBuf {
@@ -596,12 +615,32 @@ impl DelegatedCgroups {
         PathBuf::from(format!("/proc/self/fd/{}/{name}", dir.as_raw_fd()))
     }
 
-    /// Moves process `pid` into every one of them.
-    fn enter(&self, pid: i32) -> std::io::Result<()> {
+    /// Moves this process into every one of them.
+    fn join(&self) -> std::io::Result<()> {
         for (_, d) in &self.dirs {
-            std::fs::write(Self::file(d, "cgroup.procs"), pid.to_string())?;
+            std::fs::write(Self::file(d, "cgroup.procs"), std::process::id().to_string())?;
         }
         Ok(())
+    }
+
+    /// Moves this process back up into the delegated subtree.
+    fn leave(&self) -> std::io::Result<()> {
+        for mut f in &self.parents {
+            f.write_all(std::process::id().to_string().as_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// Removes the run's cgroups; false while one still has a task.
+    fn remove(&self) -> bool {
+        let mut gone = true;
+        for r in &self.runs {
+            let d = Self::file(r, &self.id);
+            if std::fs::remove_dir(&d).is_err() && d.exists() {
+                gone = false;
+            }
+        }
+        gone
     }
 
     /// How many processes the OOM killer killed in the memory cgroup.
@@ -609,6 +648,18 @@ impl DelegatedCgroups {
         let Some((_, d)) = self.dirs.iter().find(|(c, _)| *c == "memory") else { return 0 };
         let text = std::fs::read_to_string(Self::file(d, "memory.oom_control")).unwrap_or_default();
         text.lines().find_map(|l| l.strip_prefix("oom_kill ")?.trim().parse().ok()).unwrap_or(0)
+    }
+}
+
+impl Drop for DelegatedCgroups {
+    fn drop(&mut self) {
+        // The container's last tasks may still be exiting after its init.
+        for _ in 0..100 {
+            if self.remove() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 }
 
