@@ -16,7 +16,7 @@ use std::sync::{Arc, LazyLock};
 use anyhow::{Context, Result, anyhow, ensure};
 use libtest_mimic::{Arguments, Failed, Trial};
 use tokio::io::AsyncReadExt;
-use vessel::{Backend, ExecOptions, LocalStorage, Manager, ManagerConfig, Storage, VesselErrorKind};
+use vessel::{Backend, ExecOptions, LocalStorage, Manager, ManagerConfig, Storage, VesselErrorKind, VesselOptions};
 use vessel_test_support as support;
 
 static TOKIO: LazyLock<tokio::runtime::Runtime> =
@@ -278,6 +278,63 @@ async fn rootless_containers_never_hold_the_users_id(w: Arc<World>) -> Result<()
     let (_, out, _) = run(&v, sh(attack), false).await?;
     ensure!(out.contains("chown=1") && out.contains("su=1") && out.trim_end().ends_with('0'), "{out:?}");
     ensure!(out.contains("Invalid argument"), "chown to the user's id: {out:?}");
+    mgr.close().await?;
+    Ok(())
+}
+
+/// A vessel's limits hold whoever its image runs as, and a command cannot
+/// lift them. Rootless, the run's cgroups are v1 ones the container cannot
+/// see or mount (its cgroupfs is an empty cgroup2 tree of its own), and an
+/// image `USER`'s processes are in them from birth (a rootless runner could
+/// not move them in); rootful, the cgroup files are host root's. As the
+/// image's user and as container root: the attempts fail, then a memory hog
+/// is OOM-killed at the limit and a fork loop meets the pids limit.
+async fn limits_hold_whoever_runs(w: Arc<World>) -> Result<()> {
+    let mgr = Manager::new(w.config("limits")).await?;
+    let unavailable: Vec<_> = mgr.unavailable_limits().iter().map(|u| u.limit).collect();
+    ensure!(
+        unavailable.iter().all(|l| *l == vessel::Limit::Disk),
+        "cgroup limits unavailable here: {:?}",
+        mgr.unavailable_limits()
+    );
+    let opts = VesselOptions::new().memory_bytes(32 << 20).pids(24);
+    let lift = "mkdir -p /tmp/m; mount -t cgroup -o memory cgroup /tmp/m 2>/dev/null; echo mount=$?; \
+                mount -t cgroup2 none /tmp/m 2>/dev/null && for f in memory.max pids.max; do \
+                  echo max > /tmp/m/$f 2>/dev/null; done; \
+                for f in memory.max pids.max memory/memory.limit_in_bytes pids/pids.max; do \
+                  echo max > /sys/fs/cgroup/$f 2>/dev/null; echo -1 > /sys/fs/cgroup/$f 2>/dev/null; done; \
+                grep -c . /proc/self/cgroup >/dev/null; echo tried";
+    // The subshell dies at its first refused fork; `read` and `echo` are
+    // builtins, which need none.
+    let forks = "(for i in $(seq 40); do sleep 5 & echo $i > /tmp/n; done) 2>/dev/null; \
+                 read n < /tmp/n; echo started=$n";
+    for image in ["local/busybox-user-app:latest", IMAGE] {
+        let v = mgr.create_vessel_with(image, "/", &opts).await?;
+        let (code, out, err) = run(&v, sh(lift), false).await?;
+        ensure!(code == 0 && out.contains("mount=") && out.contains("tried"), "{image}: {code} {out} {err}");
+        ensure!(!out.contains("mount=0"), "{image}: a cgroup v1 hierarchy was mounted inside: {out}");
+        let (mut sink, mut errs) = (Vec::new(), Vec::new());
+        let hog = v
+            .exec(ExecOptions {
+                command: vec!["tail".into(), "/dev/zero".into()],
+                stdout: Some(Box::new(&mut sink)),
+                stderr: Some(Box::new(&mut errs)),
+                timeout: Some(std::time::Duration::from_secs(60)),
+                ..Default::default()
+            })
+            .await?;
+        ensure!(hog.exit_code == 137 && hog.oom_killed && !hog.timed_out, "{image}: the hog: {hog:?}");
+        let (_, out, err) = run(&v, sh(forks), false).await?;
+        let started: u32 = out
+            .lines()
+            .find_map(|l| l.strip_prefix("started="))
+            .and_then(|n| n.trim().parse().ok())
+            .with_context(|| format!("{image}: {out} {err}"))?;
+        // 24 tasks at most: the shell, its subshells and some sleeps.
+        println!("{:?} {image}: {started} of 40 sleeps started under pids=24", w.backend);
+        ensure!((5..24).contains(&started), "{image}: {started} of 40 sleeps started under pids=24");
+        v.close().await?;
+    }
     mgr.close().await?;
     Ok(())
 }
@@ -575,13 +632,18 @@ fn main() {
         forged_manifests_cannot_borrow_cached_layers,
         rootless_containers_never_hold_the_users_id,
         rootless_refuses_host_ids,
+        limits_hold_whoever_runs,
     ];
     // The unsafe mode (no user namespace) exists as root only.
     const ROOTFUL_ONLY: &[&str] = &["device_cgroup_without_user_namespaces", "device_nodes_are_refused_at_snapshot"];
     let worlds: Vec<Arc<World>> = worlds.into_iter().map(Arc::new).collect();
     let mut trials = Vec::new();
     for w in &worlds {
-        for (name, case) in cases.iter().filter(|(n, _)| !rootless() || !ROOTFUL_ONLY.contains(n)) {
+        // Rootless, cgroup limits hold only in a subtree delegated to the user.
+        let delegated = vessel::runtime::rootless::delegated_cgroups().is_ok();
+        let runs =
+            |n: &str| !rootless() || !(ROOTFUL_ONLY.contains(&n) || (!delegated && n == "limits_hold_whoever_runs"));
+        for (name, case) in cases.iter().filter(|(n, _)| runs(n)) {
             let (w, case) = (w.clone(), *case);
             let mode = if rootless() { "rootless::" } else { "" };
             let label = format!("{mode}{}::{name}", if w.backend == Backend::Youki { "youki" } else { "containerd" });
