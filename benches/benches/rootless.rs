@@ -6,7 +6,10 @@
 //! times the operations itself (no IPC in the timed region) and has the
 //! same setup: a vessel from the test image, local storage and mount root
 //! on `TMPDIR`, no limits and no disk quota (rootless has neither, so the
-//! rootful side does the same work: no cgroup, no qgroup).
+//! rootful side does the same work: no qgroup, no limit written). Then exec
+//! `true` again with memory, CPU and pids limits on both sides: rootful in
+//! vessel's cgroups, rootless in a cgroup subtree this bench delegates to
+//! the user for that part (`vessel-<uid>`, as `cargo xtask test` does).
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -18,6 +21,8 @@ use vessel::{ExecOptions, LocalStorage, Manager, ManagerConfig};
 use vessel_benches::image_dir;
 
 const AGENT: &str = "VESSEL_BENCH_ROOTLESS_AGENT";
+/// Set for an agent whose vessel has memory, CPU and pids limits.
+const LIMITS: &str = "VESSEL_BENCH_LIMITS";
 const IMAGE: &str = "local/busybox:latest";
 
 /// Replies to `exec N`, `snapshot N`, `restore N` with the nanoseconds N
@@ -30,7 +35,10 @@ fn agent() -> ! {
         .storage(LocalStorage::new(dir.join("data")).unwrap())
         .mount_root(dir.join("mounts"))
         .disk_quota(None)
-        .default_limits(vessel::Limits::default());
+        .default_limits(match std::env::var_os(LIMITS) {
+            Some(_) => vessel::Limits { memory_bytes: Some(256 << 20), cpu_quota_us: Some(100_000), pids: Some(256) },
+            None => vessel::Limits::default(),
+        });
     let (mgr, v, snaps) = rt.block_on(async {
         let mgr = Manager::new(config).await.unwrap();
         let file = tokio::fs::File::open(&archive).await.unwrap();
@@ -42,6 +50,10 @@ fn agent() -> ! {
         let b = v.create_snapshot("b").await.unwrap().id;
         (mgr, v, [a, b])
     });
+    if std::env::var_os(LIMITS).is_some() {
+        let unavailable = mgr.unavailable_limits();
+        assert!(unavailable.iter().all(|u| u.limit == vessel::Limit::Disk), "limits do not hold: {unavailable:?}");
+    }
     println!("{}", if mgr.is_rootless() { "rootless" } else { "rootful" });
     let mut k = 0u64;
     for line in std::io::stdin().lock().lines() {
@@ -97,15 +109,18 @@ struct Agent {
 
 impl Agent {
     /// Starts an agent as `user` (rootless) or as root (rootful) in `dir`.
-    fn start(exe: &Path, dir: &Path, archive: &Path, user: Option<&str>) -> Self {
+    fn start(exe: &Path, dir: &Path, archive: &Path, user: Option<&str>, limits: bool) -> Self {
         std::fs::create_dir_all(dir).unwrap();
-        let vars = [
+        let mut vars = vec![
             (AGENT.to_string(), "1".to_string()),
             ("VESSEL_AGENT_DIR".into(), dir.display().to_string()),
             ("VESSEL_AGENT_IMAGE".into(), archive.display().to_string()),
             ("HOME".into(), dir.display().to_string()),
             ("TMPDIR".into(), dir.display().to_string()),
         ];
+        if limits {
+            vars.push((LIMITS.into(), "1".into()));
+        }
         let mut cmd = match user {
             Some(u) => {
                 let status = Command::new("chown").arg(format!("{u}:")).arg(dir).status().unwrap();
@@ -172,8 +187,8 @@ fn main() {
     std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
     std::fs::copy(&source, &archive).unwrap();
     let mut agents = [
-        ("rootful", Agent::start(&exe, &dir.path().join("rootful"), &archive, None)),
-        ("rootless", Agent::start(&exe, &dir.path().join("rootless"), &archive, Some(&user))),
+        ("rootful", Agent::start(&exe, &dir.path().join("rootful"), &archive, None, false)),
+        ("rootless", Agent::start(&exe, &dir.path().join("rootless"), &archive, Some(&user), false)),
     ];
     let mut c = Criterion::default().configure_from_args().sample_size(30).measurement_time(Duration::from_secs(8));
     let mut g = c.benchmark_group("rootless");
@@ -184,5 +199,51 @@ fn main() {
     }
     g.finish();
     drop(agents);
+    {
+        let uid = nix::unistd::User::from_name(&user).unwrap().expect("the rootless user").uid;
+        let _delegation = Delegation::new(uid.as_raw());
+        let mut agents = [
+            ("rootful", Agent::start(&exe, &dir.path().join("rootful-limits"), &archive, None, true)),
+            (
+                "rootless-delegated",
+                Agent::start(&exe, &dir.path().join("rootless-limits"), &archive, Some(&user), true),
+            ),
+        ];
+        let mut g = c.benchmark_group("rootless-limits");
+        for (mode, agent) in agents.iter_mut() {
+            g.bench_function(format!("{mode}/exec-true"), |b| b.iter_custom(|n| agent.time("exec", n)));
+        }
+        g.finish();
+    }
     c.final_summary();
+}
+
+/// A cgroup subtree delegated to a user while it lives: `vessel-<uid>` in
+/// the memory, cpu and pids hierarchies, chowned to it (`cgcreate -a -t`).
+struct Delegation(Vec<PathBuf>);
+
+impl Delegation {
+    fn new(uid: u32) -> Self {
+        let dirs: Vec<PathBuf> = vessel::runtime::rootless::LIMIT_CONTROLLERS
+            .iter()
+            .map(|c| {
+                vessel::runtime::rootless::v1_mount(c).expect("cgroup v1 controller").join(format!("vessel-{uid}"))
+            })
+            .collect();
+        for d in &dirs {
+            std::fs::create_dir_all(d).unwrap();
+            let status = Command::new("chown").arg("-R").arg(format!("{uid}:{uid}")).arg(d).status().unwrap();
+            assert!(status.success());
+        }
+        Self(dirs)
+    }
+}
+
+impl Drop for Delegation {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            let _ = std::fs::remove_dir(d.join("runs"));
+            let _ = std::fs::remove_dir(d);
+        }
+    }
 }

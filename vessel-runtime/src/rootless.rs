@@ -118,11 +118,12 @@ pub fn host_uid() -> u32 {
         .unwrap_or_else(|| nix::unistd::getuid().as_raw())
 }
 
-/// The controllers rootless limits use, in cgroup v1.
-pub(crate) const LIMIT_CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
+/// The controllers rootless limits use, in cgroup v1: a user's delegated
+/// subtree is `vessel-<uid>` in each (see [`delegated_cgroups`]).
+pub const LIMIT_CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
 
 /// The mount point of cgroup v1 controller `name`.
-pub(crate) fn v1_mount(name: &str) -> Option<PathBuf> {
+pub fn v1_mount(name: &str) -> Option<PathBuf> {
     let info = procfs::process::Process::myself().and_then(|p| p.mountinfo()).ok()?;
     info.0.into_iter().find(|m| m.fs_type == "cgroup" && m.super_options.contains_key(name)).map(|m| m.mount_point)
 }
