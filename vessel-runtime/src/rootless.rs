@@ -122,10 +122,17 @@ pub fn host_uid() -> u32 {
 /// subtree is `vessel-<uid>` in each (see [`delegated_cgroups`]).
 pub const LIMIT_CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
 
-/// The mount point of cgroup v1 controller `name`.
+/// The mount point of cgroup v1 controller `name`. The hierarchies are
+/// read from mountinfo once per process (every rootless run asks, and the
+/// table grows with the overlays mounted); a runner reads them before it
+/// hides `/sys/fs/cgroup`.
 pub fn v1_mount(name: &str) -> Option<PathBuf> {
-    let info = procfs::process::Process::myself().and_then(|p| p.mountinfo()).ok()?;
-    info.0.into_iter().find(|m| m.fs_type == "cgroup" && m.super_options.contains_key(name)).map(|m| m.mount_point)
+    static MOUNTS: std::sync::OnceLock<Vec<procfs::process::MountInfo>> = std::sync::OnceLock::new();
+    let mounts = MOUNTS.get_or_init(|| {
+        let info = procfs::process::Process::myself().and_then(|p| p.mountinfo()).map(|i| i.0).unwrap_or_default();
+        info.into_iter().filter(|m| m.fs_type == "cgroup").collect()
+    });
+    mounts.iter().find(|m| m.super_options.contains_key(name)).map(|m| m.mount_point.clone())
 }
 
 /// The name of the cgroup subtree delegated to this user on the memory,
@@ -160,13 +167,17 @@ pub(crate) const RUNS_CGROUP: &str = "runs";
 /// Removes run `id`'s cgroups under the delegated subtree `parent`; true
 /// when none is left (a cgroup whose processes are still dying is busy).
 pub(crate) fn remove_delegated(parent: &str, id: &str) -> bool {
+    remove_cgroups(
+        LIMIT_CONTROLLERS.iter().filter_map(|c| v1_mount(c)).map(|m| m.join(parent).join(RUNS_CGROUP).join(id)),
+    )
+}
+
+/// Removes the cgroups `dirs`; true when none is left.
+pub(crate) fn remove_cgroups(dirs: impl IntoIterator<Item = PathBuf>) -> bool {
     let mut gone = true;
-    for c in LIMIT_CONTROLLERS {
-        if let Some(m) = v1_mount(c) {
-            let d = m.join(parent).join(RUNS_CGROUP).join(id);
-            if fs::remove_dir(&d).is_err() && d.exists() {
-                gone = false;
-            }
+    for d in dirs {
+        if fs::remove_dir(&d).is_err() && d.exists() {
+            gone = false;
         }
     }
     gone

@@ -303,7 +303,7 @@ async fn limits_hold_whoever_runs(w: Arc<World>) -> Result<()> {
                   echo max > /tmp/m/$f 2>/dev/null; done; \
                 for f in memory.max pids.max memory/memory.limit_in_bytes pids/pids.max; do \
                   echo max > /sys/fs/cgroup/$f 2>/dev/null; echo -1 > /sys/fs/cgroup/$f 2>/dev/null; done; \
-                grep -c . /proc/self/cgroup >/dev/null; echo tried";
+                echo tried";
     // The subshell dies at its first refused fork; `read` and `echo` are
     // builtins, which need none.
     let forks = "(for i in $(seq 40); do sleep 5 & echo $i > /tmp/n; done) 2>/dev/null; \

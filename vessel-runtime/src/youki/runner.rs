@@ -633,14 +633,7 @@ impl DelegatedCgroups {
 
     /// Removes the run's cgroups; false while one still has a task.
     fn remove(&self) -> bool {
-        let mut gone = true;
-        for r in &self.runs {
-            let d = Self::file(r, &self.id);
-            if std::fs::remove_dir(&d).is_err() && d.exists() {
-                gone = false;
-            }
-        }
-        gone
+        crate::rootless::remove_cgroups(self.runs.iter().map(|r| Self::file(r, &self.id)))
     }
 
     /// How many processes the OOM killer killed in the memory cgroup.
