@@ -15,6 +15,14 @@ pub enum CoreError {
         /// The rejected input, for the caller's message.
         value: String,
     },
+    /// A vessel name broke the name grammar ([`crate::VesselName`]).
+    #[error("invalid vessel name {value:?}: {reason}")]
+    InvalidName {
+        /// The rejected input.
+        value: String,
+        /// Which rule it broke.
+        reason: &'static str,
+    },
     /// An image reference did not follow the OCI distribution grammar.
     #[error("invalid image reference {value:?}: {reason}")]
     InvalidImageRef {
@@ -53,6 +61,8 @@ pub enum CoreError {
 pub enum CoreErrorKind {
     /// A vessel or snapshot id was malformed.
     InvalidId,
+    /// A vessel name was malformed.
+    InvalidName,
     /// An image reference was malformed.
     InvalidImageRef,
     /// A resource limit was out of range or above the vessel's.
@@ -64,6 +74,7 @@ impl CoreError {
     pub fn kind(&self) -> CoreErrorKind {
         match self {
             Self::InvalidId { .. } => CoreErrorKind::InvalidId,
+            Self::InvalidName { .. } => CoreErrorKind::InvalidName,
             Self::InvalidImageRef { .. } => CoreErrorKind::InvalidImageRef,
             Self::InvalidLimit { .. } | Self::LimitAboveVessel { .. } => CoreErrorKind::InvalidLimit,
         }
@@ -74,6 +85,7 @@ impl fmt::Display for CoreErrorKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Self::InvalidId => "invalid id",
+            Self::InvalidName => "invalid name",
             Self::InvalidImageRef => "invalid image reference",
             Self::InvalidLimit => "invalid limit",
         })

@@ -13,6 +13,7 @@ mod id;
 mod image_ref;
 mod limits;
 mod manifest;
+mod name;
 
 pub use error::{CoreError, CoreErrorKind};
 pub use exec::{ExecOptions, ExecResult};
@@ -20,3 +21,4 @@ pub use id::{IdGenerator, SnapshotId, UniqueIdGenerator, VesselId};
 pub use image_ref::ImageRef;
 pub use limits::Limits;
 pub use manifest::{SnapshotManifest, VesselManifest};
+pub use name::{MAX_NAME_LEN, VesselName};

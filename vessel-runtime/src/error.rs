@@ -62,8 +62,10 @@ pub enum RuntimeError {
     /// The image is not in the backend's image store.
     #[error("image {0} not found")]
     ImageNotFound(String),
-    /// The process could not be started inside the container (missing binary, …).
-    #[error("cannot execute {command:?}: {reason}")]
+    /// The process could not be started inside the container (missing
+    /// binary, …). Said as docker and runc say it (`exec: "x": executable
+    /// file not found in $PATH`); the backend's own words are in `reason`.
+    #[error("exec: {command:?}: {}", failure.describe(command))]
     Exec {
         /// `argv[0]`.
         command: String,
@@ -85,6 +87,16 @@ pub enum ExecFailure {
 }
 
 impl ExecFailure {
+    /// What went wrong, in runc's words (what `docker exec` prints).
+    pub fn describe(self, command: &str) -> &'static str {
+        match self {
+            // runc looks a bare name up in $PATH, and stats a path.
+            Self::NotFound if command.contains('/') => "no such file or directory",
+            Self::NotFound => "executable file not found in $PATH",
+            Self::NotExecutable => "permission denied",
+        }
+    }
+
     /// The exit status a shell or docker reports for it.
     pub fn exit_code(self) -> i32 {
         match self {
@@ -173,6 +185,13 @@ mod tests {
         assert_eq!(failure("exec: \"/etc/passwd\": permission denied"), Some(ExecFailure::NotExecutable));
         assert_eq!(failure("cgroup setup failed"), None);
         assert_eq!(ExecFailure::NotFound.exit_code(), 127);
+        // Said as docker says it, whatever the backend's words were.
+        let e = start_failure("nosuchcmd", "exec process failed: executable 'nosuchcmd' not found in $PATH");
+        assert_eq!(e.to_string(), r#"exec: "nosuchcmd": executable file not found in $PATH"#);
+        let e = start_failure("/no/such", "No such file or directory (os error 2)");
+        assert_eq!(e.to_string(), r#"exec: "/no/such": no such file or directory"#);
+        let e = start_failure("/etc/passwd", "Permission denied (os error 13)");
+        assert_eq!(e.to_string(), r#"exec: "/etc/passwd": permission denied"#);
         assert_eq!(ExecFailure::NotExecutable.exit_code(), 126);
     }
 }

@@ -167,3 +167,62 @@ pub fn probe(dir: &Path) -> Result<(), String> {
     let _ = std::fs::remove_dir_all(&probe);
     result
 }
+
+/// A quota filesystem in a file, for hosts whose disk cannot enforce
+/// quotas (see `vessel::setup_quota`): a sparse image formatted btrfs and
+/// loop-mounted with quotas on. Through the system's tools (`mkfs.btrfs`
+/// and `btrfs` from btrfs-progs, `mount`/`umount` from util-linux):
+/// formatting has no maintained crate, and `mount -o loop` allocates the
+/// loop device and sets it to auto-clear, so unmounting frees it.
+pub mod image {
+    use std::io;
+    use std::path::Path;
+    use std::process::Command;
+
+    /// Runs a system tool; its stderr becomes the error when it fails.
+    fn tool(cmd: &mut Command) -> io::Result<()> {
+        let name = cmd.get_program().to_string_lossy().into_owned();
+        let out = cmd.output().map_err(|e| {
+            let hint = if e.kind() == io::ErrorKind::NotFound { " (Debian: btrfs-progs, util-linux)" } else { "" };
+            io::Error::new(e.kind(), format!("cannot run {name}{hint}: {e}"))
+        })?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            return Err(io::Error::other(format!("{name} failed ({}): {}", out.status, err.trim())));
+        }
+        Ok(())
+    }
+
+    /// Makes `image`, `size` bytes, sparse and 0600, formatted btrfs; on
+    /// failure nothing is left. An existing file is refused.
+    pub fn create(image: &Path, size: u64) -> io::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let made = (|| {
+            let f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(image)?;
+            f.set_len(size)?;
+            drop(f);
+            tool(Command::new("mkfs.btrfs").arg("-q").arg(image))
+        })();
+        if made.is_err() && image.exists() {
+            let _ = std::fs::remove_file(image);
+        }
+        made
+    }
+
+    /// Loop-mounts `image` on `dir` (with `discard`: what is deleted goes
+    /// back to the host disk) and turns btrfs quotas on; unmounted again
+    /// if that fails.
+    pub fn mount(image: &Path, dir: &Path) -> io::Result<()> {
+        tool(Command::new("mount").args(["-t", "btrfs", "-o", "loop,discard"]).arg(image).arg(dir))?;
+        if let Err(e) = tool(Command::new("btrfs").args(["quota", "enable"]).arg(dir)) {
+            let _ = unmount(dir);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Unmounts `dir` (its loop device is freed with it).
+    pub fn unmount(dir: &Path) -> io::Result<()> {
+        tool(Command::new("umount").arg(dir))
+    }
+}

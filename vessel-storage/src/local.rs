@@ -32,7 +32,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::{debug, warn};
 use vessel_core::{ImageRef, SnapshotId, VesselId, VesselManifest};
 
-use crate::record::{CLAIMS, HOSTS};
+use crate::record::{CLAIMS, HOSTS, NAMES};
 use crate::{BlobEncoding, BlobReader, HostId, Record, RecordKey, Storage, StorageError, Version, WriteIf};
 
 const MANIFEST: &str = "vessel.dat";
@@ -65,7 +65,14 @@ impl LocalStorage {
             fs::create_dir_all(&root).map_err(StorageError::io("create directory", &root))?;
             fs::set_permissions(&root, fs::Permissions::from_mode(0o700)).map_err(StorageError::io("chmod", &root))?;
         }
-        for dir in [root.join("vessels"), root.join("images"), root.join(TMP), root.join(HOSTS), root.join(CLAIMS)] {
+        for dir in [
+            root.join("vessels"),
+            root.join("images"),
+            root.join(TMP),
+            root.join(HOSTS),
+            root.join(CLAIMS),
+            root.join(NAMES),
+        ] {
             fs::create_dir_all(&dir).map_err(StorageError::io("create directory", &dir))?;
             fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).map_err(StorageError::io("chmod", &dir))?;
         }

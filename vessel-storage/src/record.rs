@@ -4,11 +4,12 @@
 //! ```text
 //! leases/hosts/<host-id>.json      a host's heartbeat
 //! leases/vessels/<vessel-id>.json  which host has a vessel open
+//! names/<name>.json                which vessel a name is (created if absent: names are unique)
 //! ```
 
 use std::fmt;
 
-use vessel_core::{CoreError, VesselId};
+use vessel_core::{CoreError, VesselId, VesselName};
 
 /// Identifies one running [`crate::lease::HostLease`] (one process's
 /// manager): 16 lowercase hex digits, like vessel ids, so it is a safe
@@ -62,6 +63,8 @@ pub enum RecordKey {
     Host(HostId),
     /// The claim on a vessel: which host has it open.
     Claim(VesselId),
+    /// A vessel's name: the id it stands for.
+    Name(VesselName),
 }
 
 impl RecordKey {
@@ -70,6 +73,7 @@ impl RecordKey {
         match self {
             Self::Host(h) => format!("{HOSTS}/{h}.json"),
             Self::Claim(v) => format!("{CLAIMS}/{v}.json"),
+            Self::Name(n) => format!("{NAMES}/{n}.json"),
         }
     }
 }
@@ -79,12 +83,14 @@ impl fmt::Display for RecordKey {
         match self {
             Self::Host(h) => write!(f, "lease of host {h}"),
             Self::Claim(v) => write!(f, "claim on vessel {v}"),
+            Self::Name(n) => write!(f, "vessel name {n:?}", n = n.as_str()),
         }
     }
 }
 
 pub(crate) const HOSTS: &str = "leases/hosts";
 pub(crate) const CLAIMS: &str = "leases/vessels";
+pub(crate) const NAMES: &str = "names";
 
 /// The version a record or manifest was read or written at, as the
 /// storage knows it (an ETag and object version, a content hash): what a

@@ -23,12 +23,57 @@ pub struct ManagerConfig {
     pub(crate) id_ranges: IdRanges,
     pub(crate) limits: Limits,
     pub(crate) disk_quota: Option<u64>,
+    pub(crate) quota_mode: QuotaMode,
     pub(crate) registries: crate::registry::Registries,
     pub(crate) lease: vessel_storage::lease::LeaseConfig,
 }
 
 /// What a vessel may write to the host's disk unless told otherwise: 10 GiB.
 pub const DEFAULT_DISK_QUOTA: u64 = 10 << 30;
+
+/// Whether vessels' disk quotas are enforced ([`ManagerConfig::quota_mode`]).
+///
+/// Quotas need a mount root that can enforce them (btrfs with quotas
+/// enabled; [`crate::setup_quota`] makes one for root). Most machines'
+/// disks are ext4 or XFS, so the default runs without them there and says
+/// so, as rootless mode does for cgroup limits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum QuotaMode {
+    /// Enforce where the mount root can; elsewhere run without, listing
+    /// [`crate::Limit::Disk`] in `Manager::unavailable_limits` with why.
+    #[default]
+    Auto,
+    /// Enforce, or refuse to start ([`crate::VesselError::QuotaUnsupported`]).
+    Require,
+    /// Never enforce (nothing is checked).
+    Off,
+}
+
+impl QuotaMode {
+    /// The mode's name as the CLI spells it (`auto`, `require`, `off`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Require => "require",
+            Self::Off => "off",
+        }
+    }
+}
+
+impl std::str::FromStr for QuotaMode {
+    type Err = crate::VesselError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "require" | "required" => Ok(Self::Require),
+            "off" => Ok(Self::Off),
+            _ => Err(crate::VesselError::InvalidInput(format!(
+                "invalid disk quota mode {s:?}: expected auto, require or off"
+            ))),
+        }
+    }
+}
 
 /// How a vessel is created ([`crate::Manager::create_vessel_with`]); unset
 /// values are the manager's ([`ManagerConfig::default_limits`],
@@ -42,6 +87,9 @@ pub struct VesselOptions {
     /// Bytes the vessel may write (what its commands and the file API add
     /// since the last snapshot, throwaway exec layers included).
     pub disk_bytes: Option<u64>,
+    /// A name, unique in the storage, usable wherever its id is
+    /// ([`crate::VesselName`]'s grammar).
+    pub name: Option<String>,
 }
 
 impl VesselOptions {
@@ -71,6 +119,12 @@ impl VesselOptions {
     /// Bytes the vessel may write.
     pub fn disk_bytes(mut self, bytes: u64) -> Self {
         self.disk_bytes = Some(bytes);
+        self
+    }
+
+    /// The vessel's name.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
         self
     }
 }
@@ -120,6 +174,7 @@ impl fmt::Debug for ManagerConfig {
             .field("id_ranges", &self.id_ranges)
             .field("limits", &self.limits)
             .field("disk_quota", &self.disk_quota)
+            .field("quota_mode", &self.quota_mode)
             .field("registries", &self.registries)
             .field("lease", &self.lease)
             .finish_non_exhaustive()
@@ -134,11 +189,17 @@ pub(crate) fn data_home() -> PathBuf {
     }
 }
 
+/// The mount root of a default [`ManagerConfig`]: `~/.local/share/vessel/mounts`
+/// (`/var/lib/vessel/mounts` without a home).
+pub fn default_mount_root() -> PathBuf {
+    data_home().join("mounts")
+}
+
 impl Default for ManagerConfig {
     fn default() -> Self {
         Self {
             storage: None,
-            mount_root: data_home().join("mounts"),
+            mount_root: default_mount_root(),
             containerd_address: vessel_runtime::ContainerdConfig::default_address(),
             namespace: "vessel".into(),
             rootless: None,
@@ -148,6 +209,7 @@ impl Default for ManagerConfig {
             id_ranges: IdRanges::default(),
             limits: Limits::sandbox(),
             disk_quota: Some(DEFAULT_DISK_QUOTA),
+            quota_mode: QuotaMode::Auto,
             registries: Default::default(),
             lease: Default::default(),
         }
@@ -248,11 +310,25 @@ impl ManagerConfig {
     }
 
     /// What a vessel created without its own may write to the host's disk
-    /// (default [`DEFAULT_DISK_QUOTA`]); `None` turns disk quotas off. With
-    /// quotas on, [`crate::Manager::new`] checks that the mount root can
-    /// enforce them (btrfs with quotas enabled) and refuses to start if not.
+    /// (default [`DEFAULT_DISK_QUOTA`]); `None` turns disk quotas off
+    /// (as [`QuotaMode::Off`]).
     pub fn disk_quota(mut self, bytes: Option<u64>) -> Self {
         self.disk_quota = bytes;
+        if bytes.is_none() {
+            self.quota_mode = QuotaMode::Off;
+        }
+        self
+    }
+
+    /// Whether disk quotas are enforced (default [`QuotaMode::Auto`]):
+    /// [`crate::Manager::new`] checks, by trying, that the mount root can
+    /// enforce them; with `Auto` it runs without where it cannot, with
+    /// `Require` it refuses to start.
+    pub fn quota_mode(mut self, mode: QuotaMode) -> Self {
+        self.quota_mode = mode;
+        if mode != QuotaMode::Off && self.disk_quota.is_none() {
+            self.disk_quota = Some(DEFAULT_DISK_QUOTA);
+        }
         self
     }
 

@@ -58,6 +58,17 @@ pub enum VesselError {
     /// The vessel does not exist in storage.
     #[error("vessel {0} not found")]
     VesselNotFound(VesselId),
+    /// No vessel has this name.
+    #[error("no vessel is named {0:?}")]
+    NameNotFound(String),
+    /// Another vessel has this name (names are unique per storage).
+    #[error("the name {name:?} is already in use by vessel {vessel}")]
+    NameInUse {
+        /// The name.
+        name: String,
+        /// The vessel that has it.
+        vessel: VesselId,
+    },
     /// The snapshot is not one of this vessel's.
     #[error("snapshot {snapshot} not found in vessel {vessel}")]
     SnapshotNotFound {
@@ -144,17 +155,28 @@ pub enum VesselError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    /// Disk quotas are on but this host's mount root cannot enforce them.
-    /// `ManagerConfig::disk_quota(None)` turns them off.
-    #[error(
-        "disk quotas cannot be enforced under {}: {reason}; ManagerConfig::disk_quota(None) turns them off",
-        path.display()
-    )]
+    /// Disk quotas are required ([`crate::QuotaMode::Require`]) but this
+    /// host's mount root cannot enforce them. [`crate::QuotaMode::Auto`]
+    /// runs without them (and lists the disk limit in
+    /// `Manager::unavailable_limits`); [`crate::setup_quota`] gives a root
+    /// user a mount root that can.
+    #[error("disk quotas cannot be enforced under {}: {reason}", path.display())]
     QuotaUnsupported {
         /// The mount root's vessels directory.
         path: std::path::PathBuf,
         /// What the host lacks.
         reason: String,
+    },
+    /// Setting up a quota-capable mount root ([`crate::setup_quota`]) failed.
+    #[error("cannot set up disk quotas at {}: {reason}", path.display())]
+    QuotaSetup {
+        /// The mount root.
+        path: std::path::PathBuf,
+        /// What failed.
+        reason: String,
+        /// The OS or tool error, where there is one.
+        #[source]
+        source: Option<io::Error>,
     },
     /// Every host id range of the configured pool is in use by an open vessel.
     #[error("all {0} id ranges are in use by open vessels (ManagerConfig::id_ranges)")]
@@ -201,6 +223,7 @@ impl VesselError {
             }
             Self::IsolationUnsupported(_)
             | Self::QuotaUnsupported { .. }
+            | Self::QuotaSetup { .. }
             | Self::RootlessUnavailable(_)
             | Self::RootlessMismatch(_) => K::Unavailable,
             Self::Pull { failure, .. } => match failure {
@@ -244,7 +267,11 @@ impl VesselError {
                 K::QuotaExceeded
             }
             Self::Io { .. } | Self::File { .. } => K::Io,
-            Self::VesselNotFound(_) | Self::SnapshotNotFound { .. } | Self::ImageNotFound(_) => K::NotFound,
+            Self::VesselNotFound(_)
+            | Self::NameNotFound(_)
+            | Self::SnapshotNotFound { .. }
+            | Self::ImageNotFound(_) => K::NotFound,
+            Self::NameInUse { .. } => K::Conflict,
             Self::SnapshotInUse { .. } | Self::Locked(_) | Self::Closed(_) | Self::StaleFile(_) => K::Conflict,
             Self::Busy { .. } | Self::LeaseLost(_) => K::Conflict,
             Self::ImageChanged { .. } => K::Corrupt,

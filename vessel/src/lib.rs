@@ -41,27 +41,34 @@ mod fs;
 mod layers;
 mod limits;
 mod manager;
+mod names;
+mod quota;
 pub mod registry;
 mod task;
 mod user;
 mod vessel;
 
-pub use config::{Backend, DEFAULT_DISK_QUOTA, IdRanges, ManagerConfig, VesselOptions};
+pub use config::{Backend, DEFAULT_DISK_QUOTA, IdRanges, ManagerConfig, QuotaMode, VesselOptions, default_mount_root};
 pub use error::{Result, VesselError, VesselErrorKind};
 pub use fs::{File, FileInfo, FileType, OVERFLOW_ID, OpenFlags};
 pub use limits::{Limit, UnavailableLimit};
 pub use manager::Manager;
+pub use names::NAME_LABEL;
+pub use quota::{
+    DEFAULT_QUOTA_FS_SIZE, QuotaSetup, QuotaSetupOutcome, QuotaSetupReport, default_quota_image, remove_quota_setup,
+    setup_quota,
+};
 pub use registry::{PullFailure, PullProgress, PulledImage, RegistryAuth};
 pub use vessel::Vessel;
 
 pub use vessel_core::{
     CoreError, CoreErrorKind, ExecOptions, ExecResult, IdGenerator, ImageRef, Limits, SnapshotId, SnapshotManifest,
-    UniqueIdGenerator, VesselId, VesselManifest,
+    UniqueIdGenerator, VesselId, VesselManifest, VesselName,
 };
 pub use vessel_storage::lease::Holder;
 pub use vessel_storage::{
-    BlobEncoding, BlobReader, CompressedStorage, HostId, LocalStorage, Storage, StorageError, StorageErrorKind,
-    open_url,
+    BlobEncoding, BlobReader, CompressedStorage, HostId, LocalStorage, Record, RecordKey, Storage, StorageError,
+    StorageErrorKind, Version, WriteIf, open_url,
 };
 
 /// The storage layer: backends (`ObjectStorage` with the `s3`, `gcs` and

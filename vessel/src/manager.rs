@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
 
 use nix::fcntl::{Flock, FlockArg};
-use vessel_core::{IdGenerator, ImageRef, SnapshotId, VesselId, VesselManifest};
+use vessel_core::{IdGenerator, ImageRef, SnapshotId, VesselId, VesselManifest, VesselName};
 use vessel_runtime::{Runtime, UserNamespace};
 use vessel_snapshot::image::{Image, unpack_image};
 use vessel_snapshot::{LayerCache, LayerKey};
@@ -426,22 +426,30 @@ impl Manager {
         }
         config.limits.validate()?;
         let mut unavailable = Vec::new();
-        let mut disk_quota = config.disk_quota;
-        if rootless && disk_quota.is_some() {
-            // btrfs qgroups need host privilege: no mechanism is left.
-            disk_quota = None;
-            unavailable.push(crate::UnavailableLimit {
-                limit: crate::Limit::Disk,
-                reason: "rootless: disk quotas are btrfs qgroups, which need host privilege".into(),
-            });
-        }
-        if let Some(bytes) = disk_quota {
-            crate::limits::check_disk(bytes)?;
-            // A real trial: a write past a quota under the mount root is refused.
-            let vessels = root.join("vessels");
-            vessel_runtime::quota::probe(&vessels)
-                .map_err(|reason| VesselError::QuotaUnsupported { path: vessels.clone(), reason })?;
-        }
+        let disk_quota = match (config.quota_mode, config.disk_quota) {
+            (crate::QuotaMode::Off, _) | (_, None) => None,
+            (mode, Some(bytes)) => {
+                crate::limits::check_disk(bytes)?;
+                // A real trial: a write past a quota under the mount root is
+                // refused (rootless: btrfs qgroups need host privilege).
+                let vessels = root.join("vessels");
+                let probed = if rootless {
+                    Err("rootless: disk quotas are btrfs qgroups, which need host privilege".to_owned())
+                } else {
+                    vessel_runtime::quota::probe(&vessels)
+                };
+                match (probed, mode) {
+                    (Ok(()), _) => Some(bytes),
+                    (Err(reason), crate::QuotaMode::Require) => {
+                        return Err(VesselError::QuotaUnsupported { path: vessels, reason });
+                    }
+                    (Err(reason), _) => {
+                        unavailable.push(crate::UnavailableLimit { limit: crate::Limit::Disk, reason });
+                        None
+                    }
+                }
+            }
+        };
         let storage: Arc<dyn Storage> = match &config.storage {
             Some(s) => s.clone(),
             None => Arc::new(CompressedStorage::new(LocalStorage::new(crate::config::data_home().join("data"))?)),
@@ -509,6 +517,17 @@ impl Manager {
         Ok(removed)
     }
 
+    /// This host's mount root.
+    pub fn mount_root(&self) -> &Path {
+        &self.state.root
+    }
+
+    /// The lock file that a process holding vessel `id` open on this mount
+    /// root keeps locked (`flock`), so tools can tell who holds it.
+    pub fn vessel_lock_file(&self, id: &VesselId) -> PathBuf {
+        self.state.vessel_locks.join(format!("{id}.lock"))
+    }
+
     /// The backend's name (`youki`, `containerd`).
     pub fn backend(&self) -> &'static str {
         self.state.runtime.name()
@@ -556,18 +575,34 @@ impl Manager {
         let mut option_labels = BTreeMap::new();
         crate::limits::label_options(opts, &mut option_labels)?;
         if opts.disk_bytes.is_some() && self.state.disk_quota.is_none() {
-            return Err(VesselError::InvalidInput("a disk quota was asked for, but this manager runs without".into()));
+            return Err(VesselError::InvalidInput(
+                "a disk quota was asked for, but this manager runs without disk quotas".into(),
+            ));
         }
+        let name = opts.name.as_deref().map(VesselName::new).transpose()?;
         let reference = ImageRef::new(image_ref)?;
         let given = work_dir.to_owned();
         let id = self.state.ids.vessel_id();
         let lock = self.state.lock(&id)?;
         let claim = self.state.claim(&id).await?;
+        // Undoes what this create did in storage and the cache, on failure.
+        let undo = async |state: &ManagerState| {
+            if let Some(n) = &name {
+                state.drop_name(n, &id).await;
+            }
+            self.release_layers(&id);
+            state.forget_claim(&id).await;
+        };
+        if let Some(n) = &name
+            && let Err(e) = self.state.take_name(n, &id).await
+        {
+            self.state.forget_claim(&id).await;
+            return Err(e);
+        }
         let image = match self.state.image_layers(&reference, &id).await {
             Ok(i) => i,
             Err(e) => {
-                self.release_layers(&id);
-                self.state.forget_claim(&id).await;
+                undo(&self.state).await;
                 return Err(e);
             }
         };
@@ -581,6 +616,9 @@ impl Manager {
             labels.insert(IMAGE_MANIFEST_LABEL.into(), m.clone());
         }
         labels.extend(option_labels);
+        if let Some(n) = &name {
+            labels.insert(crate::names::NAME_LABEL.into(), n.to_string());
+        }
         labels.insert(HOLDER_LABEL.into(), self.state.lease.id().to_string());
         let manifest = VesselManifest {
             id: id.clone(),
@@ -598,16 +636,14 @@ impl Manager {
             Err(e) => {
                 // Nothing of a vessel that failed to start stays.
                 let _ = scrub(&self.state.vessel_dir(&id));
-                self.release_layers(&id);
-                self.state.forget_claim(&id).await;
+                undo(&self.state).await;
                 return Err(e);
             }
         };
         // With what starting it pinned (the resolved user); create-if-absent.
         if let Err(e) = vessel.commit_manifest(&vessel.manifest()).await {
             let _ = vessel.close().await;
-            self.release_layers(&id);
-            self.state.forget_claim(&id).await;
+            undo(&self.state).await;
             return Err(e);
         }
         Ok(self.register(vessel))
@@ -643,8 +679,10 @@ impl Manager {
     /// A vessel is open on one host at a time: another host's live claim
     /// on it is [`VesselError::Busy`]; a dead host's is taken over, and the
     /// manifest rewritten so that host can commit nothing more.
+    ///
+    /// `id` may also be the vessel's name.
     pub async fn open_vessel(&self, id: &str) -> Result<Vessel> {
-        let id = VesselId::new(id)?;
+        let id = self.state.resolve(id).await?;
         let lock = self.state.lock(&id)?;
         let claim = self.state.claim(&id).await?;
         let loaded = match self.state.storage.load_vessel_manifest_versioned(&id).await {
@@ -703,21 +741,25 @@ impl Manager {
     /// Deletes a vessel: its snapshots and manifest from storage, its layers
     /// from this host's cache. A handle to it in this manager is closed
     /// first; one in another process makes this fail ([`VesselError::Locked`]).
+    /// `id` may also be the vessel's name, which is freed.
     pub async fn delete_vessel(&self, id: &str) -> Result<()> {
-        let id = VesselId::new(id)?;
+        let id = self.state.resolve(id).await?;
         let open = self.state.open.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
         if let Some(inner) = open.and_then(|w| w.upgrade()) {
             inner.close().await?;
         }
         let _lock = self.state.lock(&id)?;
         let claim = self.state.claim(&id).await?;
-        if let Err(e) = self.load_manifest(&id).await {
-            match e.kind() {
-                crate::VesselErrorKind::NotFound => self.state.forget_claim(&id).await,
-                _ => self.state.release(&claim).await,
+        let name = match self.load_manifest(&id).await {
+            Ok(m) => crate::names::name_of(&m.labels).and_then(|n| VesselName::new(n).ok()),
+            Err(e) => {
+                match e.kind() {
+                    crate::VesselErrorKind::NotFound => self.state.forget_claim(&id).await,
+                    _ => self.state.release(&claim).await,
+                }
+                return Err(e);
             }
-            return Err(e);
-        }
+        };
         let deleted = async {
             scrub(&self.state.vessel_dir(&id))?;
             self.state.storage.delete_vessel(&id).await?;
@@ -727,6 +769,9 @@ impl Manager {
         if let Err(e) = deleted {
             self.state.release(&claim).await;
             return Err(e);
+        }
+        if let Some(n) = &name {
+            self.state.drop_name(n, &id).await;
         }
         self.state.forget_claim(&id).await;
         self.release_layers(&id);

@@ -85,6 +85,23 @@ fn main() {
         })
         .collect::<Vec<_>>();
     // Backend-independent: once.
+    if !vessel::runtime::rootless::mode().is_rootless() {
+        // On the project's own disk (ext4 here, as on most machines), not
+        // on the btrfs `cargo xtask test` gives TMPDIR.
+        let ext4 = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("cli-{}", std::process::id()));
+        let (first, image) = (ext4.join("first"), image_dir.join("busybox-oci.tar"));
+        trials.push(Trial::test("first_contact_on_a_disk_without_quotas", move || {
+            let r = first_contact_on_a_disk_without_quotas(&first, &image);
+            let _ = std::fs::remove_dir_all(&first);
+            r.map_err(|e| Failed::from(format!("{e:#}")))
+        }));
+        let (sq, image) = (ext4.join("setup-quota"), image_dir.join("busybox-oci.tar"));
+        trials.push(Trial::test("setup_quota_gives_a_mount_root_quotas", move || {
+            let r = setup_quota_gives_a_mount_root_quotas(&sq, &image);
+            let _ = std::fs::remove_dir_all(&sq);
+            r.map_err(|e| Failed::from(format!("{e:#}")))
+        }));
+    }
     let big = Session {
         data: tmp.path().join("big/data"),
         mounts: tmp.path().join("big/mounts"),
@@ -430,4 +447,223 @@ fn storage_by_url(url: &str, dir: &Path, image: &Path) -> Result<()> {
         ensure!(!never.exists(), "{storage}: the mount root was created");
     }
     Ok(())
+}
+
+fn stderr(out: &Output) -> std::borrow::Cow<'_, str> {
+    String::from_utf8_lossy(&out.stderr)
+}
+
+/// A new user's first session, on a mount root on a filesystem without
+/// quotas (ext4), with the default settings: it works, the quota warning
+/// comes once (at create, naming what to do), `--disk-quota require`
+/// refuses naming CLI flags and changes nothing, and commands that create
+/// no vessel never check quotas. Then what a docker user expects: names,
+/// `-e`/`-w`, docker's words for a missing command, every boolean
+/// spelling of the quota variables, `--version`, completions, `rm -f`.
+fn first_contact_on_a_disk_without_quotas(dir: &Path, image: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let fs_type = String::from_utf8(Command::new("stat").args(["-f", "-c", "%T"]).arg(dir).output()?.stdout)?;
+    ensure!(fs_type.trim() != "btrfs", "the session without quotas runs on {fs_type}");
+    let s = Session { data: dir.join("data"), mounts: dir.join("mounts"), backend: "youki", address: None };
+    let image = image.to_str().context("utf-8 path")?;
+    let with_env = |env: &[(&str, &str)], args: &[&str]| -> Result<Output> {
+        let mut cmd = Command::new(vessel_bin());
+        cmd.arg("--data").arg(&s.data).arg("--mount-root").arg(&s.mounts).args(args).envs(env.iter().copied());
+        Ok(cmd.stdin(Stdio::null()).output()?)
+    };
+
+    let version = s.ok(&["--version"], None)?;
+    ensure!(version.trim() == format!("vessel {}", env!("CARGO_PKG_VERSION")), "{version}");
+    for (shell, says) in [("bash", "_vessel()"), ("zsh", "#compdef vessel"), ("fish", "complete -c vessel")] {
+        let script = s.ok(&["completion", shell], None)?;
+        ensure!(script.contains(says) && script.contains("setup-quota"), "{shell} completion: {}", &script[..200]);
+    }
+
+    // Commands that create no vessel never check quotas, even when required.
+    for args in
+        [&["--disk-quota", "require", "image", "import", image, "local/busybox:latest"][..], &["image", "ls"], &["ls"]]
+    {
+        let out = s.run(args, None)?;
+        ensure!(out.status.success() && !stderr(&out).to_lowercase().contains("quota"), "{args:?}: {out:?}");
+    }
+    // Required, creating is refused in the CLI's words, and nothing is made.
+    let out = s.run(&["--disk-quota", "require", "create", "local/busybox:latest"], None)?;
+    let err = stderr(&out);
+    ensure!(out.status.code() == Some(125), "{out:?}");
+    ensure!(
+        err.contains("not on btrfs") && err.contains("vessel setup-quota") && err.contains("--disk-quota"),
+        "{err}"
+    );
+    ensure!(!err.contains("ManagerConfig") && !err.contains("disk_quota("), "a Rust API named to a CLI user: {err}");
+    ensure!(s.ok(&["ls", "--json"], None)?.trim() == "[]", "a refused create left a vessel");
+
+    // The default: it works, and says once what it cannot enforce and how to.
+    let out = s.run(&["create", "--name", "web", "local/busybox:latest"], None)?;
+    let err = stderr(&out);
+    ensure!(out.status.success(), "{out:?}");
+    ensure!(err.matches("Disk limit is not applied here").count() == 1 && err.contains("vessel setup-quota"), "{err}");
+    let id = String::from_utf8(out.stdout)?.trim().to_owned();
+    let ls = s.ok(&["ls"], None)?;
+    ensure!(ls.lines().nth(1).is_some_and(|l| l.contains(&id) && l.contains(" web ")), "{ls}");
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&s.ok(&["ls", "--json"], None)?)?;
+    ensure!(rows.len() == 1 && rows[0]["name"] == "web", "{rows:?}");
+    // Names wherever an id goes; -e and -w as docker exec's.
+    let out =
+        s.run(&["exec", "-e", "GREETING=hi", "-w", "/tmp", "web", "--", "sh", "-c", "echo $GREETING from $PWD"], None)?;
+    ensure!(out.status.success() && out.stdout == b"hi from /tmp\n", "{out:?}");
+    ensure!(!stderr(&out).contains("quota"), "exec repeats the quota warning: {out:?}");
+    s.ok(&["write", "web", "note.txt"], Some(b"by name\n"))?;
+    ensure!(s.ok(&["read", &id, "note.txt"], None)? == "by name\n");
+    // docker's words and exit codes for a command that cannot start.
+    let out = s.run(&["exec", "web", "--", "nosuchcmd"], None)?;
+    ensure!(out.status.code() == Some(127), "{out:?}");
+    ensure!(stderr(&out).trim() == r#"vessel: exec: "nosuchcmd": executable file not found in $PATH"#, "{out:?}");
+    let out = s.run(&["exec", "web", "--", "/etc/passwd"], None)?;
+    ensure!(
+        out.status.code() == Some(126) && stderr(&out).contains(r#"exec: "/etc/passwd": permission denied"#),
+        "{out:?}"
+    );
+    // Bad names: taken, shaped like an id, malformed; nothing created.
+    for (name, says) in [("web", "already in use"), ("0123456789abcdef", "shape of a vessel id"), ("-x", "must start")]
+    {
+        let out = s.run(&["create", &format!("--name={name}"), "local/busybox:latest"], None)?;
+        ensure!(out.status.code() == Some(125) && stderr(&out).contains(says), "{name}: {out:?}");
+    }
+    let out = s.run(&["exec", "nobody-has-this", "--", "true"], None)?;
+    ensure!(out.status.code() == Some(125) && stderr(&out).contains("no vessel is named"), "{out:?}");
+    ensure!(serde_json::from_str::<Vec<serde_json::Value>>(&s.ok(&["ls", "--json"], None)?)?.len() == 1);
+
+    // Every spelling of a boolean, and the modes, in the environment.
+    let warns = |env: &[(&str, &str)]| -> Result<Option<bool>> {
+        let out = with_env(env, &["create", "local/busybox:latest"])?;
+        if !out.status.success() {
+            ensure!(out.status.code() == Some(125) && stderr(&out).contains("not on btrfs"), "{env:?}: {out:?}");
+            return Ok(None);
+        }
+        let made = String::from_utf8(out.stdout.clone())?;
+        ensure!(with_env(&[], &["rm", made.trim()])?.status.success());
+        Ok(Some(stderr(&out).contains("Disk limit is not applied")))
+    };
+    for on in ["1", "yes", "on", "true", "TRUE", "Yes"] {
+        ensure!(warns(&[("VESSEL_NO_DISK_QUOTA", on)])? == Some(false), "VESSEL_NO_DISK_QUOTA={on}");
+        ensure!(warns(&[("VESSEL_DISK_QUOTA", on)])?.is_none(), "VESSEL_DISK_QUOTA={on} (require)");
+    }
+    for off in ["0", "no", "off", "false", "FALSE"] {
+        ensure!(warns(&[("VESSEL_NO_DISK_QUOTA", off)])? == Some(true), "VESSEL_NO_DISK_QUOTA={off}");
+        ensure!(warns(&[("VESSEL_DISK_QUOTA", off)])? == Some(false), "VESSEL_DISK_QUOTA={off}");
+    }
+    ensure!(warns(&[("VESSEL_DISK_QUOTA", "auto")])? == Some(true));
+    ensure!(warns(&[("VESSEL_DISK_QUOTA", "require")])?.is_none());
+    for (var, bad) in [("VESSEL_NO_DISK_QUOTA", "maybe"), ("VESSEL_DISK_QUOTA", "sometimes")] {
+        let out = with_env(&[(var, bad)], &["ls"])?;
+        ensure!(out.status.code() == Some(2) && stderr(&out).contains(bad), "{var}={bad}: {out:?}");
+    }
+
+    // rm -f stops the command that has the vessel open, then deletes it.
+    let mut held = Command::new(vessel_bin())
+        .arg("--data")
+        .arg(&s.data)
+        .arg("--mount-root")
+        .arg(&s.mounts)
+        .args(["exec", "web", "--", "sleep", "60"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let rows: Vec<serde_json::Value> = serde_json::from_str(&s.ok(&["ls", "--json"], None)?)?;
+        if !rows[0]["holder"].is_null() {
+            break;
+        }
+        ensure!(std::time::Instant::now() < deadline, "the exec never opened the vessel");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = s.run(&["rm", "web"], None)?;
+    ensure!(out.status.code() == Some(125) && stderr(&out).contains("rm -f"), "rm of a held vessel: {out:?}");
+    let started = std::time::Instant::now();
+    let out = s.run(&["rm", "-f", "web"], None)?;
+    ensure!(out.status.success(), "rm -f: {out:?}");
+    ensure!(started.elapsed() < std::time::Duration::from_secs(15), "rm -f took {:?}", started.elapsed());
+    let status = held.wait()?;
+    ensure!(status.code() == Some(143), "the stopped exec: {status}");
+    ensure!(s.ok(&["ls", "--json"], None)?.trim() == "[]");
+    ensure!(support::mounts_under(dir).is_empty(), "mounts left: {:?}", support::mounts_under(dir));
+    Ok(())
+}
+
+/// Loop devices backed by `image` (`losetup -j`).
+fn loops_of(image: &Path) -> Result<String> {
+    let out = Command::new("losetup").arg("-j").arg(image).output()?;
+    Ok(String::from_utf8(out.stdout)?.trim().to_owned())
+}
+
+/// `vessel setup-quota` on a fresh mount root on ext4: afterwards quotas
+/// are enforced (`--disk-quota require` starts, a disk filler stops at its
+/// quota); a second run changes nothing; `--remove` and a new run mount the
+/// same image again (as after a reboot); removed with its image, no mount
+/// and no loop device is left.
+fn setup_quota_gives_a_mount_root_quotas(dir: &Path, image: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let s = Session { data: dir.join("data"), mounts: dir.join("mounts"), backend: "youki", address: None };
+    let img = dir.join("mounts.btrfs");
+    let cleanup = || {
+        let _ = Command::new("umount").arg(&s.mounts).stderr(Stdio::null()).status();
+        let _ = std::fs::remove_file(&img);
+    };
+    let r = (|| -> Result<()> {
+        let said = s.ok(&["setup-quota", "--size", "4g"], None)?;
+        ensure!(
+            said.contains("now enforces disk quotas")
+                && said.contains("/etc/fstab")
+                && said.contains(" btrfs loop,discard 0 0"),
+            "{said}"
+        );
+        ensure!(img.exists() && std::fs::metadata(&img)?.len() == 4 << 30, "the image");
+        use std::os::unix::fs::MetadataExt;
+        ensure!(std::fs::metadata(&img)?.blocks() * 512 < 512 << 20, "the image is not sparse");
+        let mounts = support::mounts_under(&s.mounts);
+        ensure!(mounts.len() == 1, "{mounts:?}");
+        let again = s.ok(&["setup-quota", "--size", "4g"], None)?;
+        ensure!(again.contains("nothing changed"), "{again}");
+        ensure!(support::mounts_under(&s.mounts) == mounts, "a second run changed the mounts");
+
+        s.ok(&["image", "import", image.to_str().context("utf-8")?, "local/busybox:latest"], None)?;
+        let out = s.run(
+            &["--disk-quota", "require", "create", "--disk", "32m", "--name", "filler", "local/busybox:latest"],
+            None,
+        )?;
+        ensure!(out.status.success() && !stderr(&out).contains("not applied"), "{out:?}");
+        let out = s.run(&["exec", "filler", "--", "dd", "if=/dev/zero", "of=/work/big", "bs=1M", "count=100"], None)?;
+        ensure!(!out.status.success() && stderr(&out).contains("Disk quota exceeded"), "{out:?}");
+        s.ok(&["rm", "filler"], None)?;
+
+        // As after a reboot: unmounted, the image kept; set up again, remounted.
+        s.ok(&["setup-quota", "--remove"], None)?;
+        ensure!(support::mounts_under(&s.mounts).is_empty() && img.exists() && loops_of(&img)?.is_empty());
+        let said = s.ok(&["setup-quota"], None)?;
+        ensure!(said.contains("again"), "{said}");
+        ensure!(s.ok(&["--disk-quota", "require", "ls"], None)?.contains("ID"));
+        s.ok(&["setup-quota", "--remove", "--delete-image"], None)?;
+        ensure!(support::mounts_under(&s.mounts).is_empty(), "still mounted");
+        ensure!(!img.exists(), "the image was kept");
+        ensure!(loops_of(&img)?.is_empty(), "a loop device is left: {}", loops_of(&img)?);
+        // Bad input: too small; an image inside the mount root; a mount root that holds other files.
+        let out = s.run(&["setup-quota", "--size", "100m"], None)?;
+        ensure!(out.status.code() == Some(125) && stderr(&out).contains("too small"), "{out:?}");
+        let inside = s.mounts.join("x.img");
+        let out = s.run(&["setup-quota", "--image", inside.to_str().unwrap()], None)?;
+        ensure!(out.status.code() == Some(125) && stderr(&out).contains("inside the mount root"), "{out:?}");
+        std::fs::create_dir_all(&s.mounts)?;
+        std::fs::write(s.mounts.join("precious.txt"), b"mine")?;
+        let out = s.run(&["setup-quota"], None)?;
+        ensure!(out.status.code() == Some(125) && stderr(&out).contains("precious.txt"), "{out:?}");
+        ensure!(
+            std::fs::read(s.mounts.join("precious.txt"))? == b"mine" && !img.exists(),
+            "a refused setup changed things"
+        );
+        Ok(())
+    })();
+    cleanup();
+    r
 }

@@ -163,7 +163,8 @@ fn main() {
         exec_limits_narrow_the_vessels,
         bad_limits_are_refused,
         disk_quota_bounds_what_a_vessel_writes,
-        quotas_need_a_filesystem_that_enforces_them,
+        quota_modes_on_a_filesystem_without_quotas,
+        vessels_have_unique_names,
         rootless_mode_follows_the_process,
         a_hundred_vessels_keep_the_host_responsive,
         images_pull_from_a_registry,
@@ -179,7 +180,7 @@ fn main() {
     const ROOTFUL_ONLY: &[&str] = &[
         "image_from_the_containerd_store",
         "disk_quota_bounds_what_a_vessel_writes",
-        "quotas_need_a_filesystem_that_enforces_them",
+        "quota_modes_on_a_filesystem_without_quotas",
         "a_hundred_vessels_keep_the_host_responsive",
         "images_pull_from_a_registry",
         "registry_failures_are_typed_and_store_nothing",
@@ -1341,19 +1342,95 @@ fn mode_name(rootless: bool) -> &'static str {
     if rootless { "rootless" } else { "rootful" }
 }
 
-/// With quotas on, a mount root that cannot enforce them is a typed error;
-/// turned off, the manager starts there.
-async fn quotas_need_a_filesystem_that_enforces_them(w: Arc<World>) -> Result<()> {
+/// The quota modes on a mount root that cannot enforce quotas (tmpfs):
+/// `Require` is a typed refusal that names no Rust API; `Auto` (the
+/// default) runs, lists the disk limit as unavailable with why, and refuses
+/// a disk quota asked for explicitly; `Off` runs and checks nothing.
+async fn quota_modes_on_a_filesystem_without_quotas(w: Arc<World>) -> Result<()> {
+    use vessel::QuotaMode;
     let shm = tempfile::tempdir_in("/dev/shm")?;
-    let config = |quota: Option<u64>| w.config("unused").mount_root(shm.path().join("root")).disk_quota(quota);
-    match Manager::new(config(Some(1 << 30))).await {
-        Err(e @ vessel::VesselError::QuotaUnsupported { .. }) => ensure!(e.kind() == VesselErrorKind::Unavailable),
-        other => return Err(anyhow!("quotas on tmpfs: {other:?}")),
+    let config = |mode: QuotaMode| w.config("unused").mount_root(shm.path().join("root")).quota_mode(mode);
+    match Manager::new(config(QuotaMode::Require)).await {
+        Err(e @ vessel::VesselError::QuotaUnsupported { .. }) => {
+            ensure!(e.kind() == VesselErrorKind::Unavailable);
+            ensure!(e.to_string().contains("not on btrfs") && !e.to_string().contains("ManagerConfig"), "{e}");
+        }
+        other => return Err(anyhow!("quotas required on tmpfs: {other:?}")),
     }
-    let mgr = Manager::new(config(None)).await?;
+    // The default mode is Auto.
+    let mgr = Manager::new(w.config("unused").mount_root(shm.path().join("root"))).await?;
+    let disk: Vec<_> = mgr.unavailable_limits().iter().filter(|u| u.limit == vessel::Limit::Disk).collect();
+    ensure!(disk.len() == 1 && disk[0].reason.contains("not on btrfs"), "{:?}", mgr.unavailable_limits());
+    let v = mgr.create_vessel(IMAGE, "/work").await?;
+    let (code, out, _) = run(&v, "echo works > f; cat f", true).await?;
+    ensure!(code == 0 && out == "works\n", "{code} {out:?}");
+    ensure!(!v.manifest().labels.contains_key("vessel.limits.disk"), "an unenforced quota was pinned");
+    v.close().await?;
     match mgr.create_vessel_with(IMAGE, "/work", &VesselOptions::new().disk_bytes(1 << 30)).await {
         Err(e) if e.kind() == VesselErrorKind::InvalidInput => {}
         other => return Err(anyhow!("a disk quota without quotas: {other:?}")),
+    }
+    mgr.close().await?;
+    let mgr = Manager::new(config(QuotaMode::Off)).await?;
+    ensure!(mgr.unavailable_limits().iter().all(|u| u.limit != vessel::Limit::Disk), "off lists the disk limit");
+    mgr.close().await?;
+    ensure!(support::mounts_under(shm.path()).is_empty(), "mounts left under {}", shm.path().display());
+    Ok(())
+}
+
+/// Names: unique per storage, usable wherever an id is (open, delete),
+/// freed by delete; a name shaped like an id, a bad name and a taken name
+/// are typed refusals that create nothing; a name record left by a create
+/// that died before its manifest is taken over.
+async fn vessels_have_unique_names(w: Arc<World>) -> Result<()> {
+    let mgr = w.manager("names").await?;
+    let name = format!("web-{}", std::process::id());
+    let v = mgr.create_vessel_with(IMAGE, "/work", &VesselOptions::new().name(&name)).await?;
+    ensure!(v.name().as_deref() == Some(name.as_str()));
+    let id = v.id().to_string();
+    v.close().await?;
+    let before = mgr.list_vessels().await?.len();
+    for (bad, kind) in [
+        (name.as_str(), VesselErrorKind::Conflict),
+        ("0123456789abcdef", VesselErrorKind::InvalidInput),
+        ("../escape", VesselErrorKind::InvalidInput),
+        ("", VesselErrorKind::InvalidInput),
+    ] {
+        match mgr.create_vessel_with(IMAGE, "/work", &VesselOptions::new().name(bad)).await {
+            Err(e) if e.kind() == kind => {}
+            other => return Err(anyhow!("name {bad:?}: {other:?}")),
+        }
+    }
+    ensure!(mgr.list_vessels().await?.len() == before, "a refused name created a vessel");
+    let v = mgr.open_vessel(&name).await?;
+    ensure!(v.id().as_str() == id, "open by name");
+    v.close().await?;
+    match mgr.open_vessel("no-such-name").await {
+        Err(e @ vessel::VesselError::NameNotFound(_)) => ensure!(e.kind() == VesselErrorKind::NotFound),
+        other => return Err(anyhow!("an unknown name: {other:?}")),
+    }
+    mgr.delete_vessel(&name).await?;
+    match mgr.open_vessel(&name).await {
+        Err(e) if e.kind() == VesselErrorKind::NotFound => {}
+        other => return Err(anyhow!("a deleted vessel's name: {other:?}")),
+    }
+    // Freed: a new vessel takes it.
+    let v = mgr.create_vessel_with(IMAGE, "/work", &VesselOptions::new().name(&name)).await?;
+    let second = v.id().to_string();
+    v.close().await?;
+    ensure!(second != id);
+    // A record left by a create that died (no manifest, no live claim).
+    let storage = w.storage();
+    let stale = vessel::VesselName::new(&format!("stale-{}", std::process::id()))?;
+    let dead = serde_json::to_vec(&serde_json::json!({ "id": "00000000deadbeef" }))?;
+    storage.save_record(&vessel::RecordKey::Name(stale.clone()), dead, &vessel::WriteIf::Absent).await?;
+    let v = mgr.create_vessel_with(IMAGE, "/work", &VesselOptions::new().name(stale.as_str())).await?;
+    let taken = v.id().to_string();
+    v.close().await?;
+    ensure!(mgr.open_vessel(stale.as_str()).await?.id().as_str() == taken);
+    for n in [name.as_str(), stale.as_str()] {
+        mgr.delete_vessel(n).await?;
+        ensure!(storage.load_record(&vessel::RecordKey::Name(vessel::VesselName::new(n)?)).await?.is_none());
     }
     mgr.close().await?;
     Ok(())

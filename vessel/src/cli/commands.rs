@@ -12,6 +12,7 @@ use tokio::io::AsyncRead;
 use vessel::{ExecOptions, Manager, SnapshotId, SnapshotManifest, Vessel, VesselManifest};
 
 use crate::{CreateArgs, ExecArgs};
+use vessel::NAME_LABEL;
 
 /// Opens vessel `id`, runs `f` on it and closes it, however `f` ended (its
 /// error wins over one of closing).
@@ -107,7 +108,7 @@ pub(crate) async fn image_ls(mgr: &Manager, json: bool) -> Result<()> {
 }
 
 pub(crate) async fn create(mgr: &Manager, a: &CreateArgs, json: bool) -> Result<()> {
-    let opts = crate::vessel_options(a.memory, a.cpus, a.pids, a.disk);
+    let opts = crate::vessel_options(a.name.as_deref(), a.memory, a.cpus, a.pids, a.disk);
     let pb = spinner(format!("creating a vessel from {}", a.image));
     let created = mgr.create_vessel_with(&a.image, &a.work_dir, &opts).await;
     let v = match created {
@@ -123,6 +124,12 @@ pub(crate) async fn create(mgr: &Manager, a: &CreateArgs, json: bool) -> Result<
     // Never silent: what the vessel's limits will not do on this host.
     for u in mgr.unavailable_limits() {
         eprintln!("vessel: warning: the {:?} limit is not applied here: {}", u.limit, u.reason);
+        if u.limit == vessel::Limit::Disk && !mgr.is_rootless() {
+            eprintln!(
+                "vessel: to enforce disk quotas, put the mount root on btrfs with quotas, or run \
+                 `vessel setup-quota` (as root); `--disk-quota off` silences this"
+            );
+        }
     }
     let closed = v.close().await;
     first?;
@@ -148,6 +155,7 @@ pub(crate) async fn ls(mgr: &Manager, json: bool) -> Result<()> {
             .zip(&holders)
             .map(|(m, h)| {
                 let mut v = serde_json::to_value(m).unwrap_or_default();
+                v["name"] = m.labels.get(NAME_LABEL).map_or(serde_json::Value::Null, |n| n.as_str().into());
                 v["holder"] = h.as_ref().map_or(
                     serde_json::Value::Null,
                     |h| serde_json::json!({"host": h.host.as_str(), "name": h.name, "expiresAt": h.expires_at}),
@@ -157,11 +165,15 @@ pub(crate) async fn ls(mgr: &Manager, json: bool) -> Result<()> {
             .collect();
         return print_json(&rows);
     }
-    println!("{:<18} {:<30} {:<18} {:>9}  {:<19}  HOLDER", "ID", "IMAGE", "CURRENT", "SNAPSHOTS", "UPDATED");
+    println!(
+        "{:<18} {:<16} {:<30} {:<18} {:>9}  {:<19}  HOLDER",
+        "ID", "NAME", "IMAGE", "CURRENT", "SNAPSHOTS", "UPDATED"
+    );
     for (m, h) in vessels.iter().zip(&holders) {
         println!(
-            "{:<18} {:<30} {:<18} {:>9}  {:<19}  {}",
+            "{:<18} {:<16} {:<30} {:<18} {:>9}  {:<19}  {}",
             m.id.as_str(),
+            m.labels.get(NAME_LABEL).map_or("-", String::as_str),
             m.base_image_ref.as_str(),
             m.current_snapshot_id.as_ref().map_or("-", |s| s.as_str()),
             m.snapshots.len(),
@@ -261,14 +273,49 @@ pub(crate) async fn restore(mgr: &Manager, id: &str, snapshot: &str, json: bool)
     Ok(())
 }
 
-pub(crate) async fn rm(mgr: &Manager, id: &str, snapshot: Option<&str>) -> Result<()> {
-    match snapshot {
-        Some(snapshot) => {
-            let snapshot = SnapshotId::new(snapshot)?;
-            with_vessel(mgr, id, async |v| Ok(v.delete_snapshot(&snapshot).await?)).await
-        }
-        None => Ok(mgr.delete_vessel(id).await?),
+pub(crate) async fn rm(mgr: &Manager, id: &str, snapshot: Option<&str>, force: bool) -> Result<()> {
+    if let Some(snapshot) = snapshot {
+        let snapshot = SnapshotId::new(snapshot)?;
+        return with_vessel(mgr, id, async |v| Ok(v.delete_snapshot(&snapshot).await?)).await;
     }
+    match mgr.delete_vessel(id).await {
+        Err(vessel::VesselError::Locked(vid)) if force => {
+            crate::force::stop_holders(mgr, &vid).await?;
+            Ok(mgr.delete_vessel(vid.as_str()).await?)
+        }
+        r => Ok(r?),
+    }
+}
+
+pub(crate) fn setup_quota(root: &Path, a: &crate::SetupQuotaArgs, json: bool) -> Result<()> {
+    if a.remove {
+        vessel::remove_quota_setup(root, a.image.as_deref(), a.delete_image)?;
+        if !json {
+            println!("disk quotas at {} removed", root.display());
+        }
+        return Ok(());
+    }
+    let mut setup = vessel::QuotaSetup::new().size(a.size);
+    if let Some(image) = &a.image {
+        setup = setup.image(image);
+    }
+    let report = vessel::setup_quota(root, &setup)?;
+    if json {
+        return print_json(&serde_json::json!({
+            "mount_root": report.mount_root, "image": report.image,
+            "outcome": format!("{:?}", report.outcome).to_lowercase(), "fstab": report.fstab_line(),
+        }));
+    }
+    let what = match report.outcome {
+        vessel::QuotaSetupOutcome::AlreadyEnforced => "already enforces disk quotas: nothing changed",
+        vessel::QuotaSetupOutcome::Remounted => "enforces disk quotas again (its image was mounted)",
+        _ => "now enforces disk quotas (a sparse btrfs image is mounted on it)",
+    };
+    println!("{} {what}", report.mount_root.display());
+    if let Some(line) = report.fstab_line() {
+        println!("to keep it across reboots, add to /etc/fstab:\n  {line}");
+    }
+    Ok(())
 }
 
 fn print_tree(m: &VesselManifest) {

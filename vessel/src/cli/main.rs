@@ -11,11 +11,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 mod commands;
+mod force;
 mod mcp;
 
-use vessel::{Backend, CompressedStorage, LocalStorage, Manager, ManagerConfig, VesselOptions};
+use vessel::{Backend, CompressedStorage, LocalStorage, Manager, ManagerConfig, QuotaMode, VesselOptions};
 
 #[derive(Debug, Parser)]
 #[command(name = "vessel", version, about = "Containerized, snapshotting workspaces for AI agents")]
@@ -49,9 +50,20 @@ struct Cli {
     /// Machine-readable output (JSON on stdout).
     #[arg(long, global = true)]
     json: bool,
-    /// Run without disk quotas (needed where the mount root is not btrfs
-    /// with quotas enabled).
-    #[arg(long, global = true, env = "VESSEL_NO_DISK_QUOTA")]
+    /// Disk quotas of vessels: `auto` enforces them where the mount root can
+    /// (btrfs with quotas; see `vessel setup-quota`) and warns where it
+    /// cannot, `require` refuses to run without, `off` never checks. As a
+    /// boolean (1/0, yes/no, on/off, true/false): on is `require`.
+    #[arg(long, global = true, env = "VESSEL_DISK_QUOTA", value_parser = parse_quota_mode, default_value = "auto")]
+    disk_quota: QuotaMode,
+    /// Same as `--disk-quota off`.
+    #[arg(
+        long,
+        global = true,
+        env = "VESSEL_NO_DISK_QUOTA",
+        value_parser = clap::builder::BoolishValueParser::new(),
+        action = clap::ArgAction::SetTrue
+    )]
     no_disk_quota: bool,
     #[command(subcommand)]
     command: Command,
@@ -76,14 +88,14 @@ enum Command {
     Exec(ExecArgs),
     /// Print a file of a vessel to stdout.
     Read {
-        /// Vessel id.
+        /// Vessel id or name.
         id: String,
         /// Path inside the vessel (relative to its work dir).
         path: String,
     },
     /// Write stdin to a file of a vessel (committed as a snapshot).
     Write {
-        /// Vessel id.
+        /// Vessel id or name.
         id: String,
         /// Path inside the vessel (relative to its work dir).
         path: String,
@@ -93,7 +105,7 @@ enum Command {
     },
     /// Snapshot a vessel's current state.
     Snapshot {
-        /// Vessel id.
+        /// Vessel id or name.
         id: String,
         /// What the snapshot is.
         #[arg(short, long, default_value = "")]
@@ -101,12 +113,12 @@ enum Command {
     },
     /// A vessel's snapshots as a tree.
     Snapshots {
-        /// Vessel id.
+        /// Vessel id or name.
         id: String,
     },
     /// Make a snapshot the vessel's current state.
     Restore {
-        /// Vessel id.
+        /// Vessel id or name.
         id: String,
         /// Snapshot id.
         snapshot: String,
@@ -116,12 +128,43 @@ enum Command {
     Mcp(McpArgs),
     /// Delete a vessel, or one of its snapshots.
     Rm {
-        /// Vessel id.
+        /// Vessel id or name.
         id: String,
         /// Delete this snapshot instead of the vessel.
         #[arg(long)]
         snapshot: Option<String>,
+        /// Stop what runs in the vessel first (a `vessel` command of this
+        /// host that has it open is terminated).
+        #[arg(short, long, conflicts_with = "snapshot")]
+        force: bool,
     },
+    /// Give the mount root disk quotas (root): a sparse, loop-mounted btrfs
+    /// image with quotas on. Idempotent; prints the /etc/fstab line that
+    /// keeps it across reboots.
+    SetupQuota(SetupQuotaArgs),
+    /// Print a shell completion script (e.g. `vessel completion bash >
+    /// /etc/bash_completion.d/vessel`).
+    Completion {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// `vessel setup-quota`'s options.
+#[derive(Debug, clap::Args)]
+pub(crate) struct SetupQuotaArgs {
+    /// Size of the filesystem (sparse: it takes only what vessels write).
+    #[arg(long, value_parser = parse_size, default_value = "64g")]
+    pub(crate) size: u64,
+    /// The image file (default: beside the mount root, `<mount root>.btrfs`).
+    #[arg(long)]
+    pub(crate) image: Option<PathBuf>,
+    /// Unmount it instead (the image file stays unless --delete-image).
+    #[arg(long)]
+    pub(crate) remove: bool,
+    /// With --remove: delete the image file too (every cached layer in it goes).
+    #[arg(long, requires = "remove")]
+    pub(crate) delete_image: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -157,6 +200,9 @@ enum ImageCommand {
 struct CreateArgs {
     /// Image reference, e.g. local/busybox:latest.
     pub(crate) image: String,
+    /// A name for the vessel, usable wherever its id is (unique per storage).
+    #[arg(long)]
+    pub(crate) name: Option<String>,
     /// Default directory for relative paths and commands.
     #[arg(long, default_value = "/work")]
     pub(crate) work_dir: String,
@@ -195,7 +241,7 @@ struct ExecArgs {
     /// Kill the command after this many seconds (exit 137, `timed_out` in --json).
     #[arg(long, value_parser = parse_timeout)]
     pub(crate) timeout: Option<Duration>,
-    /// Vessel id.
+    /// Vessel id or name.
     pub(crate) id: String,
     /// The command and its arguments (after `--`).
     #[arg(last = true, required = true)]
@@ -239,6 +285,9 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("vessel: {e:#}");
+            if let Some(hint) = e.chain().find_map(|c| c.downcast_ref::<vessel::VesselError>()).and_then(hint) {
+                eprintln!("{hint}");
+            }
             // As docker: 127 when the command is not found, 126 when it
             // cannot be executed, 125 for an error of the tool itself.
             let start = e.chain().find_map(|c| match c.downcast_ref::<vessel::VesselError>() {
@@ -249,6 +298,38 @@ fn main() -> ExitCode {
             });
             ExitCode::from(start.and_then(|c| u8::try_from(c).ok()).unwrap_or(125))
         }
+    }
+}
+
+/// What to do about an error, in the CLI's terms (the library's messages
+/// name no API; its docs do).
+fn hint(e: &vessel::VesselError) -> Option<String> {
+    use vessel::VesselError as E;
+    Some(match e {
+        E::QuotaUnsupported { .. } => "hint: `vessel setup-quota` (as root) gives the mount root disk quotas; \
+                                       `--disk-quota auto` runs without them"
+            .into(),
+        E::InvalidInput(m) if m.contains("without disk quotas") => {
+            "hint: --disk needs a mount root with disk quotas (`vessel setup-quota`, as root)".into()
+        }
+        E::IsolationUnsupported(_) => {
+            "hint: the kernel and filesystem must support user namespaces and idmapped mounts".into()
+        }
+        E::Locked(_) => "hint: `vessel rm -f` stops the command that has it open".into(),
+        _ => return None,
+    })
+}
+
+/// `--disk-quota`: a mode, or a boolean (on: require).
+fn parse_quota_mode(s: &str) -> std::result::Result<QuotaMode, String> {
+    if let Ok(mode) = s.parse::<QuotaMode>() {
+        return Ok(mode);
+    }
+    use clap::builder::TypedValueParser;
+    match clap::builder::BoolishValueParser::new().parse_ref(&Cli::command(), None, std::ffi::OsStr::new(s)) {
+        Ok(true) => Ok(QuotaMode::Require),
+        Ok(false) => Ok(QuotaMode::Off),
+        Err(_) => Err(format!("{s:?}: expected auto, require or off (or a boolean: 1/0, yes/no, on/off, true/false)")),
     }
 }
 
@@ -271,8 +352,17 @@ fn parse_size(s: &str) -> std::result::Result<u64, String> {
 /// A vessel's limits as `create` (and `vessel mcp`'s `create_vessel`) take
 /// them: bytes, CPUs, processes, bytes. Bad values are refused by
 /// `create_vessel_with` with the other limits (0 or NaN CPUs there too).
-fn vessel_options(memory: Option<u64>, cpus: Option<f64>, pids: Option<i64>, disk: Option<u64>) -> VesselOptions {
+fn vessel_options(
+    name: Option<&str>,
+    memory: Option<u64>,
+    cpus: Option<f64>,
+    pids: Option<i64>,
+    disk: Option<u64>,
+) -> VesselOptions {
     let mut opts = VesselOptions::new();
+    if let Some(n) = name {
+        opts = opts.name(n);
+    }
     if let Some(m) = memory {
         opts = opts.memory_bytes(i64::try_from(m).unwrap_or(i64::MAX));
     }
@@ -323,9 +413,7 @@ async fn manager(cli: &Cli) -> Result<Manager> {
     if let Some(a) = &cli.containerd_address {
         config = config.containerd_address(a);
     }
-    if cli.no_disk_quota {
-        config = config.disk_quota(None);
-    }
+    config = config.quota_mode(quota_mode(cli));
     if let Command::Image(ImageCommand::Pull { reference, username, password_stdin, insecure }) = &cli.command {
         let registry = vessel::registry::registry_of(reference)?;
         if let (Some(user), true) = (username, password_stdin) {
@@ -341,11 +429,71 @@ async fn manager(cli: &Cli) -> Result<Manager> {
     Ok(Manager::new(config).await?)
 }
 
+/// The quota mode a command runs with: the one asked for where it may
+/// write to a vessel; `off` where it creates and changes none (image
+/// import and listing check nothing they do not need).
+fn quota_mode(cli: &Cli) -> QuotaMode {
+    let writes = matches!(
+        cli.command,
+        Command::Create(_) | Command::Exec(_) | Command::Write { .. } | Command::Restore { .. } | Command::Mcp(_)
+    );
+    if cli.no_disk_quota || !writes { QuotaMode::Off } else { cli.disk_quota }
+}
+
 async fn run(cli: Cli) -> Result<ExitCode> {
+    // What needs no manager (and must not create the mount root).
+    match &cli.command {
+        Command::Completion { shell } => {
+            clap_complete::generate(*shell, &mut Cli::command(), "vessel", &mut std::io::stdout());
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::SetupQuota(a) => {
+            let root = cli.mount_root.clone().unwrap_or_else(vessel::default_mount_root);
+            commands::setup_quota(&root, a, cli.json)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        _ => {}
+    }
     let mgr = Arc::new(manager(&cli).await?);
-    let result = command(&cli, &mgr).await;
+    let result = if matches!(cli.command, Command::Mcp(_)) {
+        // The server shuts down on these signals by itself.
+        command(&cli, &mgr).await
+    } else {
+        // A signal stops the command (dropping it kills its container) and
+        // the manager closes, ending this host's lease: what it held is
+        // free at once (`vessel rm -f` relies on it), as after `docker exec`.
+        tokio::select! {
+            r = command(&cli, &mgr) => r,
+            signal = terminated() => Ok(ExitCode::from(128 + signal)),
+        }
+    };
     mgr.close().await?;
     result
+}
+
+/// Waits for SIGTERM, SIGINT or SIGHUP; returns its number.
+async fn terminated() -> u8 {
+    use tokio::signal::unix::{SignalKind, signal};
+    let kinds = [(SignalKind::terminate(), 15), (SignalKind::interrupt(), 2), (SignalKind::hangup(), 1)];
+    let mut streams = Vec::new();
+    for (kind, n) in kinds {
+        match signal(kind) {
+            Ok(s) => streams.push((s, n)),
+            // Without a handler the default action still ends the process.
+            Err(_) => continue,
+        }
+    }
+    if streams.is_empty() {
+        return std::future::pending().await;
+    }
+    let waits = streams.iter_mut().map(|(s, n)| {
+        let n = *n;
+        Box::pin(async move {
+            s.recv().await;
+            n
+        })
+    });
+    futures::future::select_all(waits).await.0
 }
 
 async fn command(cli: &Cli, mgr: &Arc<Manager>) -> Result<ExitCode> {
@@ -365,7 +513,8 @@ async fn command(cli: &Cli, mgr: &Arc<Manager>) -> Result<ExitCode> {
         Command::Snapshot { id, message } => commands::snapshot(mgr, id, message, json).await?,
         Command::Snapshots { id } => commands::snapshots(mgr, id, json).await?,
         Command::Restore { id, snapshot } => commands::restore(mgr, id, snapshot, json).await?,
-        Command::Rm { id, snapshot } => commands::rm(mgr, id, snapshot.as_deref()).await?,
+        Command::Rm { id, snapshot, force } => commands::rm(mgr, id, snapshot.as_deref(), *force).await?,
+        Command::Completion { .. } | Command::SetupQuota(_) => unreachable!("handled before the manager starts"),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -246,6 +246,8 @@ struct CreateVesselArgs {
     pids: Option<i64>,
     /// What the workspace may write to disk, e.g. `2g`.
     disk: Option<String>,
+    /// A name for it (letters, digits, `_.-`; unique), shown by `list_vessels`.
+    name: Option<String>,
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -381,6 +383,7 @@ fn info_json(i: &FileInfo) -> Value {
 fn vessel_json(m: &VesselManifest, open: bool) -> Value {
     json!({
         "vessel_id": m.id.as_str(),
+        "name": m.labels.get(vessel::NAME_LABEL),
         "image": m.base_image_ref.as_str(),
         "work_dir": m.work_dir,
         "current_snapshot_id": m.current_snapshot_id.as_ref().map(|s| s.as_str()),
@@ -399,7 +402,13 @@ impl Tools {
     #[tool(description = "Create a workspace (a vessel) from an image and open it. Returns its vessel_id, which \
         every other tool takes. The new vessel's first snapshot is its initial state.")]
     async fn create_vessel(&self, Parameters(a): Parameters<CreateVesselArgs>) -> ToolResult {
-        let opts = crate::vessel_options(size_arg("memory", &a.memory)?, a.cpus, a.pids, size_arg("disk", &a.disk)?);
+        let opts = crate::vessel_options(
+            a.name.as_deref(),
+            size_arg("memory", &a.memory)?,
+            a.cpus,
+            a.pids,
+            size_arg("disk", &a.disk)?,
+        );
         let v = self.state.mgr.create_vessel_with(&a.image, &a.work_dir, &opts).await.map_err(failure)?;
         let snap = match v.create_snapshot("create").await {
             Ok(s) => s,

@@ -316,6 +316,11 @@ impl Vessel {
         self.inner.manifest()
     }
 
+    /// The vessel's name, if it was created with one.
+    pub fn name(&self) -> Option<String> {
+        crate::names::name_of(&self.inner.manifest().labels).map(str::to_owned)
+    }
+
     /// How the vessel's container ids map to host ids on this host (`None`:
     /// no user namespace, container root is host root).
     pub fn id_mapping(&self) -> Option<vessel_runtime::IdMapping> {
