@@ -29,34 +29,40 @@ commands:
   bench   run the criterion benches (extra args go to cargo bench)
   demo    setup, image, then the main job: a short agent-like session on a real workspace";
 
-/// Debian packages the tests need: the runtimes, the test image's busybox,
-/// the C library libcontainer links and protoc for containerd-client.
-const PACKAGES: &[&str] = &[
-    "containerd",
-    "runc",
+/// Debian packages the demo needs: the test image's busybox, the C
+/// libraries the youki backend builds against (libseccomp; libbpf, built
+/// from source, for cgroup v2 device rules; OpenSSL), btrfs-progs for its quota
+/// filesystem, and mold, the linker `.cargo/cc` uses when it is there.
+const DEMO_PACKAGES: &[&str] = &[
     "busybox-static",
     "libseccomp-dev",
-    "protobuf-compiler",
     "pkg-config",
-    "fuse-overlayfs",
-    "zstd",
-    // The escape suite's probe is a static C program.
-    "gcc",
-    "libc6-dev",
-    // Vessels' disk quotas are btrfs qgroups: the tests make a btrfs.
-    "btrfs-progs",
-    // Layers made by another OCI tool, for the tar parity tests.
-    "umoci",
-    // Registry pulls: TLS through the system's OpenSSL; the tests' registry
-    // (plain and with basic auth) and the tools that push to it and race it.
+    // Registry pulls use the system's TLS (oci-client's native-tls).
     "libssl-dev",
-    "docker-registry",
-    "apache2-utils",
-    "skopeo",
-    // libcontainer's cgroup v2 device rules (eBPF) build libbpf.
     "libelf-dev",
     "zlib1g-dev",
     "make",
+    "gcc",
+    "libc6-dev",
+    "btrfs-progs",
+    "mold",
+];
+
+/// Debian packages the tests need besides: the runtimes, protoc for
+/// containerd-client, and the tools and servers the suites drive.
+const PACKAGES: &[&str] = &[
+    "containerd",
+    "runc",
+    "protobuf-compiler",
+    "fuse-overlayfs",
+    "zstd",
+    // Layers made by another OCI tool, for the tar parity tests.
+    "umoci",
+    // The tests' registry (plain and with basic auth) and the tools that
+    // push to it and race it.
+    "docker-registry",
+    "apache2-utils",
+    "skopeo",
     // Rootless mode: newuidmap/newgidmap map a user's subordinate ids.
     "uidmap",
 ];
@@ -87,9 +93,15 @@ fn main() -> Result<()> {
 }
 
 fn setup() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !util::deb_installed(p)).collect();
+    let all: Vec<&str> = DEMO_PACKAGES.iter().chain(PACKAGES).copied().collect();
+    install(&all)
+}
+
+/// Installs the Debian packages of `packages` that are missing.
+fn install(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !util::deb_installed(p)).collect();
     if missing.is_empty() {
-        println!("setup: all {} packages present", PACKAGES.len());
+        println!("setup: all {} packages present", packages.len());
         return Ok(());
     }
     if !util::is_root() {
@@ -114,52 +126,100 @@ fn setup() -> Result<()> {
     Ok(())
 }
 
-fn test() -> Result<()> {
-    setup()?;
-    let image = image::build()?;
-    let root = project_root();
-    run(cargo(&root).args(["fmt", "--all", "--", "--check"]))?;
-    for features in FEATURE_SETS {
-        run(cargo(&root)
-            .args(["clippy", "--workspace", "--all-targets", "--locked"])
-            .args(*features)
-            .args(["--", "-D", "warnings"]))?;
+/// The wall-clock time of each step of `cargo xtask test`, printed as a
+/// table at the end (and after a failure, up to it), so that a speed-up
+/// that drops a check shows, and so does the next slowdown.
+#[derive(Default)]
+struct Phases(Vec<(String, std::time::Duration)>);
+
+impl Phases {
+    fn time<T>(&mut self, name: impl Into<String>, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let started = std::time::Instant::now();
+        let out = f();
+        let name = name.into();
+        self.0.push((if out.is_ok() { name } else { format!("{name} (failed)") }, started.elapsed()));
+        out
     }
-    run(cargo(&root)
-        .args(["doc", "--workspace", "--no-deps", "--locked", "--all-features"])
-        .env("RUSTDOCFLAGS", "-D warnings"))?;
-    upkeep::check(&root)?;
-    // A backend compiled out must be a typed refusal, not a build error:
-    // the runtime's stubs are tested without default features.
-    run(cargo(&root).args(["test", "-p", "vessel-runtime", "--lib", "--locked", "--no-default-features"]))?;
-    // Build the tests before starting the daemon, so it is up only while they run.
-    run(cargo(&root).args(["test", "--workspace", "--locked", "--all-features", "--no-run"]))?;
-    let containerd = containerd::Containerd::start()?;
-    let quota = quotafs::QuotaFs::start()?;
-    let registries = registry::Registries::start()?;
-    let python = python::venv(&root)?;
-    let s3 = s3::S3Server::start(&python)?;
-    let user = rootless::TestUser::ensure()?;
-    run(cargo(&root)
-        .args(["test", "--workspace", "--locked", "--all-features"])
-        .env("VESSEL_MCP_PYTHON", &python)
-        .envs(s3.env())
-        .envs(user.env())
-        .env("VESSEL_TEST_IMAGE_DIR", &image.dir)
-        .env("VESSEL_CONTAINERD_ADDRESS", &containerd.address)
-        .env("TMPDIR", &quota.tmp)
-        .envs(registries.env()))?;
+
+    fn print(&self) {
+        let total: std::time::Duration = self.0.iter().map(|(_, d)| *d).sum();
+        println!("\nxtask test: time per phase");
+        for (name, d) in &self.0 {
+            println!("  {name:<58} {:>7.1} s", d.as_secs_f64());
+        }
+        println!("  {:<58} {:>7.1} s", "total", total.as_secs_f64());
+    }
+}
+
+fn test() -> Result<()> {
+    let mut phases = Phases::default();
+    let result = test_phases(&mut phases);
+    phases.print();
+    result
+}
+
+fn test_phases(p: &mut Phases) -> Result<()> {
+    p.time("setup (apt-get)", setup)?;
+    let image = p.time("test image", image::build)?;
+    let root = project_root();
+    p.time("fmt --check", || run(cargo(&root).args(["fmt", "--all", "--", "--check"])))?;
+    for features in FEATURE_SETS {
+        p.time(format!("clippy {}", features.join(" ")), || {
+            run(cargo(&root)
+                .args(["clippy", "--workspace", "--all-targets", "--locked"])
+                .args(*features)
+                .args(["--", "-D", "warnings"]))
+        })?;
+    }
+    p.time("doc --all-features", || {
+        run(cargo(&root)
+            .args(["doc", "--workspace", "--no-deps", "--locked", "--all-features"])
+            .env("RUSTDOCFLAGS", "-D warnings"))
+    })?;
+    upkeep::check(&root, p)?;
+    // Build the tests before starting the daemon, so it is up only while
+    // they run. One test build: the runtime's stubs for compiled-out
+    // backends are unit-tested in it too (clippy --no-default-features
+    // checks they are what a build without the features picks).
+    p.time("build tests (--all-features)", || {
+        run(cargo(&root).args(["test", "--workspace", "--locked", "--all-features", "--no-run"]))
+    })?;
+    let (containerd, quota, registries, python, s3, user) = p.time("start servers", || {
+        let containerd = containerd::Containerd::start()?;
+        let quota = quotafs::QuotaFs::start()?;
+        let registries = registry::Registries::start()?;
+        let python = python::venv(&root)?;
+        let s3 = s3::S3Server::start(&python)?;
+        let user = rootless::TestUser::ensure()?;
+        Ok((containerd, quota, registries, python, s3, user))
+    })?;
+    p.time("tests (root)", || {
+        run(cargo(&root)
+            .args(["test", "--workspace", "--locked", "--all-features"])
+            .env("VESSEL_MCP_PYTHON", &python)
+            .envs(s3.env())
+            .envs(user.env())
+            .env("VESSEL_TEST_IMAGE_DIR", &image.dir)
+            .env("VESSEL_CONTAINERD_ADDRESS", &containerd.address)
+            .env("TMPDIR", &quota.tmp)
+            .envs(registries.env()))
+    })?;
     // Rootless: the facade's core cases, the CLI session and the escape
     // probes again, as an ordinary user.
-    let executables = rootless::test_executables(&root, &["--workspace", "--locked", "--all-features"])?;
-    let mut env = s3.env();
-    env.extend(registries.env());
-    user.run_suites(&executables, &image.dir, &env)?;
-    drop(user);
-    drop(s3);
-    drop(registries);
-    drop(quota);
-    drop(containerd);
+    p.time("tests (rootless, as a user)", || {
+        let executables = rootless::test_executables(&root, &["--workspace", "--locked", "--all-features"])?;
+        let mut env = s3.env();
+        env.extend(registries.env());
+        user.run_suites(&executables, &image.dir, &env)
+    })?;
+    p.time("stop servers", || {
+        drop(user);
+        drop(s3);
+        drop(registries);
+        drop(quota);
+        drop(containerd);
+        Ok(())
+    })?;
     println!("xtask test: all checks passed");
     Ok(())
 }
@@ -194,17 +254,15 @@ fn bench(rest: &[String]) -> Result<()> {
 }
 
 fn demo() -> Result<()> {
-    // The first command on a fresh machine: it needs busybox-static for the
-    // image and libseccomp to build the youki backend.
-    setup()?;
+    // The first command on a fresh machine: only what the demo needs.
+    install(DEMO_PACKAGES)?;
     let image = image::build()?;
     let root = project_root();
-    // The demo's vessels have disk quotas: its mount root is on a btrfs.
-    let quota = quotafs::QuotaFs::start()?;
+    // Only the demo crate: the facade with the youki backend, nothing else.
+    // Its vessels have disk quotas on any disk (it sets up its mount root).
     run(cargo(&root)
-        .args(["run", "--release", "--quiet", "-p", "vessel", "--example", "demo", "--"])
+        .args(["run", "--release", "--quiet", "-p", "vessel-demo", "--"])
         .arg(&image.storage)
-        .arg(image::IMAGE_REF)
-        .env("TMPDIR", &quota.tmp))
+        .arg(image::IMAGE_REF))
     .context("the demo failed")
 }

@@ -3,39 +3,47 @@
 //! so they are left out), unused dependencies (`cargo machete`), and the
 //! build at the declared `rust-version`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
 use crate::util::{cargo, output, run};
 
 /// The tools, pinned: installed from crates.io when missing.
 const TOOLS: &[(&str, &str)] = &[("cargo-deny", "0.20.2"), ("cargo-machete", "0.9.2")];
 
-/// An installed tool: run as its own binary, not as `cargo <sub>` (the
-/// toolchain's cargo, which xtask runs under, passes the subcommand's name
-/// on as an argument that cargo-machete takes for a directory).
-fn tool(krate: &str) -> Command {
-    let home = std::env::var_os("CARGO_HOME").map(std::path::PathBuf::from);
-    let home = home.or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")));
-    match home.map(|h| h.join("bin").join(krate)).filter(|p| p.exists()) {
-        Some(path) => Command::new(path),
-        None => Command::new(krate),
-    }
+/// Where a pinned tool is kept: a cache dir keyed by name and version
+/// (`$XDG_CACHE_HOME` or `~/.cache`, `vessel-xtask/tools/<crate>-<version>`),
+/// outside the checkout, so a fresh clone on the same machine, or a
+/// `cargo clean`, does not build it again, and a new pin never runs an old
+/// binary.
+fn tool_path(krate: &str, version: &str) -> PathBuf {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")));
+    cache
+        .unwrap_or_else(|| crate::util::target_dir().join("cache"))
+        .join("vessel-xtask/tools")
+        .join(format!("{krate}-{version}"))
 }
 
-/// Installs the pinned tools that are missing (or at another version).
-fn install_tools(root: &Path) -> Result<()> {
-    for (krate, version) in TOOLS {
-        let have = tool(krate).arg("--version").output().ok().filter(|o| o.status.success());
-        let have = have.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
-        if have.split_whitespace().any(|w| w == *version) {
-            continue;
-        }
-        run(cargo(root).args(["install", "--locked", "--quiet", krate, "--version", version]))?;
+/// A pinned tool, installed into its cache dir unless it is there. Run as
+/// its own binary, not as `cargo <sub>` (the toolchain's cargo, which xtask
+/// runs under, passes the subcommand's name on as an argument that
+/// cargo-machete takes for a directory). Built without optimisation: it
+/// reads a few hundred manifests, which takes a debug build a second, and
+/// it builds in half the time.
+fn tool(root: &Path, krate: &str) -> Result<Command> {
+    let (_, version) = TOOLS.iter().find(|(k, _)| *k == krate).context("an unpinned tool")?;
+    let dir = tool_path(krate, version);
+    let bin = dir.join("bin").join(krate);
+    if !bin.exists() {
+        run(cargo(root)
+            .args(["install", "--locked", "--quiet", "--debug", krate, "--version", version, "--root"])
+            .arg(&dir))?;
     }
-    Ok(())
+    Ok(Command::new(bin))
 }
 
 /// The workspace's declared `rust-version`.
@@ -68,17 +76,16 @@ fn rust_version(root: &Path) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn check(root: &Path) -> Result<()> {
-    rust_version(root)?;
-    install_tools(root)?;
-    run(tool("cargo-deny").current_dir(root).args([
-        "--all-features",
-        "--locked",
-        "check",
-        "licenses",
-        "bans",
-        "sources",
-    ]))?;
-    run(tool("cargo-machete").arg(root))?;
+pub(crate) fn check(root: &Path, p: &mut crate::Phases) -> Result<()> {
+    p.time("upkeep: rust-version", || rust_version(root))?;
+    let (deny, machete) = p.time("upkeep: install cargo-deny, cargo-machete (cached)", || {
+        Ok((tool(root, "cargo-deny")?, tool(root, "cargo-machete")?))
+    })?;
+    let mut deny = deny;
+    p.time("upkeep: cargo deny", || {
+        run(deny.current_dir(root).args(["--all-features", "--locked", "check", "licenses", "bans", "sources"]))
+    })?;
+    let mut machete = machete;
+    p.time("upkeep: cargo machete", || run(machete.arg(root)))?;
     Ok(())
 }

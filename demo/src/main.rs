@@ -12,8 +12,8 @@ use std::time::Instant;
 use anyhow::{Context, Result, ensure};
 use tokio::io::AsyncReadExt;
 use vessel::{
-    Backend, CompressedStorage, ExecOptions, ImageRef, LocalStorage, Manager, ManagerConfig, Storage, Vessel,
-    VesselManifest,
+    Backend, CompressedStorage, ExecOptions, ImageRef, LocalStorage, Manager, ManagerConfig, QuotaMode, Storage,
+    Vessel, VesselManifest,
 };
 
 fn step(name: &str, started: Instant) {
@@ -48,8 +48,14 @@ async fn demo() -> Result<()> {
     let usage = "usage: demo <image-storage-dir> <image-ref>";
     let image_store = PathBuf::from(args.next().context(usage)?);
     let image = args.next().context(usage)?;
-    let base = tempfile::tempdir()?;
+    // /var/tmp: on the machine's own disk (often ext4), where a sparse image fits.
+    let base = tempfile::tempdir_in("/var/tmp")?;
     println!("vessel demo, youki backend (data in {})", base.path().display());
+    // Disk quotas on any disk: a sparse btrfs image with quotas on,
+    // loop-mounted on the mount root (`vessel setup-quota` does the same).
+    let t = Instant::now();
+    let quota = QuotaRoot::setup(base.path().join("mounts"))?;
+    step("give the mount root disk quotas (sparse btrfs image, loop-mounted)", t);
     let storage: std::sync::Arc<dyn Storage> =
         std::sync::Arc::new(CompressedStorage::new(LocalStorage::new(base.path().join("storage"))?));
     let mut archive = Vec::new();
@@ -57,7 +63,8 @@ async fn demo() -> Result<()> {
     let config = |host: &str| {
         ManagerConfig::default()
             .shared_storage(storage.clone())
-            .mount_root(base.path().join(host))
+            .mount_root(quota.root.join(host))
+            .quota_mode(QuotaMode::Require)
             .backend(Backend::Youki)
     };
 
@@ -125,7 +132,34 @@ async fn demo() -> Result<()> {
     println!("\n/work/out.txt on the new host: {}", String::from_utf8_lossy(&got).trim());
     other.delete_vessel(&id).await?;
     other.close().await?;
+    drop(quota);
     Ok(())
+}
+
+/// The demo's quota-capable mount root, unmounted and its image deleted
+/// when the demo ends, however it ends.
+struct QuotaRoot {
+    root: PathBuf,
+}
+
+impl QuotaRoot {
+    fn setup(root: PathBuf) -> Result<Self> {
+        vessel::setup_quota(&root, &vessel::QuotaSetup::new().size(8 << 30))?;
+        Ok(Self { root })
+    }
+}
+
+impl Drop for QuotaRoot {
+    fn drop(&mut self) {
+        if vessel::remove_quota_setup(&self.root, None, true).is_err() {
+            // The demo failed with vessels still mounted under it: detach
+            // them all, then the image (its loop device goes with the last user).
+            let _ = std::process::Command::new("umount").arg("-R").arg("-l").arg(&self.root).status();
+            if let Err(e) = vessel::remove_quota_setup(&self.root, None, true) {
+                eprintln!("demo: could not remove the quota filesystem at {}: {e}", self.root.display());
+            }
+        }
+    }
 }
 
 fn print_tree(m: &VesselManifest) {
