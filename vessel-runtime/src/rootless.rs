@@ -162,10 +162,14 @@ pub fn delegated_cgroups() -> Result<String, String> {
 }
 
 /// The cgroup in a delegated subtree that holds the runs' cgroups.
+// The youki backend's (its runner makes and removes runs' cgroups).
+#[cfg_attr(not(feature = "youki"), allow(dead_code))]
 pub(crate) const RUNS_CGROUP: &str = "runs";
 
 /// Removes run `id`'s cgroups under the delegated subtree `parent`; true
 /// when none is left (a cgroup whose processes are still dying is busy).
+// The youki backend's (its runner makes and removes runs' cgroups).
+#[cfg_attr(not(feature = "youki"), allow(dead_code))]
 pub(crate) fn remove_delegated(parent: &str, id: &str) -> bool {
     remove_cgroups(
         LIMIT_CONTROLLERS.iter().filter_map(|c| v1_mount(c)).map(|m| m.join(parent).join(RUNS_CGROUP).join(id)),
@@ -173,6 +177,8 @@ pub(crate) fn remove_delegated(parent: &str, id: &str) -> bool {
 }
 
 /// Removes the cgroups `dirs`; true when none is left.
+// The youki backend's (its runner makes and removes runs' cgroups).
+#[cfg_attr(not(feature = "youki"), allow(dead_code))]
 pub(crate) fn remove_cgroups(dirs: impl IntoIterator<Item = PathBuf>) -> bool {
     let mut gone = true;
     for d in dirs {
@@ -185,6 +191,8 @@ pub(crate) fn remove_cgroups(dirs: impl IntoIterator<Item = PathBuf>) -> bool {
 
 /// The run ids whose memory cgroup under the delegated subtree `parent`
 /// has no process and is older than `age`.
+// The youki backend's (its runner makes and removes runs' cgroups).
+#[cfg_attr(not(feature = "youki"), allow(dead_code))]
 pub(crate) fn stale_delegated_runs(parent: &str, age: std::time::Duration) -> Vec<String> {
     let Some(m) = v1_mount("memory") else { return Vec::new() };
     let Ok(entries) = fs::read_dir(m.join(parent).join(RUNS_CGROUP)) else { return Vec::new() };
