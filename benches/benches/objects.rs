@@ -48,7 +48,7 @@ fn fill(rt: &tokio::runtime::Runtime, v: &vessel::Vessel, tree: &std::path::Path
 }
 
 fn main() {
-    vessel::runtime::init();
+    vessel::init();
     if !nix::unistd::geteuid().is_root() {
         eprintln!("SKIPPED objects bench: needs root");
         return;

@@ -13,7 +13,7 @@ use vessel::{Backend, CompressedStorage, LocalStorage, Manager, ManagerConfig};
 use vessel_benches::image_dir;
 
 fn main() {
-    vessel::runtime::init();
+    vessel::init();
     let Some(registry) = std::env::var_os("VESSEL_REGISTRY").map(|r| r.to_string_lossy().into_owned()) else {
         eprintln!("SKIPPED pull bench: VESSEL_REGISTRY is unset (run `cargo xtask bench`)");
         return;

@@ -1,6 +1,6 @@
 //! Rootless against rootful, in the same run: exec `true`, a 1-file
 //! snapshot and a restore. The mode is a process's (chosen in
-//! `vessel::runtime::init`), so each side is an agent process, this bench
+//! `vessel::init`), so each side is an agent process, this bench
 //! re-run: as root (rootful), and as the test user (rootless,
 //! `VESSEL_ROOTLESS_USER`, which `cargo xtask bench` creates). Each agent
 //! times the operations itself (no IPC in the timed region) and has the
@@ -163,7 +163,7 @@ impl Drop for Agent {
 }
 
 fn main() {
-    vessel::runtime::init();
+    vessel::init();
     if std::env::var_os(AGENT).is_some() {
         agent();
     }

@@ -25,7 +25,7 @@ fn exec_true(rt: &tokio::runtime::Runtime, v: &vessel::Vessel) {
 }
 
 fn main() {
-    vessel::runtime::init();
+    vessel::init();
     if !nix::unistd::geteuid().is_root() {
         eprintln!("SKIPPED workspace bench: needs root");
         return;

@@ -22,7 +22,7 @@ fn step(name: &str, started: Instant) {
 
 fn main() -> Result<()> {
     // Containers run in re-executed copies of this program: before any thread.
-    vessel::runtime::init();
+    vessel::init();
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(demo())
 }
 

@@ -5,6 +5,7 @@
 //! layer must agree on: validated identifiers, the persisted manifests (whose
 //! JSON is wire-compatible with the Go original), and the exec request/result
 //! shapes. It performs no I/O.
+#![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
 mod error;
@@ -14,6 +15,7 @@ mod image_ref;
 mod limits;
 mod manifest;
 mod name;
+pub mod sync;
 
 pub use error::{CoreError, CoreErrorKind};
 pub use exec::{ExecOptions, ExecResult};

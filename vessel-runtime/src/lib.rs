@@ -35,6 +35,7 @@
 //! The containerd backend re-executes the program too, once per
 //! connection: a watchdog that removes the caller's containers if the caller
 //! dies (containerd keeps a task running whatever happens to its client).
+#![warn(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
 // fds placed for a re-executed child before exec: one justified block.

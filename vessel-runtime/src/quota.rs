@@ -55,8 +55,20 @@ struct QgroupLimitArgs {
     lim: QgroupLimit,
 }
 
-nix::ioctl_write_ptr!(btrfs_subvol_create, 0x94, 14, VolArgs);
-nix::ioctl_read!(btrfs_qgroup_limit, 0x94, 43, QgroupLimitArgs);
+nix::ioctl_write_ptr!(
+    /// `BTRFS_IOC_SUBVOL_CREATE`.
+    btrfs_subvol_create,
+    0x94,
+    14,
+    VolArgs
+);
+nix::ioctl_read!(
+    /// `BTRFS_IOC_QGROUP_LIMIT`.
+    btrfs_qgroup_limit,
+    0x94,
+    43,
+    QgroupLimitArgs
+);
 
 const BTRFS_SUPER_MAGIC: i64 = 0x9123_683e;
 const BTRFS_QGROUP_LIMIT_MAX_RFER: u64 = 1;

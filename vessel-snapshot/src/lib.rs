@@ -16,6 +16,7 @@
 //!
 //! Everything here is synchronous, blocking filesystem work: async callers
 //! run it on a blocking thread.
+#![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
 mod apply;

@@ -12,6 +12,7 @@ use std::process::{Command, Output};
 
 use common::*;
 use sha2::{Digest, Sha256};
+use vessel_core::sync::Locked;
 use vessel_snapshot::{ApplyMode, ApplyOptions, DiffOptions, apply_layer, write_diff_with};
 
 struct Ctr {
@@ -30,7 +31,7 @@ impl Ctr {
             return None;
         }
         let address = vessel_test_support::env_path(test, "VESSEL_CONTAINERD_ADDRESS")?;
-        let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let serial = SERIAL.locked();
         Some(Self { address, namespace: format!("vessel-interop-{}-{test}", std::process::id()), _serial: serial })
     }
 

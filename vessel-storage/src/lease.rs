@@ -32,6 +32,7 @@ use tracing::{debug, warn};
 use vessel_core::VesselId;
 
 use crate::{HostId, RecordKey, Storage, StorageError, StorageErrorKind, Version, WriteIf};
+use vessel_core::sync::Locked;
 
 /// How a host's lease behaves.
 #[derive(Debug, Clone)]
@@ -165,12 +166,12 @@ impl Inner {
         let started = Instant::now();
         let data = serde_json::to_vec(&self.heartbeat()).map_err(|e| corrupt("heartbeat", e))?;
         let v = self.storage.save_record(&RecordKey::Host(self.id.clone()), data, cond).await?;
-        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = (Some(v), started + self.ttl);
+        *self.state.locked() = (Some(v), started + self.ttl);
         Ok(())
     }
 
     async fn renew(&self) {
-        let Some(current) = self.state.lock().unwrap_or_else(|e| e.into_inner()).0.clone() else { return };
+        let Some(current) = self.state.locked().0.clone() else { return };
         match self.write(&WriteIf::Matches(current)).await {
             Ok(()) => debug!(host = %self.id, "heartbeat renewed"),
             Err(e) if e.kind() == StorageErrorKind::Conflict => {
@@ -251,7 +252,7 @@ impl HostLease {
             }
         });
         // An older task (the lease was ended and used again) stops on its own.
-        drop(self.heartbeat.lock().unwrap_or_else(|e| e.into_inner()).replace((task, stop)));
+        drop(self.heartbeat.locked().replace((task, stop)));
     }
 
     /// This host's id.
@@ -272,7 +273,7 @@ impl HostLease {
     /// Whether the last renewal still keeps the heartbeat fresh (by this
     /// host's monotonic clock); `false` after a pause past the TTL.
     pub fn is_fresh(&self) -> bool {
-        let s = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
+        let s = self.inner.state.locked();
         s.0.is_some() && Instant::now() < s.1
     }
 
@@ -280,7 +281,7 @@ impl HostLease {
     /// when another live host has it. A claim whose host is dead is taken
     /// over ([`Claim::took_over`]).
     pub async fn claim(&self, vessel: &VesselId) -> Result<Claim, StorageError> {
-        if self.inner.state.lock().unwrap_or_else(|e| e.into_inner()).0.is_none() {
+        if self.inner.state.locked().0.is_none() {
             // Ended, and used again.
             self.inner.write(&WriteIf::Absent).await?;
             self.spawn_heartbeat();
@@ -376,14 +377,14 @@ impl HostLease {
     /// Stops renewing and removes the heartbeat: claims this host still
     /// holds are dead at once. A later [`HostLease::claim`] starts anew.
     pub async fn end(&self) -> Result<(), StorageError> {
-        let running = self.heartbeat.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let running = self.heartbeat.locked().take();
         if let Some((task, stop)) = running {
             // Waits out a renewal in flight, which could otherwise write the
             // heartbeat again after it is removed below.
             let _ = stop.send(());
             let _ = task.await;
         }
-        let had = self.inner.state.lock().unwrap_or_else(|e| e.into_inner()).0.take();
+        let had = self.inner.state.locked().0.take();
         if had.is_some() {
             self.inner.storage.delete_record(&RecordKey::Host(self.inner.id.clone())).await?;
         }
@@ -394,9 +395,9 @@ impl HostLease {
 impl Drop for HostLease {
     fn drop(&mut self) {
         // The renewal task stops when its sender goes.
-        drop(self.heartbeat.get_mut().unwrap_or_else(|e| e.into_inner()).take());
+        drop(self.heartbeat.locked_mut().take());
         // Best effort: without `end`, the heartbeat expires after its TTL.
-        let ended = self.inner.state.lock().unwrap_or_else(|e| e.into_inner()).0.is_none();
+        let ended = self.inner.state.locked().0.is_none();
         if !ended && let Ok(rt) = tokio::runtime::Handle::try_current() {
             let (storage, key) = (self.inner.storage.clone(), RecordKey::Host(self.inner.id.clone()));
             rt.spawn(async move {

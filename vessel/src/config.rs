@@ -265,7 +265,7 @@ impl ManagerConfig {
 
     /// Rootless mode: vessels run with the user's subordinate ids, in the
     /// process's own user namespace (see `vessel_runtime::rootless`). The
-    /// mode is the process's, chosen in `vessel::runtime::init()`: rootless
+    /// mode is the process's, chosen in `vessel::init()`: rootless
     /// for every user but root, and for root with `VESSEL_ROOTLESS=1` (for
     /// tests). The default is that mode; asking for the other is
     /// [`crate::VesselError::RootlessMismatch`], and rootless where it

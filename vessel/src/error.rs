@@ -137,11 +137,11 @@ pub enum VesselError {
     IsolationUnsupported(#[source] RuntimeError),
     /// Rootless mode (the default for a user other than root) cannot run
     /// here: no subordinate ids, no `newuidmap`, no user namespaces, or the
-    /// program did not call `vessel::runtime::init()` first in `main`.
+    /// program did not call `vessel::init()` first in `main`.
     #[error("rootless mode is unavailable: {0}")]
     RootlessUnavailable(String),
     /// `ManagerConfig::rootless` asks for the mode this process is not in
-    /// (the mode is chosen once, in `vessel::runtime::init()`).
+    /// (the mode is chosen once, in `vessel::init()`).
     #[error("{0}")]
     RootlessMismatch(String),
     /// Pulling an image from a registry failed.

@@ -26,6 +26,7 @@ use vessel_runtime::IdMapping;
 use vessel_runtime::idmap::as_host_ids;
 
 use crate::error::{Result, VesselError};
+use vessel_core::sync::Locked;
 
 /// Flags for [`crate::Vessel::open_file`] (those of `open(2)`; only the
 /// access mode, `O_CREAT`, `O_EXCL`, `O_TRUNC`, `O_APPEND`, `O_SYNC`,
@@ -147,7 +148,7 @@ pub(crate) struct Pass<'a> {
 
 impl Drop for Pass<'_> {
     fn drop(&mut self) {
-        let mut s = self.gate.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = self.gate.state.locked();
         s.in_flight -= 1;
         self.gate.changed.notify_all();
     }
@@ -172,9 +173,9 @@ impl Gate {
     /// Waits out a remount, then admits one operation (`generation`: a
     /// `File`'s, which must still be current).
     pub(crate) fn enter(&self, generation: Option<u64>) -> Result<Pass<'_>> {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = self.state.locked();
         while s.busy {
-            s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+            s = vessel_core::sync::wait(&self.changed, s);
         }
         let Some(root) = s.root.clone() else { return Err(VesselError::Closed(self.id.clone())) };
         if generation.is_some_and(|g| g != s.generation) {
@@ -187,13 +188,13 @@ impl Gate {
     /// Holds new operations and waits for those in flight (blocking: call
     /// it off the async reactor).
     pub(crate) fn freeze(&self) {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = self.state.locked();
         while s.busy {
-            s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+            s = vessel_core::sync::wait(&self.changed, s);
         }
         s.busy = true;
         while s.in_flight > 0 {
-            s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+            s = vessel_core::sync::wait(&self.changed, s);
         }
     }
 
@@ -201,7 +202,7 @@ impl Gate {
     /// and paths resolve in `root` from now on (`None`: the vessel is gone,
     /// every call fails).
     pub(crate) fn thaw_remounted(&self, root: Option<OwnedFd>) {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = self.state.locked();
         s.generation += 1;
         s.root = root.map(Arc::new);
         s.busy = false;

@@ -25,7 +25,7 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Call [`runtime::init`] first thing in `main`, before any thread starts:
+//! Call [`init`] first thing in `main`, before any thread starts:
 //! each youki container runs in a re-executed, single-threaded copy of the
 //! program, and the containerd backend's watchdog is another (see [`runtime`]).
 //!
@@ -33,6 +33,7 @@
 //! user namespace of its own host id range, on an overlay over idmapped
 //! layers, under docker's seccomp semantics and device rules (see
 //! [`ManagerConfig::user_namespaces`] and the README's "Isolation").
+#![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
 mod config;
@@ -60,6 +61,15 @@ pub use quota::{
 };
 pub use registry::{PullFailure, PullProgress, PulledImage, RegistryAuth};
 pub use vessel::Vessel;
+
+/// Must be the first call in `main` of a program that uses vessel, before
+/// any thread starts: in rootless mode it moves the process into its user
+/// namespace, and in a youki runner or a containerd watchdog (both
+/// re-executions of the program) it does that job and exits; otherwise it
+/// returns at once (see [`runtime::init`]).
+pub fn init() {
+    vessel_runtime::init();
+}
 
 pub use vessel_core::{
     CoreError, CoreErrorKind, ExecOptions, ExecResult, IdGenerator, ImageRef, Limits, SnapshotId, SnapshotManifest,

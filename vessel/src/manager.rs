@@ -25,6 +25,7 @@ use vessel_storage::{BlobReader, CompressedStorage, LocalStorage, RecordKey, Sto
 use crate::config::{IdRanges, ManagerConfig};
 use crate::error::{Result, VesselError};
 use crate::vessel::{OpenVessel, Vessel};
+use vessel_core::sync::Locked;
 
 /// The host id of the vessel's holder when it last took the vessel over
 /// (the rewrite that fences off the previous holder's commits).
@@ -362,7 +363,7 @@ fn resolve_mode(config: &ManagerConfig) -> Result<bool> {
         (None | Some(true), Mode::Rootless) => Ok(true),
         (None | Some(true), Mode::Unavailable(why)) => Err(VesselError::RootlessUnavailable(why.clone())),
         (Some(true), Mode::Rootful) => Err(VesselError::RootlessMismatch(
-            "rootless mode was asked for, but this process runs as root outside it: set VESSEL_ROOTLESS=1 before vessel::runtime::init()".into(),
+            "rootless mode was asked for, but this process runs as root outside it: set VESSEL_ROOTLESS=1 before vessel::init()".into(),
         )),
         (Some(false), Mode::Rootless) => Err(VesselError::RootlessMismatch(
             "rootful mode was asked for, but this process is in rootless mode (it needs root, with VESSEL_ROOTLESS unset or 0)".into(),
@@ -650,7 +651,7 @@ impl Manager {
     }
 
     fn register(&self, inner: Arc<OpenVessel>) -> Vessel {
-        let mut open = self.state.open.lock().unwrap_or_else(|e| e.into_inner());
+        let mut open = self.state.open.locked();
         open.retain(|_, w| w.strong_count() > 0);
         open.insert(inner.id.clone(), Arc::downgrade(&inner));
         Vessel::from_inner(inner)
@@ -744,7 +745,7 @@ impl Manager {
     /// `id` may also be the vessel's name, which is freed.
     pub async fn delete_vessel(&self, id: &str) -> Result<()> {
         let id = self.state.resolve(id).await?;
-        let open = self.state.open.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        let open = self.state.open.locked().remove(&id);
         if let Some(inner) = open.and_then(|w| w.upgrade()) {
             inner.close().await?;
         }
@@ -841,7 +842,7 @@ impl Manager {
     /// Closes every vessel this manager has open and ends its lease (a
     /// later open takes a new one).
     pub async fn close(&self) -> Result<()> {
-        let open: Vec<_> = self.state.open.lock().unwrap_or_else(|e| e.into_inner()).drain().collect();
+        let open: Vec<_> = self.state.open.locked().drain().collect();
         for (_, w) in open {
             if let Some(inner) = w.upgrade() {
                 inner.close().await?;

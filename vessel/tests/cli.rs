@@ -57,7 +57,7 @@ fn vessel_bin() -> std::ffi::OsString {
 }
 
 fn main() {
-    vessel::runtime::init();
+    vessel::init();
     let args = Arguments::from_args();
     let Some(image_dir) = support::root_with_test_image("cli") else { return };
     let tmp = tempfile::tempdir().unwrap();

@@ -584,7 +584,7 @@ async fn no_idmapped_mounts_is_a_typed_error(w: Arc<World>) -> Result<()> {
 }
 
 fn main() {
-    vessel::runtime::init();
+    vessel::init();
     let args = Arguments::from_args();
     let Some(image_dir) = support::root_with_test_image("escape") else { return };
     let tmp = tempfile::tempdir().unwrap();

@@ -103,7 +103,7 @@ async fn run_full(
 }
 
 fn main() {
-    vessel::runtime::init();
+    vessel::init();
     if std::env::var_os(CRASH_CHILD).is_some() {
         crash_child();
     }
@@ -1300,7 +1300,7 @@ async fn disk_quota_bounds_what_a_vessel_writes(w: Arc<World>) -> Result<()> {
 }
 
 /// `ManagerConfig::rootless` follows the process's mode (chosen in
-/// `vessel::runtime::init`): asking for the other mode is a typed refusal
+/// `vessel::init`): asking for the other mode is a typed refusal
 /// that creates nothing. Rootless, the limits that cannot hold are
 /// reported, and the containerd backend is a typed `Unavailable`.
 async fn rootless_mode_follows_the_process(w: Arc<World>) -> Result<()> {

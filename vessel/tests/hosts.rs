@@ -573,7 +573,7 @@ impl Proxy {
 // ---------------------------------------------------------------- main
 
 fn main() {
-    vessel::runtime::init();
+    vessel::init();
     if std::env::var_os(AGENT).is_some() {
         agent();
     }

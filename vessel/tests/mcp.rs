@@ -262,7 +262,9 @@ async fn http_calls(url: &str, token: &str) -> Result<()> {
 
     // Bad input: typed tool errors, never a dead server.
     for (name, a, want) in [
-        ("exec", json!({"vessel_id": "nope", "command": ["true"]}), "InvalidInput"),
+        ("exec", json!({"vessel_id": "../nope", "command": ["true"]}), "InvalidInput"),
+        // A well-formed name that no vessel has.
+        ("exec", json!({"vessel_id": "nope", "command": ["true"]}), "NotFound"),
         ("exec", json!({"vessel_id": "0123456789abcdef", "command": ["true"]}), "NotFound"),
         ("exec", json!({"vessel_id": v, "command": ["true"], "shell": "true"}), "InvalidInput"),
         ("exec", json!({"vessel_id": v, "command": ["true"], "timeout_seconds": -1}), "InvalidInput"),

@@ -427,7 +427,7 @@ async fn a_user_without_subordinate_ids_is_told_why(w: Arc<World>) -> Result<()>
 }
 
 fn main() {
-    vessel::runtime::init();
+    vessel::init();
     if std::env::var_os(AGENT).is_some() {
         agent();
     }

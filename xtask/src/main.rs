@@ -11,6 +11,7 @@ mod quotafs;
 mod registry;
 mod rootless;
 mod s3;
+mod tidy;
 mod upkeep;
 mod util;
 
@@ -23,7 +24,7 @@ const USAGE: &str = "usage: cargo xtask <command>
 commands:
   setup   install the system packages the tests need (apt-get, as root)
   image   build the test image local/busybox:latest (docker-save and OCI archives + a storage dir)
-  test    setup, image, fmt --check, clippy -D warnings, doc, upkeep checks
+  test    setup, image, fmt --check, tidy, clippy -D warnings, doc, upkeep checks
           (cargo deny, cargo machete, rust-version) and every test
           (against a private containerd it starts and stops)
   bench   run the criterion benches (extra args go to cargo bench)
@@ -171,6 +172,7 @@ fn test_phases(p: &mut Phases) -> Result<()> {
     let image = p.time("test image", image::build)?;
     let root = project_root();
     p.time("fmt --check", || run(cargo(&root).args(["fmt", "--all", "--", "--check"])))?;
+    p.time("tidy (file-size budget)", || tidy::check(&root))?;
     for set in CLIPPY_SETS {
         p.time(format!("clippy {}", set.join(" ")), || {
             run(cargo(&root).args(["clippy", "--all-targets", "--locked"]).args(*set).args(["--", "-D", "warnings"]))

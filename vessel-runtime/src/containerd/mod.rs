@@ -37,6 +37,7 @@ use nix::sys::stat::Mode;
 use tokio::net::unix::pipe;
 
 use crate::{ContainerdConfig, Network, RunRequest, Runtime, RuntimeError, drain, spec};
+use vessel_core::sync::Locked;
 
 /// containerd's type URL for an OCI runtime spec in an `Any`.
 const SPEC_TYPE_URL: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec";
@@ -385,7 +386,7 @@ impl Runtime for ContainerdRuntime {
             return Err(RuntimeError::InvalidRequest("empty command".into()));
         }
         {
-            let mut w = self.watchdog.lock().unwrap_or_else(|e| e.into_inner());
+            let mut w = self.watchdog.locked();
             if w.is_none() {
                 *w = Some(watchdog::spawn(&self.config, &self.owner)?);
             }

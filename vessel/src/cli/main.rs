@@ -272,7 +272,7 @@ struct McpArgs {
 
 fn main() -> ExitCode {
     // Containers run in re-executed copies of this program: before any thread.
-    vessel::runtime::init();
+    vessel::init();
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

@@ -25,6 +25,7 @@ use vessel_snapshot::image::Image;
 use crate::error::{Result, VesselError};
 use crate::fs::{self as vfs, Gate};
 use crate::manager::ManagerState;
+use vessel_core::sync::Locked;
 
 /// Files the runtimes bind-mount over; created once so that they never
 /// appear in a diff as an exec's side effect.
@@ -172,7 +173,7 @@ impl OpenVessel {
     }
 
     pub(crate) fn manifest(&self) -> VesselManifest {
-        self.manifest.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.manifest.locked().clone()
     }
 
     /// Writes `manifest` to storage over the version this host holds (the
@@ -185,10 +186,10 @@ impl OpenVessel {
             _ => e.into(),
         };
         self.manager.lease.verify(&self.claim).await.map_err(lost)?;
-        let held = self.version.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let held = self.version.locked().clone();
         let cond = held.map_or(WriteIf::Absent, WriteIf::Matches);
         let v = self.manager.storage.save_vessel_manifest_if(manifest, &cond).await.map_err(lost)?;
-        *self.version.lock().unwrap_or_else(|e| e.into_inner()) = Some(v);
+        *self.version.locked() = Some(v);
         Ok(())
     }
 
@@ -209,7 +210,7 @@ impl OpenVessel {
         self.gate.thaw_remounted(None);
         let scrubbed = crate::manager::scrub(&self.dir);
         self.manager.release(&self.claim).await;
-        self.lock.lock().unwrap_or_else(|e| e.into_inner()).take();
+        self.lock.locked().take();
         unmounted?;
         scrubbed
     }
@@ -341,7 +342,7 @@ impl Vessel {
     }
 
     fn path(&self, path: &str) -> Result<String> {
-        let work_dir = self.inner.manifest.lock().unwrap_or_else(|e| e.into_inner()).work_dir.clone();
+        let work_dir = self.inner.manifest.locked().work_dir.clone();
         vfs::normalize(&work_dir, path)
     }
 

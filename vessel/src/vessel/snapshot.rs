@@ -8,6 +8,7 @@ use vessel_snapshot::{LayerKey, write_diff};
 
 use super::{MountState, Upper, Vessel, open_root, upper_dir};
 use crate::error::{Result, VesselError};
+use vessel_core::sync::Locked;
 
 impl Vessel {
     /// Seals the changes since the current snapshot as a new snapshot (its
@@ -100,7 +101,7 @@ impl Vessel {
                 state.lowers.iter().cloned().chain([layer]).collect()
             }
         };
-        *inner.manifest.lock().unwrap_or_else(|e| e.into_inner()) = manifest;
+        *inner.manifest.locked() = manifest;
         state.mount = Some(inner.mount(&lowers, Upper::Fresh)?);
         state.lowers = lowers;
         Ok(snap)
@@ -136,7 +137,7 @@ impl Vessel {
         })();
         if remounted.is_ok() {
             state.lowers = lowers;
-            *inner.manifest.lock().unwrap_or_else(|e| e.into_inner()) = updated;
+            *inner.manifest.locked() = updated;
         } else {
             // Back to the previous snapshot, in storage and on the mount.
             if let Err(e) = inner.commit_manifest(&manifest).await {
@@ -176,7 +177,7 @@ impl Vessel {
         manifest.snapshots.retain(|s| &s.id != id);
         manifest.update_time = chrono::Utc::now();
         inner.commit_manifest(&manifest).await?;
-        *inner.manifest.lock().unwrap_or_else(|e| e.into_inner()) = manifest;
+        *inner.manifest.locked() = manifest;
         inner.manager.storage.delete_snapshot(&inner.id, id).await?;
         for key in doomed {
             inner.manager.cache.release(&key, inner.id.as_str())?;
