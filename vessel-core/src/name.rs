@@ -7,7 +7,7 @@
 
 use std::fmt;
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 
 use crate::{CoreError, VesselId};
 
@@ -16,7 +16,8 @@ pub const MAX_NAME_LEN: usize = 64;
 
 /// A validated vessel name: `[a-zA-Z0-9][a-zA-Z0-9_.-]*`, 1 to
 /// [`MAX_NAME_LEN`] characters, not shaped like a vessel id.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct VesselName(String);
 
 impl VesselName {
@@ -59,16 +60,16 @@ impl fmt::Debug for VesselName {
     }
 }
 
-impl Serialize for VesselName {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.0)
+impl TryFrom<String> for VesselName {
+    type Error = CoreError;
+    fn try_from(s: String) -> Result<Self, CoreError> {
+        Self::new(&s)
     }
 }
 
-impl<'de> Deserialize<'de> for VesselName {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        Self::new(&s).map_err(serde::de::Error::custom)
+impl From<VesselName> for String {
+    fn from(n: VesselName) -> String {
+        n.0
     }
 }
 
