@@ -1,9 +1,12 @@
 //! What vessel's integration suites share, so each states only what it
 //! tests: whether the machine can run a suite (root, the test image; a
-//! skip is loud and fails under `CI`), and the leak checks they end with
-//! (mounts, cgroups, processes).
+//! skip is loud and fails under `CI`), the shape of a suite of async cases
+//! over worlds ([`suite`]), and the leak checks they end with (mounts,
+//! cgroups, containers, processes).
 //!
 //! It depends on no vessel crate: any crate's tests may use it.
+
+pub mod suite;
 
 use std::path::{Path, PathBuf};
 
@@ -149,4 +152,18 @@ pub fn finish(tmp: &Path, leaks: &[(&str, Vec<String>)], conclusion: libtest_mim
 /// Shows paths for a leak report.
 pub fn shown(paths: impl IntoIterator<Item = impl AsRef<Path>>) -> Vec<String> {
     paths.into_iter().map(|p| p.as_ref().display().to_string()).collect()
+}
+
+/// How many lower layers the overlay mounted at `path` has. Read from
+/// mountinfo by hand: procfs folds the super options into a map, which
+/// keeps one of the `lowerdir+=` options that fsconfig writes per layer.
+pub fn overlay_lower_count(path: &Path) -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let line = info.lines().find(|l| l.split(' ').nth(4) == path.to_str())?;
+    let opts = line.rsplit(' ').next().unwrap_or_default();
+    let appended = opts.split(',').filter(|o| o.starts_with("lowerdir+=")).count();
+    if appended > 0 {
+        return Some(appended);
+    }
+    Some(opts.split(',').find_map(|o| o.strip_prefix("lowerdir="))?.split(':').count())
 }

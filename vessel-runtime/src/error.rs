@@ -30,9 +30,43 @@ pub enum RuntimeError {
         #[source]
         source: io::Error,
     },
-    /// Creating or starting the container failed (the backend's own message).
+    /// The runner (the re-executed process that runs a youki container)
+    /// reports that creating, starting or removing the container failed;
+    /// libcontainer's error, as the runner wrote it (it crossed a pipe).
     #[error("container failed: {0}")]
-    Container(String),
+    Runner(String),
+    /// The runner ended without a report (killed); the container was removed.
+    #[error("the runner died ({0}); its container was removed")]
+    RunnerDied(std::process::ExitStatus),
+    /// Removing a container left by a dead runner failed.
+    #[error("cleaning up container {id} failed ({status})")]
+    Cleanup {
+        /// The container.
+        id: String,
+        /// How the cleanup runner ended.
+        status: std::process::ExitStatus,
+    },
+    /// A task's exit status is not a process's (out of `i32`).
+    #[error("exit status {0} out of range")]
+    ExitStatus(u32),
+    /// A backend's record of an image is unusable.
+    #[error("image {reference} in the backend's store: {reason}")]
+    ImageRecord {
+        /// The image.
+        reference: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A blob in the backend's content store has another size than its descriptor's.
+    #[error("blob {digest} has {read}+ bytes in the store, its descriptor says {declared}")]
+    BlobSize {
+        /// The blob.
+        digest: String,
+        /// Bytes read before stopping.
+        read: u64,
+        /// What the descriptor says.
+        declared: u64,
+    },
     /// A call to the backend's daemon failed (containerd's gRPC status is the source).
     #[error("{backend} {op}")]
     Call {
@@ -47,21 +81,9 @@ pub enum RuntimeError {
     /// An OCI runtime spec or image document could not be built or written.
     #[error("OCI spec")]
     Spec(#[source] oci_spec::OciSpecError),
-    /// An image blob (manifest, index) is not what its descriptor says.
-    #[error("image blob {digest}")]
-    Blob {
-        /// The blob's digest.
-        digest: String,
-        /// What oci-spec found wrong.
-        #[source]
-        source: oci_spec::OciSpecError,
-    },
     /// Encoding a JSON document failed.
     #[error("encode JSON")]
     Json(#[source] serde_json::Error),
-    /// The image is not in the backend's image store.
-    #[error("image {0} not found")]
-    ImageNotFound(String),
     /// The process could not be started inside the container (missing
     /// binary, …). Said as docker and runc say it (`exec: "x": executable
     /// file not found in $PATH`); the backend's own words are in `reason`.
@@ -125,7 +147,7 @@ pub(crate) fn start_failure(command: &str, message: &str) -> RuntimeError {
     };
     match failure {
         Some(failure) => RuntimeError::Exec { command: command.into(), reason: message.into(), failure },
-        None => RuntimeError::Container(message.into()),
+        None => RuntimeError::Runner(message.into()),
     }
 }
 
@@ -141,8 +163,6 @@ pub enum RuntimeErrorKind {
     Io,
     /// The container or its process could not start.
     Start,
-    /// What was asked for does not exist.
-    NotFound,
 }
 
 impl RuntimeError {
@@ -152,10 +172,11 @@ impl RuntimeError {
             Self::Unavailable { .. } => RuntimeErrorKind::Unavailable,
             Self::InvalidRequest(_) => RuntimeErrorKind::InvalidRequest,
             Self::Io { .. } => RuntimeErrorKind::Io,
-            Self::Container(_) | Self::Exec { .. } => RuntimeErrorKind::Start,
-            Self::Call { .. } | Self::Blob { .. } | Self::Json(_) => RuntimeErrorKind::Io,
+            Self::Runner(_) | Self::RunnerDied(_) | Self::Exec { .. } => RuntimeErrorKind::Start,
+            Self::Cleanup { .. } | Self::ExitStatus(_) | Self::BlobSize { .. } => RuntimeErrorKind::Io,
+            Self::ImageRecord { .. } => RuntimeErrorKind::Io,
+            Self::Call { .. } | Self::Json(_) => RuntimeErrorKind::Io,
             Self::Spec(_) => RuntimeErrorKind::InvalidRequest,
-            Self::ImageNotFound(_) => RuntimeErrorKind::NotFound,
         }
     }
 

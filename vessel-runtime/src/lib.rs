@@ -275,17 +275,18 @@ pub trait Runtime: Send + Sync + fmt::Debug {
     }
 }
 
-/// A backend's image store, as vessel reads it.
+/// A backend's image store, as vessel reads it: an image's target and its
+/// blobs (the facade picks the platform and verifies every digest).
 #[async_trait]
 pub trait ImageStore: Send + Sync + fmt::Debug {
-    /// Whether `reference` names an image in the store.
-    async fn has_image(&self, reference: &str) -> Result<bool, RuntimeError>;
+    /// The descriptor image `reference` points at (a manifest or an
+    /// index); `None` where the store has no such image.
+    async fn image_target(&self, reference: &str) -> Result<Option<oci_spec::image::Descriptor>, RuntimeError>;
 
-    /// Writes image `reference` to `out` as an OCI image layout archive
-    /// (this platform's manifest only, tagged `reference`); returns its size.
-    async fn export_image(
+    /// Streams blob `desc` to `out`: exactly its size in bytes, or an error.
+    async fn read_blob(
         &self,
-        reference: &str,
+        desc: &oci_spec::image::Descriptor,
         out: &mut (dyn AsyncWrite + Send + Unpin),
-    ) -> Result<u64, RuntimeError>;
+    ) -> Result<(), RuntimeError>;
 }

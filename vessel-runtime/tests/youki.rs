@@ -213,7 +213,7 @@ fn no_container_outlives_its_runner_and_caller(
     kill(Pid::from_raw(runner), Signal::SIGKILL).map_err(|e| e.to_string())?;
     let out = child.wait_with_output().map_err(|e| e.to_string())?;
     let said = String::from_utf8_lossy(&out.stdout);
-    if !said.contains("runner died") {
+    if !said.contains("RunnerDied") {
         return Err(format!("the caller reported {said:?} after its runner was killed"));
     }
     gone("SIGKILL of the runner")?;
@@ -269,11 +269,8 @@ fn v2_child() -> ! {
 /// The host's cgroup2 mount: `/sys/fs/cgroup` itself (v2 host) or the
 /// hybrid layout's `unified` one.
 fn cgroup2_mount() -> Option<String> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    info.lines().find_map(|l| {
-        let (pre, post) = l.split_once(" - ")?;
-        (post.starts_with("cgroup2 ")).then(|| pre.split(' ').nth(4).map(str::to_owned))?
-    })
+    let info = procfs::process::Process::myself().and_then(|p| p.mountinfo()).ok()?;
+    info.into_iter().find(|m| m.fs_type == "cgroup2").map(|m| m.mount_point.display().to_string())
 }
 
 /// Device rules hold on cgroup v2 too (libcgroups' eBPF device program):

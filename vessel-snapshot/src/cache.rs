@@ -86,7 +86,7 @@ impl LayerKey {
     /// An image layer key; the digest must be `sha256:` and 64 lowercase hex digits.
     pub fn diff_id(digest: &str) -> Result<Self, SnapshotError> {
         if !valid_digest(digest) {
-            return Err(SnapshotError::Malformed(format!("invalid layer digest {digest:?}")));
+            return Err(SnapshotError::InvalidKey { what: "layer digest", value: digest.to_owned() });
         }
         Ok(Self::DiffId(digest.to_owned()))
     }
@@ -94,7 +94,7 @@ impl LayerKey {
     /// A snapshot layer key; `checksum` is the snapshot's `sha256:<hex>`.
     pub fn snapshot(vessel: VesselId, id: SnapshotId, checksum: &str) -> Result<Self, SnapshotError> {
         if !valid_digest(checksum) {
-            return Err(SnapshotError::Malformed(format!("invalid checksum {checksum:?} of snapshot {id}")));
+            return Err(SnapshotError::InvalidKey { what: "snapshot checksum", value: checksum.to_owned() });
         }
         Ok(Self::Snapshot(vessel, id, checksum["sha256:".len()..].to_owned()))
     }
@@ -307,7 +307,7 @@ impl LayerCache {
 
     fn add_ref(&self, key: &LayerKey, holder: &str) -> Result<(), SnapshotError> {
         if !valid_holder(holder) {
-            return Err(SnapshotError::Malformed(format!("invalid layer holder {holder:?}")));
+            return Err(SnapshotError::InvalidKey { what: "layer holder", value: holder.to_owned() });
         }
         let dir = self.root.join("refs").join(key.dir_name());
         fs::create_dir_all(&dir).map_err(SnapshotError::io("create directory", &dir))?;
@@ -425,7 +425,7 @@ impl LayerCache {
     /// vessel is deleted, or its creation failed half-way); returns how many.
     pub fn release_all(&self, holder: &str) -> Result<usize, SnapshotError> {
         if !valid_holder(holder) {
-            return Err(SnapshotError::Malformed(format!("invalid layer holder {holder:?}")));
+            return Err(SnapshotError::InvalidKey { what: "layer holder", value: holder.to_owned() });
         }
         let refs = self.root.join("refs");
         let mut released = 0;

@@ -61,9 +61,81 @@ pub enum SnapshotError {
         /// Why it is refused.
         reason: &'static str,
     },
-    /// The archive is malformed.
-    #[error("malformed layer archive: {0}")]
-    Malformed(String),
+    /// A layer's tar stream does not parse: where, and why.
+    #[error("malformed tar archive at byte {at}: {reason}")]
+    Tar {
+        /// Offset in the uncompressed stream of the header or block at fault.
+        at: u64,
+        /// What is wrong there.
+        reason: String,
+    },
+    /// An image archive could not be read or written as a tar.
+    #[error("image archive: {op}")]
+    Archive {
+        /// What was being done.
+        op: &'static str,
+        /// The tar reader's or writer's error.
+        #[source]
+        source: io::Error,
+    },
+    /// An image archive is neither an OCI image layout nor a docker-save archive.
+    #[error("malformed image archive: neither an OCI image layout nor a docker-save archive")]
+    NotAnImageArchive,
+    /// An image archive lacks a member its documents name.
+    #[error("malformed image archive: it lacks {0}")]
+    MissingMember(String),
+    /// An image document (index, manifest, config) does not parse.
+    #[error("malformed image {what}")]
+    ImageDocument {
+        /// Which document.
+        what: &'static str,
+        /// What oci-spec found wrong.
+        #[source]
+        source: oci_spec::OciSpecError,
+    },
+    /// A docker-save `manifest.json` does not parse.
+    #[error("malformed image archive: manifest.json")]
+    DockerManifest(#[source] serde_json::Error),
+    /// A digest whose algorithm vessel does not verify (only sha256 is).
+    #[error("unsupported digest {0}")]
+    UnsupportedDigest(String),
+    /// A blob's size differs from its descriptor's.
+    #[error("blob {digest} has {actual} bytes, its descriptor says {declared}")]
+    SizeMismatch {
+        /// The blob's digest.
+        digest: String,
+        /// Its bytes.
+        actual: u64,
+        /// What the descriptor says.
+        declared: u64,
+    },
+    /// A manifest lists another number of layers than its config's diff ids.
+    #[error("malformed image: {what} lists {layers} layers, the config {diff_ids} diff ids")]
+    LayerCount {
+        /// `manifest` or `manifest.json`.
+        what: &'static str,
+        /// Layers in the manifest.
+        layers: usize,
+        /// Diff ids in the config.
+        diff_ids: usize,
+    },
+    /// An image has no manifest for this platform, or an archive no image at all.
+    #[error("malformed image: no image for {0}")]
+    NoImage(String),
+    /// A cache key part (layer digest, snapshot checksum, holder name) is malformed.
+    #[error("invalid {what} {value:?}")]
+    InvalidKey {
+        /// Which part.
+        what: &'static str,
+        /// The value given.
+        value: String,
+    },
+    /// The thread decoding a layer panicked.
+    #[error("the layer decoder panicked")]
+    DecoderPanicked,
+    /// A layer was to be applied onto a path that names no directory entry.
+    #[error("cannot apply a layer onto {}", .0.display())]
+    BadTarget(PathBuf),
     /// An image archive holds several images and none is the reference asked for.
     #[error("the archive holds no image {reference:?}")]
     ImageNotInArchive {
@@ -99,9 +171,21 @@ impl SnapshotError {
             Self::UnsupportedOverlayFeature { .. } | Self::Changed { .. } | Self::DeviceNode { .. } => {
                 SnapshotErrorKind::Unsupported
             }
-            Self::DigestMismatch { .. } | Self::UnsafeEntry { .. } | Self::Malformed(_) => {
-                SnapshotErrorKind::InvalidData
-            }
+            Self::DigestMismatch { .. }
+            | Self::UnsafeEntry { .. }
+            | Self::Tar { .. }
+            | Self::Archive { .. }
+            | Self::NotAnImageArchive
+            | Self::MissingMember(_)
+            | Self::ImageDocument { .. }
+            | Self::DockerManifest(_)
+            | Self::UnsupportedDigest(_)
+            | Self::SizeMismatch { .. }
+            | Self::LayerCount { .. }
+            | Self::NoImage(_)
+            | Self::InvalidKey { .. }
+            | Self::DecoderPanicked
+            | Self::BadTarget(_) => SnapshotErrorKind::InvalidData,
             Self::ImageNotInArchive { .. } => SnapshotErrorKind::NotFound,
         }
     }

@@ -6,7 +6,7 @@
 //! `'\n'` (breaking binary xattr values), it reads no sparse maps, and it
 //! accepts numeric fields that Go refuses. Here a layer is read the way
 //! those parsers agree on, and what they would read differently is refused
-//! with [`SnapshotError::Malformed`] naming the byte offset:
+//! with [`SnapshotError::Tar`] naming the byte offset:
 //! - framing: header checksums (unsigned or signed sum, as all three), PAX
 //!   `size`, GNU long names and links, base-256 numbers, sparse entries in
 //!   the old GNU and the PAX 0.0, 0.1 and 1.0 formats;
@@ -89,7 +89,7 @@ impl<R: Read> Reader<R> {
     }
 
     fn bad(&self, at: u64, what: impl std::fmt::Display) -> SnapshotError {
-        SnapshotError::Malformed(format!("at byte {at}: {what}"))
+        SnapshotError::Tar { at, reason: what.to_string() }
     }
 
     /// Fills `buf` completely; `Ok(false)` on a clean end of input before the first byte.
@@ -227,7 +227,7 @@ impl<R: Read> Reader<R> {
         long_name: Option<Vec<u8>>,
         long_link: Option<Vec<u8>>,
     ) -> Result<Entry, SnapshotError> {
-        let bad = |what: &str| SnapshotError::Malformed(format!("at byte {at}: {what}"));
+        let bad = |what: &str| SnapshotError::Tar { at, reason: what.to_owned() };
         let mut kind = match h.typeflag {
             b'0' | 0 | b'7' | b'S' => Kind::Regular,
             b'1' => Kind::Link,

@@ -24,7 +24,7 @@ pub struct ManagerConfig {
     pub(crate) limits: Limits,
     pub(crate) disk_quota: Option<u64>,
     pub(crate) quota_mode: QuotaMode,
-    pub(crate) registries: crate::registry::Registries,
+    pub(crate) registries: crate::layers::registry::Registries,
     pub(crate) lease: vessel_storage::lease::LeaseConfig,
 }
 

@@ -257,7 +257,6 @@ impl VesselError {
             Self::Runtime(e) => match e.kind() {
                 vessel_runtime::RuntimeErrorKind::Unavailable => K::Unavailable,
                 vessel_runtime::RuntimeErrorKind::InvalidRequest => K::InvalidInput,
-                vessel_runtime::RuntimeErrorKind::NotFound => K::NotFound,
                 _ => K::Io,
             },
             Self::File { source, .. } if source.kind() == io::ErrorKind::NotFound => K::NotFound,

@@ -14,16 +14,17 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
 
-use nix::fcntl::{Flock, FlockArg};
-use vessel_core::{IdGenerator, ImageRef, SnapshotId, VesselId, VesselManifest, VesselName};
-use vessel_runtime::{Runtime, UserNamespace};
-use vessel_snapshot::image::{Image, unpack_image};
-use vessel_snapshot::{LayerCache, LayerKey};
+use nix::fcntl::Flock;
+use vessel_core::{IdGenerator, ImageRef, VesselId, VesselManifest, VesselName};
+use vessel_runtime::Runtime;
+use vessel_snapshot::LayerCache;
 use vessel_storage::lease::{Claim, HostLease};
 use vessel_storage::{BlobReader, CompressedStorage, LocalStorage, RecordKey, Storage, StorageErrorKind, Version};
 
-use crate::config::{IdRanges, ManagerConfig};
+use crate::config::ManagerConfig;
 use crate::error::{Result, VesselError};
+use crate::host::{Ids, VesselIds, lock_dir, mkdirs, resolve_mode, scrub, try_lock};
+use crate::layers::Layers;
 use crate::vessel::{OpenVessel, Vessel};
 use vessel_core::sync::Locked;
 
@@ -37,8 +38,10 @@ pub(crate) const IMAGE_MANIFEST_LABEL: &str = "vessel.image.manifest-digest";
 
 /// What every vessel of a manager shares.
 pub(crate) struct ManagerState {
+    /// Manifests, records and (through `layers`) layers.
     pub(crate) storage: Arc<dyn Storage>,
-    pub(crate) cache: LayerCache,
+    /// Where every layer comes from.
+    pub(crate) layers: Layers,
     pub(crate) runtime: Arc<dyn Runtime>,
     pub(crate) ids: Arc<dyn IdGenerator>,
     pub(crate) root: PathBuf,
@@ -56,8 +59,6 @@ pub(crate) struct ManagerState {
     pub(crate) limits: vessel_core::Limits,
     /// Disk quota of vessels created without their own; `None`: quotas off.
     pub(crate) disk_quota: Option<u64>,
-    /// How to reach registries.
-    pub(crate) registries: crate::registry::Registries,
     /// This host's lease in storage: one heartbeat, a claim per open vessel.
     pub(crate) lease: HostLease,
 }
@@ -74,88 +75,14 @@ pub struct Manager {
     state: Arc<ManagerState>,
 }
 
-/// Creates each dir with its mode: 0711 where containers must traverse
-/// (to their rootfs and bind-mount sources), 0700 elsewhere; existing dirs
-/// get the mode too, so an older, more open layout is closed.
-fn mkdirs(dirs: &[(&Path, u32)]) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    for (d, mode) in dirs {
-        fs::create_dir_all(d).map_err(VesselError::io("create directory", *d))?;
-        fs::set_permissions(d, fs::Permissions::from_mode(*mode)).map_err(VesselError::io("chmod", *d))?;
-    }
-    Ok(())
-}
-
-/// Mount points at or under `dir`, deepest first (procfs decodes every
-/// octal escape of mountinfo, not only a space's).
-pub(crate) fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    let info = procfs::process::Process::myself().and_then(|p| p.mountinfo()).map(|i| i.0).unwrap_or_default();
-    let mut out: Vec<PathBuf> = info.into_iter().map(|m| m.mount_point).filter(|m| m.starts_with(dir)).collect();
-    out.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
-    out
-}
-
-/// Unmounts everything under `dir` and removes it.
-pub(crate) fn scrub(dir: &Path) -> Result<()> {
-    for m in mounts_under(dir) {
-        nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH)
-            .map_err(|e| VesselError::io("unmount", &m)(e.into()))?;
-    }
-    match fs::remove_dir_all(dir) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(VesselError::io("remove", dir)(e)),
-        _ => Ok(()),
-    }
-}
-
-/// Where vessels' container ids live on this host.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Ids {
-    /// Container ids are host ids (no user namespace; unsafe).
-    Host,
-    /// One slice of this pool per open vessel, over idmapped layers.
-    Pool(IdRanges),
-    /// Rootless: the process's namespace's container ids, shared by all
-    /// of this user's vessels (see `vessel_runtime::rootless`).
-    Rootless,
-}
-
-/// A vessel's ids while it is open.
-pub(crate) struct VesselIds {
-    pub(crate) mapping: vessel_runtime::IdMapping,
-    /// The namespace its layers are idmapped through (rootful only).
-    pub(crate) userns: Option<UserNamespace>,
-    /// The lock on its slice of the pool (rootful only).
-    pub(crate) lock: Option<Flock<fs::File>>,
-}
-
 impl ManagerState {
     pub(crate) fn vessel_dir(&self, id: &VesselId) -> PathBuf {
         self.root.join("vessels").join(id.as_str())
     }
 
-    /// A host id range for vessel `id` and its user namespace, held (a flock
-    /// on `locks/ids-<first host id>.lock`, machine-wide) until the lock
-    /// is dropped; `None` without user namespaces. The search starts at a
-    /// slot derived from the id, so a vessel usually gets the same range.
+    /// A host id range for vessel `id` and its user namespace (see [`Ids::take`]).
     pub(crate) fn take_ids(&self, id: &VesselId) -> Result<Option<VesselIds>> {
-        let ranges = match self.id_source {
-            Ids::Host => return Ok(None),
-            Ids::Rootless => {
-                let mapping = vessel_runtime::rootless::container_mapping();
-                return Ok(Some(VesselIds { mapping, userns: None, lock: None }));
-            }
-            Ids::Pool(r) => r,
-        };
-        let start = u64::from_str_radix(id.as_str(), 16).unwrap_or(0) % u64::from(ranges.count.max(1));
-        for k in 0..u64::from(ranges.count) {
-            let slot = ((start + k) % u64::from(ranges.count)) as u32;
-            let mapping = ranges.mapping(slot)?;
-            if let Some(lock) = try_lock(&self.locks.join(format!("ids-{}.lock", mapping.host_id)))? {
-                let userns = Some(UserNamespace::new(mapping)?);
-                return Ok(Some(VesselIds { mapping, userns, lock: Some(lock) }));
-            }
-        }
-        Err(VesselError::IdRangesExhausted(ranges.count))
+        self.id_source.take(&self.locks, id)
     }
 
     /// Takes the vessel's lock in this mount root, or says who has it.
@@ -182,206 +109,6 @@ impl ManagerState {
             tracing::warn!(vessel = %id, error = %e, "could not remove the vessel's claim");
         }
     }
-
-    /// Imports `reference` into the layer cache for `holder`: from storage,
-    /// or (containerd backend) from containerd's image store.
-    pub(crate) async fn image_layers(&self, reference: &ImageRef, holder: &VesselId) -> Result<Image> {
-        if let Some(image) = self.cached_image(reference, holder).await {
-            return Ok(image);
-        }
-        let mut export = None;
-        let reader: BlobReader = match self.storage.load_image(reference).await {
-            Ok(r) => r,
-            Err(e) if e.kind() == StorageErrorKind::NotFound => match self.containerd_export(reference).await? {
-                Some((r, job)) => {
-                    export = Some(job);
-                    r
-                }
-                None if self.registries.pull_on_demand => {
-                    self.pull(reference, std::sync::Arc::new(|_| {})).await?;
-                    self.storage.load_image(reference).await?
-                }
-                None => return Err(VesselError::ImageNotFound(reference.to_string())),
-            },
-            Err(e) => return Err(e.into()),
-        };
-        let (cache, holder, name) = (self.cache.clone(), holder.to_string(), reference.as_str().to_owned());
-        let imported = crate::task::blocking(move || {
-            let reader = tokio_util::io::SyncIoBridge::new(reader);
-            unpack_image(reader, &cache, &holder, Some(&name))
-        })
-        .await?;
-        if let Some(export) = export {
-            // The exporter's own error explains a truncated archive best.
-            crate::task::joined(export).await??;
-        }
-        Ok(imported?)
-    }
-
-    /// `reference` streamed out of containerd's image store (containerd
-    /// backend), with the job exporting it; `None` where it is not there.
-    async fn containerd_export(&self, reference: &ImageRef) -> Result<Option<(BlobReader, ExportJob)>> {
-        let Some(store) = self.runtime.image_store() else { return Ok(None) };
-        if !store.has_image(reference.as_str()).await? {
-            return Ok(None);
-        }
-        let (mut w, r) = tokio::io::duplex(1 << 20);
-        let name = reference.as_str().to_owned();
-        let job = tokio::spawn(async move { store.export_image(&name, &mut w).await });
-        Ok(Some((Box::new(r), job)))
-    }
-
-    /// Pulls `reference` from its registry into storage (see [`crate::registry`]).
-    pub(crate) async fn pull(
-        &self,
-        reference: &ImageRef,
-        progress: std::sync::Arc<dyn Fn(crate::registry::PullProgress) + Send + Sync>,
-    ) -> Result<crate::registry::PulledImage> {
-        let spool = crate::registry::Spool(self.root.join(format!(".pull-{:016x}", rand::random::<u64>())));
-        fs::create_dir(&spool.0).map_err(VesselError::io("create", &spool.0))?;
-        let (archive, pulled) =
-            crate::registry::pull_to_archive(&self.registries, reference.as_str(), &spool.0, progress).await?;
-        self.store_image_file(reference, &archive).await?;
-        Ok(pulled)
-    }
-
-    /// Checks the image archive at `path` (every digest verified, its layers
-    /// unpacked into the cache) and stores it as `reference`.
-    pub(crate) async fn store_image_file(&self, reference: &ImageRef, path: &Path) -> Result<()> {
-        let (cache, name, p) = (self.cache.clone(), reference.as_str().to_owned(), path.to_path_buf());
-        // The image holds its layers in this host's cache (as docker keeps
-        // an image's layers until it is removed), so creating vessels from
-        // it unpacks nothing even after its last vessel is gone. What an
-        // earlier import of this reference held is let go first.
-        let holder = image_holder(reference);
-        let image = crate::task::blocking(move || {
-            cache.release_all(&holder)?;
-            let file = fs::File::open(&p).map_err(VesselError::io("open", &p))?;
-            unpack_image(std::io::BufReader::new(file), &cache, &holder, Some(&name)).map_err(VesselError::from)
-        })
-        .await??;
-        // The summary goes first and comes last: never one of another archive.
-        self.storage.delete_image_index(reference).await?;
-        let file = tokio::fs::File::open(path).await.map_err(VesselError::io("open", path))?;
-        self.storage.save_image(reference, Box::new(tokio::io::BufReader::new(file))).await?;
-        self.storage.save_image_index(reference, crate::layers::image_index(&image)).await?;
-        Ok(())
-    }
-
-    /// `reference` from its stored summary when this host's cache holds
-    /// every layer (retained for `holder`): no archive read.
-    async fn cached_image(&self, reference: &ImageRef, holder: &VesselId) -> Option<Image> {
-        let data = self.storage.load_image_index(reference).await.ok()?;
-        let mut retained = Vec::new();
-        let image = crate::layers::parse_image_index(&data, |diff_id| {
-            let key = LayerKey::diff_id(diff_id).ok()?;
-            let held = self.cache.retain(&key, holder.as_str()).ok()?;
-            let path = self.cache.path(&key);
-            retained.push(key);
-            held.then_some(path)
-        });
-        if image.is_none() {
-            // Some layer is missing here: what this attempt retained goes back.
-            for key in retained {
-                let _ = self.cache.release(&key, holder.as_str());
-            }
-        }
-        image
-    }
-
-    /// The layer of snapshot `id`, fetched from storage and verified against
-    /// `checksum` if this host's cache lacks it.
-    pub(crate) async fn snapshot_layer(&self, vessel: &VesselId, id: &SnapshotId, checksum: &str) -> Result<PathBuf> {
-        let key = LayerKey::snapshot(vessel.clone(), id.clone(), checksum)?;
-        if self.cache.retain(&key, vessel.as_str())? {
-            return Ok(self.cache.path(&key));
-        }
-        let blob = self.storage.load_snapshot(vessel, id).await?;
-        let (cache, holder, checksum) = (self.cache.clone(), vessel.to_string(), checksum.to_owned());
-        crate::task::blocking(move || {
-            let reader = tokio_util::io::SyncIoBridge::new(blob);
-            cache.get_or_unpack(&key, &holder, Some(&checksum), || Ok(reader))
-        })
-        .await?
-        .map_err(VesselError::from)
-    }
-}
-
-/// A temporary file removed when dropped.
-struct SpoolFile(PathBuf);
-
-impl Drop for SpoolFile {
-    fn drop(&mut self) {
-        let _ = fs::remove_file(&self.0);
-    }
-}
-
-/// The lock file `p`, locked, or `None` when another holds it.
-fn try_lock(p: &Path) -> Result<Option<Flock<fs::File>>> {
-    let f = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(p)
-        .map_err(VesselError::io("open lock", p))?;
-    Ok(Flock::lock(f, FlockArg::LockExclusiveNonblock).ok())
-}
-
-/// `/run/vessel/locks` for root, `$XDG_RUNTIME_DIR/vessel/locks` rootless:
-/// a tmpfs, so a reboot (which ends every holder) clears it. Without
-/// `XDG_RUNTIME_DIR` (no login session), `/tmp/vessel-<uid>`, as podman
-/// falls back, checked to be this user's own.
-fn lock_dir(rootless: bool) -> Result<PathBuf> {
-    if !rootless {
-        return Ok(PathBuf::from("/run/vessel/locks"));
-    }
-    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| Path::new(d).is_absolute()) {
-        return Ok(PathBuf::from(d).join("vessel/locks"));
-    }
-    let base = std::env::temp_dir().join(format!("vessel-{}", vessel_runtime::rootless::host_uid()));
-    match fs::create_dir(&base) {
-        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(VesselError::io("create", &base)(e)),
-        _ => {}
-    }
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    let meta = fs::symlink_metadata(&base).map_err(VesselError::io("stat", &base))?;
-    if !meta.is_dir() || meta.uid() != nix::unistd::geteuid().as_raw() {
-        return Err(VesselError::InvalidInput(format!(
-            "{} is not this user's own directory: set XDG_RUNTIME_DIR",
-            base.display()
-        )));
-    }
-    fs::set_permissions(&base, fs::Permissions::from_mode(0o700)).map_err(VesselError::io("chmod", &base))?;
-    Ok(base.join("locks"))
-}
-
-/// The mode `config` asks for, checked against the process's.
-fn resolve_mode(config: &ManagerConfig) -> Result<bool> {
-    use vessel_runtime::rootless::Mode;
-    match (config.rootless, vessel_runtime::rootless::mode()) {
-        (None | Some(false), Mode::Rootful) => Ok(false),
-        (None | Some(true), Mode::Rootless) => Ok(true),
-        (None | Some(true), Mode::Unavailable(why)) => Err(VesselError::RootlessUnavailable(why.clone())),
-        (Some(true), Mode::Rootful) => Err(VesselError::RootlessMismatch(
-            "rootless mode was asked for, but this process runs as root outside it: set VESSEL_ROOTLESS=1 before vessel::init()".into(),
-        )),
-        (Some(false), Mode::Rootless) => Err(VesselError::RootlessMismatch(
-            "rootful mode was asked for, but this process is in rootless mode (it needs root, with VESSEL_ROOTLESS unset or 0)".into(),
-        )),
-        (Some(false), Mode::Unavailable(_)) => {
-            Err(VesselError::RootlessMismatch("rootful mode was asked for, but it needs root".into()))
-        }
-    }
-}
-
-/// A containerd image export running beside its reader.
-type ExportJob = tokio::task::JoinHandle<Result<u64, vessel_runtime::RuntimeError>>;
-
-/// The layer-cache holder for what an imported image keeps cached:
-/// `image-` and a hash of the reference (holders are plain names).
-fn image_holder(reference: &ImageRef) -> String {
-    use sha2::Digest;
-    format!("image-{:x}", sha2::Sha256::digest(reference.as_str().as_bytes()))[..38].to_owned()
 }
 
 /// A vessel's work dir as the Go original takes it: an empty or relative
@@ -474,9 +201,11 @@ impl Manager {
             return Err(VesselError::InvalidInput("the lease TTL must be at least 1 s".into()));
         }
         let lease = HostLease::start(storage.clone(), config.lease.clone()).await?;
+        let layers =
+            Layers::new(storage.clone(), cache, runtime.image_store(), config.registries.clone(), root.clone());
         let state = ManagerState {
             storage,
-            cache,
+            layers,
             runtime,
             ids: config.id_generator.clone(),
             vessel_locks: root.join("locks"),
@@ -491,7 +220,6 @@ impl Manager {
             unavailable,
             limits: config.limits,
             disk_quota,
-            registries: config.registries.clone(),
             lease,
         };
         let mgr = Self { state: Arc::new(state) };
@@ -600,7 +328,7 @@ impl Manager {
             self.state.forget_claim(&id).await;
             return Err(e);
         }
-        let image = match self.state.image_layers(&reference, &id).await {
+        let image = match self.state.layers.image(&reference, &id).await {
             Ok(i) => i,
             Err(e) => {
                 undo(&self.state).await;
@@ -657,12 +385,9 @@ impl Manager {
         Vessel::from_inner(inner)
     }
 
-    /// Drops every reference `id` has in this host's layer cache (image and
-    /// snapshot layers) and removes the layers nobody holds any more.
+    /// Drops every reference `id` has in this host's layer cache.
     fn release_layers(&self, id: &VesselId) {
-        if let Err(e) = self.state.cache.release_all(id.as_str()).and_then(|_| self.state.cache.gc()) {
-            tracing::warn!(%id, error = %e, "could not release cached layers");
-        }
+        self.state.layers.release(id);
     }
 
     /// `id`'s manifest, or `VesselNotFound`.
@@ -726,7 +451,7 @@ impl Manager {
         let id = manifest.id.clone();
         // Remains of an earlier session of this vessel on this host.
         scrub(&self.state.vessel_dir(&id))?;
-        let image = self.state.image_layers(&manifest.base_image_ref, &id).await?;
+        let image = self.state.layers.image(&manifest.base_image_ref, &id).await?;
         if let Some(pinned) = manifest.labels.get(IMAGE_CONFIG_LABEL)
             && *pinned != image.config_digest
         {
@@ -809,15 +534,8 @@ impl Manager {
     /// (every digest verified; in an archive of several images, one must be
     /// `image_ref`). Memory stays bounded: the archive is spooled to a file
     /// under the mount root, checked from there, and streamed into storage.
-    pub async fn import_image(&self, image_ref: &str, mut archive: BlobReader) -> Result<()> {
-        let reference = ImageRef::new(image_ref)?;
-        let spool = SpoolFile(self.state.root.join(format!(".import-{:016x}.tmp", rand::random::<u64>())));
-        {
-            let mut f = tokio::fs::File::create(&spool.0).await.map_err(VesselError::io("create", &spool.0))?;
-            tokio::io::copy(&mut archive, &mut f).await.map_err(VesselError::io("read image archive", image_ref))?;
-            f.sync_all().await.map_err(VesselError::io("sync", &spool.0))?;
-        }
-        self.state.store_image_file(&reference, &spool.0).await
+    pub async fn import_image(&self, image_ref: &str, archive: BlobReader) -> Result<()> {
+        self.state.layers.import(&ImageRef::new(image_ref)?, archive).await
     }
 
     /// Pulls `reference` from its registry (e.g. `localhost:5000/team/app:v1`,
@@ -836,7 +554,7 @@ impl Manager {
         progress: impl Fn(crate::PullProgress) + Send + Sync + 'static,
     ) -> Result<crate::PulledImage> {
         let reference = ImageRef::new(reference)?;
-        self.state.pull(&reference, std::sync::Arc::new(progress)).await
+        self.state.layers.pull(&reference, Arc::new(progress)).await
     }
 
     /// Closes every vessel this manager has open and ends its lease (a

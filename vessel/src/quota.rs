@@ -217,7 +217,7 @@ fn clear_cache(root: &Path) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         r => r.map_err(VesselError::io("read directory", root))?,
     };
-    if !crate::manager::mounts_under(root).is_empty() {
+    if !crate::host::mounts_under(root).is_empty() {
         return Err(setup_error(root, "vessels are open under it (close them, or stop what holds them, first)"));
     }
     let mut found = Vec::new();
@@ -248,7 +248,7 @@ pub fn remove_quota_setup(mount_root: &Path, image: Option<&Path>, delete_image:
         None => default_quota_image(&root),
     };
     if mount_at(&root).is_some_and(|t| t == "btrfs") {
-        if crate::manager::mounts_under(&root).len() > 1 {
+        if crate::host::mounts_under(&root).len() > 1 {
             return Err(setup_error(&root, "vessels are open under it"));
         }
         image::unmount(&root).map_err(step_error(&root, "unmount"))?;

@@ -257,7 +257,7 @@ fn a_whole_session(s: &Session, image: &Path) -> Result<()> {
     );
     let snaps: Vec<serde_json::Value> = serde_json::from_str(&s.ok(&["snapshots", &id, "--json"], None)?)?;
     let removed = snaps.iter().find(|v| v["message"] == "exec rm kept.txt").context("the rm snapshot")?;
-    s.ok(&["rm", &id, "--snapshot", removed["id"].as_str().unwrap()], None)?;
+    s.ok(&["rm", &id, "--snapshot", removed["snapshot_id"].as_str().unwrap()], None)?;
     let out = s.run(&["rm", &id, "--snapshot", &snap], None)?;
     ensure!(out.status.code() == Some(125), "deleting a parent: {out:?}");
     ensure!(String::from_utf8_lossy(&out.stderr).contains("parent"), "{out:?}");
@@ -269,7 +269,11 @@ fn a_whole_session(s: &Session, image: &Path) -> Result<()> {
     ensure!(out.status.code() == Some(125) && String::from_utf8_lossy(&out.stderr).contains("not found"), "{out:?}");
 
     let vessels: Vec<serde_json::Value> = serde_json::from_str(&s.ok(&["ls", "--json"], None)?)?;
-    ensure!(vessels.len() == 1 && vessels[0]["id"] == id.as_str());
+    ensure!(vessels.len() == 1 && vessels[0]["vessel_id"] == id.as_str());
+    // One view of a vessel: the MCP server's field names.
+    for field in ["name", "image", "work_dir", "current_snapshot_id", "snapshots", "created", "updated", "holder"] {
+        ensure!(vessels[0].get(field).is_some(), "ls --json lacks {field}: {}", vessels[0]);
+    }
     s.ok(&["rm", &id], None)?;
     ensure!(s.ok(&["ls", "--json"], None)?.trim() == "[]");
     Ok(())
@@ -429,7 +433,7 @@ fn storage_by_url(url: &str, dir: &Path, image: &Path) -> Result<()> {
     held.kill()?;
     held.wait()?;
     let rows: Vec<serde_json::Value> = serde_json::from_str(&ok(&["ls", "--json"])?)?;
-    ensure!(rows.len() == 1 && rows[0]["id"] == id.as_str(), "{rows:?}");
+    ensure!(rows.len() == 1 && rows[0]["vessel_id"] == id.as_str(), "{rows:?}");
 
     let never = dir.join("never-created");
     // (storage URL, environment, what the error says)

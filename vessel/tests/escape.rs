@@ -11,42 +11,24 @@
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, OnceLock};
 
 use anyhow::{Context, Result, anyhow, ensure};
-use libtest_mimic::{Arguments, Failed, Trial};
-use tokio::io::AsyncReadExt;
-use vessel::{Backend, ExecOptions, LocalStorage, Manager, ManagerConfig, Storage, VesselErrorKind, VesselOptions};
+use common::{IMAGE, World, rootless};
+use libtest_mimic::Arguments;
+use vessel::{Backend, ExecOptions, Manager, VesselErrorKind, VesselOptions};
 use vessel_test_support as support;
+
+mod common;
 
 static TOKIO: LazyLock<tokio::runtime::Runtime> =
     LazyLock::new(|| tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap());
 
-const IMAGE: &str = "local/busybox:latest";
+/// The static probe (built by `cargo xtask image` into the test image dir).
+static PROBE: OnceLock<PathBuf> = OnceLock::new();
 
-struct World {
-    backend: Backend,
-    base: PathBuf,
-    address: Option<PathBuf>,
-    probe: PathBuf,
-}
-
-impl World {
-    fn storage(&self) -> Arc<dyn Storage> {
-        Arc::new(LocalStorage::new(self.base.join("data")).unwrap())
-    }
-
-    fn config(&self, host: &str) -> ManagerConfig {
-        let mut c = ManagerConfig::default()
-            .shared_storage(self.storage())
-            .mount_root(self.base.join(host))
-            .backend(self.backend)
-            .namespace(format!("vessel-escape-{}", std::process::id()));
-        if let Some(a) = &self.address {
-            c = c.containerd_address(a);
-        }
-        c
-    }
+fn probe_exe() -> &'static Path {
+    PROBE.get().expect("the probe's path is set in main")
 }
 
 async fn run(v: &vessel::Vessel, command: Vec<String>, persist: bool) -> Result<(i32, String, String)> {
@@ -68,8 +50,8 @@ fn sh(script: &str) -> Vec<String> {
 }
 
 /// Runs the probe in `v`: its `name -> result` lines.
-async fn probe(w: &World, v: &vessel::Vessel) -> Result<BTreeMap<String, String>> {
-    v.write_file("/tmp/escape", &std::fs::read(&w.probe)?, 0o755)?;
+async fn probe(v: &vessel::Vessel) -> Result<BTreeMap<String, String>> {
+    v.write_file("/tmp/escape", &std::fs::read(probe_exe())?, 0o755)?;
     let (code, out, err) = run(v, vec!["/tmp/escape".into(), std::process::id().to_string()], false).await?;
     ensure!(code == 0, "the probe exited {code}: {out} {err}");
     let lines: BTreeMap<String, String> =
@@ -144,7 +126,7 @@ async fn probes_are_refused(w: Arc<World>) -> Result<()> {
     let mgr = Manager::new(w.config("probes")).await?;
     let v = mgr.create_vessel(IMAGE, "/work").await?;
     let before = v.list_snapshots().len();
-    let got = probe(&w, &v).await?;
+    let got = probe(&v).await?;
     if rootless() {
         // Rootless there are no cgroup files to write at all: the
         // container's cgroup2 tree is its own namespace's, with no limits.
@@ -167,7 +149,7 @@ async fn device_cgroup_without_user_namespaces(w: Arc<World>) -> Result<()> {
     let mgr = Manager::new(w.config("devices").user_namespaces(false)).await?;
     let v = mgr.create_vessel(IMAGE, "/work").await?;
     ensure!(v.id_mapping().is_none());
-    let got = probe(&w, &v).await?;
+    let got = probe(&v).await?;
     expect(&got, REFUSED)?;
     expect(&got, &[("mknod_chr", "ok"), ("open_chr", "EPERM"), ("mknod_blk", "ok"), ("open_blk", "EPERM")])?;
     // Without a user namespace nothing else refuses: the mounts are read-only.
@@ -229,10 +211,6 @@ async fn vessels_run_under_their_own_host_ids(w: Arc<World>) -> Result<()> {
     ensure!((info.uid, info.gid) == (1000, 50), "{info:?}");
     mgr.close().await?;
     Ok(())
-}
-
-fn rootless() -> bool {
-    vessel::runtime::rootless::mode().is_rootless()
 }
 
 /// `/proc/<pid>/uid_map` (or `self`) as (inside, outside, count) lines.
@@ -461,7 +439,7 @@ async fn user_overlay_xattrs_forge_nothing(w: Arc<World>) -> Result<()> {
     let v = mgr.create_vessel(IMAGE, "/").await?;
     run(&v, sh("mkdir /d && echo kept > /d/keep"), true).await?;
     v.create_snapshot("d").await?;
-    v.write_file("/tmp/escape", &std::fs::read(&w.probe)?, 0o755)?;
+    v.write_file("/tmp/escape", &std::fs::read(probe_exe())?, 0o755)?;
     for (name, value) in [("user.overlay.opaque", "y"), ("user.overlay.redirect", "/etc")] {
         let args = ["/tmp/escape", "setxattr", "/d", name, value].map(String::from).to_vec();
         let (code, _, err) = run(&v, args, true).await?;
@@ -587,40 +565,12 @@ fn main() {
     vessel::init();
     let args = Arguments::from_args();
     let Some(image_dir) = support::root_with_test_image("escape") else { return };
+    PROBE.set(image_dir.join("escape")).unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    #[cfg_attr(not(any(feature = "youki", feature = "containerd")), allow(unused_variables))]
-    let probe = image_dir.join("escape");
-    #[allow(unused_mut)]
-    let mut worlds: Vec<World> = Vec::new();
-    #[cfg(feature = "youki")]
-    worlds.push(World { backend: Backend::Youki, base: tmp.path().join("youki"), address: None, probe: probe.clone() });
-    #[cfg(feature = "containerd")]
-    if rootless() {
-        // containerd rootless is a typed refusal (the facade suite).
-    } else if let Some(a) = support::required_env("escape", "VESSEL_CONTAINERD_ADDRESS") {
-        worlds.push(World {
-            backend: Backend::Containerd,
-            base: tmp.path().join("containerd"),
-            address: Some(PathBuf::from(a)),
-            probe: probe.clone(),
-        });
-    }
+    let worlds = common::worlds("escape", tmp.path(), false);
     // Each world's storage holds the test images (the USER variants too).
-    let src = LocalStorage::new(image_dir.join("storage")).unwrap();
-    for w in &worlds {
-        TOKIO.block_on(async {
-            for r in src.list_images().await.unwrap() {
-                let mut data = Vec::new();
-                src.load_image(&r).await.unwrap().read_to_end(&mut data).await.unwrap();
-                w.storage().save_image(&r, Box::new(std::io::Cursor::new(data))).await.unwrap();
-            }
-        });
-    }
-    type Case = fn(Arc<World>) -> std::pin::Pin<Box<dyn Future<Output = Result<()>> + Send>>;
-    macro_rules! cases {
-        ($($name:ident),* $(,)?) => { vec![$((stringify!($name), (|w| Box::pin($name(w))) as Case)),*] };
-    }
-    let cases: Vec<(&str, Case)> = cases![
+    common::seed_images(&TOKIO, &worlds, &image_dir, true);
+    let cases = support::cases![
         probes_are_refused,
         device_cgroup_without_user_namespaces,
         vessels_run_under_their_own_host_ids,
@@ -635,23 +585,14 @@ fn main() {
         limits_hold_whoever_runs,
     ];
     // The unsafe mode (no user namespace) exists as root only.
-    const ROOTFUL_ONLY: &[&str] = &["device_cgroup_without_user_namespaces", "device_nodes_are_refused_at_snapshot"];
-    let worlds: Vec<Arc<World>> = worlds.into_iter().map(Arc::new).collect();
-    let mut trials = Vec::new();
-    for w in &worlds {
-        // Rootless, cgroup limits hold only in a subtree delegated to the user.
-        let delegated = vessel::runtime::rootless::delegated_cgroups().is_ok();
-        let runs =
-            |n: &str| !rootless() || !(ROOTFUL_ONLY.contains(&n) || (!delegated && n == "limits_hold_whoever_runs"));
-        for (name, case) in cases.iter().filter(|(n, _)| runs(n)) {
-            let (w, case) = (w.clone(), *case);
-            let mode = if rootless() { "rootless::" } else { "" };
-            let label = format!("{mode}{}::{name}", if w.backend == Backend::Youki { "youki" } else { "containerd" });
-            trials
-                .push(Trial::test(label, move || TOKIO.block_on(case(w)).map_err(|e| Failed::from(format!("{e:#}")))));
-        }
-    }
+    let rule = support::suite::Rootless {
+        rootful_only: &["device_cgroup_without_user_namespaces", "device_nodes_are_refused_at_snapshot"],
+        cgroup_limits: &["limits_hold_whoever_runs"],
+    };
+    let (rootless, delegated) = (rootless(), common::delegated());
+    let trials =
+        support::suite::trials(&TOKIO, &common::labelled(&worlds), &cases, |n| rule.runs(n, rootless, delegated));
     let conclusion = libtest_mimic::run(&args, trials);
-    let leaks = [("mounts", support::shown(support::mounts_under(tmp.path())))];
+    let leaks = common::leaks(tmp.path(), &worlds);
     support::finish(&tmp.keep(), &leaks, conclusion)
 }

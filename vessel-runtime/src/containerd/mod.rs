@@ -299,13 +299,12 @@ impl ContainerdRuntime {
             tokio::join!(waited, feed, drain(Some(out_rx), stdout), drain(err_rx, stderr));
         drop(held_stdin);
         let status = waited
-            .map_err(|e| RuntimeError::Container(format!("wait task: {e}")))?
+            .map_err(|e| RuntimeError::Call { backend: "containerd", op: "wait task", source: Box::new(e) })?
             .map_err(grpc("wait task"))?
             .into_inner();
         out.map_err(RuntimeError::io("copy stdout", ""))?;
         err.map_err(RuntimeError::io("copy stderr", ""))?;
-        let code = i32::try_from(status.exit_status)
-            .map_err(|_| RuntimeError::Container(format!("exit status {} out of range", status.exit_status)))?;
+        let code = i32::try_from(status.exit_status).map_err(|_| RuntimeError::ExitStatus(status.exit_status))?;
         // runc removes the cgroup when the task is deleted: read it first.
         Ok(crate::RunOutcome::new(code, crate::oom_kills(&format!("/vessel/{id}")) > 0))
     }

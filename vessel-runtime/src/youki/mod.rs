@@ -125,7 +125,7 @@ impl YoukiRuntime {
             let _ = crate::rootless::remove_delegated(&parent, id);
         }
         if !status.success() {
-            return Err(RuntimeError::Container(format!("cleaning up container {id} failed ({status})")));
+            return Err(RuntimeError::Cleanup { id: id.to_owned(), status });
         }
         Ok(())
     }
@@ -401,7 +401,7 @@ impl Runtime for YoukiRuntime {
                     // now (which also ends the container's hold on the
                     // output pipes, so the drains below finish).
                     self.cleanup(&id).await?;
-                    Err(RuntimeError::Container(format!("the runner died ({waited}); its container was removed")))
+                    Err(RuntimeError::RunnerDied(waited))
                 }
             }
         };

@@ -100,7 +100,7 @@ pub(crate) fn parse_report(report: &str, command: &str) -> Option<Result<crate::
     let message = v["error"].as_str()?.to_owned();
     Some(Err(match v["kind"].as_str() {
         Some("exec") => crate::error::start_failure(command, &message),
-        _ => RuntimeError::Container(message),
+        _ => RuntimeError::Runner(message),
     }))
 }
 

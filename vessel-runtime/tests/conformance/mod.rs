@@ -473,18 +473,6 @@ pub fn pids_of(cmdline: &[u8]) -> Vec<u32> {
     out
 }
 
-/// What a backend may leave behind: cgroups named after vessel containers.
-pub fn leftover_cgroups() -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut roots: Vec<PathBuf> =
-        std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten().map(|e| e.path().join("vessel")).collect();
-    roots.push(Path::new("/sys/fs/cgroup/vessel").to_path_buf());
-    for r in roots {
-        for e in std::fs::read_dir(&r).into_iter().flatten().flatten() {
-            if e.file_name().to_string_lossy().starts_with("vessel-") {
-                out.push(e.path());
-            }
-        }
-    }
-    out
-}
+/// What a backend may leave behind: cgroups named after vessel containers
+/// (the one check every suite uses: root's and this user's delegated subtree).
+pub use vessel_test_support::leftover_cgroups;

@@ -125,8 +125,7 @@ impl ApplyOptions {
 /// tar. On any error the target is left as it was.
 pub fn apply_layer(layer: impl Read + Send, target: &Path, opts: &ApplyOptions) -> Result<DiffStats, SnapshotError> {
     let parent = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name =
-        target.file_name().ok_or_else(|| SnapshotError::Malformed(format!("bad target {}", target.display())))?;
+    let name = target.file_name().ok_or_else(|| SnapshotError::BadTarget(target.to_path_buf()))?;
     match opts.mode {
         ApplyMode::Overlay if target.symlink_metadata().is_ok() => {
             return Err(SnapshotError::io("create", target)(io::Error::from(io::ErrorKind::AlreadyExists)));

@@ -97,7 +97,7 @@ pub(super) fn unpack(
         });
         let reader = ChannelReader { rx, cur: Vec::new(), pos: 0 };
         let unpacked = unpack_stream(reader, root_path, opts);
-        let produced = producer.join().map_err(|_| SnapshotError::Malformed("layer decoder panicked".into()))?;
+        let produced = producer.join().map_err(|_| SnapshotError::DecoderPanicked)?;
         let entries = unpacked?;
         let (digest, size) = produced?;
         if let Some(expected) = &opts.expected_digest

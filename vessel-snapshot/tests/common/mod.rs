@@ -75,13 +75,7 @@ impl Drop for ReadOnlyOverlay {
 
 /// Mount points under `dir` still mounted (the leak check).
 pub fn mounts_under(dir: &Path) -> Vec<String> {
-    let dir = dir.to_str().unwrap();
-    fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(4).map(str::to_owned))
-        .filter(|m| m.starts_with(dir))
-        .collect()
+    vessel_test_support::shown(vessel_test_support::mounts_under(dir))
 }
 
 /// `cp -a`: a copy with owners, modes, times, xattrs and hardlinks.

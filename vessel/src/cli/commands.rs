@@ -11,6 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tokio::io::AsyncRead;
 use vessel::{ExecOptions, Manager, SnapshotId, SnapshotManifest, Vessel, VesselManifest};
 
+use crate::view::{ExecView, SnapshotView, VesselView};
 use crate::{CreateArgs, ExecArgs};
 use vessel::NAME_LABEL;
 
@@ -135,7 +136,7 @@ pub(crate) async fn create(mgr: &Manager, a: &CreateArgs, json: bool) -> Result<
     first?;
     closed?;
     if json {
-        print_json(&v.manifest())
+        print_json(&VesselView::of(&v.manifest()))
     } else {
         println!("{}", v.id());
         Ok(())
@@ -149,20 +150,9 @@ pub(crate) async fn ls(mgr: &Manager, json: bool) -> Result<()> {
         holders.push(mgr.vessel_holder(&m.id).await?.filter(|h| h.live));
     }
     if json {
-        // Each manifest, with `holder` beside it (null: nobody has it open).
-        let rows: Vec<serde_json::Value> = vessels
-            .iter()
-            .zip(&holders)
-            .map(|(m, h)| {
-                let mut v = serde_json::to_value(m).unwrap_or_default();
-                v["name"] = m.labels.get(NAME_LABEL).map_or(serde_json::Value::Null, |n| n.as_str().into());
-                v["holder"] = h.as_ref().map_or(
-                    serde_json::Value::Null,
-                    |h| serde_json::json!({"host": h.host.as_str(), "name": h.name, "expiresAt": h.expires_at}),
-                );
-                v
-            })
-            .collect();
+        // Each vessel, with its holder (null: nobody has it open).
+        let rows: Vec<VesselView<'_>> =
+            vessels.iter().zip(&holders).map(|(m, h)| VesselView::of(m).held_by(h.as_ref())).collect();
         return print_json(&rows);
     }
     println!(
@@ -185,6 +175,7 @@ pub(crate) async fn ls(mgr: &Manager, json: bool) -> Result<()> {
 }
 
 pub(crate) async fn exec(mgr: &Manager, a: &ExecArgs, json: bool) -> Result<ExitCode> {
+    let started = std::time::Instant::now();
     let res = with_vessel(mgr, &a.id, async |v| {
         let stdin: Option<Box<dyn AsyncRead + Send + Unpin>> =
             (a.tty || a.interactive).then(|| Box::new(tokio::io::stdin()) as _);
@@ -209,9 +200,7 @@ pub(crate) async fn exec(mgr: &Manager, a: &ExecArgs, json: bool) -> Result<Exit
     })
     .await?;
     if json {
-        print_json(
-            &serde_json::json!({ "exit_code": res.exit_code, "timed_out": res.timed_out, "oom_killed": res.oom_killed }),
-        )?;
+        print_json(&ExecView::of(&res, started.elapsed()))?;
     }
     Ok(ExitCode::from(u8::try_from(res.exit_code).unwrap_or(255)))
 }
@@ -235,7 +224,7 @@ pub(crate) async fn write(mgr: &Manager, id: &str, path: &str, mode: &str, json:
     })
     .await?;
     if json {
-        print_json(&snap)?;
+        print_json(&SnapshotView::of(&snap))?;
     }
     Ok(())
 }
@@ -243,7 +232,7 @@ pub(crate) async fn write(mgr: &Manager, id: &str, path: &str, mode: &str, json:
 pub(crate) async fn snapshot(mgr: &Manager, id: &str, message: &str, json: bool) -> Result<()> {
     let snap = with_vessel(mgr, id, async |v| commit(v, message.to_owned(), true).await).await?;
     if json {
-        return print_json(&snap);
+        return print_json(&SnapshotView::of(&snap));
     }
     println!("{}", snap.id);
     Ok(())
@@ -252,7 +241,7 @@ pub(crate) async fn snapshot(mgr: &Manager, id: &str, message: &str, json: bool)
 pub(crate) async fn snapshots(mgr: &Manager, id: &str, json: bool) -> Result<()> {
     let m = with_vessel(mgr, id, async |v| Ok(v.manifest())).await?;
     if json {
-        return print_json(&m.snapshots);
+        return print_json(&SnapshotView::tree(&m));
     }
     print_tree(&m);
     Ok(())
@@ -268,7 +257,7 @@ pub(crate) async fn restore(mgr: &Manager, id: &str, snapshot: &str, json: bool)
     })
     .await?;
     if json {
-        print_json(&serde_json::json!({ "id": id, "currentSnapshotId": snapshot }))?;
+        print_json(&serde_json::json!({ "vessel_id": id, "current_snapshot_id": snapshot }))?;
     }
     Ok(())
 }

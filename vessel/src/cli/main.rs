@@ -15,6 +15,7 @@ use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 mod commands;
 mod force;
 mod mcp;
+mod view;
 
 use vessel::{Backend, CompressedStorage, LocalStorage, Manager, ManagerConfig, QuotaMode, VesselOptions};
 

@@ -116,7 +116,8 @@ impl OpenVessel {
         let dir = manager.vessel_dir(&id);
         make_vessel_dir(&dir, ids)?;
         let image_layers: Vec<PathBuf> = image.layers.iter().map(|l| l.path.clone()).collect();
-        let lowers = manager.lowers(&id, &manifest, manifest.current_snapshot_id.as_ref(), &image_layers, &dir).await?;
+        let lowers =
+            manager.layers.lowers(&id, &manifest, manifest.current_snapshot_id.as_ref(), &image_layers, &dir).await?;
         let mount = mount_at(&dir, &lowers, Upper::Fresh, ids, userns.as_ref(), bounds.disk)?;
         let root = open_root(&dir.join("rootfs"))?;
         let gate = Gate::new(id.clone(), root, ids);
@@ -208,7 +209,7 @@ impl OpenVessel {
         state.closed = true;
         let unmounted = state.mount.take().map(OverlayMount::unmount).transpose();
         self.gate.thaw_remounted(None);
-        let scrubbed = crate::manager::scrub(&self.dir);
+        let scrubbed = crate::host::scrub(&self.dir);
         self.manager.release(&self.claim).await;
         self.lock.locked().take();
         unmounted?;

@@ -68,7 +68,7 @@ impl Vessel {
             // the renames that move it into the cache).
             vessel_runtime::quota::set_limit(&ovl, 0).map_err(VesselError::io("lift the quota of", &ovl))?;
         }
-        let layer = manager.cache.adopt(&key, inner.id.as_str(), &ovl)?;
+        let layer = manager.layers.cache.adopt(&key, inner.id.as_str(), &ovl)?;
 
         let mut manifest = inner.manifest();
         let snap = SnapshotManifest {
@@ -86,21 +86,22 @@ impl Vessel {
         manifest.update_time = snap.create_time;
         if let Err(e) = inner.commit_manifest(&manifest).await {
             // Not committed: the sealed upper goes back to being the upper.
-            let _ = manager.cache.unadopt(&key, inner.id.as_str(), &ovl);
+            let _ = manager.layers.cache.unadopt(&key, inner.id.as_str(), &ovl);
             if let Some(bytes) = inner.bounds.disk {
                 let _ = vessel_runtime::quota::set_limit(&ovl, bytes);
             }
             let _ = manager.storage.delete_snapshot(&inner.id, &sid).await;
             return Err(e);
         }
-        let lowers = match manager.lowers(&inner.id, &manifest, Some(&sid), &inner.image_layers, &inner.dir).await {
-            Ok(l) => l,
-            Err(e) => {
-                // The snapshot is committed; only a flattening failed.
-                tracing::warn!(id = %inner.id, error = %e, "mounting the new snapshot on the unflattened chain");
-                state.lowers.iter().cloned().chain([layer]).collect()
-            }
-        };
+        let lowers =
+            match manager.layers.lowers(&inner.id, &manifest, Some(&sid), &inner.image_layers, &inner.dir).await {
+                Ok(l) => l,
+                Err(e) => {
+                    // The snapshot is committed; only a flattening failed.
+                    tracing::warn!(id = %inner.id, error = %e, "mounting the new snapshot on the unflattened chain");
+                    state.lowers.iter().cloned().chain([layer]).collect()
+                }
+            };
         *inner.manifest.locked() = manifest;
         state.mount = Some(inner.mount(&lowers, Upper::Fresh)?);
         state.lowers = lowers;
@@ -122,7 +123,8 @@ impl Vessel {
             return Err(VesselError::SnapshotNotFound { vessel: inner.id.clone(), snapshot: id.clone() });
         }
         // Fetch (and flatten) what this host lacks before touching the mount.
-        let lowers = inner.manager.lowers(&inner.id, &manifest, Some(id), &inner.image_layers, &inner.dir).await?;
+        let lowers =
+            inner.manager.layers.lowers(&inner.id, &manifest, Some(id), &inner.image_layers, &inner.dir).await?;
         let mut updated = manifest.clone();
         updated.current_snapshot_id = Some(id.clone());
         updated.update_time = chrono::Utc::now();
@@ -180,9 +182,9 @@ impl Vessel {
         *inner.manifest.locked() = manifest;
         inner.manager.storage.delete_snapshot(&inner.id, id).await?;
         for key in doomed {
-            inner.manager.cache.release(&key, inner.id.as_str())?;
+            inner.manager.layers.cache.release(&key, inner.id.as_str())?;
         }
-        inner.manager.cache.gc()?;
+        inner.manager.layers.cache.gc()?;
         Ok(())
     }
 

@@ -13,10 +13,11 @@ use rmcp::{ServerHandler, tool, tool_handler, tool_router};
 use serde_json::{Value, json};
 use tokio::io::AsyncWrite;
 use tokio_util::sync::CancellationToken;
-use vessel::{ExecOptions, FileInfo, FileType, OpenFlags, SnapshotId, Vessel, VesselError, VesselManifest};
+use vessel::{ExecOptions, FileInfo, FileType, OpenFlags, SnapshotId, Vessel, VesselError};
 
 use super::args::*;
 use super::{ToolResult, Tools, failure, invalid, ok};
+use crate::view::{ExecView, OutputView, SnapshotView, VesselView};
 
 fn info_json(i: &FileInfo) -> Value {
     let modified = chrono::DateTime::<chrono::Utc>::from(i.modified).to_rfc3339();
@@ -28,19 +29,6 @@ fn info_json(i: &FileInfo) -> Value {
         "uid": i.uid,
         "gid": i.gid,
         "modified": modified,
-    })
-}
-
-fn vessel_json(m: &VesselManifest, open: bool) -> Value {
-    json!({
-        "vessel_id": m.id.as_str(),
-        "name": m.labels.get(vessel::NAME_LABEL),
-        "image": m.base_image_ref.as_str(),
-        "work_dir": m.work_dir,
-        "current_snapshot_id": m.current_snapshot_id.as_ref().map(|s| s.as_str()),
-        "snapshots": m.snapshots.len(),
-        "updated": m.update_time.to_rfc3339(),
-        "open_here": open,
     })
 }
 
@@ -68,8 +56,9 @@ impl Tools {
         };
         let m = v.manifest();
         self.state.open.lock().await.insert(v.id().to_string(), Arc::new(v));
-        ok(json!({ "vessel_id": m.id.as_str(), "image": m.base_image_ref.as_str(), "work_dir": m.work_dir,
-                   "snapshot_id": snap.id.as_str() }))
+        let mut view = json!(VesselView::of(&m));
+        view["snapshot_id"] = snap.id.as_str().into();
+        ok(view)
     }
 
     #[tool(description = "List the workspaces in storage: id, image, current snapshot, snapshot count, and \
@@ -78,7 +67,7 @@ impl Tools {
         let all = self.state.mgr.list_vessels().await.map_err(failure)?;
         let open = self.state.open.lock().await;
         ok(
-            json!({ "vessels": all.iter().map(|m| vessel_json(m, open.contains_key(m.id.as_str()))).collect::<Vec<_>>() }),
+            json!({ "vessels": all.iter().map(|m| VesselView { open_here: Some(open.contains_key(m.id.as_str())), ..VesselView::of(m) }).collect::<Vec<_>>() }),
         )
     }
 
@@ -151,17 +140,14 @@ impl Tools {
             r = run => r.map_err(failure)?,
             () = ct.cancelled() => return Err(invalid("cancelled: the command was killed")),
         };
-        ok(json!({
-            "exit_code": res.exit_code,
-            "timed_out": res.timed_out,
-            "oom_killed": res.oom_killed,
-            "duration_ms": started.elapsed().as_millis() as u64,
-            "stdout": out.text(),
-            "stderr": err.text(),
-            "stdout_bytes": out.total,
-            "stderr_bytes": err.total,
-            "truncated": out.truncated() || err.truncated(),
-        }))
+        let output = OutputView {
+            stdout: out.text(),
+            stderr: err.text(),
+            stdout_bytes: out.total,
+            stderr_bytes: err.total,
+            truncated: out.truncated() || err.truncated(),
+        };
+        ok(json!(ExecView { output: Some(output), ..ExecView::of(&res, started.elapsed()) }))
     }
 
     #[tool(description = "Read a file of a workspace. Text comes back as is; other bytes as base64 (see `encoding`). \
@@ -266,8 +252,7 @@ impl Tools {
     async fn create_snapshot(&self, Parameters(a): Parameters<CreateSnapshotArgs>) -> ToolResult {
         let v = self.vessel(&a.vessel_id).await?;
         let s = v.create_snapshot(&a.message).await.map_err(failure)?;
-        ok(json!({ "snapshot_id": s.id.as_str(), "parent_id": s.parent_id.as_ref().map(|p| p.as_str()),
-                   "message": s.message, "size": s.size }))
+        ok(json!(SnapshotView::of(&s)))
     }
 
     #[tool(description = "A workspace's snapshots as a tree (each with its parent, message, size and time), and \
@@ -277,7 +262,6 @@ impl Tools {
         let m = v.manifest();
         let current = m.current_snapshot_id.clone();
         let mut tree = String::new();
-        let mut list = Vec::new();
         for (depth, s) in m.tree() {
             let here = current.as_ref() == Some(&s.id);
             tree.push_str(&format!(
@@ -287,10 +271,8 @@ impl Tools {
                 s.message,
                 if here { "  <- current" } else { "" }
             ));
-            list.push(json!({ "snapshot_id": s.id.as_str(), "parent_id": s.parent_id.as_ref().map(|p| p.as_str()),
-                              "message": s.message, "size": s.size, "created": s.create_time.to_rfc3339(),
-                              "depth": depth, "current": here }));
         }
+        let list = SnapshotView::tree(&m);
         ok(json!({ "current_snapshot_id": current.as_ref().map(|s| s.as_str()), "tree": tree, "snapshots": list }))
     }
 

@@ -17,8 +17,8 @@ use vessel_core::{SnapshotManifest, VesselId, VesselManifest};
 use vessel_runtime::overlay::OverlayMount;
 use vessel_snapshot::{DiffOptions, LayerKey, write_diff_with};
 
+use super::Layers;
 use crate::error::{Result, VesselError};
-use crate::manager::ManagerState;
 
 /// The cache key of the flat layer of `chain` (root first, non-empty):
 /// bound to every checksum in it.
@@ -33,7 +33,7 @@ const FETCH_AT_ONCE: usize = 4;
 /// How many snapshots one flat layer step covers.
 pub(crate) const FLATTEN_EVERY: usize = 32;
 
-impl ManagerState {
+impl Layers {
     /// The lower layers, bottom first, of a vessel at snapshot `current`
     /// (`None`: the bare image), fetching and flattening as needed; `work`
     /// is a directory for temporary mount points.
@@ -121,52 +121,4 @@ impl ManagerState {
         })
         .await?
     }
-}
-
-/// The stored summary of a verified image: its digests, runtime config and
-/// layers' diff ids (JSON, versioned).
-pub(crate) fn image_index(image: &vessel_snapshot::image::Image) -> Vec<u8> {
-    let c = &image.config;
-    serde_json::to_vec(&serde_json::json!({
-        "version": 1,
-        "configDigest": image.config_digest,
-        "manifestDigest": image.manifest_digest,
-        "config": {"env": c.env, "workingDir": c.working_dir, "entrypoint": c.entrypoint, "cmd": c.cmd, "user": c.user},
-        "diffIds": image.layers.iter().map(|l| l.diff_id.as_str()).collect::<Vec<_>>(),
-    }))
-    .unwrap_or_default()
-}
-
-/// An image from its summary, with each layer's path from `layer`
-/// (`None` for a layer not at hand, which makes the whole `None`).
-pub(crate) fn parse_image_index(
-    data: &[u8],
-    mut layer: impl FnMut(&str) -> Option<std::path::PathBuf>,
-) -> Option<vessel_snapshot::image::Image> {
-    let v: serde_json::Value = serde_json::from_slice(data).ok()?;
-    if v["version"] != 1 {
-        return None;
-    }
-    let strings = |x: &serde_json::Value| -> Option<Vec<String>> {
-        x.as_array()?.iter().map(|s| s.as_str().map(str::to_owned)).collect()
-    };
-    let c = &v["config"];
-    let config = vessel_snapshot::image::ImageConfig {
-        env: strings(&c["env"])?,
-        working_dir: c["workingDir"].as_str().map(str::to_owned),
-        entrypoint: strings(&c["entrypoint"])?,
-        cmd: strings(&c["cmd"])?,
-        user: c["user"].as_str().map(str::to_owned),
-    };
-    let mut layers = Vec::new();
-    for d in strings(&v["diffIds"])? {
-        let path = layer(&d)?;
-        layers.push(vessel_snapshot::image::ImageLayer { diff_id: d, path });
-    }
-    Some(vessel_snapshot::image::Image {
-        config_digest: v["configDigest"].as_str()?.to_owned(),
-        manifest_digest: v["manifestDigest"].as_str().map(str::to_owned),
-        config,
-        layers,
-    })
 }

@@ -15,6 +15,8 @@ use std::path::{Path, PathBuf};
 use oci_spec::image::{Descriptor, ImageConfiguration, ImageIndex, ImageManifest, MediaType};
 use sha2::{Digest, Sha256};
 
+pub mod layout;
+
 use crate::apply::components;
 use crate::codec::decompressed;
 use crate::{LayerCache, LayerKey, SnapshotError};
@@ -78,7 +80,7 @@ pub fn unpack_image(
     } else if files.contains_key("manifest.json") {
         import_docker(&files, cache, holder, reference)
     } else {
-        Err(SnapshotError::Malformed("neither an OCI image layout nor a docker-save archive".into()))
+        Err(SnapshotError::NotAnImageArchive)
     }
 }
 
@@ -86,15 +88,21 @@ pub fn unpack_image(
 fn spool(archive: impl Read, dir: &Path) -> Result<HashMap<String, PathBuf>, SnapshotError> {
     let mut files = HashMap::new();
     let mut tar = tar::Archive::new(decompressed(archive)?);
-    for entry in tar.entries().map_err(|e| SnapshotError::Malformed(e.to_string()))? {
-        let mut entry = entry.map_err(|e| SnapshotError::Malformed(e.to_string()))?;
+    let bad = |source| SnapshotError::Archive { op: "read a member", source };
+    for entry in tar.entries().map_err(bad)? {
+        let mut entry = entry.map_err(bad)?;
         if !entry.header().entry_type().is_file() {
             continue;
         }
         let raw = entry.path_bytes().into_owned();
         let name = components(&raw)?
             .iter()
-            .map(|c| c.to_str().ok_or_else(|| SnapshotError::Malformed("non-UTF-8 member name".into())))
+            .map(|c| {
+                c.to_str().ok_or_else(|| SnapshotError::UnsafeEntry {
+                    entry: String::from_utf8_lossy(&raw).into_owned(),
+                    reason: "a member name that is not UTF-8",
+                })
+            })
             .collect::<Result<Vec<_>, _>>()?
             .join("/");
         let spooled = dir.join(format!("{}", files.len()));
@@ -113,39 +121,25 @@ fn sha256_file(path: &Path) -> Result<(String, u64), SnapshotError> {
 }
 
 fn member<'a>(files: &'a HashMap<String, PathBuf>, name: &str) -> Result<&'a Path, SnapshotError> {
-    files.get(name).map(PathBuf::as_path).ok_or_else(|| SnapshotError::Malformed(format!("archive lacks {name}")))
+    files.get(name).map(PathBuf::as_path).ok_or_else(|| SnapshotError::MissingMember(name.to_owned()))
 }
 
 /// The blob a descriptor names, after checking its digest and size.
 fn blob<'a>(files: &'a HashMap<String, PathBuf>, d: &Descriptor) -> Result<&'a Path, SnapshotError> {
     let digest = d.digest().to_string();
-    let hex = digest
-        .strip_prefix("sha256:")
-        .ok_or_else(|| SnapshotError::Malformed(format!("unsupported digest {digest}")))?;
-    let path = member(files, &format!("blobs/sha256/{hex}"))?;
+    let path = member(files, &layout::member(d)?)?;
     let (actual, size) = sha256_file(path)?;
     if actual != digest {
         return Err(SnapshotError::DigestMismatch { expected: digest, actual });
     }
     if size != d.size() {
-        return Err(SnapshotError::Malformed(format!(
-            "blob {digest} has {size} bytes, its descriptor says {}",
-            d.size()
-        )));
+        return Err(SnapshotError::SizeMismatch { digest, actual: size, declared: d.size() });
     }
     Ok(path)
 }
 
-fn json_err(what: &str) -> impl FnOnce(oci_spec::OciSpecError) -> SnapshotError + '_ {
-    move |e| SnapshotError::Malformed(format!("{what}: {e}"))
-}
-
-fn this_arch() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        other => other,
-    }
+fn json_err(what: &'static str) -> impl FnOnce(oci_spec::OciSpecError) -> SnapshotError {
+    move |source| SnapshotError::ImageDocument { what, source }
 }
 
 /// Picks the descriptor for `reference`, else the first for this platform
@@ -155,10 +149,10 @@ fn pick<'a>(descs: &'a [Descriptor], reference: Option<&str>) -> Result<&'a Desc
         let tag = r.rsplit_once(':').map(|(_, t)| t).filter(|t| !t.contains('/'));
         let named = descs.iter().find(|d| {
             d.annotations().as_ref().is_some_and(|a| {
-                match a.get("io.containerd.image.name") {
+                match a.get(layout::NAME_ANNOTATION) {
                     Some(full) => full == r,
                     // Layouts that name images by tag alone.
-                    None => tag.is_some() && a.get("org.opencontainers.image.ref.name").map(String::as_str) == tag,
+                    None => tag.is_some() && a.get(layout::REF_ANNOTATION).map(String::as_str) == tag,
                 }
             })
         });
@@ -169,14 +163,7 @@ fn pick<'a>(descs: &'a [Descriptor], reference: Option<&str>) -> Result<&'a Desc
             return Err(SnapshotError::ImageNotInArchive { reference: r.to_owned() });
         }
     }
-    descs
-        .iter()
-        .find(|d| {
-            d.platform()
-                .as_ref()
-                .is_none_or(|p| p.os().to_string() == "linux" && p.architecture().to_string() == this_arch())
-        })
-        .ok_or_else(|| SnapshotError::Malformed(format!("no image for linux/{} in the archive", this_arch())))
+    layout::for_this_platform(descs).ok_or_else(|| SnapshotError::NoImage(layout::this_platform()))
 }
 
 fn import_oci(
@@ -200,11 +187,11 @@ fn import_oci(
     let config = ImageConfiguration::from_file(config_path).map_err(json_err("config"))?;
     let diff_ids = config.rootfs().diff_ids();
     if diff_ids.len() != manifest.layers().len() {
-        return Err(SnapshotError::Malformed(format!(
-            "manifest has {} layers, config {} diff ids",
-            manifest.layers().len(),
-            diff_ids.len()
-        )));
+        return Err(SnapshotError::LayerCount {
+            what: "manifest",
+            layers: manifest.layers().len(),
+            diff_ids: diff_ids.len(),
+        });
     }
     let mut layers = Vec::new();
     for (d, diff_id) in manifest.layers().iter().zip(diff_ids) {
@@ -235,8 +222,7 @@ fn import_docker(
     }
     let path = member(files, "manifest.json")?;
     let text = fs::read(path).map_err(SnapshotError::io("read", path))?;
-    let entries: Vec<Entry> =
-        serde_json::from_slice(&text).map_err(|e| SnapshotError::Malformed(format!("manifest.json: {e}")))?;
+    let entries: Vec<Entry> = serde_json::from_slice(&text).map_err(SnapshotError::DockerManifest)?;
     let named =
         reference.and_then(|r| entries.iter().find(|e| e.repo_tags.as_ref().is_some_and(|t| t.iter().any(|t| t == r))));
     if let (None, Some(r)) = (named, reference)
@@ -244,8 +230,7 @@ fn import_docker(
     {
         return Err(SnapshotError::ImageNotInArchive { reference: r.to_owned() });
     }
-    let entry =
-        named.or(entries.first()).ok_or_else(|| SnapshotError::Malformed("manifest.json lists no image".into()))?;
+    let entry = named.or(entries.first()).ok_or_else(|| SnapshotError::NoImage("manifest.json".into()))?;
     let config_path = member(files, &entry.config)?;
     let (config_digest, _) = sha256_file(config_path)?;
     // Classic docker-save names the config after its digest: hold it to that.
@@ -256,11 +241,11 @@ fn import_docker(
     let config = ImageConfiguration::from_file(config_path).map_err(json_err("config"))?;
     let diff_ids = config.rootfs().diff_ids();
     if diff_ids.len() != entry.layers.len() {
-        return Err(SnapshotError::Malformed(format!(
-            "manifest.json has {} layers, config {} diff ids",
-            entry.layers.len(),
-            diff_ids.len()
-        )));
+        return Err(SnapshotError::LayerCount {
+            what: "manifest.json",
+            layers: entry.layers.len(),
+            diff_ids: diff_ids.len(),
+        });
     }
     let mut layers = Vec::new();
     for (name, diff_id) in entry.layers.iter().zip(diff_ids) {

@@ -1,9 +1,9 @@
 //! Images from OCI registries, over the distribution API (`oci-client`).
 //!
 //! A pull resolves the reference (an index or manifest list to the host's
-//! platform), streams the config and every layer to spool files under the
-//! mount root (each verified against its digest as it arrives), writes
-//! them as an OCI image layout archive and imports that like any archive
+//! platform), streams the config and every layer into an OCI image layout
+//! archive spooled under the mount root (each verified against its digest
+//! as it arrives), and imports that like any archive
 //! (layers unpacked and verified into the cache, the archive into storage),
 //! so every host opens vessels from it. Nothing reaches storage before
 //! everything verified; the spool goes whatever happens.
@@ -22,9 +22,10 @@ use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::manifest::OciDescriptor;
 pub use oci_client::secrets::RegistryAuth;
-use sha2::{Digest, Sha256};
+use oci_spec::image::{Descriptor, MediaType};
 use tokio::io::AsyncWrite;
 
+use super::images::{LayoutWriter, platform_manifest, sha256};
 use crate::{Result, VesselError};
 
 impl std::fmt::Display for PullFailure {
@@ -204,19 +205,6 @@ fn pull_error(reference: &str, failure: PullFailure, why: String) -> VesselError
     VesselError::Pull { reference: reference.to_owned(), failure, source: why.into() }
 }
 
-/// The host's platform as OCI names it.
-fn host_arch() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        "arm" => "arm",
-        "powerpc64" => "ppc64le",
-        "s390x" => "s390x",
-        "riscv64" => "riscv64",
-        a => a,
-    }
-}
-
 /// Counts what is written through it.
 struct Counting<W> {
     inner: W,
@@ -255,35 +243,9 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for Counting<W> {
     }
 }
 
-/// A directory removed on drop.
-pub(crate) struct Spool(pub(crate) PathBuf);
-
-impl Drop for Spool {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A blob to fetch: its descriptor and where it goes.
-struct Blob {
-    media_type: String,
-    digest: String,
-    size: u64,
-}
-
-fn descriptor_of(v: &serde_json::Value) -> Option<Blob> {
-    Some(Blob {
-        media_type: v["mediaType"].as_str().unwrap_or_default().to_owned(),
-        digest: v["digest"].as_str()?.to_owned(),
-        size: v["size"].as_u64().unwrap_or(0),
-    })
-}
-
-fn sha256(data: &[u8]) -> String {
-    format!("sha256:{:x}", Sha256::digest(data))
-}
-
-/// Pulls `reference` into `spool` as an OCI layout archive (`image.tar`).
+/// Pulls `reference` into `spool` as an OCI layout archive (`image.tar`):
+/// this platform's manifest, its config and layers, each blob verified
+/// against its digest as it arrives (by `oci-client`), the manifests here.
 pub(crate) async fn pull_to_archive(
     registries: &Registries,
     reference: &str,
@@ -296,119 +258,75 @@ pub(crate) async fn pull_to_archive(
     let auth = registries.auth(&registry)?;
     let client = registries.client(&registry);
     let accepted = [MANIFEST, INDEX, DOCKER_MANIFEST, DOCKER_LIST];
-    let (mut bytes, _) = client.pull_manifest_raw(&r, &auth, &accepted).await.map_err(|e| fail(reference, e))?;
-    let mut doc: serde_json::Value = serde_json::from_slice(&bytes)
-        .map_err(|e| pull_error(reference, PullFailure::Protocol, format!("a manifest that is not JSON: {e}")))?;
-    if doc.get("manifests").is_some() {
-        // An index: the entry for linux on this architecture.
-        let entry = doc["manifests"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|m| m["platform"]["os"] == "linux" && m["platform"]["architecture"] == host_arch())
-            .and_then(descriptor_of)
-            .ok_or_else(|| {
-                pull_error(reference, PullFailure::NotFound, format!("no image for linux/{}", host_arch()))
-            })?;
-        let by_digest = r.clone_with_digest(entry.digest.clone());
-        (bytes, _) = client.pull_manifest_raw(&by_digest, &auth, &accepted).await.map_err(|e| fail(reference, e))?;
-        if sha256(&bytes) != entry.digest {
-            return Err(pull_error(
-                reference,
-                PullFailure::Corrupt,
-                format!("manifest {} does not match its digest", entry.digest),
-            ));
-        }
-        doc = serde_json::from_slice(&bytes)
-            .map_err(|e| pull_error(reference, PullFailure::Protocol, format!("a manifest that is not JSON: {e}")))?;
-    } else if let Some(d) = r.digest()
-        && sha256(&bytes) != d
+    let (bytes, _) = client.pull_manifest_raw(&r, &auth, &accepted).await.map_err(|e| fail(reference, e))?;
+    let first_digest = sha256(&bytes);
+    if let Some(d) = r.digest()
+        && first_digest != d
     {
         return Err(pull_error(reference, PullFailure::Corrupt, format!("manifest {d} does not match its digest")));
     }
+    let untyped = MediaType::Other(String::new());
+    let first = Descriptor::new(
+        untyped,
+        bytes.len() as u64,
+        first_digest.parse::<oci_spec::image::Digest>().map_err(|e| protocol(reference, e))?,
+    );
+    let fetch = |d: Descriptor| {
+        let by_digest = r.clone_with_digest(d.digest().to_string());
+        let (client, auth) = (&client, &auth);
+        async move {
+            let (bytes, _) =
+                client.pull_manifest_raw(&by_digest, auth, &accepted).await.map_err(|e| fail(reference, e))?;
+            Ok(bytes.to_vec())
+        }
+    };
+    let (desc, bytes, manifest) =
+        platform_manifest(first, bytes.to_vec(), fetch).await.map_err(|e| manifest_error(reference, e))?;
     // The archive names the manifest by the hash of the bytes it holds.
-    let manifest_digest = sha256(&bytes);
-    let config = doc
-        .get("config")
-        .and_then(descriptor_of)
-        .ok_or_else(|| pull_error(reference, PullFailure::Protocol, "a manifest without a config".into()))?;
-    let layers: Vec<Blob> = doc["layers"].as_array().into_iter().flatten().filter_map(descriptor_of).collect();
-    let total: u64 = config.size + layers.iter().map(|l| l.size).sum::<u64>();
-    let blobs_dir = spool.join("blobs");
-    tokio::fs::create_dir_all(&blobs_dir).await.map_err(VesselError::io("create", &blobs_dir))?;
+    let manifest_digest = desc.digest().to_string();
+    let total: u64 = manifest.config().size() + manifest.layers().iter().map(Descriptor::size).sum::<u64>();
+    let archive = spool.join("image.tar");
+    let file = tokio::fs::File::create(&archive).await.map_err(VesselError::io("create", &archive))?;
+    let mut out = LayoutWriter::start(tokio::io::BufWriter::new(file), &desc, &bytes, reference).await?;
     let mut done = 0u64;
-    let mut files = Vec::new();
-    for blob in std::iter::once(&config).chain(&layers) {
-        let hex = blob
-            .digest
-            .strip_prefix("sha256:")
-            .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-            .ok_or_else(|| {
-                pull_error(reference, PullFailure::Protocol, format!("unsupported digest {:?}", blob.digest))
-            })?;
-        let path = blobs_dir.join(hex);
-        let file = tokio::fs::File::create(&path).await.map_err(VesselError::io("create", &path))?;
-        let out = Counting { inner: file, done: 0, base: done, total, progress: progress.clone() };
+    for blob in std::iter::once(manifest.config()).chain(manifest.layers()) {
         let desc = OciDescriptor {
-            media_type: blob.media_type.clone(),
-            digest: blob.digest.clone(),
-            size: i64::try_from(blob.size).unwrap_or(i64::MAX),
+            media_type: blob.media_type().to_string(),
+            digest: blob.digest().to_string(),
+            size: i64::try_from(blob.size()).unwrap_or(i64::MAX),
             urls: None,
             annotations: None,
             artifact_type: None,
         };
-        let mut out = out;
-        client.pull_blob(&r, &desc, &mut out).await.map_err(|e| fail(reference, e))?;
-        out.inner.sync_all().await.map_err(VesselError::io("sync", &path))?;
-        done += out.done;
-        files.push((hex.to_owned(), path));
+        out.begin(blob).await?;
+        let mut counted = Counting { inner: &mut out.out, done: 0, base: done, total, progress: progress.clone() };
+        client.pull_blob(&r, &desc, &mut counted).await.map_err(|e| fail(reference, e))?;
+        if counted.done != blob.size() {
+            let why = format!("blob {} has {} bytes, its descriptor says {}", blob.digest(), counted.done, blob.size());
+            return Err(pull_error(reference, PullFailure::Corrupt, why));
+        }
+        done += counted.done;
+        out.end(blob).await?;
     }
-    let archive = spool.join("image.tar");
-    let (arch_path, manifest, reference_owned) = (archive.clone(), bytes.to_vec(), reference.to_owned());
-    let mdigest = manifest_digest.clone();
-    let tag = r.tag().unwrap_or("latest").to_owned();
-    crate::task::blocking(move || write_layout(&arch_path, &manifest, &mdigest, &reference_owned, &tag, &files))
-        .await??;
-    Ok((archive, PulledImage { reference: reference.to_owned(), manifest_digest, bytes: done, layers: layers.len() }))
+    let file = out.finish().await?.into_inner();
+    file.sync_all().await.map_err(VesselError::io("sync", &archive))?;
+    let layers = manifest.layers().len();
+    Ok((archive, PulledImage { reference: reference.to_owned(), manifest_digest, bytes: done, layers }))
 }
 
-/// An OCI image layout archive of one image: its manifest and blobs.
-fn write_layout(
-    path: &Path,
-    manifest: &[u8],
-    manifest_digest: &str,
-    reference: &str,
-    tag: &str,
-    blobs: &[(String, PathBuf)],
-) -> Result<()> {
-    let file = std::fs::File::create(path).map_err(VesselError::io("create", path))?;
-    let mut b = tar::Builder::new(std::io::BufWriter::new(file));
-    let add = |b: &mut tar::Builder<_>, name: &str, data: &[u8]| -> std::io::Result<()> {
-        let mut h = tar::Header::new_ustar();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        b.append_data(&mut h, name, data)
+fn protocol(reference: &str, e: impl std::fmt::Display) -> VesselError {
+    pull_error(reference, PullFailure::Protocol, e.to_string())
+}
+
+/// A registry's manifest or index that leads to no manifest for this
+/// platform, as a pull failure.
+fn manifest_error(reference: &str, e: VesselError) -> VesselError {
+    use vessel_snapshot::SnapshotError as S;
+    let failure = match &e {
+        VesselError::Pull { .. } => return e,
+        VesselError::Snapshot(S::NoImage(_)) => PullFailure::NotFound,
+        VesselError::Snapshot(S::DigestMismatch { .. }) => PullFailure::Corrupt,
+        _ => PullFailure::Protocol,
     };
-    let index = serde_json::json!({
-        "schemaVersion": 2,
-        "manifests": [{
-            "mediaType": MANIFEST,
-            "digest": manifest_digest,
-            "size": manifest.len(),
-            "annotations": {"io.containerd.image.name": reference, "org.opencontainers.image.ref.name": tag},
-        }],
-    });
-    let io = VesselError::io("write", path);
-    let written = (|| -> std::io::Result<()> {
-        add(&mut b, "oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
-        add(&mut b, "index.json", index.to_string().as_bytes())?;
-        let hex = manifest_digest.trim_start_matches("sha256:");
-        add(&mut b, &format!("blobs/sha256/{hex}"), manifest)?;
-        for (hex, p) in blobs {
-            b.append_path_with_name(p, format!("blobs/sha256/{hex}"))?;
-        }
-        let f = b.into_inner()?.into_inner().map_err(|e| e.into_error())?;
-        f.sync_all()
-    })();
-    written.map_err(io)
+    VesselError::Pull { reference: reference.to_owned(), failure, source: Box::new(e) }
 }

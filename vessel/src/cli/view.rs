@@ -1,0 +1,140 @@
+//! One JSON view of a vessel, a snapshot and an exec result, shared by the
+//! CLI's `--json` output and the MCP server's tool results, so a script
+//! and an agent read the same field names (snake_case, as MCP tools and
+//! most agent APIs use).
+
+use serde::Serialize;
+use vessel::{ExecResult, Holder, SnapshotManifest, VesselManifest};
+
+/// A vessel as listed.
+#[derive(Debug, Serialize)]
+pub(crate) struct VesselView<'a> {
+    pub(crate) vessel_id: &'a str,
+    pub(crate) name: Option<&'a str>,
+    pub(crate) image: &'a str,
+    pub(crate) work_dir: &'a str,
+    pub(crate) current_snapshot_id: Option<&'a str>,
+    /// How many snapshots it has.
+    pub(crate) snapshots: usize,
+    pub(crate) created: String,
+    pub(crate) updated: String,
+    /// Who holds it open (`None`: nobody; the CLI asks storage).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) holder: Option<Option<HolderView<'a>>>,
+    /// Whether this MCP server has it open.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) open_here: Option<bool>,
+}
+
+/// The host holding a vessel open.
+#[derive(Debug, Serialize)]
+pub(crate) struct HolderView<'a> {
+    pub(crate) host: &'a str,
+    pub(crate) name: &'a str,
+    pub(crate) expires_at: Option<String>,
+}
+
+impl<'a> VesselView<'a> {
+    pub(crate) fn of(m: &'a VesselManifest) -> Self {
+        Self {
+            vessel_id: m.id.as_str(),
+            name: m.labels.get(vessel::NAME_LABEL).map(String::as_str),
+            image: m.base_image_ref.as_str(),
+            work_dir: &m.work_dir,
+            current_snapshot_id: m.current_snapshot_id.as_ref().map(|s| s.as_str()),
+            snapshots: m.snapshots.len(),
+            created: m.create_time.to_rfc3339(),
+            updated: m.update_time.to_rfc3339(),
+            holder: None,
+            open_here: None,
+        }
+    }
+
+    /// With its holder, as storage says (`None`: nobody has it open).
+    pub(crate) fn held_by(mut self, h: Option<&'a Holder>) -> Self {
+        self.holder = Some(h.map(|h| HolderView {
+            host: h.host.as_str(),
+            name: &h.name,
+            expires_at: h.expires_at.map(|t| t.to_rfc3339()),
+        }));
+        self
+    }
+}
+
+/// A snapshot.
+#[derive(Debug, Serialize)]
+pub(crate) struct SnapshotView<'a> {
+    pub(crate) snapshot_id: &'a str,
+    pub(crate) parent_id: Option<&'a str>,
+    pub(crate) message: &'a str,
+    /// Bytes of its stored layer.
+    pub(crate) size: i64,
+    pub(crate) checksum: &'a str,
+    pub(crate) created: String,
+    /// Its depth in the tree, when listed as one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) depth: Option<usize>,
+    /// Whether it is the vessel's current snapshot, when listed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) current: Option<bool>,
+}
+
+impl<'a> SnapshotView<'a> {
+    pub(crate) fn of(s: &'a SnapshotManifest) -> Self {
+        Self {
+            snapshot_id: s.id.as_str(),
+            parent_id: s.parent_id.as_ref().map(|p| p.as_str()),
+            message: &s.message,
+            size: s.size,
+            checksum: &s.checksum,
+            created: s.create_time.to_rfc3339(),
+            depth: None,
+            current: None,
+        }
+    }
+
+    /// A vessel's snapshots as a tree, root first, with depth and current.
+    pub(crate) fn tree(m: &'a VesselManifest) -> Vec<Self> {
+        m.tree()
+            .into_iter()
+            .map(|(depth, s)| Self {
+                depth: Some(depth),
+                current: Some(m.current_snapshot_id.as_ref() == Some(&s.id)),
+                ..Self::of(s)
+            })
+            .collect()
+    }
+}
+
+/// How a command ended, and (MCP) its output.
+#[derive(Debug, Serialize)]
+pub(crate) struct ExecView {
+    pub(crate) exit_code: i32,
+    pub(crate) timed_out: bool,
+    pub(crate) oom_killed: bool,
+    pub(crate) duration_ms: u64,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub(crate) output: Option<OutputView>,
+}
+
+/// A command's captured output, capped.
+#[derive(Debug, Serialize)]
+pub(crate) struct OutputView {
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
+    pub(crate) stdout_bytes: u64,
+    pub(crate) stderr_bytes: u64,
+    pub(crate) truncated: bool,
+}
+
+impl ExecView {
+    pub(crate) fn of(r: &ExecResult, duration: std::time::Duration) -> Self {
+        Self {
+            exit_code: r.exit_code,
+            timed_out: r.timed_out,
+            oom_killed: r.oom_killed,
+            duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
+            output: None,
+        }
+    }
+}
