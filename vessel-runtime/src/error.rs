@@ -46,6 +46,12 @@ pub enum RuntimeError {
         /// How the cleanup runner ended.
         status: std::process::ExitStatus,
     },
+    /// A live sandbox could not start (its agent did not answer as it must).
+    #[error("the vessel's sandbox did not start: {0}")]
+    SandboxStart(String),
+    /// The live sandbox ended (closed, or its container died) under a call.
+    #[error("the vessel's sandbox ended")]
+    SandboxEnded,
     /// A task's exit status is not a process's (out of `i32`).
     #[error("exit status {0} out of range")]
     ExitStatus(u32),
@@ -172,7 +178,10 @@ impl RuntimeError {
             Self::Unavailable { .. } => RuntimeErrorKind::Unavailable,
             Self::InvalidRequest(_) => RuntimeErrorKind::InvalidRequest,
             Self::Io { .. } => RuntimeErrorKind::Io,
-            Self::Runner(_) | Self::RunnerDied(_) | Self::Exec { .. } => RuntimeErrorKind::Start,
+            Self::Runner(_) | Self::RunnerDied(_) | Self::Exec { .. } | Self::SandboxStart(_) => {
+                RuntimeErrorKind::Start
+            }
+            Self::SandboxEnded => RuntimeErrorKind::Io,
             Self::Cleanup { .. } | Self::ExitStatus(_) | Self::BlobSize { .. } => RuntimeErrorKind::Io,
             Self::ImageRecord { .. } => RuntimeErrorKind::Io,
             Self::Call { .. } | Self::Json(_) => RuntimeErrorKind::Io,

@@ -54,6 +54,7 @@ pub mod overlay;
 // Entering rootless mode: a fork while the process has one thread.
 #[allow(unsafe_code)]
 pub mod rootless;
+pub mod sandbox;
 // Project quotas: quotactl_fd and the fsxattr ioctls, which no crate wraps.
 #[allow(unsafe_code)]
 pub mod quota;
@@ -175,6 +176,54 @@ pub struct RunRequest<'a> {
     pub stdout: Option<Box<dyn AsyncWrite + Send + Unpin + 'a>>,
     /// Standard error; discarded when `None`.
     pub stderr: Option<Box<dyn AsyncWrite + Send + Unpin + 'a>>,
+    /// Told what the run is once its container exists (a live sandbox
+    /// reads its OOM kills while it runs).
+    pub on_start: Option<tokio::sync::oneshot::Sender<RunInfo>>,
+}
+
+/// What a run is, for who watches it while it runs.
+#[derive(Debug, Clone)]
+pub struct RunInfo {
+    /// The backend's container id.
+    pub id: String,
+    oom: OomCounter,
+}
+
+/// Where a run's OOM kills are counted.
+#[derive(Debug, Clone)]
+#[cfg_attr(not(any(feature = "youki", feature = "containerd")), allow(dead_code))]
+enum OomCounter {
+    /// A cgroup path under each hierarchy (`/vessel/<id>`).
+    Cgroup(String),
+    /// The `memory.oom_control` file of a rootless run's delegated cgroup.
+    File(PathBuf),
+}
+
+impl RunInfo {
+    #[cfg_attr(not(any(feature = "youki", feature = "containerd")), allow(dead_code))]
+    pub(crate) fn cgroup(id: &str, cgroups_path: String) -> Self {
+        Self { id: id.to_owned(), oom: OomCounter::Cgroup(cgroups_path) }
+    }
+
+    #[cfg_attr(not(any(feature = "youki", feature = "containerd")), allow(dead_code))]
+    pub(crate) fn oom_file(id: &str, file: PathBuf) -> Self {
+        Self { id: id.to_owned(), oom: OomCounter::File(file) }
+    }
+
+    /// How many processes the OOM killer has killed in the run so far.
+    pub fn oom_kills(&self) -> u64 {
+        match &self.oom {
+            #[cfg(any(feature = "youki", feature = "containerd"))]
+            OomCounter::Cgroup(path) => oom_kills(path),
+            #[cfg(not(any(feature = "youki", feature = "containerd")))]
+            OomCounter::Cgroup(_) => 0,
+            OomCounter::File(f) => std::fs::read_to_string(f)
+                .unwrap_or_default()
+                .lines()
+                .find_map(|l| l.strip_prefix("oom_kill ")?.trim().parse().ok())
+                .unwrap_or(0),
+        }
+    }
 }
 
 impl fmt::Debug for RunRequest<'_> {

@@ -34,7 +34,7 @@ use std::fs::{self, File, Metadata};
 use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 use tar::{EntryType, Header};
@@ -106,10 +106,32 @@ pub fn write_diff<W: Write>(upper: &Path, out: W) -> Result<(W, DiffStats), Snap
 
 /// [`write_diff`] with options.
 pub fn write_diff_with<W: Write>(upper: &Path, out: W, opts: DiffOptions) -> Result<(W, DiffStats), SnapshotError> {
+    write_diff_gone(upper, out, opts, &[])
+}
+
+/// [`write_diff_with`], then a whiteout for each path of `gone` (relative,
+/// from [`vanished`]): the diff of an upper dir that earlier snapshots of
+/// the same mount already sealed without emptying it (a live sandbox's),
+/// which must also delete what those snapshots added and is gone since.
+pub fn write_diff_gone<W: Write>(
+    upper: &Path,
+    out: W,
+    opts: DiffOptions,
+    gone: &[Vec<u8>],
+) -> Result<(W, DiffStats), SnapshotError> {
     // Headers are 512-byte writes: batch them before they reach a compressor.
     let out = DigestWriter::new(BufWriter::with_capacity(1 << 20, out));
     let mut walker = Walker { out, links: HashMap::new(), entries: 0, buf: vec![0; 256 * 1024], opts };
     walker.walk_dir(upper, &[])?;
+    // Each one's parent is in the upper dir (overlay copied it up when
+    // the path was made), so it is in the archive already.
+    for path in gone {
+        let (parent, name) = match path.iter().rposition(|b| *b == b'/') {
+            Some(i) => (&path[..i], &path[i + 1..]),
+            None => (&path[..0], &path[..]),
+        };
+        walker.whiteout(parent, name)?;
+    }
     // End of archive: two zero blocks.
     walker.out.write_all(&[0; 1024]).map_err(out_err)?;
     let Walker { out, entries, .. } = walker;
@@ -148,6 +170,48 @@ struct Walker<W: Write> {
     entries: u64,
     buf: Vec<u8>,
     opts: DiffOptions,
+}
+
+/// The topmost paths that `layers` (overlay-form layers sealed from
+/// `upper` earlier in its life, each a snapshot of it then) hold and `upper`
+/// no longer does: made since the mount's lowers and deleted since. Their
+/// whiteouts make a diff of `upper` correct over the last of those layers.
+pub fn vanished(upper: &Path, layers: &[PathBuf]) -> Result<Vec<Vec<u8>>, SnapshotError> {
+    let mut gone = std::collections::BTreeSet::new();
+    for layer in layers {
+        vanished_in(layer, upper, &[], &mut gone)?;
+    }
+    Ok(gone.into_iter().collect())
+}
+
+fn vanished_in(
+    layer: &Path,
+    upper: &Path,
+    rel: &[u8],
+    gone: &mut std::collections::BTreeSet<Vec<u8>>,
+) -> Result<(), SnapshotError> {
+    for name in sorted_entries(layer)? {
+        let (lpath, upath) = (layer.join(&name), upper.join(&name));
+        let child = join(rel, name.as_bytes());
+        let lmeta = fs::symlink_metadata(&lpath).map_err(SnapshotError::io("stat", &lpath))?;
+        let umeta = match fs::symlink_metadata(&upath) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let (_, marks) = xattrs(&lpath)?;
+                let whiteout = (lmeta.file_type().is_char_device() && lmeta.rdev() == 0)
+                    || (marks.whiteout && lmeta.is_file() && lmeta.len() == 0);
+                if !whiteout {
+                    gone.insert(child);
+                }
+                continue;
+            }
+            Err(e) => return Err(SnapshotError::io("stat", &upath)(e)),
+        };
+        if lmeta.is_dir() && umeta.is_dir() && !xattrs(&upath)?.1.opaque {
+            vanished_in(&lpath, &upath, &child, gone)?;
+        }
+    }
+    Ok(())
 }
 
 fn sorted_entries(dir: &Path) -> Result<Vec<OsString>, SnapshotError> {

@@ -48,5 +48,5 @@ pub(crate) fn opaque_xattr() -> &'static str {
 
 pub use apply::{ApplyMode, ApplyOptions, apply_layer};
 pub use cache::{LayerCache, LayerKey};
-pub use diff::{DiffOptions, DiffStats, write_diff, write_diff_with};
+pub use diff::{DiffOptions, DiffStats, vanished, write_diff, write_diff_gone, write_diff_with};
 pub use error::{SnapshotError, SnapshotErrorKind};

@@ -61,6 +61,10 @@ pub enum VesselError {
     /// No vessel has this name.
     #[error("no vessel is named {0:?}")]
     NameNotFound(String),
+    /// The vessel has no background process with this id (or it ended
+    /// long enough ago that its status was dropped).
+    #[error("no process {0} in this vessel")]
+    ProcessNotFound(u64),
     /// Another vessel has this name (names are unique per storage).
     #[error("the name {name:?} is already in use by vessel {vessel}")]
     NameInUse {
@@ -268,6 +272,7 @@ impl VesselError {
             Self::Io { .. } | Self::File { .. } => K::Io,
             Self::VesselNotFound(_)
             | Self::NameNotFound(_)
+            | Self::ProcessNotFound(_)
             | Self::SnapshotNotFound { .. }
             | Self::ImageNotFound(_) => K::NotFound,
             Self::NameInUse { .. } => K::Conflict,

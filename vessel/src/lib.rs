@@ -62,6 +62,7 @@ pub use quota::{
 };
 pub use registry::{PullFailure, PullProgress, PulledImage, RegistryAuth};
 pub use vessel::Vessel;
+pub use vessel::process::{OUTPUT_RING, Output, OutputStream, ProcessHandle, ProcessInfo, ProcessStatus, StopReason};
 
 /// Must be the first call in `main` of a program that uses vessel, before
 /// any thread starts: in rootless mode it moves the process into its user

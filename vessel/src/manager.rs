@@ -61,6 +61,8 @@ pub(crate) struct ManagerState {
     pub(crate) disk_quota: Option<u64>,
     /// This host's lease in storage: one heartbeat, a claim per open vessel.
     pub(crate) lease: HostLease,
+    /// The sandbox agent, installed under `runtime/` on first use.
+    pub(crate) agent: std::sync::OnceLock<PathBuf>,
 }
 
 impl std::fmt::Debug for ManagerState {
@@ -76,6 +78,15 @@ pub struct Manager {
 }
 
 impl ManagerState {
+    /// The sandbox agent's path on this host (installed once).
+    pub(crate) fn agent(&self) -> Result<PathBuf> {
+        if let Some(p) = self.agent.get() {
+            return Ok(p.clone());
+        }
+        let p = vessel_runtime::sandbox::install_agent(&self.root.join("runtime"))?;
+        Ok(self.agent.get_or_init(|| p).clone())
+    }
+
     pub(crate) fn vessel_dir(&self, id: &VesselId) -> PathBuf {
         self.root.join("vessels").join(id.as_str())
     }
@@ -221,6 +232,7 @@ impl Manager {
             limits: config.limits,
             disk_quota,
             lease,
+            agent: std::sync::OnceLock::new(),
         };
         let mgr = Self { state: Arc::new(state) };
         let containers = mgr.state.runtime.remove_leftovers().await?;

@@ -213,7 +213,7 @@ async fn http_calls(url: &str, token: &str) -> Result<()> {
     );
     let client = ().serve(transport).await.context("MCP initialize over HTTP")?;
     let tools = client.list_all_tools().await?;
-    ensure!(tools.len() >= 14, "{} tools", tools.len());
+    ensure!(tools.len() >= 19, "{} tools", tools.len());
     let call = |name: &'static str, a: Value| {
         let client = &client;
         async move {
@@ -307,6 +307,41 @@ async fn http_calls(url: &str, token: &str) -> Result<()> {
     }
     let r = good("exec", json!({"vessel_id": v, "shell": "echo alive"})).await?;
     ensure!(r["stdout"] == "alive\n", "after the cancel: {r}");
+
+    // Background processes: started, read by offset (waiting for output),
+    // fed, waited for, signalled; what a server-side process says of its end.
+    let started =
+        good("exec", json!({"vessel_id": w, "shell": "echo ready; read x; echo got $x; exit 4", "background": true}))
+            .await?;
+    let pid = started["process_id"].as_u64().context("process_id")?;
+    ensure!(started["status"] == "running", "{started}");
+    let out = good("read_process_output", json!({"vessel_id": w, "process_id": pid, "wait_seconds": 10})).await?;
+    ensure!(out["data"] == "ready\n" && out["next_offset"] == 6 && out["dropped"] == 0, "{out}");
+    good("write_process_stdin", json!({"vessel_id": w, "process_id": pid, "data": "hi\n", "close": true})).await?;
+    let end = good("wait_process", json!({"vessel_id": w, "process_id": pid, "timeout_seconds": 10})).await?;
+    ensure!(end["status"] == "exited" && end["exit_code"] == 4, "{end}");
+    let out = good("read_process_output", json!({"vessel_id": w, "process_id": pid, "offset": 6})).await?;
+    ensure!(out["data"] == "got hi\n", "{out}");
+    let sleeper =
+        good("exec", json!({"vessel_id": w, "command": ["sleep", "1000"], "background": true})).await?["process_id"]
+            .as_u64()
+            .context("process_id")?;
+    let listed = good("list_processes", json!({"vessel_id": w})).await?;
+    ensure!(listed["processes"].as_array().is_some_and(|a| a.len() == 2), "{listed}");
+    good("kill_process", json!({"vessel_id": w, "process_id": sleeper})).await?;
+    let end = good("wait_process", json!({"vessel_id": w, "process_id": sleeper, "timeout_seconds": 10})).await?;
+    ensure!(end["status"] == "signalled" && end["signal"] == 15 && end["exit_code"] == 143, "{end}");
+    for (name, a, want) in [
+        ("read_process_output", json!({"vessel_id": w, "process_id": 999}), "NotFound"),
+        ("read_process_output", json!({"vessel_id": w, "process_id": pid, "stream": "stdnothing"}), "InvalidInput"),
+        ("kill_process", json!({"vessel_id": w, "process_id": pid, "signal": "NOPE"}), "InvalidInput"),
+        ("kill_process", json!({"vessel_id": w, "process_id": sleeper, "signal": "0"}), "InvalidInput"),
+        ("wait_process", json!({"vessel_id": w, "process_id": pid, "timeout_seconds": -1}), "InvalidInput"),
+        ("exec", json!({"vessel_id": w, "command": ["true"], "background": true, "persist": false}), "InvalidInput"),
+    ] {
+        let r = call(name, a.clone()).await?;
+        ensure!(r.is_error == Some(true) && text(&r).starts_with(want), "{name} {a}: {}", text(&r));
+    }
 
     good("delete_vessel", json!({"vessel_id": w})).await?;
     let listed = good("list_vessels", json!({})).await?;

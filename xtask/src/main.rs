@@ -54,6 +54,8 @@ const DEMO_PACKAGES: &[&str] = &[
 const PACKAGES: &[&str] = &[
     "containerd",
     "runc",
+    // The live bench's `crun exec` baseline.
+    "crun",
     "protobuf-compiler",
     "fuse-overlayfs",
     "zstd",

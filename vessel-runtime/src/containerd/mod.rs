@@ -269,7 +269,10 @@ impl ContainerdRuntime {
             .await
             .map_err(|s| start_error(&req.args[0], s))?;
 
-        let RunRequest { stdin, stdout, stderr, .. } = req;
+        let RunRequest { stdin, stdout, stderr, on_start, .. } = req;
+        if let Some(tell) = on_start {
+            let _ = tell.send(crate::RunInfo::cgroup(id, format!("/vessel/{id}")));
+        }
         let feed = async {
             let (Some(mut src), Some(path)) = (stdin, &stdin_path) else { return None };
             // The shim opened the read end when it created the task.

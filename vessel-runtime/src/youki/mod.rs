@@ -378,7 +378,17 @@ impl Runtime for YoukiRuntime {
         drop((life_r, status_w));
 
         let command = req.args[0].clone();
-        let RunRequest { stdin, stdout, stderr, .. } = req;
+        let RunRequest { stdin, stdout, stderr, on_start, .. } = req;
+        if let Some(tell) = on_start {
+            let info = match (&parent, crate::rootless::v1_mount("memory")) {
+                (Some(p), Some(m)) => crate::RunInfo::oom_file(
+                    &id,
+                    m.join(p).join(crate::rootless::RUNS_CGROUP).join(&id).join("memory.oom_control"),
+                ),
+                _ => crate::RunInfo::cgroup(&id, format!("/vessel/{id}")),
+            };
+            let _ = tell.send(info);
+        }
         let child_in = child.stdin.take();
         let child_out = child.stdout.take();
         let child_err = child.stderr.take();

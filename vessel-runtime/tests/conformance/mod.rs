@@ -162,6 +162,7 @@ impl<R: Runtime> Suite<R> {
             stdin,
             stdout: Some(Box::new(&mut out)),
             stderr: Some(Box::new(&mut err)),
+            on_start: None,
         };
         let code = self.runtime.run(req).await.map_err(|e| format!("run failed: {e}"))?;
         Ok((code, String::from_utf8_lossy(&out).into_owned(), String::from_utf8_lossy(&err).into_owned()))

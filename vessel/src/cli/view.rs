@@ -1,10 +1,11 @@
-//! One JSON view of a vessel, a snapshot and an exec result, shared by the
+//! One JSON view of a vessel, a snapshot, an exec result and a background
+//! process, shared by the
 //! CLI's `--json` output and the MCP server's tool results, so a script
 //! and an agent read the same field names (snake_case, as MCP tools and
 //! most agent APIs use).
 
 use serde::Serialize;
-use vessel::{ExecResult, Holder, SnapshotManifest, VesselManifest};
+use vessel::{ExecResult, Holder, ProcessInfo, ProcessStatus, SnapshotManifest, StopReason, VesselManifest};
 
 /// A vessel as listed.
 #[derive(Debug, Serialize)]
@@ -135,6 +136,57 @@ impl ExecView {
             oom_killed: r.oom_killed,
             duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
             output: None,
+        }
+    }
+}
+
+/// A background process.
+#[derive(Debug, Serialize)]
+pub(crate) struct ProcessView {
+    pub(crate) process_id: u64,
+    pub(crate) command: Vec<String>,
+    pub(crate) pid: u32,
+    /// `running`, `exited`, `signalled`, `oom_killed`, `timed_out`, `stopped`.
+    pub(crate) status: &'static str,
+    pub(crate) exit_code: Option<i32>,
+    pub(crate) signal: Option<i32>,
+    /// Why the vessel stopped it: `vessel_closed`, `restored`, `sandbox_lost`.
+    pub(crate) stopped_by: Option<&'static str>,
+    pub(crate) started: String,
+    pub(crate) stdout_bytes: u64,
+    pub(crate) stderr_bytes: u64,
+}
+
+impl ProcessView {
+    pub(crate) fn of(p: &ProcessInfo) -> Self {
+        let (status, signal, stopped_by) = match p.status {
+            ProcessStatus::Running => ("running", None, None),
+            ProcessStatus::Exited { .. } => ("exited", None, None),
+            ProcessStatus::Signalled { signal } => ("signalled", Some(signal), None),
+            ProcessStatus::OomKilled => ("oom_killed", Some(9), None),
+            ProcessStatus::TimedOut => ("timed_out", Some(9), None),
+            ProcessStatus::Stopped { reason } => (
+                "stopped",
+                Some(9),
+                Some(match reason {
+                    StopReason::VesselClosed => "vessel_closed",
+                    StopReason::Restored => "restored",
+                    _ => "sandbox_lost",
+                }),
+            ),
+            _ => ("unknown", None, None),
+        };
+        Self {
+            process_id: p.id,
+            command: p.command.clone(),
+            pid: p.pid,
+            status,
+            exit_code: p.status.exit_code(),
+            signal,
+            stopped_by,
+            started: chrono::DateTime::<chrono::Utc>::from(p.started).to_rfc3339(),
+            stdout_bytes: p.output_bytes.0,
+            stderr_bytes: p.output_bytes.1,
         }
     }
 }

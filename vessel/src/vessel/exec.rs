@@ -12,7 +12,7 @@ use super::{Vessel, bounded_dir};
 use crate::error::{Result, VesselError};
 
 /// Merges `KEY=VALUE` lists; later entries win.
-fn merge_env(base: &[String], over: &[String]) -> Vec<String> {
+pub(super) fn merge_env(base: &[String], over: &[String]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     for kv in base.iter().chain(over) {
         let key = kv.split('=').next().unwrap_or_default();
@@ -56,6 +56,12 @@ impl Vessel {
         let state = inner.state.read().await;
         if state.closed {
             return Err(VesselError::Closed(inner.id.clone()));
+        }
+        if opts.persist_result && opts.limits == vessel_core::Limits::default() {
+            // The common case: the command joins the vessel's live sandbox.
+            let result = self.exec_live(opts).await;
+            drop(state);
+            return result;
         }
         let cwd = match &opts.work_dir {
             Some(w) => self.path(w)?,

@@ -7,6 +7,8 @@
 
 mod exec;
 mod files;
+mod live;
+pub(crate) mod process;
 mod snapshot;
 
 use std::fs;
@@ -37,6 +39,10 @@ struct MountState {
     lowers: Vec<PathBuf>,
     mount: Option<OverlayMount>,
     closed: bool,
+    /// Layers sealed from the current upper dir while the sandbox ran on
+    /// it (snapshots that could not empty it): the next diff deletes what
+    /// they hold and the upper dir no longer does (see `vessel_snapshot::vanished`).
+    sealed: Vec<PathBuf>,
 }
 
 #[derive(Debug)]
@@ -63,6 +69,12 @@ pub(crate) struct OpenVessel {
     /// The version of the manifest this host last read or wrote (`None`:
     /// not yet stored): every commit writes over it, or fails.
     version: Mutex<Option<vessel_storage::Version>>,
+    /// The live sandbox, once a command needed it (see `live`).
+    live: tokio::sync::Mutex<Option<vessel_runtime::sandbox::Sandbox>>,
+    /// Its background processes.
+    processes: Mutex<process::ProcessTable>,
+    /// Whether [`Vessel::pause`] froze the sandbox.
+    paused: std::sync::atomic::AtomicBool,
 }
 
 /// The vessel lock, then the lock on its host id range: held while open.
@@ -153,7 +165,7 @@ impl OpenVessel {
             gate: Arc::new(gate),
             manager,
             dir,
-            state: RwLock::new(MountState { lowers, mount: Some(mount), closed: false }),
+            state: RwLock::new(MountState { lowers, mount: Some(mount), closed: false, sealed: Vec::new() }),
             manifest: Mutex::new(manifest),
             image_config: image.config.clone(),
             user,
@@ -164,6 +176,9 @@ impl OpenVessel {
             lock: Mutex::new(Some((lock, ids_lock))),
             claim,
             version: Mutex::new(version),
+            live: tokio::sync::Mutex::new(None),
+            processes: Mutex::new(Default::default()),
+            paused: Default::default(),
         };
         Ok(Arc::new(inner))
     }
@@ -204,6 +219,11 @@ impl OpenVessel {
         let mut state = self.state.write().await;
         if state.closed {
             return Ok(());
+        }
+        // Its processes first: nothing runs on a vessel being unmounted.
+        let stopped = self.stop_sandbox(process::StopReason::VesselClosed).await;
+        if stopped > 0 {
+            tracing::info!(vessel = %self.id, stopped, "closing the vessel stopped its background processes");
         }
         self.freeze().await;
         state.closed = true;

@@ -5,7 +5,8 @@
 //! files (and path security), exec, snapshots (chains, branches, refusals,
 //! a crash in the middle of one), hosts (reopen elsewhere, locking, names,
 //! modes, bad input), limits and quotas, images (archives, containerd's
-//! store, registries). After all cases, nothing is left mounted, no
+//! store, registries), live vessels (background processes, snapshots
+//! while they run). After all cases, nothing is left mounted, no
 //! cgroup, no container.
 
 #[path = "../common/mod.rs"]
@@ -15,6 +16,7 @@ mod files;
 mod hosts;
 mod images;
 mod limits;
+mod live;
 mod snapshots;
 
 use std::collections::BTreeMap;
@@ -32,6 +34,7 @@ use hosts::*;
 use images::*;
 use libtest_mimic::Arguments;
 use limits::*;
+use live::*;
 use snapshots::*;
 use tokio::io::AsyncReadExt;
 use vessel::{Backend, ExecOptions, Limits, Manager, OpenFlags, SnapshotId, VesselErrorKind, VesselOptions};
@@ -82,6 +85,12 @@ fn main() {
         images_pull_from_a_registry,
         registry_failures_are_typed_and_store_nothing,
         create_from_a_cached_image_reads_no_archive,
+        a_server_outlives_its_exec,
+        background_output_by_offset,
+        process_ends_say_why,
+        snapshots_of_a_busy_vessel_are_consistent,
+        code_inside_cannot_take_the_sandbox_down,
+        pause_and_resume,
     ];
     let rule = support::suite::Rootless {
         rootful_only: &[

@@ -58,6 +58,10 @@ pub(super) struct ExecArgs {
     /// Keep the command's file changes (default true). With false it runs on a throwaway copy.
     #[serde(default = "yes")]
     pub(super) persist: bool,
+    /// Start it in the background and return its process_id at once (a server, a watcher):
+    /// read its output with read_process_output. No timeout unless timeout_seconds is given.
+    #[serde(default)]
+    pub(super) background: bool,
 }
 
 fn yes() -> bool {
@@ -151,4 +155,54 @@ pub(super) struct SnapshotArgs {
 
 pub(super) fn size_arg(name: &str, v: &Option<String>) -> std::result::Result<Option<u64>, CallToolResult> {
     v.as_deref().map(|s| crate::parse_size(s).map_err(|e| invalid(format!("{name}: {e}")))).transpose()
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub(super) struct ReadOutputArgs {
+    /// The vessel's id.
+    pub(super) vessel_id: String,
+    /// The process, as `exec` with `background: true` or `list_processes` gave it.
+    pub(super) process_id: u64,
+    /// `stdout` (default) or `stderr`.
+    pub(super) stream: Option<String>,
+    /// Where to read from (default 0; pass the last `next_offset` to continue).
+    pub(super) offset: Option<u64>,
+    /// Bytes to return at most (default and most: the server's output cap).
+    pub(super) max_bytes: Option<u64>,
+    /// Wait up to this many seconds for output past `offset` while the process runs (default 0).
+    pub(super) wait_seconds: Option<f64>,
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub(super) struct WriteStdinArgs {
+    /// The vessel's id.
+    pub(super) vessel_id: String,
+    /// The process.
+    pub(super) process_id: u64,
+    /// Text to write.
+    #[serde(default)]
+    pub(super) data: String,
+    /// Close its stdin after the text (end-of-file).
+    #[serde(default)]
+    pub(super) close: bool,
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub(super) struct KillProcessArgs {
+    /// The vessel's id.
+    pub(super) vessel_id: String,
+    /// The process.
+    pub(super) process_id: u64,
+    /// `TERM` (default), `KILL`, `INT`, `HUP`, `QUIT`, `USR1`, `USR2` or a number.
+    pub(super) signal: Option<String>,
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub(super) struct WaitProcessArgs {
+    /// The vessel's id.
+    pub(super) vessel_id: String,
+    /// The process.
+    pub(super) process_id: u64,
+    /// Wait at most this many seconds (default 30).
+    pub(super) timeout_seconds: Option<f64>,
 }

@@ -11,10 +11,13 @@
 
 //!
 //! `server.rs` serves the tools (stdio, or streamable HTTP with a bearer
-//! token); `tools.rs` holds the tools themselves; `args.rs` their arguments
-//! (each a JSON schema the model sees).
+//! token); `tools.rs` holds the tools themselves, `processes.rs` those of
+//! background processes (the server outlives every call, so they run on
+//! between calls); `args.rs` their arguments (each a JSON schema the model
+//! sees).
 
 mod args;
+mod processes;
 mod server;
 mod tools;
 
@@ -86,7 +89,10 @@ fn ok(v: Value) -> ToolResult {
 
 impl Tools {
     fn new(mgr: Arc<Manager>, options: Options) -> Self {
-        Self { state: Arc::new(State { mgr, options, open: Default::default() }), tool_router: Self::tool_router() }
+        Self {
+            state: Arc::new(State { mgr, options, open: Default::default() }),
+            tool_router: Self::tool_router() + Self::process_router(),
+        }
     }
 
     /// The vessel `id`, opened on first use.

@@ -86,11 +86,13 @@ impl Tools {
         ok(json!({ "deleted": a.vessel_id }))
     }
 
-    #[tool(description = "Run a command in a workspace, in a fresh container on its filesystem, and wait for it. \
-        Give `command` (argv) or `shell` (a /bin/sh command line). Returns exit_code (127: not found, 137: killed), \
-        timed_out, oom_killed, duration_ms, stdout and stderr; output beyond the server's cap keeps its start and \
-        end around a `[vessel: ... truncated ...]` marker. File changes are kept unless persist is false; \
-        snapshot to make them durable.")]
+    #[tool(description = "Run a command in a workspace and wait for it. Give `command` (argv) or `shell` (a \
+        /bin/sh command line). Returns exit_code (127: not found, 137: killed), timed_out, oom_killed, \
+        duration_ms, stdout and stderr; output beyond the server's cap keeps its start and end around a \
+        `[vessel: ... truncated ...]` marker. File changes are kept unless persist is false; snapshot to make \
+        them durable. With background: true it starts and returns a process_id at once (servers, watchers): \
+        see list_processes, read_process_output, write_process_stdin, kill_process, wait_process; it runs \
+        until it ends, is killed, or the workspace is restored or closed.")]
     async fn exec(&self, Parameters(a): Parameters<ExecArgs>, ct: CancellationToken) -> ToolResult {
         let command = match (a.command, a.shell) {
             (Some(c), None) if !c.is_empty() => c,
@@ -118,6 +120,27 @@ impl Tools {
             })
             .collect::<std::result::Result<Vec<_>, _>>()?;
         let v = self.vessel(&a.vessel_id).await?;
+        if a.background {
+            if !a.persist {
+                return Err(invalid("a background process keeps its changes: persist must be true"));
+            }
+            let p = v
+                .spawn(ExecOptions {
+                    command,
+                    work_dir: a.cwd,
+                    env,
+                    persist_result: true,
+                    timeout: a.timeout_seconds.map(|_| timeout),
+                    ..Default::default()
+                })
+                .await
+                .map_err(failure)?;
+            if let Some(text) = a.stdin {
+                p.write_stdin(text.as_bytes()).await.map_err(failure)?;
+                p.close_stdin().await.map_err(failure)?;
+            }
+            return ok(json!(crate::view::ProcessView::of(&p.info())));
+        }
         let cap = self.state.options.max_output;
         let (mut out, mut err) = (Capture::new(cap), Capture::new(cap));
         let stdin = a
