@@ -81,9 +81,11 @@ fn delete(tool: &str, root: &Path, id: &str) {
     let _ = Command::new(tool).arg("--root").arg(root).args(["delete", "-f", id]).status();
 }
 
-/// Resident memory of `pid` in KiB.
-fn rss_kib(pid: i32) -> u64 {
-    procfs::process::Process::new(pid).and_then(|p| p.status()).ok().and_then(|s| s.vmrss).unwrap_or(0)
+/// Proportional set size of `pid` in KiB: its resident memory, pages it
+/// shares (the runners are copies of this program) divided among sharers.
+fn pss_kib(pid: i32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    text.lines().find_map(|l| l.strip_prefix("Pss:")?.trim().trim_end_matches("kB").trim().parse().ok()).unwrap_or(0)
 }
 
 fn main() {
@@ -162,6 +164,27 @@ fn main() {
         delete(tool, &root, &id);
     }
 
+    // The same through the containerd backend: the sandbox is a task.
+    if let Some(address) = std::env::var_os("VESSEL_CONTAINERD_ADDRESS") {
+        let storage: Arc<dyn Storage> =
+            Arc::new(CompressedStorage::new(LocalStorage::new(dir.path().join("data")).unwrap()));
+        let config = ManagerConfig::default()
+            .shared_storage(storage)
+            .mount_root(dir.path().join("host-containerd"))
+            .backend(Backend::Containerd)
+            .containerd_address(address)
+            .namespace(format!("vessel-bench-live-{}", std::process::id()));
+        let config = if std::env::var_os("VESSEL_BENCH_NO_QUOTA").is_some() { config.disk_quota(None) } else { config };
+        let cmgr = rt.block_on(Manager::new(config)).unwrap();
+        let cv = rt.block_on(cmgr.create_vessel(IMAGE, "/work")).unwrap();
+        exec_true(&rt, &cv);
+        g.bench_function("vessel-containerd-userns/exec-true", |b| b.iter(|| exec_true(&rt, &cv)));
+        rt.block_on(cv.close()).unwrap();
+        rt.block_on(cmgr.close()).unwrap();
+    } else {
+        eprintln!("SKIPPED live bench for containerd: VESSEL_CONTAINERD_ADDRESS is unset (`cargo xtask bench`)");
+    }
+
     // The first exec of a new vessel: the sandbox starts.
     let fresh = rt.block_on(mgr.create_vessel(IMAGE, "/work")).unwrap();
     rt.block_on(fresh.close()).unwrap();
@@ -236,16 +259,28 @@ fn main() {
 
     // 100 live vessels, one idle process each: the host's memory for them.
     let me = std::process::id() as i32;
+    // The sandboxes' memory: every descendant (runners, agents) but the
+    // idle processes themselves (`sleep`, their own memory).
     let kids_rss = || -> u64 {
-        procfs::process::all_processes()
+        let all: Vec<(i32, i32, String)> = procfs::process::all_processes()
             .into_iter()
             .flatten()
             .flatten()
-            .filter(|p| p.stat().is_ok_and(|s| s.ppid == me))
-            .map(|p| rss_kib(p.pid()))
+            .filter_map(|p| p.stat().ok().map(|s| (s.pid, s.ppid, s.comm)))
+            .collect();
+        let mut tree = vec![me];
+        let mut i = 0;
+        while i < tree.len() {
+            let parent = tree[i];
+            tree.extend(all.iter().filter(|(_, pp, _)| *pp == parent).map(|(pid, _, _)| *pid));
+            i += 1;
+        }
+        all.iter()
+            .filter(|(pid, _, comm)| *pid != me && tree.contains(pid) && comm != "sleep")
+            .map(|(pid, ..)| pss_kib(*pid))
             .sum()
     };
-    let before = rss_kib(me) + kids_rss();
+    let before = pss_kib(me) + kids_rss();
     let vessels: Vec<_> = (0..100)
         .map(|_| {
             let v = rt.block_on(mgr.create_vessel(IMAGE, "/work")).unwrap();
@@ -253,9 +288,9 @@ fn main() {
             v
         })
         .collect();
-    let after = rss_kib(me) + kids_rss();
+    let after = pss_kib(me) + kids_rss();
     println!(
-        "live/100-vessels: host RSS (this process and its runners) {} KiB more, {} KiB per vessel",
+        "live/100-vessels: host memory (PSS of this process and its runners) {} KiB more, {} KiB per vessel",
         after.saturating_sub(before),
         after.saturating_sub(before) / 100
     );

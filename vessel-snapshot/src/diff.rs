@@ -176,6 +176,9 @@ struct Walker<W: Write> {
 /// `upper` earlier in its life, each a snapshot of it then) hold and `upper`
 /// no longer does: made since the mount's lowers and deleted since. Their
 /// whiteouts make a diff of `upper` correct over the last of those layers.
+/// When each layer was made with the whiteouts this gave for the ones
+/// before it, the last alone is enough: it holds or whites out every path
+/// an earlier one held.
 pub fn vanished(upper: &Path, layers: &[PathBuf]) -> Result<Vec<Vec<u8>>, SnapshotError> {
     let mut gone = std::collections::BTreeSet::new();
     for layer in layers {

@@ -135,7 +135,9 @@ impl Vessel {
         let manager = &inner.manager;
         let sid = manager.ids.snapshot_id();
         let upper = upper_dir(&inner.dir);
-        let sealed = state.sealed.clone();
+        // The last sealed layer suffices: it holds, or whites out, every
+        // path an earlier one held (each is a diff of the same upper dir).
+        let sealed: Vec<_> = state.sealed.last().cloned().into_iter().collect();
         let started = std::time::Instant::now();
         let frozen = live && inner.freeze_sandbox().await?;
         let (writer, reader) = vessel_storage::pipe::pipe();

@@ -259,3 +259,67 @@ pub(super) async fn pause_and_resume(w: Arc<World>) -> Result<()> {
     mgr.close().await?;
     Ok(())
 }
+
+/// Marks the test binary's run as the child of `a_killed_holder_leaves_nothing`.
+pub(super) const LIVE_CHILD: &str = "VESSEL_TEST_LIVE_CHILD";
+
+/// The child: opens the vessel, starts a background process, says so, and
+/// waits to be killed.
+pub(super) fn live_child() -> ! {
+    let base = PathBuf::from(std::env::var_os("VESSEL_TEST_BASE").unwrap());
+    let backend = if std::env::var("VESSEL_TEST_BACKEND").unwrap() == "containerd" {
+        Backend::Containerd
+    } else {
+        Backend::Youki
+    };
+    let address = std::env::var_os("VESSEL_CONTAINERD_ADDRESS").map(PathBuf::from);
+    let namespace = std::env::var("VESSEL_TEST_NAMESPACE").unwrap();
+    let w = World { backend, base, address, namespace, compressed: true };
+    let id = std::env::var("VESSEL_TEST_VESSEL").unwrap();
+    TOKIO.block_on(async {
+        let mgr = w.manager("live-crash").await.unwrap();
+        let v = mgr.open_vessel(&id).await.unwrap();
+        v.spawn(bg("exec sleep 1010")).await.unwrap();
+        println!("spawned");
+        std::future::pending::<()>().await;
+    });
+    std::process::exit(0)
+}
+
+/// `kill -9` of the process holding a live vessel: its sandbox and
+/// background process go with it (the run's lifeline, or containerd's
+/// watchdog), and the next manager opens the vessel with nothing left over.
+pub(super) async fn a_killed_holder_leaves_nothing(w: Arc<World>) -> Result<()> {
+    let mgr = w.manager("live-crash").await?;
+    let v = mgr.create_vessel(IMAGE, "/work").await?;
+    let id = v.id().to_string();
+    v.close().await?;
+    mgr.close().await?;
+    drop(mgr);
+    let mut child = tokio::process::Command::new(std::env::current_exe()?)
+        .env(LIVE_CHILD, "1")
+        .env("VESSEL_TEST_BASE", &w.base)
+        .env("VESSEL_TEST_BACKEND", format!("{:?}", w.backend).to_lowercase())
+        .env("VESSEL_TEST_VESSEL", &id)
+        .env("VESSEL_TEST_NAMESPACE", &w.namespace)
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut stdout = child.stdout.take().context("child stdout")?;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 64];
+    while !String::from_utf8_lossy(&seen).contains("spawned") {
+        let n = tokio::time::timeout(Duration::from_secs(60), stdout.read(&mut buf)).await??;
+        ensure!(n > 0, "the child ended early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    ensure!(support::processes_with_arg("1010").len() == 1, "the background process runs");
+    child.start_kill()?;
+    child.wait().await?;
+    until("the killed holder's sandbox is gone", || async { Ok(support::processes_with_arg("1010").is_empty()) })
+        .await?;
+    let mgr = w.manager("live-crash").await?;
+    let v = mgr.open_vessel(&id).await?;
+    ensure!(run(&v, "echo reopened", true).await?.1 == "reopened\n");
+    mgr.close().await?;
+    Ok(())
+}

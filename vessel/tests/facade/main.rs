@@ -50,6 +50,9 @@ fn main() {
     if std::env::var_os(CRASH_CHILD).is_some() {
         crash_child();
     }
+    if std::env::var_os(LIVE_CHILD).is_some() {
+        live_child();
+    }
     let args = Arguments::from_args();
     let Some(image_dir) = support::root_with_test_image("facade") else { return };
     let tmp = tempfile::tempdir().unwrap();
@@ -91,6 +94,7 @@ fn main() {
         snapshots_of_a_busy_vessel_are_consistent,
         code_inside_cannot_take_the_sandbox_down,
         pause_and_resume,
+        a_killed_holder_leaves_nothing,
     ];
     let rule = support::suite::Rootless {
         rootful_only: &[
