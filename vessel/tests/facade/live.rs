@@ -150,7 +150,7 @@ pub(super) async fn process_ends_say_why(w: Arc<World>) -> Result<()> {
     // A daemon that double-forks away from its group is still stopped at restore.
     let launcher = v.spawn(bg("setsid sh -c 'sleep 1008 &'; exit 0")).await?;
     ensure!(launcher.wait().await == ProcessStatus::Exited { code: 0 });
-    ensure!(support::processes_with_arg("1008").len() == 1, "the daemon runs");
+    until("the daemon runs", || async { Ok(support::processes_with_arg("1008").len() == 1) }).await?;
     let stopped = v.restore_snapshot(&first.id).await?;
     ensure!(stopped == 1, "restore stopped {stopped} processes (the server)");
     ensure!(server.wait().await == ProcessStatus::Stopped { reason: StopReason::Restored });
@@ -303,6 +303,7 @@ pub(super) async fn a_killed_holder_leaves_nothing(w: Arc<World>) -> Result<()> 
         .env("VESSEL_TEST_VESSEL", &id)
         .env("VESSEL_TEST_NAMESPACE", &w.namespace)
         .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
         .spawn()?;
     let mut stdout = child.stdout.take().context("child stdout")?;
     let mut seen = Vec::new();
@@ -312,7 +313,8 @@ pub(super) async fn a_killed_holder_leaves_nothing(w: Arc<World>) -> Result<()> 
         ensure!(n > 0, "the child ended early: {}", String::from_utf8_lossy(&seen));
         seen.extend_from_slice(&buf[..n]);
     }
-    ensure!(support::processes_with_arg("1010").len() == 1, "the background process runs");
+    // `spawn` returns once the shell is forked; `sleep` is exec'd a moment later.
+    until("the background process runs", || async { Ok(support::processes_with_arg("1010").len() == 1) }).await?;
     child.start_kill()?;
     child.wait().await?;
     until("the killed holder's sandbox is gone", || async { Ok(support::processes_with_arg("1010").is_empty()) })
