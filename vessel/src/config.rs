@@ -26,6 +26,7 @@ pub struct ManagerConfig {
     pub(crate) quota_mode: QuotaMode,
     pub(crate) registries: crate::layers::registry::Registries,
     pub(crate) lease: vessel_storage::lease::LeaseConfig,
+    pub(crate) idle_pause: Option<std::time::Duration>,
 }
 
 /// What a vessel may write to the host's disk unless told otherwise: 10 GiB.
@@ -212,6 +213,7 @@ impl Default for ManagerConfig {
             quota_mode: QuotaMode::Auto,
             registries: Default::default(),
             lease: Default::default(),
+            idle_pause: None,
         }
     }
 }
@@ -227,6 +229,16 @@ impl ManagerConfig {
     /// The same, already shared.
     pub fn shared_storage(mut self, storage: Arc<dyn Storage>) -> Self {
         self.storage = Some(storage);
+        self
+    }
+
+    /// Pause an open vessel's live sandbox (as [`crate::Vessel::pause`])
+    /// once no command has run in it and no background process has
+    /// written output for `idle`; the next exec, spawn, signal or stdin
+    /// write resumes it first, so a caller never sees the pause. Off by
+    /// default (a process that only computes would be frozen too).
+    pub fn idle_pause(mut self, idle: std::time::Duration) -> Self {
+        self.idle_pause = Some(idle).filter(|d| !d.is_zero());
         self
     }
 

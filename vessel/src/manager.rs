@@ -63,6 +63,8 @@ pub(crate) struct ManagerState {
     pub(crate) lease: HostLease,
     /// The sandbox agent, installed under `runtime/` on first use.
     pub(crate) agent: std::sync::OnceLock<PathBuf>,
+    /// Pause live sandboxes idle this long (`ManagerConfig::idle_pause`).
+    pub(crate) idle_pause: Option<std::time::Duration>,
 }
 
 impl std::fmt::Debug for ManagerState {
@@ -233,6 +235,7 @@ impl Manager {
             disk_quota,
             lease,
             agent: std::sync::OnceLock::new(),
+            idle_pause: config.idle_pause,
         };
         let mgr = Self { state: Arc::new(state) };
         let containers = mgr.state.runtime.remove_leftovers().await?;
@@ -267,6 +270,12 @@ impl Manager {
     /// root keeps locked (`flock`), so tools can tell who holds it.
     pub fn vessel_lock_file(&self, id: &VesselId) -> PathBuf {
         self.state.vessel_locks.join(format!("{id}.lock"))
+    }
+
+    /// The id of the vessel named `id_or_name` (an id is taken as it is,
+    /// a name is looked up in storage), as [`Manager::open_vessel`] takes it.
+    pub async fn resolve_vessel(&self, id_or_name: &str) -> Result<VesselId> {
+        self.state.resolve(id_or_name).await
     }
 
     /// The backend's name (`youki`, `containerd`).

@@ -1,5 +1,6 @@
 //! One function per subcommand. Each opens the vessel it needs through
-//! [`with_vessel`], which closes it again whatever the command's outcome.
+//! [`with_vessel`], which closes it again whatever the command's outcome,
+//! or, while a keeper holds the vessel (see `keeper`), calls the keeper.
 
 use std::io::{IsTerminal, Read, Write};
 use std::path::Path;
@@ -11,9 +12,35 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tokio::io::AsyncRead;
 use vessel::{ExecOptions, Manager, SnapshotId, SnapshotManifest, Vessel, VesselManifest};
 
+use crate::keeper::client::{self, call, call_with_data, call_with_input};
+use crate::keeper::wire::{self, Call, Conn, Reply};
 use crate::view::{ExecView, SnapshotView, VesselView};
 use crate::{CreateArgs, ExecArgs};
 use vessel::NAME_LABEL;
+
+/// The keeper holding vessel `id` (an id or name), if one does; a name
+/// that does not resolve is left to the direct path to report.
+pub(crate) async fn keeper(mgr: &Manager, id: &str) -> Result<Option<Conn>> {
+    match mgr.resolve_vessel(id).await {
+        Ok(vid) => client::connect(mgr, &vid).await,
+        Err(_) => Ok(None),
+    }
+}
+
+/// A reply the call does not have.
+pub(crate) fn unexpected(r: Reply) -> anyhow::Error {
+    anyhow::anyhow!("the keeper replied {r:?}, which this call does not expect")
+}
+
+/// A command as the keeper takes it.
+pub(crate) fn wire_command(a: &ExecArgs) -> wire::Command {
+    wire::Command {
+        argv: a.command.clone(),
+        work_dir: a.work_dir.clone(),
+        env: a.env.clone(),
+        timeout_ms: a.timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+    }
+}
 
 /// Opens vessel `id`, runs `f` on it and closes it, however `f` ended (its
 /// error wins over one of closing).
@@ -45,7 +72,7 @@ fn bytes_bar(len: u64, msg: String) -> ProgressBar {
     bar
 }
 
-fn print_json(v: &impl serde::Serialize) -> Result<()> {
+pub(crate) fn print_json(v: &impl serde::Serialize) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
@@ -176,6 +203,21 @@ pub(crate) async fn ls(mgr: &Manager, json: bool) -> Result<()> {
 
 pub(crate) async fn exec(mgr: &Manager, a: &ExecArgs, json: bool) -> Result<ExitCode> {
     let started = std::time::Instant::now();
+    if let Some(conn) = keeper(mgr, &a.id).await? {
+        let stdin = a.tty || a.interactive;
+        let snapshot = a.persist.then(|| format!("exec {}", a.command.join(" ")));
+        let c = Call::Exec { command: wire_command(a), tty: a.tty, stdin, persist: a.persist, snapshot };
+        let Reply::Exec { result, snapshot } = call_with_input(conn, c, stdin).await? else {
+            bail!("the keeper's reply to an exec was not an exec result");
+        };
+        if let Some(s) = snapshot.filter(|_| !json) {
+            eprintln!("snapshot {} ({} B)", s.id, s.size);
+        }
+        if json {
+            print_json(&result)?;
+        }
+        return Ok(ExitCode::from(u8::try_from(result.exit_code).unwrap_or(255)));
+    }
     let res = with_vessel(mgr, &a.id, async |v| {
         let stdin: Option<Box<dyn AsyncRead + Send + Unpin>> =
             (a.tty || a.interactive).then(|| Box::new(tokio::io::stdin()) as _);
@@ -206,6 +248,12 @@ pub(crate) async fn exec(mgr: &Manager, a: &ExecArgs, json: bool) -> Result<Exit
 }
 
 pub(crate) async fn read(mgr: &Manager, id: &str, path: &str) -> Result<()> {
+    if let Some(conn) = keeper(mgr, id).await? {
+        return match call(conn, Call::Read { path: path.to_owned() }).await? {
+            Reply::Done => Ok(()),
+            r => Err(unexpected(r)),
+        };
+    }
     let data = with_vessel(mgr, id, async |v| Ok(v.read_file(path)?)).await?;
     std::io::stdout().write_all(&data)?;
     Ok(())
@@ -218,11 +266,22 @@ pub(crate) async fn write(mgr: &Manager, id: &str, path: &str, mode: &str, json:
     }
     let mut data = Vec::new();
     std::io::stdin().read_to_end(&mut data)?;
-    let snap = with_vessel(mgr, id, async |v| {
-        v.write_file(path, &data, mode)?;
-        commit(v, format!("write {path}"), json).await
-    })
-    .await?;
+    let snap = if let Some(conn) = keeper(mgr, id).await? {
+        let c = Call::Write { path: path.to_owned(), mode, snapshot: format!("write {path}") };
+        let Reply::Snapshot { snapshot } = call_with_data(conn, c, &data).await? else {
+            bail!("the keeper's reply to a write was not a snapshot");
+        };
+        if !json {
+            eprintln!("snapshot {} ({} B)", snapshot.id, snapshot.size);
+        }
+        *snapshot
+    } else {
+        with_vessel(mgr, id, async |v| {
+            v.write_file(path, &data, mode)?;
+            commit(v, format!("write {path}"), json).await
+        })
+        .await?
+    };
     if json {
         print_json(&SnapshotView::of(&snap))?;
     }
@@ -230,7 +289,13 @@ pub(crate) async fn write(mgr: &Manager, id: &str, path: &str, mode: &str, json:
 }
 
 pub(crate) async fn snapshot(mgr: &Manager, id: &str, message: &str, json: bool) -> Result<()> {
-    let snap = with_vessel(mgr, id, async |v| commit(v, message.to_owned(), true).await).await?;
+    let snap = match keeper(mgr, id).await? {
+        Some(conn) => match call(conn, Call::Snapshot { message: message.to_owned() }).await? {
+            Reply::Snapshot { snapshot } => *snapshot,
+            r => return Err(unexpected(r)),
+        },
+        None => with_vessel(mgr, id, async |v| commit(v, message.to_owned(), true).await).await?,
+    };
     if json {
         return print_json(&SnapshotView::of(&snap));
     }
@@ -239,7 +304,13 @@ pub(crate) async fn snapshot(mgr: &Manager, id: &str, message: &str, json: bool)
 }
 
 pub(crate) async fn snapshots(mgr: &Manager, id: &str, json: bool) -> Result<()> {
-    let m = with_vessel(mgr, id, async |v| Ok(v.manifest())).await?;
+    let m = match keeper(mgr, id).await? {
+        Some(conn) => match call(conn, Call::Manifest).await? {
+            Reply::Manifest { manifest } => *manifest,
+            r => return Err(unexpected(r)),
+        },
+        None => with_vessel(mgr, id, async |v| Ok(v.manifest())).await?,
+    };
     if json {
         return print_json(&SnapshotView::tree(&m));
     }
@@ -249,15 +320,28 @@ pub(crate) async fn snapshots(mgr: &Manager, id: &str, json: bool) -> Result<()>
 
 pub(crate) async fn restore(mgr: &Manager, id: &str, snapshot: &str, json: bool) -> Result<()> {
     let snapshot = SnapshotId::new(snapshot)?;
-    with_vessel(mgr, id, async |v| {
-        let pb = spinner(format!("restoring {snapshot}"));
-        let restored = v.restore_snapshot(&snapshot).await;
-        pb.finish_and_clear();
-        Ok(restored?)
-    })
-    .await?;
+    let stopped = match keeper(mgr, id).await? {
+        Some(conn) => match call(conn, Call::Restore { snapshot: snapshot.to_string() }).await? {
+            Reply::Restored { stopped } => stopped,
+            r => return Err(unexpected(r)),
+        },
+        None => {
+            with_vessel(mgr, id, async |v| {
+                let pb = spinner(format!("restoring {snapshot}"));
+                let restored = v.restore_snapshot(&snapshot).await;
+                pb.finish_and_clear();
+                Ok(restored?)
+            })
+            .await?
+        }
+    };
+    if stopped > 0 && !json {
+        eprintln!("restore stopped {stopped} background process(es)");
+    }
     if json {
-        print_json(&serde_json::json!({ "vessel_id": id, "current_snapshot_id": snapshot }))?;
+        print_json(
+            &serde_json::json!({ "vessel_id": id, "current_snapshot_id": snapshot, "stopped_processes": stopped }),
+        )?;
     }
     Ok(())
 }
@@ -265,6 +349,12 @@ pub(crate) async fn restore(mgr: &Manager, id: &str, snapshot: &str, json: bool)
 pub(crate) async fn rm(mgr: &Manager, id: &str, snapshot: Option<&str>, force: bool) -> Result<()> {
     if let Some(snapshot) = snapshot {
         let snapshot = SnapshotId::new(snapshot)?;
+        if let Some(conn) = keeper(mgr, id).await? {
+            return match call(conn, Call::DeleteSnapshot { snapshot: snapshot.to_string() }).await? {
+                Reply::Done => Ok(()),
+                r => Err(unexpected(r)),
+            };
+        }
         return with_vessel(mgr, id, async |v| Ok(v.delete_snapshot(&snapshot).await?)).await;
     }
     match mgr.delete_vessel(id).await {

@@ -14,6 +14,8 @@ use anyhow::{Context, Result};
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 mod commands;
 mod force;
+mod keeper;
+mod live;
 mod mcp;
 mod view;
 
@@ -36,6 +38,10 @@ struct Cli {
     /// Seconds this host's lease outlives its last renewal (default 30).
     #[arg(long, global = true, env = "VESSEL_LEASE_TTL", value_parser = parse_timeout)]
     lease_ttl: Option<Duration>,
+    /// Pause a vessel's processes after this many seconds with no command
+    /// and no output from them (resumed by the next call); off by default.
+    #[arg(long, global = true, env = "VESSEL_IDLE_PAUSE", value_parser = parse_timeout)]
+    idle_pause: Option<Duration>,
     /// This host's mount root (mounts, layer cache).
     #[arg(long, global = true, env = "VESSEL_MOUNT_ROOT")]
     mount_root: Option<PathBuf>,
@@ -46,7 +52,7 @@ struct Cli {
     #[arg(long, global = true, env = "VESSEL_CONTAINERD_ADDRESS")]
     containerd_address: Option<PathBuf>,
     /// containerd namespace.
-    #[arg(long, global = true, default_value = "vessel")]
+    #[arg(long, global = true, default_value = "vessel", env = "VESSEL_NAMESPACE")]
     namespace: String,
     /// Machine-readable output (JSON on stdout).
     #[arg(long, global = true)]
@@ -85,8 +91,66 @@ enum Command {
     Create(CreateArgs),
     /// List vessels.
     Ls,
-    /// Run a command in a vessel; exits with its exit code.
+    /// Run a command in a vessel; exits with its exit code. With -d, in
+    /// the background: prints its process id (see ps, logs, kill, wait).
     Exec(ExecArgs),
+    /// A vessel's background processes (started with `exec -d`).
+    Ps {
+        /// Vessel id or name.
+        id: String,
+    },
+    /// Print a background process's output (stdout and stderr; the last
+    /// 1 MiB of each is kept).
+    Logs {
+        /// Follow the output until the process ends.
+        #[arg(short, long)]
+        follow: bool,
+        /// Vessel id or name.
+        id: String,
+        /// Process id (from `exec -d` or `ps`).
+        process: u64,
+    },
+    /// Send a signal to a background process and its process group.
+    Kill {
+        /// Vessel id or name.
+        id: String,
+        /// Process id.
+        process: u64,
+        /// Signal name or number.
+        #[arg(default_value = "TERM", value_parser = live::parse_signal)]
+        signal: i32,
+    },
+    /// Wait for a background process to end; prints its exit code.
+    Wait {
+        /// Vessel id or name.
+        id: String,
+        /// Process id.
+        process: u64,
+    },
+    /// Freeze every process of a vessel (they keep their memory, use no CPU).
+    Pause {
+        /// Vessel id or name.
+        id: String,
+    },
+    /// Let a paused vessel's processes run again.
+    Resume {
+        /// Vessel id or name.
+        id: String,
+    },
+    /// Stop a vessel's background processes and close it.
+    Stop {
+        /// Vessel id or name.
+        id: String,
+    },
+    /// Hold a vessel open for background processes (started by `exec -d`).
+    #[command(hide = true)]
+    Keep {
+        /// Vessel id.
+        id: String,
+        /// Seconds without a running process or a call before it closes the vessel.
+        #[arg(long, value_parser = parse_timeout)]
+        linger: Duration,
+    },
     /// Print a file of a vessel to stdout.
     Read {
         /// Vessel id or name.
@@ -224,6 +288,14 @@ struct CreateArgs {
 /// `vessel exec`'s arguments.
 #[derive(Debug, clap::Args)]
 struct ExecArgs {
+    /// Run in the background (its changes are the vessel's, as with
+    /// --persist, and committed by the next snapshot); prints its process id.
+    #[arg(short = 'd', long, conflicts_with_all = ["tty", "interactive", "persist"])]
+    pub(crate) detach: bool,
+    /// With -d: seconds the vessel stays open once no process runs and no
+    /// command calls (ended processes' statuses are kept until then).
+    #[arg(long, value_parser = parse_timeout, default_value = "300", env = "VESSEL_KEEPER_LINGER", requires = "detach")]
+    pub(crate) linger: Duration,
     /// Run on a terminal (stdin attached).
     #[arg(short = 't', long)]
     pub(crate) tty: bool,
@@ -295,7 +367,7 @@ fn main() -> ExitCode {
                 Some(vessel::VesselError::Runtime(vessel::runtime::RuntimeError::Exec { failure, .. })) => {
                     Some(failure.exit_code())
                 }
-                _ => None,
+                _ => c.downcast_ref::<keeper::client::KeeperError>().and_then(|k| k.exit_code).map(i32::from),
             });
             ExitCode::from(start.and_then(|c| u8::try_from(c).ok()).unwrap_or(125))
         }
@@ -404,6 +476,9 @@ async fn manager(cli: &Cli) -> Result<Manager> {
     if let Some(ttl) = cli.lease_ttl {
         config = config.lease_ttl(ttl);
     }
+    if let Some(idle) = cli.idle_pause {
+        config = config.idle_pause(idle);
+    }
     config = config.backend(match cli.backend {
         BackendArg::Youki => Backend::Youki,
         BackendArg::Containerd => Backend::Containerd,
@@ -436,7 +511,12 @@ async fn manager(cli: &Cli) -> Result<Manager> {
 fn quota_mode(cli: &Cli) -> QuotaMode {
     let writes = matches!(
         cli.command,
-        Command::Create(_) | Command::Exec(_) | Command::Write { .. } | Command::Restore { .. } | Command::Mcp(_)
+        Command::Create(_)
+            | Command::Exec(_)
+            | Command::Write { .. }
+            | Command::Restore { .. }
+            | Command::Mcp(_)
+            | Command::Keep { .. }
     );
     if cli.no_disk_quota || !writes { QuotaMode::Off } else { cli.disk_quota }
 }
@@ -456,7 +536,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         _ => {}
     }
     let mgr = Arc::new(manager(&cli).await?);
-    let result = if matches!(cli.command, Command::Mcp(_)) {
+    let result = if matches!(cli.command, Command::Mcp(_) | Command::Keep { .. }) {
         // The server shuts down on these signals by itself.
         command(&cli, &mgr).await
     } else {
@@ -465,19 +545,55 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         // free at once (`vessel rm -f` relies on it), as after `docker exec`.
         tokio::select! {
             r = command(&cli, &mgr) => r,
-            signal = terminated() => Ok(ExitCode::from(128 + signal)),
+            signal = terminated(true) => Ok(ExitCode::from(128 + signal)),
         }
     };
     mgr.close().await?;
     result
 }
 
-/// Waits for SIGTERM, SIGINT or SIGHUP; returns its number.
-async fn terminated() -> u8 {
+/// The global options of this command, as a keeper it starts takes them
+/// (it inherits the environment too): the same storage, mount root,
+/// backend and host.
+fn globals(cli: &Cli, mgr: &Manager) -> Vec<String> {
+    let mut g = vec![
+        "--mount-root".into(),
+        mgr.mount_root().display().to_string(),
+        "--backend".into(),
+        mgr.backend().into(),
+        "--namespace".into(),
+        cli.namespace.clone(),
+        "--disk-quota".into(),
+        quota_mode(cli).as_str().into(),
+    ];
+    let pairs = [
+        ("--data", cli.data.as_ref().map(|d| d.display().to_string())),
+        ("--storage", cli.storage.clone()),
+        ("--host-name", cli.host_name.clone()),
+        ("--lease-ttl", cli.lease_ttl.map(|t| t.as_secs_f64().to_string())),
+        ("--idle-pause", cli.idle_pause.map(|t| t.as_secs_f64().to_string())),
+        ("--containerd-address", cli.containerd_address.as_ref().map(|a| a.display().to_string())),
+    ];
+    for (flag, value) in pairs {
+        if let Some(v) = value {
+            g.extend([flag.to_owned(), v]);
+        }
+    }
+    g
+}
+
+/// Waits for SIGTERM, SIGINT or (if `hangup`) SIGHUP; returns its number.
+/// Without `hangup`, SIGHUP is ignored.
+pub(crate) async fn terminated(hangup: bool) -> u8 {
     use tokio::signal::unix::{SignalKind, signal};
     let kinds = [(SignalKind::terminate(), 15), (SignalKind::interrupt(), 2), (SignalKind::hangup(), 1)];
     let mut streams = Vec::new();
     for (kind, n) in kinds {
+        if n == 1 && !hangup {
+            // Handled (so not fatal) and never acted on.
+            let _ = signal(kind);
+            continue;
+        }
         match signal(kind) {
             Ok(s) => streams.push((s, n)),
             // Without a handler the default action still ends the process.
@@ -508,7 +624,16 @@ async fn command(cli: &Cli, mgr: &Arc<Manager>) -> Result<ExitCode> {
         Command::Image(ImageCommand::Ls) => commands::image_ls(mgr, json).await?,
         Command::Create(a) => commands::create(mgr, a, json).await?,
         Command::Ls => commands::ls(mgr, json).await?,
+        Command::Exec(a) if a.detach => live::exec_detached(mgr, a, &globals(cli, mgr), a.linger, json).await?,
         Command::Exec(a) => return commands::exec(mgr, a, json).await,
+        Command::Ps { id } => live::ps(mgr, id, json).await?,
+        Command::Logs { follow, id, process } => live::logs(mgr, id, *process, *follow).await?,
+        Command::Kill { id, process, signal } => live::kill(mgr, id, *process, *signal).await?,
+        Command::Wait { id, process } => return live::wait(mgr, id, *process, json).await,
+        Command::Pause { id } => live::pause(mgr, id, true).await?,
+        Command::Resume { id } => live::pause(mgr, id, false).await?,
+        Command::Stop { id } => live::stop(mgr, id).await?,
+        Command::Keep { id, linger } => keeper::serve(mgr, id, *linger).await?,
         Command::Read { id, path } => commands::read(mgr, id, path).await?,
         Command::Write { id, path, mode } => commands::write(mgr, id, path, mode, json).await?,
         Command::Snapshot { id, message } => commands::snapshot(mgr, id, message, json).await?,

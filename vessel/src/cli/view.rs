@@ -4,7 +4,7 @@
 //! and an agent read the same field names (snake_case, as MCP tools and
 //! most agent APIs use).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use vessel::{ExecResult, Holder, ProcessInfo, ProcessStatus, SnapshotManifest, StopReason, VesselManifest};
 
 /// A vessel as listed.
@@ -108,7 +108,7 @@ impl<'a> SnapshotView<'a> {
 }
 
 /// How a command ended, and (MCP) its output.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct ExecView {
     pub(crate) exit_code: i32,
     pub(crate) timed_out: bool,
@@ -119,7 +119,7 @@ pub(crate) struct ExecView {
 }
 
 /// A command's captured output, capped.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct OutputView {
     pub(crate) stdout: String,
     pub(crate) stderr: String,
@@ -141,17 +141,17 @@ impl ExecView {
 }
 
 /// A background process.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct ProcessView {
     pub(crate) process_id: u64,
     pub(crate) command: Vec<String>,
     pub(crate) pid: u32,
     /// `running`, `exited`, `signalled`, `oom_killed`, `timed_out`, `stopped`.
-    pub(crate) status: &'static str,
+    pub(crate) status: String,
     pub(crate) exit_code: Option<i32>,
     pub(crate) signal: Option<i32>,
     /// Why the vessel stopped it: `vessel_closed`, `restored`, `sandbox_lost`.
-    pub(crate) stopped_by: Option<&'static str>,
+    pub(crate) stopped_by: Option<String>,
     pub(crate) started: String,
     pub(crate) stdout_bytes: u64,
     pub(crate) stderr_bytes: u64,
@@ -180,10 +180,10 @@ impl ProcessView {
             process_id: p.id,
             command: p.command.clone(),
             pid: p.pid,
-            status,
+            status: status.to_owned(),
             exit_code: p.status.exit_code(),
             signal,
-            stopped_by,
+            stopped_by: stopped_by.map(str::to_owned),
             started: chrono::DateTime::<chrono::Utc>::from(p.started).to_rfc3339(),
             stdout_bytes: p.output_bytes.0,
             stderr_bytes: p.output_bytes.1,

@@ -10,9 +10,9 @@
 //!
 //! Background processes are kept in the vessel's process table (see `process`).
 
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
-use std::time::SystemTime;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{Notify, watch};
 use vessel_core::ExecOptions;
@@ -39,12 +39,102 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// When a vessel's sandbox was last used, for the idle pause: a command
+/// starting or ending, a background process's output, a signal or input.
+#[derive(Debug)]
+pub(crate) struct Activity {
+    origin: Instant,
+    /// Milliseconds from `origin` to the last use.
+    last: AtomicU64,
+    /// Commands running in the foreground.
+    busy: AtomicUsize,
+    /// Counts sandbox starts: a watcher ends with its sandbox.
+    generation: AtomicU64,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self {
+            origin: Instant::now(),
+            last: AtomicU64::new(0),
+            busy: AtomicUsize::new(0),
+            generation: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Activity {
+    pub(crate) fn touch(&self) {
+        let now = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.fetch_max(now, Ordering::Relaxed);
+    }
+
+    fn idle_for(&self, idle: Duration) -> bool {
+        let last = Duration::from_millis(self.last.load(Ordering::Relaxed));
+        self.busy.load(Ordering::Acquire) == 0 && self.origin.elapsed().saturating_sub(last) >= idle
+    }
+
+    /// Marks a foreground command running until the guard drops.
+    fn enter(self: &Arc<Self>) -> Busy {
+        self.busy.fetch_add(1, Ordering::AcqRel);
+        self.touch();
+        Busy(self.clone())
+    }
+}
+
+/// A foreground command in the sandbox (see [`Activity::enter`]).
+struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.busy.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Pauses the sandbox of `generation` whenever it has been idle for
+/// `idle`; ends with the sandbox or the vessel.
+async fn idle_watch(v: Weak<OpenVessel>, idle: Duration, generation: u64) {
+    let tick = (idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    loop {
+        tokio::time::sleep(tick).await;
+        let Some(v) = v.upgrade() else { return };
+        if v.activity.generation.load(Ordering::Acquire) != generation {
+            return;
+        }
+        if v.is_paused() || !v.activity.idle_for(idle) {
+            continue;
+        }
+        // Decided under the sandbox's lock, which a command takes (after
+        // marking itself busy) to join: it then finds the pause and ends it.
+        let live = v.live.lock().await;
+        match live.as_ref() {
+            Some(s) if s.is_running() => {
+                if v.activity.idle_for(idle) && s.freeze().await.is_ok() {
+                    v.paused.store(true, Ordering::Release);
+                    tracing::debug!(vessel = %v.id, "paused after {idle:?} idle");
+                }
+            }
+            _ => return,
+        }
+    }
+}
+
 impl OpenVessel {
     /// Starts `spec` in the vessel's sandbox, starting the sandbox first
-    /// if it is not running.
-    pub(super) async fn spawn_in_sandbox(&self, spec: &ProcessSpec) -> Result<vessel_runtime::sandbox::SandboxProcess> {
-        self.unpause().await;
+    /// if it is not running, and resuming it if it is paused.
+    pub(super) async fn spawn_in_sandbox(
+        self: &Arc<Self>,
+        spec: &ProcessSpec,
+    ) -> Result<vessel_runtime::sandbox::SandboxProcess> {
+        self.activity.touch();
         let mut live = self.live.lock().await;
+        if self.paused.swap(false, Ordering::AcqRel)
+            && let Some(s) = live.as_ref()
+            && let Err(e) = s.thaw().await
+        {
+            tracing::warn!(vessel = %self.id, error = %e, "could not thaw the sandbox");
+        }
         if !live.as_ref().is_some_and(Sandbox::is_running) {
             if live.take().is_some() {
                 self.end_processes(StopReason::SandboxLost);
@@ -58,6 +148,10 @@ impl OpenVessel {
             };
             let agent = self.manager.agent()?;
             *live = Some(Sandbox::start(self.manager.runtime.clone(), req, &agent).await?);
+            let generation = self.activity.generation.fetch_add(1, Ordering::AcqRel) + 1;
+            if let Some(idle) = self.manager.idle_pause {
+                tokio::spawn(idle_watch(Arc::downgrade(self), idle, generation));
+            }
         }
         let sandbox = live.as_ref().ok_or(VesselError::Runtime(vessel_runtime::RuntimeError::SandboxEnded))?;
         Ok(sandbox.spawn(spec).await?)
@@ -73,22 +167,23 @@ impl OpenVessel {
         self.live.lock().await.as_ref().is_some_and(Sandbox::is_running)
     }
 
-    /// Lets a paused sandbox run again before a command joins it.
-    async fn unpause(&self) {
-        if self.paused.swap(false, std::sync::atomic::Ordering::AcqRel) {
+    /// Lets a paused sandbox run again (a call needs its processes).
+    pub(crate) async fn unpause(&self) {
+        self.activity.touch();
+        if self.paused.swap(false, Ordering::AcqRel) {
             self.thaw_sandbox().await;
         }
     }
 
     /// Whether [`Vessel::pause`] holds the sandbox frozen.
     pub(super) fn is_paused(&self) -> bool {
-        self.paused.load(std::sync::atomic::Ordering::Acquire)
+        self.paused.load(Ordering::Acquire)
     }
 
     /// Stops the sandbox (if running) and every process in it, recording
     /// `reason` as their end; returns how many background processes it stopped.
     pub(super) async fn stop_sandbox(&self, reason: StopReason) -> usize {
-        self.paused.store(false, std::sync::atomic::Ordering::Release);
+        self.paused.store(false, Ordering::Release);
         let stopped = self.mark_stopping(reason);
         if let Some(mut s) = self.live.lock().await.take()
             && let Err(e) = s.stop().await
@@ -169,6 +264,7 @@ impl Vessel {
     pub(super) async fn exec_live(&self, opts: ExecOptions<'_>) -> Result<vessel_core::ExecResult> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let spec = spec_of(self, &opts, false)?;
+        let _busy = self.inner.activity.enter();
         let p = self.inner.spawn_in_sandbox(&spec).await?;
         let mut guard = KillOnDrop(Some(p.control.clone()));
         let vessel_runtime::sandbox::SandboxProcess { mut events, mut stdin, control, .. } = p;
@@ -291,6 +387,7 @@ impl Vessel {
                 stdin: tokio::sync::Mutex::new(Some(stdin)),
                 timed_out: AtomicBool::new(false),
                 stopping: Default::default(),
+                vessel: Arc::downgrade(&self.inner),
             });
             table.procs.insert(proc.id, proc.clone());
             // The oldest ended ones go past the bound.
@@ -316,7 +413,7 @@ impl Vessel {
             return Err(VesselError::Closed(self.inner.id.clone()));
         }
         if !self.inner.is_paused() && self.inner.freeze_sandbox().await? {
-            self.inner.paused.store(true, std::sync::atomic::Ordering::Release);
+            self.inner.paused.store(true, Ordering::Release);
         }
         Ok(())
     }

@@ -73,8 +73,10 @@ pub(crate) struct OpenVessel {
     live: tokio::sync::Mutex<Option<vessel_runtime::sandbox::Sandbox>>,
     /// Its background processes.
     processes: Mutex<process::ProcessTable>,
-    /// Whether [`Vessel::pause`] froze the sandbox.
+    /// Whether [`Vessel::pause`] (or the idle pause) froze the sandbox.
     paused: std::sync::atomic::AtomicBool,
+    /// When its sandbox was last used (see `live::Activity`).
+    activity: Arc<live::Activity>,
 }
 
 /// The vessel lock, then the lock on its host id range: held while open.
@@ -179,6 +181,7 @@ impl OpenVessel {
             live: tokio::sync::Mutex::new(None),
             processes: Mutex::new(Default::default()),
             paused: Default::default(),
+            activity: Default::default(),
         };
         Ok(Arc::new(inner))
     }

@@ -153,6 +153,8 @@ pub(crate) struct LiveProcess {
     pub(crate) timed_out: AtomicBool,
     /// Set before the vessel stops the sandbox under it.
     pub(crate) stopping: std::sync::Mutex<Option<StopReason>>,
+    /// Its vessel, which a signal or input resumes if paused.
+    pub(crate) vessel: std::sync::Weak<super::OpenVessel>,
 }
 
 /// What a process is, for listing.
@@ -228,8 +230,17 @@ impl ProcessHandle {
         }
     }
 
-    /// Writes `data` to its stdin (waiting while the process does not read).
+    /// Resumes its vessel if paused: the call needs the process running.
+    async fn wake(&self) {
+        if let Some(v) = self.proc.vessel.upgrade() {
+            v.unpause().await;
+        }
+    }
+
+    /// Writes `data` to its stdin (waiting while the process does not
+    /// read); a paused vessel is resumed first.
     pub async fn write_stdin(&self, data: &[u8]) -> Result<()> {
+        self.wake().await;
         let mut stdin = self.proc.stdin.lock().await;
         let w = stdin.as_mut().ok_or_else(|| VesselError::InvalidInput("the process's stdin is closed".into()))?;
         Ok(w.write(data).await?)
@@ -244,7 +255,8 @@ impl ProcessHandle {
     }
 
     /// Sends `signal` (e.g. 15, SIGTERM) to it and its process group; a
-    /// process that already ended is left as it is.
+    /// process that already ended is left as it is. A paused vessel is
+    /// resumed first (a stopped process would not act on it).
     pub async fn signal(&self, signal: i32) -> Result<()> {
         if !(1..=64).contains(&signal) {
             return Err(VesselError::InvalidInput(format!("signal {signal} is not a signal")));
@@ -252,6 +264,7 @@ impl ProcessHandle {
         if *self.proc.status.borrow() != ProcessStatus::Running {
             return Ok(());
         }
+        self.wake().await;
         match self.proc.control.signal(signal).await {
             Err(vessel_runtime::RuntimeError::SandboxEnded) => Ok(()),
             r => Ok(r?),
@@ -287,6 +300,9 @@ pub(crate) async fn pump(
             }
             _ => events.recv().await,
         };
+        if let Some(v) = proc.vessel.upgrade() {
+            v.activity.touch();
+        }
         match next {
             Some(ProcessEvent::Stdout(d)) => proc.out.locked().push(&d),
             Some(ProcessEvent::Stderr(d)) => proc.err.locked().push(&d),

@@ -260,6 +260,40 @@ pub(super) async fn pause_and_resume(w: Arc<World>) -> Result<()> {
     Ok(())
 }
 
+/// The state letter of host process `pid` (`T`: stopped, as a frozen one is).
+fn state_of(pid: i32) -> Result<char> {
+    Ok(procfs::process::Process::new(pid)?.stat()?.state)
+}
+
+/// With `ManagerConfig::idle_pause`, a vessel whose processes print
+/// nothing and that runs no command pauses itself; the next exec, signal
+/// or input resumes it first, and output keeps it awake.
+pub(super) async fn idle_vessels_pause_themselves(w: Arc<World>) -> Result<()> {
+    let mgr = Manager::new(w.config("idle").idle_pause(Duration::from_millis(300))).await?;
+    let v = mgr.create_vessel(IMAGE, "/work").await?;
+    let sleeper = v.spawn(bg("exec sleep 1011")).await?;
+    until("the sleeper runs", || async { Ok(support::processes_with_arg("1011").len() == 1) }).await?;
+    let pid = support::processes_with_arg("1011")[0];
+    until("the idle vessel pauses", || async { Ok(v.is_paused()) }).await?;
+    ensure!(state_of(pid)? == 'T', "its processes are frozen");
+    // The next command runs at once, with the vessel resumed.
+    ensure!(run(&v, "echo awake", true).await?.1 == "awake\n");
+    ensure!(state_of(pid)? != 'T', "the vessel was resumed");
+    // Output keeps it awake.
+    let chatty = v.spawn(bg("while true; do echo tick; sleep 0.05; done")).await?;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    ensure!(!v.is_paused(), "a vessel whose process prints was paused");
+    chatty.signal(9).await?;
+    ensure!(chatty.wait().await == ProcessStatus::Signalled { signal: 9 });
+    until("it pauses again", || async { Ok(v.is_paused()) }).await?;
+    // A signal resumes it, so the process can act on it.
+    sleeper.signal(15).await?;
+    let end = tokio::time::timeout(Duration::from_secs(10), sleeper.wait()).await?;
+    ensure!(end == ProcessStatus::Signalled { signal: 15 }, "{end:?}");
+    mgr.close().await?;
+    Ok(())
+}
+
 /// Marks the test binary's run as the child of `a_killed_holder_leaves_nothing`.
 pub(super) const LIVE_CHILD: &str = "VESSEL_TEST_LIVE_CHILD";
 

@@ -94,6 +94,7 @@ fn main() {
         snapshots_of_a_busy_vessel_are_consistent,
         code_inside_cannot_take_the_sandbox_down,
         pause_and_resume,
+        idle_vessels_pause_themselves,
         a_killed_holder_leaves_nothing,
     ];
     let rule = support::suite::Rootless {

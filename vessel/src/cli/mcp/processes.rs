@@ -83,16 +83,7 @@ impl Tools {
         INT, HUP, or a number.")]
     async fn kill_process(&self, Parameters(a): Parameters<KillProcessArgs>) -> ToolResult {
         let p = self.process(&a.vessel_id, a.process_id).await?;
-        let signal = match a.signal.as_deref().map(|s| s.trim_start_matches("SIG")) {
-            None | Some("TERM") => 15,
-            Some("KILL") => 9,
-            Some("INT") => 2,
-            Some("HUP") => 1,
-            Some("QUIT") => 3,
-            Some("USR1") => 10,
-            Some("USR2") => 12,
-            Some(n) => n.parse().map_err(|_| invalid(format!("unknown signal {n:?}")))?,
-        };
+        let signal = crate::live::parse_signal(a.signal.as_deref().unwrap_or("TERM")).map_err(invalid)?;
         p.signal(signal).await.map_err(failure)?;
         ok(json!({ "process_id": a.process_id, "signal": signal }))
     }

@@ -12,6 +12,9 @@ use anyhow::{Context, Result, ensure};
 use libtest_mimic::{Arguments, Failed, Trial};
 use vessel_test_support as support;
 
+mod live;
+
+#[derive(Clone)]
 struct Session {
     data: PathBuf,
     mounts: PathBuf,
@@ -62,6 +65,7 @@ fn main() {
     let Some(image_dir) = support::root_with_test_image("cli") else { return };
     let tmp = tempfile::tempdir().unwrap();
     let mut backends: Vec<(&'static str, Option<PathBuf>)> = vec![("youki", None)];
+    let namespace = format!("vessel-cli-{}", std::process::id());
     // containerd rootless is a typed refusal (the facade suite).
     if cfg!(feature = "containerd")
         && !vessel::runtime::rootless::mode().is_rootless()
@@ -69,9 +73,11 @@ fn main() {
     {
         backends.push(("containerd", Some(PathBuf::from(a))));
     }
+    let containerd: Vec<(PathBuf, String)> =
+        backends.iter().filter_map(|(_, a)| a.clone()).map(|a| (a, namespace.clone())).collect();
     let mut trials = backends
         .into_iter()
-        .map(|(backend, address)| {
+        .flat_map(|(backend, address)| {
             let s = Session {
                 data: tmp.path().join(backend).join("data"),
                 mounts: tmp.path().join(backend).join("mounts"),
@@ -79,9 +85,33 @@ fn main() {
                 address,
             };
             let image = image_dir.join("busybox-oci.tar");
-            Trial::test(format!("{backend}::a_whole_session"), move || {
-                a_whole_session(&s, &image).map_err(|e| Failed::from(format!("{e:#}")))
-            })
+            let live = Session {
+                data: s.data.with_file_name("live-data"),
+                mounts: s.mounts.with_file_name("live-mounts"),
+                ..s.clone()
+            };
+            let stranger = Session {
+                data: s.data.with_file_name("stranger-data"),
+                mounts: s.mounts.with_file_name("stranger-mounts"),
+                ..s.clone()
+            };
+            let (image2, image3) = (image.clone(), image.clone());
+            let mut t = vec![
+                Trial::test(format!("{backend}::a_whole_session"), move || {
+                    a_whole_session(&s, &image).map_err(|e| Failed::from(format!("{e:#}")))
+                }),
+                Trial::test(format!("{backend}::background_processes"), move || {
+                    live::background_processes(&live, &image2).map_err(|e| Failed::from(format!("{e:#}")))
+                }),
+            ];
+            // Another user is needed: root's run only.
+            if !vessel::runtime::rootless::mode().is_rootless() {
+                t.push(Trial::test(format!("{backend}::a_stranger_cannot_call_a_keeper"), move || {
+                    live::a_stranger_cannot_call_a_keeper(&stranger, &image3)
+                        .map_err(|e| Failed::from(format!("{e:#}")))
+                }));
+            }
+            t
         })
         .collect::<Vec<_>>();
     // Backend-independent: once.
@@ -120,7 +150,8 @@ fn main() {
         }));
     }
     let conclusion = libtest_mimic::run(&args, trials);
-    let leaks = [("mounts", support::shown(support::mounts_under(tmp.path())))];
+    let mut leaks = support::suite::leaks(tmp.path(), &containerd);
+    leaks.push(("keepers", support::processes_with_arg("keep").iter().map(i32::to_string).collect()));
     support::finish(&tmp.keep(), &leaks, conclusion)
 }
 
