@@ -12,10 +12,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tokio::io::AsyncRead;
 use vessel::{ExecOptions, Manager, SnapshotId, SnapshotManifest, Vessel, VesselManifest};
 
+use crate::args::{CreateArgs, ExecArgs};
 use crate::keeper::client::{self, call, call_with_data, call_with_input};
 use crate::keeper::wire::{self, Call, Conn, Reply};
 use crate::view::{ExecView, SnapshotView, VesselView};
-use crate::{CreateArgs, ExecArgs};
 use vessel::NAME_LABEL;
 
 /// The keeper holding vessel `id` (an id or name), if one does; a name
@@ -366,7 +366,7 @@ pub(crate) async fn rm(mgr: &Manager, id: &str, snapshot: Option<&str>, force: b
     }
 }
 
-pub(crate) fn setup_quota(root: &Path, a: &crate::SetupQuotaArgs, json: bool) -> Result<()> {
+pub(crate) fn setup_quota(root: &Path, a: &crate::args::SetupQuotaArgs, json: bool) -> Result<()> {
     if a.remove {
         vessel::remove_quota_setup(root, a.image.as_deref(), a.delete_image)?;
         if !json {

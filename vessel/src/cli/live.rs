@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 
-use crate::ExecArgs;
+use crate::args::ExecArgs;
 use crate::commands::{keeper, unexpected, wire_command};
 use crate::keeper::client::{call, connect_or_start};
 use crate::keeper::wire::{Call, Conn, Reply};
