@@ -67,7 +67,7 @@ fn the_readme_names_commands_that_exist() {
     }
     assert!(named >= 2, "the README's quick start names `cargo xtask demo` and `cargo xtask test`");
     // The CLI's subcommands, as clap names them (kebab-case variants).
-    let cli = std::fs::read_to_string(root().join("vessel/src/cli/main.rs")).unwrap();
+    let cli = std::fs::read_to_string(root().join("vessel/src/cli/args.rs")).unwrap();
     let sub = |word: &str| {
         let variant: String = word.split('-').map(|w| w[..1].to_uppercase() + &w[1..]).collect();
         cli.contains(&format!("    {variant} {{"))
