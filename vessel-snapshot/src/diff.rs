@@ -217,7 +217,7 @@ fn vanished_in(
     Ok(())
 }
 
-fn sorted_entries(dir: &Path) -> Result<Vec<OsString>, SnapshotError> {
+pub(crate) fn sorted_entries(dir: &Path) -> Result<Vec<OsString>, SnapshotError> {
     let mut names = Vec::new();
     for e in fs::read_dir(dir).map_err(SnapshotError::io("read directory", dir))? {
         names.push(e.map_err(SnapshotError::io("read directory", dir))?.file_name());
@@ -227,10 +227,10 @@ fn sorted_entries(dir: &Path) -> Result<Vec<OsString>, SnapshotError> {
 }
 
 /// xattrs as (name, value), sorted by name.
-type Xattrs = Vec<(OsString, Vec<u8>)>;
+pub(crate) type Xattrs = Vec<(OsString, Vec<u8>)>;
 
 /// The entry's xattrs, sorted by name, without overlay's own.
-fn xattrs(path: &Path) -> Result<(Xattrs, OverlayMarks), SnapshotError> {
+pub(crate) fn xattrs(path: &Path) -> Result<(Xattrs, OverlayMarks), SnapshotError> {
     let mut marks = OverlayMarks::default();
     let mut out = Vec::new();
     let names = match xattr::list(path) {
@@ -268,9 +268,9 @@ fn xattrs(path: &Path) -> Result<(Xattrs, OverlayMarks), SnapshotError> {
 }
 
 #[derive(Debug, Default)]
-struct OverlayMarks {
-    opaque: bool,
-    whiteout: bool,
+pub(crate) struct OverlayMarks {
+    pub(crate) opaque: bool,
+    pub(crate) whiteout: bool,
     redirect: bool,
     metacopy: bool,
 }

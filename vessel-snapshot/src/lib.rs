@@ -11,6 +11,8 @@
 //! - Sparse files are archived as GNU's PAX 1.0 sparse entries and restored
 //!   with their holes: a snapshot costs what was written.
 //! - [`LayerCache`]: unpacked layers shared by every vessel on a host.
+//! - [`changes`]: what differs between two stacks of layers (`docker
+//!   diff`), walking only the layers they do not share.
 //! - [`image`]: docker-save and OCI image-layout archives into the cache
 //!   ([`image::unpack_image`]).
 //!
@@ -21,6 +23,7 @@
 
 mod apply;
 mod cache;
+mod changes;
 mod codec;
 mod diff;
 mod error;
@@ -48,5 +51,6 @@ pub(crate) fn opaque_xattr() -> &'static str {
 
 pub use apply::{ApplyMode, ApplyOptions, apply_layer};
 pub use cache::{LayerCache, LayerKey};
+pub use changes::{Change, ChangeKind, Modified, changes};
 pub use diff::{DiffOptions, DiffStats, vanished, write_diff, write_diff_gone, write_diff_with};
 pub use error::{SnapshotError, SnapshotErrorKind};

@@ -236,6 +236,22 @@ impl<S: Storage> Storage for CompressedStorage<S> {
         self.inner.list_vessels().await
     }
 
+    async fn delete_vessel_manifest(&self, id: &VesselId) -> Result<(), StorageError> {
+        self.inner.delete_vessel_manifest(id).await
+    }
+
+    async fn list_snapshots(&self, vessel: &VesselId) -> Result<Vec<crate::StoredSnapshot>, StorageError> {
+        self.inner.list_snapshots(vessel).await
+    }
+
+    async fn list_snapshot_owners(&self) -> Result<Vec<VesselId>, StorageError> {
+        self.inner.list_snapshot_owners().await
+    }
+
+    async fn list_forks(&self, owner: &VesselId) -> Result<Vec<VesselId>, StorageError> {
+        self.inner.list_forks(owner).await
+    }
+
     async fn delete_vessel(&self, id: &VesselId) -> Result<(), StorageError> {
         self.inner.delete_vessel(id).await
     }

@@ -132,6 +132,20 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// Removes a vessel's manifest and all its snapshots.
     async fn delete_vessel(&self, id: &VesselId) -> Result<(), StorageError>;
 
+    /// Removes a vessel's manifest only: its snapshots' blobs stay (forks
+    /// may refer to them) until deleted one by one.
+    async fn delete_vessel_manifest(&self, id: &VesselId) -> Result<(), StorageError>;
+
+    /// The snapshot blobs stored under `vessel` (with or without its
+    /// manifest), with when each was written, sorted by id.
+    async fn list_snapshots(&self, vessel: &VesselId) -> Result<Vec<StoredSnapshot>, StorageError>;
+
+    /// Every vessel id that has snapshot blobs or a manifest, sorted.
+    async fn list_snapshot_owners(&self) -> Result<Vec<VesselId>, StorageError>;
+
+    /// The vessels with a fork record on `owner` ([`RecordKey::Fork`]), sorted.
+    async fn list_forks(&self, owner: &VesselId) -> Result<Vec<VesselId>, StorageError>;
+
     /// Streams a snapshot's layer diff into storage, replacing any previous one.
     async fn save_snapshot(
         &self,
@@ -182,6 +196,15 @@ pub trait Storage: Send + Sync + fmt::Debug {
     }
 }
 
+/// A snapshot blob as storage lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredSnapshot {
+    /// The snapshot's id.
+    pub id: SnapshotId,
+    /// When the blob was written.
+    pub modified: chrono::DateTime<chrono::Utc>,
+}
+
 macro_rules! forward_storage {
     ($ty:ty) => {
         #[async_trait]
@@ -215,6 +238,18 @@ macro_rules! forward_storage {
             }
             async fn list_vessels(&self) -> Result<Vec<VesselId>, StorageError> {
                 (**self).list_vessels().await
+            }
+            async fn delete_vessel_manifest(&self, id: &VesselId) -> Result<(), StorageError> {
+                (**self).delete_vessel_manifest(id).await
+            }
+            async fn list_snapshots(&self, v: &VesselId) -> Result<Vec<StoredSnapshot>, StorageError> {
+                (**self).list_snapshots(v).await
+            }
+            async fn list_snapshot_owners(&self) -> Result<Vec<VesselId>, StorageError> {
+                (**self).list_snapshot_owners().await
+            }
+            async fn list_forks(&self, owner: &VesselId) -> Result<Vec<VesselId>, StorageError> {
+                (**self).list_forks(owner).await
             }
             async fn delete_vessel(&self, id: &VesselId) -> Result<(), StorageError> {
                 (**self).delete_vessel(id).await

@@ -32,8 +32,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::{debug, warn};
 use vessel_core::{ImageRef, SnapshotId, VesselId, VesselManifest};
 
-use crate::record::{CLAIMS, HOSTS, NAMES};
-use crate::{BlobEncoding, BlobReader, HostId, Record, RecordKey, Storage, StorageError, Version, WriteIf};
+use crate::record::{CLAIMS, FORKS, HOSTS, NAMES};
+use crate::{
+    BlobEncoding, BlobReader, HostId, Record, RecordKey, Storage, StorageError, StoredSnapshot, Version, WriteIf,
+};
 
 const MANIFEST: &str = "vessel.dat";
 const TMP: &str = ".tmp";
@@ -487,14 +489,98 @@ impl Storage for LocalStorage {
 
     async fn delete_snapshot(&self, vessel: &VesselId, snapshot: &SnapshotId) -> Result<(), StorageError> {
         let paths: Vec<_> = BlobEncoding::ALL.into_iter().map(|e| self.snapshot_path(vessel, snapshot, e)).collect();
+        let vessel_dir = self.vessel_dir(vessel);
         blocking(move || {
             for p in &paths {
                 remove_file_if_present(p).map_err(StorageError::io("remove", p))?;
             }
             match paths[0].parent() {
-                Some(dir) if dir.is_dir() => fsync_dir(dir),
-                _ => Ok(()),
+                Some(dir) if dir.is_dir() => fsync_dir(dir)?,
+                _ => {}
             }
+            // The last blob of a deleted vessel takes its directory with it
+            // (both removals fail harmlessly while anything is left).
+            if !vessel_dir.join(MANIFEST).exists() {
+                let _ = fs::remove_dir(vessel_dir.join("snapshots"));
+                let _ = fs::remove_dir(&vessel_dir);
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn delete_vessel_manifest(&self, id: &VesselId) -> Result<(), StorageError> {
+        let p = self.manifest_path(id);
+        let dir = self.vessel_dir(id);
+        blocking(move || {
+            remove_file_if_present(&p).map_err(StorageError::io("remove", &p))?;
+            if dir.is_dir() {
+                fsync_dir(&dir)?;
+            }
+            let _ = fs::remove_dir(dir.join("snapshots"));
+            let _ = fs::remove_dir(&dir);
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list_snapshots(&self, vessel: &VesselId) -> Result<Vec<StoredSnapshot>, StorageError> {
+        let dir = self.vessel_dir(vessel).join("snapshots");
+        blocking(move || {
+            let mut out = Vec::new();
+            let entries = match fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+                Err(e) => return Err(StorageError::io("read directory", &dir)(e)),
+            };
+            for entry in entries {
+                let entry = entry.map_err(StorageError::io("read directory", &dir))?;
+                let name = entry.file_name();
+                let Some(id) = name.to_str().and_then(|n| n.split('.').next()).and_then(|n| SnapshotId::new(n).ok())
+                else {
+                    continue;
+                };
+                let modified =
+                    entry.metadata().and_then(|m| m.modified()).map_err(StorageError::io("stat", entry.path()))?;
+                out.push(StoredSnapshot { id, modified: modified.into() });
+            }
+            out.sort_by(|a, b| a.id.cmp(&b.id));
+            out.dedup_by(|a, b| a.id == b.id);
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn list_snapshot_owners(&self) -> Result<Vec<VesselId>, StorageError> {
+        let dir = self.root.join("vessels");
+        blocking(move || {
+            let mut ids: Vec<VesselId> = fs::read_dir(&dir)
+                .map_err(StorageError::io("read directory", &dir))?
+                .flatten()
+                .filter_map(|e| e.file_name().to_str().and_then(|n| VesselId::new(n).ok()))
+                .collect();
+            ids.sort();
+            Ok(ids)
+        })
+        .await
+    }
+
+    async fn list_forks(&self, owner: &VesselId) -> Result<Vec<VesselId>, StorageError> {
+        let dir = self.root.join(FORKS).join(owner.as_str());
+        blocking(move || {
+            let entries = match fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+                Err(e) => return Err(StorageError::io("read directory", &dir)(e)),
+            };
+            let mut ids: Vec<VesselId> = entries
+                .flatten()
+                .filter_map(|e| {
+                    e.file_name().to_str().and_then(|n| n.strip_suffix(".json")).and_then(|n| VesselId::new(n).ok())
+                })
+                .collect();
+            ids.sort();
+            Ok(ids)
         })
         .await
     }

@@ -24,8 +24,10 @@ use tokio::io::AsyncReadExt;
 use vessel_core::{ImageRef, SnapshotId, VesselId, VesselManifest};
 
 use crate::local::{manifest_json, manifest_name, parse_manifest};
-use crate::record::HOSTS;
-use crate::{BlobEncoding, BlobReader, HostId, Record, RecordKey, Storage, StorageError, Version, WriteIf};
+use crate::record::{FORKS, HOSTS};
+use crate::{
+    BlobEncoding, BlobReader, HostId, Record, RecordKey, Storage, StorageError, StoredSnapshot, Version, WriteIf,
+};
 
 /// The size of an upload part (S3 wants at least 5 MiB but the last).
 pub(crate) const PART: usize = 8 << 20;
@@ -495,6 +497,53 @@ impl Storage for ObjectStorage {
 
     async fn delete_snapshot(&self, vessel: &VesselId, snapshot: &SnapshotId) -> Result<(), StorageError> {
         self.delete_all(BlobEncoding::ALL.into_iter().map(|e| self.snapshot_key(vessel, snapshot, e)).collect()).await
+    }
+
+    async fn delete_vessel_manifest(&self, id: &VesselId) -> Result<(), StorageError> {
+        self.delete_all(vec![self.manifest_key(id)]).await
+    }
+
+    async fn list_snapshots(&self, vessel: &VesselId) -> Result<Vec<StoredSnapshot>, StorageError> {
+        let dir = self.key(&format!("vessels/{vessel}/snapshots"));
+        let metas: Vec<object_store::ObjectMeta> =
+            self.store.list(Some(&dir)).try_collect().await.map_err(remote("list", &dir))?;
+        let mut out: Vec<StoredSnapshot> = metas
+            .iter()
+            .filter_map(|m| {
+                let rel = Self::relative(&dir, &m.location)?;
+                let id = SnapshotId::new(rel.split('.').next()?).ok()?;
+                Some(StoredSnapshot { id, modified: m.last_modified })
+            })
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out.dedup_by(|a, b| a.id == b.id);
+        Ok(out)
+    }
+
+    async fn list_snapshot_owners(&self) -> Result<Vec<VesselId>, StorageError> {
+        let dir = self.key("vessels");
+        let listing = self.store.list_with_delimiter(Some(&dir)).await.map_err(remote("list", &dir))?;
+        let mut ids: Vec<VesselId> = listing
+            .common_prefixes
+            .iter()
+            .filter_map(|p| Self::relative(&dir, p))
+            .filter_map(|n| VesselId::new(&n).ok())
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    async fn list_forks(&self, owner: &VesselId) -> Result<Vec<VesselId>, StorageError> {
+        let dir = self.key(&format!("{FORKS}/{owner}"));
+        let mut out: Vec<VesselId> = self
+            .list_keys(&dir)
+            .await?
+            .iter()
+            .filter_map(|k| Self::relative(&dir, k))
+            .filter_map(|n| n.strip_suffix(".json").and_then(|n| VesselId::new(n).ok()))
+            .collect();
+        out.sort();
+        Ok(out)
     }
 
     async fn save_image(&self, image: &ImageRef, data: BlobReader) -> Result<(), StorageError> {

@@ -5,6 +5,8 @@
 //! leases/hosts/<host-id>.json      a host's heartbeat
 //! leases/vessels/<vessel-id>.json  which host has a vessel open
 //! names/<name>.json                which vessel a name is (created if absent: names are unique)
+//! forks/<owner>/<fork>.json        a vessel whose history holds snapshots stored under another's
+//! condemned/<owner>.json           a deletion of `owner`'s snapshot blobs is under way
 //! ```
 
 use std::fmt;
@@ -65,6 +67,17 @@ pub enum RecordKey {
     Claim(VesselId),
     /// A vessel's name: the id it stands for.
     Name(VesselName),
+    /// Vessel `fork` refers to snapshots whose blobs are stored under vessel
+    /// `owner` (written before the fork's manifest; see `vessel`'s fork).
+    Fork {
+        /// Whose blobs.
+        owner: VesselId,
+        /// The vessel that refers to them.
+        fork: VesselId,
+    },
+    /// Some of `owner`'s snapshot blobs are being deleted: a fork that
+    /// finds this after recording itself gives up.
+    Condemned(VesselId),
 }
 
 impl RecordKey {
@@ -74,6 +87,8 @@ impl RecordKey {
             Self::Host(h) => format!("{HOSTS}/{h}.json"),
             Self::Claim(v) => format!("{CLAIMS}/{v}.json"),
             Self::Name(n) => format!("{NAMES}/{n}.json"),
+            Self::Fork { owner, fork } => format!("{FORKS}/{owner}/{fork}.json"),
+            Self::Condemned(v) => format!("{CONDEMNED}/{v}.json"),
         }
     }
 }
@@ -84,6 +99,8 @@ impl fmt::Display for RecordKey {
             Self::Host(h) => write!(f, "lease of host {h}"),
             Self::Claim(v) => write!(f, "claim on vessel {v}"),
             Self::Name(n) => write!(f, "vessel name {n:?}", n = n.as_str()),
+            Self::Fork { owner, fork } => write!(f, "fork record of {fork} on {owner}"),
+            Self::Condemned(v) => write!(f, "deletion record of {v}'s snapshots"),
         }
     }
 }
@@ -91,6 +108,8 @@ impl fmt::Display for RecordKey {
 pub(crate) const HOSTS: &str = "leases/hosts";
 pub(crate) const CLAIMS: &str = "leases/vessels";
 pub(crate) const NAMES: &str = "names";
+pub(crate) const FORKS: &str = "forks";
+pub(crate) const CONDEMNED: &str = "condemned";
 
 /// The version a record or manifest was read or written at, as the
 /// storage knows it (an ETag and object version, a content hash): what a

@@ -27,6 +27,7 @@ pub struct ManagerConfig {
     pub(crate) registries: crate::layers::registry::Registries,
     pub(crate) lease: vessel_storage::lease::LeaseConfig,
     pub(crate) idle_pause: Option<std::time::Duration>,
+    pub(crate) gc_grace: std::time::Duration,
 }
 
 /// What a vessel may write to the host's disk unless told otherwise: 10 GiB.
@@ -214,6 +215,7 @@ impl Default for ManagerConfig {
             registries: Default::default(),
             lease: Default::default(),
             idle_pause: None,
+            gc_grace: std::time::Duration::from_secs(3600),
         }
     }
 }
@@ -239,6 +241,15 @@ impl ManagerConfig {
     /// default (a process that only computes would be frozen too).
     pub fn idle_pause(mut self, idle: std::time::Duration) -> Self {
         self.idle_pause = Some(idle).filter(|d| !d.is_zero());
+        self
+    }
+
+    /// How old an unreferenced snapshot blob must be before
+    /// [`crate::Manager::gc`] deletes it (default an hour): a snapshot
+    /// stores its blob before the manifest that refers to it, so a blob
+    /// younger than the slowest commit may still be about to be referred to.
+    pub fn gc_grace(mut self, grace: std::time::Duration) -> Self {
+        self.gc_grace = grace;
         self
     }
 

@@ -126,6 +126,14 @@ pub enum VesselError {
     /// The vessel (or its manager) was closed, or the vessel deleted.
     #[error("vessel {0} is closed")]
     Closed(VesselId),
+    /// A fork was not made: snapshots it would share, stored under
+    /// `owner`, are being deleted (by this or another host). Nothing was
+    /// created; a retry after the deletion sees what is left.
+    #[error("the fork was not made: snapshots of vessel {owner} are being deleted")]
+    ForkRaced {
+        /// The vessel whose snapshot blobs are being deleted.
+        owner: VesselId,
+    },
     /// A `File` opened before a snapshot or restore remounted the vessel.
     #[error("file handle in vessel {0} is stale (a snapshot or restore remounted the vessel)")]
     StaleFile(VesselId),
@@ -277,7 +285,7 @@ impl VesselError {
             | Self::ImageNotFound(_) => K::NotFound,
             Self::NameInUse { .. } => K::Conflict,
             Self::SnapshotInUse { .. } | Self::Locked(_) | Self::Closed(_) | Self::StaleFile(_) => K::Conflict,
-            Self::Busy { .. } | Self::LeaseLost(_) => K::Conflict,
+            Self::Busy { .. } | Self::LeaseLost(_) | Self::ForkRaced { .. } => K::Conflict,
             Self::ImageChanged { .. } => K::Corrupt,
         }
     }

@@ -38,6 +38,7 @@
 
 mod config;
 mod error;
+mod fork;
 mod fs;
 mod host;
 mod layers;
@@ -45,12 +46,14 @@ mod limits;
 mod manager;
 mod names;
 mod quota;
+mod sharing;
 mod task;
 mod user;
 mod vessel;
 
 pub use config::{Backend, DEFAULT_DISK_QUOTA, IdRanges, ManagerConfig, QuotaMode, VesselOptions, default_mount_root};
 pub use error::{Result, VesselError, VesselErrorKind};
+pub use fork::{FORKED_AT_LABEL, FORKED_FROM_LABEL, ForkOrigin, GcReport, MAX_FORKS};
 pub use fs::{File, FileInfo, FileType, OVERFLOW_ID, OpenFlags};
 pub use layers::registry;
 pub use limits::{Limit, UnavailableLimit};
@@ -63,6 +66,7 @@ pub use quota::{
 pub use registry::{PullFailure, PullProgress, PulledImage, RegistryAuth};
 pub use vessel::Vessel;
 pub use vessel::process::{OUTPUT_RING, Output, OutputStream, ProcessHandle, ProcessInfo, ProcessStatus, StopReason};
+pub use vessel_snapshot::{Change, ChangeKind, Modified};
 
 /// Must be the first call in `main` of a program that uses vessel, before
 /// any thread starts: in rootless mode it moves the process into its user

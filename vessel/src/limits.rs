@@ -88,6 +88,34 @@ pub(crate) fn label_options(opts: &VesselOptions, labels: &mut BTreeMap<String, 
     Ok(())
 }
 
+/// A fork's limit labels: its source's (as pinned there), each narrowed by
+/// a value `opts` sets; a value wider than the source's is refused.
+pub(crate) fn fork_labels(
+    source: &BTreeMap<String, String>,
+    opts: &VesselOptions,
+    out: &mut BTreeMap<String, String>,
+) -> Result<()> {
+    let mut asked = BTreeMap::new();
+    label_options(opts, &mut asked)?;
+    for key in [MEMORY, CPU, PIDS, DISK] {
+        let from = parse(source, key)?;
+        let value = match (asked.get(key), from) {
+            (Some(v), Some(Some(limit))) if v.parse::<i64>().map_or(true, |n| n > limit) => {
+                return Err(VesselError::InvalidInput(format!(
+                    "a fork may narrow its source's limits, not widen them: {key}={v} is above the source's {limit}"
+                )));
+            }
+            (Some(v), _) => v.clone(),
+            (None, _) => match source.get(key) {
+                Some(v) => v.clone(),
+                None => continue,
+            },
+        };
+        out.insert(key.into(), value);
+    }
+    Ok(())
+}
+
 impl Bounds {
     /// The vessel's bounds: its labels, else the manager's defaults; then
     /// pinned in `labels`.

@@ -65,6 +65,8 @@ pub(crate) struct ManagerState {
     pub(crate) agent: std::sync::OnceLock<PathBuf>,
     /// Pause live sandboxes idle this long (`ManagerConfig::idle_pause`).
     pub(crate) idle_pause: Option<std::time::Duration>,
+    /// Blobs younger than this are never collected (`ManagerConfig::gc_grace`).
+    pub(crate) gc_grace: std::time::Duration,
 }
 
 impl std::fmt::Debug for ManagerState {
@@ -76,7 +78,7 @@ impl std::fmt::Debug for ManagerState {
 /// Creates, opens and deletes vessels; one per host and storage is typical.
 #[derive(Debug)]
 pub struct Manager {
-    state: Arc<ManagerState>,
+    pub(crate) state: Arc<ManagerState>,
 }
 
 impl ManagerState {
@@ -117,7 +119,7 @@ impl ManagerState {
     }
 
     /// Removes the claim record of a vessel that does not (or no longer) exist.
-    async fn forget_claim(&self, id: &VesselId) {
+    pub(crate) async fn forget_claim(&self, id: &VesselId) {
         if let Err(e) = self.storage.delete_record(&RecordKey::Claim(id.clone())).await {
             tracing::warn!(vessel = %id, error = %e, "could not remove the vessel's claim");
         }
@@ -236,6 +238,7 @@ impl Manager {
             lease,
             agent: std::sync::OnceLock::new(),
             idle_pause: config.idle_pause,
+            gc_grace: config.gc_grace,
         };
         let mgr = Self { state: Arc::new(state) };
         let containers = mgr.state.runtime.remove_leftovers().await?;
@@ -399,7 +402,7 @@ impl Manager {
         Ok(self.register(vessel))
     }
 
-    fn register(&self, inner: Arc<OpenVessel>) -> Vessel {
+    pub(crate) fn register(&self, inner: Arc<OpenVessel>) -> Vessel {
         let mut open = self.state.open.locked();
         open.retain(|_, w| w.strong_count() > 0);
         open.insert(inner.id.clone(), Arc::downgrade(&inner));
@@ -412,7 +415,7 @@ impl Manager {
     }
 
     /// `id`'s manifest, or `VesselNotFound`.
-    async fn load_manifest(&self, id: &VesselId) -> Result<VesselManifest> {
+    pub(crate) async fn load_manifest(&self, id: &VesselId) -> Result<VesselManifest> {
         match self.state.storage.load_vessel_manifest(id).await {
             Err(e) if e.kind() == StorageErrorKind::NotFound => Err(VesselError::VesselNotFound(id.clone())),
             r => Ok(r?),
@@ -497,8 +500,8 @@ impl Manager {
         }
         let _lock = self.state.lock(&id)?;
         let claim = self.state.claim(&id).await?;
-        let name = match self.load_manifest(&id).await {
-            Ok(m) => crate::names::name_of(&m.labels).and_then(|n| VesselName::new(n).ok()),
+        let manifest = match self.load_manifest(&id).await {
+            Ok(m) => m,
             Err(e) => {
                 match e.kind() {
                     crate::VesselErrorKind::NotFound => self.state.forget_claim(&id).await,
@@ -507,15 +510,36 @@ impl Manager {
                 return Err(e);
             }
         };
+        let name = crate::names::name_of(&manifest.labels).and_then(|n| VesselName::new(n).ok());
         let deleted = async {
             scrub(&self.state.vessel_dir(&id))?;
-            self.state.storage.delete_vessel(&id).await?;
+            self.state.storage.delete_vessel_manifest(&id).await?;
             Ok::<_, VesselError>(())
         }
         .await;
         if let Err(e) = deleted {
             self.state.release(&claim).await;
             return Err(e);
+        }
+        // Its blobs go unless a fork refers to them (then gc takes them
+        // once none does); so do those of its sources that only it used.
+        // The manifest is gone already: a failure here leaves blobs for gc,
+        // never a vessel that half exists.
+        let freed = async {
+            let own: Vec<_> = self.state.storage.list_snapshots(&id).await?.into_iter().map(|s| s.id).collect();
+            self.state.free_blobs(&id, &own).await?;
+            let sources = crate::sharing::foreign_owners(&manifest);
+            self.state.forget_fork(&id, &sources).await;
+            for owner in &sources {
+                let used: Vec<_> =
+                    manifest.snapshots.iter().filter(|s| &s.vessel_id == owner).map(|s| s.id.clone()).collect();
+                self.state.free_blobs(owner, &used).await?;
+            }
+            Ok::<_, VesselError>(())
+        }
+        .await;
+        if let Err(e) = freed {
+            tracing::warn!(vessel = %id, error = %e, "deleted; some of its blobs are left for gc");
         }
         if let Some(n) = &name {
             self.state.drop_name(n, &id).await;

@@ -343,6 +343,46 @@ async fn http_calls(url: &str, token: &str) -> Result<()> {
         ensure!(r.is_error == Some(true) && text(&r).starts_with(want), "{name} {a}: {}", text(&r));
     }
 
+    // Forks of a snapshot and of the present state, and what changed.
+    let made = good("fork_vessel", json!({"vessel_id": v, "snapshot_id": snap, "count": 2})).await?;
+    let forks: Vec<String> = made["vessels"]
+        .as_array()
+        .context("vessels")?
+        .iter()
+        .filter(|f| f["forked_from"]["vessel_id"] == v.as_str() && f["forked_from"]["snapshot_id"] == snap.as_str())
+        .filter_map(|f| f["vessel_id"].as_str().map(str::to_owned))
+        .collect();
+    ensure!(forks.len() == 2, "{made}");
+    let r = good("read_file", json!({"vessel_id": forks[0], "path": "notes/a.txt"})).await?;
+    ensure!(r["content"] == "first\n", "the fork starts at the snapshot: {r}");
+    good("exec", json!({"vessel_id": forks[0], "shell": "echo changed > notes/a.txt; echo new > notes/b.txt"})).await?;
+    let changes = good("list_changes", json!({"vessel_id": forks[0]})).await?;
+    let kind_of = |suffix: &str| {
+        changes["changes"]
+            .as_array()
+            .and_then(|a| a.iter().find(|c| c["path"].as_str().is_some_and(|p| p.ends_with(suffix))))
+            .map(|c| c["kind"].clone())
+    };
+    ensure!(
+        kind_of("notes/a.txt") == Some(json!("modified")) && kind_of("notes/b.txt") == Some(json!("added")),
+        "{changes}"
+    );
+    let r = good("read_file", json!({"vessel_id": forks[1], "path": "notes/a.txt"})).await?;
+    ensure!(r["content"] == "first\n", "forks are separate: {r}");
+    let live = good("fork_vessel", json!({"vessel_id": w})).await?;
+    let live = live["vessels"][0]["vessel_id"].as_str().context("a live fork")?.to_owned();
+    for (name, a, want) in [
+        ("fork_vessel", json!({"vessel_id": v, "count": 0}), "InvalidInput"),
+        ("fork_vessel", json!({"vessel_id": v, "snapshot_id": "0000000000000007"}), "NotFound"),
+        ("list_changes", json!({"vessel_id": v, "to": snap}), "InvalidInput"),
+    ] {
+        let r = call(name, a.clone()).await?;
+        ensure!(r.is_error == Some(true) && text(&r).starts_with(want), "{name} {a}: {}", text(&r));
+    }
+    for f in forks.iter().chain([&live]) {
+        good("delete_vessel", json!({"vessel_id": f})).await?;
+    }
+
     good("delete_vessel", json!({"vessel_id": w})).await?;
     let listed = good("list_vessels", json!({})).await?;
     ensure!(listed["vessels"].as_array().is_some_and(|a| a.len() == 1), "{listed}");

@@ -82,6 +82,24 @@ pub(crate) enum Command {
     /// Run a command in a vessel; exits with its exit code. With -d, in
     /// the background: prints its process id (see ps, logs, kill, wait).
     Exec(ExecArgs),
+    /// Fork a vessel: new vessels that start from one of its snapshots and
+    /// share its layers; prints their ids. Without --snapshot, its current
+    /// state (snapshotted first; running processes go on, and are not copied).
+    Fork(ForkArgs),
+    /// What changed in a vessel, as `docker diff`: A added, C changed, D deleted.
+    Diff {
+        /// Vessel id or name.
+        id: String,
+        /// Since this snapshot (default: the current one).
+        #[arg(long)]
+        since: Option<String>,
+        /// Up to this snapshot instead of the present state.
+        #[arg(long, requires = "since")]
+        to: Option<String>,
+    },
+    /// Delete stored snapshot blobs that no vessel refers to any more (those
+    /// a deleted vessel's forks kept, and what a crash left).
+    Gc,
     /// A vessel's background processes (started with `exec -d`).
     Ps {
         /// Vessel id or name.
@@ -269,6 +287,34 @@ pub(crate) struct CreateArgs {
     #[arg(long)]
     pub(crate) pids: Option<i64>,
     /// What the vessel may write to disk (bytes, or with k/m/g/t), e.g. 2g.
+    #[arg(long, value_parser = parse_size)]
+    pub(crate) disk: Option<u64>,
+}
+
+/// `vessel fork`'s arguments.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ForkArgs {
+    /// Vessel id or name.
+    pub(crate) id: String,
+    /// The snapshot to fork (default: the vessel's current state).
+    #[arg(long)]
+    pub(crate) snapshot: Option<String>,
+    /// How many vessels to make.
+    #[arg(short = 'n', long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=100))]
+    pub(crate) count: u16,
+    /// A name for the new vessel (with -n 1 only).
+    #[arg(long)]
+    pub(crate) name: Option<String>,
+    /// Memory of each command (at most the source's).
+    #[arg(long, value_parser = parse_size)]
+    pub(crate) memory: Option<u64>,
+    /// CPUs of each command (at most the source's).
+    #[arg(long)]
+    pub(crate) cpus: Option<f64>,
+    /// Processes and threads of each command (at most the source's).
+    #[arg(long)]
+    pub(crate) pids: Option<i64>,
+    /// What the vessel may write to disk (at most the source's).
     #[arg(long, value_parser = parse_size)]
     pub(crate) disk: Option<u64>,
 }

@@ -44,7 +44,7 @@ pub(crate) fn wire_command(a: &ExecArgs) -> wire::Command {
 
 /// Opens vessel `id`, runs `f` on it and closes it, however `f` ended (its
 /// error wins over one of closing).
-async fn with_vessel<T>(mgr: &Manager, id: &str, f: impl AsyncFnOnce(&Vessel) -> Result<T>) -> Result<T> {
+pub(crate) async fn with_vessel<T>(mgr: &Manager, id: &str, f: impl AsyncFnOnce(&Vessel) -> Result<T>) -> Result<T> {
     let pb = spinner(format!("opening vessel {id}"));
     let opened = mgr.open_vessel(id).await.with_context(|| format!("cannot open vessel {id}"));
     pb.finish_and_clear();
@@ -183,18 +183,20 @@ pub(crate) async fn ls(mgr: &Manager, json: bool) -> Result<()> {
         return print_json(&rows);
     }
     println!(
-        "{:<18} {:<16} {:<30} {:<18} {:>9}  {:<19}  HOLDER",
-        "ID", "NAME", "IMAGE", "CURRENT", "SNAPSHOTS", "UPDATED"
+        "{:<18} {:<16} {:<30} {:<18} {:>9}  {:<19}  {:<18}  HOLDER",
+        "ID", "NAME", "IMAGE", "CURRENT", "SNAPSHOTS", "UPDATED", "FORKED FROM"
     );
     for (m, h) in vessels.iter().zip(&holders) {
+        let from = vessel::ForkOrigin::of(m).map_or_else(|| "-".to_owned(), |o| o.vessel_id.to_string());
         println!(
-            "{:<18} {:<16} {:<30} {:<18} {:>9}  {:<19}  {}",
+            "{:<18} {:<16} {:<30} {:<18} {:>9}  {:<19}  {:<18}  {}",
             m.id.as_str(),
             m.labels.get(NAME_LABEL).map_or("-", String::as_str),
             m.base_image_ref.as_str(),
             m.current_snapshot_id.as_ref().map_or("-", |s| s.as_str()),
             m.snapshots.len(),
             m.update_time.format("%Y-%m-%d %H:%M:%S"),
+            from,
             h.as_ref().map_or_else(|| "-".to_owned(), |h| format!("{} ({})", h.name, h.host)),
         );
     }

@@ -15,6 +15,7 @@ use clap::{CommandFactory, Parser};
 mod args;
 mod commands;
 mod force;
+mod forks;
 mod keeper;
 mod live;
 mod mcp;
@@ -191,6 +192,7 @@ fn quota_mode(cli: &Cli) -> QuotaMode {
     let writes = matches!(
         cli.command,
         Command::Create(_)
+            | Command::Fork(_)
             | Command::Exec(_)
             | Command::Write { .. }
             | Command::Restore { .. }
@@ -305,6 +307,9 @@ async fn command(cli: &Cli, mgr: &Arc<Manager>) -> Result<ExitCode> {
         Command::Ls => commands::ls(mgr, json).await?,
         Command::Exec(a) if a.detach => live::exec_detached(mgr, a, &globals(cli, mgr), a.linger, json).await?,
         Command::Exec(a) => return commands::exec(mgr, a, json).await,
+        Command::Fork(a) => forks::fork(mgr, a, json).await?,
+        Command::Diff { id, since, to } => forks::diff(mgr, id, since.as_deref(), to.as_deref(), json).await?,
+        Command::Gc => forks::gc(mgr, json).await?,
         Command::Ps { id } => live::ps(mgr, id, json).await?,
         Command::Logs { follow, id, process } => live::logs(mgr, id, *process, *follow).await?,
         Command::Kill { id, process, signal } => live::kill(mgr, id, *process, *signal).await?,

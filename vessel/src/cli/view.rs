@@ -25,6 +25,16 @@ pub(crate) struct VesselView<'a> {
     /// Whether this MCP server has it open.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) open_here: Option<bool>,
+    /// The vessel and snapshot it was forked from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) forked_from: Option<ForkView>,
+}
+
+/// Where a fork came from.
+#[derive(Debug, Serialize)]
+pub(crate) struct ForkView {
+    pub(crate) vessel_id: String,
+    pub(crate) snapshot_id: String,
 }
 
 /// The host holding a vessel open.
@@ -48,6 +58,8 @@ impl<'a> VesselView<'a> {
             updated: m.update_time.to_rfc3339(),
             holder: None,
             open_here: None,
+            forked_from: vessel::ForkOrigin::of(m)
+                .map(|o| ForkView { vessel_id: o.vessel_id.to_string(), snapshot_id: o.snapshot_id.to_string() }),
         }
     }
 
@@ -187,6 +199,50 @@ impl ProcessView {
             started: chrono::DateTime::<chrono::Utc>::from(p.started).to_rfc3339(),
             stdout_bytes: p.output_bytes.0,
             stderr_bytes: p.output_bytes.1,
+        }
+    }
+}
+
+/// A changed path, as `vessel diff --json` and `list_changes` show it.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct ChangeView {
+    pub(crate) path: String,
+    /// `added`, `modified`, `deleted`.
+    pub(crate) kind: String,
+    /// For `modified`: `content`, `mode`, `owner`, `xattrs`, `type`, `opaque`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) what: Vec<String>,
+}
+
+impl ChangeView {
+    pub(crate) fn of(c: &vessel::Change) -> Self {
+        let m = c.modified;
+        let what = [
+            (m.content, "content"),
+            (m.mode, "mode"),
+            (m.owner, "owner"),
+            (m.xattrs, "xattrs"),
+            (m.kind, "type"),
+            (m.opaque, "opaque"),
+        ];
+        Self {
+            path: c.path.to_string_lossy().into_owned(),
+            kind: match c.kind {
+                vessel::ChangeKind::Added => "added",
+                vessel::ChangeKind::Modified => "modified",
+                vessel::ChangeKind::Deleted => "deleted",
+            }
+            .into(),
+            what: what.iter().filter(|(on, _)| *on).map(|(_, w)| (*w).to_owned()).collect(),
+        }
+    }
+
+    /// docker diff's letter: `A`, `C`, `D`.
+    pub(crate) fn letter(&self) -> char {
+        match self.kind.as_str() {
+            "added" => 'A',
+            "deleted" => 'D',
+            _ => 'C',
         }
     }
 }

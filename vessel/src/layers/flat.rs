@@ -59,7 +59,8 @@ impl Layers {
     async fn snapshot_layers(&self, vessel: &VesselId, snapshots: &[&SnapshotManifest]) -> Result<Vec<PathBuf>> {
         let mut out = Vec::with_capacity(snapshots.len());
         for batch in snapshots.chunks(FETCH_AT_ONCE) {
-            let fetches: Vec<_> = batch.iter().map(|s| self.snapshot_layer(vessel, &s.id, &s.checksum)).collect();
+            let fetches: Vec<_> =
+                batch.iter().map(|s| self.snapshot_layer(vessel, &s.vessel_id, &s.id, &s.checksum)).collect();
             out.extend(futures::future::try_join_all(fetches).await?);
         }
         Ok(out)

@@ -50,15 +50,22 @@ impl Layers {
         Self { storage, cache, images, registries, spool }
     }
 
-    /// The layer of snapshot `id`, fetched from storage and verified against
-    /// `checksum` if this host's cache lacks it.
-    pub(crate) async fn snapshot_layer(&self, vessel: &VesselId, id: &SnapshotId, checksum: &str) -> Result<PathBuf> {
-        let key = LayerKey::snapshot(vessel.clone(), id.clone(), checksum)?;
-        if self.cache.retain(&key, vessel.as_str())? {
+    /// The layer of snapshot `id`, stored under vessel `owner`, for vessel
+    /// `holder` (a fork holds its source's layers): fetched from storage
+    /// and verified against `checksum` if this host's cache lacks it.
+    pub(crate) async fn snapshot_layer(
+        &self,
+        holder: &VesselId,
+        owner: &VesselId,
+        id: &SnapshotId,
+        checksum: &str,
+    ) -> Result<PathBuf> {
+        let key = LayerKey::snapshot(owner.clone(), id.clone(), checksum)?;
+        if self.cache.retain(&key, holder.as_str())? {
             return Ok(self.cache.path(&key));
         }
-        let blob = self.storage.load_snapshot(vessel, id).await?;
-        let (cache, holder, checksum) = (self.cache.clone(), vessel.to_string(), checksum.to_owned());
+        let blob = self.storage.load_snapshot(owner, id).await?;
+        let (cache, holder, checksum) = (self.cache.clone(), holder.to_string(), checksum.to_owned());
         crate::task::blocking(move || {
             let reader = tokio_util::io::SyncIoBridge::new(blob);
             cache.get_or_unpack(&key, &holder, Some(&checksum), || Ok(reader))

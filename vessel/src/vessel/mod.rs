@@ -5,6 +5,7 @@
 //! exclusively (so a snapshot waits for running execs, and execs wait for a
 //! snapshot); file operations pass the [`Gate`], which a remount closes.
 
+mod changes;
 mod exec;
 mod files;
 mod live;
@@ -329,6 +330,11 @@ fn mount_dirs(
 impl Vessel {
     pub(crate) fn from_inner(inner: Arc<OpenVessel>) -> Self {
         Self { inner }
+    }
+
+    /// The state of the manager that opened it.
+    pub(crate) fn inner_state(&self) -> &Arc<ManagerState> {
+        &self.inner.manager
     }
 
     /// The vessel's id.

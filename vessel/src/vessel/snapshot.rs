@@ -169,7 +169,7 @@ impl Vessel {
             (Err(e), Ok(_) | Err(vessel_snapshot::SnapshotError::Stream(..))) => return Err(e.into()),
             (_, Err(e)) => return Err(e.into()),
         };
-        let layer = match manager.layers.snapshot_layer(&inner.id, &sid, &stats.digest).await {
+        let layer = match manager.layers.snapshot_layer(&inner.id, &inner.id, &sid, &stats.digest).await {
             Ok(l) => l,
             Err(e) => {
                 let _ = manager.storage.delete_snapshot(&inner.id, &sid).await;
@@ -290,17 +290,20 @@ impl Vessel {
             return Err(VesselError::SnapshotInUse { snapshot: id.clone(), reason: "it is the parent of another" });
         }
         // Its cached layers: its own, and the flat layer its chain would have.
+        let owner = manifest.snapshot(id).map(|s| s.vessel_id.clone()).unwrap_or_else(|| inner.id.clone());
         let doomed = {
             let mut chain = manifest.chain(id);
             chain.reverse();
             let checksum = chain.last().map(|s| s.checksum.as_str()).unwrap_or_default();
-            [crate::layers::flat_key(&chain), LayerKey::snapshot(inner.id.clone(), id.clone(), checksum)?]
+            [crate::layers::flat_key(&chain), LayerKey::snapshot(owner.clone(), id.clone(), checksum)?]
         };
         manifest.snapshots.retain(|s| &s.id != id);
         manifest.update_time = chrono::Utc::now();
         inner.commit_manifest(&manifest).await?;
         *inner.manifest.locked() = manifest;
-        inner.manager.storage.delete_snapshot(&inner.id, id).await?;
+        // Its blob goes unless a fork (or, for one this fork shares, its
+        // source) still refers to it; then gc takes it later.
+        inner.manager.free_blobs(&owner, std::slice::from_ref(id)).await?;
         for key in doomed {
             inner.manager.layers.cache.release(&key, inner.id.as_str())?;
         }

@@ -196,3 +196,52 @@ pub(crate) fn a_stranger_cannot_call_a_keeper(s: &Session, image: &Path) -> Resu
     all_gone(&id, "1004")?;
     Ok(())
 }
+
+/// `vessel fork` (a snapshot, and the present state through a keeper),
+/// `vessel diff` in docker's letters and as JSON, `ls` naming the source,
+/// and `gc`.
+pub(crate) fn forks_and_diff(s: &Session, image: &Path) -> Result<()> {
+    let image = image.to_str().context("utf-8 path")?;
+    s.ok(&["image", "import", image, "local/busybox:latest"], None)?;
+    let id = s.ok(&["create", "local/busybox:latest"], None)?.trim().to_owned();
+    let _stop = StopOnDrop(s, id.clone());
+    s.ok(&["exec", "--persist", &id, "--", "sh", "-c", "echo one > /work/a; echo gone > /work/b"], None)?;
+    let at = s.ok(&["snapshot", "-m", "at", &id], None)?.trim().to_owned();
+    s.ok(&["exec", "--persist", &id, "--", "sh", "-c", "echo two > /work/a; rm /work/b; echo c > /work/c"], None)?;
+    let diff = s.ok(&["diff", &id, "--since", &at], None)?;
+    for line in ["C /work/a", "D /work/b", "A /work/c"] {
+        ensure!(diff.lines().any(|l| l == line), "diff lacks {line:?}:\n{diff}");
+    }
+    let json: Vec<Value> = serde_json::from_str(&s.ok(&["diff", "--json", &id, "--since", &at], None)?)?;
+    ensure!(json.iter().any(|c| c["path"] == "/work/a" && c["kind"] == "modified" && c["what"][0] == "content"));
+    ensure!(s.ok(&["diff", &id], None)?.is_empty(), "nothing changed since the current snapshot");
+
+    // Three forks of the snapshot, each its own.
+    let forks: Vec<String> =
+        s.ok(&["fork", &id, "--snapshot", &at, "-n", "3"], None)?.lines().map(str::to_owned).collect();
+    ensure!(forks.len() == 3, "{forks:?}");
+    for f in &forks {
+        ensure!(s.ok(&["read", f, "/work/a"], None)? == "one\n");
+    }
+    let ls = s.ok(&["ls"], None)?;
+    ensure!(ls.lines().filter(|l| l.contains(&id)).count() == 4, "ls names the source of each fork:\n{ls}");
+    // The present state of a vessel a keeper holds, its process running on.
+    s.ok(&["exec", "-d", &id, "--", "sleep", "1005"], None)?;
+    let live = s.ok(&["fork", &id], None)?.trim().to_owned();
+    ensure!(s.ok(&["read", &live, "/work/c"], None)? == "c\n");
+    ensure!(ps(s, &id)?.len() == 1 && ps(s, &live)?.is_empty());
+    let wider = s.run(&["fork", &id, "--snapshot", &at, "--memory", "1t"], None)?;
+    ensure!(wider.status.code() == Some(125) && super::stderr(&wider).contains("narrow"), "{wider:?}");
+    s.ok(&["stop", &id], None)?;
+    all_gone(&id, "1005")?;
+    // The source goes; its forks stay whole; gc keeps what they use.
+    s.ok(&["rm", &id], None)?;
+    s.ok(&["gc"], None)?;
+    for f in forks.iter().chain([&live]) {
+        ensure!(s.ok(&["exec", f, "--", "cat", "/work/a"], None)?.trim() != "", "fork {f} reads its files");
+        s.ok(&["rm", f], None)?;
+    }
+    let gc: Value = serde_json::from_str(&s.ok(&["gc", "--json"], None)?)?;
+    ensure!(gc["blobs_deleted"].is_u64(), "{gc}");
+    Ok(())
+}

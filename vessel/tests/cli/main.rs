@@ -90,18 +90,26 @@ fn main() {
                 mounts: s.mounts.with_file_name("live-mounts"),
                 ..s.clone()
             };
+            let forks = Session {
+                data: s.data.with_file_name("forks-data"),
+                mounts: s.mounts.with_file_name("forks-mounts"),
+                ..s.clone()
+            };
             let stranger = Session {
                 data: s.data.with_file_name("stranger-data"),
                 mounts: s.mounts.with_file_name("stranger-mounts"),
                 ..s.clone()
             };
-            let (image2, image3) = (image.clone(), image.clone());
+            let (image2, image3, image4) = (image.clone(), image.clone(), image.clone());
             let mut t = vec![
                 Trial::test(format!("{backend}::a_whole_session"), move || {
                     a_whole_session(&s, &image).map_err(|e| Failed::from(format!("{e:#}")))
                 }),
                 Trial::test(format!("{backend}::background_processes"), move || {
                     live::background_processes(&live, &image2).map_err(|e| Failed::from(format!("{e:#}")))
+                }),
+                Trial::test(format!("{backend}::forks_and_diff"), move || {
+                    live::forks_and_diff(&forks, &image4).map_err(|e| Failed::from(format!("{e:#}")))
                 }),
             ];
             // Another user is needed: root's run only.

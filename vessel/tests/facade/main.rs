@@ -13,6 +13,7 @@
 mod common;
 mod exec;
 mod files;
+mod forks;
 mod hosts;
 mod images;
 mod limits;
@@ -30,6 +31,7 @@ use anyhow::{Context, Result, anyhow, ensure};
 use common::{IMAGE, World, run, run_with, sh};
 use exec::*;
 use files::*;
+use forks::*;
 use hosts::*;
 use images::*;
 use libtest_mimic::Arguments;
@@ -96,6 +98,11 @@ fn main() {
         pause_and_resume,
         idle_vessels_pause_themselves,
         a_killed_holder_leaves_nothing,
+        forks_share_and_diverge,
+        deleting_a_source_never_breaks_a_fork,
+        a_deletion_racing_forks_loses_no_fork,
+        live_forks_are_points_in_time,
+        changes_match_a_walk,
     ];
     let rule = support::suite::Rootless {
         rootful_only: &[

@@ -243,6 +243,13 @@ async fn answer(k: &Keeper, conn: &mut Conn, call: Call) -> vessel::Result<Optio
             v.delete_snapshot(&SnapshotId::new(&snapshot)?).await?;
             Reply::Done
         }
+        Call::Changes { since, to } => {
+            let changes = match (since, to) {
+                (Some(a), Some(b)) => v.changes_between(&SnapshotId::new(&a)?, &SnapshotId::new(&b)?).await?,
+                (since, _) => v.changes(since.map(|s| SnapshotId::new(&s)).transpose()?.as_ref()).await?,
+            };
+            Reply::Changes { changes: changes.iter().map(crate::view::ChangeView::of).collect() }
+        }
         Call::Stop => {
             k.stop.notify_one();
             Reply::Done

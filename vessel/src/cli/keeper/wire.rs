@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::UnixStream;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
-use crate::view::{ExecView, ProcessView};
+use crate::view::{ChangeView, ExecView, ProcessView};
 
 /// The largest frame either side sends (data goes in chunks of [`CHUNK`]).
 const MAX_FRAME: usize = 4 << 20;
@@ -83,6 +83,11 @@ pub(crate) enum Call {
     DeleteSnapshot {
         snapshot: String,
     },
+    /// What changed since a snapshot (default: the current one), or between two.
+    Changes {
+        since: Option<String>,
+        to: Option<String>,
+    },
     /// Stop the vessel's processes, close it and end the keeper.
     Stop,
 }
@@ -114,6 +119,9 @@ pub(crate) enum Reply {
     },
     Restored {
         stopped: usize,
+    },
+    Changes {
+        changes: Vec<ChangeView>,
     },
     /// The call failed; `exit_code` is a command's start failure (126, 127).
     Failed {

@@ -206,3 +206,26 @@ pub(super) struct WaitProcessArgs {
     /// Wait at most this many seconds (default 30).
     pub(super) timeout_seconds: Option<f64>,
 }
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub(super) struct ForkArgs {
+    /// The vessel to fork.
+    pub(super) vessel_id: String,
+    /// Fork this snapshot of it; without, its current state (snapshotted
+    /// first, running processes keep running; they are not copied).
+    pub(super) snapshot_id: Option<String>,
+    /// How many vessels to make (1 to 100; default 1).
+    pub(super) count: Option<usize>,
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub(super) struct ChangesArgs {
+    /// The vessel.
+    pub(super) vessel_id: String,
+    /// Changes since this snapshot (default: the current one).
+    pub(super) since: Option<String>,
+    /// Up to this snapshot instead of the vessel's present state (needs `since`).
+    pub(super) to: Option<String>,
+    /// Return at most this many changes (default 1000).
+    pub(super) max_changes: Option<usize>,
+}

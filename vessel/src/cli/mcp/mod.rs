@@ -17,6 +17,7 @@
 //! sees).
 
 mod args;
+mod forks;
 mod processes;
 mod server;
 mod tools;
@@ -91,7 +92,7 @@ impl Tools {
     fn new(mgr: Arc<Manager>, options: Options) -> Self {
         Self {
             state: Arc::new(State { mgr, options, open: Default::default() }),
-            tool_router: Self::tool_router() + Self::process_router(),
+            tool_router: Self::tool_router() + Self::process_router() + Self::fork_router(),
         }
     }
 
