@@ -26,11 +26,14 @@
 #![forbid(unsafe_code)]
 
 mod compressed;
+mod durable;
 mod error;
 pub mod lease;
 mod local;
 #[cfg(feature = "object-store")]
 mod object;
+#[cfg(feature = "object-store")]
+mod object_errors;
 pub mod pipe;
 mod record;
 mod url;

@@ -32,6 +32,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::{debug, warn};
 use vessel_core::{ImageRef, SnapshotId, VesselId, VesselManifest};
 
+use crate::durable::{
+    blocking, create_temp, fsync_dir, open_first, read_if_present, remove_dir_all_if_present, remove_file_if_present,
+};
 use crate::record::{CLAIMS, FORKS, HOSTS, NAMES};
 use crate::{
     BlobEncoding, BlobReader, HostId, Record, RecordKey, Storage, StorageError, StoredSnapshot, Version, WriteIf,
@@ -204,75 +207,6 @@ impl LocalStorage {
     }
 }
 
-/// Runs blocking filesystem work off the async workers; a panic in it is
-/// re-raised in the caller, as if it had run inline.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
-) -> Result<T, StorageError> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r,
-        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        Err(e) => Err(StorageError::io("run blocking task", PathBuf::new())(io::Error::other(e))),
-    }
-}
-
-/// Removes its temp file on drop unless committed, so an error or a dropped
-/// future never leaves a temp file behind.
-#[derive(Debug)]
-struct TempGuard {
-    path: PathBuf,
-    dest: PathBuf,
-    committed: bool,
-}
-
-impl TempGuard {
-    fn commit(mut self, file: fs::File, siblings: &[PathBuf]) -> Result<(), StorageError> {
-        file.sync_all().map_err(StorageError::io("fsync", &self.path))?;
-        drop(file);
-        fs::rename(&self.path, &self.dest).map_err(StorageError::io("rename into", &self.dest))?;
-        self.committed = true;
-        for s in siblings {
-            remove_file_if_present(s).map_err(StorageError::io("remove", s))?;
-        }
-        if let Some(parent) = self.dest.parent() {
-            fsync_dir(parent)?;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for TempGuard {
-    fn drop(&mut self) {
-        if !self.committed
-            && let Err(e) = remove_file_if_present(&self.path)
-        {
-            warn!(path = %self.path.display(), error = %e, "could not remove temp file");
-        }
-    }
-}
-
-/// Creates `dest`'s directory (durably) and a locked temp file for it.
-fn create_temp(tmp_dir: &Path, dest: PathBuf) -> Result<(fs::File, TempGuard), StorageError> {
-    if let Some(parent) = dest.parent() {
-        create_dir_all_durable(parent)?;
-    }
-    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let path = tmp_dir.join(format!("{:016x}.{}.{name}", rand::random::<u64>(), std::process::id()));
-    let file =
-        fs::OpenOptions::new().write(true).create_new(true).open(&path).map_err(StorageError::io("create", &path))?;
-    let guard = TempGuard { path, dest, committed: false };
-    file.lock().map_err(StorageError::io("lock", &guard.path))?;
-    Ok((file, guard))
-}
-
-fn read_if_present(path: &Path) -> Result<Option<Vec<u8>>, StorageError> {
-    match fs::read(path) {
-        Ok(b) => Ok(Some(b)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(StorageError::io("read", path)(e)),
-    }
-}
-
 /// How errors name a vessel's manifest.
 pub(crate) fn manifest_name(id: &VesselId) -> String {
     format!("manifest of vessel {id}")
@@ -313,57 +247,6 @@ fn sweep_tmp_file(path: &Path) -> io::Result<()> {
         Err(fs::TryLockError::WouldBlock) => Ok(()),
         Err(fs::TryLockError::Error(e)) => Err(e),
     }
-}
-
-fn remove_file_if_present(path: &Path) -> io::Result<()> {
-    match fs::remove_file(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
-    }
-}
-
-fn remove_dir_all_if_present(path: &Path) -> io::Result<()> {
-    match fs::remove_dir_all(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
-    }
-}
-
-fn fsync_dir(dir: &Path) -> Result<(), StorageError> {
-    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(StorageError::io("fsync directory", dir))
-}
-
-/// `create_dir_all` that also fsyncs the parent of every directory it creates,
-/// so a committed blob's directory entry chain survives a crash.
-fn create_dir_all_durable(dir: &Path) -> Result<(), StorageError> {
-    if dir.is_dir() {
-        return Ok(());
-    }
-    if let Some(parent) = dir.parent() {
-        create_dir_all_durable(parent)?;
-    }
-    match fs::create_dir(dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => return Ok(()),
-        Err(e) => return Err(StorageError::io("create directory", dir)(e)),
-    }
-    match dir.parent() {
-        Some(parent) => fsync_dir(parent),
-        None => Ok(()),
-    }
-}
-
-async fn open_first(paths: impl IntoIterator<Item = PathBuf>) -> Result<Option<tokio::fs::File>, StorageError> {
-    for p in paths {
-        match tokio::fs::File::open(&p).await {
-            Ok(f) => return Ok(Some(f)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            // A path component that is a file (e.g. image `a` vs `a/b`) means "absent" too.
-            Err(e) if e.kind() == io::ErrorKind::NotADirectory => continue,
-            Err(e) => return Err(StorageError::io("open", &p)(e)),
-        }
-    }
-    Ok(None)
 }
 
 #[async_trait]

@@ -24,6 +24,7 @@ use tokio::io::AsyncReadExt;
 use vessel_core::{ImageRef, SnapshotId, VesselId, VesselManifest};
 
 use crate::local::{manifest_json, manifest_name, parse_manifest};
+use crate::object_errors::{remote, service_code};
 use crate::record::{FORKS, HOSTS};
 use crate::{
     BlobEncoding, BlobReader, HostId, Record, RecordKey, Storage, StorageError, StoredSnapshot, Version, WriteIf,
@@ -91,54 +92,6 @@ fn split_url(url: &str) -> Result<(&str, &str, Vec<String>), StorageError> {
         parts.push(seg.to_owned());
     }
     Ok((scheme, &url[..scheme.len() + 3 + bucket.len()], parts))
-}
-
-/// Maps an object store's error on `key` to ours; `absent` is what a
-/// not-found means here.
-fn map_err(
-    op: &'static str,
-    key: &Path,
-    absent: impl FnOnce() -> StorageError,
-) -> impl FnOnce(object_store::Error) -> StorageError {
-    let key = key.to_string();
-    move |e| match e {
-        e if service_code(&e).is_some_and(|c| DENIED.contains(&c.as_str())) => {
-            StorageError::Denied { op, key, source: Box::new(e) }
-        }
-        object_store::Error::NotFound { .. } => absent(),
-        object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. } => {
-            StorageError::Conflict { what: key }
-        }
-        e @ (object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. }) => {
-            StorageError::Denied { op, key, source: Box::new(e) }
-        }
-        e => StorageError::Remote { op, key, source: Box::new(e) },
-    }
-}
-
-/// The service's error codes that mean "these credentials are refused"
-/// (S3's, and Azure's), whatever HTTP status the store sent them with.
-const DENIED: [&str; 6] = [
-    "AccessDenied",
-    "SignatureDoesNotMatch",
-    "InvalidAccessKeyId",
-    "InvalidToken",
-    "AuthenticationFailed",
-    "AuthorizationFailure",
-];
-
-/// The error code in the service's XML error body (`<Code>…</Code>`), which
-/// `object_store` keeps only inside its message (its status type is private).
-fn service_code(e: &object_store::Error) -> Option<String> {
-    let text = format!("{e:?}");
-    let start = text.find("<Code>")? + "<Code>".len();
-    let len = text[start..].find("</Code>")?;
-    Some(text[start..start + len].to_owned())
-}
-
-fn remote(op: &'static str, key: &Path) -> impl FnOnce(object_store::Error) -> StorageError {
-    let k = key.clone();
-    map_err(op, key, move || StorageError::Remote { op, key: k.to_string(), source: "not found".into() })
 }
 
 fn version_of(e_tag: Option<String>, version: Option<String>) -> Version {

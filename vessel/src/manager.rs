@@ -275,12 +275,6 @@ impl Manager {
         self.state.vessel_locks.join(format!("{id}.lock"))
     }
 
-    /// The id of the vessel named `id_or_name` (an id is taken as it is,
-    /// a name is looked up in storage), as [`Manager::open_vessel`] takes it.
-    pub async fn resolve_vessel(&self, id_or_name: &str) -> Result<VesselId> {
-        self.state.resolve(id_or_name).await
-    }
-
     /// The backend's name (`youki`, `containerd`).
     pub fn backend(&self) -> &'static str {
         self.state.runtime.name()
@@ -521,24 +515,9 @@ impl Manager {
             self.state.release(&claim).await;
             return Err(e);
         }
-        // Its blobs go unless a fork refers to them (then gc takes them
-        // once none does); so do those of its sources that only it used.
-        // The manifest is gone already: a failure here leaves blobs for gc,
-        // never a vessel that half exists.
-        let freed = async {
-            let own: Vec<_> = self.state.storage.list_snapshots(&id).await?.into_iter().map(|s| s.id).collect();
-            self.state.free_blobs(&id, &own).await?;
-            let sources = crate::sharing::foreign_owners(&manifest);
-            self.state.forget_fork(&id, &sources).await;
-            for owner in &sources {
-                let used: Vec<_> =
-                    manifest.snapshots.iter().filter(|s| &s.vessel_id == owner).map(|s| s.id.clone()).collect();
-                self.state.free_blobs(owner, &used).await?;
-            }
-            Ok::<_, VesselError>(())
-        }
-        .await;
-        if let Err(e) = freed {
+        // The manifest is gone already: a failure here leaves blobs for
+        // gc, never a vessel that half exists.
+        if let Err(e) = self.state.free_vessel_blobs(&manifest).await {
             tracing::warn!(vessel = %id, error = %e, "deleted; some of its blobs are left for gc");
         }
         if let Some(n) = &name {

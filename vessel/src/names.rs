@@ -99,3 +99,11 @@ impl ManagerState {
 pub(crate) fn name_of(labels: &std::collections::BTreeMap<String, String>) -> Option<&str> {
     labels.get(NAME_LABEL).map(String::as_str)
 }
+
+impl crate::Manager {
+    /// The id of the vessel named `id_or_name` (an id is taken as it is,
+    /// a name is looked up in storage), as [`crate::Manager::open_vessel`] takes it.
+    pub async fn resolve_vessel(&self, id_or_name: &str) -> Result<VesselId> {
+        self.state.resolve(id_or_name).await
+    }
+}

@@ -84,6 +84,21 @@ impl ManagerState {
         }
     }
 
+    /// After the manifest `m` was deleted: its vessel's blobs go unless a
+    /// fork refers to them (gc takes them once none does), and so do those
+    /// of its sources that only it used.
+    pub(crate) async fn free_vessel_blobs(&self, m: &VesselManifest) -> Result<()> {
+        let own: Vec<_> = self.storage.list_snapshots(&m.id).await?.into_iter().map(|s| s.id).collect();
+        self.free_blobs(&m.id, &own).await?;
+        let sources = foreign_owners(m);
+        self.forget_fork(&m.id, &sources).await;
+        for owner in &sources {
+            let used: Vec<_> = m.snapshots.iter().filter(|s| &s.vessel_id == owner).map(|s| s.id.clone()).collect();
+            self.free_blobs(owner, &used).await?;
+        }
+        Ok(())
+    }
+
     /// Deletes those of `candidates` (blobs stored under `owner`) that no
     /// manifest refers to; returns how many it deleted.
     pub(crate) async fn free_blobs(&self, owner: &VesselId, candidates: &[SnapshotId]) -> Result<usize> {

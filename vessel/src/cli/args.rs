@@ -277,6 +277,14 @@ pub(crate) struct CreateArgs {
     /// Default directory for relative paths and commands.
     #[arg(long, default_value = "/work")]
     pub(crate) work_dir: String,
+    #[command(flatten)]
+    pub(crate) limits: LimitArgs,
+}
+
+/// A vessel's limits, as `create` takes them (and `fork`, which may only
+/// narrow its source's).
+#[derive(Debug, clap::Args)]
+pub(crate) struct LimitArgs {
     /// Memory of each command (bytes, or with k/m/g/t), e.g. 512m.
     #[arg(long, value_parser = parse_size)]
     pub(crate) memory: Option<u64>,
@@ -305,18 +313,9 @@ pub(crate) struct ForkArgs {
     /// A name for the new vessel (with -n 1 only).
     #[arg(long)]
     pub(crate) name: Option<String>,
-    /// Memory of each command (at most the source's).
-    #[arg(long, value_parser = parse_size)]
-    pub(crate) memory: Option<u64>,
-    /// CPUs of each command (at most the source's).
-    #[arg(long)]
-    pub(crate) cpus: Option<f64>,
-    /// Processes and threads of each command (at most the source's).
-    #[arg(long)]
-    pub(crate) pids: Option<i64>,
-    /// What the vessel may write to disk (at most the source's).
-    #[arg(long, value_parser = parse_size)]
-    pub(crate) disk: Option<u64>,
+    /// Limits, each at most the source's.
+    #[command(flatten)]
+    pub(crate) limits: LimitArgs,
 }
 
 /// `vessel exec`'s arguments.

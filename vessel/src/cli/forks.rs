@@ -13,7 +13,7 @@ pub(crate) async fn fork(mgr: &Manager, a: &ForkArgs, json: bool) -> Result<()> 
     if a.name.is_some() && a.count > 1 {
         anyhow::bail!("--name names one vessel: give it with -n 1 only");
     }
-    let opts = crate::vessel_options(a.name.as_deref(), a.memory, a.cpus, a.pids, a.disk);
+    let opts = crate::vessel_options(a.name.as_deref(), a.limits.memory, a.limits.cpus, a.limits.pids, a.limits.disk);
     let snapshot = match &a.snapshot {
         Some(s) => SnapshotId::new(s)?,
         // The present state: a snapshot of it first (its keeper's, if it has one).
