@@ -40,6 +40,7 @@
 
 // fds placed for a re-executed child before exec: one justified block.
 pub mod backend;
+mod cgroups;
 #[cfg(any(feature = "youki", feature = "containerd"))]
 #[allow(unsafe_code)]
 mod child;
@@ -214,7 +215,7 @@ impl RunInfo {
     pub fn oom_kills(&self) -> u64 {
         match &self.oom {
             #[cfg(any(feature = "youki", feature = "containerd"))]
-            OomCounter::Cgroup(path) => oom_kills(path),
+            OomCounter::Cgroup(path) => cgroups::oom_kills(path),
             #[cfg(not(any(feature = "youki", feature = "containerd")))]
             OomCounter::Cgroup(_) => 0,
             OomCounter::File(f) => std::fs::read_to_string(f)
@@ -259,28 +260,6 @@ impl RunOutcome {
     pub fn new(exit_code: i32, oom_killed: bool) -> Self {
         Self { exit_code, oom_killed }
     }
-}
-
-/// How many processes the OOM killer killed in the cgroup at
-/// `cgroups_path` (e.g. `/vessel/<id>`): v1's `memory.oom_control` and v2's
-/// `memory.events` (the hybrid layout's `unified` mount included).
-#[cfg(any(feature = "youki", feature = "containerd"))]
-pub(crate) fn oom_kills(cgroups_path: &str) -> u64 {
-    let rel = cgroups_path.trim_start_matches('/');
-    let root = std::path::Path::new("/sys/fs/cgroup");
-    let files = [
-        root.join("memory").join(rel).join("memory.oom_control"),
-        root.join(rel).join("memory.events"),
-        root.join("unified").join(rel).join("memory.events"),
-    ];
-    files
-        .iter()
-        .filter_map(|f| std::fs::read_to_string(f).ok())
-        .filter_map(|text| {
-            text.lines().find_map(|l| l.strip_prefix("oom_kill ").and_then(|n| n.trim().parse::<u64>().ok()))
-        })
-        .max()
-        .unwrap_or(0)
 }
 
 /// Runs processes in containers.

@@ -309,7 +309,7 @@ impl ContainerdRuntime {
         err.map_err(RuntimeError::io("copy stderr", ""))?;
         let code = i32::try_from(status.exit_status).map_err(|_| RuntimeError::ExitStatus(status.exit_status))?;
         // runc removes the cgroup when the task is deleted: read it first.
-        Ok(crate::RunOutcome::new(code, crate::oom_kills(&format!("/vessel/{id}")) > 0))
+        Ok(crate::RunOutcome::new(code, crate::cgroups::oom_kills(&format!("/vessel/{id}")) > 0))
     }
 }
 

@@ -11,6 +11,7 @@
 //! (run by each new vessel `Manager`) removes the containers whose lock is
 //! free, when everything was killed at once.
 
+pub(crate) mod protocol;
 pub(crate) mod runner;
 
 use std::fs;
@@ -24,33 +25,9 @@ use async_trait::async_trait;
 use nix::fcntl::{Flock, FlockArg, OFlag};
 
 use crate::{RunRequest, Runtime, RuntimeError, drain, spec};
-
-/// Marks a process as a runner; the other variables say what to run.
-pub(crate) const RUNNER_ENV: &str = "VESSEL_YOUKI_RUNNER";
-pub(crate) const BUNDLE_ENV: &str = "VESSEL_YOUKI_BUNDLE";
-pub(crate) const STATE_ENV: &str = "VESSEL_YOUKI_STATE";
-pub(crate) const ID_ENV: &str = "VESSEL_YOUKI_ID";
-/// `none` or `host`.
-pub(crate) const NETWORK_ENV: &str = "VESSEL_YOUKI_NETWORK";
-/// Set (to `rows,cols`) when the process runs on a terminal.
-pub(crate) const TTY_ENV: &str = "VESSEL_YOUKI_TTY";
-/// Set when the container has its own user namespace.
-pub(crate) const USERNS_ENV: &str = "VESSEL_YOUKI_USERNS";
-/// Rootless with a delegated cgroup subtree: its name (see
-/// `rootless::delegated_cgroups`).
-pub(crate) const CGROUP_PARENT_ENV: &str = "VESSEL_YOUKI_CGROUP_PARENT";
-/// With it: `memory,cpu quota,pids`, each empty for none.
-pub(crate) const LIMITS_ENV: &str = "VESSEL_YOUKI_LIMITS";
-/// `run` (default) or `cleanup` (remove a container whose runner died).
-pub(crate) const MODE_ENV: &str = "VESSEL_YOUKI_MODE";
-/// In the runner: read end of the lifeline (EOF = caller gone).
-pub(crate) const LIFELINE_FD: i32 = 3;
-/// In the runner: where it writes its one-line JSON result.
-pub(crate) const STATUS_FD: i32 = 4;
-/// In the runner: the run's liveness lock (see the module docs).
-pub(crate) const LOCK_FD: i32 = 5;
-/// In a rootless runner: the container's user namespace, to join.
-pub(crate) const JOIN_USERNS_FD: i32 = 6;
+use protocol::{
+    DelegatedRun, JOIN_USERNS_FD, LIFELINE_FD, LOCK_FD, RUNNER_ENV, Report, Run, RunnerConfig, STATUS_FD, Task,
+};
 
 /// Containers through youki's libcontainer, no daemon.
 #[derive(Debug, Clone)]
@@ -94,15 +71,15 @@ impl YoukiRuntime {
         Ok(())
     }
 
-    fn runner_command(&self) -> tokio::process::Command {
+    fn runner_command(&self, task: Task) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new(&self.runner);
-        cmd.env(RUNNER_ENV, "1").env(STATE_ENV, self.root.join("state"));
         if crate::rootless::mode().is_rootless() {
             // The rootless process keeps the user's own id (with every
             // capability of its namespace, which an exec would drop): the
             // runner is the namespace's root instead.
             cmd.uid(0).gid(0);
         }
+        cmd.env(RUNNER_ENV, RunnerConfig { state: self.root.join("state"), task }.to_env());
         cmd
     }
 
@@ -110,9 +87,7 @@ impl YoukiRuntime {
     /// a `cleanup` runner, then its bundle and lock.
     async fn cleanup(&self, id: &str) -> Result<(), RuntimeError> {
         let status = self
-            .runner_command()
-            .env(MODE_ENV, "cleanup")
-            .env(ID_ENV, id)
+            .runner_command(Task::Cleanup { id: id.to_owned() })
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -122,7 +97,7 @@ impl YoukiRuntime {
         let _ = fs::remove_dir_all(self.root.join("bundles").join(id));
         let _ = fs::remove_file(lock_file(&self.root, id));
         if let Some(parent) = delegated() {
-            let _ = crate::rootless::remove_delegated(&parent, id);
+            let _ = crate::cgroups::remove_delegated(&parent, id);
         }
         if !status.success() {
             return Err(RuntimeError::Cleanup { id: id.to_owned(), status });
@@ -139,8 +114,8 @@ impl YoukiRuntime {
         // shared by its managers, so only empty ones older than any run's
         // setup (a runner moves its container in within milliseconds).
         if let Some(parent) = delegated() {
-            for id in crate::rootless::stale_delegated_runs(&parent, std::time::Duration::from_secs(60)) {
-                let _ = crate::rootless::remove_delegated(&parent, &id);
+            for id in crate::cgroups::stale_delegated_runs(&parent, std::time::Duration::from_secs(60)) {
+                let _ = crate::cgroups::remove_delegated(&parent, &id);
             }
         }
         let Ok(entries) = fs::read_dir(&dir) else { return Ok(0) };
@@ -196,7 +171,7 @@ impl Drop for BundleGuard {
         let _ = fs::remove_dir_all(&self.bundle);
         let _ = fs::remove_file(&self.lock);
         if let Some((parent, id)) = self.cgroup.take()
-            && !crate::rootless::remove_delegated(&parent, &id)
+            && !crate::cgroups::remove_delegated(&parent, &id)
         {
             // A cancelled run: the runner is still taking its container
             // down. Removed once the processes are gone (or by the next
@@ -204,7 +179,7 @@ impl Drop for BundleGuard {
             std::thread::spawn(move || {
                 for _ in 0..200 {
                     std::thread::sleep(std::time::Duration::from_millis(50));
-                    if crate::rootless::remove_delegated(&parent, &id) {
+                    if crate::cgroups::remove_delegated(&parent, &id) {
                         return;
                     }
                 }
@@ -346,34 +321,30 @@ impl Runtime for YoukiRuntime {
 
         let (life_r, life_w) = pipe()?;
         let (status_r, status_w) = pipe()?;
-        let mut cmd = self.runner_command();
-        cmd.env(BUNDLE_ENV, &bundle)
-            .env(ID_ENV, &id)
-            .env(NETWORK_ENV, if req.network == crate::Network::Host { "host" } else { "none" })
-            // Always pipes: an inherited host /dev/null is not writable in
-            // the container; unwanted output is drained into a sink here, and
-            // an absent stdin is a pipe closed at once (end of file).
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        if userns {
-            cmd.env(USERNS_ENV, "1");
-        }
-        if let Some(p) = &parent {
-            let l = req.limits;
-            let show = |v: Option<i64>| v.map_or_else(String::new, |v| v.to_string());
-            cmd.env(CGROUP_PARENT_ENV, p)
-                .env(LIMITS_ENV, format!("{},{},{}", show(l.memory_bytes), show(l.cpu_quota_us), show(l.pids)));
-        }
+        let task = Task::Run(Run {
+            bundle: bundle.clone(),
+            id: id.clone(),
+            private_network: req.network != crate::Network::Host,
+            userns,
+            tty: req.tty.map(|t| (t.rows, t.cols)),
+            cgroups: parent.as_ref().map(|p| DelegatedRun {
+                parent: p.clone(),
+                memory: req.limits.memory_bytes,
+                cpu_quota_us: req.limits.cpu_quota_us,
+                pids: req.limits.pids,
+            }),
+        });
+        let mut cmd = self.runner_command(task);
+        // Always pipes: an inherited host /dev/null is not writable in
+        // the container; unwanted output is drained into a sink here, and
+        // an absent stdin is a pipe closed at once (end of file).
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut fds =
             vec![(life_r.as_raw_fd(), LIFELINE_FD), (status_w.as_raw_fd(), STATUS_FD), (lock.as_raw_fd(), LOCK_FD)];
         if let Some(ns) = &join {
             fds.push((std::os::fd::AsFd::as_fd(ns).as_raw_fd(), JOIN_USERNS_FD));
         }
         crate::child::hand_over(&mut cmd, &fds);
-        if let Some(size) = req.tty {
-            cmd.env(TTY_ENV, format!("{},{}", size.rows, size.cols));
-        }
         let mut child = cmd.spawn().map_err(RuntimeError::io("start runner", &self.runner))?;
         drop((life_r, status_w));
 
@@ -383,7 +354,7 @@ impl Runtime for YoukiRuntime {
             let info = match (&parent, crate::rootless::v1_mount("memory")) {
                 (Some(p), Some(m)) => crate::RunInfo::oom_file(
                     &id,
-                    m.join(p).join(crate::rootless::RUNS_CGROUP).join(&id).join("memory.oom_control"),
+                    m.join(p).join(crate::cgroups::RUNS_CGROUP).join(&id).join("memory.oom_control"),
                 ),
                 _ => crate::RunInfo::cgroup(&id, format!("/vessel/{id}")),
             };
@@ -404,8 +375,8 @@ impl Runtime for YoukiRuntime {
             let waited = child.wait().await.map_err(RuntimeError::io("wait for runner", &self.runner))?;
             let mut report = String::new();
             fs::File::from(status_r).read_to_string(&mut report).map_err(RuntimeError::io("read runner status", ""))?;
-            match runner::parse_report(&report, &command) {
-                Some(result) => Ok(result),
+            match Report::parse(&report) {
+                Some(r) => Ok(r.into_result(&command)),
                 None => {
                     // The runner was killed before it could clean up: do it
                     // now (which also ends the container's hold on the
