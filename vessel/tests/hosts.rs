@@ -44,6 +44,7 @@ fn agent() -> ! {
         .host_name(env("VESSEL_AGENT_NAME"))
         .lease_ttl(Duration::from_millis(TTL_MS))
         .disk_quota(None)
+        .gc_grace(Duration::ZERO)
         .namespace("vessel-hosts");
     let mgr = TOKIO.block_on(Manager::new(config)).expect("manager");
     let mut vessel: Option<vessel::Vessel> = None;
@@ -98,6 +99,19 @@ fn agent() -> ! {
                     }
                     Ok(String::new())
                 }
+                "fork" => {
+                    // `fork SOURCE SNAPSHOT`: a fork, closed again; its id.
+                    let (source, snap) = arg.split_once(' ').expect("fork SOURCE SNAPSHOT");
+                    let f = mgr.fork_vessel(source, &vessel::SnapshotId::new(snap)?, &Default::default()).await?;
+                    let id = f.id().to_string();
+                    f.close().await?;
+                    Ok(id)
+                }
+                "delete" => {
+                    mgr.delete_vessel(arg).await?;
+                    Ok(String::new())
+                }
+                "gc" => Ok(mgr.gc().await?.blobs_deleted.to_string()),
                 "holder" => {
                     let id = vessel::VesselId::new(arg)?;
                     Ok(mgr.vessel_holder(&id).await?.filter(|h| h.live).map_or("-".into(), |h| h.name))
@@ -402,6 +416,12 @@ fn request_costs(w: &World) -> Result<()> {
     count("restore (cached)", &proxy);
     a.ok("close")?;
     let closed = count("close", &proxy);
+    let fork = a.ok(&format!("fork {id} {s1}"))?;
+    let forked = count("fork (snapshot cached; open, close)", &proxy);
+    let blob_writes = forked.iter().filter(|r| r.starts_with("PUT") && r.contains("/snapshots/")).count();
+    ensure!(blob_writes == 0, "a fork copies no blob: {forked:?}");
+    a.ok(&format!("delete {fork}"))?;
+    proxy.take_requests();
     ensure!(closed.len() == 1 && closed[0].starts_with("PUT"), "close is one conditional PUT: {closed:?}");
     a.ok(&format!("open {id}"))?;
     let open = count("open (same host, layers cached)", &proxy);
@@ -430,6 +450,67 @@ fn request_costs(w: &World) -> Result<()> {
     a.quit()?;
     count("quit (20 closes, heartbeat removed)", &proxy);
     eprintln!("object-store requests per operation (TTL {TTL_MS} ms):\n  {}", table.join("\n  "));
+    Ok(())
+}
+
+/// Two host processes on one bucket: A deletes a source and collects
+/// while B forks it 20 times; every fork B reported opens on A with its
+/// content, and once they are deleted and collected, no object of any of
+/// them is left in the bucket.
+fn a_deletion_racing_forks_on_s3(w: &World) -> Result<()> {
+    let mut a = Host::start(w, "host-a", None)?;
+    let id = a.ok("create")?;
+    a.sh("echo shared > /work/f")?;
+    let snap = a.ok("snapshot")?;
+    a.ok("close")?;
+    let mut b = Host::start(w, "host-b", None)?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let forker = {
+        let (id, snap) = (id.clone(), snap.clone());
+        std::thread::spawn(move || -> Result<(Vec<String>, usize, Host)> {
+            let (mut made, mut refused) = (Vec::new(), 0);
+            for _ in 0..20 {
+                match b.call(&format!("fork {id} {snap}"))? {
+                    Ok(f) => {
+                        made.push(f);
+                        let _ = tx.send(());
+                    }
+                    Err(e) if e.contains("Conflict") || e.contains("NotFound") => refused += 1,
+                    Err(e) => anyhow::bail!("fork failed: {e}"),
+                }
+            }
+            Ok((made, refused, b))
+        })
+    };
+    for _ in 0..3 {
+        rx.recv_timeout(Duration::from_secs(60)).context("the forker made no fork")?;
+    }
+    a.ok(&format!("delete {id}"))?;
+    a.ok("gc")?;
+    let (made, refused, b) = forker.join().map_err(|_| anyhow::anyhow!("the forker panicked"))??;
+    eprintln!("{} forks made, {refused} refused while the source was deleted", made.len());
+    ensure!(made.len() >= 3);
+    for f in &made {
+        a.ok(&format!("open {f}"))?;
+        ensure!(a.sh("cat /work/f")? == "shared\n", "fork {f} lost its content");
+        a.ok("close")?;
+        a.ok(&format!("delete {f}"))?;
+    }
+    a.ok("gc")?;
+    use futures::TryStreamExt;
+    let mut left = Vec::new();
+    for prefix in ["vessels", "forks", "condemned"] {
+        let p = w.storage.key(prefix);
+        let keys: Vec<_> = TOKIO.block_on(w.storage.store().list(Some(&p)).try_collect::<Vec<_>>())?;
+        left.extend(
+            keys.into_iter()
+                .map(|m| m.location.to_string())
+                .filter(|k| k.contains(&id) || made.iter().any(|f| k.contains(f.as_str()))),
+        );
+    }
+    ensure!(left.is_empty(), "objects left: {left:?}");
+    b.quit()?;
+    a.quit()?;
     Ok(())
 }
 
@@ -590,6 +671,7 @@ fn main() {
         ("the_server_going_away_mid_upload", the_server_going_away_mid_upload),
         ("truncated_and_tampered_objects_are_corrupt", truncated_and_tampered_objects_are_corrupt),
         ("request_costs", request_costs),
+        ("a_deletion_racing_forks_on_s3", a_deletion_racing_forks_on_s3),
     ];
     let trials = cases
         .into_iter()
