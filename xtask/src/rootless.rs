@@ -184,7 +184,17 @@ impl TestUser {
         for m in Self::controller_mounts()? {
             let d = m.join(format!("vessel-{}", self.uid));
             std::fs::create_dir_all(&d)?;
-            run(Command::new("chown").arg("-R").arg(format!("{}:{}", self.uid, self.uid)).arg(&d))?;
+            // The subtree and its control files, not the cgroups under it:
+            // `runs` (left by an earlier run) stays its maker's, container
+            // root, who must be able to remove the runs' cgroups in it.
+            let own = format!("{}:{}", self.uid, self.uid);
+            std::os::unix::fs::chown(&d, Some(self.uid), Some(self.uid))
+                .with_context(|| format!("chown {own} {}", d.display()))?;
+            for e in std::fs::read_dir(&d)?.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_file()) {
+                    std::os::unix::fs::chown(e.path(), Some(self.uid), Some(self.uid))?;
+                }
+            }
             dirs.push(d);
         }
         Ok(dirs)

@@ -97,7 +97,14 @@ impl YoukiRuntime {
         let _ = fs::remove_dir_all(self.root.join("bundles").join(id));
         let _ = fs::remove_file(lock_file(&self.root, id));
         if let Some(parent) = delegated() {
-            let _ = crate::cgroups::remove_delegated(&parent, id);
+            // The container's last processes may still be exiting (its
+            // init was killed just now): give them a few seconds.
+            for _ in 0..100 {
+                if crate::cgroups::remove_delegated(&parent, id) {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
         }
         if !status.success() {
             return Err(RuntimeError::Cleanup { id: id.to_owned(), status });
