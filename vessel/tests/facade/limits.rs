@@ -10,7 +10,9 @@ pub(super) fn kind_of(e: &anyhow::Error) -> Option<VesselErrorKind> {
 /// The bomb's script: its processes carry it (forked shells) or `10.0123`
 /// (its last `sleep`) as an argument, which no other test's do (rootless,
 /// every vessel of the user runs as the same ids, so ids cannot tell).
-const BOMB: &str = "f() { f | f & }; f; exec sleep 10.0123";
+/// The top shell forks once, for the bomb, then becomes `sleep` (ash
+/// exits when a fork of its own is refused, which would end the run early).
+const BOMB: &str = "(f() { f | f & }; f) & exec sleep 10.0123";
 
 fn bomb_processes() -> usize {
     support::processes_with_arg(BOMB).len() + support::processes_with_arg("10.0123").len()
@@ -24,8 +26,6 @@ pub(super) async fn runaway_commands_are_contained(w: Arc<World>) -> Result<()> 
     let v = mgr.create_vessel_with(IMAGE, "/work", &VesselOptions::new().pids(64).memory_bytes(64 << 20)).await?;
     // The host's scheduling latency while the bomb runs: a 10 ms sleep's overshoot.
     let probe = LatencyProbe::start();
-    // `exec sleep`: the top shell needs no fork of its own after the bomb
-    // (ash exits when one is refused, which would end the bomb early).
     let (res, _, err) = run_with(&v, BOMB, 3, Limits::default()).await?;
     let worst = probe.stop();
     println!("{:?}: fork bomb under pids=64: host sleep overshoot at worst {worst:?}", w.backend);
