@@ -125,6 +125,8 @@ impl LayerKey {
 #[derive(Debug, Clone)]
 pub struct LayerCache {
     root: PathBuf,
+    /// What each layer unpacked here may expand to.
+    bounds: crate::LayerBounds,
 }
 
 /// The held exclusive lock of one key.
@@ -177,10 +179,16 @@ impl LayerCache {
             let p = root.join(d);
             fs::create_dir_all(&p).map_err(SnapshotError::io("create directory", &p))?;
         }
-        let cache = Self { root };
+        let cache = Self { root, bounds: crate::LayerBounds::DEFAULT };
         cache.sweep()?;
         cache.settle()?;
         Ok(cache)
+    }
+
+    /// The cache, bounding what each layer it unpacks may expand to.
+    pub fn with_bounds(mut self, bounds: crate::LayerBounds) -> Self {
+        self.bounds = bounds;
+        self
     }
 
     /// The published entries not marked `synced` (names under `layers/`).
@@ -334,7 +342,8 @@ impl LayerCache {
             // fetched from storage.
             let devices = matches!(key, LayerKey::DiffId(_) | LayerKey::Flat(..));
             // Not synced here: its source can be read again (see the module docs).
-            let mut opts = ApplyOptions::new(ApplyMode::Overlay).allow_devices(devices).durable(false);
+            let mut opts =
+                ApplyOptions::new(ApplyMode::Overlay).allow_devices(devices).durable(false).bounds(self.bounds);
             if let Some(d) = expected_digest {
                 opts = opts.expect_digest(d);
             }

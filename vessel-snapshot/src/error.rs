@@ -142,6 +142,15 @@ pub enum SnapshotError {
         /// The reference asked for.
         reference: String,
     },
+    /// A layer expands past a bound of [`crate::LayerBounds`] (bytes,
+    /// entries or path depth): refused before it could fill the disk.
+    #[error("the layer expands past its bound: more than {limit} {what}")]
+    TooLarge {
+        /// Which bound: `bytes`, `entries` or `directory levels`.
+        what: &'static str,
+        /// The bound.
+        limit: u64,
+    },
 }
 
 /// Coarse classification of [`SnapshotError`].
@@ -156,6 +165,8 @@ pub enum SnapshotErrorKind {
     InvalidData,
     /// What was asked for is not there.
     NotFound,
+    /// Input past a bound ([`crate::LayerBounds`]).
+    TooLarge,
 }
 
 impl SnapshotError {
@@ -187,6 +198,7 @@ impl SnapshotError {
             | Self::DecoderPanicked
             | Self::BadTarget(_) => SnapshotErrorKind::InvalidData,
             Self::ImageNotInArchive { .. } => SnapshotErrorKind::NotFound,
+            Self::TooLarge { .. } => SnapshotErrorKind::TooLarge,
         }
     }
 

@@ -49,7 +49,7 @@ pub(crate) fn opaque_xattr() -> &'static str {
     NAME.get_or_init(|| format!("{}opaque", overlay_xattr_prefix()))
 }
 
-pub use apply::{ApplyMode, ApplyOptions, apply_layer};
+pub use apply::{ApplyMode, ApplyOptions, LayerBounds, apply_layer};
 pub use cache::{LayerCache, LayerKey};
 pub use changes::{Change, ChangeKind, Modified, changes};
 pub use diff::{DiffOptions, DiffStats, vanished, write_diff, write_diff_gone, write_diff_with};

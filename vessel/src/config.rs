@@ -28,6 +28,7 @@ pub struct ManagerConfig {
     pub(crate) lease: vessel_storage::lease::LeaseConfig,
     pub(crate) idle_pause: Option<std::time::Duration>,
     pub(crate) gc_grace: std::time::Duration,
+    pub(crate) max_layer_bytes: Option<u64>,
 }
 
 /// What a vessel may write to the host's disk unless told otherwise: 10 GiB.
@@ -216,6 +217,7 @@ impl Default for ManagerConfig {
             lease: Default::default(),
             idle_pause: None,
             gc_grace: std::time::Duration::from_secs(3600),
+            max_layer_bytes: None,
         }
     }
 }
@@ -242,6 +244,23 @@ impl ManagerConfig {
     pub fn idle_pause(mut self, idle: std::time::Duration) -> Self {
         self.idle_pause = Some(idle).filter(|d| !d.is_zero());
         self
+    }
+
+    /// The most bytes one layer may expand to when it is unpacked (an
+    /// imported or pulled image's, or a snapshot's fetched from storage):
+    /// past it the apply stops with a typed error and leaves nothing. By
+    /// default the vessels' disk quota where quotas are on (a layer no
+    /// vessel could write), else [`vessel_snapshot::LayerBounds::DEFAULT`]'s
+    /// 64 GiB. Entries and depth are bounded as `LayerBounds::DEFAULT` says.
+    pub fn max_layer_bytes(mut self, bytes: u64) -> Self {
+        self.max_layer_bytes = Some(bytes);
+        self
+    }
+
+    /// The bounds layers unpack under, given the disk quota in force.
+    pub(crate) fn layer_bounds(&self, disk_quota: Option<u64>) -> vessel_snapshot::LayerBounds {
+        let d = vessel_snapshot::LayerBounds::DEFAULT;
+        vessel_snapshot::LayerBounds { max_bytes: self.max_layer_bytes.or(disk_quota).unwrap_or(d.max_bytes), ..d }
     }
 
     /// How old an unreferenced snapshot blob must be before

@@ -197,7 +197,7 @@ impl Manager {
             Some(s) => s.clone(),
             None => Arc::new(CompressedStorage::new(LocalStorage::new(crate::config::data_home().join("data"))?)),
         };
-        let cache = LayerCache::open(root.join("layers"))?;
+        let cache = LayerCache::open(root.join("layers"))?.with_bounds(config.layer_bounds(disk_quota));
         let backend = vessel_runtime::BackendConfig {
             root: root.join("runtime"),
             containerd_address: config.containerd_address.clone(),

@@ -80,6 +80,33 @@ pub enum ApplyMode {
     Merged,
 }
 
+/// What one layer may expand to. A compressed layer is small and may
+/// decompress to anything (zstd turns 100 KiB into 100 GiB of zeros), so
+/// every apply counts as it reads and stops at the first bound passed,
+/// with [`SnapshotError::TooLarge`], leaving nothing behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerBounds {
+    /// Bytes of the uncompressed tar (headers, data and padding): what the
+    /// layer may write, at most.
+    pub max_bytes: u64,
+    /// Entries (files, directories, links, whiteouts).
+    pub max_entries: u64,
+    /// Directory levels of a path.
+    pub max_depth: usize,
+}
+
+impl LayerBounds {
+    /// 64 GiB, 4 Mi entries, 256 levels: beyond any image or workspace
+    /// layer seen in practice, far below what would take a host down.
+    pub const DEFAULT: Self = Self { max_bytes: 64 << 30, max_entries: 4 << 20, max_depth: 256 };
+}
+
+impl Default for LayerBounds {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
 /// How to apply a layer.
 #[derive(Debug, Clone)]
 pub struct ApplyOptions {
@@ -93,12 +120,14 @@ pub struct ApplyOptions {
     /// it appears at the target. A caller that can tell a torn layer after
     /// a crash (the layer cache, by boot id) turns this off.
     pub durable: bool,
+    /// What the layer may expand to.
+    pub bounds: LayerBounds,
 }
 
 impl ApplyOptions {
     /// Options for `mode`, no digest check, no devices.
     pub fn new(mode: ApplyMode) -> Self {
-        Self { mode, expected_digest: None, allow_devices: false, durable: true }
+        Self { mode, expected_digest: None, allow_devices: false, durable: true, bounds: LayerBounds::DEFAULT }
     }
 
     /// Requires the uncompressed tar to hash to `digest`.
@@ -110,6 +139,12 @@ impl ApplyOptions {
     /// Allows device nodes (image layers may carry `/dev` entries).
     pub fn allow_devices(mut self, allow: bool) -> Self {
         self.allow_devices = allow;
+        self
+    }
+
+    /// Bounds what the layer may expand to (default [`LayerBounds::DEFAULT`]).
+    pub fn bounds(mut self, bounds: LayerBounds) -> Self {
+        self.bounds = bounds;
         self
     }
 

@@ -76,10 +76,15 @@ pub(super) fn unpack(
         let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(PIPE_DEPTH);
         let producer = scope.spawn(move || -> Result<(String, u64), SnapshotError> {
             let mut input = DigestReader { inner: decompressed(layer)?, hasher: Sha256::new(), size: 0 };
+            let max = opts.bounds.max_bytes;
             loop {
                 let mut chunk = vec![0u8; PIPE_CHUNK];
                 match input.read(&mut chunk) {
                     Ok(0) => break,
+                    Ok(_) if input.size > max => {
+                        let _ = tx.send(Err(io::Error::other("the layer expands past its bound")));
+                        return Err(SnapshotError::TooLarge { what: "bytes", limit: max });
+                    }
                     Ok(n) => {
                         chunk.truncate(n);
                         if tx.send(Ok(chunk)).is_err() {
@@ -98,6 +103,10 @@ pub(super) fn unpack(
         let reader = ChannelReader { rx, cur: Vec::new(), pos: 0 };
         let unpacked = unpack_stream(reader, root_path, opts);
         let produced = producer.join().map_err(|_| SnapshotError::DecoderPanicked)?;
+        // Past its byte bound, the unpacker saw only a cut stream: the bound is the reason.
+        if let Err(e @ SnapshotError::TooLarge { .. }) = produced {
+            return Err(e);
+        }
         let entries = unpacked?;
         let (digest, size) = produced?;
         if let Some(expected) = &opts.expected_digest
@@ -116,6 +125,9 @@ fn unpack_stream(reader: ChannelReader, root_path: &Path, opts: &ApplyOptions) -
         Unpacker { root: open_dir(root_path)?, root_path, opts, dir_times: Vec::new(), buf: vec![0; 256 * 1024] };
     let mut entries = 0u64;
     while let Some(entry) = archive.next_entry()? {
+        if entries >= opts.bounds.max_entries {
+            return Err(SnapshotError::TooLarge { what: "entries", limit: opts.bounds.max_entries });
+        }
         u.entry(&mut archive, entry)?;
         entries += 1;
     }
@@ -148,6 +160,9 @@ impl Unpacker<'_> {
             return Err(unsafe_entry(&raw, "a path longer than 4095 bytes"));
         }
         let comps = components(&raw)?;
+        if comps.len() > self.opts.bounds.max_depth {
+            return Err(SnapshotError::TooLarge { what: "directory levels", limit: self.opts.bounds.max_depth as u64 });
+        }
         if comps.iter().any(|c| c.len() > NAME_MAX) {
             return Err(unsafe_entry(&raw, "a path component longer than 255 bytes"));
         }

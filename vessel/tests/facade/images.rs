@@ -479,3 +479,69 @@ pub(super) async fn create_from_a_cached_image_reads_no_archive(w: Arc<World>) -
     mgr.close().await?;
     Ok(())
 }
+
+/// An OCI layout of the test image with its one layer replaced by a zstd
+/// bomb: a tar of 1 GiB of zeros in a few KiB (the config's diff id is
+/// made up: the bound is passed long before the digest could be checked).
+fn bomb_layout(dir: &Path) -> Result<PathBuf> {
+    let (mut blobs, manifest) = busybox_blobs()?;
+    let mut bomb = Vec::new();
+    {
+        let mut enc = zstd::stream::write::Encoder::new(&mut bomb, 3)?;
+        let mut b = tar::Builder::new(&mut enc);
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o644);
+        h.set_size(1 << 30);
+        h.set_cksum();
+        b.append_data(&mut h, "zeros", std::io::repeat(0).take(1 << 30))?;
+        b.finish()?;
+        drop(b);
+        enc.finish()?;
+    }
+    let (ld, ls) = add_blob(&mut blobs, bomb);
+    let mut m: serde_json::Value = serde_json::from_slice(blob(&blobs, &manifest))?;
+    m["layers"] =
+        serde_json::json!([{"mediaType": "application/vnd.oci.image.layer.v1.tar+zstd", "digest": ld, "size": ls}]);
+    let edited = add_blob(&mut blobs, serde_json::to_vec(&m)?);
+    let top = with_config(&mut blobs, &edited.0, |c| {
+        c["rootfs"]["diff_ids"] = serde_json::json!([format!("sha256:{}", "0".repeat(64))]);
+    })?;
+    write_layout(&dir.join("bomb"), &blobs, OCI_MANIFEST, top)
+}
+
+/// The cache's entries (published layers, and any scratch a failed unpack left).
+fn cache_entries(mgr: &Manager) -> Result<usize> {
+    Ok(std::fs::read_dir(mgr.mount_root().join("layers/layers"))?.count())
+}
+
+/// A layer that expands past `ManagerConfig::max_layer_bytes` is refused
+/// (QuotaExceeded, naming the bound) on import and on pull, and leaves
+/// nothing: no layer or scratch in the cache, no image in storage.
+pub(super) async fn layer_bombs_are_refused(w: Arc<World>) -> Result<()> {
+    let mgr = Manager::new(w.config("bombs").max_layer_bytes(64 << 20)).await?;
+    let tmp = tempfile::tempdir()?;
+    let layout = bomb_layout(tmp.path())?;
+    let mut archive = tar::Builder::new(Vec::new());
+    archive.append_dir_all(".", &layout)?;
+    let archive = archive.into_inner()?;
+    ensure!(archive.len() < 4 << 20, "the whole archive is {} bytes", archive.len());
+    let before = cache_entries(&mgr)?;
+    let refused = mgr.import_image("local/bomb:latest", Box::new(std::io::Cursor::new(archive))).await;
+    let e = refused.err().context("the bomb was imported")?;
+    ensure!(e.kind() == VesselErrorKind::QuotaExceeded && e.to_string().contains("bound"), "{e:#}");
+    ensure!(cache_entries(&mgr)? == before, "the cache kept something of the bomb");
+    let images = mgr.storage().list_images().await?;
+    ensure!(!images.iter().any(|i| i.as_str().contains("bomb")), "the bomb is in storage: {images:?}");
+    if let Some(reg) = registry()? {
+        let _one = REGISTRY.lock().await;
+        let backend = format!("{:?}", w.backend).to_lowercase();
+        let repo = format!("{}/{backend}/bomb:latest", reg.plain);
+        push(&format!("oci:{}:latest", layout.display()), &repo, None, false)?;
+        let e = mgr.pull_image(&repo).await.err().context("the bomb was pulled")?;
+        ensure!(e.kind() == VesselErrorKind::QuotaExceeded, "{e:#}");
+        ensure!(cache_entries(&mgr)? == before, "the cache kept something of the pulled bomb");
+    }
+    mgr.close().await?;
+    Ok(())
+}

@@ -103,6 +103,7 @@ fn main() {
         a_deletion_racing_forks_loses_no_fork,
         live_forks_are_points_in_time,
         changes_match_a_walk,
+        layer_bombs_are_refused,
     ];
     let rule = support::suite::Rootless {
         rootful_only: &[
