@@ -90,6 +90,15 @@ pub(super) async fn background_output_by_offset(w: Arc<World>) -> Result<()> {
     ensure!(tail.data == b"got forty-two\n", "{tail:?}");
     ensure!(p.write_stdin(b"late").await.is_err(), "stdin of an ended process");
 
+    // A process that writes as fast as it can: the host keeps the ring,
+    // not the stream (this process's RSS grows by far less than it wrote).
+    let rss = || procfs::process::Process::myself().and_then(|p| p.status()).ok().and_then(|s| s.vmrss).unwrap_or(0);
+    let before = rss();
+    let torrent = v.spawn(bg("head -c 300000000 /dev/zero")).await?;
+    ensure!(torrent.wait().await == ProcessStatus::Exited { code: 0 });
+    ensure!(torrent.info().output_bytes.0 == 300_000_000);
+    let grown_kib = rss().saturating_sub(before);
+    ensure!(grown_kib < 64 << 10, "300 MB of output grew the host's RSS by {grown_kib} KiB");
     let flood = v.spawn(bg("head -c 3000000 /dev/zero; echo end")).await?;
     ensure!(flood.wait().await == ProcessStatus::Exited { code: 0 });
     let (out, _) = flood.info().output_bytes;
