@@ -6,19 +6,16 @@
 //! over 10,000 new files, against `git status` of the same tree in the same
 //! run. Needs root and the test image (`cargo xtask bench`).
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::IMAGE;
 use criterion::Criterion;
-use tokio::io::AsyncReadExt;
-use vessel::{
-    Backend, CompressedStorage, ExecOptions, ImageRef, LocalStorage, Manager, ManagerConfig, Storage, VesselOptions,
-};
+use vessel::{ExecOptions, VesselOptions};
 use vessel_benches::image_dir;
-
-const IMAGE: &str = "local/busybox:latest";
 
 fn sh(script: &str, persist: bool) -> ExecOptions<'static> {
     ExecOptions {
@@ -47,19 +44,7 @@ fn main() {
     }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let storage: Arc<dyn Storage> =
-        Arc::new(CompressedStorage::new(LocalStorage::new(dir.path().join("data")).unwrap()));
-    let config =
-        ManagerConfig::default().shared_storage(storage).mount_root(dir.path().join("host")).backend(Backend::Youki);
-    let config = if std::env::var_os("VESSEL_BENCH_NO_QUOTA").is_some() { config.disk_quota(None) } else { config };
-    let mgr = rt.block_on(async {
-        let mut data = Vec::new();
-        let r = ImageRef::new(IMAGE).unwrap();
-        LocalStorage::new(&source).unwrap().load_image(&r).await.unwrap().read_to_end(&mut data).await.unwrap();
-        let mgr = Manager::new(config).await.unwrap();
-        mgr.import_image(IMAGE, Box::new(std::io::Cursor::new(data))).await.unwrap();
-        mgr
-    });
+    let mgr = common::youki_manager(&rt, dir.path(), &source);
     let mut c = Criterion::default().configure_from_args().sample_size(30).measurement_time(Duration::from_secs(6));
     let mut g = c.benchmark_group("forks");
 
