@@ -7,7 +7,7 @@
 //! going away in the middle of a snapshot upload; truncated and tampered
 //! objects refused as corrupt. After all cases nothing is left mounted.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -45,6 +45,7 @@ fn agent() -> ! {
         .lease_ttl(Duration::from_millis(TTL_MS))
         .disk_quota(None)
         .gc_grace(Duration::ZERO)
+        .max_layer_bytes(64 << 20)
         .namespace("vessel-hosts");
     let mgr = TOKIO.block_on(Manager::new(config)).expect("manager");
     let mut vessel: Option<vessel::Vessel> = None;
@@ -350,6 +351,46 @@ fn the_server_going_away_mid_upload(w: &World) -> Result<()> {
     b.ok(&format!("open {id}"))?;
     b.sh("md5sum -c /work/big.md5")?;
     b.ok("close")?;
+    b.quit()
+}
+
+/// A snapshot object replaced in the bucket by a zstd bomb (a tar of
+/// 1 GiB of zeros in a few KiB): a new host opening the vessel stops at its
+/// layer bound (64 MiB for the agents), refuses with QuotaExceeded and
+/// leaves nothing in its layer cache.
+fn a_snapshot_replaced_by_a_bomb_is_refused(w: &World) -> Result<()> {
+    use object_store::{ObjectStoreExt, PutPayload};
+    let mut a = Host::start(w, "host-a", None)?;
+    let id = a.ok("create")?;
+    a.sh("echo x > /work/f")?;
+    a.ok("snapshot")?;
+    a.ok("close")?;
+    a.quit()?;
+    let key = w.snapshot_keys(&id)?.pop().context("no snapshot stored")?;
+    ensure!(key.ends_with(".tar.zst"), "snapshots are stored zstd-compressed: {key}");
+    let mut bomb = Vec::new();
+    {
+        let mut enc = zstd::stream::write::Encoder::new(&mut bomb, 3)?;
+        let mut b = tar::Builder::new(&mut enc);
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o644);
+        h.set_size(1 << 30);
+        h.set_cksum();
+        b.append_data(&mut h, "work/zeros", std::io::repeat(0).take(1 << 30))?;
+        b.finish()?;
+        drop(b);
+        enc.finish()?;
+    }
+    ensure!(bomb.len() < 200 << 10, "the bomb is {} bytes", bomb.len());
+    let store = w.storage.store().clone();
+    TOKIO.block_on(store.put(&object_store::path::Path::from(key), PutPayload::from(bomb)))?;
+    let mut b = Host::start(w, "host-b", None)?;
+    let e = b.call(&format!("open {id}"))?.expect_err("a bomb must be refused");
+    ensure!(e.starts_with("err QuotaExceeded") && e.contains("bound"), "{e}");
+    let layers = w.base.join("host-b/layers/layers");
+    let left: Vec<_> = std::fs::read_dir(&layers)?.flatten().map(|e| e.file_name()).collect();
+    ensure!(left.iter().all(|n| !n.to_string_lossy().starts_with('.')), "scratch left in the cache: {left:?}");
     b.quit()
 }
 
@@ -672,6 +713,7 @@ fn main() {
         ("truncated_and_tampered_objects_are_corrupt", truncated_and_tampered_objects_are_corrupt),
         ("request_costs", request_costs),
         ("a_deletion_racing_forks_on_s3", a_deletion_racing_forks_on_s3),
+        ("a_snapshot_replaced_by_a_bomb_is_refused", a_snapshot_replaced_by_a_bomb_is_refused),
     ];
     let trials = cases
         .into_iter()
