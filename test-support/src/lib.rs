@@ -167,3 +167,23 @@ pub fn overlay_lower_count(path: &Path) -> Option<usize> {
     }
     Some(opts.split(',').find_map(|o| o.strip_prefix("lowerdir="))?.split(':').count())
 }
+
+/// A zstd-compressed tar holding one file, `name`, of `size` zero bytes:
+/// a few KiB that expand to `size` (a "layer bomb" for the expansion bounds).
+pub fn zstd_bomb(name: &str, size: u64) -> Vec<u8> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    let mut enc = zstd::stream::write::Encoder::new(&mut out, 3).expect("a zstd encoder");
+    {
+        let mut b = tar::Builder::new(&mut enc);
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o644);
+        h.set_size(size);
+        h.set_cksum();
+        b.append_data(&mut h, name, std::io::repeat(0).take(size)).expect("a tar entry");
+        b.finish().expect("a tar end");
+    }
+    enc.finish().expect("a zstd end");
+    out
+}

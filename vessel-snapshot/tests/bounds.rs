@@ -37,20 +37,7 @@ fn refused(case: &str, layer: &[u8], opts: &ApplyOptions, what: &str) {
 #[test]
 fn a_zstd_bomb_stops_at_the_byte_bound() {
     // 4 GiB of zeros in well under 200 KiB.
-    let mut out = Vec::new();
-    {
-        let mut enc = zstd::stream::write::Encoder::new(&mut out, 3).unwrap();
-        let mut b = tar::Builder::new(&mut enc);
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Regular);
-        h.set_mode(0o644);
-        h.set_size(4 << 30);
-        h.set_cksum();
-        b.append_data(&mut h, "zeros", std::io::repeat(0).take(4 << 30)).unwrap();
-        b.finish().unwrap();
-        drop(b);
-        enc.finish().unwrap();
-    }
+    let out = vessel_test_support::zstd_bomb("zeros", 4 << 30);
     assert!(out.len() < 200 << 10, "the bomb is {} bytes", out.len());
     refused("zstd bomb", &out, &bounds(64 << 20, 1 << 20, 256), "bytes");
 }

@@ -7,7 +7,7 @@
 //! going away in the middle of a snapshot upload; truncated and tampered
 //! objects refused as corrupt. After all cases nothing is left mounted.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -368,20 +368,7 @@ fn a_snapshot_replaced_by_a_bomb_is_refused(w: &World) -> Result<()> {
     a.quit()?;
     let key = w.snapshot_keys(&id)?.pop().context("no snapshot stored")?;
     ensure!(key.ends_with(".tar.zst"), "snapshots are stored zstd-compressed: {key}");
-    let mut bomb = Vec::new();
-    {
-        let mut enc = zstd::stream::write::Encoder::new(&mut bomb, 3)?;
-        let mut b = tar::Builder::new(&mut enc);
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Regular);
-        h.set_mode(0o644);
-        h.set_size(1 << 30);
-        h.set_cksum();
-        b.append_data(&mut h, "work/zeros", std::io::repeat(0).take(1 << 30))?;
-        b.finish()?;
-        drop(b);
-        enc.finish()?;
-    }
+    let bomb = support::zstd_bomb("work/zeros", 1 << 30);
     ensure!(bomb.len() < 200 << 10, "the bomb is {} bytes", bomb.len());
     let store = w.storage.store().clone();
     TOKIO.block_on(store.put(&object_store::path::Path::from(key), PutPayload::from(bomb)))?;

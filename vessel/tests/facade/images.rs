@@ -485,20 +485,7 @@ pub(super) async fn create_from_a_cached_image_reads_no_archive(w: Arc<World>) -
 /// made up: the bound is passed long before the digest could be checked).
 fn bomb_layout(dir: &Path) -> Result<PathBuf> {
     let (mut blobs, manifest) = busybox_blobs()?;
-    let mut bomb = Vec::new();
-    {
-        let mut enc = zstd::stream::write::Encoder::new(&mut bomb, 3)?;
-        let mut b = tar::Builder::new(&mut enc);
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Regular);
-        h.set_mode(0o644);
-        h.set_size(1 << 30);
-        h.set_cksum();
-        b.append_data(&mut h, "zeros", std::io::repeat(0).take(1 << 30))?;
-        b.finish()?;
-        drop(b);
-        enc.finish()?;
-    }
+    let bomb = support::zstd_bomb("zeros", 1 << 30);
     let (ld, ls) = add_blob(&mut blobs, bomb);
     let mut m: serde_json::Value = serde_json::from_slice(blob(&blobs, &manifest))?;
     m["layers"] =
