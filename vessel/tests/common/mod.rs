@@ -50,6 +50,36 @@ impl World {
         Ok(Manager::new(self.config(host)).await?)
     }
 
+    /// This test binary again, as a child that is this world's host for
+    /// `vessel`: `marker` set, and what [`World::from_child_env`] reads; its
+    /// stdout piped, killed if dropped.
+    pub(crate) fn child_command(&self, marker: &str, vessel: &str) -> Result<tokio::process::Command> {
+        let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
+        cmd.env(marker, "1")
+            .env("VESSEL_TEST_BASE", &self.base)
+            .env("VESSEL_TEST_BACKEND", format!("{:?}", self.backend).to_lowercase())
+            .env("VESSEL_TEST_VESSEL", vessel)
+            .env("VESSEL_TEST_NAMESPACE", &self.namespace)
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        Ok(cmd)
+    }
+
+    /// In a child made by [`World::child_command`]: its parent's world and
+    /// the vessel it is to work on.
+    pub(crate) fn from_child_env() -> (Self, String) {
+        let var = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k} unset in a test child"));
+        let backend = if var("VESSEL_TEST_BACKEND") == "containerd" { Backend::Containerd } else { Backend::Youki };
+        let w = World {
+            backend,
+            base: PathBuf::from(var("VESSEL_TEST_BASE")),
+            address: std::env::var_os("VESSEL_CONTAINERD_ADDRESS").map(PathBuf::from),
+            namespace: var("VESSEL_TEST_NAMESPACE"),
+            compressed: true,
+        };
+        (w, var("VESSEL_TEST_VESSEL"))
+    }
+
     /// `youki`, `containerd`; `rootless::` first in rootless mode.
     pub(crate) fn label(&self) -> String {
         let mode = if rootless() { "rootless::" } else { "" };

@@ -309,16 +309,7 @@ pub(super) const LIVE_CHILD: &str = "VESSEL_TEST_LIVE_CHILD";
 /// The child: opens the vessel, starts a background process, says so, and
 /// waits to be killed.
 pub(super) fn live_child() -> ! {
-    let base = PathBuf::from(std::env::var_os("VESSEL_TEST_BASE").unwrap());
-    let backend = if std::env::var("VESSEL_TEST_BACKEND").unwrap() == "containerd" {
-        Backend::Containerd
-    } else {
-        Backend::Youki
-    };
-    let address = std::env::var_os("VESSEL_CONTAINERD_ADDRESS").map(PathBuf::from);
-    let namespace = std::env::var("VESSEL_TEST_NAMESPACE").unwrap();
-    let w = World { backend, base, address, namespace, compressed: true };
-    let id = std::env::var("VESSEL_TEST_VESSEL").unwrap();
+    let (w, id) = World::from_child_env();
     TOKIO.block_on(async {
         let mgr = w.manager("live-crash").await.unwrap();
         let v = mgr.open_vessel(&id).await.unwrap();
@@ -339,15 +330,7 @@ pub(super) async fn a_killed_holder_leaves_nothing(w: Arc<World>) -> Result<()> 
     v.close().await?;
     mgr.close().await?;
     drop(mgr);
-    let mut child = tokio::process::Command::new(std::env::current_exe()?)
-        .env(LIVE_CHILD, "1")
-        .env("VESSEL_TEST_BASE", &w.base)
-        .env("VESSEL_TEST_BACKEND", format!("{:?}", w.backend).to_lowercase())
-        .env("VESSEL_TEST_VESSEL", &id)
-        .env("VESSEL_TEST_NAMESPACE", &w.namespace)
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
+    let mut child = w.child_command(LIVE_CHILD, &id)?.spawn()?;
     let mut stdout = child.stdout.take().context("child stdout")?;
     let mut seen = Vec::new();
     let mut buf = [0u8; 64];

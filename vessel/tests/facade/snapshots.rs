@@ -136,16 +136,7 @@ pub(super) async fn corrupt_snapshot_is_refused(w: Arc<World>) -> Result<()> {
 
 /// The child of the crash test: opens the vessel, changes a lot, snapshots; killed meanwhile.
 pub(super) fn crash_child() -> ! {
-    let base = PathBuf::from(std::env::var_os("VESSEL_TEST_BASE").unwrap());
-    let backend = if std::env::var("VESSEL_TEST_BACKEND").unwrap() == "containerd" {
-        Backend::Containerd
-    } else {
-        Backend::Youki
-    };
-    let address = std::env::var_os("VESSEL_CONTAINERD_ADDRESS").map(PathBuf::from);
-    let namespace = std::env::var("VESSEL_TEST_NAMESPACE").unwrap();
-    let w = World { backend, base, address, namespace, compressed: true };
-    let id = std::env::var("VESSEL_TEST_VESSEL").unwrap();
+    let (w, id) = World::from_child_env();
     TOKIO.block_on(async {
         let mgr = w.manager("crash").await.unwrap();
         let v = mgr.open_vessel(&id).await.unwrap();
@@ -167,14 +158,7 @@ pub(super) async fn crash_in_the_middle_of_a_snapshot(w: Arc<World>) -> Result<(
     v.close().await?;
     mgr.close().await?;
     drop(mgr);
-    let mut child = tokio::process::Command::new(std::env::current_exe()?)
-        .env(CRASH_CHILD, "1")
-        .env("VESSEL_TEST_BASE", &w.base)
-        .env("VESSEL_TEST_BACKEND", format!("{:?}", w.backend).to_lowercase())
-        .env("VESSEL_TEST_VESSEL", &id)
-        .env("VESSEL_TEST_NAMESPACE", &w.namespace)
-        .stdout(std::process::Stdio::piped())
-        .spawn()?;
+    let mut child = w.child_command(CRASH_CHILD, &id)?.spawn()?;
     let mut stdout = child.stdout.take().context("child stdout")?;
     let mut seen = Vec::new();
     let mut buf = [0u8; 64];
