@@ -183,28 +183,31 @@ impl Manager {
 /// The most vessels one [`Vessel::fork`] makes.
 pub const MAX_FORKS: usize = 100;
 
-impl Vessel {
-    /// `n` new vessels (at most [`MAX_FORKS`]) whose current state is this
-    /// vessel's current state, including what is not yet snapshotted: a
-    /// snapshot of it is taken first (labelled `fork`; running processes are
-    /// frozen only while the upper dir is read, and keep running), and each
-    /// fork starts from that snapshot as [`Manager::fork_vessel`] makes it,
-    /// sharing its layers, with a fresh upper dir of its own. Processes are
-    /// not copied: a fork starts with none. `opts` as for `fork_vessel`
-    /// (a name only when `n` is 1). If one fork fails, those made are
-    /// deleted and the error returned.
-    pub async fn fork(&self, n: usize, opts: &crate::VesselOptions) -> Result<Vec<Vessel>> {
-        if n == 0 || n > MAX_FORKS {
-            return Err(VesselError::InvalidInput(format!("a fork makes 1 to {MAX_FORKS} vessels, not {n}")));
-        }
-        if opts.name.is_some() && n > 1 {
-            return Err(VesselError::InvalidInput("a name is unique: give one only when forking one vessel".into()));
-        }
-        let snap = self.create_snapshot("fork").await?;
-        let mgr = Manager { state: self.inner_state().clone() };
-        let source = self.id().to_string();
-        let made = futures::future::join_all((0..n).map(|_| mgr.fork_vessel(&source, &snap.id, opts))).await;
-        let failed = made.iter().position(Result::is_err);
+/// How many forks one call may make, and a name only for one.
+fn check_count(n: usize, opts: &crate::VesselOptions) -> Result<()> {
+    if n == 0 || n > MAX_FORKS {
+        return Err(VesselError::InvalidInput(format!("a fork makes 1 to {MAX_FORKS} vessels, not {n}")));
+    }
+    if opts.name.is_some() && n > 1 {
+        return Err(VesselError::InvalidInput("a name is unique: give one only when forking one vessel".into()));
+    }
+    Ok(())
+}
+
+impl Manager {
+    /// `n` forks (1 to [`MAX_FORKS`]) of snapshot `snapshot` of vessel
+    /// `source`, made concurrently, each as [`Manager::fork_vessel`] makes
+    /// one (a name only when `n` is 1). If one fails, those made are
+    /// deleted and its error returned: all or none.
+    pub async fn fork_vessels(
+        &self,
+        source: &str,
+        snapshot: &SnapshotId,
+        n: usize,
+        opts: &crate::VesselOptions,
+    ) -> Result<Vec<Vessel>> {
+        check_count(n, opts)?;
+        let made = futures::future::join_all((0..n).map(|_| self.fork_vessel(source, snapshot, opts))).await;
         let mut out = Vec::with_capacity(n);
         let mut first_error = None;
         for r in made {
@@ -213,13 +216,29 @@ impl Vessel {
                 Err(e) => first_error = first_error.or(Some(e)),
             }
         }
-        if let (Some(_), Some(e)) = (failed, first_error) {
+        if let Some(e) = first_error {
             for v in out {
                 let _ = v.close().await;
-                let _ = mgr.delete_vessel(v.id().as_str()).await;
+                let _ = self.delete_vessel(v.id().as_str()).await;
             }
             return Err(e);
         }
         Ok(out)
+    }
+}
+
+impl Vessel {
+    /// `n` new vessels whose current state is this vessel's current state,
+    /// including what is not yet snapshotted: a snapshot of it is taken
+    /// first (labelled `fork`; running processes are frozen only while the
+    /// upper dir is read, and keep running), then [`Manager::fork_vessels`]
+    /// forks it `n` ways, each sharing its layers under a fresh upper dir
+    /// of its own. Processes are not copied: a fork starts with none.
+    pub async fn fork(&self, n: usize, opts: &crate::VesselOptions) -> Result<Vec<Vessel>> {
+        // Refused before the snapshot, which would otherwise stay.
+        check_count(n, opts)?;
+        let snap = self.create_snapshot("fork").await?;
+        let mgr = Manager { state: self.inner_state().clone() };
+        mgr.fork_vessels(self.id().as_str(), &snap.id, n, opts).await
     }
 }

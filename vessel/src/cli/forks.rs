@@ -10,6 +10,7 @@ use crate::keeper::wire::{Call, Reply};
 use crate::view::{ChangeView, VesselView};
 
 pub(crate) async fn fork(mgr: &Manager, a: &ForkArgs, json: bool) -> Result<()> {
+    // Refused before a snapshot of the present state is taken.
     if a.name.is_some() && a.count > 1 {
         anyhow::bail!("--name names one vessel: give it with -n 1 only");
     }
@@ -26,11 +27,9 @@ pub(crate) async fn fork(mgr: &Manager, a: &ForkArgs, json: bool) -> Result<()> 
         },
     };
     let mut made = Vec::with_capacity(usize::from(a.count));
-    for _ in 0..a.count {
-        let v = mgr.fork_vessel(&a.id, &snapshot, &opts).await?;
-        let m = v.manifest();
+    for v in mgr.fork_vessels(&a.id, &snapshot, usize::from(a.count), &opts).await? {
+        made.push(v.manifest());
         v.close().await?;
-        made.push(m);
     }
     if json {
         return print_json(&made.iter().map(VesselView::of).collect::<Vec<_>>());

@@ -24,14 +24,7 @@ impl Tools {
         let forks = match &a.snapshot_id {
             Some(s) => {
                 let snapshot = SnapshotId::new(s).map_err(|e| invalid(e.to_string()))?;
-                if !(1..=vessel::MAX_FORKS).contains(&count) {
-                    return Err(invalid(format!("count must be 1 to {}", vessel::MAX_FORKS)));
-                }
-                let mut out = Vec::with_capacity(count);
-                for _ in 0..count {
-                    out.push(self.state.mgr.fork_vessel(&a.vessel_id, &snapshot, &opts).await.map_err(failure)?);
-                }
-                out
+                self.state.mgr.fork_vessels(&a.vessel_id, &snapshot, count, &opts).await.map_err(failure)?
             }
             None => self.vessel(&a.vessel_id).await?.fork(count, &opts).await.map_err(failure)?,
         };
