@@ -53,6 +53,14 @@ pub enum CoreError {
         /// The vessel's limit.
         vessel: i64,
     },
+    /// A network policy or one of its rules did not parse or validate.
+    #[error("invalid network policy {value:?}: {reason}")]
+    InvalidNetwork {
+        /// The rejected input.
+        value: String,
+        /// Which rule it broke.
+        reason: &'static str,
+    },
 }
 
 /// Coarse classification of [`CoreError`], for matching without caring about context.
@@ -67,6 +75,8 @@ pub enum CoreErrorKind {
     InvalidImageRef,
     /// A resource limit was out of range or above the vessel's.
     InvalidLimit,
+    /// A network policy was malformed.
+    InvalidNetwork,
 }
 
 impl CoreError {
@@ -77,6 +87,7 @@ impl CoreError {
             Self::InvalidName { .. } => CoreErrorKind::InvalidName,
             Self::InvalidImageRef { .. } => CoreErrorKind::InvalidImageRef,
             Self::InvalidLimit { .. } | Self::LimitAboveVessel { .. } => CoreErrorKind::InvalidLimit,
+            Self::InvalidNetwork { .. } => CoreErrorKind::InvalidNetwork,
         }
     }
 }
@@ -88,6 +99,7 @@ impl fmt::Display for CoreErrorKind {
             Self::InvalidName => "invalid name",
             Self::InvalidImageRef => "invalid image reference",
             Self::InvalidLimit => "invalid limit",
+            Self::InvalidNetwork => "invalid network policy",
         })
     }
 }

@@ -15,6 +15,7 @@ mod image_ref;
 mod limits;
 mod manifest;
 mod name;
+mod network;
 pub mod sync;
 
 pub use error::{CoreError, CoreErrorKind};
@@ -24,3 +25,4 @@ pub use image_ref::ImageRef;
 pub use limits::Limits;
 pub use manifest::{SnapshotManifest, VesselManifest};
 pub use name::{MAX_NAME_LEN, VesselName};
+pub use network::{AllowRule, DomainPattern, MAX_RULES, NetworkPolicy};

@@ -53,6 +53,7 @@ mod error;
 pub mod idmap;
 pub mod overlay;
 // Entering rootless mode: a fork while the process has one thread.
+pub mod net;
 #[allow(unsafe_code)]
 pub mod rootless;
 pub mod sandbox;
@@ -117,7 +118,7 @@ pub fn init() {
 }
 
 /// Whether the container gets a network.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Network {
     /// A private network namespace with only loopback.
@@ -125,6 +126,15 @@ pub enum Network {
     None,
     /// The host's network namespace.
     Host,
+    /// An existing namespace, made by host root ([`net::VesselNet`]): every
+    /// container of a vessel joins its one network; `/etc/resolv.conf`
+    /// names `nameserver`.
+    Join {
+        /// The pinned namespace.
+        netns: PathBuf,
+        /// The vessel's resolver.
+        nameserver: std::net::IpAddr,
+    },
 }
 
 /// A terminal's size.

@@ -84,9 +84,10 @@ pub const DEFAULT_CAPABILITIES: [Capability; 14] = [
 /// does: the image's own files stay untouched).
 pub fn write_etc_files(dir: &std::path::Path, req: &RunRequest<'_>) -> Result<(), RuntimeError> {
     let hostname = req.hostname.clone().unwrap_or_else(|| "vessel".into());
-    let resolv = match req.network {
+    let resolv = match &req.network {
         crate::Network::Host => std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
         crate::Network::None => "# no network: vessel Network::None\n".into(),
+        crate::Network::Join { nameserver, .. } => format!("nameserver {nameserver}\noptions ndots:0\n"),
     };
     for (name, body) in [
         ("hosts", format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n")),
@@ -246,10 +247,11 @@ pub fn build(
     ));
 
     let mut mounts = spec.mounts().clone().unwrap_or_default();
-    if req.user_namespace.is_some() && req.network == Network::Host {
+    if req.user_namespace.is_some() && matches!(req.network, Network::Host | Network::Join { .. }) {
         // sysfs can only be mounted by the user namespace that owns the
-        // network namespace: with the host's network, bind the host's /sys
-        // read-only instead (as runc does for rootless containers).
+        // network namespace: with the host's network (or a vessel network,
+        // which host root owns), bind the host's /sys read-only instead
+        // (as runc does for rootless containers).
         for m in mounts.iter_mut().filter(|m| m.destination() == std::path::Path::new("/sys")) {
             *m = MountBuilder::default()
                 .destination("/sys")
@@ -276,6 +278,17 @@ pub fn build(
     // (Network::None) a private one the runner made with loopback up, since
     // a namespace the runtime creates has `lo` down.
     namespaces.retain(|n| n.typ() != LinuxNamespaceType::Network);
+    if let Network::Join { netns, .. } = &req.network {
+        // Joined by path: the runtime enters it before the user namespace
+        // is made, so the container holds no capability over it.
+        namespaces.push(
+            LinuxNamespaceBuilder::default()
+                .typ(LinuxNamespaceType::Network)
+                .path(netns.clone())
+                .build()
+                .map_err(RuntimeError::Spec)?,
+        );
+    }
     if !namespaces.iter().any(|n| n.typ() == LinuxNamespaceType::Cgroup) {
         namespaces.push(
             LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::Cgroup).build().map_err(RuntimeError::Spec)?,

@@ -4,7 +4,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use vessel_core::{IdGenerator, Limits, UniqueIdGenerator};
+use vessel_core::{IdGenerator, Limits, NetworkPolicy, UniqueIdGenerator};
 use vessel_storage::Storage;
 
 pub use vessel_runtime::Backend;
@@ -29,6 +29,7 @@ pub struct ManagerConfig {
     pub(crate) idle_pause: Option<std::time::Duration>,
     pub(crate) gc_grace: std::time::Duration,
     pub(crate) max_layer_bytes: Option<u64>,
+    pub(crate) network: vessel_runtime::net::NetConfig,
 }
 
 /// What a vessel may write to the host's disk unless told otherwise: 10 GiB.
@@ -93,6 +94,10 @@ pub struct VesselOptions {
     /// A name, unique in the storage, usable wherever its id is
     /// ([`crate::VesselName`]'s grammar).
     pub name: Option<String>,
+    /// What its commands may reach ([`NetworkPolicy::None`], loopback
+    /// only, unless set). Pinned in the manifest; a fork takes its source's
+    /// unless set here.
+    pub network: Option<NetworkPolicy>,
 }
 
 impl VesselOptions {
@@ -116,6 +121,12 @@ impl VesselOptions {
     /// Processes and threads of each command.
     pub fn pids(mut self, pids: i64) -> Self {
         self.limits.pids = Some(pids);
+        self
+    }
+
+    /// Its network policy.
+    pub fn network(mut self, policy: NetworkPolicy) -> Self {
+        self.network = Some(policy);
         self
     }
 
@@ -218,6 +229,7 @@ impl Default for ManagerConfig {
             idle_pause: None,
             gc_grace: std::time::Duration::from_secs(3600),
             max_layer_bytes: None,
+            network: Default::default(),
         }
     }
 }
@@ -243,6 +255,16 @@ impl ManagerConfig {
     /// default (a process that only computes would be frozen too).
     pub fn idle_pause(mut self, idle: std::time::Duration) -> Self {
         self.idle_pause = Some(idle).filter(|d| !d.is_zero());
+        self
+    }
+
+    /// How vessels with a network get it: the address pool (a /31 per
+    /// vessel, default 10.213.0.0/16), the upstream resolvers their
+    /// resolver asks (default the host's), and the host address published
+    /// ports listen on (default 127.0.0.1; anything wider must be set here,
+    /// explicitly).
+    pub fn network(mut self, network: vessel_runtime::net::NetConfig) -> Self {
+        self.network = network;
         self
     }
 

@@ -65,7 +65,10 @@ pub use quota::{
 };
 pub use registry::{PullFailure, PullProgress, PulledImage, RegistryAuth};
 pub use vessel::Vessel;
+pub use vessel::network::{NetworkInfo, network_policy};
 pub use vessel::process::{OUTPUT_RING, Output, OutputStream, ProcessHandle, ProcessInfo, ProcessStatus, StopReason};
+pub use vessel_core::MAX_RULES as MAX_NETWORK_RULES;
+pub use vessel_runtime::net::{NetConfig, NetworkStats, RefusedName};
 pub use vessel_snapshot::{Change, ChangeKind, Modified};
 
 /// Must be the first call in `main` of a program that uses vessel, before
@@ -78,8 +81,8 @@ pub fn init() {
 }
 
 pub use vessel_core::{
-    CoreError, CoreErrorKind, ExecOptions, ExecResult, IdGenerator, ImageRef, Limits, SnapshotId, SnapshotManifest,
-    UniqueIdGenerator, VesselId, VesselManifest, VesselName,
+    AllowRule, CoreError, CoreErrorKind, DomainPattern, ExecOptions, ExecResult, IdGenerator, ImageRef, Limits,
+    NetworkPolicy, SnapshotId, SnapshotManifest, UniqueIdGenerator, VesselId, VesselManifest, VesselName,
 };
 pub use vessel_storage::lease::Holder;
 pub use vessel_storage::{

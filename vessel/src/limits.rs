@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use vessel_core::Limits;
+use vessel_core::{Limits, NetworkPolicy};
 
 use crate::config::VesselOptions;
 use crate::{Result, VesselError};
@@ -13,6 +13,8 @@ const MEMORY: &str = "vessel.limits.memory";
 const CPU: &str = "vessel.limits.cpu-quota-us";
 const PIDS: &str = "vessel.limits.pids";
 const DISK: &str = "vessel.limits.disk";
+/// The network policy, in its text form ([`NetworkPolicy`]'s `Display`).
+const NETWORK: &str = "vessel.network";
 /// Written for "no limit".
 const NONE: &str = "none";
 
@@ -85,7 +87,24 @@ pub(crate) fn label_options(opts: &VesselOptions, labels: &mut BTreeMap<String, 
         check_disk(d)?;
         labels.insert(DISK.into(), d.to_string());
     }
+    if let Some(p) = &opts.network {
+        p.validate()?;
+        set_network_label(labels, p);
+    }
     Ok(())
+}
+
+/// The network policy pinned in `labels` (none pinned: loopback only).
+pub(crate) fn network_policy(labels: &BTreeMap<String, String>) -> Result<NetworkPolicy> {
+    match labels.get(NETWORK) {
+        None => Ok(NetworkPolicy::None),
+        Some(v) => Ok(v.parse()?),
+    }
+}
+
+/// Pins `policy` in `labels`.
+pub(crate) fn set_network_label(labels: &mut BTreeMap<String, String>, policy: &NetworkPolicy) {
+    labels.insert(NETWORK.into(), policy.to_string());
 }
 
 /// A fork's limit labels: its source's (as pinned there), each narrowed by
@@ -97,6 +116,10 @@ pub(crate) fn fork_labels(
 ) -> Result<()> {
     let mut asked = BTreeMap::new();
     label_options(opts, &mut asked)?;
+    // The network: the fork's own if asked, else its source's.
+    if let Some(policy) = asked.get(NETWORK).or_else(|| source.get(NETWORK)) {
+        out.insert(NETWORK.into(), policy.clone());
+    }
     for key in [MEMORY, CPU, PIDS, DISK] {
         let from = parse(source, key)?;
         let value = match (asked.get(key), from) {

@@ -65,6 +65,8 @@ pub(crate) struct ManagerState {
     pub(crate) agent: std::sync::OnceLock<PathBuf>,
     /// Pause live sandboxes idle this long (`ManagerConfig::idle_pause`).
     pub(crate) idle_pause: Option<std::time::Duration>,
+    /// How vessels' networks are made.
+    pub(crate) network: vessel_runtime::net::NetConfig,
     /// Blobs younger than this are never collected (`ManagerConfig::gc_grace`).
     pub(crate) gc_grace: std::time::Duration,
 }
@@ -238,12 +240,17 @@ impl Manager {
             lease,
             agent: std::sync::OnceLock::new(),
             idle_pause: config.idle_pause,
+            network: config.network.clone(),
             gc_grace: config.gc_grace,
         };
         let mgr = Self { state: Arc::new(state) };
         let containers = mgr.state.runtime.remove_leftovers().await?;
         if containers > 0 {
             tracing::info!(containers, "removed containers left by dead vessel processes");
+        }
+        let networks = vessel_runtime::net::remove_leftovers().await;
+        if networks > 0 {
+            tracing::info!(networks, "removed networks left by dead vessel processes");
         }
         mgr.remove_stale()?;
         Ok(mgr)

@@ -5,6 +5,7 @@
 //! `cargo` subprocesses after setup.
 
 mod containerd;
+mod fakenet;
 mod image;
 mod python;
 mod quotafs;
@@ -28,7 +29,8 @@ commands:
           (cargo deny, cargo machete, rust-version) and every test
           (against a private containerd it starts and stops)
   bench   run the criterion benches (extra args go to cargo bench)
-  demo    setup, image, then the main job: a short agent-like session on a real workspace";
+  demo    setup, image, then the main job: a short agent-like session on a real workspace
+  fakenet start the network suite's fake internet and keep it up (prints its env)";
 
 /// Debian packages the demo needs: the test image's busybox, the C
 /// libraries the youki backend builds against (libseccomp; libbpf, built
@@ -68,6 +70,11 @@ const PACKAGES: &[&str] = &[
     "skopeo",
     // Rootless mode: newuidmap/newgidmap map a user's subordinate ids.
     "uidmap",
+    // Vessel networks: nft for their filters; the fake internet's
+    // namespaces (ip) and its resolver (dnsmasq).
+    "nftables",
+    "iproute2",
+    "dnsmasq-base",
 ];
 
 /// What clippy checks: the workspace with every feature; the workspace
@@ -95,6 +102,17 @@ fn main() -> Result<()> {
         "test" => test(),
         "bench" => bench(rest),
         "demo" => demo(),
+        "fakenet" => {
+            setup()?;
+            let net = fakenet::FakeNet::start(&project_root().join("target"))?;
+            for (k, v) in net.env() {
+                println!("export {k}={v}");
+            }
+            println!("fakenet: up until this command is interrupted");
+            loop {
+                std::thread::park();
+            }
+        }
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
             Ok(())
@@ -193,14 +211,15 @@ fn test_phases(p: &mut Phases) -> Result<()> {
     p.time("build tests (--all-features)", || {
         run(cargo(&root).args(["test", "--workspace", "--locked", "--all-features", "--no-run"]))
     })?;
-    let (containerd, quota, registries, python, s3, user) = p.time("start servers", || {
+    let (containerd, quota, registries, python, s3, user, fakenet) = p.time("start servers", || {
         let containerd = containerd::Containerd::start()?;
         let quota = quotafs::QuotaFs::start()?;
         let registries = registry::Registries::start()?;
         let python = python::venv(&root)?;
         let s3 = s3::S3Server::start(&python)?;
         let user = rootless::TestUser::ensure()?;
-        Ok((containerd, quota, registries, python, s3, user))
+        let fakenet = fakenet::FakeNet::start(&root.join("target"))?;
+        Ok((containerd, quota, registries, python, s3, user, fakenet))
     })?;
     p.time("tests (root)", || {
         run(cargo(&root)
@@ -210,6 +229,7 @@ fn test_phases(p: &mut Phases) -> Result<()> {
             .envs(user.env())
             .env("VESSEL_TEST_IMAGE_DIR", &image.dir)
             .env("VESSEL_CONTAINERD_ADDRESS", &containerd.address)
+            .envs(fakenet.env())
             .env("TMPDIR", &quota.tmp)
             .envs(registries.env()))
     })?;
@@ -222,6 +242,7 @@ fn test_phases(p: &mut Phases) -> Result<()> {
         user.run_suites(&executables, &image.dir, &env)
     })?;
     p.time("stop servers", || {
+        drop(fakenet);
         drop(user);
         drop(s3);
         drop(registries);

@@ -229,6 +229,16 @@ fn masked_eq_for_libcontainer(spec: &mut oci_spec::runtime::Spec) {
     spec.set_linux(Some(linux));
 }
 
+/// Drops the spec's network namespace: the container shares its runner's.
+fn without_network_namespace(spec: &mut oci_spec::runtime::Spec) {
+    use oci_spec::runtime::LinuxNamespaceType;
+    let Some(mut linux) = spec.linux().clone() else { return };
+    let mut ns = linux.namespaces().clone().unwrap_or_default();
+    ns.retain(|n| n.typ() != LinuxNamespaceType::Network);
+    linux.set_namespaces(Some(ns));
+    spec.set_linux(Some(linux));
+}
+
 /// A rootless run's spec: no user namespace of its own (the runner joins
 /// one, with the request's mapping) and no cgroup resources for
 /// libcontainer (its cgroup v1 manager always writes device rules, which
@@ -313,6 +323,14 @@ impl Runtime for YoukiRuntime {
             // (so sysfs mounts); the runner brings its `lo` up.
             spec::add_network_namespace(&mut spec)?;
         }
+        // A vessel network is joined by the runner (see `Run::join_network`).
+        let join_network = match &req.network {
+            crate::Network::Join { netns, .. } => {
+                without_network_namespace(&mut spec);
+                Some(netns.clone())
+            }
+            _ => None,
+        };
         masked_eq_for_libcontainer(&mut spec);
         // Rootless: the runner joins a user namespace made here (the
         // runner may write no id map of its own for a range) and runs
@@ -331,7 +349,8 @@ impl Runtime for YoukiRuntime {
         let task = Task::Run(Run {
             bundle: bundle.clone(),
             id: id.clone(),
-            private_network: req.network != crate::Network::Host,
+            private_network: req.network == crate::Network::None,
+            join_network: join_network.clone(),
             userns,
             tty: req.tty.map(|t| (t.rows, t.cols)),
             cgroups: parent.as_ref().map(|p| DelegatedRun {

@@ -47,6 +47,11 @@ pub(crate) struct Run {
     /// Give the container a private network namespace with loopback up
     /// (else it shares the runner's, the host's).
     pub(crate) private_network: bool,
+    /// Join this network namespace (a vessel's network) before making the
+    /// container, which then shares it: the runner is host root, which may;
+    /// a process already in the container's user namespace may not.
+    #[serde(default)]
+    pub(crate) join_network: Option<PathBuf>,
     /// The spec has a user namespace.
     pub(crate) userns: bool,
     /// Run on a pseudo-terminal of this size (rows, columns).
@@ -142,6 +147,7 @@ mod tests {
                 bundle: "/b".into(),
                 id: "vessel-1".into(),
                 private_network: true,
+                join_network: Some("/run/vessel/net/ns-1".into()),
                 userns: true,
                 tty: Some((24, 80)),
                 cgroups: Some(DelegatedRun {

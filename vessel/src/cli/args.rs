@@ -30,6 +30,13 @@ pub(crate) struct Cli {
     /// and no output from them (resumed by the next call); off by default.
     #[arg(long, global = true, env = "VESSEL_IDLE_PAUSE", value_parser = parse_timeout)]
     pub(crate) idle_pause: Option<Duration>,
+    /// Resolvers the vessels' resolver asks for the names it allows
+    /// (default: this host's /etc/resolv.conf), e.g. 192.0.2.53:53.
+    #[arg(long, global = true, env = "VESSEL_DNS", value_delimiter = ',')]
+    pub(crate) dns: Vec<std::net::SocketAddr>,
+    /// The host address published ports listen on (default 127.0.0.1).
+    #[arg(long, global = true, env = "VESSEL_PUBLISH_HOST")]
+    pub(crate) publish_host: Option<std::net::IpAddr>,
     /// This host's mount root (mounts, layer cache).
     #[arg(long, global = true, env = "VESSEL_MOUNT_ROOT")]
     pub(crate) mount_root: Option<PathBuf>,
@@ -147,6 +154,31 @@ pub(crate) enum Command {
     Stop {
         /// Vessel id or name.
         id: String,
+    },
+    /// A vessel's network: its policy, address, published ports and what it
+    /// refused; with --network/--allow, set a new policy (at once for new
+    /// connections of a running vessel).
+    Network {
+        /// Vessel id or name.
+        id: String,
+        #[command(flatten)]
+        set: NetArgs,
+    },
+    /// Publish a vessel's TCP port on the host (loopback) and print its
+    /// address; the vessel stays open (see `exec -d`) while published.
+    Port {
+        /// Vessel id or name.
+        id: String,
+        /// The port inside the vessel.
+        #[arg(value_parser = clap::value_parser!(u16).range(1..))]
+        port: u16,
+        /// Stop publishing it instead.
+        #[arg(long)]
+        remove: bool,
+        /// Seconds the vessel stays open once nothing is published, no
+        /// process runs and no command calls.
+        #[arg(long, value_parser = parse_timeout, default_value = "300", env = "VESSEL_KEEPER_LINGER")]
+        linger: Duration,
     },
     /// Hold a vessel open for background processes (started by `exec -d`).
     #[command(hide = true)]
@@ -279,6 +311,36 @@ pub(crate) struct CreateArgs {
     pub(crate) work_dir: String,
     #[command(flatten)]
     pub(crate) limits: LimitArgs,
+    #[command(flatten)]
+    pub(crate) network: NetArgs,
+}
+
+/// A network policy, as `create` and `network` take it.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct NetArgs {
+    /// What the vessel's commands may reach: none (loopback only), allow
+    /// (only what --allow lists) or open (public egress; never the host,
+    /// private, link-local or other vessels' addresses unless --allow
+    /// re-allows a range). --allow alone means allow.
+    #[arg(long, value_parser = ["none", "allow", "open"])]
+    pub(crate) network: Option<String>,
+    /// A destination: a domain (github.com, *.pypi.org), an address or
+    /// CIDR, optionally with a port (10.1.2.0/24:443). Repeatable.
+    #[arg(long = "allow", value_name = "RULE")]
+    pub(crate) allow: Vec<String>,
+}
+
+impl NetArgs {
+    /// The policy asked for, if any (typed refusal of a bad rule).
+    pub(crate) fn policy(&self) -> vessel::Result<Option<vessel::NetworkPolicy>> {
+        let mode = match (&self.network, self.allow.is_empty()) {
+            (Some(m), _) => m.as_str(),
+            (None, false) => "allow",
+            (None, true) => return Ok(None),
+        };
+        let rules = self.allow.iter().map(|r| r.parse()).collect::<Result<Vec<vessel::AllowRule>, _>>()?;
+        Ok(Some(vessel::NetworkPolicy::from_parts(mode, rules)?))
+    }
 }
 
 /// A vessel's limits, as `create` takes them (and `fork`, which may only

@@ -136,7 +136,11 @@ pub(crate) async fn image_ls(mgr: &Manager, json: bool) -> Result<()> {
 }
 
 pub(crate) async fn create(mgr: &Manager, a: &CreateArgs, json: bool) -> Result<()> {
-    let opts = crate::vessel_options(a.name.as_deref(), a.limits.memory, a.limits.cpus, a.limits.pids, a.limits.disk);
+    let mut opts =
+        crate::vessel_options(a.name.as_deref(), a.limits.memory, a.limits.cpus, a.limits.pids, a.limits.disk);
+    if let Some(p) = a.network.policy()? {
+        opts = opts.network(p);
+    }
     let pb = spinner(format!("creating a vessel from {}", a.image));
     let created = mgr.create_vessel_with(&a.image, &a.work_dir, &opts).await;
     let v = match created {

@@ -19,6 +19,7 @@ mod forks;
 mod keeper;
 mod live;
 mod mcp;
+mod network;
 mod view;
 
 use vessel::{Backend, CompressedStorage, LocalStorage, Manager, ManagerConfig, QuotaMode, VesselOptions};
@@ -159,6 +160,12 @@ async fn manager(cli: &Cli) -> Result<Manager> {
     if let Some(idle) = cli.idle_pause {
         config = config.idle_pause(idle);
     }
+    let defaults = vessel::NetConfig::default();
+    config = config.network(vessel::NetConfig {
+        upstream_dns: cli.dns.clone(),
+        publish_host: cli.publish_host.unwrap_or(defaults.publish_host),
+        ..defaults
+    });
     config = config.backend(match cli.backend {
         BackendArg::Youki => Backend::Youki,
         BackendArg::Containerd => Backend::Containerd,
@@ -198,6 +205,8 @@ fn quota_mode(cli: &Cli) -> QuotaMode {
             | Command::Restore { .. }
             | Command::Mcp(_)
             | Command::Keep { .. }
+            | Command::Network { .. }
+            | Command::Port { .. }
     );
     if cli.no_disk_quota || !writes { QuotaMode::Off } else { cli.disk_quota }
 }
@@ -253,6 +262,11 @@ fn globals(cli: &Cli, mgr: &Manager) -> Vec<String> {
         ("--host-name", cli.host_name.clone()),
         ("--lease-ttl", cli.lease_ttl.map(|t| t.as_secs_f64().to_string())),
         ("--idle-pause", cli.idle_pause.map(|t| t.as_secs_f64().to_string())),
+        ("--publish-host", cli.publish_host.map(|h| h.to_string())),
+        (
+            "--dns",
+            Some(cli.dns.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")).filter(|d| !d.is_empty()),
+        ),
         ("--containerd-address", cli.containerd_address.as_ref().map(|a| a.display().to_string())),
     ];
     for (flag, value) in pairs {
@@ -317,6 +331,10 @@ async fn command(cli: &Cli, mgr: &Arc<Manager>) -> Result<ExitCode> {
         Command::Pause { id } => live::pause(mgr, id, true).await?,
         Command::Resume { id } => live::pause(mgr, id, false).await?,
         Command::Stop { id } => live::stop(mgr, id).await?,
+        Command::Network { id, set } => network::network(mgr, id, set, json).await?,
+        Command::Port { id, port, remove, linger } => {
+            network::port(mgr, id, *port, *remove, &globals(cli, mgr), *linger, json).await?
+        }
         Command::Keep { id, linger } => keeper::serve(mgr, id, *linger).await?,
         Command::Read { id, path } => commands::read(mgr, id, path).await?,
         Command::Write { id, path, mode } => commands::write(mgr, id, path, mode, json).await?,

@@ -28,6 +28,9 @@ pub(crate) struct VesselView<'a> {
     /// The vessel and snapshot it was forked from.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) forked_from: Option<ForkView>,
+    /// Its network policy, as `--network`/`--allow` spell it (`none`,
+    /// `open`, `allow,github.com,...`).
+    pub(crate) network: String,
 }
 
 /// Where a fork came from.
@@ -60,6 +63,7 @@ impl<'a> VesselView<'a> {
             open_here: None,
             forked_from: vessel::ForkOrigin::of(m)
                 .map(|o| ForkView { vessel_id: o.vessel_id.to_string(), snapshot_id: o.snapshot_id.to_string() }),
+            network: vessel::network_policy(m).map_or_else(|e| format!("invalid: {e}"), |p| p.to_string()),
         }
     }
 
@@ -243,6 +247,52 @@ impl ChangeView {
             "added" => 'A',
             "deleted" => 'D',
             _ => 'C',
+        }
+    }
+}
+
+/// A vessel's network: its policy, address, published ports and refusals.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct NetworkView {
+    /// `none`, `allow` or `open`.
+    pub(crate) mode: String,
+    /// Its rules, as `--allow` takes them.
+    pub(crate) rules: Vec<String>,
+    /// The vessel's address (once its network exists).
+    pub(crate) address: Option<String>,
+    /// Vessel port to host URL (`http://ADDR:PORT`).
+    pub(crate) published: std::collections::BTreeMap<u16, String>,
+    /// Packets of refused connections.
+    pub(crate) denied_packets: u64,
+    /// Destinations refused recently.
+    pub(crate) denied_destinations: Vec<String>,
+    /// Names the resolver refused, with how often.
+    pub(crate) refused_names: std::collections::BTreeMap<String, u64>,
+}
+
+impl NetworkView {
+    /// The view of open vessel `v`'s network.
+    pub(crate) async fn of(v: &vessel::Vessel) -> Self {
+        let info = v.network_info().await;
+        let stats = v.network_stats().await;
+        Self::new(&info.policy, info.address.map(|a| a.to_string()), &info.published, &stats)
+    }
+
+    /// The view of a policy and what is known of its network.
+    pub(crate) fn new(
+        policy: &vessel::NetworkPolicy,
+        address: Option<String>,
+        published: &std::collections::BTreeMap<u16, std::net::SocketAddr>,
+        stats: &vessel::NetworkStats,
+    ) -> Self {
+        Self {
+            mode: policy.mode().into(),
+            rules: policy.rules().iter().map(ToString::to_string).collect(),
+            address,
+            published: published.iter().map(|(p, a)| (*p, format!("http://{a}"))).collect(),
+            denied_packets: stats.denied_packets,
+            denied_destinations: stats.denied_destinations.iter().map(ToString::to_string).collect(),
+            refused_names: stats.refused_names.iter().map(|r| (r.name.clone(), r.count)).collect(),
         }
     }
 }

@@ -116,6 +116,7 @@ impl Vessel {
             stdout: opts.stdout,
             stderr: opts.stderr,
             limits,
+            network: inner.run_network().await?,
             ..Default::default()
         };
         let run = inner.manager.runtime.run_outcome(req);

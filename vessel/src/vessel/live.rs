@@ -144,6 +144,7 @@ impl OpenVessel {
                 args: vec![],
                 user_namespace: self.ids,
                 limits: self.bounds.limits,
+                network: self.run_network().await?,
                 ..Default::default()
             };
             let agent = self.manager.agent()?;

@@ -9,6 +9,7 @@ mod changes;
 mod exec;
 mod files;
 mod live;
+pub(crate) mod network;
 pub(crate) mod process;
 mod snapshot;
 
@@ -78,6 +79,8 @@ pub(crate) struct OpenVessel {
     paused: std::sync::atomic::AtomicBool,
     /// When its sandbox was last used (see `live::Activity`).
     activity: Arc<live::Activity>,
+    /// Its network policy and live network (see `network`).
+    network: tokio::sync::Mutex<network::NetState>,
 }
 
 /// The vessel lock, then the lock on its host id range: held while open.
@@ -124,6 +127,8 @@ impl OpenVessel {
             manager.disk_quota,
             manager.disk_quota.is_some(),
         )?;
+        let policy = crate::limits::network_policy(&manifest.labels)?;
+        network::check_available(&policy)?;
         let (ids, userns, ids_lock) = match manager.take_ids(&id)? {
             Some(v) => (Some(v.mapping), v.userns, v.lock),
             None => (None, None, None),
@@ -183,6 +188,7 @@ impl OpenVessel {
             processes: Mutex::new(Default::default()),
             paused: Default::default(),
             activity: Default::default(),
+            network: tokio::sync::Mutex::new(network::NetState::new(policy)),
         };
         Ok(Arc::new(inner))
     }
@@ -229,6 +235,7 @@ impl OpenVessel {
         if stopped > 0 {
             tracing::info!(vessel = %self.id, stopped, "closing the vessel stopped its background processes");
         }
+        self.close_network().await;
         self.freeze().await;
         state.closed = true;
         let unmounted = state.mount.take().map(OverlayMount::unmount).transpose();

@@ -118,6 +118,10 @@ fn run(state: &Path, r: &Run) -> Result<(i32, bool), Failure> {
         without_cgroups().map_err(fail)?;
     }
     let (private_net, userns) = (r.private_network, r.userns);
+    if let Some(netns) = &r.join_network {
+        let ns = std::fs::File::open(netns).map_err(fail)?;
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(fail)?;
+    }
     // Rootless, this runner is already in the container's user namespace:
     // a network namespace it makes is that namespace's, as it must be for
     // the container to mount sysfs.

@@ -23,6 +23,8 @@ struct Keeper {
     active: std::sync::Mutex<Instant>,
     /// `vessel stop` asked the keeper to end.
     stop: tokio::sync::Notify,
+    /// Ports published: the keeper serves them until stopped.
+    published: AtomicUsize,
 }
 
 impl Keeper {
@@ -33,6 +35,7 @@ impl Keeper {
     /// Whether the keeper has had nothing to do for `linger`.
     fn idle_for(&self, linger: Duration) -> bool {
         if self.clients.load(Ordering::Acquire) > 0
+            || self.published.load(Ordering::Acquire) > 0
             || self.vessel.processes().iter().any(|p| p.status == ProcessStatus::Running)
         {
             self.touch();
@@ -63,6 +66,7 @@ pub(crate) async fn serve(mgr: &Arc<Manager>, id: &str, linger: Duration) -> Res
         clients: AtomicUsize::new(0),
         active: std::sync::Mutex::new(Instant::now()),
         stop: tokio::sync::Notify::new(),
+        published: AtomicUsize::new(0),
     });
     let mut tick = tokio::time::interval(Duration::from_millis(250).min(linger));
     loop {
@@ -249,6 +253,22 @@ async fn answer(k: &Keeper, conn: &mut Conn, call: Call) -> vessel::Result<Optio
                 (since, _) => v.changes(since.map(|s| SnapshotId::new(&s)).transpose()?.as_ref()).await?,
             };
             Reply::Changes { changes: changes.iter().map(crate::view::ChangeView::of).collect() }
+        }
+        Call::Network { set } => {
+            if let Some(p) = set {
+                v.set_network(p.parse()?).await?;
+            }
+            Reply::Network { network: crate::view::NetworkView::of(v).await }
+        }
+        Call::Publish { port, remove } => {
+            if remove {
+                v.unpublish(port).await;
+            } else {
+                v.publish(port).await?;
+            }
+            let network = crate::view::NetworkView::of(v).await;
+            k.published.store(network.published.len(), Ordering::Release);
+            Reply::Network { network }
         }
         Call::Stop => {
             k.stop.notify_one();

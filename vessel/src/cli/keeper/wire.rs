@@ -88,6 +88,15 @@ pub(crate) enum Call {
         since: Option<String>,
         to: Option<String>,
     },
+    /// The vessel's network; with `set`, a new policy (its text form) first.
+    Network {
+        set: Option<String>,
+    },
+    /// Publish a port of the vessel (`remove`: stop publishing it).
+    Publish {
+        port: u16,
+        remove: bool,
+    },
     /// Stop the vessel's processes, close it and end the keeper.
     Stop,
 }
@@ -122,6 +131,9 @@ pub(crate) enum Reply {
     },
     Changes {
         changes: Vec<ChangeView>,
+    },
+    Network {
+        network: crate::view::NetworkView,
     },
     /// The call failed; `exit_code` is a command's start failure (126, 127).
     Failed {

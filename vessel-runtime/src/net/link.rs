@@ -1,0 +1,173 @@
+//! The vessel's namespace and its veth, through rtnetlink.
+//!
+//! A namespace is made by a thread of its own (`unshare` changes only the
+//! calling thread's) and kept alive by a bind mount of it, as `ip netns`
+//! and CNI do; work inside it is done by a thread that joined it.
+
+use std::fs;
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use futures::TryStreamExt;
+use nix::sched::{CloneFlags, setns, unshare};
+use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
+
+use super::Slot;
+use crate::RuntimeError;
+
+fn call(op: &'static str) -> impl FnOnce(rtnetlink::Error) -> RuntimeError {
+    move |e| RuntimeError::Call { backend: "netlink", op, source: Box::new(e) }
+}
+
+fn os(op: &'static str) -> impl FnOnce(nix::errno::Errno) -> RuntimeError {
+    move |e| RuntimeError::Call { backend: "netlink", op, source: Box::new(std::io::Error::from(e)) }
+}
+
+/// A netlink handle for the calling thread's namespace, its connection
+/// driven on the current runtime.
+fn connect() -> Result<Handle, RuntimeError> {
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| RuntimeError::io("open netlink socket", "")(e))?;
+    tokio::spawn(conn);
+    Ok(handle)
+}
+
+async fn index(handle: &Handle, name: &str) -> Result<Option<u32>, RuntimeError> {
+    let mut links = handle.link().get().match_name(name.to_owned()).execute();
+    match links.try_next().await {
+        Ok(l) => Ok(l.map(|l| l.header.index)),
+        // ENODEV: no such link.
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc_enodev() => Ok(None),
+        Err(e) => Err(call("get link")(e)),
+    }
+}
+
+fn libc_enodev() -> i32 {
+    nix::errno::Errno::ENODEV as i32
+}
+
+/// Runs `work` on a thread that joined namespace `netns`, with a runtime of
+/// its own, and returns its result.
+fn in_netns<T: Send + 'static>(
+    netns: &Path,
+    work: impl FnOnce() -> std::pin::Pin<Box<dyn Future<Output = Result<T, RuntimeError>>>> + Send + 'static,
+) -> Result<T, RuntimeError> {
+    let ns = fs::File::open(netns).map_err(RuntimeError::io("open", netns))?;
+    std::thread::spawn(move || {
+        setns(&ns, CloneFlags::CLONE_NEWNET).map_err(os("join the vessel's network namespace"))?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(RuntimeError::io("start a runtime", ""))?;
+        rt.block_on(work())
+    })
+    .join()
+    .map_err(|_| RuntimeError::InvalidRequest("a network setup thread panicked".into()))?
+}
+
+/// Makes a network namespace and pins it at `path`.
+fn make_netns(path: &Path) -> Result<(), RuntimeError> {
+    fs::File::create(path).map_err(RuntimeError::io("create", path))?;
+    let pinned: PathBuf = path.to_owned();
+    std::thread::spawn(move || {
+        unshare(CloneFlags::CLONE_NEWNET).map_err(os("unshare a network namespace"))?;
+        nix::mount::mount(
+            Some("/proc/thread-self/ns/net"),
+            &pinned,
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(os("pin the network namespace"))
+    })
+    .join()
+    .map_err(|_| RuntimeError::InvalidRequest("a network setup thread panicked".into()))?
+}
+
+fn sysctl(key: &str, value: &str) -> Result<(), RuntimeError> {
+    let p = Path::new("/proc/sys/net").join(key);
+    fs::write(&p, value).map_err(RuntimeError::io("write", &p))
+}
+
+/// Makes the namespace at `netns`, with `lo` up and IPv6 off (nothing
+/// routes it, and router advertisements then configure nothing).
+pub(super) async fn namespace(netns: &Path) -> Result<(), RuntimeError> {
+    make_netns(netns)?;
+    in_netns(netns, || Box::pin(loopback_inside()))
+}
+
+async fn loopback_inside() -> Result<(), RuntimeError> {
+    for key in ["ipv6/conf/all/disable_ipv6", "ipv6/conf/default/disable_ipv6"] {
+        let _ = sysctl(key, "1");
+    }
+    let _ = sysctl("ipv6/conf/all/accept_ra", "0");
+    let handle = connect()?;
+    let lo = index(&handle, "lo").await?.ok_or_else(|| RuntimeError::InvalidRequest("no lo".into()))?;
+    handle.link().set(LinkUnspec::new_with_index(lo).up().build()).execute().await.map_err(call("lo up"))
+}
+
+/// Connects the namespace at `netns` to the host: the veth pair, their
+/// addresses and the vessel's default route.
+pub(super) async fn attach(slot: Slot, netns: &Path) -> Result<(), RuntimeError> {
+    let handle = connect()?;
+    let (host, peer) = (Slot::veth(slot.n), format!("vsp{}", slot.n));
+    handle.link().add(LinkVeth::new(&host, &peer).build()).execute().await.map_err(call("add veth"))?;
+    let ns = fs::File::open(netns).map_err(RuntimeError::io("open", netns))?;
+    let peer_index =
+        index(&handle, &peer).await?.ok_or_else(|| RuntimeError::InvalidRequest("veth peer vanished".into()))?;
+    handle
+        .link()
+        .set(LinkUnspec::new_with_index(peer_index).setns_by_fd(ns.as_raw_fd()).build())
+        .execute()
+        .await
+        .map_err(call("move veth into the vessel"))?;
+    let host_index =
+        index(&handle, &host).await?.ok_or_else(|| RuntimeError::InvalidRequest("veth vanished".into()))?;
+    // No IPv6 on the host end: no link-local address for the vessel to reach the host by.
+    let _ = sysctl(&format!("ipv6/conf/{host}/disable_ipv6"), "1");
+    handle
+        .address()
+        .add(host_index, IpAddr::V4(slot.host), 31)
+        .execute()
+        .await
+        .map_err(call("address the host end"))?;
+    handle.link().set(LinkUnspec::new_with_index(host_index).up().build()).execute().await.map_err(call("link up"))?;
+    // Routing between vessels and the world (like docker, host-wide).
+    sysctl("ipv4/ip_forward", "1")?;
+    let (vessel, gateway) = (slot.vessel, slot.host);
+    in_netns(netns, move || Box::pin(configure_inside(peer, vessel, gateway)))
+}
+
+/// Inside the vessel's namespace: the peer renamed `eth0`, addressed, up,
+/// default route to the host.
+async fn configure_inside(peer: String, vessel: Ipv4Addr, gateway: Ipv4Addr) -> Result<(), RuntimeError> {
+    let handle = connect()?;
+    let eth = index(&handle, &peer).await?.ok_or_else(|| RuntimeError::InvalidRequest("veth peer vanished".into()))?;
+    handle
+        .link()
+        .set(LinkUnspec::new_with_index(eth).name("eth0".to_owned()).build())
+        .execute()
+        .await
+        .map_err(call("rename eth0"))?;
+    handle.address().add(eth, IpAddr::V4(vessel), 31).execute().await.map_err(call("address eth0"))?;
+    handle.link().set(LinkUnspec::new_with_index(eth).up().build()).execute().await.map_err(call("eth0 up"))?;
+    let route = RouteMessageBuilder::<Ipv4Addr>::new().gateway(gateway).output_interface(eth).build();
+    handle.route().add(route).execute().await.map_err(call("default route"))?;
+    Ok(())
+}
+
+/// Deletes slot `n`'s veth (its peer goes with it); absent is fine.
+pub(super) async fn remove(n: u32) {
+    let Ok(handle) = connect() else { return };
+    if let Ok(Some(i)) = index(&handle, &Slot::veth(n)).await
+        && let Err(e) = handle.link().del(i).execute().await
+    {
+        tracing::warn!(slot = n, error = %e, "could not delete a vessel veth");
+    }
+}
+
+/// Whether slot `n`'s veth exists in this thread's namespace.
+pub(super) fn exists_sync(n: u32) -> bool {
+    nix::net::if_::if_nametoindex(Slot::veth(n).as_str()).is_ok()
+}

@@ -1,0 +1,452 @@
+//! A vessel's network: its own network namespace, joined by every container
+//! it runs, with egress by policy ([`vessel_core::NetworkPolicy`]) and
+//! published ports.
+//!
+//! Rootful, each vessel gets a *routed* veth pair (no bridge, so no shared
+//! L2 to poison): `vsl<slot>` on the host with the pair's even address, `eth0`
+//! in the vessel with the odd one, a default route to the host, NAT out.
+//! The namespace is made and configured by host root (so it is owned by the
+//! host's user namespace: container root, in a user namespace of its own,
+//! holds no capability over it and cannot change its routes, addresses or
+//! filters, nor open raw or packet sockets). The policy is enforced by
+//! nftables in the *host's* namespace (table `inet vessel`, one chain per
+//! vessel on its veth), where nothing the vessel runs can reach: source
+//! addresses are checked, inbound connections are dropped, egress is what
+//! the policy allows, and every refusal is counted. Names resolve through a
+//! resolver vessel runs on the host end of the veth (module `dns`): it answers
+//! only allowed names and admits the addresses it returned into the
+//! vessel's set for their TTL. Published ports are host sockets relayed into
+//! the vessel (module `ports`).
+//!
+//! Built on the kernel through maintained parts: rtnetlink for links,
+//! addresses and routes; the `nft` tool (nftables' own front end, which
+//! applies a whole ruleset change as one atomic transaction) for rules;
+//! hickory-proto to parse and write DNS messages.
+//!
+//! State lives in `/run/vessel/net` (a tmpfs: nothing survives a reboot,
+//! as nothing of a vessel's network does): one flocked `slot-<n>` file per
+//! live network and its namespace `ns-<n>`. A slot whose file is not locked
+//! belongs to a dead process; [`remove_leftovers`] (a new manager calls it)
+//! removes what it left.
+
+mod dns;
+mod link;
+mod nft;
+mod ports;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use ipnet::Ipv4Net;
+use nix::fcntl::{Flock, FlockArg};
+use vessel_core::NetworkPolicy;
+use vessel_core::sync::Locked;
+
+use crate::RuntimeError;
+
+pub use dns::RefusedName;
+
+/// Where slots and namespaces live.
+const RUN_DIR: &str = "/run/vessel/net";
+
+/// How many slots a pool may have at most (interface names stay short).
+const MAX_SLOTS: u32 = 1 << 15;
+
+/// How vessels' networks are set up on this host.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    /// Vessels' addresses: each takes a /31 of it (host end, vessel end).
+    /// Never reachable from another vessel.
+    pub pool: Ipv4Net,
+    /// Where the vessels' resolver sends the names it allows (default: the
+    /// host's `/etc/resolv.conf` nameservers).
+    pub upstream_dns: Vec<SocketAddr>,
+    /// The host address published ports listen on (default loopback).
+    pub publish_host: IpAddr,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        Self {
+            pool: Ipv4Net::new(Ipv4Addr::new(10, 213, 0, 0), 16).expect("a valid prefix"),
+            upstream_dns: Vec::new(),
+            publish_host: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        }
+    }
+}
+
+impl NetConfig {
+    /// The resolvers names go to: the configured ones, else the host's.
+    fn upstreams(&self) -> Vec<SocketAddr> {
+        if !self.upstream_dns.is_empty() {
+            return self.upstream_dns.clone();
+        }
+        fs::read_to_string("/etc/resolv.conf")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("nameserver"))
+            .filter_map(|a| a.trim().parse::<IpAddr>().ok())
+            .map(|ip| SocketAddr::new(ip, 53))
+            .collect()
+    }
+}
+
+/// What a vessel's network refused, for telling an agent why a connection
+/// failed rather than letting it time out.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct NetworkStats {
+    /// Packets of new connections (and spoofed ones) the policy dropped.
+    pub denied_packets: u64,
+    /// Destinations denied recently (the last hour, up to 64).
+    pub denied_destinations: Vec<IpAddr>,
+    /// Names the resolver refused, with how many times.
+    pub refused_names: Vec<RefusedName>,
+    /// Queries the resolver answered.
+    pub answered_queries: u64,
+}
+
+/// One vessel's network slot: names and addresses derived from its number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Slot {
+    pub(crate) n: u32,
+    pub(crate) host: Ipv4Addr,
+    pub(crate) vessel: Ipv4Addr,
+}
+
+impl Slot {
+    fn new(pool: Ipv4Net, n: u32) -> Self {
+        let base = u32::from(pool.network()) + 2 * n;
+        Self { n, host: Ipv4Addr::from(base), vessel: Ipv4Addr::from(base + 1) }
+    }
+
+    /// The host end of its veth.
+    pub(crate) fn veth(n: u32) -> String {
+        format!("vsl{n}")
+    }
+
+    fn netns_path(n: u32) -> PathBuf {
+        Path::new(RUN_DIR).join(format!("ns-{n}"))
+    }
+
+    fn lock_path(n: u32) -> PathBuf {
+        Path::new(RUN_DIR).join(format!("slot-{n}"))
+    }
+}
+
+/// Why networks cannot be made here, if they cannot.
+pub fn unavailable() -> Option<String> {
+    if crate::rootless::mode().is_rootless() {
+        return Some("a vessel network needs root: rootless mode has no network but loopback yet".into());
+    }
+    if !nix::unistd::Uid::effective().is_root() {
+        return Some("a vessel network needs root".into());
+    }
+    if nft::binary().is_none() {
+        return Some("the nft tool (Debian package nftables) is not installed".into());
+    }
+    None
+}
+
+/// A vessel's live network. Dropping it without [`VesselNet::close`] still
+/// removes everything, best effort.
+#[derive(Debug)]
+pub struct VesselNet {
+    slot: Slot,
+    config: NetConfig,
+    /// Held while the network lives: tells other processes the slot is taken.
+    lock: Option<Flock<fs::File>>,
+    policy: Arc<Mutex<NetworkPolicy>>,
+    resolver: tokio::sync::Mutex<dns::Resolver>,
+    ports: Mutex<BTreeMap<u16, ports::Published>>,
+    /// Whether the veth, filter and resolver exist (a vessel whose policy
+    /// is `None` has its namespace alone until it publishes a port or
+    /// gets another policy: its processes are in it from the start).
+    attached: std::sync::atomic::AtomicBool,
+}
+
+impl VesselNet {
+    /// Makes a network with `policy`: the namespace, and unless the policy
+    /// is `None`, the veth, rules and resolver. Nothing is left behind if a
+    /// step fails.
+    pub async fn create(config: &NetConfig, policy: &NetworkPolicy) -> Result<Self, RuntimeError> {
+        if let Some(why) = unavailable() {
+            return Err(RuntimeError::Unavailable { backend: "network", reason: why });
+        }
+        policy.validate().map_err(|e| RuntimeError::InvalidRequest(e.to_string()))?;
+        let slots = (config.pool.hosts().count() as u64 / 2).min(u64::from(MAX_SLOTS)) as u32;
+        if config.pool.prefix_len() > 30 || slots == 0 {
+            return Err(RuntimeError::InvalidRequest(format!("network pool {} is too small", config.pool)));
+        }
+        fs::create_dir_all(RUN_DIR).map_err(RuntimeError::io("create", RUN_DIR))?;
+        let (n, lock) = take_slot(slots)?;
+        let slot = Slot::new(config.pool, n);
+        let mut net = Self {
+            slot,
+            config: config.clone(),
+            lock: Some(lock),
+            policy: Arc::new(Mutex::new(policy.clone())),
+            resolver: Default::default(),
+            ports: Mutex::default(),
+            attached: Default::default(),
+        };
+        match net.build(policy).await {
+            Ok(()) => Ok(net),
+            Err(e) => {
+                net.teardown().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn build(&mut self, policy: &NetworkPolicy) -> Result<(), RuntimeError> {
+        link::namespace(&Slot::netns_path(self.slot.n)).await?;
+        if !policy.is_none() {
+            self.attach(policy).await?;
+        }
+        Ok(())
+    }
+
+    /// Connects the namespace to the host under `policy`, once.
+    async fn attach(&self, policy: &NetworkPolicy) -> Result<(), RuntimeError> {
+        let mut resolver = self.resolver.lock().await;
+        if self.attached.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(());
+        }
+        let slot = self.slot;
+        link::attach(slot, &Slot::netns_path(slot.n)).await?;
+        nft::create(slot, self.config.pool, policy)?;
+        *resolver = dns::Resolver::start(slot, self.config.upstreams(), self.policy.clone(), self.config.pool)?;
+        self.attached.store(true, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
+    /// The namespace every container of the vessel joins.
+    pub fn netns(&self) -> PathBuf {
+        Slot::netns_path(self.slot.n)
+    }
+
+    /// The resolver the vessel's `/etc/resolv.conf` names.
+    pub fn nameserver(&self) -> IpAddr {
+        IpAddr::V4(self.slot.host)
+    }
+
+    fn is_attached(&self) -> bool {
+        self.attached.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The vessel's own address, once it is connected.
+    pub fn address(&self) -> Option<IpAddr> {
+        self.is_attached().then_some(IpAddr::V4(self.slot.vessel))
+    }
+
+    /// The host end of its veth, once connected (leak checks, debugging).
+    pub fn interface(&self) -> Option<String> {
+        self.is_attached().then(|| Slot::veth(self.slot.n))
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> NetworkPolicy {
+        self.policy.locked().clone()
+    }
+
+    /// Replaces the policy; new connections follow it at once (one nftables
+    /// transaction), established ones and running processes are untouched.
+    /// `None` cuts all egress (the namespace stays: loopback still works).
+    pub async fn set_policy(&self, policy: &NetworkPolicy) -> Result<(), RuntimeError> {
+        policy.validate().map_err(|e| RuntimeError::InvalidRequest(e.to_string()))?;
+        if !self.is_attached() {
+            if policy.is_none() {
+                *self.policy.locked() = policy.clone();
+                return Ok(());
+            }
+            *self.policy.locked() = policy.clone();
+            return self.attach(policy).await;
+        }
+        let mut held = self.policy.locked();
+        nft::apply(self.slot, self.config.pool, policy)?;
+        *held = policy.clone();
+        Ok(())
+    }
+
+    /// What the network refused so far.
+    pub async fn stats(&self) -> NetworkStats {
+        if !self.is_attached() {
+            return NetworkStats::default();
+        }
+        let (denied_packets, denied_destinations) = nft::denied(self.slot);
+        let (refused_names, answered_queries) = self.resolver.lock().await.stats();
+        NetworkStats { denied_packets, denied_destinations, refused_names, answered_queries }
+    }
+
+    /// Publishes the vessel's TCP `port` on a host port of
+    /// [`NetConfig::publish_host`] and returns that address; publishing a
+    /// port twice returns the same address.
+    pub async fn publish(&self, port: u16) -> Result<SocketAddr, RuntimeError> {
+        if port == 0 {
+            return Err(RuntimeError::InvalidRequest("port 0 cannot be published".into()));
+        }
+        if let Some(p) = self.ports.locked().get(&port) {
+            return Ok(p.addr);
+        }
+        let policy = self.policy();
+        self.attach(&policy).await?;
+        let target = SocketAddr::new(IpAddr::V4(self.slot.vessel), port);
+        let published = ports::Published::start(self.config.publish_host, target).await?;
+        let addr = published.addr;
+        self.ports.locked().entry(port).or_insert(published);
+        Ok(self.ports.locked().get(&port).map_or(addr, |p| p.addr))
+    }
+
+    /// Stops publishing `port`; `false` if it was not published.
+    pub fn unpublish(&self, port: u16) -> bool {
+        self.ports.locked().remove(&port).is_some()
+    }
+
+    /// The published ports: vessel port to host address.
+    pub fn published(&self) -> BTreeMap<u16, SocketAddr> {
+        self.ports.locked().iter().map(|(p, v)| (*p, v.addr)).collect()
+    }
+
+    /// Removes everything: relays, resolver, rules, veth, namespace, slot.
+    pub async fn close(mut self) {
+        self.teardown().await;
+    }
+
+    async fn teardown(&mut self) {
+        self.ports.locked().clear();
+        self.resolver.get_mut().stop();
+        if self.lock.is_some() {
+            remove_slot(self.slot.n).await;
+            self.lock = None;
+        }
+    }
+}
+
+impl Drop for VesselNet {
+    fn drop(&mut self) {
+        if self.lock.is_none() {
+            return;
+        }
+        self.ports.locked().clear();
+        self.resolver.get_mut().stop();
+        let n = self.slot.n;
+        let lock = self.lock.take();
+        // Dropped without close (a panic, a cancelled future): the slot
+        // stays locked until its things are gone, so no one reuses it half-removed.
+        let remove = async move {
+            remove_slot(n).await;
+            drop(lock);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(remove);
+            }
+            Err(_) => {
+                let _ = std::thread::spawn(move || {
+                    if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                        rt.block_on(remove);
+                    }
+                })
+                .join();
+            }
+        }
+    }
+}
+
+/// Takes a free slot (random start, linear probe), clearing what a dead
+/// owner left in it first.
+fn take_slot(slots: u32) -> Result<(u32, Flock<fs::File>), RuntimeError> {
+    let start = rand::random::<u32>() % slots;
+    for i in 0..slots {
+        let n = (start + i) % slots;
+        let path = Slot::lock_path(n);
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(RuntimeError::io("open", &path))?;
+        let Ok(lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) else { continue };
+        // Locked by us: whatever is there is a dead owner's.
+        if Slot::netns_path(n).exists() || link::exists_sync(n) {
+            remove_slot_sync(n);
+        }
+        return Ok((n, lock));
+    }
+    Err(RuntimeError::InvalidRequest(format!("every one of the {slots} network slots is in use")))
+}
+
+/// Removes slot `n`'s rules, veth and namespace (each step tolerates its
+/// thing being absent).
+async fn remove_slot(n: u32) {
+    nft::remove(n);
+    link::remove(n).await;
+    remove_netns(n);
+    let _ = fs::remove_file(Slot::lock_path(n));
+}
+
+fn remove_slot_sync(n: u32) {
+    let done = std::thread::spawn(move || {
+        if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            rt.block_on(async {
+                nft::remove(n);
+                link::remove(n).await;
+            });
+        }
+    })
+    .join();
+    if done.is_err() {
+        tracing::warn!(slot = n, "removing a leftover network panicked");
+    }
+    remove_netns(n);
+}
+
+fn remove_netns(n: u32) {
+    let p = Slot::netns_path(n);
+    match nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH) {
+        Ok(()) | Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOENT) => {}
+        Err(e) => tracing::warn!(path = %p.display(), error = %e, "could not unmount a vessel network namespace"),
+    }
+    match fs::remove_file(&p) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(path = %p.display(), error = %e, "could not remove a vessel network namespace"),
+    }
+}
+
+/// Removes the networks of dead processes (slots nobody holds), returning
+/// how many. Live networks are never touched.
+pub async fn remove_leftovers() -> usize {
+    if unavailable().is_some() {
+        return 0;
+    }
+    let Ok(dir) = fs::read_dir(RUN_DIR) else { return 0 };
+    let mut removed = 0;
+    for entry in dir.flatten() {
+        let name = entry.file_name();
+        let Some(n) = name.to_str().and_then(|s| s.strip_prefix("slot-")).and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(file) = fs::OpenOptions::new().write(true).open(entry.path()) else { continue };
+        let Ok(lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) else { continue };
+        remove_slot(n).await;
+        drop(lock);
+        removed += 1;
+    }
+    removed
+}
+
+/// Whether anything of slot `n` is still on the host (leak checks).
+pub fn slot_exists(n: u32) -> bool {
+    Slot::netns_path(n).exists() || link::exists_sync(n) || nft::exists(n)
+}
+
+/// The slot of an interface name `vsl<n>`.
+pub fn slot_of(interface: &str) -> Option<u32> {
+    interface.strip_prefix("vsl")?.parse().ok()
+}

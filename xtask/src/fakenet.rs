@@ -1,0 +1,163 @@
+//! A fake internet for the network suite: network namespaces only, no
+//! uplink, so a policy bug shows up as a failed test and never as a packet
+//! leaving the machine.
+//!
+//! `vfn-host` is the tests' host (the network suite re-runs itself in it):
+//! its only route leads to `vfn-net`, the "internet", which holds every
+//! test server's address on its loopback: TEST-NET hosts (192.0.2.0/24,
+//! 198.51.100.0/24, 203.0.113.0/24) and the forbidden classes (an RFC 1918
+//! server, a CGNAT one, 169.254.169.254). One Python HTTP server answers on
+//! all of them with the address it was reached at; dnsmasq serves names on
+//! 192.0.2.53 (`pypi.test`, `evil.test`, `*.allowed.test`, and a hosts file
+//! the tests rewrite to change a record).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::util::run;
+
+const HOST: &str = "vfn-host";
+const NET: &str = "vfn-net";
+/// The resolver of the fake internet.
+const DNS: &str = "192.0.2.53";
+/// Every server address on the internet side.
+const ADDRESSES: &[&str] = &[
+    "192.0.2.10",      // pypi.test
+    "192.0.2.20",      // rebind.test (the hosts file)
+    "192.0.2.53",      // dnsmasq
+    "192.0.2.66",      // evil.test
+    "198.51.100.7",    // *.allowed.test
+    "203.0.113.5",     // by IP only
+    "10.99.0.5",       // RFC 1918
+    "100.64.0.5",      // CGNAT
+    "169.254.169.254", // cloud metadata
+];
+
+const HTTP_SERVER: &str = r#"
+import http.server, socketserver
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = (self.connection.getsockname()[0] + "\n").encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a): pass
+class S(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+S(("0.0.0.0", 80), H).serve_forever()
+"#;
+
+pub(crate) struct FakeNet {
+    children: Vec<Child>,
+    dir: PathBuf,
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    run(Command::new("ip").args(args))
+}
+
+fn in_ns(ns: &str, args: &[&str]) -> Result<()> {
+    run(Command::new("ip").args(["netns", "exec", ns]).args(args))
+}
+
+fn remove() {
+    for ns in [HOST, NET] {
+        let _ = Command::new("ip").args(["netns", "del", ns]).stderr(Stdio::null()).status();
+    }
+}
+
+impl FakeNet {
+    pub(crate) fn start(target: &std::path::Path) -> Result<Self> {
+        remove();
+        let dir = target.join("fakenet");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let mut me = Self { children: Vec::new(), dir: dir.clone() };
+        ip(&["netns", "add", HOST])?;
+        ip(&["netns", "add", NET])?;
+        ip(&["link", "add", "vfn-up", "netns", HOST, "type", "veth", "peer", "name", "vfn-down", "netns", NET])?;
+        in_ns(HOST, &["ip", "link", "set", "lo", "up"])?;
+        in_ns(HOST, &["ip", "addr", "add", "198.18.0.2/24", "dev", "vfn-up"])?;
+        in_ns(HOST, &["ip", "link", "set", "vfn-up", "up"])?;
+        in_ns(HOST, &["ip", "route", "add", "default", "via", "198.18.0.1"])?;
+        in_ns(NET, &["ip", "link", "set", "lo", "up"])?;
+        in_ns(NET, &["ip", "addr", "add", "198.18.0.1/24", "dev", "vfn-down"])?;
+        in_ns(NET, &["ip", "link", "set", "vfn-down", "up"])?;
+        // On its loopback (a dummy link needs a module the kernel may lack):
+        // local addresses of `vfn-net` all the same, reached through `vfn-down`.
+        for a in ADDRESSES {
+            in_ns(NET, &["ip", "addr", "add", &format!("{a}/32"), "dev", "lo"])?;
+        }
+        let hosts = dir.join("hosts");
+        std::fs::write(&hosts, "192.0.2.20 rebind.test\n10.99.0.5 private.test\n169.254.169.254 metadata.test\n")?;
+        let pid = dir.join("dnsmasq.pid");
+        let spawn = |args: &[&str]| -> Result<Child> {
+            Command::new("ip")
+                .args(["netns", "exec", NET])
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .with_context(|| format!("starting {}", args[0]))
+        };
+        me.children.push(spawn(&["python3", "-c", HTTP_SERVER])?);
+        me.children.push(spawn(&[
+            "dnsmasq",
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            &format!("--listen-address={DNS}"),
+            "--address=/pypi.test/192.0.2.10",
+            "--address=/evil.test/192.0.2.66",
+            "--address=/allowed.test/198.51.100.7",
+            &format!("--addn-hosts={}", hosts.display()),
+            "--local-ttl=1",
+            &format!("--pid-file={}", pid.display()),
+            "--user=root",
+        ])?);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let http = in_ns(
+                HOST,
+                &["python3", "-c", "import urllib.request as u; u.urlopen('http://203.0.113.5/', timeout=1).read()"],
+            );
+            if http.is_ok() && pid.exists() {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the fake internet's servers did not start within 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        println!("fakenet: {HOST} -> {NET} (DNS {DNS})");
+        Ok(me)
+    }
+
+    /// What the network suite needs to find it.
+    pub(crate) fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("VESSEL_FAKENET".into(), HOST.into()),
+            ("VESSEL_FAKENET_DNS".into(), format!("{DNS}:53")),
+            ("VESSEL_FAKENET_HOSTS".into(), self.dir.join("hosts").display().to_string()),
+            ("VESSEL_FAKENET_DNSMASQ_PID".into(), self.dir.join("dnsmasq.pid").display().to_string()),
+        ]
+    }
+}
+
+impl Drop for FakeNet {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // dnsmasq runs under `ip netns exec`, which execs it: killed above.
+        remove();
+    }
+}
