@@ -245,12 +245,9 @@ impl Manager {
         };
         let mgr = Self { state: Arc::new(state) };
         let containers = mgr.state.runtime.remove_leftovers().await?;
-        if containers > 0 {
-            tracing::info!(containers, "removed containers left by dead vessel processes");
-        }
         let networks = vessel_runtime::net::remove_leftovers().await;
-        if networks > 0 {
-            tracing::info!(networks, "removed networks left by dead vessel processes");
+        if containers + networks > 0 {
+            tracing::info!(containers, networks, "removed containers and networks left by dead vessel processes");
         }
         mgr.remove_stale()?;
         Ok(mgr)
