@@ -84,6 +84,8 @@ fn main() {
         published_ports_reach_only_from_the_host,
         nothing_is_left_after_close_or_a_crash,
         bad_policies_are_refused,
+        the_cli_drives_the_network,
+        an_mcp_client_drives_the_network,
     ];
     let trials = support::suite::trials(&TOKIO, &common::labelled(&worlds), &cases, |_| true);
     let conclusion = libtest_mimic::run(&args, trials);
@@ -394,5 +396,110 @@ async fn bad_policies_are_refused(w: Arc<World>) -> Result<()> {
     ensure!(e.kind() == VesselErrorKind::InvalidInput, "{e}");
     ensure!(v.manifest().labels == before.labels, "nothing changed");
     v.close().await?;
+    Ok(())
+}
+
+/// The CLI with this world's storage, a mount root of its own and the fake
+/// internet's resolver.
+fn cli(w: &World) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_vessel"));
+    c.args(cli_args(w));
+    c
+}
+
+fn cli_args(w: &World) -> Vec<String> {
+    let mut a = vec![
+        "--data".into(),
+        w.base.join("data").display().to_string(),
+        "--mount-root".into(),
+        w.base.join("cli-host").display().to_string(),
+        "--backend".into(),
+        format!("{:?}", w.backend).to_lowercase(),
+        "--namespace".into(),
+        w.namespace.clone(),
+        "--dns".into(),
+        dns().to_string(),
+    ];
+    if let Some(addr) = &w.address {
+        a.extend(["--containerd-address".into(), addr.display().to_string()]);
+    }
+    a
+}
+
+/// Runs the CLI; its stdout if it succeeded.
+fn vessel_cli(w: &World, args: &[&str]) -> Result<String> {
+    let out = cli(w).args(args).stdin(std::process::Stdio::null()).output()?;
+    ensure!(out.status.success(), "vessel {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+async fn the_cli_drives_the_network(w: Arc<World>) -> Result<()> {
+    let w2 = w.clone();
+    tokio::task::spawn_blocking(move || cli_session(&w2)).await?
+}
+
+fn cli_session(w: &World) -> Result<()> {
+    let get = |id: &str, host: &str| -> Result<String> {
+        let script = format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {host} 80 | tail -n 1");
+        let out = cli(w).args(["exec", id, "--", "sh", "-c", &script]).output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    };
+    let bad = cli(w).args(["create", IMAGE, "--allow", "bad name"]).output()?;
+    ensure!(
+        !bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("invalid network"),
+        "a bad rule is refused"
+    );
+    let id = vessel_cli(w, &["create", IMAGE, "--network", "allow", "--allow", "pypi.test"])?;
+    let id = id.lines().last().context("an id")?.trim().to_owned();
+    ensure!(get(&id, "pypi.test")? == "192.0.2.10", "allowed by name");
+    ensure!(get(&id, "192.0.2.66")?.is_empty(), "not what the list leaves out");
+    let ls: serde_json::Value = serde_json::from_str(&vessel_cli(w, &["ls", "--json"])?)?;
+    let row = ls.as_array().and_then(|a| a.iter().find(|r| r["vessel_id"] == id.as_str())).context("listed")?;
+    ensure!(row["network"] == "allow,pypi.test", "ls --json shows the policy: {row}");
+    let shown = vessel_cli(w, &["network", &id, "--network", "open"])?;
+    ensure!(shown.contains("network: open"), "{shown}");
+    ensure!(get(&id, "203.0.113.5")? == "203.0.113.5", "open after `vessel network --network open`");
+    vessel_cli(
+        w,
+        &[
+            "exec",
+            "-d",
+            &id,
+            "--",
+            "sh",
+            "-c",
+            "mkdir -p /www && echo from-cli > /www/index.html && exec httpd -f -p 8000 -h /www",
+        ],
+    )?;
+    std::thread::sleep(Duration::from_millis(500));
+    let url = vessel_cli(w, &["port", &id, "8000"])?;
+    let addr = url.trim().strip_prefix("http://").context("a URL")?.to_owned();
+    let body = TOKIO.block_on(host_get(&addr));
+    ensure!(body.as_deref() == Some("from-cli"), "the published port serves the host: {body:?}");
+    let net: serde_json::Value = serde_json::from_str(&vessel_cli(w, &["network", &id, "--json"])?)?;
+    ensure!(net["published"]["8000"] == url.trim(), "{net}");
+    vessel_cli(w, &["stop", &id])?;
+    ensure!(TOKIO.block_on(host_get(&addr)).is_none(), "stop closes the port");
+    vessel_cli(w, &["rm", &id])?;
+    Ok(())
+}
+
+async fn an_mcp_client_drives_the_network(w: Arc<World>) -> Result<()> {
+    let Some(python) = support::required_env("network", "VESSEL_MCP_PYTHON") else { return Ok(()) };
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/mcp_network.py");
+    let out = tokio::process::Command::new(python)
+        .arg(&script)
+        .arg(env!("CARGO_BIN_EXE_vessel"))
+        .args(cli_args(&w))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await?;
+    let transcript = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success() && transcript.trim_end().ends_with("session ok"),
+        "the MCP session failed ({}):\n{transcript}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }

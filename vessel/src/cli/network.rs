@@ -87,7 +87,7 @@ pub(crate) async fn port(
         return print_json(&view);
     }
     if !remove {
-        match view.published.get(&port) {
+        match view.published.get(&port.to_string()) {
             Some(url) => println!("{url}"),
             None => bail!("port {port} was not published"),
         }

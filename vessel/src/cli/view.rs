@@ -260,8 +260,8 @@ pub(crate) struct NetworkView {
     pub(crate) rules: Vec<String>,
     /// The vessel's address (once its network exists).
     pub(crate) address: Option<String>,
-    /// Vessel port to host URL (`http://ADDR:PORT`).
-    pub(crate) published: std::collections::BTreeMap<u16, String>,
+    /// Vessel port (as a string: JSON keys are) to host URL (`http://ADDR:PORT`).
+    pub(crate) published: std::collections::BTreeMap<String, String>,
     /// Packets of refused connections.
     pub(crate) denied_packets: u64,
     /// Destinations refused recently.
@@ -289,7 +289,7 @@ impl NetworkView {
             mode: policy.mode().into(),
             rules: policy.rules().iter().map(ToString::to_string).collect(),
             address,
-            published: published.iter().map(|(p, a)| (*p, format!("http://{a}"))).collect(),
+            published: published.iter().map(|(p, a)| (p.to_string(), format!("http://{a}"))).collect(),
             denied_packets: stats.denied_packets,
             denied_destinations: stats.denied_destinations.iter().map(ToString::to_string).collect(),
             refused_names: stats.refused_names.iter().map(|r| (r.name.clone(), r.count)).collect(),

@@ -30,6 +30,36 @@ pub(super) struct CreateVesselArgs {
     pub(super) disk: Option<String>,
     /// A name for it (letters, digits, `_.-`; unique), shown by `list_vessels`.
     pub(super) name: Option<String>,
+    /// What its commands may reach: `none` (loopback only; the default),
+    /// `allow` (only what `allow` lists) or `open` (public internet; never
+    /// the host, private or link-local addresses or other workspaces).
+    pub(super) network: Option<String>,
+    /// Allowed destinations: domains (`pypi.org`, `*.pythonhosted.org`),
+    /// addresses or CIDRs, optionally with a port (`10.1.2.0/24:443`).
+    #[serde(default)]
+    pub(super) allow: Vec<String>,
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub(super) struct SetNetworkArgs {
+    /// The vessel's id.
+    pub(super) vessel_id: String,
+    /// `none`, `allow` or `open` (default `allow` when `allow` is given).
+    pub(super) network: Option<String>,
+    /// Allowed destinations, as `create_vessel` takes them.
+    #[serde(default)]
+    pub(super) allow: Vec<String>,
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub(super) struct PublishArgs {
+    /// The vessel's id.
+    pub(super) vessel_id: String,
+    /// The TCP port a server listens on inside the workspace.
+    pub(super) port: u16,
+    /// Stop publishing it instead.
+    #[serde(default)]
+    pub(super) remove: bool,
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]

@@ -18,6 +18,7 @@
 
 mod args;
 mod forks;
+mod network;
 mod processes;
 mod server;
 mod tools;
@@ -92,7 +93,7 @@ impl Tools {
     fn new(mgr: Arc<Manager>, options: Options) -> Self {
         Self {
             state: Arc::new(State { mgr, options, open: Default::default() }),
-            tool_router: Self::tool_router() + Self::process_router() + Self::fork_router(),
+            tool_router: Self::tool_router() + Self::process_router() + Self::fork_router() + Self::network_router(),
         }
     }
 

@@ -37,13 +37,16 @@ impl Tools {
     #[tool(description = "Create a workspace (a vessel) from an image and open it. Returns its vessel_id, which \
         every other tool takes. The new vessel's first snapshot is its initial state.")]
     async fn create_vessel(&self, Parameters(a): Parameters<CreateVesselArgs>) -> ToolResult {
-        let opts = crate::vessel_options(
+        let mut opts = crate::vessel_options(
             a.name.as_deref(),
             size_arg("memory", &a.memory)?,
             a.cpus,
             a.pids,
             size_arg("disk", &a.disk)?,
         );
+        if let Some(p) = super::network::policy_arg(a.network.clone(), &a.allow)? {
+            opts = opts.network(p);
+        }
         let v = self.state.mgr.create_vessel_with(&a.image, &a.work_dir, &opts).await.map_err(failure)?;
         let snap = match v.create_snapshot("create").await {
             Ok(s) => s,
