@@ -74,6 +74,13 @@ fn remove() {
 impl FakeNet {
     pub(crate) fn start(target: &std::path::Path) -> Result<Self> {
         remove();
+        // Rootless vessels' pasta opens the tun device as the user: give it
+        // Debian's default mode (udev's 0666), which some machines lack.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions("/dev/net/tun", std::fs::Permissions::from_mode(0o666))
+                .context("chmod 0666 /dev/net/tun")?;
+        }
         let dir = target.join("fakenet");
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
@@ -141,12 +148,12 @@ impl FakeNet {
     }
 
     /// What the network suite needs to find it.
-    pub(crate) fn env(&self) -> Vec<(String, String)> {
+    pub(crate) fn env(&self) -> Vec<(&'static str, String)> {
         vec![
-            ("VESSEL_FAKENET".into(), HOST.into()),
-            ("VESSEL_FAKENET_DNS".into(), format!("{DNS}:53")),
-            ("VESSEL_FAKENET_HOSTS".into(), self.dir.join("hosts").display().to_string()),
-            ("VESSEL_FAKENET_DNSMASQ_PID".into(), self.dir.join("dnsmasq.pid").display().to_string()),
+            ("VESSEL_FAKENET", HOST.into()),
+            ("VESSEL_FAKENET_DNS", format!("{DNS}:53")),
+            ("VESSEL_FAKENET_HOSTS", self.dir.join("hosts").display().to_string()),
+            ("VESSEL_FAKENET_DNSMASQ_PID", self.dir.join("dnsmasq.pid").display().to_string()),
         ]
     }
 }

@@ -70,9 +70,10 @@ const PACKAGES: &[&str] = &[
     "skopeo",
     // Rootless mode: newuidmap/newgidmap map a user's subordinate ids.
     "uidmap",
-    // Vessel networks: nft for their filters; the fake internet's
-    // namespaces (ip) and its resolver (dnsmasq).
+    // Vessel networks: nft for their filters, pasta for rootless ones; the
+    // fake internet's namespaces (ip) and its resolver (dnsmasq).
     "nftables",
+    "passt",
     "iproute2",
     "dnsmasq-base",
 ];
@@ -239,6 +240,7 @@ fn test_phases(p: &mut Phases) -> Result<()> {
         let executables = rootless::test_executables(&root, &["--workspace", "--locked", "--all-features"])?;
         let mut env = s3.env();
         env.extend(registries.env());
+        env.extend(fakenet.env());
         user.run_suites(&executables, &image.dir, &env)
     })?;
     p.time("stop servers", || {

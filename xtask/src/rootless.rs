@@ -115,7 +115,7 @@ impl TestUser {
         run(Command::new("cp").arg("-a").arg(image_dir).arg(&image))?;
         std::fs::create_dir_all(&tmp)?;
         let mut copied = Vec::new();
-        for name in SUITES.iter().chain(&["vessel"]) {
+        for name in SUITES.iter().chain(&["vessel", "network"]) {
             let (_, exe) = executables.iter().find(|(n, _)| n == name).with_context(|| format!("no binary {name}"))?;
             let to = bin.join(name);
             std::fs::copy(exe, &to)?;
@@ -138,15 +138,29 @@ impl TestUser {
             env.push(("CI".into(), ci.to_string_lossy().into_owned()));
         }
         env.extend(extra_env.iter().map(|(k, v)| (k.to_string(), v.clone())));
-        let suite = |name: &str, how: &str| -> Result<()> {
+        let suite_in = |name: &str, how: &str, netns: Option<&str>| -> Result<()> {
             let (_, exe) = copied.iter().find(|(n, _)| n == name).context("suite")?;
             println!("rootless: the {name} suite as {USER} ({how})");
-            let mut cmd = Command::new("runuser");
+            // The network suite runs in the fake internet: entered here, as
+            // root, since the user may not.
+            let mut cmd = match netns {
+                Some(ns) => {
+                    let mut c = Command::new("nsenter");
+                    c.arg(format!("--net=/run/netns/{ns}")).args(["--", "runuser"]);
+                    c
+                }
+                None => Command::new("runuser"),
+            };
             cmd.args(["-u", USER, "--", "env", "-i"]);
             cmd.args(env.iter().map(|(k, v)| format!("{k}={v}")));
+            if netns.is_some() {
+                cmd.arg("VESSEL_FAKENET_INSIDE=1");
+            }
             cmd.arg(exe).args(["--test-threads", "2"]);
             run(&mut cmd)
         };
+        let suite = |name: &str, how: &str| suite_in(name, how, None);
+        let netns = extra_env.iter().find(|(k, _)| *k == "VESSEL_FAKENET").map(|(_, v)| v.clone());
         // First with no cgroup of the user's (limits reported unavailable),
         // then with a delegated subtree (limits enforced).
         suite("facade", "no cgroup delegated")?;
@@ -154,6 +168,9 @@ impl TestUser {
         let ran = (|| {
             for name in SUITES {
                 suite(name, "a cgroup subtree delegated")?;
+            }
+            if let Some(ns) = &netns {
+                suite_in("network", "in the fake internet, through pasta", Some(ns))?;
             }
             self.leak_check()
         })();

@@ -59,6 +59,8 @@ pub(super) struct Resolver {
 
 struct Ctx {
     slot: Slot,
+    /// A rootless vessel's namespace, where its filter is.
+    inside: Option<std::path::PathBuf>,
     upstreams: Vec<SocketAddr>,
     policy: Arc<Mutex<NetworkPolicy>>,
     forbidden: Vec<Ipv4Net>,
@@ -66,20 +68,24 @@ struct Ctx {
 }
 
 impl Resolver {
-    /// Listens on the slot's host address (already configured).
+    /// Listens on `addr`: the slot's host address (already configured), or
+    /// with `inside`, an address in that namespace (a socket keeps the
+    /// namespace it was made in; upstream queries leave from the host's).
     pub(super) fn start(
         slot: Slot,
+        addr: SocketAddr,
+        inside: Option<std::path::PathBuf>,
         upstreams: Vec<SocketAddr>,
         policy: Arc<Mutex<NetworkPolicy>>,
         pool: Ipv4Net,
     ) -> Result<Self, RuntimeError> {
-        let addr = SocketAddr::new(IpAddr::V4(slot.host), 53);
-        let std_sock =
-            std::net::UdpSocket::bind(addr).map_err(RuntimeError::io("bind the resolver on", addr.to_string()))?;
+        let std_sock = nft::in_ns(inside.as_deref(), || std::net::UdpSocket::bind(addr))
+            .map_err(RuntimeError::io("bind the resolver on", addr.to_string()))?;
         std_sock.set_nonblocking(true).map_err(RuntimeError::io("configure", addr.to_string()))?;
         let sock = Arc::new(UdpSocket::from_std(std_sock).map_err(RuntimeError::io("register", addr.to_string()))?);
         let stats = Arc::new(Mutex::new(Stats::default()));
-        let ctx = Arc::new(Ctx { slot, upstreams, policy, forbidden: nft::forbidden(pool), stats: stats.clone() });
+        let ctx =
+            Arc::new(Ctx { slot, inside, upstreams, policy, forbidden: nft::forbidden(pool), stats: stats.clone() });
         let task = tokio::spawn(async move {
             let mut buf = vec![0u8; 4096];
             loop {
@@ -166,8 +172,8 @@ impl Ctx {
         });
         response.additionals.retain(|r| !matches!(r.record_type(), RecordType::A | RecordType::AAAA));
         if restrict {
-            let n = self.slot.n;
-            let admit = tokio::task::spawn_blocking(move || nft::admit(n, &admitted)).await;
+            let (n, inside) = (self.slot.n, self.inside.clone());
+            let admit = tokio::task::spawn_blocking(move || nft::admit(n, &admitted, inside.as_deref())).await;
             if !matches!(admit, Ok(Ok(()))) {
                 tracing::warn!(slot = n, "could not admit resolved addresses");
                 return reply_code(&query, ResponseCode::ServFail);

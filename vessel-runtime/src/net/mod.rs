@@ -32,13 +32,14 @@
 mod dns;
 mod link;
 mod nft;
+mod pasta;
 mod ports;
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use ipnet::Ipv4Net;
@@ -50,8 +51,19 @@ use crate::RuntimeError;
 
 pub use dns::RefusedName;
 
-/// Where slots and namespaces live.
-const RUN_DIR: &str = "/run/vessel/net";
+/// Where slots and namespaces live: `/run/vessel/net`, or rootless the
+/// user's runtime dir (its namespaces are pinned in the rootless process's
+/// private mount namespace, and vanish with it).
+pub(crate) fn run_dir() -> PathBuf {
+    if crate::rootless::mode().is_rootless() {
+        let base = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+        return base.join("vessel/net");
+    }
+    PathBuf::from("/run/vessel/net")
+}
+
+/// Where a rootless vessel's resolver listens, in its own namespace.
+const ROOTLESS_RESOLVER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 53);
 
 /// How many slots a pool may have at most (interface names stay short).
 const MAX_SLOTS: u32 = 1 << 15;
@@ -130,21 +142,22 @@ impl Slot {
     }
 
     fn netns_path(n: u32) -> PathBuf {
-        Path::new(RUN_DIR).join(format!("ns-{n}"))
+        run_dir().join(format!("ns-{n}"))
     }
 
     fn lock_path(n: u32) -> PathBuf {
-        Path::new(RUN_DIR).join(format!("slot-{n}"))
+        run_dir().join(format!("slot-{n}"))
     }
 }
 
 /// Why networks cannot be made here, if they cannot.
 pub fn unavailable() -> Option<String> {
     if crate::rootless::mode().is_rootless() {
-        return Some("a vessel network needs root: rootless mode has no network but loopback yet".into());
-    }
-    if !nix::unistd::Uid::effective().is_root() {
-        return Some("a vessel network needs root".into());
+        if pasta::binary().is_none() {
+            return Some("rootless, a vessel network needs pasta (Debian package passt)".into());
+        }
+    } else if !nix::unistd::Uid::effective().is_root() {
+        return Some("a vessel network needs root, or rootless mode".into());
     }
     if nft::binary().is_none() {
         return Some("the nft tool (Debian package nftables) is not installed".into());
@@ -163,6 +176,8 @@ pub struct VesselNet {
     policy: Arc<Mutex<NetworkPolicy>>,
     resolver: tokio::sync::Mutex<dns::Resolver>,
     ports: Mutex<BTreeMap<u16, ports::Published>>,
+    /// Rootless: its pasta, while attached.
+    pasta: Mutex<Option<std::process::Child>>,
     /// Whether the veth, filter and resolver exist (a vessel whose policy
     /// is `None` has its namespace alone until it publishes a port or
     /// gets another policy: its processes are in it from the start).
@@ -182,7 +197,8 @@ impl VesselNet {
         if config.pool.prefix_len() > 30 || slots == 0 {
             return Err(RuntimeError::InvalidRequest(format!("network pool {} is too small", config.pool)));
         }
-        fs::create_dir_all(RUN_DIR).map_err(RuntimeError::io("create", RUN_DIR))?;
+        let dir = run_dir();
+        fs::create_dir_all(&dir).map_err(RuntimeError::io("create", &dir))?;
         let (n, lock) = take_slot(slots)?;
         let slot = Slot::new(config.pool, n);
         let mut net = Self {
@@ -193,6 +209,7 @@ impl VesselNet {
             resolver: Default::default(),
             ports: Mutex::default(),
             attached: Default::default(),
+            pasta: Mutex::default(),
         };
         match net.build(policy).await {
             Ok(()) => Ok(net),
@@ -217,12 +234,31 @@ impl VesselNet {
         if self.attached.load(std::sync::atomic::Ordering::Acquire) {
             return Ok(());
         }
-        let slot = self.slot;
-        link::attach(slot, &Slot::netns_path(slot.n)).await?;
-        nft::create(slot, self.config.pool, policy)?;
-        *resolver = dns::Resolver::start(slot, self.config.upstreams(), self.policy.clone(), self.config.pool)?;
+        let (slot, netns) = (self.slot, Slot::netns_path(self.slot.n));
+        let (config, upstreams) = (&self.config, self.config.upstreams());
+        if let Some(inside) = self.inside() {
+            // Filter and resolver first, then the uplink: never a moment open.
+            nft::create_inside(&inside, slot, config.pool, policy)?;
+            let addr = SocketAddr::new(IpAddr::V4(ROOTLESS_RESOLVER), 53);
+            *resolver = dns::Resolver::start(slot, addr, Some(inside), upstreams, self.policy.clone(), config.pool)?;
+            let ns = netns.clone();
+            let child = tokio::task::spawn_blocking(move || pasta::start(slot.n, &ns))
+                .await
+                .map_err(|e| RuntimeError::InvalidRequest(format!("starting pasta: {e}")))??;
+            *self.pasta.locked() = Some(child);
+        } else {
+            link::attach(slot, &netns).await?;
+            nft::create(slot, config.pool, policy)?;
+            let addr = SocketAddr::new(IpAddr::V4(slot.host), 53);
+            *resolver = dns::Resolver::start(slot, addr, None, upstreams, self.policy.clone(), config.pool)?;
+        }
         self.attached.store(true, std::sync::atomic::Ordering::Release);
         Ok(())
+    }
+
+    /// Its slot: the host-wide number its names and addresses derive from.
+    pub fn slot(&self) -> u32 {
+        self.slot.n
     }
 
     /// The namespace every container of the vessel joins.
@@ -230,9 +266,17 @@ impl VesselNet {
         Slot::netns_path(self.slot.n)
     }
 
+    /// Rootless: the vessel's namespace, where its filter and resolver are.
+    fn inside(&self) -> Option<PathBuf> {
+        crate::rootless::mode().is_rootless().then(|| self.netns())
+    }
+
     /// The resolver the vessel's `/etc/resolv.conf` names.
     pub fn nameserver(&self) -> IpAddr {
-        IpAddr::V4(self.slot.host)
+        match self.inside() {
+            Some(_) => IpAddr::V4(ROOTLESS_RESOLVER),
+            None => IpAddr::V4(self.slot.host),
+        }
     }
 
     fn is_attached(&self) -> bool {
@@ -241,7 +285,8 @@ impl VesselNet {
 
     /// The vessel's own address, once it is connected.
     pub fn address(&self) -> Option<IpAddr> {
-        self.is_attached().then_some(IpAddr::V4(self.slot.vessel))
+        // Rootless, pasta gives it the host's address: none of its own.
+        (self.is_attached() && self.inside().is_none()).then_some(IpAddr::V4(self.slot.vessel))
     }
 
     /// The host end of its veth, once connected (leak checks, debugging).
@@ -268,7 +313,7 @@ impl VesselNet {
             return self.attach(policy).await;
         }
         let mut held = self.policy.locked();
-        nft::apply(self.slot, self.config.pool, policy)?;
+        nft::apply(self.slot, self.config.pool, policy, self.inside().as_deref())?;
         *held = policy.clone();
         Ok(())
     }
@@ -278,7 +323,7 @@ impl VesselNet {
         if !self.is_attached() {
             return NetworkStats::default();
         }
-        let (denied_packets, denied_destinations) = nft::denied(self.slot);
+        let (denied_packets, denied_destinations) = nft::denied(self.slot, self.inside().as_deref());
         let (refused_names, answered_queries) = self.resolver.lock().await.stats();
         NetworkStats { denied_packets, denied_destinations, refused_names, answered_queries }
     }
@@ -295,8 +340,16 @@ impl VesselNet {
         }
         let policy = self.policy();
         self.attach(&policy).await?;
-        let target = SocketAddr::new(IpAddr::V4(self.slot.vessel), port);
-        let published = ports::Published::start(self.config.publish_host, target).await?;
+        let published = match self.inside() {
+            Some(ns) => {
+                let target = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
+                ports::Published::start(self.config.publish_host, target, Some(ns)).await?
+            }
+            None => {
+                let target = SocketAddr::new(IpAddr::V4(self.slot.vessel), port);
+                ports::Published::start(self.config.publish_host, target, None).await?
+            }
+        };
         let addr = published.addr;
         self.ports.locked().entry(port).or_insert(published);
         Ok(self.ports.locked().get(&port).map_or(addr, |p| p.addr))
@@ -320,6 +373,9 @@ impl VesselNet {
     async fn teardown(&mut self) {
         self.ports.locked().clear();
         self.resolver.get_mut().stop();
+        if let Some(child) = self.pasta.locked().take() {
+            pasta::stop(self.slot.n, child);
+        }
         if self.lock.is_some() {
             remove_slot(self.slot.n).await;
             self.lock = None;
@@ -335,6 +391,9 @@ impl Drop for VesselNet {
         self.ports.locked().clear();
         self.resolver.get_mut().stop();
         let n = self.slot.n;
+        if let Some(child) = self.pasta.locked().take() {
+            pasta::stop(n, child);
+        }
         let lock = self.lock.take();
         // Dropped without close (a panic, a cancelled future): the slot
         // stays locked until its things are gone, so no one reuses it half-removed.
@@ -384,6 +443,7 @@ fn take_slot(slots: u32) -> Result<(u32, Flock<fs::File>), RuntimeError> {
 /// Removes slot `n`'s rules, veth and namespace (each step tolerates its
 /// thing being absent).
 async fn remove_slot(n: u32) {
+    pasta::remove(n);
     nft::remove(n);
     link::remove(n).await;
     remove_netns(n);
@@ -391,6 +451,7 @@ async fn remove_slot(n: u32) {
 }
 
 fn remove_slot_sync(n: u32) {
+    pasta::remove(n);
     let done = std::thread::spawn(move || {
         if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
             rt.block_on(async {
@@ -425,7 +486,7 @@ pub async fn remove_leftovers() -> usize {
     if unavailable().is_some() {
         return 0;
     }
-    let Ok(dir) = fs::read_dir(RUN_DIR) else { return 0 };
+    let Ok(dir) = fs::read_dir(run_dir()) else { return 0 };
     let mut removed = 0;
     for entry in dir.flatten() {
         let name = entry.file_name();
@@ -443,7 +504,7 @@ pub async fn remove_leftovers() -> usize {
 
 /// Whether anything of slot `n` is still on the host (leak checks).
 pub fn slot_exists(n: u32) -> bool {
-    Slot::netns_path(n).exists() || link::exists_sync(n) || nft::exists(n)
+    Slot::netns_path(n).exists() || link::exists_sync(n) || nft::exists(n) || pasta::running(n)
 }
 
 /// The slot of an interface name `vsl<n>`.

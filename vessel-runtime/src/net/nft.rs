@@ -18,7 +18,7 @@ use ipnet::{IpNet, Ipv4Net};
 use nix::fcntl::{Flock, FlockArg};
 use vessel_core::{AllowRule, NetworkPolicy};
 
-use super::{RUN_DIR, Slot};
+use super::{Slot, run_dir};
 use crate::RuntimeError;
 
 const TABLE: &str = "inet vessel";
@@ -53,6 +53,33 @@ fn nft_error(what: &'static str, detail: String) -> RuntimeError {
     RuntimeError::Call { backend: "nftables", op: what, source: detail.into() }
 }
 
+/// Runs `f` in network namespace `netns` (a thread joined to it, whose
+/// children are in it too), or here.
+pub(super) fn in_ns<T: Send>(netns: Option<&Path>, f: impl FnOnce() -> T + Send) -> T {
+    let Some(netns) = netns else { return f() };
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            if let Ok(ns) = std::fs::File::open(netns) {
+                let _ = nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET);
+            }
+            f()
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
+/// Runs `script` as one transaction in `netns` (a rootless vessel's own
+/// namespace, whose filter is there) or the host's.
+fn run_in(netns: Option<&Path>, what: &'static str, script: &str) -> Result<(), RuntimeError> {
+    if let Some(p) = netns
+        && !p.exists()
+    {
+        return Err(nft_error(what, format!("{} is gone", p.display())));
+    }
+    in_ns(netns, || run(what, script))
+}
+
 /// Runs `script` as one transaction.
 fn run(what: &'static str, script: &str) -> Result<(), RuntimeError> {
     let bin = binary().ok_or_else(|| nft_error(what, "nft is not installed".into()))?;
@@ -74,6 +101,11 @@ fn run(what: &'static str, script: &str) -> Result<(), RuntimeError> {
     }
 }
 
+/// [`json`] in `netns` or here.
+fn json_in(netns: Option<&Path>, args: &[&str]) -> Option<serde_json::Value> {
+    in_ns(netns, || json(args))
+}
+
 /// `nft -j <args>`'s JSON, if it succeeds.
 fn json(args: &[&str]) -> Option<serde_json::Value> {
     let out = Command::new(binary()?).arg("-j").args(args).stderr(Stdio::null()).output().ok()?;
@@ -86,7 +118,7 @@ fn json(args: &[&str]) -> Option<serde_json::Value> {
 /// Makes the table and its base chains unless they exist (once per host;
 /// a lock keeps two first vessels from both making them).
 fn ensure_base() -> Result<(), RuntimeError> {
-    let lock_path = Path::new(RUN_DIR).join("nft.lock");
+    let lock_path = run_dir().join("nft.lock");
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -144,13 +176,16 @@ fn set_of(nets: &[Ipv4Net]) -> String {
 }
 
 /// The rules of `e<n>` under `policy`.
-fn egress_rules(slot: Slot, pool: Ipv4Net, policy: &NetworkPolicy) -> String {
+fn egress_rules(slot: Slot, pool: Ipv4Net, policy: &NetworkPolicy, inside: bool) -> String {
     let n = slot.n;
     let deny = format!("add @x{n} {{ ip daddr }} counter name \"d{n}\" drop");
     let mut s = String::new();
     let chain = format!("add rule {TABLE} e{n}");
     let _ = writeln!(s, "{chain} meta nfproto ipv6 counter name \"d{n}\" drop");
-    let _ = writeln!(s, "{chain} ip saddr != {} counter name \"d{n}\" drop", slot.vessel);
+    if !inside {
+        // On the host, a packet from the veth must carry the vessel's address.
+        let _ = writeln!(s, "{chain} ip saddr != {} counter name \"d{n}\" drop", slot.vessel);
+    }
     let _ = writeln!(s, "{chain} ct state established,related accept");
     for rule in policy.rules() {
         // IPv6 rules are kept in the policy but a vessel has no IPv6 route.
@@ -204,7 +239,7 @@ pub(super) fn create(slot: Slot, pool: Ipv4Net, policy: &NetworkPolicy) -> Resul
          add chain {TABLE} e{n}\n\
          add chain {TABLE} i{n}\n"
     );
-    s.push_str(&egress_rules(slot, pool, policy));
+    s.push_str(&egress_rules(slot, pool, policy, false));
     s.push_str(&ingress_rules(slot));
     let veth = Slot::veth(n);
     let _ = writeln!(s, "add element {TABLE} egress {{ \"{veth}\" : jump e{n} }}");
@@ -212,18 +247,50 @@ pub(super) fn create(slot: Slot, pool: Ipv4Net, policy: &NetworkPolicy) -> Resul
     run("add a vessel's rules", &s)
 }
 
+/// A rootless vessel's filter, in its own namespace (`netns`), where its
+/// container root holds no capability: the same per-vessel chain and sets,
+/// hooked on output (what its processes send) and input (nothing new comes
+/// in but on loopback).
+pub(super) fn create_inside(
+    netns: &Path,
+    slot: Slot,
+    pool: Ipv4Net,
+    policy: &NetworkPolicy,
+) -> Result<(), RuntimeError> {
+    let n = slot.n;
+    let mut s = format!(
+        "table {TABLE} {{\n\
+         counter d{n} {{ }}\n\
+         set n{n} {{ type ipv4_addr; flags timeout; }}\n\
+         set x{n} {{ type ipv4_addr; size 64; flags dynamic,timeout; timeout 1h; }}\n\
+         chain e{n} {{ }}\n\
+         chain output {{ type filter hook output priority -10; policy accept; oifname \"lo\" accept; jump e{n}; }}\n\
+         chain input {{ type filter hook input priority -10; policy accept; iifname \"lo\" accept; \
+         ct state established,related accept; counter name \"d{n}\" drop; }}\n\
+         }}\n"
+    );
+    s.push_str(&egress_rules(slot, pool, policy, true));
+    run_in(Some(netns), "add a vessel's rules", &s)
+}
+
 /// Replaces slot `n`'s egress rules with `policy`'s (and forgets the
-/// addresses the resolver admitted under the old one), atomically.
-pub(super) fn apply(slot: Slot, pool: Ipv4Net, policy: &NetworkPolicy) -> Result<(), RuntimeError> {
+/// addresses the resolver admitted under the old one), atomically; in
+/// `inside` (a rootless vessel's namespace) or on the host.
+pub(super) fn apply(
+    slot: Slot,
+    pool: Ipv4Net,
+    policy: &NetworkPolicy,
+    inside: Option<&Path>,
+) -> Result<(), RuntimeError> {
     let n = slot.n;
     let mut s = format!("flush chain {TABLE} e{n}\nflush set {TABLE} n{n}\n");
-    s.push_str(&egress_rules(slot, pool, policy));
-    run("change a vessel's rules", &s)
+    s.push_str(&egress_rules(slot, pool, policy, inside.is_some()));
+    run_in(inside, "change a vessel's rules", &s)
 }
 
 /// Admits `addrs` into slot `n`'s resolved set for `ttl` seconds each,
 /// renewing the timeout of those already there.
-pub(super) fn admit(n: u32, addrs: &[(Ipv4Addr, u32)]) -> Result<(), RuntimeError> {
+pub(super) fn admit(n: u32, addrs: &[(Ipv4Addr, u32)], inside: Option<&Path>) -> Result<(), RuntimeError> {
     if addrs.is_empty() {
         return Ok(());
     }
@@ -236,19 +303,19 @@ pub(super) fn admit(n: u32, addrs: &[(Ipv4Addr, u32)]) -> Result<(), RuntimeErro
          delete element {TABLE} n{n} {{ {plain} }}\n\
          add element {TABLE} n{n} {{ {elems} }}\n"
     );
-    run("admit resolved addresses", &s)
+    run_in(inside, "admit resolved addresses", &s)
 }
 
 /// Slot `n`'s denied packets and recently denied destinations.
-pub(super) fn denied(slot: Slot) -> (u64, Vec<IpAddr>) {
+pub(super) fn denied(slot: Slot, inside: Option<&Path>) -> (u64, Vec<IpAddr>) {
     let n = slot.n;
-    let packets = json(&["list", "counter", "inet", "vessel", &format!("d{n}")])
+    let packets = json_in(inside, &["list", "counter", "inet", "vessel", &format!("d{n}")])
         .and_then(|v| {
             v["nftables"].as_array()?.iter().find_map(|o| o.get("counter").and_then(|c| c["packets"].as_u64()))
         })
         .unwrap_or(0);
     let mut dests = Vec::new();
-    if let Some(v) = json(&["list", "set", "inet", "vessel", &format!("x{n}")]) {
+    if let Some(v) = json_in(inside, &["list", "set", "inet", "vessel", &format!("x{n}")]) {
         for o in v["nftables"].as_array().into_iter().flatten() {
             for e in o.get("set").and_then(|s| s["elem"].as_array()).into_iter().flatten() {
                 let text = e.as_str().or_else(|| e["elem"]["val"].as_str());
@@ -313,7 +380,7 @@ mod tests {
     fn allow_rules_become_accepts_before_the_forbidden_drop() {
         let slot = Slot::new("10.213.0.0/16".parse().unwrap(), 3);
         let p: NetworkPolicy = "allow,10.1.2.0/24:443,pypi.test,[2001:db8::/32]:53".parse().unwrap();
-        let rules = egress_rules(slot, "10.213.0.0/16".parse().unwrap(), &p);
+        let rules = egress_rules(slot, "10.213.0.0/16".parse().unwrap(), &p, false);
         let accept = rules.find("ip daddr 10.1.2.0/24 meta l4proto { tcp, udp } th dport 443 accept").unwrap();
         let forbid = rules.find("ip daddr { 0.0.0.0/8").unwrap();
         let resolved = rules.find("ip daddr @n3 accept").unwrap();
@@ -321,7 +388,7 @@ mod tests {
         assert!(rules.contains("ip saddr != 10.213.0.7"), "{rules}");
         assert!(!rules.contains("2001:db8"), "IPv6 rules have no effect: {rules}");
         assert!(rules.trim_end().ends_with("counter name \"d3\" drop"), "{rules}");
-        let none = egress_rules(slot, "10.213.0.0/16".parse().unwrap(), &NetworkPolicy::None);
+        let none = egress_rules(slot, "10.213.0.0/16".parse().unwrap(), &NetworkPolicy::None, false);
         assert!(!none.contains("accept\n") || none.matches("accept").count() == 1, "{none}");
     }
 }

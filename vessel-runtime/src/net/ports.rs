@@ -17,8 +17,14 @@ pub(super) struct Published {
 }
 
 impl Published {
-    /// Listens on an ephemeral port of `host` and relays to `target`.
-    pub(super) async fn start(host: IpAddr, target: SocketAddr) -> Result<Self, RuntimeError> {
+    /// Listens on an ephemeral port of `host` and relays to `target`,
+    /// connecting from network namespace `inside` when given (a rootless
+    /// vessel's, which the host cannot route to).
+    pub(super) async fn start(
+        host: IpAddr,
+        target: SocketAddr,
+        inside: Option<std::path::PathBuf>,
+    ) -> Result<Self, RuntimeError> {
         let listener = TcpListener::bind(SocketAddr::new(host, 0))
             .await
             .map_err(RuntimeError::io("listen on", host.to_string()))?;
@@ -29,9 +35,10 @@ impl Published {
                 tokio::select! {
                     accepted = listener.accept() => {
                         let Ok((mut client, _)) = accepted else { continue };
+                        let inside = inside.clone();
                         relays.spawn(async move {
                             // Nothing listening in the vessel: the client sees its connection closed.
-                            if let Ok(mut vessel) = TcpStream::connect(target).await {
+                            if let Ok(mut vessel) = connect(target, inside).await {
                                 let _ = tokio::io::copy_bidirectional(&mut client, &mut vessel).await;
                             }
                         });
@@ -43,6 +50,21 @@ impl Published {
         });
         Ok(Self { addr, task })
     }
+}
+
+/// A connection to `target`, made in namespace `inside` if given (the
+/// socket stays in it; a local connect there does not block).
+async fn connect(target: SocketAddr, inside: Option<std::path::PathBuf>) -> std::io::Result<TcpStream> {
+    let Some(ns) = inside else { return TcpStream::connect(target).await };
+    let stream = tokio::task::spawn_blocking(move || {
+        super::nft::in_ns(Some(&ns), || {
+            std::net::TcpStream::connect_timeout(&target, std::time::Duration::from_secs(2))
+        })
+    })
+    .await
+    .map_err(std::io::Error::other)??;
+    stream.set_nonblocking(true)?;
+    TcpStream::from_std(stream)
 }
 
 impl Drop for Published {

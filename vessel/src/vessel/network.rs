@@ -33,8 +33,11 @@ pub struct NetworkInfo {
     pub policy: NetworkPolicy,
     /// The vessel's address, once its network exists.
     pub address: Option<IpAddr>,
-    /// The host end of its veth, once its network exists.
+    /// The host end of its veth, once its network exists (rootful).
     pub interface: Option<String>,
+    /// Its network's slot on this host, once it has a namespace (what
+    /// `vessel_runtime::net::slot_exists` takes).
+    pub slot: Option<u32>,
     /// Published ports: the vessel's port to the host address serving it.
     pub published: BTreeMap<u16, SocketAddr>,
 }
@@ -115,6 +118,7 @@ impl Vessel {
             policy: st.policy.clone(),
             address: st.net.as_ref().and_then(VesselNet::address),
             interface: st.net.as_ref().and_then(VesselNet::interface),
+            slot: st.net.as_ref().map(VesselNet::slot),
             published: st.net.as_ref().map(VesselNet::published).unwrap_or_default(),
         }
     }

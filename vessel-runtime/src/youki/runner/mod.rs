@@ -98,6 +98,13 @@ fn run(state: &Path, r: &Run) -> Result<(i32, bool), Failure> {
     let _lock = unsafe { OwnedFd::from_raw_fd(LOCK_FD) };
     let stop = stop_signals().map_err(fail)?;
     let (bundle, id) = (&r.bundle, &r.id);
+    // A vessel's network first: joining it takes a capability over its
+    // owner, which this runner holds until it enters the container's user
+    // namespace (rootless) or always has (host root).
+    if let Some(netns) = &r.join_network {
+        let ns = std::fs::File::open(netns).map_err(fail)?;
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(fail)?;
+    }
     let mut limited = None;
     if crate::rootless::mode().is_rootless() {
         if let Some(c) = &r.cgroups {
@@ -118,10 +125,6 @@ fn run(state: &Path, r: &Run) -> Result<(i32, bool), Failure> {
         without_cgroups().map_err(fail)?;
     }
     let (private_net, userns) = (r.private_network, r.userns);
-    if let Some(netns) = &r.join_network {
-        let ns = std::fs::File::open(netns).map_err(fail)?;
-        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(fail)?;
-    }
     // Rootless, this runner is already in the container's user namespace:
     // a network namespace it makes is that namespace's, as it must be for
     // the container to mount sysfs.

@@ -1,0 +1,110 @@
+//! A rootless vessel's uplink: `pasta` (Debian's passt, podman's default
+//! rootless network) attached to the vessel's namespace. It gives the
+//! namespace a tap interface carrying the host's address and forwards its
+//! connections through ordinary sockets of the user, so nothing needs
+//! root. `--no-map-gw` keeps the gateway from reaching the host's loopback,
+//! and no port is forwarded (pasta's default splices loopback ports both
+//! ways); the vessel's filter, in its namespace, refuses the rest by policy.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{nft, run_dir};
+use crate::RuntimeError;
+
+/// The `pasta` executable, if installed.
+pub(super) fn binary() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/bin", "/usr/sbin"].map(PathBuf::from))
+        .map(|d| d.join("pasta"))
+        .find(|p| p.is_file())
+}
+
+fn pid_file(n: u32) -> PathBuf {
+    run_dir().join(format!("pasta-{n}.pid"))
+}
+
+/// Starts pasta on `netns` and waits until the namespace has its address.
+pub(super) fn start(n: u32, netns: &Path) -> Result<Child, RuntimeError> {
+    let bin = binary()
+        .ok_or_else(|| RuntimeError::Unavailable { backend: "network", reason: "pasta is not installed".into() })?;
+    let mut child = Command::new(&bin)
+        .args(["--foreground", "--quiet", "--ipv4-only", "--no-map-gw", "--config-net"])
+        .args(["--no-dhcp", "--no-ra", "--no-ndp", "--no-dhcpv6"])
+        // No port forwarding either way: pasta's default splices the
+        // namespace's loopback ports to the host's (its services, other
+        // vessels' published ports), and inbound is only published ports.
+        .args(["-t", "none", "-u", "none", "-T", "none", "-U", "none"])
+        .arg("--pid")
+        .arg(pid_file(n))
+        .arg("--netns")
+        .arg(netns)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(RuntimeError::io("run", &bin))?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if has_address(netns) {
+            return Ok(child);
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut err);
+            }
+            return Err(RuntimeError::Call {
+                backend: "pasta",
+                op: "connect the vessel's namespace",
+                source: format!("{status}: {}", err.trim()).into(),
+            });
+        }
+        if Instant::now() > deadline {
+            stop(n, child);
+            return Err(RuntimeError::Call {
+                backend: "pasta",
+                op: "connect the vessel's namespace",
+                source: "no address within 5 s".into(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Whether an interface of `netns` other than loopback has an IPv4 address.
+fn has_address(netns: &Path) -> bool {
+    nft::in_ns(Some(netns), || {
+        nix::ifaddrs::getifaddrs()
+            .map(|mut a| {
+                a.any(|i| i.interface_name != "lo" && i.address.as_ref().and_then(|s| s.as_sockaddr_in()).is_some())
+            })
+            .unwrap_or(false)
+    })
+}
+
+/// Stops a pasta this process started.
+pub(super) fn stop(n: u32, mut child: Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_file(pid_file(n));
+}
+
+/// Kills the pasta a dead process left on slot `n`, if it still runs.
+pub(super) fn remove(n: u32) {
+    let file = pid_file(n);
+    if let Some(pid) = std::fs::read_to_string(&file).ok().and_then(|p| p.trim().parse::<i32>().ok()) {
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.trim() == "pasta" || comm.trim() == "passt" {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+    let _ = std::fs::remove_file(file);
+}
+
+/// Whether slot `n`'s pasta (its pid file) is still there.
+pub(super) fn running(n: u32) -> bool {
+    pid_file(n).exists()
+}
