@@ -134,7 +134,9 @@ pub(super) async fn attach(slot: Slot, netns: &Path) -> Result<(), RuntimeError>
         .map_err(call("address the host end"))?;
     handle.link().set(LinkUnspec::new_with_index(host_index).up().build()).execute().await.map_err(call("link up"))?;
     // Routing between vessels and the world (like docker, host-wide).
-    sysctl("ipv4/ip_forward", "1")?;
+    if fs::read_to_string("/proc/sys/net/ipv4/ip_forward").map_or(true, |v| v.trim() != "1") {
+        sysctl("ipv4/ip_forward", "1")?;
+    }
     let (vessel, gateway) = (slot.vessel, slot.host);
     in_netns(netns, move || Box::pin(configure_inside(peer, vessel, gateway)))
 }

@@ -444,8 +444,11 @@ fn take_slot(slots: u32) -> Result<(u32, Flock<fs::File>), RuntimeError> {
 /// thing being absent).
 async fn remove_slot(n: u32) {
     pasta::remove(n);
-    nft::remove(n);
+    // The filter (an nft run) and the veth (the kernel's slowest step,
+    // ~20 ms) go in parallel; neither needs the other gone first.
+    let filter = tokio::task::spawn_blocking(move || nft::remove(n));
     link::remove(n).await;
+    let _ = filter.await;
     remove_netns(n);
     let _ = fs::remove_file(Slot::lock_path(n));
 }

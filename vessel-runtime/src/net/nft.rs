@@ -118,6 +118,11 @@ fn json(args: &[&str]) -> Option<serde_json::Value> {
 /// Makes the table and its base chains unless they exist (once per host;
 /// a lock keeps two first vessels from both making them).
 fn ensure_base() -> Result<(), RuntimeError> {
+    // Once per process: nothing removes the table (each nft run costs ~15 ms).
+    static MADE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if MADE.load(std::sync::atomic::Ordering::Acquire) {
+        return Ok(());
+    }
     let lock_path = run_dir().join("nft.lock");
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -127,9 +132,14 @@ fn ensure_base() -> Result<(), RuntimeError> {
         .map_err(RuntimeError::io("open", &lock_path))?;
     let _lock =
         Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| RuntimeError::io("lock", &lock_path)(e.into()))?;
-    if json(&["list", "table", "inet", "vessel"]).is_some() {
-        return Ok(());
+    if json(&["list", "table", "inet", "vessel"]).is_none() {
+        create_base()?;
     }
+    MADE.store(true, std::sync::atomic::Ordering::Release);
+    Ok(())
+}
+
+fn create_base() -> Result<(), RuntimeError> {
     run(
         "create the vessel table",
         r#"table inet vessel {
@@ -330,7 +340,8 @@ pub(super) fn denied(slot: Slot, inside: Option<&Path>) -> (u64, Vec<IpAddr>) {
 
 /// Removes slot `n`'s rules, sets and counter; absent parts are fine.
 pub(super) fn remove(n: u32) {
-    if binary().is_none() || json(&["list", "table", "inet", "vessel"]).is_none() {
+    // Rootless, the filter is in the vessel's namespace, gone with it.
+    if binary().is_none() || crate::rootless::mode().is_rootless() {
         return;
     }
     let veth = Slot::veth(n);
@@ -345,8 +356,11 @@ pub(super) fn remove(n: u32) {
         format!("delete set {TABLE} x{n}"),
         format!("delete counter {TABLE} d{n}"),
     ];
-    // All at once when everything is there; else step by step, skipping what is gone.
-    if run("remove a vessel's rules", &steps.join("\n")).is_err() {
+    // All at once when everything is there; else (a leftover half made, or
+    // no table at all) step by step, skipping what is gone.
+    if run("remove a vessel's rules", &steps.join("\n")).is_err()
+        && json(&["list", "table", "inet", "vessel"]).is_some()
+    {
         for step in &steps {
             let _ = run("remove a vessel's rules", step);
         }
