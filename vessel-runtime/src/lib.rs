@@ -134,6 +134,9 @@ pub enum Network {
         netns: PathBuf,
         /// The vessel's resolver.
         nameserver: std::net::IpAddr,
+        /// The namespace's own sysfs, bound read-only at `/sys` (`None`:
+        /// the host's, read-only).
+        sysfs: Option<PathBuf>,
     },
 }
 

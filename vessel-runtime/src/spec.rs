@@ -252,11 +252,15 @@ pub fn build(
         // network namespace: with the host's network (or a vessel network,
         // which host root owns), bind the host's /sys read-only instead
         // (as runc does for rootless containers).
+        let source = match &req.network {
+            Network::Join { sysfs: Some(s), .. } => s.clone(),
+            _ => PathBuf::from("/sys"),
+        };
         for m in mounts.iter_mut().filter(|m| m.destination() == std::path::Path::new("/sys")) {
             *m = MountBuilder::default()
                 .destination("/sys")
                 .typ("bind")
-                .source("/sys")
+                .source(source.clone())
                 .options(vec!["rbind".into(), "nosuid".into(), "noexec".into(), "nodev".into(), "ro".into()])
                 .build()
                 .map_err(RuntimeError::Spec)?;

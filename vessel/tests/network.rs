@@ -100,6 +100,8 @@ fn main() {
     leaks.push(("vessel veths", leftover_interfaces()));
     leaks.push(("vessel filter chains", leftover_chains()));
     leaks.push(("pasta processes", pastas()));
+    let run_dir = vessel::runtime::net::run_dir();
+    leaks.push(("network mounts (namespaces, sysfs)", support::shown(support::mounts_under(&run_dir))));
     support::finish(&tmp.keep(), &leaks, conclusion)
 }
 
@@ -336,6 +338,15 @@ async fn container_root_cannot_touch_the_network(w: Arc<World>) -> Result<()> {
         let (code, out, err) = run(&v, attack, false).await?;
         ensure!(code != 0, "{attack:?} succeeded: {out}{err}");
     }
+    // Its /sys is its namespace's: the interfaces it has, none of the host's.
+    let (_, out, _) = run(&v, "ls /sys/class/net | sort | tr '\\n' ' '; echo; ip -o link | cut -d: -f2 | cut -d@ -f1 | tr -d ' ' | sort | tr '\\n' ' '", false).await?;
+    let mut lines = out.lines();
+    let (sys, links) = (lines.next().unwrap_or_default(), lines.next().unwrap_or_default());
+    // (Rootless, containers get the host's /sys, read-only.)
+    ensure!(
+        common::rootless() || (sys == links && sys.contains("lo") && !sys.contains("vsl") && !sys.contains("vfn-up")),
+        "/sys shows {sys:?}, the namespace {links:?}"
+    );
     ensure!(get(&v, "10.99.0.5", 80).await?.is_none(), "still refused after the attempts");
     ensure!(get(&v, "pypi.test", 80).await?.is_some(), "and the vessel's own network still works");
     v.close().await?;

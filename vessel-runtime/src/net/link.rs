@@ -85,6 +85,22 @@ fn make_netns(path: &Path) -> Result<(), RuntimeError> {
     .map_err(|_| RuntimeError::InvalidRequest("a network setup thread panicked".into()))?
 }
 
+/// Mounts the sysfs of namespace `netns` at `at` (read-only): a sysfs
+/// shows the network devices of the namespace its mounter is in.
+pub(super) fn sysfs(netns: &Path, at: &Path) -> Result<(), RuntimeError> {
+    fs::create_dir_all(at).map_err(RuntimeError::io("create", at))?;
+    let (ns, at) = (fs::File::open(netns).map_err(RuntimeError::io("open", netns))?, at.to_owned());
+    std::thread::spawn(move || {
+        setns(&ns, CloneFlags::CLONE_NEWNET).map_err(os("join the vessel's network namespace"))?;
+        use nix::mount::MsFlags;
+        let flags = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+        nix::mount::mount(Some("sysfs"), &at, Some("sysfs"), flags, None::<&str>)
+            .map_err(os("mount the vessel's sysfs"))
+    })
+    .join()
+    .map_err(|_| RuntimeError::InvalidRequest("a network setup thread panicked".into()))?
+}
+
 fn sysctl(key: &str, value: &str) -> Result<(), RuntimeError> {
     let p = Path::new("/proc/sys/net").join(key);
     fs::write(&p, value).map_err(RuntimeError::io("write", &p))

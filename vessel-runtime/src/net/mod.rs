@@ -54,7 +54,7 @@ pub use dns::RefusedName;
 /// Where slots and namespaces live: `/run/vessel/net`, or rootless the
 /// user's runtime dir (its namespaces are pinned in the rootless process's
 /// private mount namespace, and vanish with it).
-pub(crate) fn run_dir() -> PathBuf {
+pub fn run_dir() -> PathBuf {
     if crate::rootless::mode().is_rootless() {
         let base = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
         return base.join("vessel/net");
@@ -145,6 +145,12 @@ impl Slot {
         run_dir().join(format!("ns-{n}"))
     }
 
+    /// Its own sysfs (showing its interfaces, not the host's), bound
+    /// read-only at every container's `/sys`.
+    fn sysfs_path(n: u32) -> PathBuf {
+        run_dir().join(format!("sys-{n}"))
+    }
+
     fn lock_path(n: u32) -> PathBuf {
         run_dir().join(format!("slot-{n}"))
     }
@@ -222,6 +228,9 @@ impl VesselNet {
 
     async fn build(&mut self, policy: &NetworkPolicy) -> Result<(), RuntimeError> {
         link::namespace(&Slot::netns_path(self.slot.n)).await?;
+        if !crate::rootless::mode().is_rootless() {
+            link::sysfs(&Slot::netns_path(self.slot.n), &Slot::sysfs_path(self.slot.n))?;
+        }
         if !policy.is_none() {
             self.attach(policy).await?;
         }
@@ -259,6 +268,13 @@ impl VesselNet {
     /// Its slot: the host-wide number its names and addresses derive from.
     pub fn slot(&self) -> u32 {
         self.slot.n
+    }
+
+    /// The sysfs of its namespace, for the containers' `/sys` (rootful;
+    /// rootless containers get the host's, read-only, as before: a sysfs
+    /// the rootless process mounts does not bind into them here).
+    pub fn sysfs(&self) -> Option<PathBuf> {
+        (!crate::rootless::mode().is_rootless()).then(|| Slot::sysfs_path(self.slot.n))
     }
 
     /// The namespace every container of the vessel joins.
@@ -432,7 +448,7 @@ fn take_slot(slots: u32) -> Result<(u32, Flock<fs::File>), RuntimeError> {
             .map_err(RuntimeError::io("open", &path))?;
         let Ok(lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) else { continue };
         // Locked by us: whatever is there is a dead owner's.
-        if Slot::netns_path(n).exists() || link::exists_sync(n) {
+        if Slot::netns_path(n).exists() || Slot::sysfs_path(n).exists() || link::exists_sync(n) {
             remove_slot_sync(n);
         }
         return Ok((n, lock));
@@ -471,6 +487,9 @@ fn remove_slot_sync(n: u32) {
 }
 
 fn remove_netns(n: u32) {
+    let sys = Slot::sysfs_path(n);
+    let _ = nix::mount::umount2(&sys, nix::mount::MntFlags::MNT_DETACH);
+    let _ = fs::remove_dir(&sys);
     let p = Slot::netns_path(n);
     match nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH) {
         Ok(()) | Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOENT) => {}
@@ -507,7 +526,11 @@ pub async fn remove_leftovers() -> usize {
 
 /// Whether anything of slot `n` is still on the host (leak checks).
 pub fn slot_exists(n: u32) -> bool {
-    Slot::netns_path(n).exists() || link::exists_sync(n) || nft::exists(n) || pasta::running(n)
+    Slot::netns_path(n).exists()
+        || Slot::sysfs_path(n).exists()
+        || link::exists_sync(n)
+        || nft::exists(n)
+        || pasta::running(n)
 }
 
 /// The slot of an interface name `vsl<n>`.

@@ -70,7 +70,7 @@ impl OpenVessel {
             st.net = Some(VesselNet::create(&self.manager.network, &st.policy).await?);
         }
         let net = st.net.as_ref().expect("made above");
-        Ok(vessel_runtime::Network::Join { netns: net.netns(), nameserver: net.nameserver() })
+        Ok(vessel_runtime::Network::Join { netns: net.netns(), nameserver: net.nameserver(), sysfs: net.sysfs() })
     }
 
     /// Makes the network now (publishing needs one), first stopping a
