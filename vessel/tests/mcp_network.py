@@ -8,21 +8,17 @@ Prints a transcript line per call; exits non-zero on the first surprise.
 """
 
 import asyncio
-import json
 import os
 import sys
 import urllib.request
 
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
+from mcp_client import calls, check
 
 GET = "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {} 80 | tail -n 1"
 
 
-def check(cond, what):
-    if not cond:
-        print(f"FAILED: {what}", flush=True)
-        sys.exit(1)
 
 
 async def main():
@@ -34,17 +30,7 @@ async def main():
             tools = {t.name for t in (await s.list_tools()).tools}
             check({"set_network", "publish_port", "network_info"} <= tools, f"tools {tools}")
 
-            async def call(name, **arguments):
-                r = await s.call_tool(name, arguments)
-                text = r.content[0].text if r.content else ""
-                print(f"> {name} {json.dumps(arguments)[:120]}\n< {'ERROR ' if r.is_error else ''}{text[:200]}",
-                      flush=True)
-                return r
-
-            async def good(name, **arguments):
-                r = await call(name, **arguments)
-                check(not r.is_error, f"{name} failed: {r.content}")
-                return r.structured_content
+            call, good = calls(s)
 
             async def get(v, host):
                 r = await good("exec", vessel_id=v, shell=GET.format(host))

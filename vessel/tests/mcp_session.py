@@ -8,12 +8,12 @@ Prints a transcript line per call; exits non-zero on the first surprise.
 
 import asyncio
 import base64
-import json
 import os
 import sys
 
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
+from mcp_client import calls, check
 
 EXPECTED_TOOLS = {
     "create_vessel", "list_vessels", "delete_vessel", "exec", "read_file", "write_file", "list_dir",
@@ -22,10 +22,6 @@ EXPECTED_TOOLS = {
 }
 
 
-def check(cond, what):
-    if not cond:
-        print(f"FAILED: {what}", flush=True)
-        sys.exit(1)
 
 
 async def main():
@@ -44,17 +40,7 @@ async def main():
                     check(p.get("description"), f"{t.name}.{name} has no description")
             check("shell" in tools["exec"].input_schema["properties"], "exec takes a shell string")
 
-            async def call(name, **arguments):
-                r = await s.call_tool(name, arguments)
-                text = r.content[0].text if r.content else ""
-                print(f"> {name} {json.dumps(arguments)[:120]}\n< {'ERROR ' if r.is_error else ''}{text[:200]}",
-                      flush=True)
-                return r
-
-            async def good(name, **arguments):
-                r = await call(name, **arguments)
-                check(not r.is_error, f"{name} failed: {r.content}")
-                return r.structured_content
+            call, good = calls(s)
 
             v = (await good("create_vessel", image="local/busybox:latest", work_dir="/work"))["vessel_id"]
             listed = await good("list_vessels")
