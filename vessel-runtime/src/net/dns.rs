@@ -89,7 +89,12 @@ impl Resolver {
         let task = tokio::spawn(async move {
             let mut buf = vec![0u8; 4096];
             loop {
-                let Ok((len, from)) = sock.recv_from(&mut buf).await else { continue };
+                let Ok((len, from)) = sock.recv_from(&mut buf).await else {
+                    // A transient error (an ICMP error queued on the socket):
+                    // never a busy loop if it persists.
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    continue;
+                };
                 let (query, sock, ctx) = (buf[..len].to_vec(), sock.clone(), ctx.clone());
                 tokio::spawn(async move {
                     if let Some(reply) = ctx.answer(&query).await {

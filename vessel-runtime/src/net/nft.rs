@@ -3,7 +3,8 @@
 //! Base chains (made once per host, under a lock) dispatch on the incoming
 //! interface through two verdict maps to each vessel's own chains:
 //! `e<n>` for what it sends through the host (forward), `i<n>` for what it
-//! sends to the host itself (input). Inbound connections to any vessel are
+//! sends to the host itself (input); a `vsl*` interface with no chain (one
+//! being made or removed) is dropped. Inbound connections to any vessel are
 //! dropped in the base forward chain; replies pass by conntrack. Every
 //! change is one `nft -f` script, which the kernel applies as a single
 //! transaction: a policy change is never seen half-made.
@@ -148,12 +149,14 @@ fn create_base() -> Result<(), RuntimeError> {
     chain forward {
         type filter hook forward priority -10; policy accept;
         iifname vmap @egress
+        iifname "vsl*" drop
         oifname "vsl*" ct state established,related accept
         oifname "vsl*" drop
     }
     chain input {
         type filter hook input priority -10; policy accept;
         iifname vmap @ingress
+        iifname "vsl*" drop
     }
     chain postrouting {
         type nat hook postrouting priority 100; policy accept;
