@@ -334,9 +334,14 @@ fn inherit_capabilities() -> std::io::Result<()> {
 }
 
 /// `name` in `PATH` (or `/usr/bin`, where Debian's `uidmap` puts it).
-fn find_tool(name: &str) -> Option<PathBuf> {
+/// The executable `name` on `PATH`, or in the system directories a
+/// user's `PATH` may leave out (`nft` is in `/usr/sbin`).
+pub(crate) fn find_tool(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path).chain([PathBuf::from("/usr/bin")]).map(|d| d.join(name)).find(|p| p.is_file())
+    std::env::split_paths(&path)
+        .chain(["/usr/bin", "/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
 }
 
 #[cfg(test)]

@@ -79,7 +79,7 @@ impl Resolver {
         policy: Arc<Mutex<NetworkPolicy>>,
         pool: Ipv4Net,
     ) -> Result<Self, RuntimeError> {
-        let std_sock = nft::in_ns(inside.as_deref(), || std::net::UdpSocket::bind(addr))
+        let std_sock = super::in_ns(inside.as_deref(), || std::net::UdpSocket::bind(addr))?
             .map_err(RuntimeError::io("bind the resolver on", addr.to_string()))?;
         std_sock.set_nonblocking(true).map_err(RuntimeError::io("configure", addr.to_string()))?;
         let sock = Arc::new(UdpSocket::from_std(std_sock).map_err(RuntimeError::io("register", addr.to_string()))?);

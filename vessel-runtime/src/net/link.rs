@@ -11,7 +11,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use futures::TryStreamExt;
-use nix::sched::{CloneFlags, setns, unshare};
+use nix::sched::{CloneFlags, unshare};
 use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 use super::Slot;
@@ -53,17 +53,13 @@ fn in_netns<T: Send + 'static>(
     netns: &Path,
     work: impl FnOnce() -> std::pin::Pin<Box<dyn Future<Output = Result<T, RuntimeError>>>> + Send + 'static,
 ) -> Result<T, RuntimeError> {
-    let ns = fs::File::open(netns).map_err(RuntimeError::io("open", netns))?;
-    std::thread::spawn(move || {
-        setns(&ns, CloneFlags::CLONE_NEWNET).map_err(os("join the vessel's network namespace"))?;
+    super::in_ns(Some(netns), || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(RuntimeError::io("start a runtime", ""))?;
         rt.block_on(work())
-    })
-    .join()
-    .map_err(|_| RuntimeError::InvalidRequest("a network setup thread panicked".into()))?
+    })?
 }
 
 /// Makes a network namespace and pins it at `path`.
@@ -89,16 +85,10 @@ fn make_netns(path: &Path) -> Result<(), RuntimeError> {
 /// shows the network devices of the namespace its mounter is in.
 pub(super) fn sysfs(netns: &Path, at: &Path) -> Result<(), RuntimeError> {
     fs::create_dir_all(at).map_err(RuntimeError::io("create", at))?;
-    let (ns, at) = (fs::File::open(netns).map_err(RuntimeError::io("open", netns))?, at.to_owned());
-    std::thread::spawn(move || {
-        setns(&ns, CloneFlags::CLONE_NEWNET).map_err(os("join the vessel's network namespace"))?;
-        use nix::mount::MsFlags;
-        let flags = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-        nix::mount::mount(Some("sysfs"), &at, Some("sysfs"), flags, None::<&str>)
-            .map_err(os("mount the vessel's sysfs"))
-    })
-    .join()
-    .map_err(|_| RuntimeError::InvalidRequest("a network setup thread panicked".into()))?
+    use nix::mount::MsFlags;
+    let flags = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    super::in_ns(Some(netns), || nix::mount::mount(Some("sysfs"), at, Some("sysfs"), flags, None::<&str>))?
+        .map_err(os("mount the vessel's sysfs"))
 }
 
 fn sysctl(key: &str, value: &str) -> Result<(), RuntimeError> {

@@ -39,7 +39,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use ipnet::Ipv4Net;
@@ -60,6 +60,24 @@ pub fn run_dir() -> PathBuf {
         return base.join("vessel/net");
     }
     PathBuf::from("/run/vessel/net")
+}
+
+/// Runs `f` on a thread that joined network namespace `netns` (whose
+/// children, `nft` included, are in it too; a socket it makes stays in it),
+/// or here when `None`. Fails, running nothing, if `netns` cannot be joined:
+/// never silently in the wrong namespace.
+pub(crate) fn in_ns<T: Send>(netns: Option<&Path>, f: impl FnOnce() -> T + Send) -> Result<T, RuntimeError> {
+    let Some(netns) = netns else { return Ok(f()) };
+    let ns = fs::File::open(netns).map_err(RuntimeError::io("open", netns))?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| RuntimeError::io("join the network namespace", netns)(e.into()))?;
+            Ok(f())
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
 }
 
 /// Where a rootless vessel's resolver listens, in its own namespace.
@@ -321,12 +339,8 @@ impl VesselNet {
     pub async fn set_policy(&self, policy: &NetworkPolicy) -> Result<(), RuntimeError> {
         policy.validate().map_err(|e| RuntimeError::InvalidRequest(e.to_string()))?;
         if !self.is_attached() {
-            if policy.is_none() {
-                *self.policy.locked() = policy.clone();
-                return Ok(());
-            }
             *self.policy.locked() = policy.clone();
-            return self.attach(policy).await;
+            return if policy.is_none() { Ok(()) } else { self.attach(policy).await };
         }
         let mut held = self.policy.locked();
         nft::apply(self.slot, self.config.pool, policy, self.inside().as_deref())?;
@@ -356,16 +370,11 @@ impl VesselNet {
         }
         let policy = self.policy();
         self.attach(&policy).await?;
-        let published = match self.inside() {
-            Some(ns) => {
-                let target = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
-                ports::Published::start(self.config.publish_host, target, Some(ns)).await?
-            }
-            None => {
-                let target = SocketAddr::new(IpAddr::V4(self.slot.vessel), port);
-                ports::Published::start(self.config.publish_host, target, None).await?
-            }
-        };
+        // Rootless, the relay connects from inside the vessel's namespace.
+        let inside = self.inside();
+        let ip = if inside.is_some() { Ipv4Addr::LOCALHOST } else { self.slot.vessel };
+        let target = SocketAddr::new(IpAddr::V4(ip), port);
+        let published = ports::Published::start(self.config.publish_host, target, inside).await?;
         let addr = published.addr;
         self.ports.locked().entry(port).or_insert(published);
         Ok(self.ports.locked().get(&port).map_or(addr, |p| p.addr))
@@ -386,12 +395,17 @@ impl VesselNet {
         self.teardown().await;
     }
 
-    async fn teardown(&mut self) {
+    /// Stops what runs for the network: relays, resolver, pasta.
+    fn stop_services(&mut self) {
         self.ports.locked().clear();
         self.resolver.get_mut().stop();
         if let Some(child) = self.pasta.locked().take() {
             pasta::stop(self.slot.n, child);
         }
+    }
+
+    async fn teardown(&mut self) {
+        self.stop_services();
         if self.lock.is_some() {
             remove_slot(self.slot.n).await;
             self.lock = None;
@@ -404,12 +418,8 @@ impl Drop for VesselNet {
         if self.lock.is_none() {
             return;
         }
-        self.ports.locked().clear();
-        self.resolver.get_mut().stop();
+        self.stop_services();
         let n = self.slot.n;
-        if let Some(child) = self.pasta.locked().take() {
-            pasta::stop(n, child);
-        }
         let lock = self.lock.take();
         // Dropped without close (a panic, a cancelled future): the slot
         // stays locked until its things are gone, so no one reuses it half-removed.

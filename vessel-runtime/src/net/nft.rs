@@ -19,7 +19,7 @@ use ipnet::{IpNet, Ipv4Net};
 use nix::fcntl::{Flock, FlockArg};
 use vessel_core::{AllowRule, NetworkPolicy};
 
-use super::{Slot, run_dir};
+use super::{Slot, in_ns, run_dir};
 use crate::RuntimeError;
 
 const TABLE: &str = "inet vessel";
@@ -43,31 +43,11 @@ const FORBIDDEN: [&str; 10] = [
 
 /// The `nft` executable, if installed.
 pub(super) fn binary() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
-        .map(|d| d.join("nft"))
-        .find(|p| p.is_file())
+    crate::rootless::find_tool("nft")
 }
 
 fn nft_error(what: &'static str, detail: String) -> RuntimeError {
     RuntimeError::Call { backend: "nftables", op: what, source: detail.into() }
-}
-
-/// Runs `f` in network namespace `netns` (a thread joined to it, whose
-/// children are in it too), or here.
-pub(super) fn in_ns<T: Send>(netns: Option<&Path>, f: impl FnOnce() -> T + Send) -> T {
-    let Some(netns) = netns else { return f() };
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            if let Ok(ns) = std::fs::File::open(netns) {
-                let _ = nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET);
-            }
-            f()
-        })
-        .join()
-        .unwrap_or_else(|p| std::panic::resume_unwind(p))
-    })
 }
 
 /// Runs `script` as one transaction in `netns` (a rootless vessel's own
@@ -78,7 +58,7 @@ fn run_in(netns: Option<&Path>, what: &'static str, script: &str) -> Result<(), 
     {
         return Err(nft_error(what, format!("{} is gone", p.display())));
     }
-    in_ns(netns, || run(what, script))
+    in_ns(netns, || run(what, script))?
 }
 
 /// Runs `script` as one transaction.
@@ -104,7 +84,7 @@ fn run(what: &'static str, script: &str) -> Result<(), RuntimeError> {
 
 /// [`json`] in `netns` or here.
 fn json_in(netns: Option<&Path>, args: &[&str]) -> Option<serde_json::Value> {
-    in_ns(netns, || json(args))
+    in_ns(netns, || json(args)).ok().flatten()
 }
 
 /// `nft -j <args>`'s JSON, if it succeeds.

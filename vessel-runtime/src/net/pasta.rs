@@ -10,16 +10,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{nft, run_dir};
+use super::{in_ns, run_dir};
 use crate::RuntimeError;
 
 /// The `pasta` executable, if installed.
 pub(super) fn binary() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/bin", "/usr/sbin"].map(PathBuf::from))
-        .map(|d| d.join("pasta"))
-        .find(|p| p.is_file())
+    crate::rootless::find_tool("pasta")
 }
 
 fn pid_file(n: u32) -> PathBuf {
@@ -76,13 +72,14 @@ pub(super) fn start(n: u32, netns: &Path) -> Result<Child, RuntimeError> {
 
 /// Whether an interface of `netns` other than loopback has an IPv4 address.
 fn has_address(netns: &Path) -> bool {
-    nft::in_ns(Some(netns), || {
+    in_ns(Some(netns), || {
         nix::ifaddrs::getifaddrs()
             .map(|mut a| {
                 a.any(|i| i.interface_name != "lo" && i.address.as_ref().and_then(|s| s.as_sockaddr_in()).is_some())
             })
             .unwrap_or(false)
     })
+    .unwrap_or(false)
 }
 
 /// Stops a pasta this process started.

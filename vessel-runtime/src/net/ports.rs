@@ -57,11 +57,10 @@ impl Published {
 async fn connect(target: SocketAddr, inside: Option<std::path::PathBuf>) -> std::io::Result<TcpStream> {
     let Some(ns) = inside else { return TcpStream::connect(target).await };
     let stream = tokio::task::spawn_blocking(move || {
-        super::nft::in_ns(Some(&ns), || {
-            std::net::TcpStream::connect_timeout(&target, std::time::Duration::from_secs(2))
-        })
+        super::in_ns(Some(&ns), || std::net::TcpStream::connect_timeout(&target, std::time::Duration::from_secs(2)))
     })
     .await
+    .map_err(std::io::Error::other)?
     .map_err(std::io::Error::other)??;
     stream.set_nonblocking(true)?;
     TcpStream::from_std(stream)
