@@ -36,8 +36,10 @@ fn dns() -> SocketAddr {
         .unwrap_or_else(|| "192.0.2.53:53".parse().unwrap())
 }
 
+/// IPv6 on: every case checks the policy holds with it (the CLI and MCP
+/// cases, with the default configuration, run with it off).
 fn net_config() -> NetConfig {
-    NetConfig { upstream_dns: vec![dns()], ..Default::default() }
+    NetConfig { upstream_dns: vec![dns()], ..Default::default() }.with_ipv6()
 }
 
 fn config(w: &World, host: &str) -> vessel::ManagerConfig {
@@ -84,6 +86,8 @@ fn main() {
         published_ports_reach_only_from_the_host,
         nothing_is_left_after_close_or_a_crash,
         bad_policies_are_refused,
+        ipv6_follows_the_same_policy,
+        ipv6_is_off_by_default,
         the_cli_drives_the_network,
         an_mcp_client_drives_the_network,
     ];
@@ -169,6 +173,16 @@ async fn host_server(bind: &str, reply: &'static str) -> Result<(tokio::task::Jo
     Ok((task, addr))
 }
 
+/// Starts busybox httpd in `v` serving `body` on `port`, and gives it a moment.
+async fn serve(v: &vessel::Vessel, port: u16, body: &str) -> Result<vessel::ProcessHandle> {
+    let script = format!("mkdir -p /www && echo {body} > /www/index.html && httpd -f -p {port} -h /www");
+    let p = v
+        .spawn(vessel::ExecOptions { command: common::sh(&script), persist_result: true, ..Default::default() })
+        .await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    Ok(p)
+}
+
 async fn open_reaches_the_public_and_nothing_else(w: Arc<World>) -> Result<()> {
     let mgr = manager(&w, "open").await?;
     let v = mgr.create_vessel_with(IMAGE, "/work", &VesselOptions::new().network(policy("open"))).await?;
@@ -198,14 +212,7 @@ async fn open_reaches_the_public_and_nothing_else(w: Arc<World>) -> Result<()> {
     }
     // Another vessel, by its address.
     let other = mgr.create_vessel_with(IMAGE, "/work", &VesselOptions::new().network(policy("open"))).await?;
-    let server = other
-        .spawn(vessel::ExecOptions {
-            command: common::sh("mkdir -p /www && echo other > /www/index.html && httpd -f -p 8000 -h /www"),
-            persist_result: true,
-            ..Default::default()
-        })
-        .await?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let server = serve(&other, 8000, "other").await?;
     let published = other.publish(8000).await?;
     ensure!(host_get(&published.to_string()).await.as_deref() == Some("other"), "published to the host");
     // Rootful, each vessel has an address of its own (rootless, pasta gives
@@ -254,6 +261,87 @@ async fn allow_admits_only_what_it_lists(w: Arc<World>) -> Result<()> {
     }
     let stats = v.network_stats().await;
     ensure!(stats.refused_names.iter().any(|r| r.name == "evil.test"), "refused names are counted: {stats:?}");
+    v.close().await?;
+    Ok(())
+}
+
+async fn ipv6_follows_the_same_policy(w: Arc<World>) -> Result<()> {
+    let mgr = manager(&w, "v6").await?;
+    let v = mgr.create_vessel_with(IMAGE, "/work", &VesselOptions::new().network(policy("open"))).await?;
+    ensure!(get(&v, "2001:db8::10", 80).await?.as_deref() == Some("2001:db8::10"), "by IPv6 address");
+    ensure!(get(&v, "v6.test", 80).await?.as_deref() == Some("2001:db8::10"), "by an IPv6-only name");
+    ensure!(get(&v, "203.0.113.5", 80).await?.as_deref() == Some("203.0.113.5"), "IPv4 still");
+    let info = v.network_info().await;
+    let gateway6 = {
+        let (_, out, _) = run(&v, "ip -6 route | awk '/default/ {print $3}'", false).await?;
+        out.trim().to_owned()
+    };
+    ensure!(!gateway6.is_empty(), "an IPv6 default route");
+    let (t1, any) = host_server("[::]:0", "host any v6").await?;
+    ensure!(host_get(&format!("[2001:db8:ff::2]:{}", any.port())).await.is_some(), "the host's server answers");
+    ensure!(host_get("[fd00:99::5]:80").await.is_some(), "the host reaches the ULA server");
+    let mut refused = vec![
+        ("fd00:99::5".to_owned(), 80),
+        ("2001:db8:ff::2".to_owned(), any.port()),
+        (gateway6.clone(), any.port()),
+        // 10.99.0.5 through NAT64's prefix and as IPv4-mapped.
+        ("64:ff9b::a63:5".to_owned(), 80),
+        ("::ffff:10.99.0.5".to_owned(), 80),
+    ];
+    if !common::rootless() {
+        // The host end's link-local address (on the vessel's link: the one
+        // host address it could reach without a route).
+        let iface = info.interface.clone().context("a host interface")?;
+        let ll = nix::ifaddrs::getifaddrs()?
+            .filter(|a| a.interface_name == iface)
+            .filter_map(|a| a.address.and_then(|s| s.as_sockaddr_in6().map(|s| s.ip())))
+            .find(|ip| ip.is_unicast_link_local())
+            .context("the host end's link-local address")?;
+        refused.push((format!("{ll}%eth0"), any.port()));
+        ensure!(info.address6.is_some(), "a vessel address: {info:?}");
+    }
+    for (host, port) in &refused {
+        ensure!(get(&v, host, *port).await?.is_none(), "[{host}]:{port} must be refused");
+    }
+    let other = mgr.create_vessel_with(IMAGE, "/work", &VesselOptions::new().network(policy("open"))).await?;
+    if let Some(addr) = other.network_info().await.address6 {
+        let srv = serve(&other, 8000, "other").await?;
+        ensure!(get(&v, &addr.to_string(), 8000).await?.is_none(), "another vessel's IPv6 address is refused");
+        srv.signal(9).await?;
+    }
+    let stats = v.network_stats().await;
+    ensure!(stats.denied_destinations.iter().any(|d| d.to_string() == "fd00:99::5"), "{stats:?}");
+    other.close().await?;
+    // Allow: names admit their AAAA records, nothing else.
+    v.set_network(policy("allow,v6.test,ula.test")).await?;
+    ensure!(get(&v, "v6.test", 80).await?.as_deref() == Some("2001:db8::10"), "an allowed IPv6-only name");
+    let (_, out, _) = run(&v, "nslookup -type=AAAA evil6.test", false).await?;
+    ensure!(!out.contains("2001:db8::66"), "evil6.test gets no address: {out}");
+    ensure!(get(&v, "2001:db8::66", 80).await?.is_none(), "evil6.test's address, literally, is refused");
+    let (_, out, _) = run(&v, "nslookup -type=AAAA ula.test", false).await?;
+    ensure!(!out.contains("fd00:99::5"), "an allowed name's ULA record is dropped: {out}");
+    ensure!(get(&v, "ula.test", 80).await?.is_none(), "and the ULA server stays refused");
+    // A CIDR rule re-allows a forbidden IPv6 range.
+    v.set_network(policy("allow,[fd00:99::/64]:80")).await?;
+    ensure!(get(&v, "fd00:99::5", 80).await?.as_deref() == Some("fd00:99::5"), "re-allowed by a CIDR rule");
+    ensure!(get(&v, "2001:db8::10", 80).await?.is_none(), "and nothing else");
+    v.close().await?;
+    t1.abort();
+    Ok(())
+}
+
+async fn ipv6_is_off_by_default(w: Arc<World>) -> Result<()> {
+    let config = w.config("v6-off").network(NetConfig { upstream_dns: vec![dns()], ..Default::default() });
+    let mgr = vessel::Manager::new(config).await?;
+    let v = mgr.create_vessel_with(IMAGE, "/work", &VesselOptions::new().network(policy("open"))).await?;
+    ensure!(get(&v, "203.0.113.5", 80).await?.is_some(), "IPv4 works");
+    let (_, out, _) = run(&v, "ip -6 addr show scope global; ip -6 route show default", false).await?;
+    ensure!(out.trim().is_empty(), "no IPv6 address or route: {out}");
+    ensure!(get(&v, "2001:db8::10", 80).await?.is_none(), "no IPv6 egress");
+    ensure!(v.network_info().await.address6.is_none());
+    v.set_network(policy("allow,v6.test")).await?;
+    let (_, out, _) = run(&v, "nslookup -type=AAAA v6.test", false).await?;
+    ensure!(!out.contains("2001:db8::10"), "AAAA records are dropped: {out}");
     v.close().await?;
     Ok(())
 }
@@ -332,6 +420,8 @@ async fn container_root_cannot_touch_the_network(w: Arc<World>) -> Result<()> {
         "ip link add dummy0 type dummy",
         "ping -c 1 -W 1 192.0.2.10",
         "arping -c 1 -w 1 -I eth0 192.0.2.10",
+        "ip -6 addr add fd76:6573:7365:6c00::99/127 dev eth0",
+        "ip -6 route del default",
         "echo 1 > /proc/sys/net/ipv4/ip_forward",
         "echo 0 > /proc/sys/net/ipv6/conf/all/disable_ipv6",
     ] {
@@ -359,14 +449,7 @@ async fn published_ports_reach_only_from_the_host(w: Arc<World>) -> Result<()> {
     // Published before its server starts: a vessel under policy `none` gets
     // its namespace then (a running process cannot change namespace).
     let addr = v.publish(8000).await?;
-    let srv = v
-        .spawn(vessel::ExecOptions {
-            command: common::sh("mkdir -p /www && echo dev-server > /www/index.html && httpd -f -p 8000 -h /www"),
-            persist_result: true,
-            ..Default::default()
-        })
-        .await?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let srv = serve(&v, 8000, "dev-server").await?;
     ensure!(addr.ip().is_loopback(), "published on loopback: {addr}");
     ensure!(v.publish(8000).await? == addr, "publishing twice gives the same address");
     ensure!(host_get(&addr.to_string()).await.as_deref() == Some("dev-server"), "reachable from the host");
@@ -516,6 +599,21 @@ fn cli_session(w: &World) -> Result<()> {
     ensure!(body.as_deref() == Some("from-cli"), "the published port serves the host: {body:?}");
     let net: serde_json::Value = serde_json::from_str(&vessel_cli(w, &["network", &id, "--json"])?)?;
     ensure!(net["published"]["8000"] == url.trim(), "{net}");
+    ensure!(net["address6"].is_null(), "IPv6 is off by default: {net}");
+    // On with --ipv6 / VESSEL_IPV6, for the keeper a command starts too.
+    let v6 = |args: &[&str]| -> Result<String> {
+        let out = cli(w).env("VESSEL_IPV6", "on").args(args).output()?;
+        ensure!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let id6 = v6(&["create", IMAGE, "--network", "open"])?.lines().last().context("an id")?.trim().to_owned();
+    v6(&["exec", "-d", &id6, "--", "sleep", "1000"])?;
+    let net6: serde_json::Value = serde_json::from_str(&v6(&["network", &id6, "--json"])?)?;
+    ensure!(net6["address6"].as_str().is_some_and(|a| a.starts_with("fd76:")), "{net6}");
+    let script = "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 2001:db8::10 80 | tail -n 1";
+    let out = v6(&["exec", &id6, "--", "sh", "-c", script])?;
+    ensure!(out.trim() == "2001:db8::10", "IPv6 egress through the keeper: {out:?}");
+    v6(&["rm", "-f", &id6])?;
     vessel_cli(w, &["stop", &id])?;
     ensure!(TOKIO.block_on(host_get(&addr)).is_none(), "stop closes the port");
     vessel_cli(w, &["rm", &id])?;

@@ -5,11 +5,12 @@
 //! `vfn-host` is the tests' host (the network suite re-runs itself in it):
 //! its only route leads to `vfn-net`, the "internet", which holds every
 //! test server's address on its loopback: TEST-NET hosts (192.0.2.0/24,
-//! 198.51.100.0/24, 203.0.113.0/24) and the forbidden classes (an RFC 1918
-//! server, a CGNAT one, 169.254.169.254). One Python HTTP server answers on
-//! all of them with the address it was reached at; dnsmasq serves names on
-//! 192.0.2.53 (`pypi.test`, `evil.test`, `*.allowed.test`, and a hosts file
-//! the tests rewrite to change a record).
+//! 198.51.100.0/24, 203.0.113.0/24, 2001:db8::/32) and the forbidden
+//! classes (an RFC 1918 server, a CGNAT one, 169.254.169.254, a ULA one).
+//! One Python HTTP server answers on all of them with the address it was
+//! reached at; dnsmasq serves names on 192.0.2.53 (`pypi.test`,
+//! `evil.test`, `*.allowed.test`, IPv6-only `v6.test`, `evil6.test` and
+//! `ula.test`, and a hosts file the tests rewrite to change a record).
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -34,13 +35,17 @@ const ADDRESSES: &[&str] = &[
     "10.99.0.5",       // RFC 1918
     "100.64.0.5",      // CGNAT
     "169.254.169.254", // cloud metadata
+    "2001:db8::10",    // v6.test
+    "2001:db8::66",    // evil6.test
+    "fd00:99::5",      // ULA (ula.test)
 ];
 
 const HTTP_SERVER: &str = r#"
-import http.server, socketserver
+import http.server, socket, socketserver
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
-        body = (self.connection.getsockname()[0] + "\n").encode()
+        addr = self.connection.getsockname()[0].removeprefix("::ffff:")
+        body = (addr + "\n").encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -49,7 +54,8 @@ class H(http.server.BaseHTTPRequestHandler):
 class S(socketserver.ThreadingMixIn, http.server.HTTPServer):
     daemon_threads = True
     allow_reuse_address = True
-S(("0.0.0.0", 80), H).serve_forever()
+    address_family = socket.AF_INET6
+S(("::", 80), H).serve_forever()
 "#;
 
 pub(crate) struct FakeNet {
@@ -92,13 +98,17 @@ impl FakeNet {
         in_ns(HOST, &["ip", "addr", "add", "198.18.0.2/24", "dev", "vfn-up"])?;
         in_ns(HOST, &["ip", "link", "set", "vfn-up", "up"])?;
         in_ns(HOST, &["ip", "route", "add", "default", "via", "198.18.0.1"])?;
+        in_ns(HOST, &["ip", "addr", "add", "2001:db8:ff::2/64", "dev", "vfn-up", "nodad"])?;
+        in_ns(HOST, &["ip", "-6", "route", "add", "default", "via", "2001:db8:ff::1"])?;
         in_ns(NET, &["ip", "link", "set", "lo", "up"])?;
         in_ns(NET, &["ip", "addr", "add", "198.18.0.1/24", "dev", "vfn-down"])?;
+        in_ns(NET, &["ip", "addr", "add", "2001:db8:ff::1/64", "dev", "vfn-down", "nodad"])?;
         in_ns(NET, &["ip", "link", "set", "vfn-down", "up"])?;
         // On its loopback (a dummy link needs a module the kernel may lack):
         // local addresses of `vfn-net` all the same, reached through `vfn-down`.
         for a in ADDRESSES {
-            in_ns(NET, &["ip", "addr", "add", &format!("{a}/32"), "dev", "lo"])?;
+            let len = if a.contains(':') { "128" } else { "32" };
+            in_ns(NET, &["ip", "addr", "add", &format!("{a}/{len}"), "dev", "lo"])?;
         }
         let hosts = dir.join("hosts");
         std::fs::write(&hosts, "192.0.2.20 rebind.test\n10.99.0.5 private.test\n169.254.169.254 metadata.test\n")?;
@@ -124,6 +134,9 @@ impl FakeNet {
             "--address=/pypi.test/192.0.2.10",
             "--address=/evil.test/192.0.2.66",
             "--address=/allowed.test/198.51.100.7",
+            "--host-record=v6.test,2001:db8::10",
+            "--host-record=evil6.test,2001:db8::66",
+            "--host-record=ula.test,fd00:99::5",
             &format!("--addn-hosts={}", hosts.display()),
             "--local-ttl=1",
             &format!("--pid-file={}", pid.display()),
@@ -133,7 +146,12 @@ impl FakeNet {
         loop {
             let http = in_ns(
                 HOST,
-                &["python3", "-c", "import urllib.request as u; u.urlopen('http://203.0.113.5/', timeout=1).read()"],
+                &[
+                    "python3",
+                    "-c",
+                    "import urllib.request as u; [u.urlopen(a, timeout=1).read() \
+                     for a in ('http://203.0.113.5/', 'http://[2001:db8::10]/')]",
+                ],
             );
             if http.is_ok() && pid.exists() {
                 break;

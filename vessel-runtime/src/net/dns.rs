@@ -2,22 +2,22 @@
 //! veth (UDP port 53; the only host port its filter lets it reach).
 //!
 //! Under `Allow`, it answers only names a domain rule allows, from the
-//! upstream resolvers, and admits exactly the IPv4 addresses it returns
-//! (not those of a forbidden class a CIDR rule does not re-allow) into the
-//! vessel's resolved set for their TTL, before the answer leaves: the
+//! upstream resolvers, and admits exactly the addresses it returns (not
+//! those of a forbidden class a CIDR rule does not re-allow) into the
+//! vessel's resolved sets for their TTL, before the answer leaves: the
 //! vessel can connect to what it was told and nothing else. Other names
 //! get REFUSED and are counted. Under `Open` it forwards every name.
-//! AAAA records are dropped (a vessel has no IPv6 route). Whatever the
-//! vessel sends is parsed as untrusted; a malformed query gets no answer.
+//! Without IPv6, AAAA records are dropped (the vessel has no IPv6 route).
+//! Whatever the vessel sends is parsed as untrusted; a malformed query
+//! gets no answer.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hickory_proto::op::{Message, MessageType, ResponseCode};
 use hickory_proto::rr::{DNSClass, RData, RecordType};
-use ipnet::Ipv4Net;
 use tokio::net::UdpSocket;
 use vessel_core::sync::Locked;
 use vessel_core::{AllowRule, NetworkPolicy};
@@ -63,7 +63,7 @@ struct Ctx {
     inside: Option<std::path::PathBuf>,
     upstreams: Vec<SocketAddr>,
     policy: Arc<Mutex<NetworkPolicy>>,
-    forbidden: Vec<Ipv4Net>,
+    forbidden: nft::Forbidden,
     stats: Arc<Mutex<Stats>>,
 }
 
@@ -77,15 +77,14 @@ impl Resolver {
         inside: Option<std::path::PathBuf>,
         upstreams: Vec<SocketAddr>,
         policy: Arc<Mutex<NetworkPolicy>>,
-        pool: Ipv4Net,
+        forbidden: nft::Forbidden,
     ) -> Result<Self, RuntimeError> {
         let std_sock = super::in_ns(inside.as_deref(), || std::net::UdpSocket::bind(addr))?
             .map_err(RuntimeError::io("bind the resolver on", addr.to_string()))?;
         std_sock.set_nonblocking(true).map_err(RuntimeError::io("configure", addr.to_string()))?;
         let sock = Arc::new(UdpSocket::from_std(std_sock).map_err(RuntimeError::io("register", addr.to_string()))?);
         let stats = Arc::new(Mutex::new(Stats::default()));
-        let ctx =
-            Arc::new(Ctx { slot, inside, upstreams, policy, forbidden: nft::forbidden(pool), stats: stats.clone() });
+        let ctx = Arc::new(Ctx { slot, inside, upstreams, policy, forbidden, stats: stats.clone() });
         let task = tokio::spawn(async move {
             let mut buf = vec![0u8; 4096];
             loop {
@@ -163,17 +162,22 @@ impl Ctx {
         let mut admitted = Vec::new();
         let restrict = matches!(policy, NetworkPolicy::Allow(_));
         let rules = policy.rules().to_vec();
-        response.answers.retain(|r| match &r.data {
-            RData::AAAA(_) => false,
-            RData::A(a) if restrict => {
-                let ip = a.0;
-                let ok = !self.is_forbidden(ip) || rules.iter().any(|rule| rule.allows_ip(IpAddr::V4(ip), None));
-                if ok {
-                    admitted.push((ip, r.ttl.clamp(MIN_TTL, MAX_TTL)));
-                }
-                ok
+        let ipv6 = self.slot.v6.is_some();
+        response.answers.retain(|r| {
+            let ip = match &r.data {
+                RData::AAAA(_) if !ipv6 => return false,
+                RData::A(a) => IpAddr::V4(a.0),
+                RData::AAAA(a) => IpAddr::V6(a.0),
+                _ => return true,
+            };
+            if !restrict {
+                return true;
             }
-            _ => true,
+            let ok = !self.forbidden.contains(ip) || rules.iter().any(|rule| rule.allows_ip(ip, None));
+            if ok {
+                admitted.push((ip, r.ttl.clamp(MIN_TTL, MAX_TTL)));
+            }
+            ok
         });
         response.additionals.retain(|r| !matches!(r.record_type(), RecordType::A | RecordType::AAAA));
         if restrict {
@@ -186,10 +190,6 @@ impl Ctx {
         }
         self.stats.locked().answered += 1;
         response.to_vec().ok()
-    }
-
-    fn is_forbidden(&self, ip: Ipv4Addr) -> bool {
-        self.forbidden.iter().any(|n| n.contains(&ip))
     }
 
     /// The first upstream's answer to `raw` (matching its id).

@@ -6,7 +6,7 @@
 
 use std::fs;
 use std::future::Future;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -96,18 +96,24 @@ fn sysctl(key: &str, value: &str) -> Result<(), RuntimeError> {
     fs::write(&p, value).map_err(RuntimeError::io("write", &p))
 }
 
-/// Makes the namespace at `netns`, with `lo` up and IPv6 off (nothing
-/// routes it, and router advertisements then configure nothing).
-pub(super) async fn namespace(netns: &Path) -> Result<(), RuntimeError> {
+/// Makes the namespace at `netns`, with `lo` up and, unless `ipv6`, IPv6
+/// off. Either way router advertisements configure nothing and addresses
+/// skip duplicate detection (the link has two ends, both ours).
+pub(super) async fn namespace(netns: &Path, ipv6: bool) -> Result<(), RuntimeError> {
     make_netns(netns)?;
-    in_netns(netns, || Box::pin(loopback_inside()))
+    in_netns(netns, move || Box::pin(loopback_inside(ipv6)))
 }
 
-async fn loopback_inside() -> Result<(), RuntimeError> {
+async fn loopback_inside(ipv6: bool) -> Result<(), RuntimeError> {
     for key in ["ipv6/conf/all/disable_ipv6", "ipv6/conf/default/disable_ipv6"] {
-        let _ = sysctl(key, "1");
+        let _ = sysctl(key, if ipv6 { "0" } else { "1" });
     }
-    let _ = sysctl("ipv6/conf/all/accept_ra", "0");
+    // `default` is what interfaces moved in later start with.
+    for (key, value) in [("accept_ra", "0"), ("autoconf", "0"), ("accept_dad", "0"), ("router_solicitations", "0")] {
+        for conf in ["all", "default"] {
+            let _ = sysctl(&format!("ipv6/conf/{conf}/{key}"), value);
+        }
+    }
     let handle = connect()?;
     let lo = index(&handle, "lo").await?.ok_or_else(|| RuntimeError::InvalidRequest("no lo".into()))?;
     handle.link().set(LinkUnspec::new_with_index(lo).up().build()).execute().await.map_err(call("lo up"))
@@ -130,26 +136,47 @@ pub(super) async fn attach(slot: Slot, netns: &Path) -> Result<(), RuntimeError>
         .map_err(call("move veth into the vessel"))?;
     let host_index =
         index(&handle, &host).await?.ok_or_else(|| RuntimeError::InvalidRequest("veth vanished".into()))?;
-    // No IPv6 on the host end: no link-local address for the vessel to reach the host by.
-    let _ = sysctl(&format!("ipv6/conf/{host}/disable_ipv6"), "1");
+    // Without IPv6, none on the host end: no link-local address for the
+    // vessel to reach the host by (with it, the input chain drops all but
+    // neighbour discovery).
+    let _ = sysctl(&format!("ipv6/conf/{host}/disable_ipv6"), if slot.v6.is_some() { "0" } else { "1" });
     handle
         .address()
         .add(host_index, IpAddr::V4(slot.host), 31)
         .execute()
         .await
         .map_err(call("address the host end"))?;
+    if let Some((host6, _)) = slot.v6 {
+        for (key, value) in [("accept_dad", "0"), ("accept_ra", "0"), ("autoconf", "0")] {
+            sysctl(&format!("ipv6/conf/{host}/{key}"), value)?;
+        }
+        handle
+            .address()
+            .add(host_index, IpAddr::V6(host6), 127)
+            .execute()
+            .await
+            .map_err(call("address the host end (IPv6)"))?;
+        if fs::read_to_string("/proc/sys/net/ipv6/conf/all/forwarding").map_or(true, |v| v.trim() != "1") {
+            sysctl("ipv6/conf/all/forwarding", "1")?;
+        }
+    }
     handle.link().set(LinkUnspec::new_with_index(host_index).up().build()).execute().await.map_err(call("link up"))?;
     // Routing between vessels and the world (like docker, host-wide).
     if fs::read_to_string("/proc/sys/net/ipv4/ip_forward").map_or(true, |v| v.trim() != "1") {
         sysctl("ipv4/ip_forward", "1")?;
     }
-    let (vessel, gateway) = (slot.vessel, slot.host);
-    in_netns(netns, move || Box::pin(configure_inside(peer, vessel, gateway)))
+    let (vessel, gateway, v6) = (slot.vessel, slot.host, slot.v6);
+    in_netns(netns, move || Box::pin(configure_inside(peer, vessel, gateway, v6)))
 }
 
 /// Inside the vessel's namespace: the peer renamed `eth0`, addressed, up,
-/// default route to the host.
-async fn configure_inside(peer: String, vessel: Ipv4Addr, gateway: Ipv4Addr) -> Result<(), RuntimeError> {
+/// default routes to the host.
+async fn configure_inside(
+    peer: String,
+    vessel: Ipv4Addr,
+    gateway: Ipv4Addr,
+    v6: Option<(Ipv6Addr, Ipv6Addr)>,
+) -> Result<(), RuntimeError> {
     let handle = connect()?;
     let eth = index(&handle, &peer).await?.ok_or_else(|| RuntimeError::InvalidRequest("veth peer vanished".into()))?;
     handle
@@ -159,9 +186,16 @@ async fn configure_inside(peer: String, vessel: Ipv4Addr, gateway: Ipv4Addr) -> 
         .await
         .map_err(call("rename eth0"))?;
     handle.address().add(eth, IpAddr::V4(vessel), 31).execute().await.map_err(call("address eth0"))?;
+    if let Some((_, vessel6)) = v6 {
+        handle.address().add(eth, IpAddr::V6(vessel6), 127).execute().await.map_err(call("address eth0 (IPv6)"))?;
+    }
     handle.link().set(LinkUnspec::new_with_index(eth).up().build()).execute().await.map_err(call("eth0 up"))?;
     let route = RouteMessageBuilder::<Ipv4Addr>::new().gateway(gateway).output_interface(eth).build();
     handle.route().add(route).execute().await.map_err(call("default route"))?;
+    if let Some((gateway6, _)) = v6 {
+        let route = RouteMessageBuilder::<Ipv6Addr>::new().gateway(gateway6).output_interface(eth).build();
+        handle.route().add(route).execute().await.map_err(call("default route (IPv6)"))?;
+    }
     Ok(())
 }
 

@@ -5,6 +5,8 @@
 //! Rootful, each vessel gets a *routed* veth pair (no bridge, so no shared
 //! L2 to poison): `vsl<slot>` on the host with the pair's even address, `eth0`
 //! in the vessel with the odd one, a default route to the host, NAT out.
+//! IPv6 is off unless [`NetConfig::ipv6_pool`] turns it on; then the pair
+//! also gets a /127 of that pool and the same policy holds for IPv6.
 //! The namespace is made and configured by host root (so it is owned by the
 //! host's user namespace: container root, in a user namespace of its own,
 //! holds no capability over it and cannot change its routes, addresses or
@@ -29,6 +31,7 @@
 //! belongs to a dead process; [`remove_leftovers`] (a new manager calls it)
 //! removes what it left.
 
+mod config;
 mod dns;
 mod link;
 mod nft;
@@ -38,17 +41,18 @@ mod ports;
 use std::collections::BTreeMap;
 use std::fs;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use nix::fcntl::{Flock, FlockArg};
 use vessel_core::NetworkPolicy;
 use vessel_core::sync::Locked;
 
 use crate::RuntimeError;
 
+pub use config::NetConfig;
 pub use dns::RefusedName;
 
 /// Where slots and namespaces live: `/run/vessel/net`, or rootless the
@@ -83,48 +87,6 @@ pub(crate) fn in_ns<T: Send>(netns: Option<&Path>, f: impl FnOnce() -> T + Send)
 /// Where a rootless vessel's resolver listens, in its own namespace.
 const ROOTLESS_RESOLVER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 53);
 
-/// How many slots a pool may have at most (interface names stay short).
-const MAX_SLOTS: u32 = 1 << 15;
-
-/// How vessels' networks are set up on this host.
-#[derive(Debug, Clone)]
-pub struct NetConfig {
-    /// Vessels' addresses: each takes a /31 of it (host end, vessel end).
-    /// Never reachable from another vessel.
-    pub pool: Ipv4Net,
-    /// Where the vessels' resolver sends the names it allows (default: the
-    /// host's `/etc/resolv.conf` nameservers).
-    pub upstream_dns: Vec<SocketAddr>,
-    /// The host address published ports listen on (default loopback).
-    pub publish_host: IpAddr,
-}
-
-impl Default for NetConfig {
-    fn default() -> Self {
-        Self {
-            pool: Ipv4Net::new(Ipv4Addr::new(10, 213, 0, 0), 16).expect("a valid prefix"),
-            upstream_dns: Vec::new(),
-            publish_host: IpAddr::V4(Ipv4Addr::LOCALHOST),
-        }
-    }
-}
-
-impl NetConfig {
-    /// The resolvers names go to: the configured ones, else the host's.
-    fn upstreams(&self) -> Vec<SocketAddr> {
-        if !self.upstream_dns.is_empty() {
-            return self.upstream_dns.clone();
-        }
-        fs::read_to_string("/etc/resolv.conf")
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.trim().strip_prefix("nameserver"))
-            .filter_map(|a| a.trim().parse::<IpAddr>().ok())
-            .map(|ip| SocketAddr::new(ip, 53))
-            .collect()
-    }
-}
-
 /// What a vessel's network refused, for telling an agent why a connection
 /// failed rather than letting it time out.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -146,12 +108,19 @@ pub(crate) struct Slot {
     pub(crate) n: u32,
     pub(crate) host: Ipv4Addr,
     pub(crate) vessel: Ipv4Addr,
+    /// The IPv6 pair (host end, vessel end) when IPv6 is on (rootless, on
+    /// but unused: pasta gives the vessel the host's address).
+    pub(crate) v6: Option<(Ipv6Addr, Ipv6Addr)>,
 }
 
 impl Slot {
-    fn new(pool: Ipv4Net, n: u32) -> Self {
+    fn new(pool: Ipv4Net, pool6: Option<Ipv6Net>, n: u32) -> Self {
         let base = u32::from(pool.network()) + 2 * n;
-        Self { n, host: Ipv4Addr::from(base), vessel: Ipv4Addr::from(base + 1) }
+        let v6 = pool6.map(|p| {
+            let base = u128::from(p.network()) + 2 * u128::from(n);
+            (Ipv6Addr::from(base), Ipv6Addr::from(base + 1))
+        });
+        Self { n, host: Ipv4Addr::from(base), vessel: Ipv4Addr::from(base + 1), v6 }
     }
 
     /// The host end of its veth.
@@ -217,14 +186,11 @@ impl VesselNet {
             return Err(RuntimeError::Unavailable { backend: "network", reason: why });
         }
         policy.validate().map_err(|e| RuntimeError::InvalidRequest(e.to_string()))?;
-        let slots = (config.pool.hosts().count() as u64 / 2).min(u64::from(MAX_SLOTS)) as u32;
-        if config.pool.prefix_len() > 30 || slots == 0 {
-            return Err(RuntimeError::InvalidRequest(format!("network pool {} is too small", config.pool)));
-        }
+        let slots = config.slots()?;
         let dir = run_dir();
         fs::create_dir_all(&dir).map_err(RuntimeError::io("create", &dir))?;
         let (n, lock) = take_slot(slots)?;
-        let slot = Slot::new(config.pool, n);
+        let slot = Slot::new(config.pool, config.ipv6_pool, n);
         let mut net = Self {
             slot,
             config: config.clone(),
@@ -245,7 +211,7 @@ impl VesselNet {
     }
 
     async fn build(&mut self, policy: &NetworkPolicy) -> Result<(), RuntimeError> {
-        link::namespace(&Slot::netns_path(self.slot.n)).await?;
+        link::namespace(&Slot::netns_path(self.slot.n), self.slot.v6.is_some()).await?;
         if !crate::rootless::mode().is_rootless() {
             link::sysfs(&Slot::netns_path(self.slot.n), &Slot::sysfs_path(self.slot.n))?;
         }
@@ -265,19 +231,23 @@ impl VesselNet {
         let (config, upstreams) = (&self.config, self.config.upstreams());
         if let Some(inside) = self.inside() {
             // Filter and resolver first, then the uplink: never a moment open.
-            nft::create_inside(&inside, slot, config.pool, policy)?;
+            let forbidden = nft::Forbidden::of(config);
+            nft::create_inside(&inside, slot, &forbidden, policy)?;
             let addr = SocketAddr::new(IpAddr::V4(ROOTLESS_RESOLVER), 53);
-            *resolver = dns::Resolver::start(slot, addr, Some(inside), upstreams, self.policy.clone(), config.pool)?;
+            *resolver = dns::Resolver::start(slot, addr, Some(inside), upstreams, self.policy.clone(), forbidden)?;
             let ns = netns.clone();
-            let child = tokio::task::spawn_blocking(move || pasta::start(slot.n, &ns))
+            let ipv6 = slot.v6.is_some();
+            let child = tokio::task::spawn_blocking(move || pasta::start(slot.n, &ns, ipv6))
                 .await
                 .map_err(|e| RuntimeError::InvalidRequest(format!("starting pasta: {e}")))??;
             *self.pasta.locked() = Some(child);
         } else {
             link::attach(slot, &netns).await?;
-            nft::create(slot, config.pool, policy)?;
+            // After the veth: its host end's addresses are the host's too.
+            let forbidden = nft::Forbidden::of(config);
+            nft::create(slot, &forbidden, policy)?;
             let addr = SocketAddr::new(IpAddr::V4(slot.host), 53);
-            *resolver = dns::Resolver::start(slot, addr, None, upstreams, self.policy.clone(), config.pool)?;
+            *resolver = dns::Resolver::start(slot, addr, None, upstreams, self.policy.clone(), forbidden)?;
         }
         self.attached.store(true, std::sync::atomic::Ordering::Release);
         Ok(())
@@ -323,6 +293,11 @@ impl VesselNet {
         (self.is_attached() && self.inside().is_none()).then_some(IpAddr::V4(self.slot.vessel))
     }
 
+    /// The vessel's own IPv6 address, once it is connected with IPv6 on.
+    pub fn address6(&self) -> Option<Ipv6Addr> {
+        self.address().and(self.slot.v6.map(|(_, v)| v))
+    }
+
     /// The host end of its veth, once connected (leak checks, debugging).
     pub fn interface(&self) -> Option<String> {
         self.is_attached().then(|| Slot::veth(self.slot.n))
@@ -343,7 +318,7 @@ impl VesselNet {
             return if policy.is_none() { Ok(()) } else { self.attach(policy).await };
         }
         let mut held = self.policy.locked();
-        nft::apply(self.slot, self.config.pool, policy, self.inside().as_deref())?;
+        nft::apply(self.slot, &nft::Forbidden::of(&self.config), policy, self.inside().as_deref())?;
         *held = policy.clone();
         Ok(())
     }
@@ -467,8 +442,14 @@ fn take_slot(slots: u32) -> Result<(u32, Flock<fs::File>), RuntimeError> {
 }
 
 /// Removes slot `n`'s rules, veth and namespace (each step tolerates its
-/// thing being absent).
+/// thing being absent), and its lock file.
 async fn remove_slot(n: u32) {
+    remove_parts(n).await;
+    let _ = fs::remove_file(Slot::lock_path(n));
+}
+
+/// [`remove_slot`] but the lock file (its caller holds it and keeps the slot).
+async fn remove_parts(n: u32) {
     pasta::remove(n);
     // The filter (an nft run) and the veth (the kernel's slowest step,
     // ~20 ms) go in parallel; neither needs the other gone first.
@@ -476,24 +457,19 @@ async fn remove_slot(n: u32) {
     link::remove(n).await;
     let _ = filter.await;
     remove_netns(n);
-    let _ = fs::remove_file(Slot::lock_path(n));
 }
 
+/// [`remove_parts`] from synchronous code, on a runtime of its own.
 fn remove_slot_sync(n: u32) {
-    pasta::remove(n);
     let done = std::thread::spawn(move || {
         if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
-            rt.block_on(async {
-                nft::remove(n);
-                link::remove(n).await;
-            });
+            rt.block_on(remove_parts(n));
         }
     })
     .join();
     if done.is_err() {
         tracing::warn!(slot = n, "removing a leftover network panicked");
     }
-    remove_netns(n);
 }
 
 fn remove_netns(n: u32) {

@@ -11,15 +11,15 @@
 
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use nix::fcntl::{Flock, FlockArg};
 use vessel_core::{AllowRule, NetworkPolicy};
 
-use super::{Slot, in_ns, run_dir};
+use super::{NetConfig, Slot, in_ns, run_dir};
 use crate::RuntimeError;
 
 const TABLE: &str = "inet vessel";
@@ -40,6 +40,17 @@ const FORBIDDEN: [&str; 10] = [
     "224.0.0.0/4",
     "240.0.0.0/4",
 ];
+
+/// The IPv6 classes a vessel never reaches unless a CIDR rule re-allows
+/// them: unspecified and loopback, IPv4-mapped, discard-only, local-use
+/// NAT64, unique local (ULA), link-local, site-local and multicast.
+const FORBIDDEN6: [&str; 8] =
+    ["::/127", "::ffff:0:0/96", "64:ff9b:1::/48", "100::/64", "fc00::/7", "fe80::/10", "fec0::/10", "ff00::/8"];
+
+/// Prefixes that carry an IPv4 address in their next 32 bits (NAT64's
+/// well-known prefix, 6to4): the forbidden IPv4 classes are forbidden
+/// inside them too, so a translator or relay cannot be used to reach them.
+const EMBEDDING: [(&str, u8); 2] = [("64:ff9b::", 96), ("2002::", 16)];
 
 /// The `nft` executable, if installed.
 pub(super) fn binary() -> Option<PathBuf> {
@@ -147,70 +158,126 @@ fn create_base() -> Result<(), RuntimeError> {
     )
 }
 
-/// The addresses a vessel in `pool` never reaches by default, merged (an
-/// nftables interval set refuses overlaps): the classes above, the vessels'
-/// pool, and every address of the host.
-pub(super) fn forbidden(pool: Ipv4Net) -> Vec<Ipv4Net> {
-    let mut nets: Vec<Ipv4Net> = FORBIDDEN.iter().filter_map(|n| n.parse().ok()).collect();
-    nets.push(pool);
-    if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
-        for a in addrs {
-            if let Some(ip) = a.address.as_ref().and_then(|s| s.as_sockaddr_in()).map(|s| s.ip()) {
-                nets.push(Ipv4Net::from(ip));
-            }
-        }
-    }
-    Ipv4Net::aggregate(&nets)
+/// What a vessel never reaches by default, merged (an nftables interval
+/// set refuses overlaps): the classes above, the vessels' pools, and every
+/// address of the host.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Forbidden {
+    pub(super) v4: Vec<Ipv4Net>,
+    pub(super) v6: Vec<Ipv6Net>,
 }
 
-fn set_of(nets: &[Ipv4Net]) -> String {
+impl Forbidden {
+    pub(super) fn of(config: &NetConfig) -> Self {
+        let mut v4: Vec<Ipv4Net> = FORBIDDEN.iter().filter_map(|n| n.parse().ok()).collect();
+        v4.push(config.pool);
+        let mut v6: Vec<Ipv6Net> = FORBIDDEN6.iter().filter_map(|n| n.parse().ok()).collect();
+        v6.extend(config.ipv6_pool);
+        if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
+            for a in addrs {
+                let Some(s) = a.address.as_ref() else { continue };
+                if let Some(s) = s.as_sockaddr_in() {
+                    v4.push(Ipv4Net::from(s.ip()));
+                } else if let Some(s) = s.as_sockaddr_in6() {
+                    v6.push(Ipv6Net::from(s.ip()));
+                }
+            }
+        }
+        let v4 = Ipv4Net::aggregate(&v4);
+        for (prefix, at) in EMBEDDING {
+            let base = u128::from(prefix.parse::<Ipv6Addr>().expect("a valid prefix"));
+            for net in &v4 {
+                let shift = 128 - u32::from(at) - 32;
+                let addr = Ipv6Addr::from(base | u128::from(u32::from(net.network())) << shift);
+                v6.extend(Ipv6Net::new(addr, at + net.prefix_len()));
+            }
+        }
+        Self { v4, v6: Ipv6Net::aggregate(&v6) }
+    }
+
+    pub(super) fn contains(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(ip) => self.v4.iter().any(|n| n.contains(&ip)),
+            IpAddr::V6(ip) => self.v6.iter().any(|n| n.contains(&ip)),
+        }
+    }
+}
+
+fn set_of<T: ToString>(nets: &[T]) -> String {
     let items: Vec<String> = nets.iter().map(ToString::to_string).collect();
     format!("{{ {} }}", items.join(", "))
 }
 
-/// The rules of `e<n>` under `policy`.
-fn egress_rules(slot: Slot, pool: Ipv4Net, policy: &NetworkPolicy, inside: bool) -> String {
+/// The rules of `e<n>` under `policy`; `inside` a rootless vessel's
+/// namespace (its output hook) rather than on the host's forward hook.
+fn egress_rules(slot: Slot, forbidden: &Forbidden, policy: &NetworkPolicy, inside: bool) -> String {
     let n = slot.n;
+    let ipv6 = slot.v6.is_some();
     let deny = format!("add @x{n} {{ ip daddr }} counter name \"d{n}\" drop");
+    let deny6 = format!("add @y{n} {{ ip6 daddr }} counter name \"d{n}\" drop");
     let mut s = String::new();
     let chain = format!("add rule {TABLE} e{n}");
-    let _ = writeln!(s, "{chain} meta nfproto ipv6 counter name \"d{n}\" drop");
-    if !inside {
+    let mut line = |rule: &str| writeln!(s, "{chain} {rule}").expect("writing to a String");
+    match slot.v6 {
+        None => line(&format!("meta nfproto ipv6 counter name \"d{n}\" drop")),
+        // Inside, its own neighbour discovery with pasta's end of the link.
+        Some(_) if inside => line(ND_ACCEPT),
         // On the host, a packet from the veth must carry the vessel's address.
-        let _ = writeln!(s, "{chain} ip saddr != {} counter name \"d{n}\" drop", slot.vessel);
+        Some((_, vessel6)) => line(&format!("ip6 saddr != {vessel6} counter name \"d{n}\" drop")),
     }
-    let _ = writeln!(s, "{chain} ct state established,related accept");
+    if !inside {
+        line(&format!("ip saddr != {} counter name \"d{n}\" drop", slot.vessel));
+    }
+    line("ct state established,related accept");
     for rule in policy.rules() {
-        // IPv6 rules are kept in the policy but a vessel has no IPv6 route.
-        if let AllowRule::Cidr { net: IpNet::V4(net), port } = rule {
-            match port {
-                Some(p) => writeln!(s, "{chain} ip daddr {net} meta l4proto {{ tcp, udp }} th dport {p} accept"),
-                None => writeln!(s, "{chain} ip daddr {net} accept"),
-            }
-            .expect("writing to a String");
+        let AllowRule::Cidr { net, port } = rule else { continue };
+        let daddr = match net {
+            IpNet::V4(net) => format!("ip daddr {net}"),
+            IpNet::V6(net) if ipv6 => format!("ip6 daddr {net}"),
+            // IPv6 rules are kept in the policy but IPv6 is off.
+            IpNet::V6(_) => continue,
+        };
+        match port {
+            Some(p) => line(&format!("{daddr} meta l4proto {{ tcp, udp }} th dport {p} accept")),
+            None => line(&format!("{daddr} accept")),
+        }
+    }
+    if !policy.is_none() {
+        line(&format!("ip daddr {} {deny}", set_of(&forbidden.v4)));
+        if ipv6 {
+            line(&format!("ip6 daddr {} {deny6}", set_of(&forbidden.v6)));
         }
     }
     match policy {
-        NetworkPolicy::Open(_) => {
-            let _ = writeln!(s, "{chain} ip daddr {} {deny}", set_of(&forbidden(pool)));
-            let _ = writeln!(s, "{chain} accept");
-        }
+        NetworkPolicy::Open(_) => line("accept"),
         NetworkPolicy::Allow(_) => {
-            let _ = writeln!(s, "{chain} ip daddr {} {deny}", set_of(&forbidden(pool)));
-            let _ = writeln!(s, "{chain} ip daddr @n{n} accept");
+            line(&format!("ip daddr @n{n} accept"));
+            if ipv6 {
+                line(&format!("ip6 daddr @m{n} accept"));
+            }
         }
         _ => {}
     }
-    let _ = writeln!(s, "{chain} {deny}");
+    line(&deny);
+    if ipv6 {
+        line(&deny6);
+    }
+    line(&format!("counter name \"d{n}\" drop"));
     s
 }
 
-/// The rules of `i<n>`: only the vessel's resolver on the host.
+/// Neighbour discovery on the vessel's own link (hop limit 255: never
+/// forwarded), which IPv6 needs to reach its gateway.
+const ND_ACCEPT: &str = "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } ip6 hoplimit 255 accept";
+
+/// The rules of `i<n>`: only the vessel's resolver on the host (and, with
+/// IPv6, neighbour discovery).
 fn ingress_rules(slot: Slot) -> String {
     let n = slot.n;
     let chain = format!("add rule {TABLE} i{n}");
+    let nd = if slot.v6.is_some() { format!("{chain} {ND_ACCEPT}\n") } else { String::new() };
     format!(
-        "{chain} meta nfproto ipv6 counter name \"d{n}\" drop\n\
+        "{nd}{chain} meta nfproto ipv6 counter name \"d{n}\" drop\n\
          {chain} ip saddr != {v} counter name \"d{n}\" drop\n\
          {chain} ct state established,related accept\n\
          {chain} ip daddr {h} udp dport 53 accept\n\
@@ -220,19 +287,25 @@ fn ingress_rules(slot: Slot) -> String {
     )
 }
 
+/// The per-vessel counter and sets: `n`/`m` the addresses the resolver
+/// admitted (IPv4/IPv6), `x`/`y` the destinations denied lately.
+fn declarations(n: u32) -> String {
+    format!(
+        "counter d{n} {{ }}\n\
+         set n{n} {{ type ipv4_addr; flags timeout; }}\n\
+         set m{n} {{ type ipv6_addr; flags timeout; }}\n\
+         set x{n} {{ type ipv4_addr; size 64; flags dynamic,timeout; timeout 1h; }}\n\
+         set y{n} {{ type ipv6_addr; size 64; flags dynamic,timeout; timeout 1h; }}\n"
+    )
+}
+
 /// Adds slot `n`'s chains, sets and counter with `policy`, and hooks them
 /// to its veth, in one transaction.
-pub(super) fn create(slot: Slot, pool: Ipv4Net, policy: &NetworkPolicy) -> Result<(), RuntimeError> {
+pub(super) fn create(slot: Slot, forbidden: &Forbidden, policy: &NetworkPolicy) -> Result<(), RuntimeError> {
     ensure_base()?;
     let n = slot.n;
-    let mut s = format!(
-        "add counter {TABLE} d{n}\n\
-         add set {TABLE} n{n} {{ type ipv4_addr; flags timeout; }}\n\
-         add set {TABLE} x{n} {{ type ipv4_addr; size 64; flags dynamic,timeout; timeout 1h; }}\n\
-         add chain {TABLE} e{n}\n\
-         add chain {TABLE} i{n}\n"
-    );
-    s.push_str(&egress_rules(slot, pool, policy, false));
+    let mut s = format!("table {TABLE} {{\n{}chain e{n} {{ }}\nchain i{n} {{ }}\n}}\n", declarations(n));
+    s.push_str(&egress_rules(slot, forbidden, policy, false));
     s.push_str(&ingress_rules(slot));
     let veth = Slot::veth(n);
     let _ = writeln!(s, "add element {TABLE} egress {{ \"{veth}\" : jump e{n} }}");
@@ -247,22 +320,21 @@ pub(super) fn create(slot: Slot, pool: Ipv4Net, policy: &NetworkPolicy) -> Resul
 pub(super) fn create_inside(
     netns: &Path,
     slot: Slot,
-    pool: Ipv4Net,
+    forbidden: &Forbidden,
     policy: &NetworkPolicy,
 ) -> Result<(), RuntimeError> {
     let n = slot.n;
+    let nd = if slot.v6.is_some() { format!("{ND_ACCEPT}; ") } else { String::new() };
     let mut s = format!(
-        "table {TABLE} {{\n\
-         counter d{n} {{ }}\n\
-         set n{n} {{ type ipv4_addr; flags timeout; }}\n\
-         set x{n} {{ type ipv4_addr; size 64; flags dynamic,timeout; timeout 1h; }}\n\
+        "table {TABLE} {{\n{}\
          chain e{n} {{ }}\n\
          chain output {{ type filter hook output priority -10; policy accept; oifname \"lo\" accept; jump e{n}; }}\n\
          chain input {{ type filter hook input priority -10; policy accept; iifname \"lo\" accept; \
-         ct state established,related accept; counter name \"d{n}\" drop; }}\n\
-         }}\n"
+         ct state established,related accept; {nd}counter name \"d{n}\" drop; }}\n\
+         }}\n",
+        declarations(n)
     );
-    s.push_str(&egress_rules(slot, pool, policy, true));
+    s.push_str(&egress_rules(slot, forbidden, policy, true));
     run_in(Some(netns), "add a vessel's rules", &s)
 }
 
@@ -271,31 +343,40 @@ pub(super) fn create_inside(
 /// `inside` (a rootless vessel's namespace) or on the host.
 pub(super) fn apply(
     slot: Slot,
-    pool: Ipv4Net,
+    forbidden: &Forbidden,
     policy: &NetworkPolicy,
     inside: Option<&Path>,
 ) -> Result<(), RuntimeError> {
     let n = slot.n;
-    let mut s = format!("flush chain {TABLE} e{n}\nflush set {TABLE} n{n}\n");
-    s.push_str(&egress_rules(slot, pool, policy, inside.is_some()));
+    let mut s = format!("flush chain {TABLE} e{n}\nflush set {TABLE} n{n}\nflush set {TABLE} m{n}\n");
+    s.push_str(&egress_rules(slot, forbidden, policy, inside.is_some()));
     run_in(inside, "change a vessel's rules", &s)
 }
 
 /// Admits `addrs` into slot `n`'s resolved set for `ttl` seconds each,
 /// renewing the timeout of those already there.
-pub(super) fn admit(n: u32, addrs: &[(Ipv4Addr, u32)], inside: Option<&Path>) -> Result<(), RuntimeError> {
-    if addrs.is_empty() {
+pub(super) fn admit(n: u32, addrs: &[(IpAddr, u32)], inside: Option<&Path>) -> Result<(), RuntimeError> {
+    let mut s = String::new();
+    for (set, v6) in [(format!("n{n}"), false), (format!("m{n}"), true)] {
+        let family: Vec<_> = addrs.iter().filter(|(a, _)| a.is_ipv6() == v6).collect();
+        if family.is_empty() {
+            continue;
+        }
+        let elems: Vec<String> = family.iter().map(|(a, t)| format!("{a} timeout {t}s")).collect();
+        let plain: Vec<String> = family.iter().map(|(a, _)| a.to_string()).collect();
+        let (elems, plain) = (elems.join(", "), plain.join(", "));
+        // add (so the delete finds it), delete, add with the new timeout.
+        let _ = write!(
+            s,
+            "add element {TABLE} {set} {{ {elems} }}\n\
+             delete element {TABLE} {set} {{ {plain} }}\n\
+             add element {TABLE} {set} {{ {elems} }}\n"
+        );
+    }
+    if s.is_empty() {
         return Ok(());
     }
-    let elems: Vec<String> = addrs.iter().map(|(a, t)| format!("{a} timeout {t}s")).collect();
-    let plain: Vec<String> = addrs.iter().map(|(a, _)| a.to_string()).collect();
-    let (elems, plain) = (elems.join(", "), plain.join(", "));
-    // add (so the delete finds it), delete, add with the new timeout: one transaction.
-    let s = format!(
-        "add element {TABLE} n{n} {{ {elems} }}\n\
-         delete element {TABLE} n{n} {{ {plain} }}\n\
-         add element {TABLE} n{n} {{ {elems} }}\n"
-    );
+    // One transaction for both families.
     run_in(inside, "admit resolved addresses", &s)
 }
 
@@ -308,7 +389,8 @@ pub(super) fn denied(slot: Slot, inside: Option<&Path>) -> (u64, Vec<IpAddr>) {
         })
         .unwrap_or(0);
     let mut dests = Vec::new();
-    if let Some(v) = json_in(inside, &["list", "set", "inet", "vessel", &format!("x{n}")]) {
+    for set in [format!("x{n}"), format!("y{n}")] {
+        let Some(v) = json_in(inside, &["list", "set", "inet", "vessel", &set]) else { continue };
         for o in v["nftables"].as_array().into_iter().flatten() {
             for e in o.get("set").and_then(|s| s["elem"].as_array()).into_iter().flatten() {
                 let text = e.as_str().or_else(|| e["elem"]["val"].as_str());
@@ -336,7 +418,9 @@ pub(super) fn remove(n: u32) {
         format!("delete chain {TABLE} e{n}"),
         format!("delete chain {TABLE} i{n}"),
         format!("delete set {TABLE} n{n}"),
+        format!("delete set {TABLE} m{n}"),
         format!("delete set {TABLE} x{n}"),
+        format!("delete set {TABLE} y{n}"),
         format!("delete counter {TABLE} d{n}"),
     ];
     // All at once when everything is there; else (a leftover half made, or
@@ -360,32 +444,97 @@ pub(super) fn exists(n: u32) -> bool {
 mod tests {
     use super::*;
 
+    fn config(ipv6: bool) -> NetConfig {
+        let c = NetConfig::default();
+        if ipv6 { c.with_ipv6() } else { c }
+    }
+
     #[test]
     fn forbidden_ranges_merge_without_overlap() {
-        let pool: Ipv4Net = "10.213.0.0/16".parse().unwrap();
-        let f = forbidden(pool);
-        for (i, a) in f.iter().enumerate() {
-            for b in &f[i + 1..] {
+        let f = Forbidden::of(&config(true));
+        for (i, a) in f.v4.iter().enumerate() {
+            for b in &f.v4[i + 1..] {
                 assert!(!a.contains(b) && !b.contains(a), "{a} and {b} overlap");
             }
         }
-        assert!(f.iter().any(|n| n.contains(&"169.254.169.254".parse::<Ipv4Addr>().unwrap())));
-        assert!(!f.iter().any(|n| n.contains(&"192.0.2.10".parse::<Ipv4Addr>().unwrap())), "TEST-NET is public here");
+        for (i, a) in f.v6.iter().enumerate() {
+            for b in &f.v6[i + 1..] {
+                assert!(!a.contains(b) && !b.contains(a), "{a} and {b} overlap");
+            }
+        }
+        for bad in ["169.254.169.254", "10.213.0.9", "127.0.0.1"] {
+            assert!(f.contains(bad.parse().unwrap()), "{bad}");
+        }
+        for bad in [
+            "::1",
+            "fe80::1",
+            "fd00:99::5",
+            "ff02::1",
+            "::ffff:10.0.0.1",
+            "::ffff:8.8.8.8",
+            "64:ff9b::a9fe:a9fe",
+            "64:ff9b::10.1.2.3",
+            "2002:c0a8:0101::1",
+            "2002:7f00:1::1",
+            "fd76:6573:7365:6c00::7",
+        ] {
+            assert!(f.contains(bad.parse().unwrap()), "{bad} must be forbidden");
+        }
+        for good in ["192.0.2.10", "2001:db8::10", "2606:4700::1111", "64:ff9b::8.8.8.8", "2002:0808:0808::1"] {
+            assert!(!f.contains(good.parse().unwrap()), "{good} is public");
+        }
     }
 
     #[test]
     fn allow_rules_become_accepts_before_the_forbidden_drop() {
-        let slot = Slot::new("10.213.0.0/16".parse().unwrap(), 3);
+        let cfg = config(false);
+        let slot = Slot::new(cfg.pool, None, 3);
+        let f = Forbidden::of(&cfg);
         let p: NetworkPolicy = "allow,10.1.2.0/24:443,pypi.test,[2001:db8::/32]:53".parse().unwrap();
-        let rules = egress_rules(slot, "10.213.0.0/16".parse().unwrap(), &p, false);
+        let rules = egress_rules(slot, &f, &p, false);
         let accept = rules.find("ip daddr 10.1.2.0/24 meta l4proto { tcp, udp } th dport 443 accept").unwrap();
         let forbid = rules.find("ip daddr { 0.0.0.0/8").unwrap();
         let resolved = rules.find("ip daddr @n3 accept").unwrap();
         assert!(accept < forbid && forbid < resolved, "{rules}");
         assert!(rules.contains("ip saddr != 10.213.0.7"), "{rules}");
+        assert!(rules.starts_with("add rule inet vessel e3 meta nfproto ipv6 counter"), "IPv6 off: {rules}");
         assert!(!rules.contains("2001:db8"), "IPv6 rules have no effect: {rules}");
         assert!(rules.trim_end().ends_with("counter name \"d3\" drop"), "{rules}");
-        let none = egress_rules(slot, "10.213.0.0/16".parse().unwrap(), &NetworkPolicy::None, false);
-        assert!(!none.contains("accept\n") || none.matches("accept").count() == 1, "{none}");
+        let none = egress_rules(slot, &f, &NetworkPolicy::None, false);
+        assert_eq!(none.matches("accept").count(), 1, "only established: {none}");
+    }
+
+    #[test]
+    fn ipv6_gets_the_same_policy() {
+        let cfg = config(true);
+        let slot = Slot::new(cfg.pool, cfg.ipv6_pool, 3);
+        assert_eq!(slot.v6.unwrap().1.to_string(), "fd76:6573:7365:6c00::7");
+        let f = Forbidden::of(&cfg);
+        let p: NetworkPolicy = "allow,pypi.test,[2001:db8::/32]:53".parse().unwrap();
+        let rules = egress_rules(slot, &f, &p, false);
+        assert!(rules.contains("ip6 saddr != fd76:6573:7365:6c00::7 counter"), "{rules}");
+        let accept = rules.find("ip6 daddr 2001:db8::/32 meta l4proto { tcp, udp } th dport 53 accept").unwrap();
+        let forbid = rules.find("ip6 daddr { ::/127").unwrap();
+        let resolved = rules.find("ip6 daddr @m3 accept").unwrap();
+        assert!(accept < forbid && forbid < resolved, "{rules}");
+        assert!(rules.contains("add @y3 { ip6 daddr }"), "{rules}");
+        assert!(!rules.contains("nd-neighbor"), "no neighbour discovery is forwarded: {rules}");
+        assert!(rules.trim_end().ends_with("counter name \"d3\" drop"), "{rules}");
+        let inside = egress_rules(slot, &f, &p, true);
+        assert!(inside.contains(ND_ACCEPT) && !inside.contains("saddr"), "{inside}");
+        assert!(ingress_rules(slot).starts_with(&format!("add rule {TABLE} i3 {ND_ACCEPT}")));
+    }
+
+    #[test]
+    fn pools_bound_the_slots() {
+        let mut c = config(true);
+        assert_eq!(c.slots().unwrap(), 32_767, "the IPv4 /16 bounds it");
+        c.ipv6_pool = Some("fd00::/120".parse().unwrap());
+        assert_eq!(c.slots().unwrap(), 128);
+        c.ipv6_pool = Some("fd00::/127".parse().unwrap());
+        assert!(c.slots().is_err());
+        c.ipv6_pool = None;
+        c.pool = "10.0.0.0/31".parse().unwrap();
+        assert!(c.slots().is_err());
     }
 }

@@ -22,13 +22,17 @@ fn pid_file(n: u32) -> PathBuf {
     run_dir().join(format!("pasta-{n}.pid"))
 }
 
-/// Starts pasta on `netns` and waits until the namespace has its address.
-pub(super) fn start(n: u32, netns: &Path) -> Result<Child, RuntimeError> {
+/// Starts pasta on `netns` (IPv6 too if `ipv6`) and waits until the
+/// namespace has its addresses.
+pub(super) fn start(n: u32, netns: &Path, ipv6: bool) -> Result<Child, RuntimeError> {
     let bin = binary()
         .ok_or_else(|| RuntimeError::Unavailable { backend: "network", reason: "pasta is not installed".into() })?;
-    let mut child = Command::new(&bin)
-        .args(["--foreground", "--quiet", "--ipv4-only", "--no-map-gw", "--config-net"])
-        .args(["--no-dhcp", "--no-ra", "--no-ndp", "--no-dhcpv6"])
+    let mut cmd = Command::new(&bin);
+    cmd.args(["--foreground", "--quiet", "--no-map-gw", "--config-net", "--no-dhcp", "--no-ra", "--no-dhcpv6"]);
+    // Addresses and routes come from --config-net; pasta answers neighbour
+    // solicitations for its gateway only when IPv6 is on.
+    cmd.args(if ipv6 { &[][..] } else { &["--ipv4-only", "--no-ndp"][..] });
+    let mut child = cmd
         // No port forwarding either way: pasta's default splices the
         // namespace's loopback ports to the host's (its services, other
         // vessels' published ports), and inbound is only published ports.
@@ -44,7 +48,7 @@ pub(super) fn start(n: u32, netns: &Path) -> Result<Child, RuntimeError> {
         .map_err(RuntimeError::io("run", &bin))?;
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        if has_address(netns) {
+        if has_address(netns, false) && (!ipv6 || has_address(netns, true)) {
             return Ok(child);
         }
         if let Ok(Some(status)) = child.try_wait() {
@@ -70,12 +74,21 @@ pub(super) fn start(n: u32, netns: &Path) -> Result<Child, RuntimeError> {
     }
 }
 
-/// Whether an interface of `netns` other than loopback has an IPv4 address.
-fn has_address(netns: &Path) -> bool {
+/// Whether an interface of `netns` other than loopback has an IPv4 (or,
+/// with `v6`, a global IPv6) address.
+fn has_address(netns: &Path, v6: bool) -> bool {
     in_ns(Some(netns), || {
         nix::ifaddrs::getifaddrs()
             .map(|mut a| {
-                a.any(|i| i.interface_name != "lo" && i.address.as_ref().and_then(|s| s.as_sockaddr_in()).is_some())
+                a.any(|i| {
+                    let addr = i.address.as_ref();
+                    i.interface_name != "lo"
+                        && if v6 {
+                            addr.and_then(|s| s.as_sockaddr_in6()).is_some_and(|s| !s.ip().is_unicast_link_local())
+                        } else {
+                            addr.and_then(|s| s.as_sockaddr_in()).is_some()
+                        }
+                })
             })
             .unwrap_or(false)
     })

@@ -34,6 +34,16 @@ pub(crate) struct Cli {
     /// (default: this host's /etc/resolv.conf), e.g. 192.0.2.53:53.
     #[arg(long, global = true, env = "VESSEL_DNS", value_delimiter = ',')]
     pub(crate) dns: Vec<std::net::SocketAddr>,
+    /// IPv6 for networked vessels (a /127 each of a ULA pool, NAT66); off by
+    /// default, as it forwards IPv6 host-wide (see `NetConfig::ipv6_pool`).
+    #[arg(
+        long,
+        global = true,
+        env = "VESSEL_IPV6",
+        value_parser = clap::builder::BoolishValueParser::new(),
+        action = clap::ArgAction::SetTrue
+    )]
+    pub(crate) ipv6: bool,
     /// The host address published ports listen on (default 127.0.0.1).
     #[arg(long, global = true, env = "VESSEL_PUBLISH_HOST")]
     pub(crate) publish_host: Option<std::net::IpAddr>,

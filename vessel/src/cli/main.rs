@@ -164,6 +164,7 @@ async fn manager(cli: &Cli) -> Result<Manager> {
     config = config.network(vessel::NetConfig {
         upstream_dns: cli.dns.clone(),
         publish_host: cli.publish_host.unwrap_or(defaults.publish_host),
+        ipv6_pool: cli.ipv6.then_some(vessel::NetConfig::DEFAULT_IPV6_POOL),
         ..defaults
     });
     config = config.backend(match cli.backend {
@@ -273,6 +274,9 @@ fn globals(cli: &Cli, mgr: &Manager) -> Vec<String> {
         if let Some(v) = value {
             g.extend([flag.to_owned(), v]);
         }
+    }
+    if cli.ipv6 {
+        g.push("--ipv6".into());
     }
     g
 }

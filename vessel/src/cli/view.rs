@@ -260,6 +260,9 @@ pub(crate) struct NetworkView {
     pub(crate) rules: Vec<String>,
     /// The vessel's address (once its network exists).
     pub(crate) address: Option<String>,
+    /// Its IPv6 address (once its network exists, with IPv6 on).
+    #[serde(default)]
+    pub(crate) address6: Option<String>,
     /// Vessel port (as a string: JSON keys are) to host URL (`http://ADDR:PORT`).
     pub(crate) published: std::collections::BTreeMap<String, String>,
     /// Packets of refused connections.
@@ -275,7 +278,9 @@ impl NetworkView {
     pub(crate) async fn of(v: &vessel::Vessel) -> Self {
         let info = v.network_info().await;
         let stats = v.network_stats().await;
-        Self::new(&info.policy, info.address.map(|a| a.to_string()), &info.published, &stats)
+        let mut view = Self::new(&info.policy, info.address.map(|a| a.to_string()), &info.published, &stats);
+        view.address6 = info.address6.map(|a| a.to_string());
+        view
     }
 
     /// The view of a policy and what is known of its network.
@@ -289,6 +294,7 @@ impl NetworkView {
             mode: policy.mode().into(),
             rules: policy.rules().iter().map(ToString::to_string).collect(),
             address,
+            address6: None,
             published: published.iter().map(|(p, a)| (p.to_string(), format!("http://{a}"))).collect(),
             denied_packets: stats.denied_packets,
             denied_destinations: stats.denied_destinations.iter().map(ToString::to_string).collect(),

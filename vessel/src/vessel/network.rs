@@ -33,6 +33,9 @@ pub struct NetworkInfo {
     pub policy: NetworkPolicy,
     /// The vessel's address, once its network exists.
     pub address: Option<IpAddr>,
+    /// Its IPv6 address, once its network exists with IPv6 on
+    /// ([`crate::NetConfig::ipv6_pool`]; rootful).
+    pub address6: Option<std::net::Ipv6Addr>,
     /// The host end of its veth, once its network exists (rootful).
     pub interface: Option<String>,
     /// Its network's slot on this host, once it has a namespace (what
@@ -117,6 +120,7 @@ impl Vessel {
         NetworkInfo {
             policy: st.policy.clone(),
             address: st.net.as_ref().and_then(VesselNet::address),
+            address6: st.net.as_ref().and_then(VesselNet::address6),
             interface: st.net.as_ref().and_then(VesselNet::interface),
             slot: st.net.as_ref().map(VesselNet::slot),
             published: st.net.as_ref().map(VesselNet::published).unwrap_or_default(),
