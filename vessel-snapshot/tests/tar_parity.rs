@@ -7,99 +7,14 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
+use common::parity::{Tree, differences, gnu_tar, loose, need_tools, python_tarfile, vessel, view};
 use common::*;
-use vessel_snapshot::{ApplyMode, ApplyOptions, SnapshotErrorKind, apply_layer};
-
-type Tree = BTreeMap<PathBuf, Node>;
-
-/// What the tools can carry: GNU tar and Python do not restore nanoseconds
-/// the same way, and Python restores no xattrs.
-fn view(tree: &Tree, xattrs: bool) -> Tree {
-    tree.iter()
-        .map(|(p, n)| {
-            let mut n = n.clone();
-            n.mtime.1 = 0;
-            if !xattrs {
-                n.xattrs.clear();
-            }
-            (p.clone(), n)
-        })
-        .collect()
-}
-
-/// For edge cases: directories made implicitly get the time of extraction.
-fn loose(tree: &Tree) -> Tree {
-    let mut t = view(tree, false);
-    // Python sets no symlink times.
-    for n in t.values_mut().filter(|n| n.kind == "dir" || n.kind == "symlink") {
-        n.mtime = (0, 0);
-    }
-    t
-}
-
-fn vessel(archive: &[u8], mode: ApplyMode) -> Result<Tree, String> {
-    let dir = tempfile::tempdir().unwrap();
-    let target = dir.path().join("t");
-    if mode == ApplyMode::Merged {
-        fs::create_dir(&target).unwrap();
-    }
-    match apply_layer(archive, &target, &ApplyOptions::new(mode)) {
-        Ok(_) => Ok(scan(&target)),
-        Err(e) => {
-            assert_eq!(e.kind(), SnapshotErrorKind::InvalidData, "refusals are typed: {e}");
-            assert!(!target.exists() || scan(&target).is_empty(), "a refused layer left something: {e}");
-            Err(e.to_string())
-        }
-    }
-}
-
-fn gnu_tar(archive: &[u8]) -> Result<Tree, String> {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("a.tar");
-    fs::write(&file, archive).unwrap();
-    let out = dir.path().join("out");
-    fs::create_dir(&out).unwrap();
-    let o = Command::new("tar")
-        .args(["--extract", "--numeric-owner", "--same-permissions", "--xattrs", "--xattrs-include=*", "-f"])
-        .arg(&file)
-        .arg("-C")
-        .arg(&out)
-        .output()
-        .unwrap();
-    if !o.status.success() {
-        return Err(String::from_utf8_lossy(&o.stderr).trim().to_owned());
-    }
-    Ok(scan(&out))
-}
-
-fn python_tarfile(archive: &[u8]) -> Result<Tree, String> {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("a.tar");
-    fs::write(&file, archive).unwrap();
-    let out = dir.path().join("out");
-    fs::create_dir(&out).unwrap();
-    let script = "import sys, tarfile\n\
-                  with tarfile.open(sys.argv[1]) as t:\n    t.extractall(sys.argv[2], numeric_owner=True)\n";
-    let o = Command::new("python3").arg("-c").arg(script).arg(&file).arg(&out).output().unwrap();
-    if !o.status.success() {
-        let err = String::from_utf8_lossy(&o.stderr);
-        return Err(err.lines().last().unwrap_or("").to_owned());
-    }
-    Ok(scan(&out))
-}
-
-fn need_tools(test: &str) -> bool {
-    if !have_root(test) {
-        return false;
-    }
-    ["tar", "python3"].iter().all(|tool| vessel_test_support::have_tool(test, tool))
-}
+use vessel_snapshot::{ApplyMode, ApplyOptions, apply_layer};
 
 /// A tree with what layer formats must carry: long and non-ASCII names,
 /// long symlink targets, hardlinks, large ids, xattrs, fifos, empty dirs and
@@ -286,7 +201,32 @@ fn cases() -> Vec<Case> {
     let mut gnu_long_name = Block::gnu(b'L', b"././@LongLink", long.len() as u64 + 1);
     gnu_long_name.octal(100, 8, 0o644);
     let nul_long = [long.as_bytes(), b"\0"].concat();
-    vec![
+    // Found by the property tests (props.rs), shrunk.
+    let mut odd_link = Block::ustar(b'1', b"link", 0);
+    odd_link.set(157, b"file").octal(100, 8, 0o4755).octal(108, 8, 1000);
+    let found = vec![
+        Case {
+            name: "a hardlink whose owner and mode differ from its file's",
+            archive: [file_entry(b"file", b"x"), odd_link.sealed(), end_blocks()].concat(),
+            accept: false,
+        },
+        Case {
+            name: "a user xattr on a symlink (the kernel holds none: skipped)",
+            archive: [
+                pax_header(b'x', &[("SCHILY.xattr.user.p", b"v")]),
+                Block::ustar(b'2', b"sym", 0).set(157, b"target").clone().sealed(),
+                end_blocks(),
+            ]
+            .concat(),
+            accept: true,
+        },
+        Case {
+            name: "a symlink with an empty target",
+            archive: [Block::ustar(b'2', b"sym", 0).sealed(), end_blocks()].concat(),
+            accept: false,
+        },
+    ];
+    let mut cases = vec![
         Case {
             name: "PAX size overrides the header size",
             archive: [
@@ -491,23 +431,9 @@ fn cases() -> Vec<Case> {
             archive: [Block::ustar(b'0', b"f", 4096).sealed(), vec![1; 1024]].concat(),
             accept: false,
         },
-    ]
-}
-
-/// The first differences between two trees, for failure messages.
-fn differences(a: &Result<Tree, String>, b: &Result<Tree, String>) -> String {
-    let (Ok(a), Ok(b)) = (a, b) else { return format!("{:?} vs {:?}", a.as_ref().err(), b.as_ref().err()) };
-    let (a, b) = (loose(a), loose(b));
-    let mut out = Vec::new();
-    for (p, n) in &a {
-        match b.get(p) {
-            Some(m) if m == n => {}
-            Some(m) => out.push(format!("{}: {n:?} vs {m:?}", p.display())),
-            None => out.push(format!("{}: only in the first", p.display())),
-        }
-    }
-    out.extend(b.keys().filter(|p| !a.contains_key(*p)).map(|p| format!("{}: only in the second", p.display())));
-    out.join("\n")
+    ];
+    cases.extend(found);
+    cases
 }
 
 fn show<T>(r: &Result<T, String>) -> String {

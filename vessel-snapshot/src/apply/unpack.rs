@@ -6,7 +6,7 @@ use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 
@@ -33,8 +33,14 @@ struct Unpacker<'a> {
     opts: &'a ApplyOptions,
     /// Directories whose mtime is set once everything inside them is written.
     dir_times: Vec<(Vec<OsString>, TimeSpec)>,
+    /// Owner, mode and time each regular file of this layer was given (by
+    /// path), which a hardlink entry to it must repeat.
+    files: std::collections::HashMap<Vec<u8>, FileMeta>,
     buf: Vec<u8>,
 }
+
+/// Owner, mode bits and mtime of an entry, as its header gives them.
+type FileMeta = (u32, u32, u32, (i64, i64));
 
 /// Chunks in flight between the decoding thread and the unpacker.
 const PIPE_DEPTH: usize = 8;
@@ -121,8 +127,14 @@ pub(super) fn unpack(
 /// Unpacks the uncompressed tar read from `reader`; returns the entry count.
 fn unpack_stream(reader: ChannelReader, root_path: &Path, opts: &ApplyOptions) -> Result<u64, SnapshotError> {
     let mut archive = tar_reader::Reader::new(reader);
-    let mut u =
-        Unpacker { root: open_dir(root_path)?, root_path, opts, dir_times: Vec::new(), buf: vec![0; 256 * 1024] };
+    let mut u = Unpacker {
+        root: open_dir(root_path)?,
+        root_path,
+        opts,
+        dir_times: Vec::new(),
+        files: Default::default(),
+        buf: vec![0; 256 * 1024],
+    };
     let mut entries = 0u64;
     while let Some(entry) = archive.next_entry()? {
         if entries >= opts.bounds.max_entries {
@@ -173,9 +185,12 @@ impl Unpacker<'_> {
             }
             return Ok(());
         };
-        for (x, _) in &e.xattrs {
+        for (x, v) in &e.xattrs {
             if is_overlay_xattr(x) {
                 return Err(unsafe_entry(&raw, "sets an overlay-internal xattr"));
+            }
+            if let Some(why) = xattr_refusal(x, v) {
+                return Err(unsafe_entry(&raw, why));
             }
         }
         let mtime = TimeSpec::new(e.mtime.0, e.mtime.1);
@@ -276,8 +291,13 @@ impl Unpacker<'_> {
                 }
                 self.own(&f, uid, gid, mode, &e.xattrs, &comps)?;
                 futimens(&f, &mtime, &mtime).map_err(|e| self.err("set times of", &comps, e))?;
+                self.files.insert(comps.join(OsStr::new("/")).into_vec(), (uid, gid, e.mode & 0o7777, e.mtime));
             }
             Kind::Symlink => {
+                // What symlink(2) refuses (all three readers fail on it).
+                if e.link.is_empty() || e.link.len() >= PATH_MAX {
+                    return Err(unsafe_entry(&raw, "a symlink target that is empty or 4096 bytes or longer"));
+                }
                 remove_at(&dir, name).map_err(|e| self.io("replace", &comps, e))?;
                 symlinkat(OsStr::from_bytes(&e.link), &dir, name).map_err(|e| self.err("create symlink", &comps, e))?;
                 self.own_at(&dir, name, uid, gid, None, &e.xattrs, &comps)?;
@@ -306,6 +326,23 @@ impl Unpacker<'_> {
                 }
                 if tparents == parents && *tname == name {
                     return Err(unsafe_entry(&raw, "hardlink to itself"));
+                }
+                // GNU tar keeps the file's owner, mode and time; containerd
+                // and Python apply the link entry's to the shared inode. A
+                // differ writes both from one stat, so they agree. (A file
+                // of a lower tree, linked in a merged apply: its owner and
+                // mode, as stored.)
+                let link_meta = (uid, gid, e.mode & 0o7777, e.mtime);
+                let same = match self.files.get(tcomps.join(OsStr::new("/")).as_bytes()) {
+                    Some(file_meta) => *file_meta == link_meta,
+                    None => {
+                        let st = nix::sys::stat::fstatat(&tdir, *tname, AtFlags::AT_SYMLINK_NOFOLLOW)
+                            .map_err(|e| self.err("stat", &tcomps, e))?;
+                        (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (link_meta.0, link_meta.1, link_meta.2)
+                    }
+                };
+                if !same {
+                    return Err(unsafe_entry(&raw, "a hardlink whose owner, mode or time differs from its file's"));
                 }
                 remove_at(&dir, name).map_err(|e| self.io("replace", &comps, e))?;
                 linkat(&tdir, *tname, &dir, name, AtFlags::empty()).map_err(|e| self.err("link", &comps, e))?;
@@ -424,7 +461,9 @@ impl Unpacker<'_> {
         if let Some(mode) = mode {
             fchmodat(dir, name, mode, FchmodatFlags::FollowSymlink).map_err(|e| self.err("chmod", comps, e))?;
         }
-        for (k, v) in xattrs {
+        // user.* xattrs exist on files and directories only: GNU tar and
+        // containerd skip them here (with a warning), Python never sets any.
+        for (k, v) in xattrs.iter().filter(|(k, _)| !k.starts_with("user.")) {
             // lsetxattr: never follows the final symlink.
             xattr::set(proc_path(dir, name), &*on_disk_xattr(k), v).map_err(|e| self.io("set xattr on", comps, e))?;
         }
@@ -443,4 +482,21 @@ impl Unpacker<'_> {
         }
         Ok(())
     }
+}
+
+/// Why the kernel would refuse xattr `name` = `value` on an entry of
+/// `kind`, if it would: checked up front, so a layer carrying one gets a
+/// typed refusal rather than an I/O error halfway through.
+fn xattr_refusal(name: &str, value: &[u8]) -> Option<&'static str> {
+    match name.split_once('.') {
+        Some(("user" | "trusted" | "security" | "system", rest)) if !rest.is_empty() => {}
+        _ => return Some("an xattr outside the user, trusted, security and system namespaces"),
+    }
+    if name.len() > 255 || name.contains('\0') {
+        return Some("an xattr name longer than 255 bytes or holding a NUL");
+    }
+    if value.len() > 65_536 {
+        return Some("an xattr value over 64 KiB");
+    }
+    None
 }

@@ -12,6 +12,8 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
+
+pub mod parity;
 use sha2::{Digest, Sha256};
 
 /// Whether the test may run; without root it explains itself (and fails under CI).
@@ -353,14 +355,23 @@ fn scan_paths(root: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// How many kinds of change [`mutate_op`] makes.
+pub const MUTATIONS: u64 = 14;
+
 /// One random change through the merged mount, as an agent's command would make it.
 pub fn mutate(m: &Path, rng: &mut Rng) {
+    mutate_op(m, None, rng);
+}
+
+/// One change of kind `op` (`0..MUTATIONS`; `None`: a random kind), its
+/// targets picked by `rng`.
+pub fn mutate_op(m: &Path, op: Option<u64>, rng: &mut Rng) {
     let all = paths(m);
     let dirs: Vec<_> =
         std::iter::once(m.to_path_buf()).chain(all.iter().filter(|p| p.is_dir() && !p.is_symlink()).cloned()).collect();
     let files: Vec<_> = all.iter().filter(|p| p.symlink_metadata().unwrap().is_file()).cloned().collect();
     let dir = rng.pick(&dirs).unwrap().clone();
-    match rng.below(14) {
+    match op.unwrap_or_else(|| rng.below(MUTATIONS)) {
         0 | 1 => {
             let p = dir.join(name(rng));
             if p.symlink_metadata().is_err() {
