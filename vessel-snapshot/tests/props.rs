@@ -6,6 +6,8 @@
 //!   or truncated, bit-flipped or with a block zeroed, are read by vessel
 //!   exactly as GNU tar and Python's tarfile both read them, or refused
 //!   with a typed error and nothing left; undamaged ones are always read;
+//!   under bounds at half their size, what was read is refused as too
+//!   large, leaving nothing, or read the same (never a partial tree);
 //! - generated change scripts, made through a real overlay mount, diff
 //!   and apply (both modes) back to the exact tree.
 //!
@@ -24,7 +26,9 @@ use common::*;
 use proptest::prelude::{Just, Strategy, TestCaseError, any, prop, prop_assert, prop_assert_eq, prop_oneof};
 use proptest::sample::Index;
 use proptest::test_runner::{Config, FileFailurePersistence, TestRunner};
-use vessel_snapshot::{ApplyMode, ApplyOptions, DiffOptions, apply_layer, write_diff_with};
+use vessel_snapshot::{
+    ApplyMode, ApplyOptions, DiffOptions, LayerBounds, SnapshotErrorKind, apply_layer, write_diff_with,
+};
 
 #[derive(Debug, Clone)]
 enum What {
@@ -246,6 +250,28 @@ struct Tally {
     cases: AtomicU64,
     read: AtomicU64,
     refused: AtomicU64,
+    /// Archives read whole, then refused under bounds at half their size.
+    bounded: AtomicU64,
+}
+
+/// Under bounds of about half what `archive` holds (bytes, entries, and
+/// two directory levels), it is refused as too large, leaving nothing, or
+/// read exactly as without bounds: a bound never yields part of a tree.
+fn bounded_read_is_all_or_nothing(archive: &[u8], full: &parity::Tree, tally: &Tally) -> Result<(), TestCaseError> {
+    let bounds =
+        LayerBounds { max_bytes: archive.len() as u64 / 2, max_entries: (full.len() as u64 / 2).max(1), max_depth: 2 };
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("t");
+    fs::create_dir(&target).unwrap();
+    match apply_layer(archive, &target, &ApplyOptions::new(ApplyMode::Merged).bounds(bounds)) {
+        Ok(_) => prop_assert_eq!(loose(&scan(&target)), loose(full), "a bounded read differs"),
+        Err(e) => {
+            prop_assert_eq!(e.kind(), SnapshotErrorKind::TooLarge, "{}", e);
+            prop_assert!(scan(&target).is_empty(), "a bounded refusal left something: {}", e);
+            tally.bounded.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    Ok(())
 }
 
 /// The property: vessel reads what GNU tar and Python both read, the same
@@ -260,6 +286,7 @@ fn same_or_refused(archive: &[u8], whole: bool, tally: &Tally) -> Result<(), Tes
         return Ok(());
     };
     tally.read.fetch_add(1, Ordering::Relaxed);
+    bounded_read_is_all_or_nothing(archive, tree, tally)?;
     let (gnu, python) = (parity::gnu_tar(archive), parity::python_tarfile(archive));
     for (tool, theirs) in [("GNU tar", &gnu), ("Python", &python)] {
         prop_assert!(
@@ -315,9 +342,10 @@ fn check_archives<S: Strategy>(what: &str, cases: u32, strategy: S, make: impl F
         })
         .unwrap();
     println!(
-        "{what}: {} cases ({} read, {} refused) in {:.1?}",
+        "{what}: {} cases ({} read, {} of them refused under bounds at half their size; {} refused) in {:.1?}",
         tally.cases.load(Ordering::Relaxed),
         tally.read.load(Ordering::Relaxed),
+        tally.bounded.load(Ordering::Relaxed),
         tally.refused.load(Ordering::Relaxed),
         started.elapsed()
     );
