@@ -148,6 +148,9 @@ struct Host {
 impl Host {
     fn start(world: &World, name: &str, endpoint: Option<&str>) -> Result<Self> {
         let mut cmd = Command::new(std::env::current_exe()?);
+        // Its own process group: a fault can kill the agent with every
+        // process it started (runners, containers' init) at once.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         cmd.env(AGENT, "1")
             .env("VESSEL_AGENT_STORAGE", &world.url)
             .env("VESSEL_AGENT_ROOT", world.base.join(name))
@@ -205,6 +208,14 @@ impl Host {
 
     fn kill(mut self) -> Result<()> {
         self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// kill -9 of the agent's whole process group.
+    fn kill_tree(mut self) -> Result<()> {
+        let group = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL)?;
         self.child.wait()?;
         Ok(())
     }
@@ -542,6 +553,277 @@ fn a_deletion_racing_forks_on_s3(w: &World) -> Result<()> {
     Ok(())
 }
 
+// ---------------------------------------------------------------- soak
+
+/// A seeded xorshift generator: a campaign's choices from its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// What the campaign knows: every snapshot reported committed and the tree
+/// it was taken of; the snapshot in flight when its host died, which may
+/// or may not have committed, and its tree.
+#[derive(Default)]
+struct Model {
+    committed: std::collections::BTreeMap<String, String>,
+    in_flight: Option<String>,
+}
+
+/// Faults injected, by kind, and what was verified.
+#[derive(Default, Debug)]
+struct Figures {
+    cycles: u64,
+    snapshots: u64,
+    restores: u64,
+    kill_mid_snapshot: u64,
+    kill_idle: u64,
+    kill_tree: u64,
+    kill_mid_open: u64,
+    cut_mid_upload: u64,
+    paused_past_ttl: u64,
+    in_flight_committed: u64,
+    in_flight_lost: u64,
+    verified: u64,
+}
+
+/// The fault campaign: one vessel on S3 (through a relay that can cut
+/// connections), one host at a time; each cycle a random operation or
+/// fault (kill -9 of the host mid-snapshot or idle, the relay cut
+/// mid-upload, the host paused past its lease TTL while another takes
+/// over). After every fault a new host takes the vessel over and checks
+/// the model: every snapshot reported committed restores to exactly its
+/// tree, a snapshot in flight at the kill either restores to its tree or
+/// does not exist, storage holds no snapshot object beyond those once gc
+/// ran, and the stale host cannot commit. `VESSEL_SOAK_CYCLES` (default
+/// 12) and `VESSEL_SOAK_SEED` (default random, printed) drive it.
+fn soak(w: &World) -> Result<()> {
+    let cycles: u64 = std::env::var("VESSEL_SOAK_CYCLES").ok().and_then(|c| c.parse().ok()).unwrap_or(12);
+    let seed: u64 =
+        std::env::var("VESSEL_SOAK_SEED").ok().and_then(|c| c.parse().ok()).unwrap_or_else(rand::random::<u64>);
+    println!("soak: seed {seed}, {cycles} cycles (VESSEL_SOAK_SEED={seed} replays the choices)");
+    let mut log: Vec<String> = Vec::new();
+    let started = std::time::Instant::now();
+    let result = campaign(w, cycles, seed, &mut log);
+    match &result {
+        Ok(f) => {
+            let per_min = f.cycles as f64 / started.elapsed().as_secs_f64() * 60.0;
+            println!("soak: {f:?} in {:.1?} ({per_min:.0} cycles/min)", started.elapsed());
+        }
+        Err(_) => eprintln!("soak: seed {seed} failed after:\n  {}", log.join("\n  ")),
+    }
+    result.map(|_| ())
+}
+
+fn campaign(w: &World, cycles: u64, seed: u64, log: &mut Vec<String>) -> Result<Figures> {
+    let upstream = std::env::var("AWS_ENDPOINT_URL")?;
+    let proxy = TOKIO.block_on(Proxy::start(upstream.trim_start_matches("http://")))?;
+    let endpoint = format!("http://{}", proxy.addr);
+    let mut rng = Rng(seed | 1);
+    let (mut model, mut figures) = (Model::default(), Figures::default());
+    let mut hosts = 0u32;
+    let next_host = |hosts: &mut u32| -> Result<Host> {
+        *hosts += 1;
+        Host::start(w, &format!("soak-{hosts}"), Some(&endpoint))
+    };
+    // A dead host's manager, started again on its mount root, removes what
+    // it left (mounts, containers); then nothing of it may remain.
+    let restart = |n: u32, log: &mut Vec<String>| -> Result<()> {
+        let name = format!("soak-{n}");
+        Host::start(w, &name, Some(&endpoint))?.quit()?;
+        let left = support::mounts_under(&w.base.join(&name));
+        ensure!(left.is_empty(), "{name} restarted left {left:?}");
+        log.push(format!("{name} restarted: nothing left"));
+        Ok(())
+    };
+    let mut host = next_host(&mut hosts)?;
+    let id = host.ok("create")?;
+    for cycle in 0..cycles {
+        figures.cycles += 1;
+        let op = rng.below(100);
+        match op {
+            0..=29 => {
+                let n = rng.below(8);
+                let script = match rng.below(4) {
+                    0 => format!("head -c {} /dev/urandom > /work/f{n}", rng.below(300_000)),
+                    1 => format!("rm -rf /work/f{n} /work/d{n}"),
+                    2 => format!(
+                        "mkdir -p /work/d{n}/e && echo {cycle} > /work/d{n}/e/x && chmod 70{} /work/d{n}",
+                        rng.below(8)
+                    ),
+                    _ => format!("ln -sfn f{n} /work/l{n}"),
+                };
+                log.push(format!("{cycle}: sh {script}"));
+                host.sh(&script)?;
+            }
+            30..=54 => {
+                let tree = host.sh(TREE)?;
+                let sid = host.ok("snapshot")?;
+                log.push(format!("{cycle}: snapshot {sid}"));
+                model.committed.insert(sid, tree);
+                figures.snapshots += 1;
+            }
+            55..=69 if !model.committed.is_empty() => {
+                let i = rng.below(model.committed.len() as u64) as usize;
+                let (sid, tree) =
+                    model.committed.iter().nth(i).map(|(s, t)| (s.clone(), t.clone())).context("a snapshot")?;
+                log.push(format!("{cycle}: restore {sid}"));
+                host.ok(&format!("restore {sid}"))?;
+                ensure!(host.sh(TREE)? == tree, "restore {sid} gave another tree");
+                figures.restores += 1;
+            }
+            70..=79 => {
+                // kill -9 while a snapshot is under way (its upload, its
+                // manifest commit, or already done: the model allows each).
+                let tree = host.sh(TREE)?;
+                let delay = rng.below(60);
+                log.push(format!("{cycle}: kill -9 {delay} ms into a snapshot"));
+                writeln!(host.stdin, "snapshot")?;
+                host.stdin.flush()?;
+                std::thread::sleep(Duration::from_millis(delay));
+                host.kill()?;
+                model.in_flight = Some(tree);
+                figures.kill_mid_snapshot += 1;
+                let dead = hosts;
+                host = take_over(w, &id, &mut model, &mut figures, next_host(&mut hosts)?, log)?;
+                restart(dead, log)?;
+            }
+            80..=84 => {
+                let tree = rng.below(2) == 0;
+                log.push(format!("{cycle}: kill -9 idle{}", if tree { ", the whole process tree" } else { "" }));
+                if tree {
+                    host.kill_tree()?;
+                    figures.kill_tree += 1;
+                } else {
+                    host.kill()?;
+                    figures.kill_idle += 1;
+                }
+                let dead = hosts;
+                host = take_over(w, &id, &mut model, &mut figures, next_host(&mut hosts)?, log)?;
+                restart(dead, log)?;
+            }
+            85..=88 => {
+                // A host killed while it opens the vessel (fetching and
+                // applying its layers into its cache, taking the lease).
+                host.ok("close")?;
+                host.quit()?;
+                let mut opener = next_host(&mut hosts)?;
+                let delay = rng.below(80);
+                log.push(format!("{cycle}: kill -9 {delay} ms into an open"));
+                writeln!(opener.stdin, "open {id}")?;
+                opener.stdin.flush()?;
+                std::thread::sleep(Duration::from_millis(delay));
+                opener.kill()?;
+                figures.kill_mid_open += 1;
+                let dead = hosts;
+                host = take_over(w, &id, &mut model, &mut figures, next_host(&mut hosts)?, log)?;
+                restart(dead, log)?;
+            }
+            89..=93 => {
+                // The relay drops every connection part way into the upload.
+                host.sh(&format!("head -c {} /dev/urandom > /work/cut{cycle}", 2_000_000 + rng.below(4_000_000)))?;
+                let tree = host.sh(TREE)?;
+                let after = 1 + rng.below(3 << 20);
+                log.push(format!("{cycle}: relay cut {after} bytes into a snapshot"));
+                proxy.cut_after(proxy.sent() + after);
+                let reply = host.call("snapshot")?;
+                proxy.restore();
+                figures.cut_mid_upload += 1;
+                match reply {
+                    Ok(sid) => {
+                        log.push(format!("{cycle}: committed anyway as {sid}"));
+                        model.committed.insert(sid, tree.clone());
+                        figures.snapshots += 1;
+                    }
+                    Err(e) => ensure!(e.starts_with("err Io"), "a cut upload fails as Io: {e}"),
+                }
+                ensure!(host.sh(TREE)? == tree, "the live tree changed under a failed snapshot");
+            }
+            _ => {
+                // Paused past the TTL: another host takes over; the stale
+                // one, resumed, cannot commit.
+                log.push(format!("{cycle}: SIGSTOP past the lease TTL"));
+                host.signal(nix::sys::signal::Signal::SIGSTOP)?;
+                std::thread::sleep(Duration::from_millis(TTL_MS + 300));
+                let (mut stale, dead) = (host, hosts);
+                host = take_over(w, &id, &mut model, &mut figures, next_host(&mut hosts)?, log)?;
+                stale.signal(nix::sys::signal::Signal::SIGCONT)?;
+                let e = stale.call("snapshot")?.expect_err("a host that lost its lease must not commit");
+                ensure!(e.starts_with("err Conflict"), "{e}");
+                stale.kill()?;
+                restart(dead, log)?;
+                figures.paused_past_ttl += 1;
+            }
+        }
+    }
+    // The end: one last takeover checks everything once more.
+    host.ok("close")?;
+    host.quit()?;
+    let last = take_over(w, &id, &mut model, &mut figures, next_host(&mut hosts)?, log)?;
+    last.quit()?;
+    Ok(figures)
+}
+
+/// A new host takes the vessel over (retrying until the dead or paused
+/// one's lease expired) and checks the model; returns it, vessel open.
+fn take_over(
+    w: &World,
+    id: &str,
+    model: &mut Model,
+    figures: &mut Figures,
+    mut host: Host,
+    log: &mut Vec<String>,
+) -> Result<Host> {
+    let deadline = std::time::Instant::now() + Duration::from_millis(TTL_MS * 4);
+    loop {
+        match host.call(&format!("open {id}"))? {
+            Ok(_) => break,
+            Err(e) if std::time::Instant::now() < deadline => {
+                log.push(format!("open: {e}"));
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => anyhow::bail!("open after a fault: {e}"),
+        }
+    }
+    log.push("takeover".into());
+    // Crash leftovers (a blob stored before its manifest) go with gc.
+    host.ok("gc")?;
+    let stored = w.snapshot_keys(id)?;
+    let in_flight = model.in_flight.take();
+    let before: Vec<String> =
+        stored.iter().filter(|k| model.committed.keys().any(|sid| k.contains(sid.as_str()))).cloned().collect();
+    for key in &stored {
+        if model.committed.keys().any(|sid| key.contains(sid.as_str())) {
+            continue;
+        }
+        // Not reported: only the snapshot in flight at a kill may be here, committed.
+        let tree = in_flight.clone().with_context(|| format!("an object nobody committed: {key}"))?;
+        let sid = key.rsplit('/').next().and_then(|f| f.split('.').next()).context("a snapshot key")?.to_owned();
+        host.ok(&format!("restore {sid}")).with_context(|| format!("{key} is stored but not restorable"))?;
+        ensure!(host.sh(TREE)? == tree, "the in-flight snapshot {sid} holds another tree");
+        log.push(format!("the in-flight snapshot committed as {sid}"));
+        model.committed.insert(sid, tree);
+        figures.in_flight_committed += 1;
+    }
+    let committed_now = stored.iter().any(|k| !before.iter().any(|b| b == k));
+    if in_flight.is_some() && !committed_now {
+        figures.in_flight_lost += 1;
+    }
+    for (sid, tree) in &model.committed {
+        ensure!(stored.iter().any(|k| k.contains(sid.as_str())), "committed snapshot {sid} is gone from storage");
+        host.ok(&format!("restore {sid}"))?;
+        ensure!(host.sh(TREE)? == *tree, "committed snapshot {sid} restores to another tree");
+        figures.verified += 1;
+    }
+    Ok(host)
+}
+
 // ---------------------------------------------------------------- proxy
 
 /// A TCP relay in front of the S3 server that can drop every connection
@@ -681,6 +963,15 @@ impl Proxy {
 
 // ---------------------------------------------------------------- main
 
+/// Agents still running (none may outlive the suite).
+fn agents() -> Vec<String> {
+    let Ok(all) = procfs::process::all_processes() else { return Vec::new() };
+    all.flatten()
+        .filter(|p| p.environ().is_ok_and(|e| e.contains_key(std::ffi::OsStr::new(AGENT))))
+        .map(|p| p.pid().to_string())
+        .collect()
+}
+
 fn main() {
     vessel::init();
     if std::env::var_os(AGENT).is_some() {
@@ -701,6 +992,7 @@ fn main() {
         ("request_costs", request_costs),
         ("a_deletion_racing_forks_on_s3", a_deletion_racing_forks_on_s3),
         ("a_snapshot_replaced_by_a_bomb_is_refused", a_snapshot_replaced_by_a_bomb_is_refused),
+        ("soak", soak),
     ];
     let trials = cases
         .into_iter()
@@ -714,11 +1006,11 @@ fn main() {
         })
         .collect();
     let conclusion = libtest_mimic::run(&args, trials);
-    let left = support::mounts_under(tmp.path());
-    if !left.is_empty() {
-        eprintln!("leak check: left mounted: {left:?}");
-        std::process::exit(1);
-    }
-    eprintln!("leak check: nothing left mounted");
-    conclusion.exit();
+    let leaks = [
+        ("mounts", support::shown(support::mounts_under(tmp.path()))),
+        ("cgroups", support::shown(support::leftover_cgroups())),
+        ("agent processes", agents()),
+    ];
+    let tmp = Arc::try_unwrap(tmp).map(tempfile::TempDir::keep).unwrap_or_else(|t| t.path().to_owned());
+    support::finish(&tmp, &leaks, conclusion)
 }

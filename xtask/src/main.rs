@@ -30,7 +30,9 @@ commands:
           (against a private containerd it starts and stops)
   bench   run the criterion benches (extra args go to cargo bench)
   demo    setup, image, then the main job: a short agent-like session on a real workspace
-  fakenet start the network suite's fake internet and keep it up (prints its env)";
+  fakenet start the network suite's fake internet and keep it up (prints its env)
+  soak    [--cycles N] [--seed S]: the fault campaign (kill -9, S3 cuts, paused
+          hosts) against a real S3 server, N cycles (default 200); `test` runs a short one";
 
 /// Debian packages the demo needs: the test image's busybox, the C
 /// libraries the youki backend builds against (libseccomp; libbpf, built
@@ -103,6 +105,7 @@ fn main() -> Result<()> {
         "test" => test(),
         "bench" => bench(rest),
         "demo" => demo(),
+        "soak" => soak(rest),
         "fakenet" => {
             setup()?;
             let net = fakenet::FakeNet::start(&project_root().join("target"))?;
@@ -282,6 +285,35 @@ fn bench(rest: &[String]) -> Result<()> {
     drop(registries);
     drop(quota);
     drop(containerd);
+    Ok(())
+}
+
+/// `cargo xtask soak [--cycles N] [--seed S]`: the hosts suite's `soak`
+/// case alone, long, against moto.
+fn soak(rest: &[String]) -> Result<()> {
+    let mut env = vec![("VESSEL_SOAK_CYCLES", "200".to_owned())];
+    let mut args = rest.iter();
+    while let Some(a) = args.next() {
+        let key = match a.as_str() {
+            "--cycles" => "VESSEL_SOAK_CYCLES",
+            "--seed" => "VESSEL_SOAK_SEED",
+            other => bail!("soak: unknown argument {other:?} (--cycles N, --seed S)"),
+        };
+        let value = args.next().with_context(|| format!("soak: {a} needs a value"))?;
+        env.retain(|(k, _)| *k != key);
+        env.push((key, value.clone()));
+    }
+    setup()?;
+    let image = image::build()?;
+    let root = project_root();
+    let s3 = s3::S3Server::start(&python::venv(&root)?)?;
+    run(cargo(&root)
+        .args(["test", "--locked", "-p", "vessel", "--all-features", "--test", "hosts", "--", "soak", "--exact"])
+        .arg("--nocapture")
+        .envs(s3.env())
+        .envs(env)
+        .env("VESSEL_TEST_IMAGE_DIR", &image.dir))?;
+    drop(s3);
     Ok(())
 }
 
