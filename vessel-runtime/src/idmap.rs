@@ -93,8 +93,18 @@ impl Drop for Child {
     }
 }
 
-/// What the child runs: nothing, until it is killed.
-extern "C" fn hold(_: *mut libc::c_void) -> libc::c_int {
+/// What the child runs: nothing, until it is killed, or its parent (the
+/// pid `parent` carries) dies: a caller killed in the moment it holds the
+/// namespace must not leave it paused forever (the soak found one).
+extern "C" fn hold(parent: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: prctl, getppid and _exit are async-signal-safe system calls
+    // touching no memory of the shared address space.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        if libc::getppid() != parent as libc::pid_t {
+            libc::_exit(0);
+        }
+    }
     loop {
         // SAFETY: pause takes no arguments and touches no memory.
         unsafe { libc::pause() };
@@ -126,7 +136,7 @@ impl UserNamespace {
                 hold,
                 top as *mut libc::c_void,
                 libc::CLONE_NEWUSER | libc::CLONE_VM | libc::SIGCHLD,
-                std::ptr::null_mut(),
+                std::process::id() as usize as *mut libc::c_void,
             )
         };
         if pid < 0 {
@@ -318,6 +328,52 @@ pub(crate) fn fd_path(fd: &OwnedFd) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A process that starts a holder and dies before killing it (a caller
+    /// killed -9 at that moment) leaves no holder behind.
+    #[test]
+    fn a_holder_dies_with_its_parent() {
+        let (r, w) = nix::unistd::pipe().unwrap();
+        let mut stack = vec![0u8; 64 << 10];
+        let top = (stack.as_mut_ptr() as usize + stack.len()) & !15;
+        // SAFETY: the forked child only makes system calls (clone, write,
+        // _exit) on memory allocated before the fork.
+        match unsafe { nix::unistd::fork() }.unwrap() {
+            nix::unistd::ForkResult::Child => unsafe {
+                let me = libc::getpid();
+                let pid = libc::clone(
+                    hold,
+                    top as *mut libc::c_void,
+                    libc::CLONE_VM | libc::SIGCHLD,
+                    me as usize as *mut libc::c_void,
+                );
+                libc::write(std::os::fd::AsRawFd::as_raw_fd(&w), (&raw const pid).cast(), 4);
+                // Dies once the holder is past its start (pausing).
+                libc::usleep(100_000);
+                libc::_exit(0);
+            },
+            nix::unistd::ForkResult::Parent { child } => {
+                drop(w);
+                let mut b = [0u8; 4];
+                assert_eq!(nix::unistd::read(&r, &mut b).unwrap(), 4);
+                let holder = i32::from_ne_bytes(b);
+                assert!(holder > 0);
+                nix::sys::wait::waitpid(child, None).unwrap();
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+                loop {
+                    let state = fs::read_to_string(format!("/proc/{holder}/stat"))
+                        .ok()
+                        .and_then(|s| s.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next()));
+                    if matches!(state, None | Some('Z' | 'X')) {
+                        break;
+                    }
+                    assert!(std::time::Instant::now() < deadline, "holder {holder} outlived its parent: {state:?}");
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                drop(stack);
+            }
+        }
+    }
 
     #[test]
     fn mappings_translate_both_ways() {

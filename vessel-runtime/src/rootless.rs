@@ -210,8 +210,15 @@ fn enter() -> Result<(), String> {
     let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
     // SAFETY: the process has one thread (maybe_enter's contract); the
     // child only calls async-signal-safe functions and never returns.
+    let parent = nix::unistd::getpid();
     let child = match unsafe { nix::unistd::fork() }.map_err(|e| format!("fork: {e}"))? {
         nix::unistd::ForkResult::Child => {
+            // Dies with this process, should it be killed before it kills the child.
+            let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
+            if nix::unistd::getppid() != parent {
+                // SAFETY: _exit ends the child at once, running nothing.
+                unsafe { libc::_exit(0) };
+            }
             let ok = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUSER).is_ok();
             let _ = nix::unistd::write(&ready_w, if ok { b"y" } else { b"n" });
             loop {

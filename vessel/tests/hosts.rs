@@ -587,6 +587,9 @@ struct Figures {
     kill_tree: u64,
     kill_mid_open: u64,
     cut_mid_upload: u64,
+    disk_full: u64,
+    /// Of those, how many refused the write, the tree listing or the snapshot.
+    disk_full_refusals: u64,
     paused_past_ttl: u64,
     in_flight_committed: u64,
     in_flight_lost: u64,
@@ -610,7 +613,12 @@ fn soak(w: &World) -> Result<()> {
     println!("soak: seed {seed}, {cycles} cycles (VESSEL_SOAK_SEED={seed} replays the choices)");
     let mut log: Vec<String> = Vec::new();
     let started = std::time::Instant::now();
+    // The hosts' disk: a small filesystem of its own, so a fault can fill it.
+    let disk_mb: u64 = std::env::var("VESSEL_SOAK_DISK_MB").ok().and_then(|c| c.parse().ok()).unwrap_or(768);
+    use nix::mount::{MntFlags, MsFlags, mount, umount2};
+    mount(Some("tmpfs"), &w.base, Some("tmpfs"), MsFlags::empty(), Some(format!("size={disk_mb}m").as_str()))?;
     let result = campaign(w, cycles, seed, &mut log);
+    umount2(&w.base, MntFlags::MNT_DETACH)?;
     match &result {
         Ok(f) => {
             let per_min = f.cycles as f64 / started.elapsed().as_secs_f64() * 60.0;
@@ -640,6 +648,8 @@ fn campaign(w: &World, cycles: u64, seed: u64, log: &mut Vec<String>) -> Result<
         let left = support::mounts_under(&w.base.join(&name));
         ensure!(left.is_empty(), "{name} restarted left {left:?}");
         log.push(format!("{name} restarted: nothing left"));
+        // Its layer cache would only fill the small disk.
+        std::fs::remove_dir_all(w.base.join(&name))?;
         Ok(())
     };
     let mut host = next_host(&mut hosts)?;
@@ -727,7 +737,10 @@ fn campaign(w: &World, cycles: u64, seed: u64, log: &mut Vec<String>) -> Result<
             }
             89..=93 => {
                 // The relay drops every connection part way into the upload.
-                host.sh(&format!("head -c {} /dev/urandom > /work/cut{cycle}", 2_000_000 + rng.below(4_000_000)))?;
+                host.sh(&format!(
+                    "rm -f /work/cut; head -c {} /dev/urandom > /work/cut",
+                    2_000_000 + rng.below(4_000_000)
+                ))?;
                 let tree = host.sh(TREE)?;
                 let after = 1 + rng.below(3 << 20);
                 log.push(format!("{cycle}: relay cut {after} bytes into a snapshot"));
@@ -744,6 +757,47 @@ fn campaign(w: &World, cycles: u64, seed: u64, log: &mut Vec<String>) -> Result<
                     Err(e) => ensure!(e.starts_with("err Io"), "a cut upload fails as Io: {e}"),
                 }
                 ensure!(host.sh(TREE)? == tree, "the live tree changed under a failed snapshot");
+            }
+            94..=96 => {
+                // The hosts' disk filled (from outside, to a few KiB or
+                // nothing free) under a write and a snapshot: each works or
+                // fails with a typed error, and the vessel works again once
+                // space is freed.
+                let spare = rng.below(4096) << 10;
+                log.push(format!("{cycle}: the disk filled to {} KiB free, then a write and a snapshot", spare >> 10));
+                let filler = w.base.join("filler");
+                let free = nix::sys::statvfs::statvfs(&w.base)?;
+                let avail = free.blocks_available() as u64 * free.fragment_size() as u64;
+                let f = std::fs::File::create(&filler)?;
+                let _ = nix::fcntl::fallocate(
+                    &f,
+                    nix::fcntl::FallocateFlags::empty(),
+                    0,
+                    avail.saturating_sub(spare) as i64,
+                );
+                let wrote = host.sh(&format!("echo {cycle} > /work/small{}", rng.below(4))).is_ok();
+                let listed = host.sh(TREE);
+                figures.disk_full_refusals += u64::from(!wrote || listed.is_err());
+                if let Ok(tree) = listed {
+                    match host.call("snapshot")? {
+                        Ok(sid) => {
+                            log.push(format!("{cycle}: committed as {sid}"));
+                            model.committed.insert(sid, tree);
+                            figures.snapshots += 1;
+                        }
+                        Err(e) => {
+                            ensure!(
+                                ["err Io", "err QuotaExceeded"].iter().any(|k| e.starts_with(k)),
+                                "a snapshot on a full disk fails with a typed error: {e}"
+                            );
+                            figures.disk_full_refusals += 1;
+                        }
+                    }
+                }
+                drop(f);
+                std::fs::remove_file(&filler)?;
+                host.sh("true")?;
+                figures.disk_full += 1;
             }
             _ => {
                 // Paused past the TTL: another host takes over; the stale
