@@ -339,6 +339,7 @@ mod tests {
         // SAFETY: the forked child only makes system calls (clone, write,
         // _exit) on memory allocated before the fork.
         match unsafe { nix::unistd::fork() }.unwrap() {
+            // SAFETY: as above; `hold` runs on `stack`, which the child never frees.
             nix::unistd::ForkResult::Child => unsafe {
                 let me = libc::getpid();
                 let pid = libc::clone(

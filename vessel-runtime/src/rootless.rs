@@ -208,9 +208,9 @@ fn enter() -> Result<(), String> {
     // user may do for a namespace it owns, and which grants every
     // capability in it.
     let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+    let parent = nix::unistd::getpid();
     // SAFETY: the process has one thread (maybe_enter's contract); the
     // child only calls async-signal-safe functions and never returns.
-    let parent = nix::unistd::getpid();
     let child = match unsafe { nix::unistd::fork() }.map_err(|e| format!("fork: {e}"))? {
         nix::unistd::ForkResult::Child => {
             // Dies with this process, should it be killed before it kills the child.
