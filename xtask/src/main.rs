@@ -306,9 +306,11 @@ fn soak(rest: &[String]) -> Result<()> {
     setup()?;
     let image = image::build()?;
     let root = project_root();
-    let s3 = s3::S3Server::start(&python::venv(&root)?)?;
+    let python = python::venv(&root)?;
+    let s3 = s3::S3Server::start(&python)?;
     run(cargo(&root)
         .args(["test", "--locked", "-p", "vessel", "--all-features", "--test", "hosts", "--", "soak", "--exact"])
+        .env("VESSEL_MCP_PYTHON", &python)
         .arg("--nocapture")
         .envs(s3.env())
         .envs(env)
