@@ -6,7 +6,7 @@ use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 
@@ -33,14 +33,8 @@ struct Unpacker<'a> {
     opts: &'a ApplyOptions,
     /// Directories whose mtime is set once everything inside them is written.
     dir_times: Vec<(Vec<OsString>, TimeSpec)>,
-    /// Owner, mode and time each regular file of this layer was given (by
-    /// path), which a hardlink entry to it must repeat.
-    files: std::collections::HashMap<Vec<u8>, FileMeta>,
     buf: Vec<u8>,
 }
-
-/// Owner, mode bits and mtime of an entry, as its header gives them.
-type FileMeta = (u32, u32, u32, (i64, i64));
 
 /// Chunks in flight between the decoding thread and the unpacker.
 const PIPE_DEPTH: usize = 8;
@@ -127,14 +121,8 @@ pub(super) fn unpack(
 /// Unpacks the uncompressed tar read from `reader`; returns the entry count.
 fn unpack_stream(reader: ChannelReader, root_path: &Path, opts: &ApplyOptions) -> Result<u64, SnapshotError> {
     let mut archive = tar_reader::Reader::new(reader);
-    let mut u = Unpacker {
-        root: open_dir(root_path)?,
-        root_path,
-        opts,
-        dir_times: Vec::new(),
-        files: Default::default(),
-        buf: vec![0; 256 * 1024],
-    };
+    let mut u =
+        Unpacker { root: open_dir(root_path)?, root_path, opts, dir_times: Vec::new(), buf: vec![0; 256 * 1024] };
     let mut entries = 0u64;
     while let Some(entry) = archive.next_entry()? {
         if entries >= opts.bounds.max_entries {
@@ -291,7 +279,6 @@ impl Unpacker<'_> {
                 }
                 self.own(&f, uid, gid, mode, &e.xattrs, &comps)?;
                 futimens(&f, &mtime, &mtime).map_err(|e| self.err("set times of", &comps, e))?;
-                self.files.insert(comps.join(OsStr::new("/")).into_vec(), (uid, gid, e.mode & 0o7777, e.mtime));
             }
             Kind::Symlink => {
                 // What symlink(2) refuses (all three readers fail on it).
@@ -329,19 +316,13 @@ impl Unpacker<'_> {
                 }
                 // GNU tar keeps the file's owner, mode and time; containerd
                 // and Python apply the link entry's to the shared inode. A
-                // differ writes both from one stat, so they agree. (A file
-                // of a lower tree, linked in a merged apply: its owner and
-                // mode, as stored.)
-                let link_meta = (uid, gid, e.mode & 0o7777, e.mtime);
-                let same = match self.files.get(tcomps.join(OsStr::new("/")).as_bytes()) {
-                    Some(file_meta) => *file_meta == link_meta,
-                    None => {
-                        let st = nix::sys::stat::fstatat(&tdir, *tname, AtFlags::AT_SYMLINK_NOFOLLOW)
-                            .map_err(|e| self.err("stat", &tcomps, e))?;
-                        (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (link_meta.0, link_meta.1, link_meta.2)
-                    }
-                };
-                if !same {
+                // differ writes both from one stat, so they agree. Times
+                // from 2^31 s on are compared only if stored as given (a
+                // filesystem may clamp them).
+                let st = nix::sys::stat::fstatat(&tdir, *tname, AtFlags::AT_SYMLINK_NOFOLLOW)
+                    .map_err(|e| self.err("stat", &tcomps, e))?;
+                let time_differs = (0..1 << 31).contains(&e.mtime.0) && (st.st_mtime, st.st_mtime_nsec) != e.mtime;
+                if (st.st_uid, st.st_gid, st.st_mode & 0o7777) != (uid, gid, e.mode & 0o7777) || time_differs {
                     return Err(unsafe_entry(&raw, "a hardlink whose owner, mode or time differs from its file's"));
                 }
                 remove_at(&dir, name).map_err(|e| self.io("replace", &comps, e))?;

@@ -7,11 +7,15 @@ pub(super) fn cut_nul(v: &[u8]) -> &[u8] {
 }
 
 /// Old GNU sparse slots (12-byte offset, 12-byte length); stops at the
-/// first empty slot, as Go does.
+/// first empty slot, as Go does, and refuses anything but zeros after it
+/// (Python reads every slot, and stops the whole archive at a bad one).
 pub(super) fn old_sparse_entries(area: &[u8], slots: usize, out: &mut Vec<(u64, u64)>) -> Result<(), &'static str> {
     for i in 0..slots {
         let slot = &area[i * 24..i * 24 + 24];
         if slot[0] == 0 {
+            if area[i * 24..slots * 24].iter().any(|b| *b != 0) {
+                return Err("data after the end of a sparse map");
+            }
             break;
         }
         let off = number(&slot[..12])?;
@@ -151,6 +155,19 @@ fn trim(f: &[u8]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sparse_slots_end_at_the_first_empty_one_and_only_zeros_follow() {
+        let mut area = [0u8; 96];
+        area[..12].copy_from_slice(b"00000000000\0");
+        area[12..24].copy_from_slice(b"00000000010\0");
+        let mut map = Vec::new();
+        assert_eq!(old_sparse_entries(&area, 4, &mut map), Ok(()));
+        assert_eq!(map, [(0, 8)]);
+        // Found by the property tests: a byte past the end that Python reads as a slot.
+        area[48] = 1;
+        assert!(old_sparse_entries(&area, 4, &mut Vec::new()).is_err());
+    }
 
     #[test]
     fn numbers_are_octal_or_base_256() {
