@@ -191,24 +191,38 @@ pub(super) async fn live_forks_are_points_in_time(w: Arc<World>) -> Result<()> {
             ..Default::default()
         })
         .await?;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Fork once the writer has written a few lines (a loaded machine may
+    // take a while to start it).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while v.read_file("log").map(|l| l.iter().filter(|b| **b == b'\n').count()).unwrap_or(0) < 3 {
+        ensure!(std::time::Instant::now() < deadline, "the writer never wrote");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let children = v.fork(3, &VesselOptions::new()).await?;
     ensure!(children.len() == 3);
     for c in &children {
         let log = String::from_utf8(c.read_file("log")?)?;
         let lines: Vec<u64> = log.lines().map(str::parse).collect::<std::result::Result<_, _>>()?;
         ensure!(lines.iter().enumerate().all(|(i, n)| *n == i as u64 + 1), "a torn log: {log:?}");
-        let last: u64 = String::from_utf8(c.read_file("last")?)?.trim().parse()?;
-        // `last` is written after `log`: never ahead of it.
-        ensure!(last <= *lines.last().unwrap_or(&0) && last + 1 >= *lines.last().unwrap_or(&0));
+        // `last` is written after `log`, so it is never ahead of it; `>`
+        // truncates before it writes, so the fork may catch it empty.
+        let last = String::from_utf8(c.read_file("last")?)?;
+        let newest = *lines.last().unwrap_or(&0);
+        if !last.is_empty() {
+            let last: u64 = last.trim().parse()?;
+            ensure!(last <= newest && last + 1 >= newest, "last {last} against log's {newest}");
+        }
         ensure!(c.processes().is_empty(), "processes are not copied");
         c.write_file("mine", c.id().as_str().as_bytes(), 0o644)?;
     }
     ensure!(writer.info().status == ProcessStatus::Running, "the source's process runs on");
     ensure!(v.stat("mine").is_err(), "a child's write is its own");
     let grown = String::from_utf8(v.read_file("log")?)?.lines().count();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    ensure!(String::from_utf8(v.read_file("log")?)?.lines().count() > grown, "the source keeps writing");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while String::from_utf8(v.read_file("log")?)?.lines().count() <= grown {
+        ensure!(std::time::Instant::now() < deadline, "the source stopped writing");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let refused = v.fork(0, &VesselOptions::new()).await;
     ensure!(refused.err().map(|e| e.kind()) == Some(VesselErrorKind::InvalidInput));
     for c in children {
