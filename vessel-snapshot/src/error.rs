@@ -167,6 +167,8 @@ pub enum SnapshotErrorKind {
     NotFound,
     /// Input past a bound ([`crate::LayerBounds`]).
     TooLarge,
+    /// The disk, or a quota on it, is full (`ENOSPC`, `EDQUOT`).
+    NoSpace,
 }
 
 impl SnapshotError {
@@ -177,6 +179,11 @@ impl SnapshotError {
             // truncated or tampered blob), not a failing disk or network.
             Self::Stream(_, e) if matches!(e.kind(), io::ErrorKind::InvalidData | io::ErrorKind::UnexpectedEof) => {
                 SnapshotErrorKind::InvalidData
+            }
+            Self::Io { source: e, .. } | Self::Stream(_, e)
+                if matches!(e.raw_os_error(), Some(nix::libc::ENOSPC | nix::libc::EDQUOT)) =>
+            {
+                SnapshotErrorKind::NoSpace
             }
             Self::Io { .. } | Self::Stream(..) => SnapshotErrorKind::Io,
             Self::UnsupportedOverlayFeature { .. } | Self::Changed { .. } | Self::DeviceNode { .. } => {

@@ -299,6 +299,10 @@ impl<S: Storage> Storage for CompressedStorage<S> {
         self.inner.delete_image_index(image).await
     }
 
+    async fn abort_stale_uploads(&self, older_than: std::time::Duration) -> Result<u64, StorageError> {
+        self.inner.abort_stale_uploads(older_than).await
+    }
+
     fn set_blob_encoding(&mut self, _encoding: BlobEncoding) {
         // What we hand the inner storage is always zstd, whatever our caller says.
     }

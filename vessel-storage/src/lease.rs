@@ -199,9 +199,9 @@ impl Inner {
         };
         let now = Utc::now();
         let mut live = hb.expires_at > now;
-        if live && hb.boot_id.is_some() && hb.boot_id == self.boot_id && hb.name == self.name {
+        if live && self.same_machine(&hb) {
             // The same machine: its process tells.
-            live = start_time(hb.pid).is_some_and(|t| Some(t) == hb.start_time);
+            live = running(&hb);
         }
         if !live && hb.expires_at + to_chrono(self.ttl * 10) < now {
             // Long dead: nobody renews it again; tidy it away.
@@ -209,6 +209,23 @@ impl Inner {
         }
         Ok((Some(hb), live))
     }
+
+    /// Whether `hb` was written on this machine by a process this one can
+    /// see (same boot, same host name: not a container sharing the kernel).
+    fn same_machine(&self, hb: &Heartbeat) -> bool {
+        hb.boot_id.is_some() && hb.boot_id == self.boot_id && hb.name == self.name
+    }
+
+    /// Whether nobody will renew `hb` again: its process on this machine
+    /// has exited, or it expired ten TTLs ago.
+    fn abandoned(&self, hb: &Heartbeat) -> bool {
+        hb.expires_at + to_chrono(self.ttl * 10) < Utc::now() || (self.same_machine(hb) && !running(hb))
+    }
+}
+
+/// Whether the process that wrote `hb` still runs (on this machine).
+fn running(hb: &Heartbeat) -> bool {
+    start_time(hb.pid).is_some_and(|t| Some(t) == hb.start_time)
 }
 
 /// `pid`'s start time (clock ticks since boot), `None` if it has exited.
@@ -372,6 +389,27 @@ impl HostLease {
             host,
             live,
         }))
+    }
+
+    /// Removes the heartbeats nobody will renew again: those of exited
+    /// processes of this machine under this host name (this host's earlier
+    /// runs), and any expired ten TTLs ago. A host paused that long writes
+    /// a new one when it wakes (its claims are fenced as ever). Returns how
+    /// many it removed.
+    pub async fn sweep(&self) -> Result<usize, StorageError> {
+        let mut removed = 0;
+        for host in self.inner.storage.list_hosts().await? {
+            if host == self.inner.id {
+                continue;
+            }
+            let key = RecordKey::Host(host);
+            let Some(rec) = self.inner.storage.load_record(&key).await? else { continue };
+            if serde_json::from_slice::<Heartbeat>(&rec.data).is_ok_and(|hb| self.inner.abandoned(&hb)) {
+                self.inner.storage.delete_record(&key).await?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     /// Stops renewing and removes the heartbeat: claims this host still

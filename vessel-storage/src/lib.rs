@@ -36,6 +36,8 @@ mod object;
 mod object_errors;
 pub mod pipe;
 mod record;
+#[cfg(feature = "object-store")]
+mod upload;
 mod url;
 
 use std::fmt;
@@ -191,6 +193,15 @@ pub trait Storage: Send + Sync + fmt::Debug {
         Ok(())
     }
 
+    /// Aborts the blob uploads that were started at least `older_than`
+    /// ago and never finished (their process died), so no stored parts
+    /// linger; returns how many. The default has none: a local write is
+    /// a temp file, swept at start.
+    async fn abort_stale_uploads(&self, older_than: std::time::Duration) -> Result<u64, StorageError> {
+        let _ = older_than;
+        Ok(0)
+    }
+
     /// Tells a backend how the blobs handed to it are encoded, so it can name
     /// them truthfully (`.tar.zst`); decorators such as [`CompressedStorage`]
     /// call it on the storage they wrap. The default ignores it.
@@ -283,6 +294,9 @@ macro_rules! forward_storage {
             }
             async fn delete_image_index(&self, image: &ImageRef) -> Result<(), StorageError> {
                 (**self).delete_image_index(image).await
+            }
+            async fn abort_stale_uploads(&self, older_than: std::time::Duration) -> Result<u64, StorageError> {
+                (**self).abort_stale_uploads(older_than).await
             }
         }
     };

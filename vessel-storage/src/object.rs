@@ -5,7 +5,8 @@
 //! Blobs stream: one PUT for a blob under [`PART`], a multipart upload
 //! otherwise, with at most [`IN_FLIGHT`] parts buffered, so memory stays
 //! constant for any size. Nothing is visible under a blob's key until its
-//! upload completed; a failed or cancelled upload is aborted. Requests are
+//! upload completed; a failed or cancelled upload is aborted, and one a
+//! killed process left is aborted by a later sweep (see `upload`). Requests are
 //! retried with exponential backoff (the crate's retry layer) on transient
 //! failures; what is left is a typed error. Conditional writes use the
 //! store's create-if-absent and update-if-version (for S3, `If-None-Match:
@@ -16,16 +17,18 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
+use object_store::multipart::MultipartStore;
 use object_store::path::{Path, PathPart};
 #[cfg(feature = "cloud")]
 use object_store::{ClientOptions, RetryConfig};
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion, WriteMultipart};
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
 use tokio::io::AsyncReadExt;
 use vessel_core::{ImageRef, SnapshotId, VesselId, VesselManifest};
 
 use crate::local::{manifest_json, manifest_name, parse_manifest};
 use crate::object_errors::{remote, service_code};
 use crate::record::{FORKS, HOSTS};
+use crate::upload::{UPLOADS, Uploads};
 use crate::{
     BlobEncoding, BlobReader, HostId, Record, RecordKey, Storage, StorageError, StoredSnapshot, Version, WriteIf,
 };
@@ -41,6 +44,8 @@ const INDEX_SUFFIX: &str = ".vessel-index.json";
 #[derive(Debug, Clone)]
 pub struct ObjectStorage {
     store: Arc<dyn ObjectStore>,
+    /// The same store, with its multipart API, for uploads.
+    uploads: Uploads,
     prefix: Vec<String>,
     url: String,
     encoding: BlobEncoding,
@@ -98,22 +103,6 @@ fn version_of(e_tag: Option<String>, version: Option<String>) -> Version {
     Version { e_tag, version }
 }
 
-/// Aborts a multipart upload that was neither finished nor aborted (an
-/// error, or the save's future dropped), so no parts linger.
-struct AbortOnDrop(Option<WriteMultipart>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        if let Some(upload) = self.0.take()
-            && let Ok(rt) = tokio::runtime::Handle::try_current()
-        {
-            rt.spawn(async move {
-                let _ = upload.abort().await;
-            });
-        }
-    }
-}
-
 impl ObjectStorage {
     /// Connects to the store `url` names (`s3://bucket/prefix`,
     /// `gs://bucket/prefix`, `az://container/prefix`, `memory://`), with
@@ -141,7 +130,7 @@ impl ObjectStorage {
         #[cfg(feature = "cloud")]
         macro_rules! cloud {
             ($builder:ty, $env:literal) => {
-                Arc::new(
+                both(Arc::new(
                     options
                         .iter()
                         .try_fold(<$builder>::from_env(), |b, (k, v)| {
@@ -153,17 +142,17 @@ impl ObjectStorage {
                         .with_client_options(client($env))
                         .build()
                         .map_err(invalid)?,
-                )
+                ))
             };
         }
-        let store: Arc<dyn ObjectStore> = match scheme {
+        let (store, parts) = match scheme {
             #[cfg(feature = "s3")]
             "s3" | "s3a" => cloud!(object_store::aws::AmazonS3Builder, "AWS"),
             #[cfg(feature = "gcs")]
             "gs" => cloud!(object_store::gcp::GoogleCloudStorageBuilder, "GOOGLE"),
             #[cfg(feature = "azure")]
             "az" | "azure" | "abfs" | "abfss" | "adl" => cloud!(object_store::azure::MicrosoftAzureBuilder, "AZURE"),
-            "memory" => Arc::new(object_store::memory::InMemory::new()),
+            "memory" => both(Arc::new(object_store::memory::InMemory::new())),
             #[cfg(not(feature = "s3"))]
             "s3" | "s3a" => return Err(StorageError::NotCompiled { scheme: scheme.into(), feature: "s3" }),
             #[cfg(not(feature = "gcs"))]
@@ -179,15 +168,28 @@ impl ObjectStorage {
                 });
             }
         };
-        let storage = Self { store, prefix, url: url.to_owned(), encoding: BlobEncoding::Plain };
+        let storage = Self {
+            uploads: Uploads { store: store.clone(), parts },
+            store,
+            prefix,
+            url: url.to_owned(),
+            encoding: BlobEncoding::Plain,
+        };
         storage.probe().await?;
         Ok(storage)
     }
 
     /// Storage over an object store built by the caller, under `prefix`.
-    pub fn from_store(store: Arc<dyn ObjectStore>, prefix: &str) -> Self {
+    pub fn from_store<S: ObjectStore + MultipartStore>(store: Arc<S>, prefix: &str) -> Self {
         let prefix = prefix.split('/').filter(|s| !s.is_empty()).map(str::to_owned).collect();
-        Self { store, prefix, url: "(object store)".into(), encoding: BlobEncoding::Plain }
+        let (store, parts) = both(store);
+        Self {
+            uploads: Uploads { store: store.clone(), parts },
+            store,
+            prefix,
+            url: "(object store)".into(),
+            encoding: BlobEncoding::Plain,
+        }
     }
 
     /// The URL it was connected with.
@@ -244,30 +246,15 @@ impl ObjectStorage {
         std::iter::once(own).chain(BlobEncoding::ALL.into_iter().filter(move |e| *e != own))
     }
 
-    /// Streams `data` to `key`: one PUT, or a multipart upload for more than a part.
-    async fn upload(&self, key: &Path, mut data: BlobReader) -> Result<(), StorageError> {
-        let first = read_up_to(&mut data, PART).await?;
-        if first.len() < PART {
-            let opts = PutOptions::default();
-            self.store.put_opts(key, PutPayload::from(first), opts).await.map_err(remote("put", key))?;
-            return Ok(());
-        }
-        let upload = self.store.put_multipart(key).await.map_err(remote("start upload", key))?;
-        let mut guard = AbortOnDrop(Some(WriteMultipart::new_with_chunk_size(upload, PART)));
-        let w = guard.0.as_mut().expect("just set");
-        w.put(Bytes::from(first));
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            w.wait_for_capacity(IN_FLIGHT).await.map_err(remote("upload part of", key))?;
-            let n = data.read(&mut buf).await.map_err(StorageError::Source)?;
-            if n == 0 {
-                break;
-            }
-            w.write(&buf[..n]);
-        }
-        let w = guard.0.take().expect("still set");
-        w.finish().await.map_err(remote("complete upload of", key))?;
-        Ok(())
+    /// Streams `data` to `key`: one PUT, or a journaled multipart upload
+    /// for more than a part.
+    async fn upload(&self, key: &Path, data: BlobReader) -> Result<(), StorageError> {
+        let journal = self.key(&format!("{UPLOADS}/{:016x}.json", rand::random::<u64>()));
+        self.uploads().upload(journal, key, data).await
+    }
+
+    fn uploads(&self) -> &Uploads {
+        &self.uploads
     }
 
     /// Streams `key` out, or `None` when absent.
@@ -335,7 +322,12 @@ impl ObjectStorage {
     }
 }
 
-async fn read_up_to(data: &mut BlobReader, limit: usize) -> Result<Vec<u8>, StorageError> {
+/// One store as both the object API and its multipart API.
+fn both<S: ObjectStore + MultipartStore>(s: Arc<S>) -> (Arc<dyn ObjectStore>, Arc<dyn MultipartStore>) {
+    (s.clone(), s)
+}
+
+pub(crate) async fn read_up_to(data: &mut BlobReader, limit: usize) -> Result<Vec<u8>, StorageError> {
     let mut out = Vec::with_capacity(limit.min(1 << 20));
     let mut taken = (&mut *data).take(limit as u64);
     taken.read_to_end(&mut out).await.map_err(StorageError::Source)?;
@@ -547,6 +539,10 @@ impl Storage for ObjectStorage {
 
     async fn delete_image_index(&self, image: &ImageRef) -> Result<(), StorageError> {
         self.delete_all(vec![self.index_key(image)]).await
+    }
+
+    async fn abort_stale_uploads(&self, older_than: std::time::Duration) -> Result<u64, StorageError> {
+        self.uploads().abort_stale(&self.key(UPLOADS), older_than).await
     }
 
     fn set_blob_encoding(&mut self, encoding: BlobEncoding) {

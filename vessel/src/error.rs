@@ -260,7 +260,9 @@ impl VesselError {
                 vessel_snapshot::SnapshotErrorKind::Unsupported => K::InvalidInput,
                 vessel_snapshot::SnapshotErrorKind::NotFound => K::NotFound,
                 // A layer past its bound: refused as a quota refuses a write.
-                vessel_snapshot::SnapshotErrorKind::TooLarge => K::QuotaExceeded,
+                vessel_snapshot::SnapshotErrorKind::TooLarge | vessel_snapshot::SnapshotErrorKind::NoSpace => {
+                    K::QuotaExceeded
+                }
                 _ => K::Io,
             },
             // As a shell's 127 and 126: the command is missing, or not a program.

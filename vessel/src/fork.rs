@@ -42,6 +42,10 @@ pub struct GcReport {
     pub owners: usize,
     /// Snapshot blobs deleted (no manifest referred to them).
     pub blobs_deleted: usize,
+    /// Blob uploads a dead process left unfinished, aborted (their parts freed).
+    pub uploads_aborted: u64,
+    /// Heartbeats of hosts that will not renew them, removed.
+    pub heartbeats_removed: usize,
 }
 
 impl Manager {
@@ -160,7 +164,9 @@ impl Manager {
     /// other hosts fork, snapshot and delete on the same storage. Deleting
     /// a vessel or a snapshot already frees what only it referred to; gc
     /// frees what those could not (blobs a fork still used then) and what
-    /// a crash left.
+    /// a crash left: uploads a killed process never finished (older than
+    /// the same grace) and the heartbeats of hosts that are gone (see
+    /// `HostLease::sweep`).
     pub async fn gc(&self) -> Result<GcReport> {
         let storage = &self.state.storage;
         let mut report = GcReport::default();
@@ -176,6 +182,8 @@ impl Manager {
                 .collect();
             report.blobs_deleted += self.state.free_blobs(&owner, &old).await?;
         }
+        report.uploads_aborted = storage.abort_stale_uploads(self.state.gc_grace).await?;
+        report.heartbeats_removed = self.state.lease.sweep().await?;
         Ok(report)
     }
 }

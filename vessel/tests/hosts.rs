@@ -4,8 +4,9 @@
 //! starts. Covered: a vessel moving between hosts with its tree exact;
 //! `Busy` while another host holds it; takeover after `kill -9` once the
 //! TTL passed; a paused host that lost its lease cannot commit; the server
-//! going away in the middle of a snapshot upload; truncated and tampered
-//! objects refused as corrupt. After all cases nothing is left mounted.
+//! going away in the middle of a snapshot upload; an upload a killed host
+//! left, aborted by gc; truncated and tampered objects refused as corrupt;
+//! the fault campaign (`soak`). After all cases nothing is left mounted.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -50,6 +51,7 @@ fn agent() -> ! {
     let mgr = TOKIO.block_on(Manager::new(config)).expect("manager");
     let mut vessel: Option<vessel::Vessel> = None;
     let mut many: Vec<vessel::Vessel> = Vec::new();
+    let mut background: Vec<vessel::ProcessHandle> = Vec::new();
     let stdout = std::io::stdout();
     for line in std::io::stdin().lock().lines() {
         let line = line.expect("stdin");
@@ -80,8 +82,56 @@ fn agent() -> ! {
                     use base64::Engine;
                     Ok(format!("{} {}", res.exit_code, base64::engine::general_purpose::STANDARD.encode(&out)))
                 }
+                "throwaway" => {
+                    // A command whose changes are discarded: its exit code.
+                    let v = vessel.as_ref().expect("no vessel open");
+                    let command = vec!["sh".into(), "-c".into(), arg.into()];
+                    Ok(v.exec(ExecOptions { command, ..Default::default() }).await?.exit_code.to_string())
+                }
+                "spawn" => {
+                    let v = vessel.as_ref().expect("no vessel open");
+                    let command = vec!["sh".into(), "-c".into(), arg.into()];
+                    let p = v.spawn(ExecOptions { command, persist_result: true, ..Default::default() }).await?;
+                    background.push(p);
+                    Ok(String::new())
+                }
+                "running" => {
+                    let v = vessel.as_ref().expect("no vessel open");
+                    let n = v.processes().iter().filter(|p| p.status == vessel::ProcessStatus::Running).count();
+                    Ok(n.to_string())
+                }
                 "snapshot" => {
                     Ok(vessel.as_ref().expect("no vessel open").create_snapshot("step").await?.id.to_string())
+                }
+                "delete-snapshot" => {
+                    let sid = vessel::SnapshotId::new(arg)?;
+                    vessel.as_ref().expect("no vessel open").delete_snapshot(&sid).await?;
+                    Ok(String::new())
+                }
+                "fork-live" => {
+                    // `fork-live N`: N live forks, each one's tree (base64),
+                    // then deleted; the snapshot they were forked at first.
+                    use base64::Engine;
+                    let v = vessel.as_ref().expect("no vessel open");
+                    let children = v.fork(arg.parse().expect("a count"), &vessel::VesselOptions::new()).await?;
+                    let mut reply = Vec::new();
+                    for c in &children {
+                        let origin = vessel::ForkOrigin::of(&c.manifest()).expect("a fork names its origin");
+                        if reply.is_empty() {
+                            reply.push(origin.snapshot_id.to_string());
+                        }
+                        let mut out = Vec::new();
+                        let command = vec!["sh".into(), "-c".into(), TREE.into()];
+                        let stdout: Option<Box<dyn tokio::io::AsyncWrite + Send + Unpin>> = Some(Box::new(&mut out));
+                        c.exec(ExecOptions { command, stdout, persist_result: true, ..Default::default() }).await?;
+                        reply.push(base64::engine::general_purpose::STANDARD.encode(&out));
+                    }
+                    for c in children {
+                        let id = c.id().to_string();
+                        c.close().await?;
+                        mgr.delete_vessel(&id).await?;
+                    }
+                    Ok(reply.join(" "))
                 }
                 "restore" => {
                     let sid = vessel::SnapshotId::new(arg)?;
@@ -112,7 +162,11 @@ fn agent() -> ! {
                     mgr.delete_vessel(arg).await?;
                     Ok(String::new())
                 }
-                "gc" => Ok(mgr.gc().await?.blobs_deleted.to_string()),
+                "gc" => {
+                    // `blobs uploads heartbeats` removed.
+                    let r = mgr.gc().await?;
+                    Ok(format!("{} {} {}", r.blobs_deleted, r.uploads_aborted, r.heartbeats_removed))
+                }
                 "holder" => {
                     let id = vessel::VesselId::new(arg)?;
                     Ok(mgr.vessel_holder(&id).await?.filter(|h| h.live).map_or("-".into(), |h| h.name))
@@ -127,13 +181,14 @@ fn agent() -> ! {
         let mut out = stdout.lock();
         match reply {
             Ok(s) => writeln!(out, "ok {s}"),
-            Err(e) => writeln!(out, "err {:?} {}", e.kind(), format!("{e:#}").replace('\n', " ")),
+            // The kind, then the whole chain of causes.
+            Err(e) => writeln!(out, "err {:?} {}", e.kind(), format!("{:#}", anyhow::Error::new(e)).replace('\n', " ")),
         }
         .and_then(|()| out.flush())
         .expect("stdout");
     }
     // The test dropped us (a failed case): leave nothing mounted.
-    drop((vessel, many));
+    drop((background, vessel, many));
     let _ = TOKIO.block_on(mgr.close());
     std::process::exit(0)
 }
@@ -255,8 +310,13 @@ impl World {
 
     /// The keys of the vessel's stored snapshots.
     fn snapshot_keys(&self, id: &str) -> Result<Vec<String>> {
+        self.keys(&format!("vessels/{id}/snapshots"))
+    }
+
+    /// The keys under `rel` in the world's prefix, sorted.
+    fn keys(&self, rel: &str) -> Result<Vec<String>> {
         use futures::TryStreamExt;
-        let prefix = self.storage.key(&format!("vessels/{id}/snapshots"));
+        let prefix = self.storage.key(rel);
         let keys: Vec<_> = TOKIO.block_on(self.storage.store().list(Some(&prefix)).try_collect::<Vec<_>>())?;
         let mut out: Vec<String> = keys.into_iter().map(|m| m.location.to_string()).collect();
         out.sort();
@@ -339,6 +399,47 @@ fn a_paused_host_cannot_commit(w: &World) -> Result<()> {
     b.ok("close")?;
     a.quit()?;
     b.quit()
+}
+
+/// A host killed in the middle of a multipart upload leaves its parts
+/// pending in S3 (nothing can list them through `object_store`); its
+/// journal lets another host's gc abort them, and the restarted host's gc
+/// removes the heartbeat its dead run left.
+fn a_killed_upload_is_aborted_by_gc(w: &World) -> Result<()> {
+    let upstream = std::env::var("AWS_ENDPOINT_URL")?;
+    let proxy = TOKIO.block_on(Proxy::start(upstream.trim_start_matches("http://")))?;
+    let endpoint = format!("http://{}", proxy.addr);
+    let mut a = Host::start(w, "host-a", Some(&endpoint))?;
+    let id = a.ok("create")?;
+    a.sh("head -c 40000000 /dev/urandom > /work/big")?;
+    let before = proxy.sent();
+    writeln!(a.stdin, "snapshot")?;
+    a.stdin.flush()?;
+    // Past the first part (8 MiB): the upload is under way.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while proxy.sent() < before + (12 << 20) {
+        ensure!(std::time::Instant::now() < deadline, "the upload never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    a.kill()?;
+    let pending = soak::pending_uploads(&w.url)?;
+    ensure!(pending.len() == 1, "the killed host's upload is pending: {pending:?}");
+    ensure!(w.keys("uploads")?.len() == 1, "and journaled");
+    ensure!(w.keys("leases/hosts")?.len() == 1, "its heartbeat is left");
+    let mut b = Host::start(w, "host-b", Some(&endpoint))?;
+    let gc = b.ok("gc")?;
+    ensure!(gc.split(' ').nth(1) == Some("1"), "gc aborted one upload: {gc}");
+    ensure!(soak::pending_uploads(&w.url)?.is_empty(), "no upload is pending after gc");
+    ensure!(w.keys("uploads")?.is_empty(), "no journal is left after gc");
+    ensure!(w.snapshot_keys(&id)?.is_empty(), "nothing was committed");
+    b.quit()?;
+    // The killed host started again: its gc removes its old heartbeat.
+    let mut again = Host::start(w, "host-a", Some(&endpoint))?;
+    let gc = again.ok("gc")?;
+    ensure!(gc.split(' ').nth(2) == Some("1"), "gc removed one heartbeat: {gc}");
+    again.quit()?;
+    ensure!(w.keys("leases/hosts")?.is_empty(), "no heartbeat is left");
+    Ok(())
 }
 
 fn the_server_going_away_mid_upload(w: &World) -> Result<()> {
@@ -722,6 +823,7 @@ fn main() {
         ("busy_until_a_killed_host_expires", busy_until_a_killed_host_expires),
         ("a_paused_host_cannot_commit", a_paused_host_cannot_commit),
         ("the_server_going_away_mid_upload", the_server_going_away_mid_upload),
+        ("a_killed_upload_is_aborted_by_gc", a_killed_upload_is_aborted_by_gc),
         ("truncated_and_tampered_objects_are_corrupt", truncated_and_tampered_objects_are_corrupt),
         ("request_costs", request_costs),
         ("a_deletion_racing_forks_on_s3", a_deletion_racing_forks_on_s3),

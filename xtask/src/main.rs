@@ -292,12 +292,18 @@ fn bench(rest: &[String]) -> Result<()> {
 /// case alone, long, against moto.
 fn soak(rest: &[String]) -> Result<()> {
     let mut env = vec![("VESSEL_SOAK_CYCLES", "200".to_owned())];
+    let mut case = "soak".to_owned();
     let mut args = rest.iter();
     while let Some(a) = args.next() {
         let key = match a.as_str() {
             "--cycles" => "VESSEL_SOAK_CYCLES",
             "--seed" => "VESSEL_SOAK_SEED",
-            other => bail!("soak: unknown argument {other:?} (--cycles N, --seed S)"),
+            // Another case of the hosts suite, with the same servers.
+            "--case" => {
+                case = args.next().context("soak: --case needs a name")?.clone();
+                continue;
+            }
+            other => bail!("soak: unknown argument {other:?} (--cycles N, --seed S, --case NAME)"),
         };
         let value = args.next().with_context(|| format!("soak: {a} needs a value"))?;
         env.retain(|(k, _)| *k != key);
@@ -309,7 +315,7 @@ fn soak(rest: &[String]) -> Result<()> {
     let python = python::venv(&root)?;
     let s3 = s3::S3Server::start(&python)?;
     run(cargo(&root)
-        .args(["test", "--locked", "-p", "vessel", "--all-features", "--test", "hosts", "--", "soak", "--exact"])
+        .args(["test", "--locked", "-p", "vessel", "--all-features", "--test", "hosts", "--", &case, "--exact"])
         .env("VESSEL_MCP_PYTHON", &python)
         .arg("--nocapture")
         .envs(s3.env())

@@ -106,11 +106,25 @@ fn spool(archive: impl Read, dir: &Path) -> Result<HashMap<String, PathBuf>, Sna
             .collect::<Result<Vec<_>, _>>()?
             .join("/");
         let spooled = dir.join(format!("{}", files.len()));
-        let mut out = File::create(&spooled).map_err(SnapshotError::io("create", &spooled))?;
-        io::copy(&mut entry, &mut out).map_err(|e| SnapshotError::Stream("image archive", e))?;
+        spool_member(&mut entry, &spooled)?;
         files.insert(name, spooled);
     }
     Ok(files)
+}
+
+/// Copies an archive member to `to`: a failing read is the archive's, a
+/// failing write the disk's (say, full).
+fn spool_member(from: &mut impl io::Read, to: &Path) -> Result<(), SnapshotError> {
+    use io::Write;
+    let mut out = File::create(to).map_err(SnapshotError::io("create", to))?;
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = from.read(&mut buf).map_err(|e| SnapshotError::Stream("image archive", e))?;
+        if n == 0 {
+            return Ok(());
+        }
+        out.write_all(&buf[..n]).map_err(SnapshotError::io("write", to))?;
+    }
 }
 
 fn sha256_file(path: &Path) -> Result<(String, u64), SnapshotError> {

@@ -72,8 +72,16 @@ pub(crate) async fn diff(mgr: &Manager, id: &str, since: Option<&str>, to: Optio
 pub(crate) async fn gc(mgr: &Manager, json: bool) -> Result<()> {
     let report = mgr.gc().await?;
     if json {
-        return print_json(&serde_json::json!({ "owners": report.owners, "blobs_deleted": report.blobs_deleted }));
+        return print_json(&serde_json::json!({
+            "owners": report.owners,
+            "blobs_deleted": report.blobs_deleted,
+            "uploads_aborted": report.uploads_aborted,
+            "heartbeats_removed": report.heartbeats_removed,
+        }));
     }
-    println!("deleted {} snapshot blob(s) no vessel refers to", report.blobs_deleted);
+    println!(
+        "deleted {} snapshot blob(s) no vessel refers to; aborted {} unfinished upload(s); removed {} heartbeat(s) of gone hosts",
+        report.blobs_deleted, report.uploads_aborted, report.heartbeats_removed
+    );
     Ok(())
 }

@@ -242,6 +242,9 @@ pub(crate) fn forks_and_diff(s: &Session, image: &Path) -> Result<()> {
         s.ok(&["rm", f], None)?;
     }
     let gc: Value = serde_json::from_str(&s.ok(&["gc", "--json"], None)?)?;
-    ensure!(gc["blobs_deleted"].is_u64(), "{gc}");
+    ensure!(
+        gc["blobs_deleted"].is_u64() && gc["uploads_aborted"].is_u64() && gc["heartbeats_removed"].is_u64(),
+        "{gc}"
+    );
     Ok(())
 }

@@ -1,6 +1,8 @@
 //! The fault campaign (`cargo xtask soak`; 12 cycles in `cargo xtask
-//! test`): one vessel on S3 moving between agent processes while faults
-//! are injected, the model checked after each.
+//! test`): one vessel on S3 moving between agent processes that write,
+//! run throwaway and background commands, snapshot, restore, delete
+//! snapshots and fork, while faults are injected, the model checked after
+//! each (see `soak`).
 
 use std::io::Write;
 use std::time::Duration;
@@ -37,6 +39,14 @@ struct Figures {
     cycles: u64,
     snapshots: u64,
     restores: u64,
+    throwaway_execs: u64,
+    snapshots_deleted: u64,
+    /// Deletions refused (the snapshot is current or a parent).
+    deletes_refused: u64,
+    live_forks: u64,
+    background_started: u64,
+    kill_runner: u64,
+    kill_mid_exec: u64,
     kill_mid_snapshot: u64,
     kill_idle: u64,
     kill_tree: u64,
@@ -49,17 +59,25 @@ struct Figures {
     in_flight_committed: u64,
     in_flight_lost: u64,
     verified: u64,
+    /// Unfinished uploads and dead hosts' heartbeats the gc of a takeover
+    /// or restart removed (each checked gone afterwards).
+    uploads_aborted: u64,
+    heartbeats_removed: u64,
 }
 
 /// The fault campaign: one vessel on S3 (through a relay that can cut
-/// connections), one host at a time; each cycle a random operation or
-/// fault (kill -9 of the host mid-snapshot or idle, the relay cut
-/// mid-upload, the host paused past its lease TTL while another takes
-/// over). After every fault a new host takes the vessel over and checks
-/// the model: every snapshot reported committed restores to exactly its
-/// tree, a snapshot in flight at the kill either restores to its tree or
-/// does not exist, storage holds no snapshot object beyond those once gc
-/// ran, and the stale host cannot commit. `VESSEL_SOAK_CYCLES` (default
+/// connections), one host at a time; each cycle a random operation
+/// (write, throwaway exec, snapshot, restore, delete a snapshot, live
+/// forks, a background process) or fault (kill -9 of the host
+/// mid-snapshot, idle, mid-exec or mid-open, of its process tree, or of
+/// the sandbox's runner alone; the relay cut mid-upload; the disk filled;
+/// the host paused past its lease TTL while another takes over). After
+/// every fault a new host takes the vessel over and checks the model:
+/// every snapshot reported committed restores to exactly its tree, a
+/// snapshot in flight at the kill either restores to its tree or does not
+/// exist, storage holds no snapshot object beyond those, no upload journal
+/// and no pending upload once gc ran, and the stale host cannot commit;
+/// the dead host, restarted, leaves nothing behind. `VESSEL_SOAK_CYCLES` (default
 /// 12) and `VESSEL_SOAK_SEED` (default random, printed) drive it.
 pub(super) fn soak(w: &World) -> Result<()> {
     let cycles: u64 = std::env::var("VESSEL_SOAK_CYCLES").ok().and_then(|c| c.parse().ok()).unwrap_or(12);
@@ -74,11 +92,6 @@ pub(super) fn soak(w: &World) -> Result<()> {
     mount(Some("tmpfs"), &w.base, Some("tmpfs"), MsFlags::empty(), Some(format!("size={disk_mb}m").as_str()))?;
     let result = campaign(w, cycles, seed, &mut log);
     umount2(&w.base, MntFlags::MNT_DETACH)?;
-    // What hosts killed mid-upload left in S3 (no process is left to abort
-    // them): reported, see the note on pending uploads in the README.
-    if let Ok(pending) = pending_uploads(&w.url) {
-        println!("soak: {} multipart uploads left pending by killed hosts", pending.len());
-    }
     match &result {
         Ok(f) => {
             let per_min = f.cycles as f64 / started.elapsed().as_secs_f64() * 60.0;
@@ -102,10 +115,15 @@ fn campaign(w: &World, cycles: u64, seed: u64, log: &mut Vec<String>) -> Result<
     };
     // A dead host's manager, started again on its mount root, removes what
     // it left (mounts, containers); then nothing of it may remain.
-    let restart = |n: u32, log: &mut Vec<String>| -> Result<()> {
+    let restart = |n: u32, figures: &mut Figures, log: &mut Vec<String>| -> Result<()> {
         let name = format!("soak-{n}");
-        Host::start(w, &name, Some(&endpoint))?.quit()?;
+        let mut again = Host::start(w, &name, Some(&endpoint))?;
+        // Its gc removes the heartbeat its killed run left.
+        gc(&mut again, figures)?;
+        again.quit()?;
         let left = support::mounts_under(&w.base.join(&name));
+        ensure!(left.is_empty(), "{name} restarted left {left:?}");
+        let left = leftovers(&w.base.join(&name))?;
         ensure!(left.is_empty(), "{name} restarted left {left:?}");
         log.push(format!("{name} restarted: nothing left"));
         // Its layer cache would only fill the small disk.
@@ -118,7 +136,7 @@ fn campaign(w: &World, cycles: u64, seed: u64, log: &mut Vec<String>) -> Result<
         figures.cycles += 1;
         let op = rng.below(100);
         match op {
-            0..=29 => {
+            0..=24 => {
                 let n = rng.below(8);
                 let script = match rng.below(4) {
                     0 => format!("head -c {} /dev/urandom > /work/f{n}", rng.below(300_000)),
@@ -132,14 +150,23 @@ fn campaign(w: &World, cycles: u64, seed: u64, log: &mut Vec<String>) -> Result<
                 log.push(format!("{cycle}: sh {script}"));
                 host.sh(&script)?;
             }
-            30..=54 => {
+            25..=29 => {
+                // A throwaway command changes nothing the model sees.
+                let tree = host.sh(TREE)?;
+                log.push(format!("{cycle}: throwaway exec"));
+                let code = host.ok("throwaway rm -rf /work/* && echo gone > /work/f0 && mkdir /work/new")?;
+                ensure!(code == "0", "the throwaway command exited {code}");
+                ensure!(host.sh(TREE)? == tree, "a throwaway command changed the tree");
+                figures.throwaway_execs += 1;
+            }
+            30..=49 => {
                 let tree = host.sh(TREE)?;
                 let sid = host.ok("snapshot")?;
                 log.push(format!("{cycle}: snapshot {sid}"));
                 model.committed.insert(sid, tree);
                 figures.snapshots += 1;
             }
-            55..=69 if !model.committed.is_empty() => {
+            50..=61 if !model.committed.is_empty() => {
                 let i = rng.below(model.committed.len() as u64) as usize;
                 let (sid, tree) =
                     model.committed.iter().nth(i).map(|(s, t)| (s.clone(), t.clone())).context("a snapshot")?;
@@ -148,7 +175,71 @@ fn campaign(w: &World, cycles: u64, seed: u64, log: &mut Vec<String>) -> Result<
                 ensure!(host.sh(TREE)? == tree, "restore {sid} gave another tree");
                 figures.restores += 1;
             }
-            70..=79 => {
+            62..=65 if !model.committed.is_empty() => {
+                // A snapshot deleted: gone from storage (takeovers check
+                // nothing unreported is stored), unless it is the current
+                // one or a parent, which is refused with a typed error.
+                let i = rng.below(model.committed.len() as u64) as usize;
+                let sid = model.committed.keys().nth(i).cloned().context("a snapshot")?;
+                log.push(format!("{cycle}: delete snapshot {sid}"));
+                match host.call(&format!("delete-snapshot {sid}"))? {
+                    Ok(_) => {
+                        model.committed.remove(&sid);
+                        figures.snapshots_deleted += 1;
+                    }
+                    Err(e) => {
+                        ensure!(e.starts_with("err InvalidInput") || e.starts_with("err Conflict"), "{e}");
+                        figures.deletes_refused += 1;
+                    }
+                }
+            }
+            66..=68 => {
+                // Live forks: each a copy of the tree at the fork, which is a
+                // committed snapshot of the source; deleted again at once.
+                let tree = host.sh(TREE)?;
+                let n = 1 + rng.below(3);
+                log.push(format!("{cycle}: fork-live {n}"));
+                let reply = host.ok(&format!("fork-live {n}"))?;
+                let mut parts = reply.split(' ');
+                let sid = parts.next().context("the fork's snapshot")?.to_owned();
+                use base64::Engine;
+                let mut forks = 0;
+                for child in parts {
+                    let child = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(child)?)?;
+                    ensure!(child == tree, "a live fork holds another tree than its source");
+                    forks += 1;
+                }
+                ensure!(forks == n, "{forks} forks made of {n}");
+                ensure!(host.sh(TREE)? == tree, "forking changed the source");
+                model.committed.insert(sid, tree);
+                figures.live_forks += 1;
+            }
+            69..=71 => {
+                // A live process in the background (writing outside /work,
+                // so the model's trees hold); when one runs, kill -9 of the
+                // sandbox's runner alone: the process ends, the vessel
+                // carries on with a new sandbox and the same tree.
+                if host.ok("running")? == "0" {
+                    log.push(format!("{cycle}: spawn a background process"));
+                    host.ok("spawn while :; do date >> /tmp/tick; sleep 0.05; done")?;
+                    figures.background_started += 1;
+                }
+                if rng.below(2) == 0 {
+                    let tree = host.sh(TREE)?;
+                    let runners = runners_of(host.child.id())?;
+                    log.push(format!("{cycle}: kill -9 of the sandbox's runner {runners:?}"));
+                    ensure!(runners.len() == 1, "one runner runs the sandbox: {runners:?}");
+                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(runners[0]), nix::sys::signal::Signal::SIGKILL)?;
+                    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+                    while host.ok("running")? != "0" {
+                        ensure!(std::time::Instant::now() < deadline, "the process outlived its sandbox");
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    ensure!(host.sh(TREE)? == tree, "the tree changed after the runner died");
+                    figures.kill_runner += 1;
+                }
+            }
+            72..=79 => {
                 // kill -9 while a snapshot is under way (its upload, its
                 // manifest commit, or already done: the model allows each).
                 let tree = host.sh(TREE)?;
@@ -162,21 +253,35 @@ fn campaign(w: &World, cycles: u64, seed: u64, log: &mut Vec<String>) -> Result<
                 figures.kill_mid_snapshot += 1;
                 let dead = hosts;
                 host = take_over(w, &id, &mut model, &mut figures, next_host(&mut hosts)?, log)?;
-                restart(dead, log)?;
+                restart(dead, &mut figures, log)?;
             }
             80..=84 => {
                 let tree = rng.below(2) == 0;
-                log.push(format!("{cycle}: kill -9 idle{}", if tree { ", the whole process tree" } else { "" }));
+                let mid_exec = rng.below(2) == 0;
+                log.push(format!(
+                    "{cycle}: kill -9 {}{}",
+                    if mid_exec { "mid-exec" } else { "idle" },
+                    if tree { ", the whole process tree" } else { "" }
+                ));
+                if mid_exec {
+                    // A command under way: a throwaway one (its own runner
+                    // and overlay) or one in the live sandbox.
+                    let cmd = if rng.below(2) == 0 { "throwaway" } else { "sh" };
+                    writeln!(host.stdin, "{cmd} head -c 100000 /dev/zero > /tmp/x; sleep 5")?;
+                    host.stdin.flush()?;
+                    std::thread::sleep(Duration::from_millis(50 + rng.below(200)));
+                    figures.kill_mid_exec += 1;
+                }
                 if tree {
                     host.kill_tree()?;
                     figures.kill_tree += 1;
                 } else {
                     host.kill()?;
-                    figures.kill_idle += 1;
+                    figures.kill_idle += u64::from(!mid_exec);
                 }
                 let dead = hosts;
                 host = take_over(w, &id, &mut model, &mut figures, next_host(&mut hosts)?, log)?;
-                restart(dead, log)?;
+                restart(dead, &mut figures, log)?;
             }
             85..=88 => {
                 // A host killed while it opens the vessel (fetching and
@@ -193,9 +298,9 @@ fn campaign(w: &World, cycles: u64, seed: u64, log: &mut Vec<String>) -> Result<
                 figures.kill_mid_open += 1;
                 let dead = hosts;
                 host = take_over(w, &id, &mut model, &mut figures, next_host(&mut hosts)?, log)?;
-                restart(dead, log)?;
+                restart(dead, &mut figures, log)?;
             }
-            89..=93 => {
+            89..=92 => {
                 // The relay drops every connection part way into the upload.
                 host.sh(&format!(
                     "rm -f /work/cut; head -c {} /dev/urandom > /work/cut",
@@ -218,7 +323,7 @@ fn campaign(w: &World, cycles: u64, seed: u64, log: &mut Vec<String>) -> Result<
                 }
                 ensure!(host.sh(TREE)? == tree, "the live tree changed under a failed snapshot");
             }
-            94..=96 => {
+            93..=95 => {
                 // The hosts' disk filled (from outside, to a few KiB or
                 // nothing free) under a write and a snapshot: each works or
                 // fails with a typed error, and the vessel works again once
@@ -245,8 +350,8 @@ fn campaign(w: &World, cycles: u64, seed: u64, log: &mut Vec<String>) -> Result<
                         }
                         Err(e) => {
                             ensure!(
-                                ["err Io", "err QuotaExceeded"].iter().any(|k| e.starts_with(k)),
-                                "a snapshot on a full disk fails with a typed error: {e}"
+                                e.starts_with("err QuotaExceeded"),
+                                "a snapshot on a full disk is refused as such: {e}"
                             );
                             figures.disk_full_refusals += 1;
                         }
@@ -269,7 +374,7 @@ fn campaign(w: &World, cycles: u64, seed: u64, log: &mut Vec<String>) -> Result<
                 let e = stale.call("snapshot")?.expect_err("a host that lost its lease must not commit");
                 ensure!(e.starts_with("err Conflict"), "{e}");
                 stale.kill()?;
-                restart(dead, log)?;
+                restart(dead, &mut figures, log)?;
                 figures.paused_past_ttl += 1;
             }
         }
@@ -279,7 +384,32 @@ fn campaign(w: &World, cycles: u64, seed: u64, log: &mut Vec<String>) -> Result<
     host.quit()?;
     let last = take_over(w, &id, &mut model, &mut figures, next_host(&mut hosts)?, log)?;
     last.quit()?;
+    storage_left(w, &id)?;
     Ok(figures)
+}
+
+/// Once every host quit or was restarted: no heartbeat, one released claim
+/// (the vessel's), no object of another vessel (every fork was deleted), no
+/// fork record, deletion marker, upload journal or pending upload.
+fn storage_left(w: &World, id: &str) -> Result<()> {
+    let hosts = w.keys("leases/hosts")?;
+    ensure!(hosts.is_empty(), "heartbeats left: {hosts:?}");
+    let claims = w.keys("leases/vessels")?;
+    ensure!(claims.len() == 1 && claims[0].ends_with(&format!("{id}.json")), "claims left: {claims:?}");
+    let path = object_store::path::Path::from(claims[0].as_str());
+    use object_store::ObjectStoreExt;
+    let claim = TOKIO.block_on(async { w.storage.store().get(&path).await?.bytes().await })?;
+    let claim: serde_json::Value = serde_json::from_slice(&claim)?;
+    ensure!(claim.get("host").is_none_or(serde_json::Value::is_null), "the claim is still held: {claim}");
+    let others: Vec<String> = w.keys("vessels")?.into_iter().filter(|k| !k.contains(id)).collect();
+    ensure!(others.is_empty(), "objects of other vessels left: {others:?}");
+    for rel in ["forks", "condemned", "uploads"] {
+        let left = w.keys(rel)?;
+        ensure!(left.is_empty(), "{rel} left: {left:?}");
+    }
+    let pending = pending_uploads(&w.url)?;
+    ensure!(pending.is_empty(), "multipart uploads pending: {pending:?}");
+    Ok(())
 }
 
 /// A new host takes the vessel over (retrying until the dead or paused
@@ -304,8 +434,13 @@ fn take_over(
         }
     }
     log.push("takeover".into());
-    // Crash leftovers (a blob stored before its manifest) go with gc.
-    host.ok("gc")?;
+    // Crash leftovers (a blob stored before its manifest, an unfinished
+    // upload, dead hosts' heartbeats) go with gc; then none may be left.
+    gc(&mut host, figures)?;
+    let pending = pending_uploads(&w.url)?;
+    ensure!(pending.is_empty(), "multipart uploads left pending after gc: {pending:?}");
+    let journals = w.keys("uploads")?;
+    ensure!(journals.is_empty(), "upload journals left after gc: {journals:?}");
     let stored = w.snapshot_keys(id)?;
     let in_flight = model.in_flight.take();
     let before: Vec<String> =
@@ -336,9 +471,66 @@ fn take_over(
     Ok(host)
 }
 
+/// A host's gc, its figures added.
+fn gc(host: &mut Host, figures: &mut Figures) -> Result<()> {
+    let reply = host.ok("gc")?;
+    let n: Vec<u64> = reply.split(' ').map(str::parse).collect::<std::result::Result<_, _>>()?;
+    ensure!(n.len() == 3, "gc said {reply:?}");
+    figures.uploads_aborted += n[1];
+    figures.heartbeats_removed += n[2];
+    Ok(())
+}
+
+/// The youki runners among `pid`'s children (their environment names the run).
+fn runners_of(pid: u32) -> Result<Vec<i32>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc")? {
+        let Ok(child) = e?.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else { continue };
+        // `pid (comm) state ppid ...`: comm may hold anything but the last ')'.
+        let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+        if ppid != Some(pid) {
+            continue;
+        }
+        let env = std::fs::read(format!("/proc/{child}/environ")).unwrap_or_default();
+        if env.split(|b| *b == 0).any(|v| v.starts_with(b"VESSEL_YOUKI_RUNNER=")) {
+            out.push(child);
+        }
+    }
+    Ok(out)
+}
+
+/// What a host's manager, started again and quit, left in its mount root
+/// beyond the layer cache's published layers and its empty working dirs:
+/// a vessel dir, a runner's lock or bundle, a throwaway exec, a scratch or
+/// temp (dot-named) entry anywhere outside a published layer.
+fn leftovers(root: &std::path::Path) -> Result<Vec<String>> {
+    ensure!(root.join("layers").is_dir() && root.join("runtime").is_dir(), "not a mount root: {root:?}");
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir)? {
+            let e = e?;
+            let rel = e.path().strip_prefix(root)?.to_string_lossy().into_owned();
+            let name = e.file_name().to_string_lossy().into_owned();
+            let stray = name.starts_with('.')
+                || rel.starts_with("vessels/")
+                || rel.contains("runners/")
+                || rel.contains("bundles/");
+            if stray {
+                out.push(rel);
+            } else if e.file_type()?.is_dir() && !rel.starts_with("layers/") {
+                // A published layer's content is the image's, not ours.
+                stack.push(e.path());
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// The multipart uploads pending under the world's prefix, as S3 lists
 /// them (boto3, beside moto in the tests' venv).
-fn pending_uploads(url: &str) -> Result<Vec<String>> {
+pub(super) fn pending_uploads(url: &str) -> Result<Vec<String>> {
     let python = std::env::var("VESSEL_MCP_PYTHON").context("VESSEL_MCP_PYTHON")?;
     let prefix = url.trim_start_matches("s3://vessel-test/");
     let script = format!(
