@@ -249,12 +249,7 @@ impl ObjectStorage {
     /// Streams `data` to `key`: one PUT, or a journaled multipart upload
     /// for more than a part.
     async fn upload(&self, key: &Path, data: BlobReader) -> Result<(), StorageError> {
-        let journal = self.key(&format!("{UPLOADS}/{:016x}.json", rand::random::<u64>()));
-        self.uploads().upload(journal, key, data).await
-    }
-
-    fn uploads(&self) -> &Uploads {
-        &self.uploads
+        self.uploads.upload(&self.key(UPLOADS), key, data).await
     }
 
     /// Streams `key` out, or `None` when absent.
@@ -542,7 +537,15 @@ impl Storage for ObjectStorage {
     }
 
     async fn abort_stale_uploads(&self, older_than: std::time::Duration) -> Result<u64, StorageError> {
-        self.uploads().abort_stale(&self.key(UPLOADS), older_than).await
+        let mut aborted = 0;
+        for journal in self.list_keys(&self.key(UPLOADS)).await? {
+            let Some((entry, _)) = self.get_small(&journal).await? else { continue };
+            if self.uploads.abort_if_stale(&entry, older_than).await? {
+                self.delete_all(vec![journal]).await?;
+                aborted += 1;
+            }
+        }
+        Ok(aborted)
     }
 
     fn set_blob_encoding(&mut self, encoding: BlobEncoding) {

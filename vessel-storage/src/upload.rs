@@ -5,15 +5,16 @@
 //! object store API `object_store` speaks cannot list pending uploads. So
 //! each upload is journaled: `uploads/<random>.json` names its key and
 //! upload id, is written before the first part and removed once the upload
-//! is completed or aborted. [`abort_stale`] (run by the facade's gc) aborts
+//! is completed or aborted. The storage's `abort_stale_uploads` (run by the
+//! facade's gc) aborts
 //! the uploads whose journal is older than a grace period, as the
 //! `AbortIncompleteMultipartUpload` lifecycle rule of S3 would, on any store.
 
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
+use futures::StreamExt;
 use futures::stream::FuturesOrdered;
-use futures::{StreamExt, TryStreamExt};
 use object_store::multipart::MultipartStore;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
@@ -77,7 +78,8 @@ impl Drop for AbortOnDrop {
 impl Uploads {
     /// Streams `data` to `key`: one PUT for less than a part, else a
     /// journaled multipart upload with at most [`IN_FLIGHT`] parts in flight.
-    pub(crate) async fn upload(&self, journal: Path, key: &Path, mut data: BlobReader) -> Result<(), StorageError> {
+    /// The journal goes in folder `journals`.
+    pub(crate) async fn upload(&self, journals: &Path, key: &Path, mut data: BlobReader) -> Result<(), StorageError> {
         let first = read_up_to(&mut data, PART).await?;
         if first.len() < PART {
             self.store
@@ -86,6 +88,7 @@ impl Uploads {
                 .map_err(remote("put", key))?;
             return Ok(());
         }
+        let journal = journals.clone().join(format!("{:016x}.json", rand::random::<u64>()));
         let id = self.parts.create_multipart(key).await.map_err(remote("start upload", key))?;
         let mut guard = AbortOnDrop {
             uploads: self.clone(),
@@ -124,43 +127,27 @@ impl Uploads {
         Ok(())
     }
 
-    /// Aborts every journaled upload under `folder` started at least
-    /// `older_than` ago and removes its journal; returns how many.
-    pub(crate) async fn abort_stale(
+    /// Aborts the upload `journal` names if it started at least
+    /// `older_than` ago (or the journal is unreadable); `true` when it is
+    /// no longer pending and its journal should go.
+    pub(crate) async fn abort_if_stale(
         &self,
-        folder: &Path,
+        journal: &[u8],
         older_than: std::time::Duration,
-    ) -> Result<u64, StorageError> {
-        let journals: Vec<Path> =
-            self.store.list(Some(folder)).map_ok(|m| m.location).try_collect().await.map_err(remote("list", folder))?;
-        let now = Utc::now();
-        let mut aborted = 0;
-        for journal in journals {
-            let bytes = match self.store.get(&journal).await {
-                Ok(r) => r.bytes().await.map_err(remote("get", &journal))?,
-                Err(object_store::Error::NotFound { .. }) => continue,
-                Err(e) => return Err(remote("get", &journal)(e)),
-            };
-            let Ok(entry) = serde_json::from_slice::<Journal>(&bytes) else {
-                tracing::warn!(%journal, "an unreadable upload journal, removed");
-                let _ = self.store.delete(&journal).await;
-                continue;
-            };
-            if (now - entry.started).to_std().is_ok_and(|age| age < older_than) {
-                continue;
-            }
-            let key = Path::from(entry.key.as_str());
-            match self.parts.abort_multipart(&key, &entry.upload).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                // Completed or aborted already: nothing is pending.
-                Err(e) if service_code(&e).is_some_and(|c| c == "NoSuchUpload") => {}
-                Err(e) => return Err(remote("abort upload of", &key)(e)),
-            }
-            match self.store.delete(&journal).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => aborted += 1,
-                Err(e) => return Err(remote("delete", &journal)(e)),
-            }
+    ) -> Result<bool, StorageError> {
+        let Ok(entry) = serde_json::from_slice::<Journal>(journal) else {
+            tracing::warn!("an unreadable upload journal, removed");
+            return Ok(true);
+        };
+        if (Utc::now() - entry.started).to_std().is_ok_and(|age| age < older_than) {
+            return Ok(false);
         }
-        Ok(aborted)
+        let key = Path::from(entry.key.as_str());
+        match self.parts.abort_multipart(&key, &entry.upload).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(true),
+            // Completed or aborted already: nothing is pending.
+            Err(e) if service_code(&e).is_some_and(|c| c == "NoSuchUpload") => Ok(true),
+            Err(e) => Err(remote("abort upload of", &key)(e)),
+        }
     }
 }
