@@ -55,19 +55,21 @@ pub fn install_agent(dir: &Path) -> Result<PathBuf, RuntimeError> {
     if path.exists() {
         return Ok(path);
     }
-    let tmp = dir.join(format!(".vessel-agent-{:016x}", rand::random::<u64>()));
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o755)
-            .open(&tmp)
-            .map_err(RuntimeError::io("create", &tmp))?;
-        std::io::Write::write_all(&mut f, AGENT).map_err(RuntimeError::io("write", &tmp))?;
-        f.sync_all().map_err(RuntimeError::io("sync", &tmp))?;
+    // Written unnamed (O_TMPFILE) and linked in whole: a process killed
+    // part way leaves nothing in `dir`.
+    use rustix::fs::{AtFlags, CWD, Mode, OFlags};
+    let io = |op| RuntimeError::io(op, dir);
+    let fd = rustix::fs::open(dir, OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC, Mode::from_raw_mode(0o755))
+        .map_err(|e| io("create")(e.into()))?;
+    let mut f = std::fs::File::from(fd);
+    std::io::Write::write_all(&mut f, AGENT).map_err(io("write"))?;
+    f.sync_all().map_err(io("sync"))?;
+    let fd_path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&f));
+    match rustix::fs::linkat(CWD, fd_path.as_str(), CWD, &path, AtFlags::SYMLINK_FOLLOW) {
+        // Another process installed the same bytes first.
+        Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+        Err(e) => return Err(RuntimeError::io("link", &path)(e.into())),
     }
-    std::fs::rename(&tmp, &path).map_err(RuntimeError::io("rename", &path))?;
     Ok(path)
 }
 
