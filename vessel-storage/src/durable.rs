@@ -35,9 +35,10 @@ pub(crate) struct TempGuard {
 impl TempGuard {
     pub(crate) fn commit(mut self, file: fs::File, siblings: &[PathBuf]) -> Result<(), StorageError> {
         file.sync_all().map_err(StorageError::io("fsync", &self.path))?;
-        drop(file);
+        // Renamed while still locked: unlocked, a sweep could take it first.
         fs::rename(&self.path, &self.dest).map_err(StorageError::io("rename into", &self.dest))?;
         self.committed = true;
+        drop(file);
         for s in siblings {
             remove_file_if_present(s).map_err(StorageError::io("remove", s))?;
         }
@@ -64,12 +65,22 @@ pub(crate) fn create_temp(tmp_dir: &Path, dest: PathBuf) -> Result<(fs::File, Te
         create_dir_all_durable(parent)?;
     }
     let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let path = tmp_dir.join(format!("{:016x}.{}.{name}", rand::random::<u64>(), std::process::id()));
-    let file =
-        fs::OpenOptions::new().write(true).create_new(true).open(&path).map_err(StorageError::io("create", &path))?;
-    let guard = TempGuard { path, dest, committed: false };
-    file.lock().map_err(StorageError::io("lock", &guard.path))?;
-    Ok((file, guard))
+    loop {
+        let path = tmp_dir.join(format!("{:016x}.{}.{name}", rand::random::<u64>(), std::process::id()));
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(StorageError::io("create", &path))?;
+        file.lock().map_err(StorageError::io("lock", &path))?;
+        // A sweep may have taken it between create and lock (it was not
+        // locked yet): then it is unlinked, and we start over. Once locked
+        // and linked, no sweep removes it, so sweeps need no age grace.
+        use std::os::unix::fs::MetadataExt;
+        if file.metadata().map_err(StorageError::io("stat", &path))?.nlink() > 0 {
+            return Ok((file, TempGuard { path, dest, committed: false }));
+        }
+    }
 }
 
 pub(crate) fn read_if_present(path: &Path) -> Result<Option<Vec<u8>>, StorageError> {

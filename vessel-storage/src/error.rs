@@ -150,6 +150,8 @@ pub enum StorageErrorKind {
     Busy,
     /// The store refused the credentials.
     Denied,
+    /// The disk (or a quota on it) under local storage is full.
+    NoSpace,
 }
 
 impl StorageError {
@@ -162,6 +164,11 @@ impl StorageError {
             // A missing bucket is the URL's fault, never a "vessel not found".
             Self::Invalid(_) | Self::InvalidUrl { .. } | Self::NotCompiled { .. } | Self::NoSuchBucket { .. } => {
                 StorageErrorKind::InvalidInput
+            }
+            Self::Io { source, .. }
+                if matches!(source.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded) =>
+            {
+                StorageErrorKind::NoSpace
             }
             Self::Io { .. } | Self::Codec { .. } | Self::Remote { .. } => StorageErrorKind::Io,
             Self::Conflict { .. } => StorageErrorKind::Conflict,
@@ -194,6 +201,20 @@ impl fmt::Display for StorageErrorKind {
             Self::Conflict => "conflicting write",
             Self::Busy => "held by another host",
             Self::Denied => "access denied",
+            Self::NoSpace => "no space left",
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_disk_is_no_space_other_io_is_io() {
+        let err = |errno| StorageError::io("write", "/s/.tmp/x")(io::Error::from_raw_os_error(errno));
+        assert_eq!(err(28).kind(), StorageErrorKind::NoSpace, "ENOSPC");
+        assert_eq!(err(122).kind(), StorageErrorKind::NoSpace, "EDQUOT");
+        assert_eq!(err(5).kind(), StorageErrorKind::Io, "EIO");
     }
 }

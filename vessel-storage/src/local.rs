@@ -15,7 +15,9 @@
 //! the final name, never a mix. A writer holds an exclusive `flock` on its
 //! temp file, so a new `LocalStorage` can tell leftovers of a crashed process
 //! (unlocked) from another process's write in progress (locked) and remove
-//! only the former.
+//! only the former. The lock is held until after the rename; a writer that
+//! finds its new temp file unlinked once it locked it (a sweep took it in
+//! between) makes another, so sweeps need no age grace.
 //!
 //! Conditional writes (manifests, lease records) read, compare and replace
 //! under an exclusive `flock` on `leases/.lock`, so they are linearizable
@@ -25,7 +27,6 @@
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -42,9 +43,6 @@ use crate::{
 
 const MANIFEST: &str = "vessel.dat";
 const TMP: &str = ".tmp";
-/// A temp file younger than this is never swept, even if unlocked: its writer
-/// may be between creating and locking it.
-const SWEEP_MIN_AGE: Duration = Duration::from_secs(30);
 const WRITE_BUF: usize = 1024 * 1024;
 
 /// Storage in a local directory (see the module docs for the layout).
@@ -228,17 +226,15 @@ pub(crate) fn parse_manifest(id: &VesselId, bytes: &[u8]) -> Result<VesselManife
     Ok(manifest)
 }
 
+/// Removes a temp file unless its writer (alive, holding its flock) still
+/// writes it; a writer that had not locked it yet sees it unlinked and
+/// makes another (`create_temp`).
 fn sweep_tmp_file(path: &Path) -> io::Result<()> {
     let file = match fs::File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e),
     };
-    let age =
-        file.metadata()?.modified().ok().and_then(|m| SystemTime::now().duration_since(m).ok()).unwrap_or_default();
-    if age < SWEEP_MIN_AGE {
-        return Ok(());
-    }
     match file.try_lock() {
         Ok(()) => {
             debug!(path = %path.display(), "removing temp file of a crashed writer");

@@ -252,6 +252,7 @@ impl VesselError {
                 vessel_storage::StorageErrorKind::InvalidInput => K::InvalidInput,
                 vessel_storage::StorageErrorKind::Conflict | vessel_storage::StorageErrorKind::Busy => K::Conflict,
                 vessel_storage::StorageErrorKind::Denied => K::Unauthorized,
+                vessel_storage::StorageErrorKind::NoSpace => K::QuotaExceeded,
                 _ => K::Io,
             },
             Self::Snapshot(e) => match e.kind() {

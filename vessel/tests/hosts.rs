@@ -44,10 +44,14 @@ fn agent() -> ! {
         .mount_root(env("VESSEL_AGENT_ROOT"))
         .host_name(env("VESSEL_AGENT_NAME"))
         .lease_ttl(Duration::from_millis(TTL_MS))
-        .disk_quota(None)
         .gc_grace(Duration::ZERO)
         .max_layer_bytes(64 << 20)
         .namespace("vessel-hosts");
+    // A disk quota where the world gives one (its mount roots are on btrfs).
+    let config = match std::env::var("VESSEL_AGENT_QUOTA") {
+        Ok(q) => config.disk_quota(Some(q.parse().expect("quota bytes"))).quota_mode(vessel::QuotaMode::Require),
+        Err(_) => config.disk_quota(None),
+    };
     let mgr = TOKIO.block_on(Manager::new(config)).expect("manager");
     let mut vessel: Option<vessel::Vessel> = None;
     let mut many: Vec<vessel::Vessel> = Vec::new();
@@ -215,6 +219,9 @@ impl Host {
         if let Some(e) = endpoint {
             cmd.env("AWS_ENDPOINT_URL", e);
         }
+        if let Some(q) = world.quota {
+            cmd.env("VESSEL_AGENT_QUOTA", q.to_string());
+        }
         let mut child = cmd.spawn()?;
         let stdin = child.stdin.take().context("stdin")?;
         let stdout = BufReader::new(child.stdout.take().context("stdout")?);
@@ -278,14 +285,21 @@ impl Host {
 
 // ---------------------------------------------------------------- world
 
-/// One case's bucket prefix (holding the test image) and mount roots' base.
+/// One case's storage (a bucket prefix, or a directory all hosts share)
+/// holding the test image, and its mount roots' base.
 struct World {
     url: String,
     base: PathBuf,
-    storage: vessel::storage::ObjectStorage,
+    /// The bucket, to look into; `None` for a world on local storage.
+    storage: Option<vessel::storage::ObjectStorage>,
+    /// Each host's disk quota (`None`: quotas off).
+    quota: Option<u64>,
+    /// The test image's storage, for a case that makes a world of its own.
+    image_dir: PathBuf,
 }
 
 impl World {
+    /// A world under `base_url` (an `s3://` URL or a local directory).
     fn new(base_url: &str, tmp: &Path, image_dir: &Path, case: &str) -> Result<Self> {
         let url = format!("{base_url}/hosts-{case}-{:016x}", rand::random::<u64>());
         let base = tmp.join(case);
@@ -303,9 +317,25 @@ impl World {
             src.load_image(&r).await?.read_to_end(&mut data).await?;
             mgr.import_image(IMAGE, Box::new(std::io::Cursor::new(data))).await?;
             mgr.close().await?;
-            anyhow::Ok(vessel::storage::ObjectStorage::connect(&url).await?)
+            if url.starts_with('/') {
+                return anyhow::Ok(None);
+            }
+            anyhow::Ok(Some(vessel::storage::ObjectStorage::connect(&url).await?))
         })?;
-        Ok(Self { url, base, storage })
+        Ok(Self { url, base, storage, quota: None, image_dir: image_dir.to_owned() })
+    }
+
+    /// The world's bucket (cases that look into S3 run on one).
+    fn s3(&self) -> &vessel::storage::ObjectStorage {
+        self.storage.as_ref().expect("a world on S3")
+    }
+
+    /// The stored object at `key`, as [`World::keys`] names it.
+    fn read(&self, key: &str) -> Result<Vec<u8>> {
+        let Some(s3) = &self.storage else { return Ok(std::fs::read(Path::new(&self.url).join(key))?) };
+        use object_store::ObjectStoreExt;
+        let key = object_store::path::Path::from(key);
+        Ok(TOKIO.block_on(async { s3.store().get(&key).await?.bytes().await })?.to_vec())
     }
 
     /// The keys of the vessel's stored snapshots.
@@ -313,11 +343,33 @@ impl World {
         self.keys(&format!("vessels/{id}/snapshots"))
     }
 
-    /// The keys under `rel` in the world's prefix, sorted.
+    /// The keys under `rel` in the world's prefix (the files under it, on
+    /// local storage), sorted.
     fn keys(&self, rel: &str) -> Result<Vec<String>> {
         use futures::TryStreamExt;
-        let prefix = self.storage.key(rel);
-        let keys: Vec<_> = TOKIO.block_on(self.storage.store().list(Some(&prefix)).try_collect::<Vec<_>>())?;
+        let Some(s3) = &self.storage else {
+            let root = Path::new(&self.url);
+            let mut out = Vec::new();
+            let mut stack = vec![root.join(rel)];
+            while let Some(dir) = stack.pop() {
+                let entries = match std::fs::read_dir(&dir) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    r => r?,
+                };
+                for e in entries {
+                    let e = e?;
+                    if e.file_type()?.is_dir() {
+                        stack.push(e.path());
+                    } else {
+                        out.push(e.path().strip_prefix(root)?.to_string_lossy().into_owned());
+                    }
+                }
+            }
+            out.sort();
+            return Ok(out);
+        };
+        let prefix = s3.key(rel);
+        let keys: Vec<_> = TOKIO.block_on(s3.store().list(Some(&prefix)).try_collect::<Vec<_>>())?;
         let mut out: Vec<String> = keys.into_iter().map(|m| m.location.to_string()).collect();
         out.sort();
         Ok(out)
@@ -482,7 +534,7 @@ fn a_snapshot_replaced_by_a_bomb_is_refused(w: &World) -> Result<()> {
     ensure!(key.ends_with(".tar.zst"), "snapshots are stored zstd-compressed: {key}");
     let bomb = support::zstd_bomb("work/zeros", 1 << 30);
     ensure!(bomb.len() < 200 << 10, "the bomb is {} bytes", bomb.len());
-    let store = w.storage.store().clone();
+    let store = w.s3().store().clone();
     TOKIO.block_on(store.put(&object_store::path::Path::from(key), PutPayload::from(bomb)))?;
     let mut b = Host::start(w, "host-b", None)?;
     let e = b.call(&format!("open {id}"))?.expect_err("a bomb must be refused");
@@ -502,7 +554,7 @@ fn truncated_and_tampered_objects_are_corrupt(w: &World) -> Result<()> {
     a.ok("close")?;
     a.quit()?;
     let key = object_store::path::Path::from(w.snapshot_keys(&id)?.pop().context("no snapshot stored")?);
-    let store = w.storage.store().clone();
+    let store = w.s3().store().clone();
     let original = TOKIO.block_on(async { store.get(&key).await?.bytes().await })?;
     let mut tampered = original.to_vec();
     let mid = tampered.len() / 2;
@@ -640,8 +692,8 @@ fn a_deletion_racing_forks_on_s3(w: &World) -> Result<()> {
     use futures::TryStreamExt;
     let mut left = Vec::new();
     for prefix in ["vessels", "forks", "condemned"] {
-        let p = w.storage.key(prefix);
-        let keys: Vec<_> = TOKIO.block_on(w.storage.store().list(Some(&p)).try_collect::<Vec<_>>())?;
+        let p = w.s3().key(prefix);
+        let keys: Vec<_> = TOKIO.block_on(w.s3().store().list(Some(&p)).try_collect::<Vec<_>>())?;
         left.extend(
             keys.into_iter()
                 .map(|m| m.location.to_string())
@@ -829,6 +881,7 @@ fn main() {
         ("a_deletion_racing_forks_on_s3", a_deletion_racing_forks_on_s3),
         ("a_snapshot_replaced_by_a_bomb_is_refused", a_snapshot_replaced_by_a_bomb_is_refused),
         ("soak", soak::soak),
+        ("soak_local_quota", soak::soak_local_quota),
     ];
     let trials = cases
         .into_iter()

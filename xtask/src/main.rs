@@ -31,8 +31,9 @@ commands:
   bench   run the criterion benches (extra args go to cargo bench)
   demo    setup, image, then the main job: a short agent-like session on a real workspace
   fakenet start the network suite's fake internet and keep it up (prints its env)
-  soak    [--cycles N] [--seed S]: the fault campaign (kill -9, S3 cuts, paused
-          hosts) against a real S3 server, N cycles (default 200); `test` runs a short one";
+  soak    [--cycles N] [--seed S] [--case NAME]: the fault campaign (kill -9, S3 cuts,
+          full disks, paused hosts) against a real S3 server, N cycles (default 200);
+          `--case soak_local_quota` on local storage and btrfs quotas; `test` runs short ones";
 
 /// Debian packages the demo needs: the test image's busybox, the C
 /// libraries the youki backend builds against (libseccomp; libbpf, built
@@ -288,8 +289,8 @@ fn bench(rest: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// `cargo xtask soak [--cycles N] [--seed S]`: the hosts suite's `soak`
-/// case alone, long, against moto.
+/// `cargo xtask soak [--cycles N] [--seed S] [--case NAME]`: the hosts
+/// suite's `soak` case (or `NAME`) alone, long, against moto.
 fn soak(rest: &[String]) -> Result<()> {
     let mut env = vec![("VESSEL_SOAK_CYCLES", "200".to_owned())];
     let mut case = "soak".to_owned();

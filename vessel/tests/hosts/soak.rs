@@ -48,11 +48,15 @@ struct Figures {
     kill_runner: u64,
     kill_mid_exec: u64,
     kill_mid_snapshot: u64,
+    /// On local storage, in place of the relay's cut.
+    kill_mid_large_snapshot: u64,
     kill_idle: u64,
     kill_tree: u64,
     kill_mid_open: u64,
     cut_mid_upload: u64,
     disk_full: u64,
+    /// A vessel writing past its own disk quota (where hosts have one).
+    quota_full: u64,
     /// Of those, how many refused the write, the tree listing or the snapshot.
     disk_full_refusals: u64,
     paused_past_ttl: u64,
@@ -80,18 +84,67 @@ struct Figures {
 /// the dead host, restarted, leaves nothing behind. `VESSEL_SOAK_CYCLES` (default
 /// 12) and `VESSEL_SOAK_SEED` (default random, printed) drive it.
 pub(super) fn soak(w: &World) -> Result<()> {
+    // The hosts' disk: a small filesystem of its own, so a fault can fill it.
+    let disk_mb: u64 = std::env::var("VESSEL_SOAK_DISK_MB").ok().and_then(|c| c.parse().ok()).unwrap_or(768);
+    use nix::mount::{MntFlags, MsFlags, mount, umount2};
+    mount(Some("tmpfs"), &w.base, Some("tmpfs"), MsFlags::empty(), Some(format!("size={disk_mb}m").as_str()))?;
+    let result = run(w);
+    umount2(&w.base, MntFlags::MNT_DETACH)?;
+    result
+}
+
+/// Each host's disk quota in `soak_local_quota`.
+const QUOTA: u64 = 16 << 20;
+
+/// The same campaign with what `soak` does not cut: storage is a local
+/// directory all hosts share (`LocalStorage`: its temp-file sequence and
+/// flock-ed conditional writes), on a small btrfs filesystem with quotas
+/// that also holds the hosts' mount roots, and every host enforces a disk
+/// quota (each upper dir a subvolume with its qgroup limit, moved into the
+/// layer cache at a snapshot). A kill mid-snapshot cuts the blob's temp
+/// file, its rename, the manifest's, or the subvolume move; the disk
+/// filled from outside fails storage writes too; a vessel filling its own
+/// quota is refused by it. Instead of the S3 relay's cut, a large
+/// snapshot is killed part way.
+pub(super) fn soak_local_quota(w: &World) -> Result<()> {
+    use std::process::Command;
+    let run_cmd = |cmd: &mut Command| -> Result<()> {
+        let out = cmd.output()?;
+        ensure!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(())
+    };
+    let disk_mb: u64 = std::env::var("VESSEL_SOAK_DISK_MB").ok().and_then(|c| c.parse().ok()).unwrap_or(1024);
+    let image = std::path::PathBuf::from(format!("/var/tmp/vessel-soak-{:016x}.img", rand::random::<u64>()));
+    std::fs::File::create(&image)?.set_len(disk_mb << 20)?;
+    let made = run_cmd(Command::new("mkfs.btrfs").arg("-q").arg(&image))
+        .and_then(|()| run_cmd(Command::new("mount").args(["-o", "loop,discard"]).arg(&image).arg(&w.base)));
+    if let Err(e) = made {
+        std::fs::remove_file(&image)?;
+        return Err(e);
+    }
+    let result = run_cmd(Command::new("btrfs").args(["quota", "enable"]).arg(&w.base))
+        .and_then(|()| World::new(&w.base.join("storage").to_string_lossy(), &w.base, &w.image_dir, "soak"))
+        .and_then(|mut local| {
+            local.quota = Some(QUOTA);
+            run(&local)
+        });
+    let unmounted = run_cmd(Command::new("umount").arg(&w.base));
+    if unmounted.is_err() {
+        nix::mount::umount2(&w.base, nix::mount::MntFlags::MNT_DETACH)?;
+    }
+    std::fs::remove_file(&image)?;
+    result.and(unmounted)
+}
+
+/// One campaign on `w`, its figures printed, or its seed and log on failure.
+fn run(w: &World) -> Result<()> {
     let cycles: u64 = std::env::var("VESSEL_SOAK_CYCLES").ok().and_then(|c| c.parse().ok()).unwrap_or(12);
     let seed: u64 =
         std::env::var("VESSEL_SOAK_SEED").ok().and_then(|c| c.parse().ok()).unwrap_or_else(rand::random::<u64>);
     println!("soak: seed {seed}, {cycles} cycles (VESSEL_SOAK_SEED={seed} replays the choices)");
     let mut log: Vec<String> = Vec::new();
     let started = std::time::Instant::now();
-    // The hosts' disk: a small filesystem of its own, so a fault can fill it.
-    let disk_mb: u64 = std::env::var("VESSEL_SOAK_DISK_MB").ok().and_then(|c| c.parse().ok()).unwrap_or(768);
-    use nix::mount::{MntFlags, MsFlags, mount, umount2};
-    mount(Some("tmpfs"), &w.base, Some("tmpfs"), MsFlags::empty(), Some(format!("size={disk_mb}m").as_str()))?;
     let result = campaign(w, cycles, seed, &mut log);
-    umount2(&w.base, MntFlags::MNT_DETACH)?;
     match &result {
         Ok(f) => {
             let per_min = f.cycles as f64 / started.elapsed().as_secs_f64() * 60.0;
@@ -103,21 +156,28 @@ pub(super) fn soak(w: &World) -> Result<()> {
 }
 
 fn campaign(w: &World, cycles: u64, seed: u64, log: &mut Vec<String>) -> Result<Figures> {
-    let upstream = std::env::var("AWS_ENDPOINT_URL")?;
-    let proxy = TOKIO.block_on(Proxy::start(upstream.trim_start_matches("http://")))?;
-    let endpoint = format!("http://{}", proxy.addr);
+    // On S3, through a relay that can cut connections.
+    let proxy = match &w.storage {
+        Some(_) => {
+            let upstream = std::env::var("AWS_ENDPOINT_URL")?;
+            Some(TOKIO.block_on(Proxy::start(upstream.trim_start_matches("http://")))?)
+        }
+        None => None,
+    };
+    let endpoint = proxy.as_ref().map(|p| format!("http://{}", p.addr));
+    let endpoint = endpoint.as_deref();
     let mut rng = Rng(seed | 1);
     let (mut model, mut figures) = (Model::default(), Figures::default());
     let mut hosts = 0u32;
     let next_host = |hosts: &mut u32| -> Result<Host> {
         *hosts += 1;
-        Host::start(w, &format!("soak-{hosts}"), Some(&endpoint))
+        Host::start(w, &format!("soak-{hosts}"), endpoint)
     };
     // A dead host's manager, started again on its mount root, removes what
     // it left (mounts, containers); then nothing of it may remain.
     let restart = |n: u32, figures: &mut Figures, log: &mut Vec<String>| -> Result<()> {
         let name = format!("soak-{n}");
-        let mut again = Host::start(w, &name, Some(&endpoint))?;
+        let mut again = Host::start(w, &name, endpoint)?;
         // Its gc removes the heartbeat its killed run left.
         gc(&mut again, figures)?;
         again.quit()?;
@@ -301,27 +361,60 @@ fn campaign(w: &World, cycles: u64, seed: u64, log: &mut Vec<String>) -> Result<
                 restart(dead, &mut figures, log)?;
             }
             89..=92 => {
-                // The relay drops every connection part way into the upload.
                 host.sh(&format!(
                     "rm -f /work/cut; head -c {} /dev/urandom > /work/cut",
                     2_000_000 + rng.below(4_000_000)
                 ))?;
                 let tree = host.sh(TREE)?;
-                let after = 1 + rng.below(3 << 20);
-                log.push(format!("{cycle}: relay cut {after} bytes into a snapshot"));
-                proxy.cut_after(proxy.sent() + after);
-                let reply = host.call("snapshot")?;
-                proxy.restore();
-                figures.cut_mid_upload += 1;
-                match reply {
-                    Ok(sid) => {
-                        log.push(format!("{cycle}: committed anyway as {sid}"));
-                        model.committed.insert(sid, tree.clone());
-                        figures.snapshots += 1;
+                if let Some(proxy) = &proxy {
+                    // The relay drops every connection part way into the upload.
+                    let after = 1 + rng.below(3 << 20);
+                    log.push(format!("{cycle}: relay cut {after} bytes into a snapshot"));
+                    proxy.cut_after(proxy.sent() + after);
+                    let reply = host.call("snapshot")?;
+                    proxy.restore();
+                    figures.cut_mid_upload += 1;
+                    match reply {
+                        Ok(sid) => {
+                            log.push(format!("{cycle}: committed anyway as {sid}"));
+                            model.committed.insert(sid, tree.clone());
+                            figures.snapshots += 1;
+                        }
+                        Err(e) => ensure!(e.starts_with("err Io"), "a cut upload fails as Io: {e}"),
                     }
-                    Err(e) => ensure!(e.starts_with("err Io"), "a cut upload fails as Io: {e}"),
+                    ensure!(host.sh(TREE)? == tree, "the live tree changed under a failed snapshot");
+                } else {
+                    // Local storage: kill -9 part way into a large snapshot
+                    // (its temp file being written, renamed, the manifest's).
+                    let delay = rng.below(250);
+                    log.push(format!("{cycle}: kill -9 {delay} ms into a large snapshot"));
+                    writeln!(host.stdin, "snapshot")?;
+                    host.stdin.flush()?;
+                    std::thread::sleep(Duration::from_millis(delay));
+                    host.kill()?;
+                    model.in_flight = Some(tree);
+                    figures.kill_mid_large_snapshot += 1;
+                    let dead = hosts;
+                    host = take_over(w, &id, &mut model, &mut figures, next_host(&mut hosts)?, log)?;
+                    restart(dead, &mut figures, log)?;
                 }
-                ensure!(host.sh(TREE)? == tree, "the live tree changed under a failed snapshot");
+            }
+            93..=95 if w.quota.is_some() && rng.below(2) == 0 => {
+                // The vessel fills its own disk quota: the write is refused
+                // part way (EDQUOT); the tree with what was written
+                // snapshots, and the vessel works again once it is removed.
+                log.push(format!("{cycle}: the vessel writes past its quota, then a snapshot"));
+                let reply = host.ok(&format!("sh head -c {} /dev/urandom > /work/fill", QUOTA + (1 << 20)))?;
+                ensure!(!reply.starts_with("0 "), "a write past the quota succeeded");
+                let tree = host.sh(TREE)?;
+                let size = host.sh("stat -c %s /work/fill")?;
+                ensure!(size.trim().parse::<u64>()? < QUOTA, "{size} bytes written past a quota of {QUOTA}");
+                let sid = host.ok("snapshot")?;
+                log.push(format!("{cycle}: committed as {sid}"));
+                model.committed.insert(sid, tree);
+                figures.snapshots += 1;
+                host.sh("rm /work/fill")?;
+                figures.quota_full += 1;
             }
             93..=95 => {
                 // The hosts' disk filled (from outside, to a few KiB or
@@ -330,14 +423,7 @@ fn campaign(w: &World, cycles: u64, seed: u64, log: &mut Vec<String>) -> Result<
                 // space is freed.
                 let spare = rng.below(64) << 10;
                 log.push(format!("{cycle}: the disk filled to {} KiB free, then a write and a snapshot", spare >> 10));
-                let filler = w.base.join("filler");
-                let free = nix::sys::statvfs::statvfs(&w.base)?;
-                let avail = free.blocks_available() as u64 * free.fragment_size() as u64;
-                let f = std::fs::File::create(&filler)?;
-                nix::fcntl::fallocate(&f, nix::fcntl::FallocateFlags::empty(), 0, avail.saturating_sub(spare) as i64)?;
-                let left = nix::sys::statvfs::statvfs(&w.base)?;
-                let left = left.blocks_available() as u64 * left.fragment_size() as u64;
-                ensure!(left <= spare + (64 << 10), "the disk kept {left} bytes free");
+                let f = fill(&w.base, spare)?;
                 let wrote = host.sh(&format!("head -c 32768 /dev/urandom > /work/small{}", rng.below(4))).is_ok();
                 let listed = host.sh(TREE);
                 figures.disk_full_refusals += u64::from(!wrote || listed.is_err());
@@ -358,7 +444,7 @@ fn campaign(w: &World, cycles: u64, seed: u64, log: &mut Vec<String>) -> Result<
                     }
                 }
                 drop(f);
-                std::fs::remove_file(&filler)?;
+                std::fs::remove_file(w.base.join("filler"))?;
                 host.sh("true")?;
                 figures.disk_full += 1;
             }
@@ -396,10 +482,7 @@ fn storage_left(w: &World, id: &str) -> Result<()> {
     ensure!(hosts.is_empty(), "heartbeats left: {hosts:?}");
     let claims = w.keys("leases/vessels")?;
     ensure!(claims.len() == 1 && claims[0].ends_with(&format!("{id}.json")), "claims left: {claims:?}");
-    let path = object_store::path::Path::from(claims[0].as_str());
-    use object_store::ObjectStoreExt;
-    let claim = TOKIO.block_on(async { w.storage.store().get(&path).await?.bytes().await })?;
-    let claim: serde_json::Value = serde_json::from_slice(&claim)?;
+    let claim: serde_json::Value = serde_json::from_slice(&w.read(&claims[0])?)?;
     ensure!(claim.get("host").is_none_or(serde_json::Value::is_null), "the claim is still held: {claim}");
     let others: Vec<String> = w.keys("vessels")?.into_iter().filter(|k| !k.contains(id)).collect();
     ensure!(others.is_empty(), "objects of other vessels left: {others:?}");
@@ -407,8 +490,14 @@ fn storage_left(w: &World, id: &str) -> Result<()> {
         let left = w.keys(rel)?;
         ensure!(left.is_empty(), "{rel} left: {left:?}");
     }
-    let pending = pending_uploads(&w.url)?;
-    ensure!(pending.is_empty(), "multipart uploads pending: {pending:?}");
+    if w.storage.is_some() {
+        let pending = pending_uploads(&w.url)?;
+        ensure!(pending.is_empty(), "multipart uploads pending: {pending:?}");
+    } else {
+        // Local storage: no temp file of an interrupted write is left.
+        let tmp = w.keys(".tmp")?;
+        ensure!(tmp.is_empty(), "temp files left in local storage: {tmp:?}");
+    }
     Ok(())
 }
 
@@ -437,8 +526,10 @@ fn take_over(
     // Crash leftovers (a blob stored before its manifest, an unfinished
     // upload, dead hosts' heartbeats) go with gc; then none may be left.
     gc(&mut host, figures)?;
-    let pending = pending_uploads(&w.url)?;
-    ensure!(pending.is_empty(), "multipart uploads left pending after gc: {pending:?}");
+    if w.storage.is_some() {
+        let pending = pending_uploads(&w.url)?;
+        ensure!(pending.is_empty(), "multipart uploads left pending after gc: {pending:?}");
+    }
     let journals = w.keys("uploads")?;
     ensure!(journals.is_empty(), "upload journals left after gc: {journals:?}");
     let stored = w.snapshot_keys(id)?;
@@ -469,6 +560,40 @@ fn take_over(
         figures.verified += 1;
     }
     Ok(host)
+}
+
+/// Fills the filesystem of `dir` from outside (`dir/filler`) until at most
+/// about `spare` bytes are free; the file is removed by the caller.
+fn fill(dir: &std::path::Path, spare: u64) -> Result<std::fs::File> {
+    let avail = || -> Result<u64> {
+        let s = nix::sys::statvfs::statvfs(dir)?;
+        Ok(s.blocks_available() as u64 * s.fragment_size() as u64)
+    };
+    let f = std::fs::File::create(dir.join("filler"))?;
+    let mut len = 0u64;
+    // btrfs's free figure is an estimate (metadata chunks): grow the file
+    // in steps until what is left is small, backing off where it refuses.
+    for _ in 0..64 {
+        let want = avail()?.saturating_sub(spare);
+        if want < (64 << 10) {
+            break;
+        }
+        let mut step = want;
+        while step >= (64 << 10) {
+            match nix::fcntl::fallocate(&f, nix::fcntl::FallocateFlags::empty(), len as i64, step as i64) {
+                Ok(()) => break,
+                Err(nix::errno::Errno::ENOSPC) => step /= 2,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if step < (64 << 10) {
+            break;
+        }
+        len += step;
+    }
+    let left = avail()?;
+    ensure!(left <= spare + (1 << 20), "the disk kept {left} bytes free");
+    Ok(f)
 }
 
 /// A host's gc, its figures added.
