@@ -240,6 +240,20 @@ pub fn as_host_ids<T>(uid: u32, gid: u32, f: impl FnOnce() -> T) -> T {
     f()
 }
 
+/// A name for a probe's scratch dir: `.probe-<pid>-<random>`, so what a
+/// prober killed mid-probe leaves can be told from a live one's
+/// ([`probe_owner`]) and scrubbed.
+pub fn probe_name() -> String {
+    format!(".probe-{}-{:016x}", std::process::id(), rand::random::<u64>())
+}
+
+/// The pid in a [`probe_name`], or `None` for any other name.
+pub fn probe_owner(name: &str) -> Option<u32> {
+    let (pid, rest) = name.strip_prefix(".probe-")?.split_once('-')?;
+    (rest.len() == 16 && rest.bytes().all(|b| b.is_ascii_hexdigit())).then_some(())?;
+    pid.parse().ok()
+}
+
 /// Whether this kernel and the filesystem at `dir` support what isolation
 /// needs: a user namespace, an idmapped clone of `dir`, and an overlay over
 /// idmapped layers that is writable with the mapped root's fsuid. Makes
@@ -252,7 +266,7 @@ pub fn probe(dir: &Path) -> Result<(), RuntimeError> {
         backend: "userns",
         reason: format!("{what}: {e} (user namespaces with idmapped overlay layers need Linux 6.8 or later)"),
     };
-    let base = dir.join(format!(".probe-{:016x}", rand::random::<u64>()));
+    let base = dir.join(probe_name());
     let result = (|| {
         for d in ["lower", "ovl/upper", "ovl/work", "mnt"] {
             fs::create_dir_all(base.join(d)).map_err(RuntimeError::io("create", base.join(d)))?;
@@ -301,7 +315,7 @@ fn probe_rootless(dir: &Path) -> Result<(), RuntimeError> {
             "{what}: {e} (rootless vessels need overlayfs with `userxattr` in a user namespace, Linux 5.11 or later)"
         ),
     };
-    let base = dir.join(format!(".probe-{:016x}", rand::random::<u64>()));
+    let base = dir.join(probe_name());
     let result = as_host_ids(0, 0, || {
         for d in ["lower", "upper", "work", "mnt"] {
             fs::create_dir_all(base.join(d)).map_err(RuntimeError::io("create", base.join(d)))?;
@@ -328,6 +342,16 @@ pub(crate) fn fd_path(fd: &OwnedFd) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn probe_names_name_their_owner() {
+        let name = probe_name();
+        assert_eq!(probe_owner(&name), Some(std::process::id()));
+        for other in ["0123456789abcdef", ".probe-12", ".probe-x-0123456789abcdef", ".probe-12-xyz", ".quota-probe-12"]
+        {
+            assert_eq!(probe_owner(other), None, "{other}");
+        }
+    }
 
     /// A process that starts a holder and dies before killing it (a caller
     /// killed -9 at that moment) leaves no holder behind.

@@ -151,11 +151,8 @@ pub fn probe(dir: &Path) -> Result<(), String> {
         }
         Err(e) => return Err(format!("statfs {}: {e}", dir.display())),
     }
-    let name = format!(".quota-probe-{}", std::process::id());
+    let name = crate::idmap::probe_name();
     let probe = dir.join(&name);
-    if probe.exists() {
-        let _ = std::fs::remove_dir_all(&probe);
-    }
     create_subvolume(dir, OsStr::new(&name))
         .map_err(|e| format!("create a btrfs subvolume in {}: {e}", dir.display()))?;
     let result = (|| {

@@ -46,6 +46,24 @@ pub(crate) fn scrub(dir: &Path) -> Result<()> {
     }
 }
 
+/// Removes the probe dirs (`vessel_runtime::idmap::probe_name`) in `dirs`
+/// whose process is gone: a prober killed mid-probe. A reused pid only
+/// delays one; a live prober's is never taken.
+pub(crate) fn scrub_dead_probes(dirs: &[&Path]) -> Result<()> {
+    for dir in dirs {
+        for e in fs::read_dir(dir).map_err(VesselError::io("read", dir))?.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = vessel_runtime::idmap::probe_owner(&name)
+                && !Path::new(&format!("/proc/{pid}")).exists()
+            {
+                tracing::info!(%name, "removing a probe left by a dead process");
+                scrub(&e.path())?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Where vessels' container ids live on this host.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Ids {

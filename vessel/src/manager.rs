@@ -253,19 +253,18 @@ impl Manager {
         Ok(mgr)
     }
 
-    /// Removes vessel dirs (and their mounts) whose lock nobody holds.
-    fn remove_stale(&self) -> Result<usize> {
-        let mut removed = 0;
+    /// Removes vessel dirs (and mounts) nobody holds, and dead probers' probes.
+    fn remove_stale(&self) -> Result<()> {
         let dir = self.state.root.join("vessels");
+        crate::host::scrub_dead_probes(&[&self.state.root, &dir])?; // setup_quota's and ours
         for e in fs::read_dir(&dir).map_err(VesselError::io("read", &dir))?.flatten() {
             let Ok(id) = VesselId::new(&e.file_name().to_string_lossy()) else { continue };
             if let Ok(_lock) = self.state.lock(&id) {
                 tracing::info!(%id, "removing a vessel mount left by a dead process");
                 scrub(&e.path())?;
-                removed += 1;
             }
         }
-        Ok(removed)
+        Ok(())
     }
 
     /// This host's mount root.

@@ -228,10 +228,15 @@ impl Host {
         Ok(Self { child, stdin, stdout })
     }
 
+    /// Sends one command without waiting for its reply (a fault comes next).
+    fn send(&mut self, cmd: &str) -> Result<()> {
+        writeln!(self.stdin, "{cmd}")?;
+        Ok(self.stdin.flush()?)
+    }
+
     /// Sends one command; `Ok(reply)` for `ok reply`, `Err` with the whole line otherwise.
     fn call(&mut self, cmd: &str) -> Result<std::result::Result<String, String>> {
-        writeln!(self.stdin, "{cmd}")?;
-        self.stdin.flush()?;
+        self.send(cmd)?;
         let mut line = String::new();
         self.stdout.read_line(&mut line)?;
         ensure!(!line.is_empty(), "agent died on {cmd:?}");
@@ -465,8 +470,7 @@ fn a_killed_upload_is_aborted_by_gc(w: &World) -> Result<()> {
     let id = a.ok("create")?;
     a.sh("head -c 40000000 /dev/urandom > /work/big")?;
     let before = proxy.sent();
-    writeln!(a.stdin, "snapshot")?;
-    a.stdin.flush()?;
+    a.send("snapshot")?;
     // Past the first part (8 MiB): the upload is under way.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while proxy.sent() < before + (12 << 20) {

@@ -4,7 +4,6 @@
 //! snapshots and fork, while faults are injected, the model checked after
 //! each (see `soak`).
 
-use std::io::Write;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
@@ -319,8 +318,7 @@ fn campaign(w: &World, cycles: u64, seed: u64, log: &mut Vec<String>) -> Result<
                 let tree = host.sh(TREE)?;
                 let delay = rng.below(60);
                 log.push(format!("{cycle}: kill -9 {delay} ms into a snapshot"));
-                writeln!(host.stdin, "snapshot")?;
-                host.stdin.flush()?;
+                host.send("snapshot")?;
                 std::thread::sleep(Duration::from_millis(delay));
                 host.kill()?;
                 model.in_flight = Some(tree);
@@ -341,8 +339,7 @@ fn campaign(w: &World, cycles: u64, seed: u64, log: &mut Vec<String>) -> Result<
                     // A command under way: a throwaway one (its own runner
                     // and overlay) or one in the live sandbox.
                     let cmd = if rng.below(2) == 0 { "throwaway" } else { "sh" };
-                    writeln!(host.stdin, "{cmd} head -c 100000 /dev/zero > /tmp/x; sleep 5")?;
-                    host.stdin.flush()?;
+                    host.send(&format!("{cmd} head -c 100000 /dev/zero > /tmp/x; sleep 5"))?;
                     std::thread::sleep(Duration::from_millis(50 + rng.below(200)));
                     figures.kill_mid_exec += 1;
                 }
@@ -366,8 +363,7 @@ fn campaign(w: &World, cycles: u64, seed: u64, log: &mut Vec<String>) -> Result<
                 let mut opener = next_host(&mut hosts)?;
                 let delay = rng.below(80);
                 log.push(format!("{cycle}: kill -9 {delay} ms into an open"));
-                writeln!(opener.stdin, "open {id}")?;
-                opener.stdin.flush()?;
+                opener.send(&format!("open {id}"))?;
                 std::thread::sleep(Duration::from_millis(delay));
                 opener.kill()?;
                 figures.kill_mid_open += 1;
@@ -403,8 +399,7 @@ fn campaign(w: &World, cycles: u64, seed: u64, log: &mut Vec<String>) -> Result<
                     // (its temp file being written, renamed, the manifest's).
                     let delay = rng.below(250);
                     log.push(format!("{cycle}: kill -9 {delay} ms into a large snapshot"));
-                    writeln!(host.stdin, "snapshot")?;
-                    host.stdin.flush()?;
+                    host.send("snapshot")?;
                     std::thread::sleep(Duration::from_millis(delay));
                     host.kill()?;
                     model.in_flight = Some(tree);
