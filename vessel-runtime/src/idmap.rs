@@ -333,9 +333,9 @@ fn probe_rootless(dir: &Path) -> Result<(), RuntimeError> {
     result
 }
 
-/// Opens an fd's `/proc/self/fd` path: how overlayfs options name a
-/// detached mount.
-pub(crate) fn fd_path(fd: &OwnedFd) -> String {
+/// An fd's `/proc/self/fd` path: how overlayfs options name a detached
+/// mount, and how `linkat` names an unnamed (`O_TMPFILE`) file.
+pub(crate) fn fd_path(fd: &impl AsRawFd) -> String {
     format!("/proc/self/fd/{}", fd.as_raw_fd())
 }
 

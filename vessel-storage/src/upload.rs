@@ -6,9 +6,9 @@
 //! each upload is journaled: `uploads/<random>.json` names its key and
 //! upload id, is written before the first part and removed once the upload
 //! is completed or aborted. The storage's `abort_stale_uploads` (run by the
-//! facade's gc) aborts
-//! the uploads whose journal is older than a grace period, as the
-//! `AbortIncompleteMultipartUpload` lifecycle rule of S3 would, on any store.
+//! facade's gc) aborts the uploads whose journal is older than a grace
+//! period, as the `AbortIncompleteMultipartUpload` lifecycle rule of S3
+//! would, on any store.
 
 use std::sync::Arc;
 

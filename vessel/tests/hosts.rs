@@ -273,6 +273,13 @@ impl Host {
         Ok(())
     }
 
+    /// kill -9 `ms` milliseconds into `cmd` (a fault at a random point of it).
+    fn kill_into(mut self, cmd: &str, ms: u64) -> Result<()> {
+        self.send(cmd)?;
+        std::thread::sleep(Duration::from_millis(ms));
+        self.kill()
+    }
+
     fn kill(mut self) -> Result<()> {
         self.child.kill()?;
         self.child.wait()?;

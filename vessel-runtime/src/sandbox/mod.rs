@@ -64,8 +64,7 @@ pub fn install_agent(dir: &Path) -> Result<PathBuf, RuntimeError> {
     let mut f = std::fs::File::from(fd);
     std::io::Write::write_all(&mut f, AGENT).map_err(io("write"))?;
     f.sync_all().map_err(io("sync"))?;
-    let fd_path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&f));
-    match rustix::fs::linkat(CWD, fd_path.as_str(), CWD, &path, AtFlags::SYMLINK_FOLLOW) {
+    match rustix::fs::linkat(CWD, crate::idmap::fd_path(&f).as_str(), CWD, &path, AtFlags::SYMLINK_FOLLOW) {
         // Another process installed the same bytes first.
         Ok(()) | Err(rustix::io::Errno::EXIST) => {}
         Err(e) => return Err(RuntimeError::io("link", &path)(e.into())),

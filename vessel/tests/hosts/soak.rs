@@ -318,9 +318,7 @@ fn campaign(w: &World, cycles: u64, seed: u64, log: &mut Vec<String>) -> Result<
                 let tree = host.sh(TREE)?;
                 let delay = rng.below(60);
                 log.push(format!("{cycle}: kill -9 {delay} ms into a snapshot"));
-                host.send("snapshot")?;
-                std::thread::sleep(Duration::from_millis(delay));
-                host.kill()?;
+                host.kill_into("snapshot", delay)?;
                 model.in_flight = Some(tree);
                 figures.kill_mid_snapshot += 1;
                 let dead = hosts;
@@ -360,12 +358,10 @@ fn campaign(w: &World, cycles: u64, seed: u64, log: &mut Vec<String>) -> Result<
                 host.ok("close")?;
                 host.quit()?;
                 retire(w, &format!("soak-{hosts}"))?;
-                let mut opener = next_host(&mut hosts)?;
+                let opener = next_host(&mut hosts)?;
                 let delay = rng.below(80);
                 log.push(format!("{cycle}: kill -9 {delay} ms into an open"));
-                opener.send(&format!("open {id}"))?;
-                std::thread::sleep(Duration::from_millis(delay));
-                opener.kill()?;
+                opener.kill_into(&format!("open {id}"), delay)?;
                 figures.kill_mid_open += 1;
                 let dead = hosts;
                 host = take_over(w, &id, &mut model, &mut figures, next_host(&mut hosts)?, log)?;
@@ -399,9 +395,7 @@ fn campaign(w: &World, cycles: u64, seed: u64, log: &mut Vec<String>) -> Result<
                     // (its temp file being written, renamed, the manifest's).
                     let delay = rng.below(250);
                     log.push(format!("{cycle}: kill -9 {delay} ms into a large snapshot"));
-                    host.send("snapshot")?;
-                    std::thread::sleep(Duration::from_millis(delay));
-                    host.kill()?;
+                    host.kill_into("snapshot", delay)?;
                     model.in_flight = Some(tree);
                     figures.kill_mid_large_snapshot += 1;
                     let dead = hosts;
