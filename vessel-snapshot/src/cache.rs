@@ -237,8 +237,17 @@ impl LayerCache {
             }
             Some(_) => {}
         }
+        // One writer at a time, so a leftover temp file (a writer killed
+        // before its rename) is a dead one's, removed by the next opener.
+        let _lock = self.lock_name(".boot")?;
+        for e in fs::read_dir(&self.root).map_err(SnapshotError::io("read directory", &self.root))? {
+            let e = e.map_err(SnapshotError::io("read directory", &self.root))?;
+            if e.file_name().to_string_lossy().starts_with(".boot") {
+                fs::remove_file(e.path()).map_err(SnapshotError::io("remove", &e.path()))?;
+            }
+        }
         if recorded.as_deref().map(str::trim) != Some(now.as_str()) {
-            let tmp = self.root.join(format!(".boot-{:016x}", rand::random::<u64>()));
+            let tmp = self.root.join(".boot.new");
             let write = || -> io::Result<()> {
                 let mut f = File::create(&tmp)?;
                 io::Write::write_all(&mut f, now.as_bytes())?;

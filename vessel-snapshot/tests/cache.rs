@@ -229,4 +229,16 @@ fn unsynced_layers_are_dropped_after_a_reboot_only() {
     fs::remove_file(dir.path().join("boot")).unwrap();
     let cache = LayerCache::open(dir.path()).unwrap();
     assert!(cache.contains(&kb) && entry(&kb).join("synced").exists());
+    // Writers of the boot record killed before their rename (this
+    // version's temp name and an older version's) leave nothing for good:
+    // the next open removes their files, whether or not it rewrites it.
+    for name in [".boot.new", ".boot-0123456789abcdef"] {
+        fs::write(dir.path().join(name), "torn").unwrap();
+    }
+    let recorded = fs::read_to_string(dir.path().join("boot")).unwrap();
+    LayerCache::open(dir.path()).unwrap();
+    let mut left: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    left.sort();
+    assert_eq!(left, ["boot", "layers", "locks", "refs"]);
+    assert_eq!(fs::read_to_string(dir.path().join("boot")).unwrap(), recorded);
 }

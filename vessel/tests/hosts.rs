@@ -30,8 +30,11 @@ const IMAGE: &str = "local/busybox:latest";
 const TTL_MS: u64 = 2000;
 
 /// The tree under /work as `stat` and `md5sum` see it: names, types,
-/// modes, owners, sizes, link targets, contents.
-const TREE: &str = "cd /work && find . | sort | while read f; do stat -c '%n %F %a %u:%g %s %N' \"$f\"; done; \
+/// modes, owners, sizes, link targets, contents. Not a directory's size:
+/// it is the filesystem's bookkeeping (on btrfs the length of the names
+/// in it, an overlay's whiteouts included), which no layer records.
+const TREE: &str = "cd /work && find . | sort | while read f; do if [ -d \"$f\" ] && [ ! -L \"$f\" ]; \
+                    then stat -c '%n %F %a %u:%g' \"$f\"; else stat -c '%n %F %a %u:%g %s %N' \"$f\"; fi; done; \
                     find . -type f | sort | xargs -r md5sum";
 
 // ---------------------------------------------------------------- agent

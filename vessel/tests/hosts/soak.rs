@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use vessel_test_support as support;
 
 use super::{Host, Proxy, TOKIO, TREE, TTL_MS, World};
@@ -245,7 +245,7 @@ fn campaign(w: &World, cycles: u64, seed: u64, log: &mut Vec<String>) -> Result<
                     model.committed.iter().nth(i).map(|(s, t)| (s.clone(), t.clone())).context("a snapshot")?;
                 log.push(format!("{cycle}: restore {sid}"));
                 host.ok(&format!("restore {sid}"))?;
-                ensure!(host.sh(TREE)? == tree, "restore {sid} gave another tree");
+                same_tree(&host.sh(TREE)?, &tree, &format!("restore {sid}"))?;
                 figures.restores += 1;
             }
             62..=65 if !model.committed.is_empty() => {
@@ -560,7 +560,7 @@ fn take_over(
         let tree = in_flight.clone().with_context(|| format!("an object nobody committed: {key}"))?;
         let sid = key.rsplit('/').next().and_then(|f| f.split('.').next()).context("a snapshot key")?.to_owned();
         host.ok(&format!("restore {sid}")).with_context(|| format!("{key} is stored but not restorable"))?;
-        ensure!(host.sh(TREE)? == tree, "the in-flight snapshot {sid} holds another tree");
+        same_tree(&host.sh(TREE)?, &tree, &format!("the in-flight snapshot {sid}"))?;
         log.push(format!("the in-flight snapshot committed as {sid}"));
         model.committed.insert(sid, tree);
         figures.in_flight_committed += 1;
@@ -581,7 +581,7 @@ fn take_over(
             continue;
         }
         host.ok(&format!("restore {sid}"))?;
-        ensure!(host.sh(TREE)? == *tree, "committed snapshot {sid} restores to another tree");
+        same_tree(&host.sh(TREE)?, tree, &format!("committed snapshot {sid}"))?;
         figures.verified += 1;
     }
     Ok(host)
@@ -589,6 +589,21 @@ fn take_over(
 
 /// Fills the filesystem of `dir` from outside (`dir/filler`) until at most
 /// about `spare` bytes are free; the file is removed by the caller.
+/// Fails unless `got` is the tree `want`, naming the lines that differ.
+fn same_tree(got: &str, want: &str, what: &str) -> Result<()> {
+    if got == want {
+        return Ok(());
+    }
+    let only = |a: &str, b: &str| {
+        a.lines().filter(|l| !b.lines().any(|m| m == *l)).take(20).collect::<Vec<_>>().join("\n    ")
+    };
+    bail!(
+        "{what} restores to another tree\n  expected only:\n    {}\n  found only:\n    {}",
+        only(want, got),
+        only(got, want)
+    )
+}
+
 fn fill(dir: &std::path::Path, spare: u64) -> Result<std::fs::File> {
     let avail = || -> Result<u64> {
         let s = nix::sys::statvfs::statvfs(dir)?;
