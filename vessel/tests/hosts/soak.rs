@@ -229,7 +229,7 @@ fn campaign(w: &World, cycles: u64, seed: u64, log: &mut Vec<String>) -> Result<
                 log.push(format!("{cycle}: throwaway exec"));
                 let code = host.ok("throwaway rm -rf /work/* && echo gone > /work/f0 && mkdir /work/new")?;
                 ensure!(code == "0", "the throwaway command exited {code}");
-                ensure!(host.sh(TREE)? == tree, "a throwaway command changed the tree");
+                same_tree(&host.sh(TREE)?, &tree, "a throwaway command changed the tree")?;
                 figures.throwaway_execs += 1;
             }
             30..=49 => {
@@ -245,7 +245,7 @@ fn campaign(w: &World, cycles: u64, seed: u64, log: &mut Vec<String>) -> Result<
                     model.committed.iter().nth(i).map(|(s, t)| (s.clone(), t.clone())).context("a snapshot")?;
                 log.push(format!("{cycle}: restore {sid}"));
                 host.ok(&format!("restore {sid}"))?;
-                same_tree(&host.sh(TREE)?, &tree, &format!("restore {sid}"))?;
+                same_tree(&host.sh(TREE)?, &tree, &format!("restore {sid} gave another tree"))?;
                 figures.restores += 1;
             }
             62..=65 if !model.committed.is_empty() => {
@@ -279,11 +279,11 @@ fn campaign(w: &World, cycles: u64, seed: u64, log: &mut Vec<String>) -> Result<
                 let mut forks = 0;
                 for child in parts {
                     let child = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(child)?)?;
-                    ensure!(child == tree, "a live fork holds another tree than its source");
+                    same_tree(&child, &tree, "a live fork holds another tree than its source")?;
                     forks += 1;
                 }
                 ensure!(forks == n, "{forks} forks made of {n}");
-                ensure!(host.sh(TREE)? == tree, "forking changed the source");
+                same_tree(&host.sh(TREE)?, &tree, "forking changed the source")?;
                 model.committed.insert(sid, tree);
                 figures.live_forks += 1;
             }
@@ -308,7 +308,7 @@ fn campaign(w: &World, cycles: u64, seed: u64, log: &mut Vec<String>) -> Result<
                         ensure!(std::time::Instant::now() < deadline, "the process outlived its sandbox");
                         std::thread::sleep(Duration::from_millis(50));
                     }
-                    ensure!(host.sh(TREE)? == tree, "the tree changed after the runner died");
+                    same_tree(&host.sh(TREE)?, &tree, "the tree changed after the runner died")?;
                     figures.kill_runner += 1;
                 }
             }
@@ -389,7 +389,7 @@ fn campaign(w: &World, cycles: u64, seed: u64, log: &mut Vec<String>) -> Result<
                         }
                         Err(e) => ensure!(e.starts_with("err Io"), "a cut upload fails as Io: {e}"),
                     }
-                    ensure!(host.sh(TREE)? == tree, "the live tree changed under a failed snapshot");
+                    same_tree(&host.sh(TREE)?, &tree, "the live tree changed under a failed snapshot")?;
                 } else {
                     // Local storage: kill -9 part way into a large snapshot
                     // (its temp file being written, renamed, the manifest's).
@@ -560,7 +560,7 @@ fn take_over(
         let tree = in_flight.clone().with_context(|| format!("an object nobody committed: {key}"))?;
         let sid = key.rsplit('/').next().and_then(|f| f.split('.').next()).context("a snapshot key")?.to_owned();
         host.ok(&format!("restore {sid}")).with_context(|| format!("{key} is stored but not restorable"))?;
-        same_tree(&host.sh(TREE)?, &tree, &format!("the in-flight snapshot {sid}"))?;
+        same_tree(&host.sh(TREE)?, &tree, &format!("the in-flight snapshot {sid} holds another tree"))?;
         log.push(format!("the in-flight snapshot committed as {sid}"));
         model.committed.insert(sid, tree);
         figures.in_flight_committed += 1;
@@ -581,15 +581,14 @@ fn take_over(
             continue;
         }
         host.ok(&format!("restore {sid}"))?;
-        same_tree(&host.sh(TREE)?, tree, &format!("committed snapshot {sid}"))?;
+        same_tree(&host.sh(TREE)?, tree, &format!("committed snapshot {sid} restores to another tree"))?;
         figures.verified += 1;
     }
     Ok(host)
 }
 
-/// Fills the filesystem of `dir` from outside (`dir/filler`) until at most
-/// about `spare` bytes are free; the file is removed by the caller.
-/// Fails unless `got` is the tree `want`, naming the lines that differ.
+/// Fails with `what` unless `got` is the tree `want`, naming the lines
+/// that differ.
 fn same_tree(got: &str, want: &str, what: &str) -> Result<()> {
     if got == want {
         return Ok(());
@@ -597,13 +596,11 @@ fn same_tree(got: &str, want: &str, what: &str) -> Result<()> {
     let only = |a: &str, b: &str| {
         a.lines().filter(|l| !b.lines().any(|m| m == *l)).take(20).collect::<Vec<_>>().join("\n    ")
     };
-    bail!(
-        "{what} restores to another tree\n  expected only:\n    {}\n  found only:\n    {}",
-        only(want, got),
-        only(got, want)
-    )
+    bail!("{what}\n  expected only:\n    {}\n  found only:\n    {}", only(want, got), only(got, want))
 }
 
+/// Fills the filesystem of `dir` from outside (`dir/filler`) until at most
+/// about `spare` bytes are free; the file is removed by the caller.
 fn fill(dir: &std::path::Path, spare: u64) -> Result<std::fs::File> {
     let avail = || -> Result<u64> {
         let s = nix::sys::statvfs::statvfs(dir)?;
