@@ -31,9 +31,9 @@
 
 use std::fs::{self, File};
 use std::io::{self, Read};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use vessel_core::sync::still_linked;
 use vessel_core::{SnapshotId, VesselId};
 
 use crate::{ApplyMode, ApplyOptions, SnapshotError, apply_layer};
@@ -154,11 +154,6 @@ impl Drop for Scratch {
 
 fn open_lock(path: &Path) -> Result<File, SnapshotError> {
     File::options().create(true).truncate(false).write(true).open(path).map_err(SnapshotError::io("open lock", path))
-}
-
-/// GC unlinks lock files it holds; a lock on an unlinked file locks nothing.
-fn still_linked(path: &Path, file: &File) -> bool {
-    fs::metadata(path).is_ok_and(|m| file.metadata().is_ok_and(|f| f.ino() == m.ino() && f.dev() == m.dev()))
 }
 
 fn valid_holder(holder: &str) -> bool {

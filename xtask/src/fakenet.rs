@@ -143,21 +143,28 @@ impl FakeNet {
             "--user=root",
         ])?);
         let deadline = Instant::now() + Duration::from_secs(20);
+        let probe = [
+            "python3",
+            "-c",
+            "import urllib.request as u; [u.urlopen(a, timeout=1).read() \
+             for a in ('http://203.0.113.5/', 'http://[2001:db8::10]/')]",
+        ];
         loop {
-            let http = in_ns(
-                HOST,
-                &[
-                    "python3",
-                    "-c",
-                    "import urllib.request as u; [u.urlopen(a, timeout=1).read() \
-                     for a in ('http://203.0.113.5/', 'http://[2001:db8::10]/')]",
-                ],
-            );
-            if http.is_ok() && pid.exists() {
+            // Quiet while the servers start: a refusal then is expected.
+            let http = Command::new("ip")
+                .args(["netns", "exec", HOST])
+                .args(probe)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if http && pid.exists() {
                 break;
             }
             if Instant::now() > deadline {
-                bail!("the fake internet's servers did not start within 20 s");
+                // Once more aloud, for the reason.
+                in_ns(HOST, &probe)?;
+                bail!("the fake internet's servers did not start within 20 s (dnsmasq wrote no pid file)");
             }
             std::thread::sleep(Duration::from_millis(200));
         }

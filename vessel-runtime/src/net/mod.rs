@@ -48,7 +48,7 @@ use std::sync::{Arc, Mutex};
 use ipnet::{Ipv4Net, Ipv6Net};
 use nix::fcntl::{Flock, FlockArg};
 use vessel_core::NetworkPolicy;
-use vessel_core::sync::Locked;
+use vessel_core::sync::{Locked, still_linked};
 
 use crate::RuntimeError;
 
@@ -432,6 +432,11 @@ fn take_slot(slots: u32) -> Result<(u32, Flock<fs::File>), RuntimeError> {
             .open(&path)
             .map_err(RuntimeError::io("open", &path))?;
         let Ok(lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) else { continue };
+        if !still_linked(&path, &lock) {
+            // A sweep removed this slot's file between our open and lock:
+            // the slot is free but locked through another inode now.
+            continue;
+        }
         // Locked by us: whatever is there is a dead owner's.
         if Slot::netns_path(n).exists() || Slot::sysfs_path(n).exists() || link::exists_sync(n) {
             remove_slot_sync(n);
@@ -503,6 +508,11 @@ pub async fn remove_leftovers() -> usize {
         };
         let Ok(file) = fs::OpenOptions::new().write(true).open(entry.path()) else { continue };
         let Ok(lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) else { continue };
+        if !still_linked(&entry.path(), &lock) {
+            // Removed by another sweep since we opened it, and perhaps
+            // taken again by a new owner through a new file.
+            continue;
+        }
         remove_slot(n).await;
         drop(lock);
         removed += 1;
