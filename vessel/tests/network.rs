@@ -491,8 +491,47 @@ async fn nothing_is_left_after_close_or_a_crash(w: Arc<World>) -> Result<()> {
     child.start_kill()?;
     child.wait().await?;
     let _next = manager(&w, "leaks-child").await?;
-    ensure!(!vessel::runtime::net::slot_exists(slot), "the next manager removed slot {slot}");
+    // Every manager sweeps at start: one made by a concurrent case may be
+    // removing the slot right now (holding its lock, so ours skipped it).
+    // Once nobody holds the lock, nothing of the slot may be left.
+    let lock = vessel::runtime::net::run_dir().join(format!("slot-{slot}"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = vessel::runtime::net::slot_leftovers(slot);
+        if left.is_empty() {
+            break;
+        }
+        // Free, and still the file at the path (not one a sweep just unlinked).
+        let free = std::fs::File::open(&lock).is_ok_and(|f| {
+            use std::os::unix::fs::MetadataExt;
+            f.try_lock().is_ok()
+                && std::fs::metadata(&lock).is_ok_and(|m| f.metadata().is_ok_and(|o| o.ino() == m.ino()))
+        });
+        ensure!(
+            !free && Instant::now() < deadline,
+            "the next manager left slot {slot}'s {left:?}; its lock is {}",
+            if free { "free".to_string() } else { format!("held by {:?}", holders(&lock)) }
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     Ok(())
+}
+
+/// The processes with `path` open, as `pid command line`.
+fn holders(path: &std::path::Path) -> Vec<String> {
+    let Ok(procs) = std::fs::read_dir("/proc") else { return vec![] };
+    procs
+        .flatten()
+        .filter(|p| {
+            std::fs::read_dir(p.path().join("fd"))
+                .map(|fds| fds.flatten().any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t == path)))
+                .unwrap_or(false)
+        })
+        .map(|p| {
+            let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+            format!("{} {}", p.file_name().to_string_lossy(), String::from_utf8_lossy(&cmd).replace('\0', " "))
+        })
+        .collect()
 }
 
 /// The crash child: opens the vessel, makes its network, says its interface, waits to be killed.

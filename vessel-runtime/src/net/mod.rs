@@ -522,11 +522,21 @@ pub async fn remove_leftovers() -> usize {
 
 /// Whether anything of slot `n` is still on the host (leak checks).
 pub fn slot_exists(n: u32) -> bool {
-    Slot::netns_path(n).exists()
-        || Slot::sysfs_path(n).exists()
-        || link::exists_sync(n)
-        || nft::exists(n)
-        || pasta::running(n)
+    !slot_leftovers(n).is_empty()
+}
+
+/// What of slot `n` is still on the host, named (leak checks' messages).
+pub fn slot_leftovers(n: u32) -> Vec<&'static str> {
+    [
+        ("namespace", Slot::netns_path(n).exists()),
+        ("sysfs", Slot::sysfs_path(n).exists()),
+        ("veth", link::exists_sync(n)),
+        ("filter chains", nft::exists(n)),
+        ("pasta", pasta::running(n)),
+    ]
+    .into_iter()
+    .filter_map(|(what, there)| there.then_some(what))
+    .collect()
 }
 
 /// The slot of an interface name `vsl<n>`.
