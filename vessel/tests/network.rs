@@ -502,11 +502,8 @@ async fn nothing_is_left_after_close_or_a_crash(w: Arc<World>) -> Result<()> {
             break;
         }
         // Free, and still the file at the path (not one a sweep just unlinked).
-        let free = std::fs::File::open(&lock).is_ok_and(|f| {
-            use std::os::unix::fs::MetadataExt;
-            f.try_lock().is_ok()
-                && std::fs::metadata(&lock).is_ok_and(|m| f.metadata().is_ok_and(|o| o.ino() == m.ino()))
-        });
+        let free = std::fs::File::open(&lock)
+            .is_ok_and(|f| f.try_lock().is_ok() && vessel_core::sync::still_linked(&lock, &f));
         ensure!(
             !free && Instant::now() < deadline,
             "the next manager left slot {slot}'s {left:?}; its lock is {}",
