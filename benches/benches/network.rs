@@ -4,7 +4,14 @@
 //! plugin does it; a policy change against the same `nft -f` transaction
 //! run directly; and an HTTP request to a server in a vessel through its
 //! published port against the same request to the vessel's address (the
-//! relay's cost). Needs root and the test image (`cargo xtask bench`).
+//! relay's cost). Then what a vessel pays for having a network: create +
+//! first exec + close under `Open` against the same under `None`; 1 GiB
+//! downloaded from a server in another namespace (routed through the host,
+//! as the internet would be) by busybox `nc` in a vessel against the same
+//! `nc` on the host; and a network made and removed while 100 others exist
+//! against alone, with the filter's rule count at 0, 1 and 100 vessels
+//! (each vessel's rules are a constant few; resolved addresses go into
+//! sets). Needs root and the test image (`cargo xtask bench`).
 
 mod common;
 
@@ -39,6 +46,76 @@ const BASE_RULES: &str = "table inet vbench {
     accept; }
   chain forward { type filter hook forward priority -10; policy accept; iifname \"vbench0\" jump e; }
 }";
+
+/// The server namespace of the download bench, its address and port.
+const SERVER_NS: &str = "vbsrv";
+const SERVER: &str = "198.18.99.2";
+const SERVER_PORT: u16 = 9000;
+const GIB: u64 = 1 << 30;
+
+/// A namespace routed through the host (veth `vbs0`, 198.18.99.0/30)
+/// serving 1 GiB of zeros on every connection, as a Python loop.
+fn start_server() -> std::process::Child {
+    sh(&format!(
+        "ip netns del {SERVER_NS} 2>/dev/null; ip netns add {SERVER_NS} \
+         && ip link add vbs0 type veth peer name vbs1 netns {SERVER_NS} \
+         && ip addr add 198.18.99.1/30 dev vbs0 && ip link set vbs0 up \
+         && ip -n {SERVER_NS} link set lo up && ip -n {SERVER_NS} addr add {SERVER}/30 dev vbs1 \
+         && ip -n {SERVER_NS} link set vbs1 up && ip -n {SERVER_NS} route add default via 198.18.99.1"
+    ));
+    let server = format!(
+        "import socket
+s = socket.create_server(('{SERVER}', {SERVER_PORT}))
+buf = bytes(1 << 20)
+while True:
+    c, _ = s.accept()
+    try:
+        for _ in range({GIB} >> 20):
+            c.sendall(buf)
+    except OSError:
+        pass
+    c.close()
+"
+    );
+    let mut child = Command::new("ip").args(["netns", "exec", SERVER_NS, "python3", "-c", &server]).spawn().unwrap();
+    for _ in 0..100 {
+        if TcpStream::connect((SERVER, SERVER_PORT)).is_ok() {
+            // The server sends that probe its GiB until it sees it closed.
+            std::thread::sleep(Duration::from_millis(200));
+            return child;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("the download server did not start");
+}
+
+/// The download as a shell command: busybox `nc`, counted by `wc -c`.
+fn download_script(nc: &str) -> String {
+    format!("{nc} {SERVER} {SERVER_PORT} </dev/null | wc -c")
+}
+
+/// Rules in table `inet vessel`.
+fn rule_count() -> usize {
+    let out = Command::new("nft").args(["-j", "list", "table", "inet", "vessel"]).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v["nftables"].as_array().map_or(0, |a| a.iter().filter(|o| o.get("rule").is_some()).count())
+}
+
+/// Runs `sh -c script` in `v` (its changes discarded); exit code and stdout.
+async fn run(v: &vessel::Vessel, script: &str) -> (i32, String) {
+    let mut out = Vec::new();
+    let r = v
+        .exec(ExecOptions {
+            command: vec!["sh".into(), "-c".into(), script.into()],
+            stdout: Some(Box::new(&mut out)),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    (r.exit_code, String::from_utf8_lossy(&out).into_owned())
+}
 
 fn get(addr: SocketAddr) -> usize {
     let mut s = TcpStream::connect(addr).unwrap();
@@ -133,8 +210,83 @@ fn main() {
     let direct = SocketAddr::new(rt.block_on(v.network_info()).address.unwrap(), 8000);
     g.bench_function("http-get/published-port", |b| b.iter(|| get(published)));
     g.bench_function("http-get/vessel-address", |b| b.iter(|| get(direct)));
-    g.finish();
     rt.block_on(server.signal(9)).unwrap();
     rt.block_on(v.close()).unwrap();
+
+    // Create, first exec and close: what a network adds to a vessel's start.
+    for (name, policy) in [("network-none", NetworkPolicy::None), ("network-open", open.clone())] {
+        let opts = VesselOptions::new().network(policy);
+        g.bench_function(format!("create-exec-close/{name}"), |b| {
+            b.iter(|| {
+                rt.block_on(async {
+                    let v = mgr.create_vessel_with(IMAGE, "/work", &opts).await.unwrap();
+                    let id = v.id().to_string();
+                    assert_eq!(run(&v, "true").await.0, 0);
+                    v.close().await.unwrap();
+                    mgr.delete_vessel(&id).await.unwrap();
+                })
+            })
+        });
+    }
+
+    g.finish();
+
+    // 1 GiB from a server behind the host: the vessel's path (veth, filter,
+    // NAT) against the host's own, with the same client.
+    let mut srv = start_server();
+    let opts = VesselOptions::new().network(open.clone());
+    let v = rt.block_on(mgr.create_vessel_with(IMAGE, "/work", &opts)).unwrap();
+    let script = download_script("nc");
+    let host_script = download_script("busybox nc");
+    let mut d = c.benchmark_group("network-download");
+    d.sample_size(10).measurement_time(Duration::from_secs(20)).throughput(criterion::Throughput::Bytes(GIB));
+    d.bench_function("1gib/vessel", |b| {
+        b.iter(|| {
+            let (code, out) = rt.block_on(run(&v, &script));
+            assert_eq!((code, out.trim()), (0, GIB.to_string().as_str()));
+        })
+    });
+    d.bench_function("1gib/host", |b| {
+        b.iter(|| {
+            let out = Command::new("sh").args(["-c", &host_script]).output().unwrap();
+            assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), GIB.to_string());
+        })
+    });
+    d.finish();
+    rt.block_on(v.close()).unwrap();
+    let _ = srv.kill();
+    let _ = srv.wait();
+    sh(&format!("ip netns del {SERVER_NS}; ip link del vbs0 2>/dev/null; true"));
+
+    // Many vessels: one more network costs the same, and adds a constant
+    // number of rules.
+    let mut g = c.benchmark_group("network-many");
+    g.sample_size(20).measurement_time(Duration::from_secs(8));
+    let before = rule_count();
+    let one = rt.block_on(VesselNet::create(&config, &open)).unwrap();
+    let with_one = rule_count();
+    let mut others = vec![one];
+    for _ in 1..100 {
+        others.push(rt.block_on(VesselNet::create(&config, &open)).unwrap());
+    }
+    let with_100 = rule_count();
+    eprintln!(
+        "network rules in table inet vessel: {before} with no vessel, {with_one} with 1, {with_100} with 100 \
+         ({} per vessel)",
+        (with_100 - before) / 100
+    );
+    assert_eq!(with_100 - before, 100 * (with_one - before), "rules grow by a constant per vessel");
+    g.bench_function("create-and-remove/with-100-others", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let net = VesselNet::create(&config, &open).await.unwrap();
+                net.close().await;
+            })
+        })
+    });
+    g.finish();
+    for n in others {
+        rt.block_on(n.close());
+    }
     c.final_summary();
 }
