@@ -234,7 +234,9 @@ fn main() {
     // 1 GiB from a server behind the host: the vessel's path (veth, filter,
     // NAT) against the host's own, with the same client.
     let mut srv = start_server();
-    let opts = VesselOptions::new().network(open.clone());
+    // Every core, as the host's client has (the default limit is one).
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as i64;
+    let opts = VesselOptions::new().network(open.clone()).cpu_quota_us(100_000 * cores);
     let v = rt.block_on(mgr.create_vessel_with(IMAGE, "/work", &opts)).unwrap();
     let script = download_script("nc");
     let host_script = download_script("busybox nc");
