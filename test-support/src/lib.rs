@@ -130,6 +130,20 @@ pub fn processes_with_arg(arg: &str) -> Vec<i32> {
     all.flatten().filter(|p| p.cmdline().is_ok_and(|c| c.iter().any(|a| a == arg))).map(|p| p.pid()).collect()
 }
 
+/// The processes with `path` open, as `pid command line` (who holds a
+/// lock file a test expected free).
+pub fn processes_with_open(path: &Path) -> Vec<String> {
+    let Ok(all) = procfs::process::all_processes() else { return Vec::new() };
+    all.flatten()
+        .filter(|p| {
+            p.fd().is_ok_and(|mut fds| {
+                fds.any(|fd| fd.is_ok_and(|fd| matches!(&fd.target, procfs::process::FDTarget::Path(t) if t == path)))
+            })
+        })
+        .map(|p| format!("{} {}", p.pid(), p.cmdline().unwrap_or_default().join(" ")))
+        .collect()
+}
+
 /// Ends a suite: fails the run (exit 101) when anything named in `leaks`
 /// is left or `tmp` cannot be removed, else exits as the tests did.
 /// `process::exit` runs no destructors, so the temp dir is removed here.
@@ -186,4 +200,19 @@ pub fn zstd_bomb(name: &str, size: u64) -> Vec<u8> {
     }
     enc.finish().expect("a zstd end");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_process_holding_a_file_is_named() {
+        let p = std::env::temp_dir().join(format!("vessel-test-support-open-{}", std::process::id()));
+        let f = std::fs::File::create(&p).unwrap();
+        let me = std::process::id().to_string();
+        let held = super::processes_with_open(&p);
+        assert!(held.iter().any(|h| h.split(' ').next() == Some(me.as_str())), "{held:?}");
+        drop(f);
+        assert!(super::processes_with_open(&p).is_empty());
+        std::fs::remove_file(&p).unwrap();
+    }
 }

@@ -507,28 +507,11 @@ async fn nothing_is_left_after_close_or_a_crash(w: Arc<World>) -> Result<()> {
         ensure!(
             !free && Instant::now() < deadline,
             "the next manager left slot {slot}'s {left:?}; its lock is {}",
-            if free { "free".to_string() } else { format!("held by {:?}", holders(&lock)) }
+            if free { "free".to_string() } else { format!("held by {:?}", support::processes_with_open(&lock)) }
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(())
-}
-
-/// The processes with `path` open, as `pid command line`.
-fn holders(path: &std::path::Path) -> Vec<String> {
-    let Ok(procs) = std::fs::read_dir("/proc") else { return vec![] };
-    procs
-        .flatten()
-        .filter(|p| {
-            std::fs::read_dir(p.path().join("fd"))
-                .map(|fds| fds.flatten().any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t == path)))
-                .unwrap_or(false)
-        })
-        .map(|p| {
-            let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
-            format!("{} {}", p.file_name().to_string_lossy(), String::from_utf8_lossy(&cmd).replace('\0', " "))
-        })
-        .collect()
 }
 
 /// The crash child: opens the vessel, makes its network, says its interface, waits to be killed.
