@@ -12,10 +12,14 @@ use std::path::{Path, PathBuf};
 
 use futures::TryStreamExt;
 use nix::sched::{CloneFlags, unshare};
+use rtnetlink::packet_route::link::{InfoData, InfoVeth};
 use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 use super::Slot;
 use crate::RuntimeError;
+
+/// The vessel's end of its veth, in its namespace.
+const INSIDE: &str = "eth0";
 
 fn call(op: &'static str) -> impl FnOnce(rtnetlink::Error) -> RuntimeError {
     move |e| RuntimeError::Call { backend: "netlink", op, source: Box::new(e) }
@@ -123,17 +127,14 @@ async fn loopback_inside(ipv6: bool) -> Result<(), RuntimeError> {
 /// addresses and the vessel's default route.
 pub(super) async fn attach(slot: Slot, netns: &Path) -> Result<(), RuntimeError> {
     let handle = connect()?;
-    let (host, peer) = (Slot::veth(slot.n), format!("vsp{}", slot.n));
-    handle.link().add(LinkVeth::new(&host, &peer).build()).execute().await.map_err(call("add veth"))?;
+    let host = Slot::veth(slot.n);
     let ns = fs::File::open(netns).map_err(RuntimeError::io("open", netns))?;
-    let peer_index =
-        index(&handle, &peer).await?.ok_or_else(|| RuntimeError::InvalidRequest("veth peer vanished".into()))?;
-    handle
-        .link()
-        .set(LinkUnspec::new_with_index(peer_index).setns_by_fd(ns.as_raw_fd()).build())
-        .execute()
-        .await
-        .map_err(call("move veth into the vessel"))?;
+    // The peer is made in the vessel's namespace, as `eth0`: moving a link
+    // between namespaces afterwards waits for an RCU grace period (~40 ms
+    // here), creating it there does not.
+    let peer = LinkUnspec::new_with_name(INSIDE).setns_by_fd(ns.as_raw_fd()).build();
+    let veth = LinkVeth::new(&host, INSIDE).set_info_data(InfoData::Veth(InfoVeth::Peer(peer))).build();
+    handle.link().add(veth).execute().await.map_err(call("add veth"))?;
     let host_index =
         index(&handle, &host).await?.ok_or_else(|| RuntimeError::InvalidRequest("veth vanished".into()))?;
     // Without IPv6, none on the host end: no link-local address for the
@@ -166,25 +167,18 @@ pub(super) async fn attach(slot: Slot, netns: &Path) -> Result<(), RuntimeError>
         sysctl("ipv4/ip_forward", "1")?;
     }
     let (vessel, gateway, v6) = (slot.vessel, slot.host, slot.v6);
-    in_netns(netns, move || Box::pin(configure_inside(peer, vessel, gateway, v6)))
+    in_netns(netns, move || Box::pin(configure_inside(vessel, gateway, v6)))
 }
 
-/// Inside the vessel's namespace: the peer renamed `eth0`, addressed, up,
-/// default routes to the host.
+/// Inside the vessel's namespace: `eth0` addressed, up, default routes to
+/// the host.
 async fn configure_inside(
-    peer: String,
     vessel: Ipv4Addr,
     gateway: Ipv4Addr,
     v6: Option<(Ipv6Addr, Ipv6Addr)>,
 ) -> Result<(), RuntimeError> {
     let handle = connect()?;
-    let eth = index(&handle, &peer).await?.ok_or_else(|| RuntimeError::InvalidRequest("veth peer vanished".into()))?;
-    handle
-        .link()
-        .set(LinkUnspec::new_with_index(eth).name("eth0".to_owned()).build())
-        .execute()
-        .await
-        .map_err(call("rename eth0"))?;
+    let eth = index(&handle, INSIDE).await?.ok_or_else(|| RuntimeError::InvalidRequest("veth peer vanished".into()))?;
     handle.address().add(eth, IpAddr::V4(vessel), 31).execute().await.map_err(call("address eth0"))?;
     if let Some((_, vessel6)) = v6 {
         handle.address().add(eth, IpAddr::V6(vessel6), 127).execute().await.map_err(call("address eth0 (IPv6)"))?;
