@@ -7,8 +7,8 @@
 //! relay's cost). Then what a vessel pays for having a network: create +
 //! first exec, and close, under `Open` against the same under `None`; 1 GiB
 //! downloaded from a server in another namespace (routed through the host,
-//! as the internet would be) by busybox `nc` in a vessel against the same
-//! `nc` on the host; and a network made and removed while 100 others exist
+//! as the internet would be) by busybox `wget` in a vessel against the same
+//! `wget` on the host; and a network made and removed while 100 others exist
 //! against alone, with the filter's rule count at 0, 1 and 100 vessels
 //! (each vessel's rules are a constant few; resolved addresses go into
 //! sets). Needs root and the test image (`cargo xtask bench`).
@@ -24,6 +24,7 @@ use common::IMAGE;
 use criterion::Criterion;
 use vessel::runtime::net::{NetConfig, VesselNet};
 use vessel::{ExecOptions, NetworkPolicy, VesselOptions};
+use vessel_benches::download::{self, GIB};
 use vessel_benches::image_dir;
 
 fn sh(cmd: &str) {
@@ -46,55 +47,6 @@ const BASE_RULES: &str = "table inet vbench {
     accept; }
   chain forward { type filter hook forward priority -10; policy accept; iifname \"vbench0\" jump e; }
 }";
-
-/// The server namespace of the download bench, its address and port.
-const SERVER_NS: &str = "vbsrv";
-const SERVER: &str = "198.18.99.2";
-const SERVER_PORT: u16 = 9000;
-const GIB: u64 = 1 << 30;
-
-/// A namespace routed through the host (veth `vbs0`, 198.18.99.0/30)
-/// serving 1 GiB of zeros on every connection, as a Python loop.
-fn start_server() -> std::process::Child {
-    sh(&format!(
-        "ip netns del {SERVER_NS} 2>/dev/null; ip netns add {SERVER_NS} \
-         && ip link add vbs0 type veth peer name vbs1 netns {SERVER_NS} \
-         && ip addr add 198.18.99.1/30 dev vbs0 && ip link set vbs0 up \
-         && ip -n {SERVER_NS} link set lo up && ip -n {SERVER_NS} addr add {SERVER}/30 dev vbs1 \
-         && ip -n {SERVER_NS} link set vbs1 up && ip -n {SERVER_NS} route add default via 198.18.99.1"
-    ));
-    let server = format!(
-        "import socket
-s = socket.create_server(('{SERVER}', {SERVER_PORT}))
-buf = bytes(1 << 20)
-while True:
-    c, _ = s.accept()
-    try:
-        for _ in range({GIB} >> 20):
-            c.sendall(buf)
-    except OSError:
-        pass
-    c.close()
-"
-    );
-    let mut child = Command::new("ip").args(["netns", "exec", SERVER_NS, "python3", "-c", &server]).spawn().unwrap();
-    for _ in 0..100 {
-        if TcpStream::connect((SERVER, SERVER_PORT)).is_ok() {
-            // The server sends that probe its GiB until it sees it closed.
-            std::thread::sleep(Duration::from_millis(200));
-            return child;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    panic!("the download server did not start");
-}
-
-/// The download as a shell command: busybox `nc`, counted by `wc -c`.
-fn download_script(nc: &str) -> String {
-    format!("{nc} {SERVER} {SERVER_PORT} </dev/null | wc -c")
-}
 
 /// Rules in table `inet vessel`.
 fn rule_count() -> usize {
@@ -247,13 +199,13 @@ fn main() {
 
     // 1 GiB from a server behind the host: the vessel's path (veth, filter,
     // NAT) against the host's own, with the same client.
-    let mut srv = start_server();
+    let server = download::Server::start();
     // Every core, as the host's client has (the default limit is one).
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as i64;
     let opts = VesselOptions::new().network(open.clone()).cpu_quota_us(100_000 * cores);
     let v = rt.block_on(mgr.create_vessel_with(IMAGE, "/work", &opts)).unwrap();
-    let script = download_script("nc");
-    let host_script = download_script("busybox nc");
+    let script = download::script("");
+    let host_script = download::script("busybox ");
     let mut d = c.benchmark_group("network-download");
     d.sample_size(10).measurement_time(Duration::from_secs(20)).throughput(criterion::Throughput::Bytes(GIB));
     d.bench_function("1gib/vessel", |b| {
@@ -270,9 +222,7 @@ fn main() {
     });
     d.finish();
     rt.block_on(v.close()).unwrap();
-    let _ = srv.kill();
-    let _ = srv.wait();
-    sh(&format!("ip netns del {SERVER_NS}; ip link del vbs0 2>/dev/null; true"));
+    drop(server);
 
     // Many vessels: one more network costs the same, and adds a constant
     // number of rules.

@@ -10,6 +10,8 @@
 //! `true` again with memory, CPU and pids limits on both sides: rootful in
 //! vessel's cgroups, rootless in a cgroup subtree this bench delegates to
 //! the user for that part (`vessel-<uid>`, as `cargo xtask test` does).
+//! And 1 GiB downloaded into a vessel with `Open` networking on both sides
+//! (rootless through pasta), against the host's own download.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -17,16 +19,16 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
-use vessel::{ExecOptions, LocalStorage, Manager, ManagerConfig};
-use vessel_benches::image_dir;
+use vessel::{ExecOptions, LocalStorage, Manager, ManagerConfig, NetworkPolicy, VesselOptions};
+use vessel_benches::{download, image_dir};
 
 const AGENT: &str = "VESSEL_BENCH_ROOTLESS_AGENT";
 /// Set for an agent whose vessel has memory, CPU and pids limits.
 const LIMITS: &str = "VESSEL_BENCH_LIMITS";
 const IMAGE: &str = "local/busybox:latest";
 
-/// Replies to `exec N`, `snapshot N`, `restore N` with the nanoseconds N
-/// of them took.
+/// Replies to `exec N`, `snapshot N`, `restore N`, `download N` with the
+/// nanoseconds N of them took.
 fn agent() -> ! {
     let env = |k: &str| PathBuf::from(std::env::var_os(k).unwrap_or_else(|| panic!("{k} unset")));
     let (dir, archive) = (env("VESSEL_AGENT_DIR"), env("VESSEL_AGENT_IMAGE"));
@@ -55,6 +57,8 @@ fn agent() -> ! {
         assert!(unavailable.iter().all(|u| u.limit == vessel::Limit::Disk), "limits do not hold: {unavailable:?}");
     }
     println!("{}", if mgr.is_rootless() { "rootless" } else { "rootful" });
+    // The download's vessel, with `Open` networking (made at the first).
+    let mut net: Option<vessel::Vessel> = None;
     let mut k = 0u64;
     for line in std::io::stdin().lock().lines() {
         let line = line.unwrap();
@@ -62,6 +66,9 @@ fn agent() -> ! {
         if op == "quit" {
             rt.block_on(async {
                 v.close().await.unwrap();
+                if let Some(n) = net.take() {
+                    n.close().await.unwrap();
+                }
                 mgr.close().await.unwrap();
             });
             std::process::exit(0)
@@ -90,6 +97,23 @@ fn agent() -> ! {
                         let t = Instant::now();
                         v.restore_snapshot(&snaps[(k % 2) as usize]).await.unwrap();
                         total += t.elapsed();
+                    }
+                    "download" => {
+                        if net.is_none() {
+                            let opts = VesselOptions::new().network(NetworkPolicy::Open(vec![]));
+                            net = Some(mgr.create_vessel_with(IMAGE, "/work", &opts).await.unwrap());
+                        }
+                        let mut out = Vec::new();
+                        let opts = ExecOptions {
+                            command: vec!["sh".into(), "-c".into(), download::script("")],
+                            stdout: Some(Box::new(&mut out)),
+                            ..Default::default()
+                        };
+                        let t = Instant::now();
+                        let res = net.as_ref().expect("made above").exec(opts).await.unwrap();
+                        total += t.elapsed();
+                        assert_eq!(res.exit_code, 0);
+                        assert_eq!(String::from_utf8_lossy(&out).trim(), download::GIB.to_string());
                     }
                     other => panic!("unknown op {other}"),
                 }
@@ -198,7 +222,25 @@ fn main() {
         }
     }
     g.finish();
+    // 1 GiB from a server behind the host, by busybox `wget` in a vessel with
+    // `Open` networking (rootful: veth, filter, NAT; rootless: pasta)
+    // against the same `wget` on the host. Neither vessel has a CPU limit.
+    let server = download::Server::start();
+    let mut g = c.benchmark_group("rootless-download");
+    g.sample_size(10).measurement_time(Duration::from_secs(20)).throughput(criterion::Throughput::Bytes(download::GIB));
+    for (mode, agent) in agents.iter_mut() {
+        g.bench_function(format!("{mode}/1gib"), |b| b.iter_custom(|n| agent.time("download", n)));
+    }
+    let host_script = download::script("busybox ");
+    g.bench_function("host/1gib", |b| {
+        b.iter(|| {
+            let out = Command::new("sh").args(["-c", &host_script]).output().unwrap();
+            assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), download::GIB.to_string());
+        })
+    });
+    g.finish();
     drop(agents);
+    drop(server);
     {
         let uid = nix::unistd::User::from_name(&user).unwrap().expect("the rootless user").uid;
         let _delegation = Delegation::new(uid.as_raw());

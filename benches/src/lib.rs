@@ -1,5 +1,8 @@
 //! Deterministic inputs for the criterion benches: the same seed always
-//! yields the same bytes, so runs on different days compare.
+//! yields the same bytes, so runs on different days compare. And the
+//! servers some benches measure against.
+
+pub mod download;
 
 /// The test image's directory (`cargo xtask image` makes it): where
 /// `VESSEL_TEST_IMAGE_DIR` says, else `target/vessel-test`.
