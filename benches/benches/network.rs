@@ -5,13 +5,13 @@
 //! run directly; and an HTTP request to a server in a vessel through its
 //! published port against the same request to the vessel's address (the
 //! relay's cost). Then what a vessel pays for having a network: create +
-//! first exec, and close, under `Open` against the same under `None`; 1 GiB
-//! downloaded from a server in another namespace (routed through the host,
-//! as the internet would be) by busybox `wget` in a vessel against the same
-//! `wget` on the host; and a network made and removed while 100 others exist
-//! against alone, with the filter's rule count at 0, 1 and 100 vessels
-//! (each vessel's rules are a constant few; resolved addresses go into
-//! sets). Needs root and the test image (`cargo xtask bench`).
+//! first exec, and close, under `Open` against the same under `None`; and a
+//! network made and removed while 100 others exist against alone, with the
+//! filter's rule count at 0, 1 and 100 vessels (each vessel's rules are a
+//! constant few; resolved addresses go into sets). Throughput (1 GiB into a
+//! vessel, rootful and rootless, against the host) is in the rootless
+//! bench, which has both kinds of agent. Needs root and the test image
+//! (`cargo xtask bench`).
 
 mod common;
 
@@ -24,7 +24,6 @@ use common::IMAGE;
 use criterion::Criterion;
 use vessel::runtime::net::{NetConfig, VesselNet};
 use vessel::{ExecOptions, NetworkPolicy, VesselOptions};
-use vessel_benches::download::{self, GIB};
 use vessel_benches::image_dir;
 
 fn sh(cmd: &str) {
@@ -196,33 +195,6 @@ fn main() {
     }
 
     g.finish();
-
-    // 1 GiB from a server behind the host: the vessel's path (veth, filter,
-    // NAT) against the host's own, with the same client.
-    let server = download::Server::start();
-    // Every core, as the host's client has (the default limit is one).
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as i64;
-    let opts = VesselOptions::new().network(open.clone()).cpu_quota_us(100_000 * cores);
-    let v = rt.block_on(mgr.create_vessel_with(IMAGE, "/work", &opts)).unwrap();
-    let script = download::script("");
-    let host_script = download::script("busybox ");
-    let mut d = c.benchmark_group("network-download");
-    d.sample_size(10).measurement_time(Duration::from_secs(20)).throughput(criterion::Throughput::Bytes(GIB));
-    d.bench_function("1gib/vessel", |b| {
-        b.iter(|| {
-            let (code, out) = rt.block_on(run(&v, &script));
-            assert_eq!((code, out.trim()), (0, GIB.to_string().as_str()));
-        })
-    });
-    d.bench_function("1gib/host", |b| {
-        b.iter(|| {
-            let out = Command::new("sh").args(["-c", &host_script]).output().unwrap();
-            assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), GIB.to_string());
-        })
-    });
-    d.finish();
-    rt.block_on(v.close()).unwrap();
-    drop(server);
 
     // Many vessels: one more network costs the same, and adds a constant
     // number of rules.
