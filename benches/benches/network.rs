@@ -2,9 +2,11 @@
 //! network (namespace, routed veth, nftables chains, resolver) against the
 //! same work done by `ip` and `nft` commands, as a script or an exec'd
 //! plugin does it; a policy change against the same `nft -f` transaction
-//! run directly; and an HTTP request to a server in a vessel through its
-//! published port against the same request to the vessel's address (the
-//! relay's cost). Then what a vessel pays for having a network: create +
+//! run directly; and an HTTP request (connect, request, whole reply) to a
+//! server in a vessel through its published port against the same request
+//! to the vessel's address (the relay's cost) and to the same server on the
+//! host. (A bare connect-and-close is no measure: busybox httpd forks per
+//! connection and waits for a request, so the backlog fills.) Then what a vessel pays for having a network: create +
 //! first exec, and close, under `Open` against the same under `None`; and a
 //! network made and removed while 100 others exist against alone, with the
 //! filter's rule count at 0, 1 and 100 vessels (each vessel's rules are a
@@ -177,8 +179,21 @@ fn main() {
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let direct = SocketAddr::new(rt.block_on(v.network_info()).address.unwrap(), 8000);
+    // The same server (busybox httpd, same page) on the host's loopback.
+    let www = dir.path().join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("index.html"), "hi\n").unwrap();
+    let mut host_httpd =
+        Command::new("busybox").args(["httpd", "-f", "-p", "127.0.0.1:18000", "-h"]).arg(&www).spawn().unwrap();
+    let on_host: SocketAddr = "127.0.0.1:18000".parse().unwrap();
+    while TcpStream::connect(on_host).is_err() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     g.bench_function("http-get/published-port", |b| b.iter(|| get(published)));
     g.bench_function("http-get/vessel-address", |b| b.iter(|| get(direct)));
+    g.bench_function("http-get/host-server", |b| b.iter(|| get(on_host)));
+    let _ = host_httpd.kill();
+    let _ = host_httpd.wait();
     rt.block_on(server.signal(9)).unwrap();
     rt.block_on(v.close()).unwrap();
 
