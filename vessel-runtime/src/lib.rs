@@ -51,9 +51,9 @@ mod error;
 // (clone into a new user namespace, mount_setattr), each block justified.
 #[allow(unsafe_code)]
 pub mod idmap;
+pub mod net;
 pub mod overlay;
 // Entering rootless mode: a fork while the process has one thread.
-pub mod net;
 #[allow(unsafe_code)]
 pub mod rootless;
 pub mod sandbox;

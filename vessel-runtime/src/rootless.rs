@@ -342,7 +342,8 @@ fn inherit_capabilities() -> std::io::Result<()> {
 
 /// `name` in `PATH` (or `/usr/bin`, where Debian's `uidmap` puts it).
 /// The executable `name` on `PATH`, or in the system directories a
-/// user's `PATH` may leave out (`nft` is in `/usr/sbin`).
+/// user's `PATH` may leave out (`newuidmap` is in `/usr/bin`, tools in
+/// `/usr/sbin`).
 pub(crate) fn find_tool(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)

@@ -130,7 +130,7 @@ pub(super) async fn attach(slot: Slot, netns: &Path) -> Result<(), RuntimeError>
     let host = Slot::veth(slot.n);
     let ns = fs::File::open(netns).map_err(RuntimeError::io("open", netns))?;
     // The peer is made in the vessel's namespace, as `eth0`: moving a link
-    // between namespaces afterwards waits for an RCU grace period (~40 ms
+    // between namespaces afterwards waits for an RCU grace period (~45 ms
     // here), creating it there does not.
     let peer = LinkUnspec::new_with_name(INSIDE).setns_by_fd(ns.as_raw_fd()).build();
     let veth = LinkVeth::new(&host, INSIDE).set_info_data(InfoData::Veth(InfoVeth::Peer(peer))).build();

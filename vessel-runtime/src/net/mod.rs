@@ -21,8 +21,9 @@
 //! the vessel (module `ports`).
 //!
 //! Built on the kernel through maintained parts: rtnetlink for links,
-//! addresses and routes; the `nft` tool (nftables' own front end, which
-//! applies a whole ruleset change as one atomic transaction) for rules;
+//! addresses and routes; libnftables (nftables' own front end, the `nft`
+//! tool's library, in process; it applies a whole ruleset change as one
+//! atomic transaction) for rules;
 //! hickory-proto to parse and write DNS messages.
 //!
 //! State lives in `/run/vessel/net` (a tmpfs: nothing survives a reboot,
@@ -33,6 +34,9 @@
 
 mod config;
 mod dns;
+// libnftables' C API, bound by hand: one justified block.
+#[allow(unsafe_code)]
+mod libnft;
 mod link;
 mod nft;
 mod pasta;
@@ -66,8 +70,8 @@ pub fn run_dir() -> PathBuf {
     PathBuf::from("/run/vessel/net")
 }
 
-/// Runs `f` on a thread that joined network namespace `netns` (whose
-/// children, `nft` included, are in it too; a socket it makes stays in it),
+/// Runs `f` on a thread that joined network namespace `netns` (a socket it
+/// makes, libnftables' netlink socket included, stays in it),
 /// or here when `None`. Fails, running nothing, if `netns` cannot be joined:
 /// never silently in the wrong namespace.
 pub(crate) fn in_ns<T: Send>(netns: Option<&Path>, f: impl FnOnce() -> T + Send) -> Result<T, RuntimeError> {
@@ -152,8 +156,8 @@ pub fn unavailable() -> Option<String> {
     } else if !nix::unistd::Uid::effective().is_root() {
         return Some("a vessel network needs root, or rootless mode".into());
     }
-    if nft::binary().is_none() {
-        return Some("the nft tool (Debian package nftables) is not installed".into());
+    if !nft::available() {
+        return Some("libnftables (Debian package libnftables1, part of nftables) is not installed".into());
     }
     None
 }
@@ -465,7 +469,7 @@ async fn remove_slot(n: u32) {
 /// [`remove_slot`] but the lock file (its caller holds it and keeps the slot).
 async fn remove_parts(n: u32) {
     pasta::remove(n);
-    // The filter (an nft run) and the veth (the kernel's slowest step,
+    // The filter (one nftables transaction) and the veth (the kernel's slowest step,
     // ~20 ms) go in parallel; neither needs the other gone first.
     let filter = tokio::task::spawn_blocking(move || nft::remove(n));
     link::remove(n).await;

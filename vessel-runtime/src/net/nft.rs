@@ -6,20 +6,19 @@
 //! sends to the host itself (input); a `vsl*` interface with no chain (one
 //! being made or removed) is dropped. Inbound connections to any vessel are
 //! dropped in the base forward chain; replies pass by conntrack. Every
-//! change is one `nft -f` script, which the kernel applies as a single
-//! transaction: a policy change is never seen half-made.
+//! change is one nftables script (run by libnftables in process), which
+//! the kernel applies as a single transaction: a policy change is never
+//! seen half-made.
 
 use std::fmt::Write as _;
-use std::io::Write as _;
 use std::net::{IpAddr, Ipv6Addr};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use nix::fcntl::{Flock, FlockArg};
 use vessel_core::{AllowRule, NetworkPolicy};
 
-use super::{NetConfig, Slot, in_ns, run_dir};
+use super::{NetConfig, Slot, in_ns, libnft, run_dir};
 use crate::RuntimeError;
 
 const TABLE: &str = "inet vessel";
@@ -52,9 +51,10 @@ const FORBIDDEN6: [&str; 8] =
 /// inside them too, so a translator or relay cannot be used to reach them.
 const EMBEDDING: [(&str, u8); 2] = [("64:ff9b::", 96), ("2002::", 16)];
 
-/// The `nft` executable, if installed.
-pub(super) fn binary() -> Option<PathBuf> {
-    crate::rootless::find_tool("nft")
+/// Whether nftables can be driven here (its library, which the `nft` tool
+/// is built on, loads).
+pub(super) fn available() -> bool {
+    libnft::available()
 }
 
 fn nft_error(what: &'static str, detail: String) -> RuntimeError {
@@ -74,43 +74,23 @@ fn run_in(netns: Option<&Path>, what: &'static str, script: &str) -> Result<(), 
 
 /// Runs `script` as one transaction.
 fn run(what: &'static str, script: &str) -> Result<(), RuntimeError> {
-    let bin = binary().ok_or_else(|| nft_error(what, "nft is not installed".into()))?;
-    let mut child = Command::new(&bin)
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(RuntimeError::io("run", &bin))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(script.as_bytes()).map_err(RuntimeError::io("write to", &bin))?;
-    }
-    let out = child.wait_with_output().map_err(RuntimeError::io("wait for", &bin))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(nft_error(what, String::from_utf8_lossy(&out.stderr).trim().to_owned()))
-    }
+    libnft::run(script, false).map(drop).map_err(|e| nft_error(what, e))
 }
 
 /// [`json`] in `netns` or here.
-fn json_in(netns: Option<&Path>, args: &[&str]) -> Option<serde_json::Value> {
-    in_ns(netns, || json(args)).ok().flatten()
+fn json_in(netns: Option<&Path>, command: &str) -> Option<serde_json::Value> {
+    in_ns(netns, || json(command)).ok().flatten()
 }
 
-/// `nft -j <args>`'s JSON, if it succeeds.
-fn json(args: &[&str]) -> Option<serde_json::Value> {
-    let out = Command::new(binary()?).arg("-j").args(args).stderr(Stdio::null()).output().ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    serde_json::from_slice(&out.stdout).ok()
+/// `command`'s output as JSON (`nft -j`), if it succeeds.
+fn json(command: &str) -> Option<serde_json::Value> {
+    serde_json::from_str(&libnft::run(command, true).ok()?).ok()
 }
 
 /// Makes the table and its base chains unless they exist (once per host;
 /// a lock keeps two first vessels from both making them).
 fn ensure_base() -> Result<(), RuntimeError> {
-    // Once per process: nothing removes the table (each nft run costs ~15 ms).
+    // Once per process: nothing removes the table.
     static MADE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     if MADE.load(std::sync::atomic::Ordering::Acquire) {
         return Ok(());
@@ -124,7 +104,7 @@ fn ensure_base() -> Result<(), RuntimeError> {
         .map_err(RuntimeError::io("open", &lock_path))?;
     let _lock =
         Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| RuntimeError::io("lock", &lock_path)(e.into()))?;
-    if json(&["list", "table", "inet", "vessel"]).is_none() {
+    if json("list table inet vessel").is_none() {
         create_base()?;
     }
     MADE.store(true, std::sync::atomic::Ordering::Release);
@@ -383,14 +363,14 @@ pub(super) fn admit(n: u32, addrs: &[(IpAddr, u32)], inside: Option<&Path>) -> R
 /// Slot `n`'s denied packets and recently denied destinations.
 pub(super) fn denied(slot: Slot, inside: Option<&Path>) -> (u64, Vec<IpAddr>) {
     let n = slot.n;
-    let packets = json_in(inside, &["list", "counter", "inet", "vessel", &format!("d{n}")])
+    let packets = json_in(inside, &format!("list counter inet vessel d{n}"))
         .and_then(|v| {
             v["nftables"].as_array()?.iter().find_map(|o| o.get("counter").and_then(|c| c["packets"].as_u64()))
         })
         .unwrap_or(0);
     let mut dests = Vec::new();
     for set in [format!("x{n}"), format!("y{n}")] {
-        let Some(v) = json_in(inside, &["list", "set", "inet", "vessel", &set]) else { continue };
+        let Some(v) = json_in(inside, &format!("list set inet vessel {set}")) else { continue };
         for o in v["nftables"].as_array().into_iter().flatten() {
             for e in o.get("set").and_then(|s| s["elem"].as_array()).into_iter().flatten() {
                 let text = e.as_str().or_else(|| e["elem"]["val"].as_str());
@@ -406,7 +386,7 @@ pub(super) fn denied(slot: Slot, inside: Option<&Path>) -> (u64, Vec<IpAddr>) {
 /// Removes slot `n`'s rules, sets and counter; absent parts are fine.
 pub(super) fn remove(n: u32) {
     // Rootless, the filter is in the vessel's namespace, gone with it.
-    if binary().is_none() || crate::rootless::mode().is_rootless() {
+    if !available() || crate::rootless::mode().is_rootless() {
         return;
     }
     let veth = Slot::veth(n);
@@ -425,9 +405,7 @@ pub(super) fn remove(n: u32) {
     ];
     // All at once when everything is there; else (a leftover half made, or
     // no table at all) step by step, skipping what is gone.
-    if run("remove a vessel's rules", &steps.join("\n")).is_err()
-        && json(&["list", "table", "inet", "vessel"]).is_some()
-    {
+    if run("remove a vessel's rules", &steps.join("\n")).is_err() && json("list table inet vessel").is_some() {
         for step in &steps {
             let _ = run("remove a vessel's rules", step);
         }
@@ -436,8 +414,7 @@ pub(super) fn remove(n: u32) {
 
 /// Whether any of slot `n`'s chains exist.
 pub(super) fn exists(n: u32) -> bool {
-    json(&["list", "chain", "inet", "vessel", &format!("e{n}")]).is_some()
-        || json(&["list", "chain", "inet", "vessel", &format!("i{n}")]).is_some()
+    json(&format!("list chain inet vessel e{n}")).is_some() || json(&format!("list chain inet vessel i{n}")).is_some()
 }
 
 #[cfg(test)]
