@@ -6,14 +6,15 @@
 //! server in a vessel through its published port against the same request
 //! to the vessel's address (the relay's cost) and to the same server on the
 //! host. (A bare connect-and-close is no measure: busybox httpd forks per
-//! connection and waits for a request, so the backlog fills.) Then what a vessel pays for having a network: create +
-//! first exec, and close, under `Open` against the same under `None`; and a
-//! network made and removed while 100 others exist against alone, with the
-//! filter's rule count at 0, 1 and 100 vessels (each vessel's rules are a
-//! constant few; resolved addresses go into sets). Throughput (1 GiB into a
-//! vessel, rootful and rootless, against the host) is in the rootless
-//! bench, which has both kinds of agent. Needs root and the test image
-//! (`cargo xtask bench`).
+//! connection and waits for a request, so the backlog fills.) Then what a
+//! vessel pays for having a network: create + first exec (each alternated
+//! with one under the other policy), and close, under `Open` against the
+//! same under `None`; and a network made and removed while 100
+//! others exist against alone, with the filter's rule count at 0, 1 and 100
+//! vessels (each vessel's rules are a constant few; resolved addresses go
+//! into sets). Throughput (1 GiB into a vessel, rootful and rootless,
+//! against the host) is in the rootless bench, which has both kinds of
+//! agent. Needs root and the test image (`cargo xtask bench`).
 
 mod common;
 
@@ -70,11 +71,27 @@ async fn run(v: &vessel::Vessel, script: &str) -> (i32, String) {
     (r.exit_code, String::from_utf8_lossy(&out).into_owned())
 }
 
-/// `iters` vessels made, run `true` once and closed: the time of the
-/// create and first exec, or of the close when `close` is set.
-async fn start_and_close(mgr: &vessel::Manager, opts: &VesselOptions, iters: u64, close: bool) -> Duration {
+/// `iters` vessels made with `opts`, run `true` once and closed: the time
+/// of the create and first exec, or of the close when `close` is set. With
+/// `other`, each is preceded by one made with `other`, untimed: alternating
+/// puts both sides of a comparison under the same load (on a 2-core VM one
+/// side measured alone drifted by 10 ms from one run to the next).
+async fn start_and_close(
+    mgr: &vessel::Manager,
+    opts: &VesselOptions,
+    other: Option<&VesselOptions>,
+    iters: u64,
+    close: bool,
+) -> Duration {
     let mut took = Duration::ZERO;
     for _ in 0..iters {
+        if let Some(other) = other {
+            let v = mgr.create_vessel_with(IMAGE, "/work", other).await.unwrap();
+            assert_eq!(run(&v, "true").await.0, 0);
+            let id = v.id().to_string();
+            v.close().await.unwrap();
+            mgr.delete_vessel(&id).await.unwrap();
+        }
         let t = std::time::Instant::now();
         let v = mgr.create_vessel_with(IMAGE, "/work", opts).await.unwrap();
         assert_eq!(run(&v, "true").await.0, 0);
@@ -199,16 +216,18 @@ fn main() {
 
     // Create and first exec, then close (timed apart): what a network adds
     // to a vessel's start and to its end.
-    for (name, policy) in [("network-none", NetworkPolicy::None), ("network-open", open.clone())] {
-        let opts = VesselOptions::new().network(policy);
+    let none = VesselOptions::new().network(NetworkPolicy::None);
+    let with_open = VesselOptions::new().network(open.clone());
+    for (name, opts, other) in [("network-none", &none, &with_open), ("network-open", &with_open, &none)] {
         g.bench_function(format!("create-and-first-exec/{name}"), |b| {
-            b.iter_custom(|n| rt.block_on(start_and_close(&mgr, &opts, n, false)))
-        });
-        g.bench_function(format!("close/{name}"), |b| {
-            b.iter_custom(|n| rt.block_on(start_and_close(&mgr, &opts, n, true)))
+            b.iter_custom(|n| rt.block_on(start_and_close(&mgr, opts, Some(other), n, false)))
         });
     }
-
+    for (name, opts) in [("network-none", &none), ("network-open", &with_open)] {
+        g.bench_function(format!("close/{name}"), |b| {
+            b.iter_custom(|n| rt.block_on(start_and_close(&mgr, opts, None, n, true)))
+        });
+    }
     g.finish();
 
     // Many vessels: one more network costs the same, and adds a constant
