@@ -3,8 +3,9 @@
 
 use std::os::fd::RawFd;
 
-/// At most this many fds are handed over.
-const MAX: usize = 4;
+/// At most this many fds are handed over (a rootless youki run gated on
+/// its network takes five: lifeline, status, lock, user namespace, go).
+const MAX: usize = 5;
 
 /// Arranges for `cmd`'s child to find each `(fd, at)` pair's `fd` at number
 /// `at`, without `FD_CLOEXEC`, whatever number it has in this process

@@ -193,7 +193,15 @@ pub struct RunRequest<'a> {
     /// Told what the run is once its container exists (a live sandbox
     /// reads its OOM kills while it runs).
     pub on_start: Option<tokio::sync::oneshot::Sender<RunInfo>>,
+    /// Awaited while the container is made, before its process starts: a
+    /// vessel's network is connected meanwhile, so the two overlap and the
+    /// command still never runs before its network is in place. An error
+    /// ends the run before anything of the command ran, and is returned.
+    pub before_start: Option<BeforeStart<'a>>,
 }
+
+/// What a run awaits before its process starts ([`RunRequest::before_start`]).
+pub type BeforeStart<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), RuntimeError>> + Send + 'a>>;
 
 /// What a run is, for who watches it while it runs.
 #[derive(Debug, Clone)]

@@ -190,7 +190,7 @@ impl ContainerdRuntime {
     }
 
     /// Everything after the run directory exists; the caller tears down.
-    async fn run_in(&self, id: &str, dir: &Path, req: RunRequest<'_>) -> Result<crate::RunOutcome, RuntimeError> {
+    async fn run_in(&self, id: &str, dir: &Path, mut req: RunRequest<'_>) -> Result<crate::RunOutcome, RuntimeError> {
         spec::write_etc_files(dir, &req)?;
         // The spec's root is the prepared rootfs itself (an absolute path):
         // runc pivots into it in the container's own mount namespace, so the
@@ -264,6 +264,10 @@ impl ContainerdRuntime {
             let wait = self.request(WaitRequest { container_id: id.into(), exec_id: String::new() });
             tokio::spawn(async move { tasks.wait(wait).await })
         };
+        // Created, not started: what the run waits for first (its network).
+        if let Some(gate) = req.before_start.take() {
+            gate.await?;
+        }
         tasks
             .start(self.request(StartRequest { container_id: id.into(), exec_id: String::new() }))
             .await

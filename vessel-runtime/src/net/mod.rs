@@ -186,6 +186,21 @@ impl VesselNet {
     /// is `None`, the veth, rules and resolver. Nothing is left behind if a
     /// step fails.
     pub async fn create(config: &NetConfig, policy: &NetworkPolicy) -> Result<Self, RuntimeError> {
+        let mut net = Self::create_unconnected(config, policy).await?;
+        match net.connect().await {
+            Ok(()) => Ok(net),
+            Err(e) => {
+                net.teardown().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Makes the namespace alone (loopback only), with `policy` in force
+    /// but not yet connected: [`VesselNet::connect`] does that, which a
+    /// caller overlaps with making the container that joins it (see
+    /// `RunRequest::before_start`). Nothing is left behind if a step fails.
+    pub async fn create_unconnected(config: &NetConfig, policy: &NetworkPolicy) -> Result<Self, RuntimeError> {
         if let Some(why) = unavailable() {
             return Err(RuntimeError::Unavailable { backend: "network", reason: why });
         }
@@ -205,7 +220,7 @@ impl VesselNet {
             attached: Default::default(),
             pasta: Mutex::default(),
         };
-        match net.build(policy).await {
+        match net.build().await {
             Ok(()) => Ok(net),
             Err(e) => {
                 net.teardown().await;
@@ -214,15 +229,30 @@ impl VesselNet {
         }
     }
 
-    async fn build(&mut self, policy: &NetworkPolicy) -> Result<(), RuntimeError> {
+    async fn build(&mut self) -> Result<(), RuntimeError> {
         link::namespace(&Slot::netns_path(self.slot.n), self.slot.v6.is_some()).await?;
         if !crate::rootless::mode().is_rootless() {
             link::sysfs(&Slot::netns_path(self.slot.n), &Slot::sysfs_path(self.slot.n))?;
         }
-        if !policy.is_none() {
-            self.attach(policy).await?;
-        }
         Ok(())
+    }
+
+    /// Connects the namespace to the host under the policy in force (the
+    /// veth or pasta, rules, resolver), unless it is connected or the
+    /// policy is `None`. Concurrent calls make one connection. After a
+    /// failed one, remove the network ([`VesselNet::close`]): what it made
+    /// is left for that, and another call would fail on it.
+    pub async fn connect(&self) -> Result<(), RuntimeError> {
+        let policy = self.policy();
+        if policy.is_none() || self.is_attached() {
+            return Ok(());
+        }
+        self.attach(&policy).await
+    }
+
+    /// Whether it is connected (its processes may reach what the policy allows).
+    pub fn connected(&self) -> bool {
+        self.is_attached()
     }
 
     /// Connects the namespace to the host under `policy`, once.

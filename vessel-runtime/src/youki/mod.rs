@@ -26,7 +26,7 @@ use nix::fcntl::{Flock, FlockArg, OFlag};
 
 use crate::{RunRequest, Runtime, RuntimeError, drain, spec};
 use protocol::{
-    DelegatedRun, JOIN_USERNS_FD, LIFELINE_FD, LOCK_FD, RUNNER_ENV, Report, Run, RunnerConfig, STATUS_FD, Task,
+    DelegatedRun, GO_FD, JOIN_USERNS_FD, LIFELINE_FD, LOCK_FD, RUNNER_ENV, Report, Run, RunnerConfig, STATUS_FD, Task,
 };
 
 /// Containers through youki's libcontainer, no daemon.
@@ -293,7 +293,7 @@ impl Runtime for YoukiRuntime {
         crate::rootless::delegated_cgroups().err().map(|why| format!("rootless: {why}"))
     }
 
-    async fn run_outcome(&self, req: RunRequest<'_>) -> Result<crate::RunOutcome, RuntimeError> {
+    async fn run_outcome(&self, mut req: RunRequest<'_>) -> Result<crate::RunOutcome, RuntimeError> {
         self.is_available()?;
         self.prepare_dirs()?;
         let id = format!("vessel-{:016x}", rand::random::<u64>());
@@ -346,12 +346,17 @@ impl Runtime for YoukiRuntime {
 
         let (life_r, life_w) = pipe()?;
         let (status_r, status_w) = pipe()?;
+        // Gated: the runner makes the container, then waits for a byte on
+        // the go pipe before starting it (end of file: it never starts).
+        let gate = req.before_start.take();
+        let go = gate.as_ref().map(|_| pipe()).transpose()?;
         let task = Task::Run(Run {
             bundle: bundle.clone(),
             id: id.clone(),
             private_network: req.network == crate::Network::None,
             join_network: join_network.clone(),
             userns,
+            gated: go.is_some(),
             tty: req.tty.map(|t| (t.rows, t.cols)),
             cgroups: parent.as_ref().map(|p| DelegatedRun {
                 parent: p.clone(),
@@ -370,9 +375,25 @@ impl Runtime for YoukiRuntime {
         if let Some(ns) = &join {
             fds.push((std::os::fd::AsFd::as_fd(ns).as_raw_fd(), JOIN_USERNS_FD));
         }
+        if let Some((go_r, _)) = &go {
+            fds.push((go_r.as_raw_fd(), GO_FD));
+        }
         crate::child::hand_over(&mut cmd, &fds);
         let mut child = cmd.spawn().map_err(RuntimeError::io("start runner", &self.runner))?;
         drop((life_r, status_w));
+        let go_w = go.map(|(_, w)| w);
+        // Awaited beside the runner: its go (or its end of file) once the
+        // gate settles; the gate's error is the run's.
+        let gated = async move {
+            let (Some(gate), Some(go_w)) = (gate, go_w) else { return Ok(()) };
+            let ready = gate.await;
+            if ready.is_ok() {
+                // A runner that died already just misses it.
+                let _ = nix::unistd::write(&go_w, b"1");
+            }
+            drop(go_w);
+            ready
+        };
 
         let command = req.args[0].clone();
         let RunRequest { stdin, stdout, stderr, on_start, .. } = req;
@@ -412,8 +433,11 @@ impl Runtime for YoukiRuntime {
                 }
             }
         };
-        let (finished, (), out, err) = tokio::join!(finished, feed, drain(child_out, stdout), drain(child_err, stderr));
+        let (finished, (), out, err, gated) =
+            tokio::join!(finished, feed, drain(child_out, stdout), drain(child_err, stderr), gated);
         drop(life_w);
+        // Refused at the gate: the command never ran; why is the gate's.
+        gated?;
         let result = finished?;
         drop(lock);
         out.map_err(RuntimeError::io("copy stdout", ""))?;

@@ -23,6 +23,9 @@ pub(crate) const STATUS_FD: i32 = 4;
 pub(crate) const LOCK_FD: i32 = 5;
 /// Rootless: the user namespace (of the run's id mapping) the runner joins.
 pub(crate) const JOIN_USERNS_FD: i32 = 6;
+/// A gated run ([`Run::gated`]): one byte when the container may start,
+/// end of file when it must not.
+pub(crate) const GO_FD: i32 = 7;
 
 /// What a runner does.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,6 +57,9 @@ pub(crate) struct Run {
     pub(crate) join_network: Option<PathBuf>,
     /// The spec has a user namespace.
     pub(crate) userns: bool,
+    /// Start the created container only on the caller's go ([`GO_FD`]).
+    #[serde(default)]
+    pub(crate) gated: bool,
     /// Run on a pseudo-terminal of this size (rows, columns).
     pub(crate) tty: Option<(u16, u16)>,
     /// Rootless with a delegated subtree: the run's cgroups, which the
@@ -149,6 +155,7 @@ mod tests {
                 private_network: true,
                 join_network: Some("/run/vessel/net/ns-1".into()),
                 userns: true,
+                gated: true,
                 tty: Some((24, 80)),
                 cgroups: Some(DelegatedRun {
                     parent: "vessel-1000".into(),

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWrite;
 use vessel_runtime::overlay::OverlayMount;
-use vessel_runtime::{IdMapping, Limits, Network, RunRequest, Runtime, RuntimeErrorKind, TtySize, UserNamespace};
+use vessel_runtime::{
+    IdMapping, Limits, Network, RunRequest, Runtime, RuntimeError, RuntimeErrorKind, TtySize, UserNamespace,
+};
 
 pub type CaseResult = Result<(), String>;
 
@@ -50,6 +52,7 @@ macro_rules! trials {
             case!(read_only_binds),
             case!(concurrent_runs),
             case!(user_namespace_maps_ids),
+            case!(before_start_gates_the_command),
         ]
     }};
 }
@@ -143,6 +146,7 @@ impl<R: Runtime> Suite<R> {
             ro_binds,
             tty,
             stdin,
+            before_start,
             ..
         } = req;
         let req = RunRequest {
@@ -163,9 +167,44 @@ impl<R: Runtime> Suite<R> {
             stdout: Some(Box::new(&mut out)),
             stderr: Some(Box::new(&mut err)),
             on_start: None,
+            before_start,
         };
         let code = self.runtime.run(req).await.map_err(|e| format!("run failed: {e}"))?;
         Ok((code, String::from_utf8_lossy(&out).into_owned(), String::from_utf8_lossy(&err).into_owned()))
+    }
+
+    /// `before_start` is awaited once the container is made and before its
+    /// command starts (a vessel's network connects meanwhile): the command
+    /// does not run while it waits, nor at all if it fails, whose error is
+    /// then the run's.
+    pub async fn before_start_gates_the_command(&self) -> CaseResult {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let marker = format!("gate-{}-{}", std::process::id(), now.as_nanos());
+        let on_host = self.rootfs.join(&marker);
+        let mut req = self.req(sh(&format!("touch /{marker}")));
+        let watch = on_host.clone();
+        req.before_start = Some(Box::pin(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            match watch.exists() {
+                true => Err(RuntimeError::InvalidRequest("the command ran before its gate opened".into())),
+                false => Ok(()),
+            }
+        }));
+        let (code, _, err) = self.output(req).await?;
+        check!(code == 0, "a gated run exited {code}: {err}");
+        check!(on_host.exists(), "the command did not run once its gate opened");
+        std::fs::remove_file(&on_host).map_err(|e| e.to_string())?;
+        let mut req = self.req(sh(&format!("touch /{marker}")));
+        req.before_start = Some(Box::pin(async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Err(RuntimeError::InvalidRequest("the gate refused".into()))
+        }));
+        match self.output(req).await {
+            Err(e) if e.contains("the gate refused") => {}
+            other => return Err(format!("a refused gate's run gave {other:?}, not the gate's error")),
+        }
+        check!(!on_host.exists(), "the command ran although its gate refused");
+        Ok(())
     }
 
     pub async fn exit_codes(&self) -> CaseResult {

@@ -102,6 +102,7 @@ impl Vessel {
             )?);
             dir.join("rootfs")
         };
+        let (network, before_start) = inner.run_network().await?;
         let req = RunRequest {
             rootfs,
             args: opts.command,
@@ -116,7 +117,8 @@ impl Vessel {
             stdout: opts.stdout,
             stderr: opts.stderr,
             limits,
-            network: inner.run_network().await?,
+            network,
+            before_start,
             ..Default::default()
         };
         let run = inner.manager.runtime.run_outcome(req);

@@ -139,12 +139,14 @@ impl OpenVessel {
             if live.take().is_some() {
                 self.end_processes(StopReason::SandboxLost);
             }
+            let (network, before_start) = self.run_network().await?;
             let req = vessel_runtime::RunRequest {
                 rootfs: self.dir.join("rootfs"),
                 args: vec![],
                 user_namespace: self.ids,
                 limits: self.bounds.limits,
-                network: self.run_network().await?,
+                network,
+                before_start,
                 ..Default::default()
             };
             let agent = self.manager.agent()?;

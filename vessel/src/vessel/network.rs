@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use vessel_core::NetworkPolicy;
 use vessel_core::sync::Locked;
@@ -63,17 +64,43 @@ pub(crate) fn check_available(policy: &NetworkPolicy) -> Result<()> {
 
 impl OpenVessel {
     /// The network a container of the vessel gets: its own namespace once
-    /// it has one (made here at the first need), else loopback only.
-    pub(super) async fn run_network(&self) -> Result<vessel_runtime::Network> {
+    /// it has one (made here at the first need), else loopback only; and,
+    /// while that namespace is not yet connected, what connects it, for the
+    /// run to await before the command starts (so connecting overlaps the
+    /// container's creation; see `RunRequest::before_start`).
+    pub(super) async fn run_network(
+        self: &Arc<Self>,
+    ) -> Result<(vessel_runtime::Network, Option<vessel_runtime::BeforeStart<'static>>)> {
         let mut st = self.network.lock().await;
         if st.net.is_none() {
             if st.policy.is_none() {
-                return Ok(vessel_runtime::Network::None);
+                return Ok((vessel_runtime::Network::None, None));
             }
-            st.net = Some(VesselNet::create(&self.manager.network, &st.policy).await?);
+            st.net = Some(VesselNet::create_unconnected(&self.manager.network, &st.policy).await?);
         }
         let net = st.net.as_ref().expect("made above");
-        Ok(vessel_runtime::Network::Join { netns: net.netns(), nameserver: net.nameserver(), sysfs: net.sysfs() })
+        let network =
+            vessel_runtime::Network::Join { netns: net.netns(), nameserver: net.nameserver(), sysfs: net.sysfs() };
+        if net.connected() {
+            return Ok((network, None));
+        }
+        let me = Arc::clone(self);
+        let connect: vessel_runtime::BeforeStart<'static> = Box::pin(async move {
+            let mut st = me.network.lock().await;
+            let Some(net) = st.net.as_ref() else {
+                return Err(vessel_runtime::RuntimeError::InvalidRequest("the vessel's network was removed".into()));
+            };
+            let connected = net.connect().await;
+            if connected.is_err()
+                && let Some(net) = st.net.take()
+            {
+                // Nothing runs in it yet (every run waits for this): the
+                // next command makes a new one.
+                net.close().await;
+            }
+            connected
+        });
+        Ok((network, Some(connect)))
     }
 
     /// Makes the network now (publishing needs one), first stopping a

@@ -24,7 +24,9 @@ use nix::sys::signal::Signal;
 use nix::sys::wait::waitpid;
 use nix::unistd::Pid;
 
-use super::protocol::{FailureKind, JOIN_USERNS_FD, LIFELINE_FD, LOCK_FD, Report, Run, RunnerConfig, STATUS_FD, Task};
+use super::protocol::{
+    FailureKind, GO_FD, JOIN_USERNS_FD, LIFELINE_FD, LOCK_FD, Report, Run, RunnerConfig, STATUS_FD, Task,
+};
 use crate::cgroups::{RunCgroups, cleanup_run, without_cgroups};
 use net::{container_loopback_up, loopback_up};
 use tty::{bind_short, receive_master};
@@ -96,6 +98,16 @@ fn run(state: &Path, r: &Run) -> Result<(i32, bool), Failure> {
     // SAFETY: as above; the lock is held (shared with the caller) for as
     // long as this process lives, so it is owned here and never closed early.
     let _lock = unsafe { OwnedFd::from_raw_fd(LOCK_FD) };
+    let go = match r.gated {
+        true => {
+            // SAFETY: the parent placed the go pipe's read end at GO_FD for
+            // a gated run, for this process alone; it is owned once, here.
+            let go = unsafe { OwnedFd::from_raw_fd(GO_FD) };
+            rustix::io::fcntl_setfd(&go, rustix::io::FdFlags::CLOEXEC).map_err(fail)?;
+            Some(go)
+        }
+        false => None,
+    };
     let stop = stop_signals().map_err(fail)?;
     let (bundle, id) = (&r.bundle, &r.id);
     // A vessel's network first: joining it takes a capability over its
@@ -173,7 +185,7 @@ fn run(state: &Path, r: &Run) -> Result<(i32, bool), Failure> {
         }
     }) {
         Err(e) => Err(e),
-        Ok(()) => supervise(&mut container, listener.as_ref(), r.tty, &lifeline, &stop),
+        Ok(()) => supervise(&mut container, listener.as_ref(), r.tty, &lifeline, &stop, go.as_ref()),
     };
     // Read before the teardown removes the cgroup.
     let oom = match &limited {
@@ -202,6 +214,7 @@ fn supervise(
     tty: Option<(u16, u16)>,
     lifeline: &OwnedFd,
     stop: &OwnedFd,
+    go: Option<&OwnedFd>,
 ) -> Result<i32, Failure> {
     let master = match (listener, tty) {
         (Some(l), Some(size)) => Some(receive_master(l, size).map_err(fail)?),
@@ -209,12 +222,25 @@ fn supervise(
     };
     // libcontainer links its own nix version: cross over by raw pid.
     let pid = Pid::from_raw(container.pid().ok_or_else(|| fail("the container has no init pid"))?.as_raw());
-    if signalled(stop) {
-        // Told to stop before the command started: it never runs.
+    if signalled(stop) || go.is_some_and(|g| !go_given(g)) {
+        // Told to stop (or not to go) before the command started: it never runs.
         return Ok(kill_and_wait(pid, container));
     }
     container.start().map_err(fail)?;
     Ok(wait(pid, lifeline, stop, container, master.as_ref()))
+}
+
+/// Waits for the caller's go: a byte on `go`. End of file (the caller
+/// refused, gave up or died) or an error is no go.
+fn go_given(go: &OwnedFd) -> bool {
+    let mut byte = [0u8; 1];
+    loop {
+        match nix::unistd::read(go, &mut byte) {
+            Ok(n) => return n == 1,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return false,
+        }
+    }
 }
 
 /// SIGKILL to every process of the container (best effort: what is
