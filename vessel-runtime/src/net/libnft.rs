@@ -3,7 +3,7 @@
 //! A script costs ~0.6 ms here against ~4.7 ms for `nft -f` (most of
 //! which is starting the tool), and a vessel's start, policy changes and
 //! every address its resolver admits each run one. No crate wraps the
-//! library; its C API is these six calls, bound by hand.
+//! library; the eight calls used here are bound by hand.
 
 use std::ffi::{CStr, CString, c_char, c_int, c_uint, c_void};
 use std::sync::{Mutex, OnceLock};

@@ -244,15 +244,10 @@ impl VesselNet {
     /// is left for that, and another call would fail on it.
     pub async fn connect(&self) -> Result<(), RuntimeError> {
         let policy = self.policy();
-        if policy.is_none() || self.is_attached() {
+        if policy.is_none() || self.connected() {
             return Ok(());
         }
         self.attach(&policy).await
-    }
-
-    /// Whether it is connected (its processes may reach what the policy allows).
-    pub fn connected(&self) -> bool {
-        self.is_attached()
     }
 
     /// Connects the namespace to the host under `policy`, once.
@@ -326,14 +321,15 @@ impl VesselNet {
         }
     }
 
-    fn is_attached(&self) -> bool {
+    /// Whether it is connected (its processes may reach what the policy allows).
+    pub fn connected(&self) -> bool {
         self.attached.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The vessel's own address, once it is connected.
     pub fn address(&self) -> Option<IpAddr> {
         // Rootless, pasta gives it the host's address: none of its own.
-        (self.is_attached() && self.inside().is_none()).then_some(IpAddr::V4(self.slot.vessel))
+        (self.connected() && self.inside().is_none()).then_some(IpAddr::V4(self.slot.vessel))
     }
 
     /// The vessel's own IPv6 address, once it is connected with IPv6 on.
@@ -343,7 +339,7 @@ impl VesselNet {
 
     /// The host end of its veth, once connected (leak checks, debugging).
     pub fn interface(&self) -> Option<String> {
-        self.is_attached().then(|| Slot::veth(self.slot.n))
+        self.connected().then(|| Slot::veth(self.slot.n))
     }
 
     /// The policy in force.
@@ -356,7 +352,7 @@ impl VesselNet {
     /// `None` cuts all egress (the namespace stays: loopback still works).
     pub async fn set_policy(&self, policy: &NetworkPolicy) -> Result<(), RuntimeError> {
         policy.validate().map_err(|e| RuntimeError::InvalidRequest(e.to_string()))?;
-        if !self.is_attached() {
+        if !self.connected() {
             *self.policy.locked() = policy.clone();
             return if policy.is_none() { Ok(()) } else { self.attach(policy).await };
         }
@@ -368,7 +364,7 @@ impl VesselNet {
 
     /// What the network refused so far.
     pub async fn stats(&self) -> NetworkStats {
-        if !self.is_attached() {
+        if !self.connected() {
             return NetworkStats::default();
         }
         let (denied_packets, denied_destinations) = nft::denied(self.slot, self.inside().as_deref());
